@@ -1,0 +1,6 @@
+"""sparseinfer: fast long-context inference by computing only the attention that matters."""
+from .integration import patch, unpatch
+from .models import DEFAULT_MODEL, load_model
+
+__version__ = "0.1.0"
+__all__ = ["patch", "unpatch", "load_model", "DEFAULT_MODEL", "__version__"]

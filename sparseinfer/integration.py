@@ -1,0 +1,197 @@
+"""transformers integration: `patch(model, method, **options)` / `unpatch(model)`.
+
+Goes through transformers' attention-function registry: one function, registered once as
+"sparseinfer", reads the plan that `patch` attached to each attention module. No model
+code is copied. The dense path is transformers' own SDPA function with the same mask
+function, so `patch(model, "dense")` reproduces the unpatched SDPA model exactly.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from . import ops
+from .patterns import PATTERNS, Pattern
+
+IMPL = "sparseinfer"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+METHODS = ("dense",) + tuple(PATTERNS)
+_ATTR = "_sparseinfer"
+
+
+@dataclass
+class CallRecord:
+    """One attention call. density: [B, Hq] tensor (on the model's device), None when dense."""
+
+    layer: int
+    q_len: int
+    method: str
+    density: torch.Tensor | None
+
+
+@dataclass
+class PatchStats:
+    """What the patched model computed, call by call (reset with `.reset()`)."""
+
+    records: list[CallRecord] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.records.clear()
+
+    def density(self) -> float:
+        """Kept share of causal (query, key) pairs over all recorded calls, weighted by each
+        call's pair count; dense calls count as 1.0. NaN when nothing was recorded."""
+        num = den = 0.0
+        for r in self.records:
+            pairs = r.q_len * (r.q_len + 1) / 2
+            d = 1.0 if r.density is None else float(r.density.float().mean())
+            num += d * pairs
+            den += pairs
+        return num / den if den else float("nan")
+
+    def per_layer(self) -> dict[int, float]:
+        out: dict[int, list[float]] = {}
+        for r in self.records:
+            out.setdefault(r.layer, []).append(1.0 if r.density is None else float(r.density.float().mean()))
+        return {k: sum(v) / len(v) for k, v in sorted(out.items())}
+
+
+@dataclass
+class LayerPlan:
+    """Attached to each attention module as `module._sparseinfer`."""
+
+    layer: int
+    pattern: Pattern | None  # None = dense
+    min_len: int
+    stats: PatchStats
+    backend: str
+    warned: set  # shared by all layers of one patch: each warning once per patch
+
+    def warn_once(self, key: str, msg: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(msg, stacklevel=3)
+
+
+@dataclass
+class PatchHandle:
+    """Returned by `patch`; also at `model._sparseinfer_patch`."""
+
+    method: str
+    options: dict
+    stats: PatchStats
+    previous_impl: str
+
+
+def _dense(module, query, key, value, attention_mask, **kwargs):
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The registered attention function. query [B, Hq, Nq, D], key/value [B, Hkv, Nk, D]
+    -> ([B, Nq, Hq, D], None), as transformers' attention functions return."""
+    plan: LayerPlan | None = getattr(module, _ATTR, None)
+    if plan is None or plan.pattern is None:
+        if plan is not None:
+            plan.stats.records.append(CallRecord(plan.layer, query.shape[2], "dense", None))
+        return _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    nq, nk = query.shape[2], key.shape[2]
+    reason = None
+    if nq != nk:
+        reason = "chunk" if nq > 1 else "decode"
+    elif nq < plan.min_len:
+        reason = "short"
+    elif attention_mask is not None:
+        reason = "mask"
+        plan.warn_once(
+            "mask",
+            "sparseinfer: this call carries an attention mask beyond plain causality (padding or a "
+            "sliding window); it is computed with dense attention.",
+        )
+    elif module.training and dropout > 0:
+        reason = "dropout"
+    if reason == "chunk":
+        plan.warn_once("chunk", "sparseinfer: a pre-fill chunk after cached tokens is computed densely.")
+    if reason is not None:
+        plan.stats.records.append(CallRecord(plan.layer, nq, "dense", None))
+        return _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    sel = plan.pattern.select(query, key, scale)
+    out = getattr(ops, sel.op)(query, key, value, **sel.kwargs, scale=scale, backend=plan.backend)
+    plan.stats.records.append(CallRecord(plan.layer, nq, plan.pattern.name, sel.density))
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(IMPL, sparse_attention_forward)
+AttentionMaskInterface.register(IMPL, sdpa_mask)
+
+
+def _attention_modules(model) -> list[torch.nn.Module]:
+    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
+    if not mods:
+        raise ValueError(f"patch: found no attention modules with a layer_idx in {type(model).__name__}")
+    return mods
+
+
+def _make_pattern(method: str, options: dict) -> Pattern | None:
+    if method not in METHODS:
+        raise ValueError(f"patch: unknown method {method!r}; expected one of {list(METHODS)}")
+    if method == "dense":
+        if options:
+            raise ValueError(f"patch: method 'dense' takes no options besides min_len/backend, got {sorted(options)}")
+        return None
+    cls = PATTERNS[method]
+    valid = cls.option_names()
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        raise ValueError(
+            f"patch: unknown option(s) {bad} for method {method!r}; expected any of {valid + ['min_len', 'backend']}"
+        )
+    return cls(**options)
+
+
+def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend: str = "auto", **options):
+    """Make `model`'s pre-filling attention sparse with `method`; returns a `PatchHandle`.
+
+    method: one of "dense", "ashape" (sink, window), "vertical_slash" (vertical, slash, last_q),
+    "block_sparse" (topk, block_size). Budgets are token counts (int) or fractions of N (float).
+    min_len: calls with fewer query tokens than this, decoding steps, pre-fill chunks after
+    cached tokens and masked (padded) batches run dense SDPA. backend: as in `sparseinfer.ops`.
+    Patching an already patched model replaces the previous patch.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"patch: expected a model of type {list(SUPPORTED_MODEL_TYPES)}, got {model_type!r}")
+    if isinstance(min_len, bool) or not isinstance(min_len, int) or min_len < 0:
+        raise ValueError(f"patch: min_len expected a non-negative int, got {min_len!r}")
+    ops._validate.check_backend(backend)
+    pattern = _make_pattern(method, options)
+    if hasattr(model, "_sparseinfer_patch"):
+        unpatch(model)
+    mods = _attention_modules(model)
+    stats = PatchStats()
+    previous = model.config._attn_implementation
+    warned: set = set()
+    for m in mods:
+        setattr(m, _ATTR, LayerPlan(m.layer_idx, pattern, min_len, stats, backend, warned))
+    model.set_attn_implementation(IMPL)
+    handle = PatchHandle(method, dict(options, min_len=min_len, backend=backend), stats, previous)
+    model._sparseinfer_patch = handle
+    return handle
+
+
+def unpatch(model) -> None:
+    """Restore the attention implementation the model had before `patch`."""
+    handle = getattr(model, "_sparseinfer_patch", None)
+    if handle is None:
+        raise ValueError("unpatch: this model is not patched by sparseinfer")
+    for m in _attention_modules(model):
+        if hasattr(m, _ATTR):
+            delattr(m, _ATTR)
+    model.set_attn_implementation(handle.previous_impl)
+    del model._sparseinfer_patch

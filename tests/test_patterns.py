@@ -104,7 +104,7 @@ def test_selection_density_matches_op_mask(name):
     q, k = torch.randn(1, 4, 130, 64), torch.randn(1, 2, 130, 64)
     pat = PATTERNS[name](**{"ashape": {"sink": 8, "window": 16}, "vertical_slash": {"vertical": 10, "slash": 12},
                             "block_sparse": {"topk": 2, "block_size": 32}}[name])
-    sel = pat.select(q, k, 0.125)
+    (sel,) = pat.select(q, k, 0.125)
     kw = sel.kwargs
     if name == "ashape":
         mask = ashape_mask(130, kw["sink"], kw["window"]).expand(1, 4, 130, 130)

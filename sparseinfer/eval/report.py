@@ -97,3 +97,110 @@ def niah_heatmap(rows: list[dict], path: Path, title: str = "") -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+PATTERN_COLORS = {"ashape": "#4c72b0", "vertical_slash": "#55a868", "block_sparse": "#c44e52"}
+
+
+def config_table(cfg: dict) -> Table:
+    """Per layer: how many heads got each pattern, mean recall and density."""
+    t = Table(title=f"Per-head patterns for {cfg.get('model', '?')} (searched at {cfg['search']['length']} tokens)")
+    for c in ("layer", "A-shape", "vertical-slash", "block-sparse", "mean recall", "min recall", "mean density"):
+        t.add_column(c, justify="right")
+    for li, heads in enumerate(cfg["layers"]):
+        cnt = {p: sum(h["pattern"] == p for h in heads) for p in PATTERN_COLORS}
+        rec = [h.get("recall", float("nan")) for h in heads]
+        den = [h.get("density", float("nan")) for h in heads]
+        t.add_row(str(li), *(str(cnt[p]) for p in PATTERN_COLORS), f"{sum(rec) / len(rec):.3f}", f"{min(rec):.3f}",
+                  f"{100 * sum(den) / len(den):.1f}%")
+    return t
+
+
+def pattern_histogram(cfg: dict, path: Path) -> Path:
+    """Stacked bars: per layer, heads per pattern; line: mean recall."""
+    plt = _plt()
+    layers = cfg["layers"]
+    x = range(len(layers))
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(layers)), 3.4))
+    bottom = [0] * len(layers)
+    for p, color in PATTERN_COLORS.items():
+        vals = [sum(h["pattern"] == p for h in heads) for heads in layers]
+        ax.bar(x, vals, bottom=bottom, color=color, label=p)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xlabel("layer")
+    ax.set_ylabel("heads")
+    ax2 = ax.twinx()
+    ax2.plot(list(x), [sum(h["recall"] for h in heads) / len(heads) for heads in layers], "k.-", label="mean recall")
+    ax2.set_ylim(0, 1.02)
+    ax2.set_ylabel("recall")
+    ax.legend(loc="lower left", fontsize=7, ncol=3)
+    ax.set_title(f"{cfg.get('model', '')}: searched patterns (target density {cfg['search']['target_density']:.0%})", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def recall_heatmap(recall, path: Path, title: str) -> Path:
+    """recall [layers, heads] -> heatmap PNG."""
+    plt = _plt()
+    import numpy as np
+
+    r = np.asarray(recall, dtype=float)
+    fig, ax = plt.subplots(figsize=(2 + 0.45 * r.shape[1], 1.5 + 0.18 * r.shape[0]))
+    im = ax.imshow(r, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xlabel("query head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{title}\nmean recall {np.nanmean(r):.3f}", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def ppl_table(rows: list[dict]) -> Table:
+    t = Table(title="Perplexity on held-out essays")
+    for c in ("method", "tokens", "perplexity", "density kept", "s / window"):
+        t.add_column(c, justify="right" if c != "method" else "left")
+    for r in rows:
+        t.add_row(r["method"], str(r["length"]), f"{r['ppl']:.3f}", f"{100 * r['density']:.1f}%", f"{r['seconds']:.1f}")
+    return t
+
+
+def config_markdown(cfg: dict, path: Path) -> Path:
+    """A config's report: how it was searched, the pattern histogram PNG, per-layer table."""
+    png = pattern_histogram(cfg, path.with_suffix(".png"))
+    srch = cfg["search"]
+    lines = [
+        f"# Searched per-head patterns: {cfg.get('model', '?')}",
+        "",
+        f"Searched on {srch.get('date', '?')} in {srch.get('seconds', '?')} s: {srch['prompts']} calibration prompt(s) "
+        f"of {srch['length']} tokens (essays + needle + question), target mean density {srch['target_density']:.0%}. "
+        f"Mean density kept on the calibration input: {100 * srch.get('mean_density', float('nan')):.1f}%, "
+        f"mean attention recall {srch.get('mean_recall', float('nan')):.3f}.",
+        "",
+        f"![patterns per layer]({png.name})",
+        "",
+        "| layer | A-shape | vertical-slash | block-sparse | mean recall | min recall | mean density |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for li, heads in enumerate(cfg["layers"]):
+        cnt = [sum(h["pattern"] == p for h in heads) for p in PATTERN_COLORS]
+        rec = [h["recall"] for h in heads]
+        den = [h["density"] for h in heads]
+        lines.append(f"| {li} | {cnt[0]} | {cnt[1]} | {cnt[2]} | {sum(rec) / len(rec):.3f} | {min(rec):.3f} | "
+                     f"{100 * sum(den) / len(den):.1f}% |")
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 # rows(i0, i1) -> bool [B, Hq or 1, i1 - i0, i1]: which keys 0..i1-1 queries i0..i1-1 see
 RowMask = Callable[[int, int], torch.Tensor]
@@ -21,27 +22,23 @@ def masked_attention(q, k, v, rows: RowMask, scale: float) -> torch.Tensor:
     """q [B, Hq, N, D], k/v [B, Hkv, N, D] -> [B, Hq, N, D] in q's dtype.
 
     Query i sees key j iff j <= i and rows(...)[.., i, j]; i always sees i (callers
-    include it). Scores and softmax run in float32 (float64 for float64 inputs).
+    include it). Computed chunk by chunk of queries with torch's SDPA and a boolean mask,
+    in float32 (float64 for float64 inputs); GQA without repeating K/V.
     """
     b, hq, n, d = q.shape
-    hkv = k.shape[1]
-    g = hq // hkv
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qg = q.reshape(b, hkv, g, n, d)
-    kk = k.unsqueeze(2)
-    vv = v.unsqueeze(2)
+    k, v = k.to(acc), v.to(acc)
     out = torch.empty_like(q)
     chunk = max(1, min(n, _CHUNK_ELEMS // max(1, b * hq * n)))
     for i0 in range(0, n, chunk):
         i1 = min(n, i0 + chunk)
-        s = torch.matmul(qg[..., i0:i1, :].to(acc), kk[..., :i1, :].to(acc).transpose(-1, -2)) * scale
-        m = rows(i0, i1)  # [B, Hq|1, c, i1]
-        m = m.expand(b, hq, i1 - i0, i1).reshape(b, hkv, g, i1 - i0, i1)
         causal = torch.arange(i0, i1, device=q.device)[:, None] >= torch.arange(i1, device=q.device)[None, :]
-        s = s.masked_fill(~(m & causal), float("-inf"))
-        p = torch.softmax(s, dim=-1)
-        o = torch.matmul(p, vv[..., :i1, :].to(acc))
-        out[:, :, i0:i1] = o.reshape(b, hq, i1 - i0, d).to(q.dtype)
+        mask = rows(i0, i1) & causal  # [B|1, Hq|1, c, i1]
+        o = F.scaled_dot_product_attention(
+            q[:, :, i0:i1].to(acc), k[:, :, :i1], v[:, :, :i1], attn_mask=mask, scale=scale,
+            enable_gqa=hq != k.shape[1],
+        )
+        out[:, :, i0:i1] = o.to(q.dtype)
     return out
 
 
@@ -65,8 +62,10 @@ def vertical_slash_rows(n: int, vertical_idx: torch.Tensor, slash_idx: torch.Ten
     vmask, smask = vmask[..., :n], smask[..., :n]
 
     def rows(i0, i1):
-        off = (torch.arange(i0, i1, device=dev)[:, None] - torch.arange(i1, device=dev)[None, :]).clamp(min=0)
-        s = smask[:, :, off]  # [B, H, c, i1]
+        # Toeplitz view T[a, j] = smask[i0 + a - j] (False for negative offsets), no gather:
+        # z[t] = smask[i1 - 1 - t]; z.unfold gives z[u + j] for row u = i1 - 1 - i.
+        z = torch.cat([smask[..., :i1].flip(-1), smask.new_zeros(b, h, i1 - i0 - 1)], -1)
+        s = z.unfold(-1, i1, 1).flip(-2)  # [B, H, c, i1]
         return s | vmask[:, :, None, :i1] | _diag(i0, i1, dev)
 
     return rows
@@ -98,3 +97,16 @@ def ashape_rows(n: int, sink: int, window: int, device) -> RowMask:
         return ((j < sink) | (j > i - window) | (i == j))[None, None]
 
     return rows
+
+
+def selection_rows(op: str, kwargs: dict, n: int, device) -> RowMask:
+    """The row-mask builder of an op call (`op` a `sparseinfer.ops` function name)."""
+    if op == "vertical_slash_attention":
+        return vertical_slash_rows(n, kwargs["vertical_idx"], kwargs["slash_idx"])
+    if op == "block_sparse_attention":
+        return block_sparse_rows(n, kwargs["block_idx"], kwargs["block_size"])
+    if op == "ashape_attention":
+        return ashape_rows(n, kwargs["sink"], kwargs["window"], device)
+    if op == "dense_attention":
+        return dense_rows(n, device)
+    raise ValueError(f"selection_rows: unknown op {op!r}")

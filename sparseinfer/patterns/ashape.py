@@ -36,4 +36,4 @@ class AShape(Pattern):
         sink = resolve_budget("sink", self.sink, n)
         window = resolve_budget("window", self.window, n)
         dens = ashape_density(n, sink, window, q.device).expand(b, hq)
-        return Selection("ashape_attention", {"sink": sink, "window": window}, dens)
+        return [Selection("ashape_attention", {"sink": sink, "window": window}, dens)]

@@ -43,11 +43,22 @@ class Selection:
     device, shapes documented by the op); density: [B, Hq] float32 tensor, the share of the
     N (N + 1) / 2 causal (query, key) pairs that will be computed (kept on the device; read
     it lazily, it is not synced here).
+    heads: None when the selection serves every head; else bool [Hq], the heads it serves
+    (a pattern mixing ops per head returns one Selection per op; in each, the heads it does
+    not serve carry empty indices, so they cost the kernel nothing).
     """
 
     op: str
     kwargs: dict
     density: torch.Tensor
+    heads: torch.Tensor | None = None
+
+
+def combined_density(parts: list[Selection]) -> torch.Tensor:
+    """[B, Hq] density of a list of per-head selections."""
+    if len(parts) == 1 and parts[0].heads is None:
+        return parts[0].density
+    return sum(torch.where(p.heads, p.density, torch.zeros_like(p.density)) for p in parts)
 
 
 @dataclass
@@ -56,7 +67,8 @@ class Pattern:
 
     name: ClassVar[str] = ""
 
-    def select(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> Selection:
+    def select(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> list[Selection]:
+        """q [B, Hq, N, D], k [B, Hkv, N, D] (post-RoPE) -> the selections for this call."""
         raise NotImplementedError
 
     @classmethod

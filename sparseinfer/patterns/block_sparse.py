@@ -76,4 +76,4 @@ class BlockSparse(Pattern):
         kk = resolve_budget("topk", self.topk, nb, minimum=1)
         idx = estimate(q, k, kk, self.block_size, scale)
         dens = block_sparse_density(n, idx, self.block_size)
-        return Selection("block_sparse_attention", {"block_idx": idx, "block_size": self.block_size}, dens)
+        return [Selection("block_sparse_attention", {"block_idx": idx, "block_size": self.block_size}, dens)]

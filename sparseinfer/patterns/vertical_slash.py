@@ -44,17 +44,18 @@ def diagonal_sums(p: torch.Tensor) -> torch.Tensor:
 
 
 def _topk_forced(score: torch.Tensor, count: int, forced: int) -> torch.Tensor:
-    """Top `count` positions of score [B, H, N], positions < forced first (in order)."""
+    """Top `count` positions of score [B, H, N], best first; positions < forced come first."""
     n = score.shape[-1]
     forced = min(forced, n)
     big = torch.arange(forced, 0, -1, device=score.device, dtype=score.dtype) + 1e6
     score = torch.cat([big.expand(*score.shape[:-1], forced), score[..., forced:]], dim=-1)
-    return torch.topk(score, count, dim=-1, sorted=False).indices
+    return torch.topk(score, count, dim=-1).indices
 
 
 def estimate(q, k, vertical: int, slash: int, last_q: int = 64, scale: float | None = None):
     """q [B, Hq, N, D], k [B, Hkv, N, D] -> (vertical_idx [B, Hq, min(vertical, N)],
-    slash_idx [B, Hq, min(slash, N)]), int64, on q's device."""
+    slash_idx [B, Hq, min(slash, N)]), int64, on q's device, best first (a prefix of
+    either is the estimate for a smaller budget)."""
     n, d = q.shape[-2:]
     scale = d ** -0.5 if scale is None else scale
     p = last_query_probs(q, k, last_q, scale)
@@ -106,4 +107,4 @@ class VerticalSlash(Pattern):
         ns = resolve_budget("slash", self.slash, n, minimum=1)
         v_idx, s_idx = estimate(q, k, nv, ns, self.last_q, scale)
         dens = vertical_slash_density(n, v_idx, s_idx)
-        return Selection("vertical_slash_attention", {"vertical_idx": v_idx, "slash_idx": s_idx}, dens)
+        return [Selection("vertical_slash_attention", {"vertical_idx": v_idx, "slash_idx": s_idx}, dens)]

@@ -36,6 +36,7 @@ class CallRecord:
     q_len: int
     method: str
     density: torch.Tensor | None
+    reason: str = ""  # why a call ran dense: decode, chunk, short, break-even, mask, dropout
 
 
 @dataclass
@@ -97,6 +98,21 @@ def _dense(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+# which measured break-even length (sparseinfer.kernels.attention.BREAK_EVEN) applies to a pattern
+_BREAK_EVEN_KEY = {"ashape": "ashape", "block_sparse": "block_sparse", "vertical_slash": "vertical_slash_estimated",
+                   "minference": "vertical_slash_estimated"}
+
+
+def _break_even(plan: LayerPlan, query: torch.Tensor) -> int:
+    """Below this many tokens the GPU kernel is slower than dense SDPA (measured on an H100,
+    estimation included): 0 off CUDA, or when a backend is forced."""
+    if not query.is_cuda or plan.backend != "auto" or not ops._use_triton(query, "auto"):
+        return 0
+    from .kernels.attention import BREAK_EVEN
+
+    return BREAK_EVEN.get(_BREAK_EVEN_KEY.get(plan.pattern.name, ""), 0)
+
+
 def run_selections(parts: list[Selection], q, k, v, scale: float, backend: str = "auto") -> torch.Tensor:
     """Compute a pattern's selections: one op call each; a selection serving some heads only
     supplies those heads' outputs. q [B, Hq, N, D], k/v [B, Hkv, N, D] -> [B, Hq, N, D]."""
@@ -123,6 +139,8 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         reason = "chunk" if nq > 1 else "decode"
     elif nq < plan.min_len:
         reason = "short"
+    elif nq < _break_even(plan, query):
+        reason = "break-even"
     elif attention_mask is not None:
         reason = "mask"
         plan.warn_once(
@@ -135,7 +153,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     if reason == "chunk":
         plan.warn_once("chunk", "sparseinfer: a pre-fill chunk after cached tokens is computed densely.")
     if reason is not None:
-        plan.stats.records.append(CallRecord(plan.layer, nq, "dense", None))
+        plan.stats.records.append(CallRecord(plan.layer, nq, "dense", None, reason))
         return _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     parts = plan.pattern.select(query, key, scale)
@@ -193,7 +211,10 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     "block_sparse" (topk, block_size), "minference" (config: a per-head config path or dict,
     see `sparseinfer.config`; None = the config shipped for this model; last_q). Budgets are token counts (int) or fractions of N (float).
     min_len: calls with fewer query tokens than this, decoding steps, pre-fill chunks after
-    cached tokens and masked (padded) batches run dense SDPA. backend: as in `sparseinfer.ops`.
+    cached tokens and masked (padded) batches run dense SDPA. On CUDA with backend="auto",
+    calls shorter than the kernel's measured break-even length against dense SDPA
+    (`sparseinfer.kernels.attention.BREAK_EVEN`) run dense too; each call's route is in
+    `handle.stats.records`. backend: as in `sparseinfer.ops`.
     Patching an already patched model replaces the previous patch.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)

@@ -81,3 +81,33 @@ def test_eval_niah_and_fidelity_write_results(tmp_path, capsys):
     full, small = rows
     assert full["kl"] < 1e-5 and full["top1_agree"] == 1.0 and full["density"] == pytest.approx(1.0)
     assert small["kl"] > 1e-3 and small["hidden_rel_err"] > 1e-3 and small["density"] < 0.2
+
+
+def test_eval_ppl_recall_and_report_cli(tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["eval", "ppl", "--lengths", "512", "--windows", "1", "--methods",
+                 "dense,vertical_slash:vertical=1.0:slash=1.0,ashape:sink=8:window=16", "--min-len", "0", "--out", str(out)]) == 0
+    rows = json.loads((out / "ppl.json").read_text())["results"]
+    dense, full, small = rows
+    assert 1.0 < dense["ppl"] < 200
+    assert full["ppl"] == pytest.approx(dense["ppl"], rel=1e-4)  # full budget is dense
+    assert small["ppl"] > dense["ppl"] * 1.01 and small["density"] < 0.2
+
+    assert main(["eval", "recall", "--length", "600", "--methods", "ashape:sink=8:window=16,minference",
+                 "--min-len", "0", "--out", str(out)]) == 0
+    rec = json.loads((out / "recall-ashape_sink-8_window-16.json").read_text())["results"]
+    assert len(rec) == 30 and all(len(r["recall"]) == 9 for r in rec)
+    vals = [x for r in rec for x in r["recall"]]
+    assert all(0 < x <= 1.0 + 1e-5 for x in vals) and min(vals) < 0.9
+    assert (out / "recall-minference.png").stat().st_size > 5000
+
+
+def test_accuracy_report_small(tmp_path):
+    from sparseinfer.eval.accuracy import build
+
+    md = build("smollm2-135m", tmp_path, [640], 1, [640])
+    text = md.read_text()
+    for label in ("dense", "ashape", "vertical_slash", "block_sparse", "minference"):
+        assert f"| {label} |" in text
+    assert (tmp_path / "accuracy-niah.png").exists()
+    assert len(list((tmp_path / "accuracy").glob("*.json"))) == 5 + 5 + 4  # niah, ppl, kl (no dense KL)

@@ -1,0 +1,301 @@
+"""The one sparse representation every pre-filling pattern reduces to.
+
+For each (batch, query head, query block of ``block_m`` rows) the kernel visits
+
+* optionally a flat list of key **tiles** (start positions of ``block_n`` keys) that every row
+  of the block sees whole: computed without any mask in one pipelined loop (block-sparse
+  blocks strictly below the diagonal);
+* a list of KV **ranges** ``(start, end, lo, hi, exact)``: keys ``j`` in ``[start, end)``
+  with ``lo <= i - j <= hi`` (a diagonal band; ``lo >= 0`` keeps it causal). A block-sparse
+  block is a range with band ``[0, n)``; a run of consecutive slash offsets is a band.
+  ``exact = 0`` marks a range whose band has holes (several slash runs merged because their
+  key spans overlap): there the kernel also tests ``slash_map[i - j]``.
+* a list of gathered KV **columns** (vertical-slash only): sorted key positions; the column
+  pass skips cells ``(i, c)`` whose offset ``i - c`` is a slash (``slash_map``), so no cell
+  is counted twice.
+
+Ranges of one (batch, head) never cover a cell twice. Everything is built on the tensors'
+device with torch ops: no ``.item()``, no host synchronisation, no per-head Python loop; all
+sizes are fixed by the arguments' shapes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["SparseIndex", "from_vertical_slash", "from_block_sparse", "from_ashape"]
+
+
+@dataclass
+class SparseIndex:
+    """Ranges + columns per query block (see the module docstring).
+
+    n: sequence length; block_m: rows per query block; nqb = ceil(n / block_m).
+    ranges: int32 [B|1, H|1, nqb|1, R, 5] = (start, end, lo, hi, exact); a size-1 dim is
+        broadcast (the kernel reads it with stride 0). Only the first ``range_count`` are read.
+    range_count: int32 [B|1, H|1, nqb] ranges to visit per query block.
+    columns: int32 [B, H, C] sorted ascending, padded with n; or None.
+    column_count: int32 [B, H, nqb] columns < min(n, (q + 1) * block_m), i.e. possibly causal
+        for some row of query block q; or None.
+    slash_map: uint8 [B, H, n], 1 where the offset i - j is a slash; or None (no column pass
+        and all ranges exact).
+    slash_cum: int32 [B, H, n + 1], slash_cum[o] = number of slash offsets < o (lets the
+        column pass test a whole column's offsets at once); with columns only.
+    tiles: int32 [B, H, nqb, T] key starts of unmasked tiles of ``block_n`` keys; or None.
+    tile_count: int32 [B, H, nqb] tiles to visit per query block; or None.
+    block_n: tile width the tiles were built for (0 when there are none).
+    """
+
+    n: int
+    block_m: int
+    ranges: torch.Tensor
+    range_count: torch.Tensor
+    columns: Optional[torch.Tensor] = None
+    column_count: Optional[torch.Tensor] = None
+    slash_map: Optional[torch.Tensor] = None
+    slash_cum: Optional[torch.Tensor] = None
+    tiles: Optional[torch.Tensor] = None
+    tile_count: Optional[torch.Tensor] = None
+    block_n: int = 0
+
+    @property
+    def nqb(self) -> int:
+        return math.ceil(self.n / self.block_m)
+
+    def work_fraction(self, block_n: int, samples: int = 64) -> torch.Tensor:
+        """float32 [B|1, H|1]: key tiles the kernel visits (times block_m x block_n cells),
+        over the causal cells, estimated on up to ``samples`` evenly spaced query blocks; on
+        the index's device, no host sync. For callers that may prefer dense attention: on an
+        H100 (benchmarks/NOTES_kernels.md) a visited cell cost ~1.4x a cuDNN dense cell for
+        A-shape bands (0.24 -> 2.97x faster at 32K), ~3.3x for realistic vertical-slash
+        (0.35 -> 0.87x at 32K, 0.19 -> 1.73x at 64K) and ~4.5x for scattered slashes, which
+        merge into bands with holes covering most of the causal area (~1.0 -> 0.22x)."""
+        n, bm = self.n, self.block_m
+        dev = self.range_count.device
+        nqb = self.nqb
+        qs = torch.linspace(0, nqb - 1, min(samples, nqb), device=dev).round().long().unique()
+        m0 = (qs * bm).view(1, 1, -1, 1)
+        row_end = torch.clamp(m0 + bm, max=n)
+        r = self.ranges.long()
+        r = r[:, :, qs] if r.shape[2] > 1 else r
+        start, end, lo, hi = r[..., 0], r[..., 1], r[..., 2], r[..., 3]
+        ks = torch.clamp(torch.maximum(start, m0 - hi), min=0)
+        ke = torch.minimum(torch.minimum(end, m0 + bm - lo), row_end)
+        nt = torch.clamp((ke - ks + block_n - 1) // block_n, min=0)
+        rc = self.range_count.long()[:, :, qs]
+        valid = torch.arange(r.shape[3], device=dev).view(1, 1, 1, -1) < rc[..., None]
+        tiles = (nt * valid).sum(-1)  # [B|1, H|1, S]
+        if self.tiles is not None:
+            tiles = tiles + self.tile_count.long()[:, :, qs]
+        if self.columns is not None:
+            tiles = tiles + (self.column_count.long()[:, :, qs] + block_n - 1) // block_n
+        rows = (torch.clamp((qs + 1) * bm, max=n) - qs * bm).view(1, 1, -1)
+        causal = (rows * (qs * bm).view(1, 1, -1) + rows * (rows + 1) // 2).sum(-1)
+        return ((tiles * bm * block_n).sum(-1).float() / causal.float()).float()
+
+    def cells(self, b: int, h: int) -> torch.Tensor:
+        """bool [n, n]: the (query, key) cells this index makes the kernel compute for
+        batch b, head h (tiles, ranges and columns), built the kernel's way; raises if a cell
+        is covered twice. Tests only (Python loops)."""
+        n, bm = self.n, self.block_m
+        dev = self.ranges.device
+        out = torch.zeros(n, n, dtype=torch.int32, device=dev)
+        i = torch.arange(n, device=dev)[:, None]
+        j = torch.arange(n, device=dev)[None, :]
+        smap = self.slash_map[b, h].bool() if self.slash_map is not None else None
+        off = (i - j).clamp(min=0)
+        rb = min(b, self.ranges.shape[0] - 1)
+        rh = min(h, self.ranges.shape[1] - 1)
+        for q in range(self.nqb):
+            rows = slice(q * bm, min(n, (q + 1) * bm))
+            rq = min(q, self.ranges.shape[2] - 1)
+            if self.tiles is not None:
+                for t in range(int(self.tile_count[b, h, q])):
+                    t0 = int(self.tiles[b, h, q, t])
+                    out[rows, t0:t0 + self.block_n] += 1
+            cnt = int(self.range_count[min(b, self.range_count.shape[0] - 1), min(h, self.range_count.shape[1] - 1), q])
+            for r in range(cnt):
+                s, e, lo, hi, ex = (int(x) for x in self.ranges[rb, rh, rq, r])
+                m = (j >= s) & (j < e) & (i - j >= lo) & (i - j <= hi)
+                if not ex:
+                    m &= smap[off]
+                out[rows] += m[rows].int()
+            if self.columns is not None:
+                cnt = int(self.column_count[b, h, q])
+                cols = self.columns[b, h, :cnt].long()
+                m = torch.zeros(n, n, dtype=torch.bool, device=dev)
+                m[:, cols] = True
+                m &= (j <= i) & ~smap[off]
+                out[rows] += m[rows].int()
+        if int(out.max()) > 1:
+            raise AssertionError("a cell is covered twice")
+        return out.bool()
+
+
+def _sorted_unique(x: torch.Tensor, big: int) -> torch.Tensor:
+    """Sort the last dim ascending with duplicates replaced by ``big`` (sorted to the end).
+    Entries already equal to ``big`` are padding."""
+    s, _ = torch.sort(x, dim=-1)
+    dup = torch.zeros_like(s, dtype=torch.bool)
+    dup[..., 1:] = s[..., 1:] == s[..., :-1]
+    s = torch.where(dup, torch.full_like(s, big), s)
+    s, _ = torch.sort(s, dim=-1)
+    return s
+
+
+def _compact(values: torch.Tensor, keep: torch.Tensor, fill: int) -> torch.Tensor:
+    """Move values[keep] to the front of the last dim (order kept); the rest = fill."""
+    k = values.shape[-1]
+    pos = torch.cumsum(keep.to(torch.int64), dim=-1) - 1
+    pos = torch.where(keep, pos, torch.full_like(pos, k))
+    out = torch.full(values.shape[:-1] + (k + 1,), fill, dtype=values.dtype, device=values.device)
+    out.scatter_(-1, pos, values)
+    return out[..., :k]
+
+
+def _runs(s: torch.Tensor, big: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """s: sorted unique values padded with ``big`` -> (run_lo, run_hi, count): maximal runs
+    of consecutive integers, compacted to the front (padding lo = hi = big)."""
+    valid = s < big
+    prev = torch.full_like(s, -2)
+    prev[..., 1:] = s[..., :-1]
+    nxt = torch.full_like(s, big)
+    nxt[..., :-1] = s[..., 1:]
+    is_start = valid & (s != prev + 1)
+    is_end = valid & (nxt != s + 1)
+    lo = _compact(s, is_start, big)
+    hi = _compact(s, is_end, big)
+    return lo, hi, is_start.sum(-1)
+
+
+def from_ashape(n: int, sink: int, window: int, batch: int, heads: int, block_m: int, device) -> SparseIndex:
+    """A-shape: a sink range [0, sink) with band [0, n) and a window band [0, window - 1]
+    starting at key ``sink`` (so no cell is counted twice; window 0 still keeps j == i).
+    Shapes: ranges [1, 1, 1, 2, 5], range_count [1, 1, nqb] (broadcast over B, H)."""
+    nqb = math.ceil(n / block_m)
+    sink = min(sink, n)
+    r = torch.tensor(
+        [[0, sink, 0, n, 1], [sink, n, 0, max(window - 1, 0), 1]], dtype=torch.int32, device=device
+    )
+    ranges = r.view(1, 1, 1, 2, 5)
+    count = torch.full((1, 1, nqb), 2, dtype=torch.int32, device=device)
+    return SparseIndex(n=n, block_m=block_m, ranges=ranges, range_count=count)
+
+
+def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m: int,
+                      block_n: Optional[int] = None) -> SparseIndex:
+    """block_idx [B, H, nb = ceil(n / block_size), K] (-1 = padding, duplicates allowed, any
+    order) -> SparseIndex; ``block_size`` must be a multiple of block_m and of block_n
+    (default block_m).
+
+    tiles [B, H, nqb, K * block_size / block_n]: listed blocks strictly below the query's own
+    index block (sorted, deduplicated), each cut into block_n-wide tiles (no mask needed);
+    tile_count [B, H, nqb]; ranges [B, H, nqb, 1, 5]: the diagonal, either the own block with
+    band [0, n) when listed, or the self band [0, 0] over the query block's rows.
+    """
+    block_n = block_m if block_n is None else block_n
+    if block_size % block_m or block_size % block_n:
+        raise ValueError(f"block_size {block_size} must be a multiple of block_m {block_m} and block_n {block_n}")
+    b, h, nb, k = block_idx.shape
+    dev = block_idx.device
+    big = nb + 1
+    idx = block_idx.to(torch.int64)
+    qb = torch.arange(nb, device=dev).view(1, 1, nb, 1)
+    diag_listed = (idx == qb).any(-1)  # [B, H, nb]
+    idx = torch.where((idx >= 0) & (idx < qb), idx, torch.full_like(idx, big))
+    s = _sorted_unique(idx, big)  # strictly-causal blocks first, padding big
+    cnt = (s < big).sum(-1)
+    tpb = block_size // block_n
+    tiles = (torch.where(s < big, s, 0)[..., None] * block_size
+             + torch.arange(tpb, device=dev) * block_n).reshape(b, h, nb, k * tpb)
+    # index blocks -> kernel query blocks
+    nqb = math.ceil(n / block_m)
+    qmap = torch.arange(nqb, device=dev) * block_m // block_size
+    tiles, cnt, diag_listed = tiles[:, :, qmap], cnt[:, :, qmap], diag_listed[:, :, qmap]
+    m0 = (torch.arange(nqb, device=dev) * block_m).view(1, 1, nqb)
+    own = (torch.arange(nqb, device=dev) * block_m // block_size * block_size).view(1, 1, nqb)
+    ranges = torch.zeros(b, h, nqb, 1, 5, dtype=torch.int32, device=dev)
+    ranges[..., 0, 0] = torch.where(diag_listed, own, m0)
+    ranges[..., 0, 1] = torch.where(diag_listed, torch.clamp(own + block_size, max=n), torch.clamp(m0 + block_m, max=n))
+    ranges[..., 0, 3] = torch.where(diag_listed, n, 0)
+    ranges[..., 0, 4] = 1
+    return SparseIndex(
+        n=n, block_m=block_m, ranges=ranges,
+        range_count=torch.ones(b, h, nqb, dtype=torch.int32, device=dev),
+        tiles=tiles.to(torch.int32).contiguous(), tile_count=(cnt * tpb).to(torch.int32), block_n=block_n,
+    )
+
+
+def from_vertical_slash(
+    vertical_idx: torch.Tensor, slash_idx: torch.Tensor, n: int, block_m: int, merge_gap: Optional[int] = None
+) -> SparseIndex:
+    """vertical_idx [B, H, Nv] key positions, slash_idx [B, H, Ns] offsets i - j (-1 = padding,
+    duplicates allowed, any order) -> SparseIndex with
+    ranges [B, H, 1, Ns + 1, 5] (the same for every query block, sorted by lo),
+    range_count [B, H, nqb], columns [B, H, Nv], column_count [B, H, nqb], slash_map [B, H, n],
+    slash_cum [B, H, n + 1].
+
+    Offset 0 (self) is always added. Consecutive offsets become one exact band; bands whose gap
+    is at most ``merge_gap`` (default block_m: their key spans per query block would overlap)
+    merge into one range with holes (exact = 0, masked through slash_map).
+    """
+    b, h, _ = slash_idx.shape
+    dev = slash_idx.device
+    merge_gap = block_m if merge_gap is None else merge_gap
+    nqb = math.ceil(n / block_m)
+    big = n
+    # slashes -> runs -> ranges
+    s = slash_idx.to(torch.int64)
+    s = torch.where((s >= 0) & (s < n), s, torch.full_like(s, big))
+    s = torch.cat([torch.zeros(b, h, 1, dtype=torch.int64, device=dev), s], dim=-1)
+    s = _sorted_unique(s, big)
+    smap = torch.zeros(b, h, n + 1, dtype=torch.uint8, device=dev)
+    smap.scatter_(-1, s, 1)
+    smap = smap[..., :n].contiguous()
+    scum = torch.zeros(b, h, n + 1, dtype=torch.int32, device=dev)
+    scum[..., 1:] = torch.cumsum(smap, -1, dtype=torch.int32)
+    lo, hi, _ = _runs(s, big)
+    valid = lo < big
+    prev_hi = torch.full_like(hi, -(1 << 40))
+    prev_hi[..., 1:] = hi[..., :-1]
+    nxt_lo = torch.full_like(lo, 1 << 40)
+    nxt_lo[..., :-1] = lo[..., 1:]
+    g_start = valid & (lo - prev_hi - 1 > merge_gap)
+    g_end = valid & ((nxt_lo - hi - 1 > merge_gap) | (nxt_lo >= big))
+    glo = _compact(lo, g_start, big)
+    ghi = _compact(hi, g_end, big)
+    # runs per group: exact iff it holds one run
+    gid = torch.cumsum(g_start.to(torch.int64), -1) - 1
+    gid = torch.where(valid, gid, torch.full_like(gid, lo.shape[-1]))
+    runs_per = torch.zeros(b, h, lo.shape[-1] + 1, dtype=torch.int64, device=dev)
+    runs_per.scatter_add_(-1, gid, valid.to(torch.int64))
+    exact = (runs_per[..., :-1] <= 1).to(torch.int64)
+    r = lo.shape[-1]
+    ranges = torch.stack(
+        [torch.zeros_like(glo), torch.full_like(glo, n), glo, torch.clamp(ghi, max=n), exact], dim=-1
+    ).to(torch.int32)
+    last_row = (torch.arange(nqb, device=dev) * block_m + block_m - 1).clamp(max=n - 1)
+    rc = torch.searchsorted(
+        glo.reshape(b * h, r).contiguous(), last_row.view(1, nqb).expand(b * h, nqb).contiguous(), right=True
+    ).view(b, h, nqb)
+    # columns
+    v = vertical_idx.to(torch.int64)
+    v = torch.where((v >= 0) & (v < n), v, torch.full_like(v, big))
+    cols = _sorted_unique(v, big)
+    bound = (torch.arange(nqb, device=dev) * block_m + block_m).clamp(max=n)
+    cc = torch.searchsorted(
+        cols.reshape(b * h, -1).contiguous(), bound.view(1, nqb).expand(b * h, nqb).contiguous(), right=False
+    ).view(b, h, nqb)
+    return SparseIndex(
+        n=n,
+        block_m=block_m,
+        ranges=ranges.view(b, h, 1, r, 5),
+        range_count=rc.to(torch.int32),
+        columns=cols.to(torch.int32),
+        column_count=cc.to(torch.int32),
+        slash_map=smap,
+        slash_cum=scum,
+    )

@@ -1,0 +1,371 @@
+"""Triton forward kernel over ranges + columns (see sparseinfer/index.py).
+
+This file holds only @triton.jit code. ``sparseinfer.kernels.attention`` loads it twice:
+once as compiled GPU code and once (for CPU tensors) with TRITON_INTERPRET=1, because
+triton decides between the two at decoration time.
+
+One program = one (batch, query head) x one query block of BLOCK_M rows. It runs
+  0. the tile pass (optional): a flat list of key tiles seen whole by every row, unmasked;
+  1. the range pass: for each range, the key tiles [kstart, kend) clipped to the band;
+     tiles fully inside the band can run without any mask, edge tiles are masked. The loop
+     structure is a constexpr choice (SPLIT / FLAT / EDGES, "split" 1 / 2 / 3 in
+     attention.CONFIGS; none = one masked loop per range); bands with holes test a byte map;
+  2. the column pass: gathered key columns c <= i, skipping cells whose offset is a slash;
+with one online softmax (exp2, fp32 accumulation) over all of them.
+
+Hopper notes (benchmarks/NOTES_kernels.md): each pipelined loop owns its shared-memory
+buffers; a branch on the tile kind inside a pipelined loop crashes triton 3.6's pipeliner, so
+masks inside a loop are branch-free and mask-free tiles get loops of their own.
+"""
+import triton
+import triton.language as tl
+
+# Combine functions of triton's standard library: the interpreter recognises these two by
+# identity and reduces with numpy. The kernel calls no other standard-library jit function
+# (tl.zeros / tl.max / tl.sum / tl.cdiv are jit functions decorated when triton is imported),
+# so this module also runs under the interpreter when triton was imported in compiled mode.
+from triton.language.standard import _elementwise_max as _max_fn  # noqa: E402
+from triton.language.standard import _sum_combine as _sum_fn  # noqa: E402
+
+
+@triton.jit
+def _tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn, offs_m, offs_d,
+           n_lo, n_hi, kend, band_lo, band_hi, qk_scale,
+           BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_SMAP: tl.constexpr, PREC: tl.constexpr,
+           STAGES: tl.constexpr):
+    for n0 in tl.range(n_lo, n_hi, BLOCK_N, num_stages=STAGES):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            kmask = offs_n < kend
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if MASKED:
+            diff = offs_m[:, None] - offs_n[None, :]
+            mask = kmask[None, :] & (diff >= band_lo) & (diff <= band_hi)
+            if USE_SMAP:
+                sm = tl.load(smap_base + diff, mask=mask, other=0)
+                mask = mask & (sm != 0)
+            qk = tl.where(mask, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            qk = qk * qk_scale
+            m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
+            m_use = m_new
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _range_tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn, offs_m, offs_d,
+                 kstart, kend, band_lo, band_hi, qk_scale,
+                 BLOCK_N: tl.constexpr, USE_SMAP: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+    """One pipelined loop over the key tiles [kstart, kend) of a range, band mask on every
+    tile (branch-free: a branch on the tile kind inside the loop breaks triton's pipeliner)."""
+    rel_m = offs_m - band_lo
+    width = (band_hi - band_lo).to(tl.uint32)
+    for n0 in tl.range(kstart, kend, BLOCK_N, num_stages=STAGES):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kmask = offs_n < kend
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        rel = rel_m[:, None] - offs_n[None, :]  # (i - j) - lo
+        mask = (rel.to(tl.uint32) <= width) & kmask[None, :]
+        if USE_SMAP:
+            sm = tl.load(smap_base + rel + band_lo, mask=mask, other=0)
+            mask = mask & (sm != 0)
+        qk = tl.where(mask, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _geom(rp, m0, row_end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Range at rp -> (kstart, kend, t1, t2, lo, hi, exact) for the query block at m0: key
+    tiles start at kstart; [t1, t2) are whole tiles every row sees (no mask needed); the
+    tiles of [kstart, t1) and [t2, kend) need the band mask. Holey ranges: t1 = t2 = kstart."""
+    lo = tl.load(rp + 2)
+    hi = tl.load(rp + 3)
+    exact = tl.load(rp + 4)
+    ks = tl.maximum(tl.maximum(tl.load(rp), m0 - hi), 0)
+    ke = tl.minimum(tl.minimum(tl.load(rp + 1), m0 + BLOCK_M - lo), row_end)
+    ke = tl.maximum(ke, ks)
+    fa = tl.maximum(ks, m0 + BLOCK_M - 1 - hi)
+    fb = tl.minimum(ke, m0 - lo + 1)
+    n_head = tl.maximum((fa - ks + BLOCK_N - 1) // BLOCK_N, 0)
+    t1 = tl.minimum(ks + n_head * BLOCK_N, ke)
+    n_mid = tl.maximum((fb - t1) // BLOCK_N, 0)
+    n_mid = tl.where(exact != 0, n_mid, 0)
+    t1 = tl.where(exact != 0, t1, ks)
+    t2 = t1 + n_mid * BLOCK_N
+    return ks, ke, t1, t2, lo, hi, exact
+
+
+@triton.jit
+def sparse_fwd_kernel(
+    Q, K, V, O,
+    TILES, TCOUNT, RANGES, RCOUNT, COLS, CCOUNT, SMAP, SCUM,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
+    stride_rb, stride_rh, stride_rq, stride_rr,
+    stride_cb, stride_ch, stride_cq,
+    stride_colb, stride_colh,
+    stride_ccb, stride_cch,
+    stride_smb, stride_smh, stride_scb, stride_sch,
+    N, H, GROUP, NQB, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+    HAS_TILES: tl.constexpr, HAS_COLS: tl.constexpr, HAS_SMAP: tl.constexpr, PREC: tl.constexpr,
+    STAGES: tl.constexpr, EDGE_STAGES: tl.constexpr, SPLIT: tl.constexpr, FLAT: tl.constexpr,
+    EDGES: tl.constexpr, HOLEY_STAGES: tl.constexpr = 1,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = NQB - 1 - tl.program_id(1)  # longest rows first
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < N, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    smap_base = SMAP + b * stride_smb + h * stride_smh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, HEAD_D], 0.0, dtype=tl.float32)
+
+    row_end = tl.minimum(m0 + BLOCK_M, N)
+
+    # 0. tile list: BLOCK_N-wide key tiles every row of the block sees entirely (no mask);
+    #    one flat loop, so loads of the next tile overlap the current one (block-sparse)
+    if HAS_TILES:
+        nt = tl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m)
+        t_base = TILES + b * stride_tb + h * stride_th + pid_m * stride_tq
+        for t in tl.range(0, nt, num_stages=STAGES):
+            n0 = tl.load(t_base + t)
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
+            qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
+            p = tl.math.exp2(qk - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+            m_i = m_new
+
+    # 1. ranges
+    nr = tl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq)
+    r_base = RANGES + b * stride_rb + h * stride_rh + pid_m * stride_rq
+    if FLAT:
+        # exact ranges as one flat pipelined loop over all their tiles (loads of the next range
+        # overlap the current one); a holey or empty range costs one fully masked tile here and
+        # runs in the loop below
+        total = 0
+        for r in range(nr):
+            rp = r_base + r * stride_rr
+            ks = tl.maximum(tl.maximum(tl.load(rp), m0 - tl.load(rp + 3)), 0)
+            ke = tl.minimum(tl.minimum(tl.load(rp + 1), m0 + BLOCK_M - tl.load(rp + 2)), row_end)
+            nt_r = tl.maximum((ke - ks + BLOCK_N - 1) // BLOCK_N, 1)
+            total += tl.where(tl.load(rp + 4) != 0, nt_r, 1)
+        lo = tl.load(r_base + 2)
+        hi = tl.load(r_base + 3)
+        n0 = tl.maximum(tl.maximum(tl.load(r_base), m0 - hi), 0)
+        kend = tl.minimum(tl.minimum(tl.load(r_base + 1), m0 + BLOCK_M - lo), row_end)
+        kend = tl.where(tl.load(r_base + 4) != 0, kend, n0)
+        r = 0
+        rel0 = offs_m
+        for t in tl.range(0, total, num_stages=STAGES):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            kmask = offs_n < kend
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+            rel = (rel0 - lo)[:, None] - offs_n[None, :]
+            mask = (rel.to(tl.uint32) <= (hi - lo).to(tl.uint32)) & kmask[None, :]
+            qk = tl.where(mask, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+            m_i = m_new
+            # advance: next tile of this range, or the first tile of the next range
+            n0 = n0 + BLOCK_N
+            nxt = n0 >= kend
+            r = r + nxt.to(tl.int32)
+            rp = r_base + tl.minimum(r, nr - 1) * stride_rr
+            lo2 = tl.load(rp + 2)
+            hi2 = tl.load(rp + 3)
+            ks2 = tl.maximum(tl.maximum(tl.load(rp), m0 - hi2), 0)
+            ke2 = tl.minimum(tl.minimum(tl.load(rp + 1), m0 + BLOCK_M - lo2), row_end)
+            ke2 = tl.where(tl.load(rp + 4) != 0, ke2, ks2)
+            n0 = tl.where(nxt, ks2, n0)
+            kend = tl.where(nxt, ke2, kend)
+            lo = tl.where(nxt, lo2, lo)
+            hi = tl.where(nxt, hi2, hi)
+
+    if EDGES:
+        # masked edge tiles of all exact ranges in one flat pipelined loop (jumping over each
+        # range's unmasked middle, which runs below); a range with no edge tile (or holey)
+        # costs one fully masked tile here
+        total = 0
+        for r in range(nr):
+            ks, ke, t1, t2, lo, hi, exact = _geom(r_base + r * stride_rr, m0, row_end, BLOCK_M, BLOCK_N)
+            ne = (t1 - ks + BLOCK_N - 1) // BLOCK_N + (ke - t2 + BLOCK_N - 1) // BLOCK_N
+            total += tl.where((exact != 0) & (ne > 0), ne, 1)
+        ks, ke, t1, t2, lo, hi, exact = _geom(r_base, m0, row_end, BLOCK_M, BLOCK_N)
+        ke = tl.where(exact != 0, ke, ks)
+        n0 = tl.where(t1 == ks, t2, ks)
+        r = 0
+        for t in tl.range(0, total, num_stages=EDGE_STAGES):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            kmask = offs_n < ke
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+            rel = (offs_m - lo)[:, None] - offs_n[None, :]
+            mask = (rel.to(tl.uint32) <= (hi - lo).to(tl.uint32)) & kmask[None, :]
+            qk = tl.where(mask, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+            m_i = m_new
+            # advance
+            n0 = n0 + BLOCK_N
+            n0 = tl.where(n0 == t1, t2, n0)
+            nxt = n0 >= ke
+            r = r + nxt.to(tl.int32)
+            ks2, ke2, t12, t22, lo2, hi2, ex2 = _geom(r_base + tl.minimum(r, nr - 1) * stride_rr, m0, row_end,
+                                                     BLOCK_M, BLOCK_N)
+            ke2 = tl.where(ex2 != 0, ke2, ks2)
+            n0 = tl.where(nxt, tl.where(t12 == ks2, t22, ks2), n0)
+            ke = tl.where(nxt, ke2, ke)
+            t1 = tl.where(nxt, t12, t1)
+            t2 = tl.where(nxt, t22, t2)
+            lo = tl.where(nxt, lo2, lo)
+            hi = tl.where(nxt, hi2, hi)
+
+    for r in range(nr):
+        rp = r_base + r * stride_rr
+        start = tl.load(rp)
+        end = tl.load(rp + 1)
+        lo = tl.load(rp + 2)
+        hi = tl.load(rp + 3)
+        exact = tl.load(rp + 4)
+        kstart = tl.maximum(tl.maximum(start, m0 - hi), 0)
+        kend = tl.minimum(tl.minimum(end, m0 + BLOCK_M - lo), row_end)
+        if EDGES:
+            if exact != 0:
+                _a, _b, t1, t2, _c, _d, _e = _geom(rp, m0, row_end, BLOCK_M, BLOCK_N)
+                if t2 > t1:
+                    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn,
+                                           offs_m, offs_d, t1, t2, kend, lo, hi, qk_scale, BLOCK_N, False, False,
+                                           PREC, STAGES)
+            else:
+                if HAS_SMAP:
+                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn,
+                                                 offs_m, offs_d, kstart, kend, lo, hi, qk_scale, BLOCK_N,
+                                                 True, PREC, HOLEY_STAGES)
+        elif FLAT:
+            if exact == 0:
+                if HAS_SMAP:
+                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn,
+                                                 offs_m, offs_d, kstart, kend, lo, hi, qk_scale, BLOCK_N,
+                                                 True, PREC, EDGE_STAGES)
+        elif not SPLIT:
+            if exact != 0:
+                acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn,
+                                             offs_m, offs_d, kstart, kend, lo, hi, qk_scale, BLOCK_N,
+                                             False, PREC, STAGES)
+            else:
+                if HAS_SMAP:  # a band with holes: test each offset
+                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn,
+                                                 offs_m, offs_d, kstart, kend, lo, hi, qk_scale, BLOCK_N,
+                                                 True, PREC, EDGE_STAGES)
+        elif exact != 0:
+            # keys valid for every row of the block: [m0 + BLOCK_M - 1 - hi, m0 - lo]
+            fa = tl.maximum(kstart, m0 + BLOCK_M - 1 - hi)
+            fb = tl.minimum(kend, m0 - lo + 1)
+            n_head = tl.maximum((fa - kstart + BLOCK_N - 1) // BLOCK_N, 0)
+            t1 = kstart + n_head * BLOCK_N
+            n_mid = tl.maximum((fb - t1) // BLOCK_N, 0)
+            if n_mid > 0:
+                t2 = t1 + n_mid * BLOCK_N
+                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn, offs_m,
+                                       offs_d, kstart, t1, kend, lo, hi, qk_scale, BLOCK_N, True, False, PREC, EDGE_STAGES)
+                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn, offs_m,
+                                       offs_d, t1, t2, kend, lo, hi, qk_scale, BLOCK_N, False, False, PREC, STAGES)
+                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn, offs_m,
+                                       offs_d, t2, kend, kend, lo, hi, qk_scale, BLOCK_N, True, False, PREC, EDGE_STAGES)
+            else:
+                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn, offs_m,
+                                       offs_d, kstart, kend, kend, lo, hi, qk_scale, BLOCK_N, True, False, PREC, EDGE_STAGES)
+        else:
+            if HAS_SMAP:  # a band with holes: test each offset
+                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn, offs_m,
+                                       offs_d, kstart, kend, kend, lo, hi, qk_scale, BLOCK_N, True, True, PREC, EDGE_STAGES)
+
+    # 2. gathered columns c <= i, minus cells whose offset i - c is a slash (counted above)
+    if HAS_COLS:
+        nc = tl.load(CCOUNT + b * stride_ccb + h * stride_cch + pid_m)
+        col_base = COLS + b * stride_colb + h * stride_colh
+        cum_base = SCUM + b * stride_scb + h * stride_sch
+        for c0 in tl.range(0, nc, BLOCK_N, num_stages=EDGE_STAGES):
+            offs_c = c0 + tl.arange(0, BLOCK_N)
+            cmask = offs_c < nc
+            cols = tl.load(col_base + offs_c, mask=cmask, other=0)
+            # does any slash offset fall in [m0 - c, m0 + BLOCK_M - 1 - c] for this column?
+            o_lo = tl.maximum(m0 - cols, 0)
+            o_hi = tl.minimum(m0 + BLOCK_M - cols, N)
+            hit = (tl.load(cum_base + o_hi, mask=cmask, other=0) - tl.load(cum_base + o_lo, mask=cmask, other=0)) > 0
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=cmask[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cmask[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+            diff = offs_m[:, None] - cols[None, :]
+            mask = cmask[None, :] & (diff >= 0)
+            sm = tl.load(smap_base + diff, mask=mask & hit[None, :] & (diff < N), other=0)
+            mask = mask & (sm == 0)
+            qk = tl.where(mask, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+            m_i = m_new
+
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_i[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < N)

@@ -1,0 +1,208 @@
+"""Launchers: pattern arguments -> SparseIndex (on the device) -> one Triton kernel.
+
+CUDA tensors run the compiled kernel; CPU tensors run the same kernel under the Triton
+interpreter (a second copy of the kernel module, loaded with TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import threading
+
+import torch
+
+from .. import index as _index
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_modules: dict[bool, object] = {}
+_lock = threading.Lock()
+
+
+def _fix_interpreter_index() -> None:
+    """triton 3.6's interpreter turns a scalar tensor into a Python int with int(array of
+    shape (1,)), which numpy >= 2.4 refuses; `range(loaded_scalar)` then fails. Patch that
+    one conversion (interpreter only) to read the single element."""
+    from triton.runtime import interpreter as _interp
+
+    orig = _interp._patch_lang_tensor
+    if getattr(orig, "_sparseinfer_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._sparseinfer_fixed = True
+    _interp._patch_lang_tensor = patched
+
+
+def _kernel_module(interpret: bool):
+    """The kernel module, compiled (interpret=False) or interpreted (True)."""
+    mod = _modules.get(interpret)
+    if mod is not None:
+        return mod
+    with _lock:
+        if interpret in _modules:
+            return _modules[interpret]
+        if interpret:
+            _fix_interpreter_index()
+        name = "sparseinfer.kernels._attn_kernel" + ("_interp" if interpret else "")
+        old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+        try:
+            spec = importlib.util.spec_from_file_location(name, os.path.join(_HERE, "_attn_kernel.py"))
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+        finally:
+            if old is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+        _modules[interpret] = mod
+        return mod
+
+
+# (block_m, block_n, num_warps, num_stages) per pattern and head_dim on Hopper; see
+# benchmarks/NOTES_kernels.md for the measurements behind them. For "blocks" (block-sparse)
+# block_m and block_n come from the block size; only warps and stages are read here.
+# Entries: (block_m, block_n, num_warps, num_stages, edge_stages, split[, holey_stages]): num_stages pipelines
+# the main loops, edge_stages the masked edge / column / holey loops; split: 0 = one masked
+# loop per range, 1 = three loops per range (masked head, unmasked middle, masked tail),
+# 2 = all exact ranges of a query block in one flat pipelined loop, 3 = the masked edge tiles
+# of all exact ranges in one flat loop, each range's unmasked middle in its own loop;
+# holey_stages: pipelining of the loop over bands with holes (split 3 only; default 1).
+# Measured on an H100 at 128K, head_dim 128 (benchmarks/results/attention_tune*.md,
+# benchmarks/NOTES_kernels.md); head_dim 64 reuses them unmeasured.
+CONFIGS = {
+    "vs": {128: (128, 64, 8, 3, 2, 3, 2), 64: (128, 64, 8, 3, 2, 3, 2)},
+    "ashape": {128: (64, 64, 4, 3, 1, 1), 64: (64, 64, 4, 3, 1, 1)},
+    "blocks": {128: (64, 64, 4, 3, 1, 0), 64: (64, 64, 4, 3, 1, 0)},
+}
+# interpreter (CPU tensors): larger, fewer programs run faster; same loop structure as on GPU
+_CPU_CONFIGS = {"vs": (64, 64, 4, 1, 1, 3), "ashape": (64, 64, 4, 1, 1, 1), "blocks": (64, 64, 4, 1, 1, 0)}
+
+# Sequence lengths below which the sparse kernel was slower than cuDNN dense attention on an
+# H100 (one Llama-3-8B layer, bf16; benchmarks/results/attention.md). Callers that may swap
+# the pattern for dense attention (the integration layer) can read these; the ops never do,
+# since dense attention is not the same function.
+BREAK_EVEN = {
+    "ashape": 0,  # 2.97x at 32K
+    "block_sparse": 0,  # 1.69x at 32K (top-100 of 64-blocks)
+    "vertical_slash": 38 * 1024,  # realistic indices: 0.87x at 32K, 1.73x at 64K
+    "vertical_slash_estimated": 70 * 1024,  # structured q/k, estimated: 0.91x at 64K, 1.90x at 128K
+}
+
+
+def _pow2_factor(x: int) -> int:
+    return x & -x
+
+
+def _config(kind: str, d: int, device: torch.device, config=None):
+    """(block_m, block_n, num_warps, num_stages, edge_stages, split[, holey_stages]); entries
+    of ``config`` (a tuple of up to 7) that are not None win."""
+    base = _CPU_CONFIGS[kind] if device.type != "cuda" else CONFIGS[kind].get(d, (128, 64, 4, 2, 1, 0))
+    if config is None:
+        return tuple(base)
+    base = tuple(base) + (1,) * (7 - len(base))  # holey_stages (split 3 only) defaults to 1
+    config = tuple(config) + (None,) * (len(base) - len(config))
+    return tuple(c if c is not None else b for c, b in zip(config, base))
+
+
+def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_warps: int = 8,
+              num_stages: int = 2, edge_stages: int = 1, split: int = 0, holey_stages: int = 1) -> torch.Tensor:
+    """Attention of q [B, Hq, N, D] over k/v [B, Hkv, N, D] restricted to the cells of ``idx``
+    (built with block_m = idx.block_m). Returns a tensor like q."""
+    b, hq, n, d = q.shape
+    hkv = k.shape[1]
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head_dim {d} not supported by the Triton kernel (16..256, power of 2)")
+    orig_dtype = q.dtype
+    if q.dtype == torch.float64:
+        q, k, v = q.float(), k.float(), v.float()
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty_like(q)
+    interpret = q.device.type != "cuda"
+    mod = _kernel_module(interpret)
+    nqb = math.ceil(n / idx.block_m)
+    ranges, rc = idx.ranges, idx.range_count
+    has_cols = idx.columns is not None and idx.columns.shape[-1] > 0
+    has_smap = idx.slash_map is not None
+    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    has_tiles = idx.tiles is not None and idx.tiles.shape[-1] > 0
+    if has_tiles and idx.block_n != block_n:
+        raise ValueError(f"index tiles are {idx.block_n} wide, kernel block_n is {block_n}")
+    tiles = idx.tiles if has_tiles else dummy
+    tc = idx.tile_count if has_tiles else dummy
+    scum = idx.slash_cum if has_cols else dummy
+    cols = idx.columns if has_cols else dummy
+    cc = idx.column_count if has_cols else dummy
+    smap = idx.slash_map if has_smap else dummy.to(torch.uint8)
+
+    def st(t, i):
+        return t.stride(i) if t.dim() > i and t.shape[i] > 1 else 0
+
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    if interpret:
+        prec = "ieee"
+    grid = (b * hq, nqb)
+    mod.sparse_fwd_kernel[grid](
+        q, k, v, out,
+        tiles, tc, ranges, rc, cols, cc, smap, scum,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        st(tiles, 0) if has_tiles else 0, st(tiles, 1) if has_tiles else 0, st(tiles, 2) if has_tiles else 0,
+        st(tc, 0) if has_tiles else 0, st(tc, 1) if has_tiles else 0,
+        st(ranges, 0), st(ranges, 1), st(ranges, 2), ranges.stride(3),
+        st(rc, 0), st(rc, 1), rc.stride(2),
+        st(cols, 0) if has_cols else 0, st(cols, 1) if has_cols else 0,
+        st(cc, 0) if has_cols else 0, st(cc, 1) if has_cols else 0,
+        st(smap, 0) if has_smap else 0, st(smap, 1) if has_smap else 0,
+        st(scum, 0) if has_cols else 0, st(scum, 1) if has_cols else 0,
+        n, hq, hq // hkv, nqb, float(scale) * 1.4426950408889634,
+        BLOCK_M=idx.block_m, BLOCK_N=block_n, HEAD_D=d,
+        HAS_TILES=has_tiles, HAS_COLS=has_cols, HAS_SMAP=has_smap, PREC=prec,
+        STAGES=num_stages, EDGE_STAGES=edge_stages, SPLIT=split == 1, FLAT=split == 2, EDGES=split == 3,
+        HOLEY_STAGES=holey_stages,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out if out.dtype == orig_dtype else out.to(orig_dtype)
+
+
+def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=None):
+    """config: optional (block_m, block_n, num_warps, num_stages, edge_stages, split) override."""
+    bm, bn, *rest = _config("vs", q.shape[-1], q.device, config)
+    idx = _index.from_vertical_slash(vertical_idx, slash_idx, q.shape[2], bm)
+    return run_index(q, k, v, idx, scale, bn, *rest)
+
+
+def ashape_attention(q, k, v, sink, window, scale, *, config=None):
+    bm, bn, *rest = _config("ashape", q.shape[-1], q.device, config)
+    idx = _index.from_ashape(q.shape[2], int(sink), int(window), q.shape[0], q.shape[1], bm, q.device)
+    return run_index(q, k, v, idx, scale, bn, *rest)
+
+
+def block_sparse_attention(q, k, v, block_idx, block_size, scale, *, config=None):
+    """Kernel row/column tiles are min(128, largest power of 2 dividing block_size) (64 on the
+    CPU), so every kernel query block lies in one index block; block sizes with no power-of-2
+    factor >= 16 run the torch reference."""
+    block_size = int(block_size)
+    f = _pow2_factor(block_size)
+    _, _, *rest = _config("blocks", q.shape[-1], q.device, None)
+    cap = 128 if q.device.type == "cuda" else 64
+    bm, bn = min(f, cap), min(f, cap)
+    if bm == 128 and q.device.type == "cuda":  # unmeasured: 8 warps, 2 stages fit shared memory
+        rest = [8, 2] + list(rest[2:])
+    if config is not None:
+        config = tuple(config) + (None,) * (2 + len(rest) - len(config))
+        bm, bn, *rest = (c if c is not None else x for c, x in zip(config, (bm, bn, *rest)))
+    if f < 16 or block_size % bm:
+        from ..ops import reference as ref
+
+        return ref.masked_attention(q, k, v, ref.block_sparse_rows(q.shape[2], block_idx, block_size), scale)
+    idx = _index.from_block_sparse(block_idx, block_size, q.shape[2], bm, bn)
+    return run_index(q, k, v, idx, scale, bn, *rest)

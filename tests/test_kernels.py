@@ -1,0 +1,211 @@
+"""The Triton kernel (run by the Triton interpreter on the CPU) against the float64 dense-mask
+references of tests/masks.py, and the index converters against the same masks."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from masks import (  # noqa: E402
+    ashape_mask,
+    block_sparse_mask,
+    masked_attention_f64,
+    rel_err,
+    vertical_slash_mask,
+)
+
+pytest.importorskip("triton")
+
+from sparseinfer import index as sidx  # noqa: E402
+from sparseinfer import kernels, ops  # noqa: E402
+
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def qkv(b, hq, hkv, n, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, n, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, n, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, n, d, generator=g).to(dtype)
+    return q, k, v
+
+
+def vs_indices(b, h, n, nv, ns, seed):
+    """Verticals with padding and duplicates; slashes mixing runs (exact bands), scattered
+    offsets (merged bands with holes), padding and duplicates."""
+    g = torch.Generator().manual_seed(seed)
+    vert = torch.randint(-1, n, (b, h, nv), generator=g)
+    vert[..., 0] = vert[..., 1]  # duplicate
+    runs = torch.randint(0, n, (b, h, 2), generator=g)
+    run = (runs[..., :, None] + torch.arange(20)).reshape(b, h, 40).clamp(max=n - 1)
+    scat = torch.randint(-1, n, (b, h, ns), generator=g)
+    sl = torch.cat([run, scat, torch.arange(3).expand(b, h, 3)], -1)
+    return vert, sl[..., torch.randperm(sl.shape[-1], generator=g)]
+
+
+def check(out, ref, dtype):
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(out.float()).all()
+    assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
+
+
+@pytest.mark.parametrize(
+    "hq,hkv,d,n,dtype",
+    [(2, 2, 64, 150, torch.float32), (4, 1, 128, 203, torch.float16), (8, 1, 64, 257, torch.float16),
+     (8, 2, 128, 131, torch.float32)],
+)
+def test_vertical_slash(hq, hkv, d, n, dtype):
+    q, k, v = qkv(2, hq, hkv, n, d, dtype, seed=n)
+    vert, sl = vs_indices(2, hq, n, 9, 12, seed=n + 1)
+    out = ops.vertical_slash_attention(q, k, v, vert, sl, backend="triton")
+    check(out, masked_attention_f64(q, k, v, vertical_slash_mask(n, vert, sl)), dtype)
+
+
+@pytest.mark.parametrize("bs,n,hq,hkv,d,dtype", [(64, 300, 4, 1, 64, torch.float32), (32, 200, 8, 1, 128, torch.float16),
+                                                  (16, 150, 2, 2, 64, torch.float16), (48, 170, 4, 4, 64, torch.float32),
+                                                  (128, 290, 4, 2, 64, torch.float16), (20, 90, 2, 1, 64, torch.float32)])
+def test_block_sparse(bs, n, hq, hkv, d, dtype):
+    q, k, v = qkv(2, hq, hkv, n, d, dtype, seed=bs)
+    nb = math.ceil(n / bs)
+    g = torch.Generator().manual_seed(bs + 7)
+    bi = torch.randint(-1, nb, (2, hq, nb, 3), generator=g)
+    bi[0, 0, :, 0] = torch.arange(nb)  # some query blocks list their own block, others not
+    out = ops.block_sparse_attention(q, k, v, bi, bs, backend="triton")
+    check(out, masked_attention_f64(q, k, v, block_sparse_mask(n, bi, bs)), dtype)
+
+
+@pytest.mark.parametrize("sink,window,n", [(4, 30, 201), (0, 1, 150), (0, 0, 150), (10, 500, 170), (200, 64, 257)])
+def test_ashape(sink, window, n):
+    q, k, v = qkv(2, 4, 1, n, 64, torch.float16, seed=window)
+    out = ops.ashape_attention(q, k, v, sink, window, backend="triton")
+    check(out, masked_attention_f64(q, k, v, ashape_mask(n, sink, window)), torch.float16)
+
+
+@pytest.mark.parametrize("split", [0, 1, 2, 3])
+def test_small_tiles_loop_structures(split):
+    """Small tiles: many tiles per range, unmasked middles, merged holey bands; every loop
+    structure of the kernel (split 0: one masked loop per range, 1: head/middle/tail loops,
+    2: one flat loop over all exact ranges, 3: flat loop over masked edges + middles)."""
+    n, hq, hkv = 190, 4, 1
+    q, k, v = qkv(2, hq, hkv, n, 128 if split % 2 else 64, torch.float32, seed=3 + split)
+    vert, sl = vs_indices(2, hq, n, 7, 10, seed=4 + split)
+    sl[1, :, :40] = torch.arange(40)  # a local band wide enough for unmasked middles
+    s = q.shape[-1] ** -0.5
+    for bm, bn in ((32, 16), (16, 32)):
+        out = kernels.vertical_slash_attention(q, k, v, vert, sl, s, config=(bm, bn, 4, 1, 1, split))
+        check(out, masked_attention_f64(q, k, v, vertical_slash_mask(n, vert, sl)), torch.float32)
+    out = kernels.ashape_attention(q, k, v, 5, 40, s, config=(16, 32, 4, 1, 1, split))
+    check(out, masked_attention_f64(q, k, v, ashape_mask(n, 5, 40)), torch.float32)
+    out = kernels.ashape_attention(q, k, v, 0, 1, s, config=(32, 16, 4, 1, 1, split))
+    check(out, masked_attention_f64(q, k, v, ashape_mask(n, 0, 1)), torch.float32)
+    nb = math.ceil(n / 32)
+    bi = torch.randint(-1, nb, (2, hq, nb, 4), generator=torch.Generator().manual_seed(5))
+    out = kernels.block_sparse_attention(q, k, v, bi, 32, s, config=(16, 16, 4, 1, 1, split))
+    check(out, masked_attention_f64(q, k, v, block_sparse_mask(n, bi, 32)), torch.float32)
+
+
+def test_vertical_slash_band_and_runs():
+    """The benchmark's shape of indices, small: sinks + scattered columns, a local band and
+    distant runs of consecutive offsets (exact bands with unmasked middles)."""
+    n = 700
+    q, k, v = qkv(1, 4, 1, n, 64, torch.float16, seed=11)
+    g = torch.Generator().manual_seed(12)
+    vert = torch.cat([torch.arange(5).expand(1, 4, 5), torch.randint(0, n, (1, 4, 20), generator=g)], -1)
+    runs = torch.randint(150, n - 40, (1, 4, 3), generator=g)
+    sl = torch.cat([torch.arange(150).expand(1, 4, 150), (runs[..., None] + torch.arange(40)).reshape(1, 4, 120)], -1)
+    out = ops.vertical_slash_attention(q, k, v, vert, sl, backend="triton")
+    check(out, masked_attention_f64(q, k, v, vertical_slash_mask(n, vert, sl)), torch.float16)
+
+
+def test_noncontiguous_and_batch1():
+    n = 140
+    base = torch.randn(1, n, 3, 4, 64, dtype=torch.float16)  # fused-projection style views
+    q = base[:, :, 0].transpose(1, 2)
+    k = base[:, :, 1, :2].transpose(1, 2)
+    v = base[:, :, 2, :2].transpose(1, 2)
+    out = ops.ashape_attention(q, k, v, 3, 20, backend="triton")
+    check(out, masked_attention_f64(q, k, v, ashape_mask(n, 3, 20)), torch.float16)
+
+
+# ---------------------------------------------------------------- index converters
+def _cells_equal(idx, mask):
+    b, h = mask.shape[:2] if mask.dim() == 4 else (1, 1)
+    for bi in range(b):
+        for hi in range(h):
+            m = mask[bi, hi] if mask.dim() == 4 else mask
+            assert torch.equal(idx.cells(bi, hi), m), (bi, hi)
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_index_vertical_slash(block_m):
+    n = 133
+    vert, sl = vs_indices(2, 3, n, 8, 15, seed=block_m)
+    idx = sidx.from_vertical_slash(vert, sl, n, block_m)
+    assert idx.ranges.shape == (2, 3, 1, sl.shape[-1] + 1, 5) and idx.ranges.dtype == torch.int32
+    assert idx.range_count.shape == (2, 3, math.ceil(n / block_m))
+    _cells_equal(idx, vertical_slash_mask(n, vert, sl))
+
+
+def test_index_vertical_slash_runs():
+    """Consecutive offsets become one exact band; far-apart runs stay separate."""
+    n = 1000
+    sl = torch.tensor([[[5, 3, 4, 500, 501, 502, -1, 4]]])
+    vert = torch.tensor([[[-1, 7]]])
+    idx = sidx.from_vertical_slash(vert, sl, n, 64, merge_gap=1)
+    r = idx.ranges[0, 0, 0]
+    assert r[:3, 2:].tolist() == [[0, 0, 1], [3, 5, 1], [500, 502, 1]]
+    assert idx.range_count[0, 0].tolist()[:8] == [2] * 7 + [3]
+    assert idx.columns[0, 0].tolist() == [7, n]
+    # default: bands closer than block_m merge into one band with holes (exact = 0)
+    idx = sidx.from_vertical_slash(vert, sl, n, 64)
+    assert idx.ranges[0, 0, 0, :2, 2:].tolist() == [[0, 5, 0], [500, 502, 1]]
+
+
+
+@pytest.mark.parametrize("bs,block_m,block_n", [(32, 32, 32), (64, 16, 32), (48, 16, 16)])
+def test_index_block_sparse(bs, block_m, block_n):
+    n = 170
+    nb = math.ceil(n / bs)
+    bi = torch.randint(-1, nb, (2, 2, nb, 4), generator=torch.Generator().manual_seed(bs))
+    idx = sidx.from_block_sparse(bi, bs, n, block_m, block_n)
+    _cells_equal(idx, block_sparse_mask(n, bi, bs))
+
+
+@pytest.mark.parametrize("sink,window", [(3, 17), (0, 0), (50, 200)])
+def test_index_ashape(sink, window):
+    n = 150
+    idx = sidx.from_ashape(n, sink, window, 1, 1, 32, "cpu")
+    _cells_equal(idx, ashape_mask(n, sink, window))
+
+
+def test_import_error_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "try:\n    import sparseinfer.kernels\nexcept ImportError:\n    print('ImportError')\n"
+        "import torch; from sparseinfer import ops\n"
+        "q = torch.randn(1, 2, 40, 16)\n"
+        "o = ops.ashape_attention(q, q, q, 2, 8)\n"
+        "print(tuple(o.shape))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert "ImportError" in r.stdout and "(1, 2, 40, 16)" in r.stdout, r.stdout + r.stderr
+
+
+def test_work_fraction():
+    n = 4096
+    g = torch.Generator().manual_seed(0)
+    band = torch.arange(256).expand(1, 2, 256)
+    vert = torch.randint(0, n, (1, 2, 50), generator=g)
+    near = sidx.from_vertical_slash(vert, band, n, 64).work_fraction(64)
+    scattered = sidx.from_vertical_slash(vert, torch.randint(0, n, (1, 2, 256), generator=g), n, 64).work_fraction(64)
+    assert near.shape == (1, 2) and (near > 0.05).all() and (near < 0.3).all()
+    assert (scattered > 0.8).all()
+    full = torch.arange(n // 64).expand(1, 1, n // 64, n // 64)
+    dense = sidx.from_block_sparse(full, 64, n, 64).work_fraction(64, samples=1000)
+    assert abs(float(dense) - 1.0) < 0.05

@@ -1,4 +1,4 @@
-"""The `sparseinfer` command: demo, search, eval niah | fidelity | ppl | recall."""
+"""The `sparseinfer` command: demo, search, eval niah | fidelity | ppl | recall | report | decode."""
 from __future__ import annotations
 
 import argparse
@@ -90,6 +90,30 @@ def cmd_recall(args) -> int:
     return 0
 
 
+def cmd_decode(args) -> int:
+    from .eval.decode import run_decode, write_report
+    from .eval.needle import parse_length
+    from .models import load_model
+
+    if args.report_only:  # rebuild decoding.md and the PNGs from an existing decoding.json
+        from .eval.decode import load_runs
+
+        runs, info, name = load_runs(Path(args.out) / "decoding.json")
+        command = info.pop("command", "sparseinfer eval decode")
+        print(f"wrote {write_report(runs, info, Path(args.out), name, command)}")
+        return 0
+    print(f"loading {args.model} ...", flush=True)
+    model, tok = load_model(args.model)
+    budgets = [parse_length(x) for x in _csv(args.budgets)]
+    runs, info = run_decode(model, tok, _csv(args.policies), budgets, parse_length(args.gen_tokens), args.window)
+    command = (f"sparseinfer eval decode --model {args.model} --policies {args.policies} --budgets {args.budgets} "
+               f"--gen-tokens {args.gen_tokens} --window {args.window} --out {args.out}")
+    info["command"] = command
+    path = write_report(runs, dict(info), Path(args.out), args.model, command)
+    print(f"wrote {path}, {Path(args.out) / 'decoding.json'} and its PNGs")
+    return 0
+
+
 def cmd_search(args) -> int:
     from . import config as config_io
     from .eval import report
@@ -113,7 +137,7 @@ def cmd_report(args) -> int:
     from .eval.needle import parse_length
 
     path = build(args.model, Path(args.out), [parse_length(x) for x in _csv(args.lengths)], args.depths,
-                 [parse_length(x) for x in _csv(args.ppl_lengths)])
+                 [parse_length(x) for x in _csv(args.ppl_lengths)], run=not args.from_cache)
     print(f"wrote {path}")
     return 0
 
@@ -168,7 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--lengths", default="1k,2k,4k,8k", help="NIAH lengths (default: %(default)s)")
     rp.add_argument("--depths", type=int, default=10, help="NIAH depths (default: %(default)s)")
     rp.add_argument("--ppl-lengths", default="4k,8k", help="perplexity / KL lengths (default: %(default)s)")
+    rp.add_argument("--from-cache", action="store_true", help="only write the report from cells already measured")
     rp.set_defaults(func=cmd_report)
+    dc = evs.add_parser("decode", help="KV-cache policies on long decoding: teacher-forced KL / top-1, KV memory")
+    dc.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")
+    dc.add_argument("--policies", default="dense,streaming,h2o,snapkv,quest,raas", help="comma list (default: %(default)s)")
+    dc.add_argument("--budgets", default="64,128,256,512,1024", help="KV budgets in tokens (default: %(default)s)")
+    dc.add_argument("--gen-tokens", default="2k", help="tokens generated densely, then replayed (default: %(default)s)")
+    dc.add_argument("--window", type=int, default=128, help="steps per point of the curves (default: %(default)s)")
+    dc.add_argument("--out", default="docs", help="folder for decoding.md/.json/.png (default: %(default)s)")
+    dc.add_argument("--report-only", action="store_true", help="rebuild decoding.md + PNGs from <out>/decoding.json")
+    dc.set_defaults(func=cmd_decode)
     s_ = sub.add_parser("search", help="offline per-head pattern search (MInference) -> config JSON + report")
     s_.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")
     s_.add_argument("--out", required=True, help="config JSON to write (a PNG report goes beside it)")

@@ -26,6 +26,11 @@ IMPL = "sparseinfer"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 METHODS = ("dense",) + tuple(PATTERNS) + ("minference",)
 _ATTR = "_sparseinfer"
+# A KV-cache policy object set on attention modules by sparseinfer.kv. It must offer
+#   decode_attention(layer_idx, query [B, Hq, 1, D], key, value [B, Hkv, Nk, D], scale)
+#       -> [B, Hq, 1, D], or None to let the call run as usual (dense over what the cache returned);
+#   observe_prefill(layer_idx, query [B, Hq, N, D], key [B, Hkv, N, D], scale) -> None.
+KV_ATTR = "_sparseinfer_kv"
 
 
 @dataclass
@@ -127,6 +132,17 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     """The registered attention function. query [B, Hq, Nq, D], key/value [B, Hkv, Nk, D]
     -> ([B, Nq, Hq, D], None), as transformers' attention functions return."""
     plan: LayerPlan | None = getattr(module, _ATTR, None)
+    kv = getattr(module, KV_ATTR, None)
+    if kv is not None:  # a KV-cache policy attached by sparseinfer.kv: it may take decode steps
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        if query.shape[2] == 1:
+            out = kv.decode_attention(module.layer_idx, query, key, value, scale)
+            if out is not None:
+                if plan is not None:
+                    plan.stats.records.append(CallRecord(plan.layer, 1, "kv", None, "decode"))
+                return out.transpose(1, 2).contiguous(), None
+        elif query.shape[2] == key.shape[2]:
+            kv.observe_prefill(module.layer_idx, query, key, scale)
     if plan is not None and plan.observer is not None and query.shape[2] == key.shape[2]:
         plan.observer(plan.layer, query, key, query.shape[-1] ** -0.5 if scaling is None else scaling)
     if plan is None or plan.pattern is None:
@@ -204,7 +220,8 @@ def _make_patterns(method: str, options: dict, model) -> list[Pattern | None]:
     return [cls(**options)] * n_layers
 
 
-def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend: str = "auto", **options):
+def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend: str = "auto", kv: str | None = None,
+          kv_options: dict | None = None, **options):
     """Make `model`'s pre-filling attention sparse with `method`; returns a `PatchHandle`.
 
     method: one of "dense", "ashape" (sink, window), "vertical_slash" (vertical, slash, last_q),
@@ -215,6 +232,9 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     calls shorter than the kernel's measured break-even length against dense SDPA
     (`sparseinfer.kernels.attention.BREAK_EVEN`) run dense too; each call's route is in
     `handle.stats.records`. backend: as in `sparseinfer.ops`.
+    kv: a KV-cache policy for decoding (see `sparseinfer.kv`: "dense", "streaming", "h2o",
+    "snapkv", "quest", "raas") with its options in kv_options (e.g. {"budget": 1024}); every
+    `generate` that starts with the default empty cache then gets a fresh policy cache.
     Patching an already patched model replaces the previous patch.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -224,6 +244,12 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
         raise ValueError(f"patch: min_len expected a non-negative int, got {min_len!r}")
     ops._validate.check_backend(backend)
     patterns = _make_patterns(method, options, model)
+    if kv is not None:
+        from . import kv as kv_policies
+
+        kv_policies.SparseKVCache(kv, model.config.num_hidden_layers, **dict(kv_options or {}))  # validate first
+    elif kv_options:
+        raise ValueError(f"patch: kv_options given without a kv policy (kv=None), got {sorted(kv_options)}")
     if hasattr(model, "_sparseinfer_patch"):
         unpatch(model)
     mods = _attention_modules(model)
@@ -235,6 +261,8 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     model.set_attn_implementation(IMPL)
     handle = PatchHandle(method, dict(options, min_len=min_len, backend=backend), stats, previous)
     model._sparseinfer_patch = handle
+    if kv is not None:
+        kv_policies.attach(model, kv, kv_options)
     return handle
 
 
@@ -243,6 +271,9 @@ def unpatch(model) -> None:
     handle = getattr(model, "_sparseinfer_patch", None)
     if handle is None:
         raise ValueError("unpatch: this model is not patched by sparseinfer")
+    from . import kv as kv_policies
+
+    kv_policies.detach(model)  # KV-cache policies (hook, spec, caches on the modules)
     for m in _attention_modules(model):
         if hasattr(m, _ATTR):
             delattr(m, _ATTR)

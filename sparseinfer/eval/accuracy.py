@@ -43,39 +43,48 @@ METHODS = {
 
 
 def _cached(folder: Path, key: str, compute):
+    """The cell's cached rows; else compute them (compute falsy: skip the cell -> [])."""
     path = folder / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text())
+    if not compute:
+        return []
     rows = [asdict(r) for r in compute()]
     path.write_text(json.dumps(rows, indent=1))
     return rows
 
 
 def build(model_name: str, out: Path, lengths: list[int], depths: int, ppl_lengths: list[int],
-          methods: dict = METHODS) -> Path:
+          methods: dict = METHODS, run: bool = True) -> Path:
+    """run=False: write the report from the cells already cached (missing cells are listed)."""
     from ..models import load_model
 
     console = Console(width=140)
     cache = out / "accuracy"
     cache.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(model_name)
+    model, tok = load_model(model_name) if run else (None, None)
     niah, ppl, fid = [], [], []
-    for label, spec in methods.items():
-        for L in lengths:
-            rows = _cached(cache, f"niah-{label}-{L}", lambda: run_niah(model, tok, [spec(L)], [L], depths))
-            niah += [dict(r, method=label) for r in rows]
-    for label, spec in methods.items():
-        for L in ppl_lengths:
-            rows = _cached(cache, f"ppl-{label}-{L}", lambda: run_ppl(model, tok, [spec(L)], [L], windows=2))
+    # perplexity and KL first, then NIAH length by length over all methods, so that a partial
+    # (interrupted) run still compares every method on the same cells
+    for L in ppl_lengths:
+        for label, spec in methods.items():
+            rows = _cached(cache, f"ppl-{label}-{L}", run and (lambda: run_ppl(model, tok, [spec(L)], [L], windows=2)))
             ppl += [dict(r, method=label) for r in rows]
             if label != "dense":
-                rows = _cached(cache, f"kl-{label}-{L}", lambda: run_fidelity(model, tok, [spec(L)], [L]))
+                rows = _cached(cache, f"kl-{label}-{L}", run and (lambda: run_fidelity(model, tok, [spec(L)], [L])))
                 fid += [dict(r, method=label) for r in rows]
+    for L in lengths:
+        for label, spec in methods.items():
+            rows = _cached(cache, f"niah-{label}-{L}", run and (lambda: run_niah(model, tok, [spec(L)], [L], depths)))
+            niah += [dict(r, method=label) for r in rows]
     console.print(report.niah_table(niah))
     console.print(report.ppl_table(ppl))
     console.print(report.fidelity_table(fid))
     png = report.niah_heatmap(niah, out / "accuracy-niah.png", f"NIAH, {model_name}, {depths} depths")
-    return write_markdown(out / "accuracy.md", model_name, niah, ppl, fid, methods, png.name)
+    missing = [f"{kind} {label} {L}" for kind, ls in (("ppl", ppl_lengths), ("kl", ppl_lengths), ("niah", lengths))
+               for label in methods for L in ls
+               if not (kind == "kl" and label == "dense") and not (cache / f"{kind}-{label}-{L}.json").exists()]
+    return write_markdown(out / "accuracy.md", model_name, niah, ppl, fid, methods, png.name, missing)
 
 
 def _env_line() -> str:
@@ -83,7 +92,7 @@ def _env_line() -> str:
     return f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, python {env['python']}, {env['date']}"
 
 
-def write_markdown(path: Path, model_name, niah, ppl, fid, methods, niah_png) -> Path:
+def write_markdown(path: Path, model_name, niah, ppl, fid, methods, niah_png, missing=()) -> Path:
     niah_lengths = sorted({r["length"] for r in niah})
     labels = list(dict.fromkeys(r["method"] for r in niah))
     lengths = sorted({r["length"] for r in niah} | {r["length"] for r in ppl})
@@ -101,21 +110,25 @@ def write_markdown(path: Path, model_name, niah, ppl, fid, methods, niah_png) ->
         "",
         f"![NIAH heatmaps]({niah_png})",
         "",
-        "| method | " + " | ".join(f"{L} tok" for L in niah_lengths) + " | all | density | CPU s / prompt |",
+        "| method | " + " | ".join(f"{L} tok" for L in niah_lengths) + " | all* | density* | CPU s / prompt* |",
         "|---|" + "---|" * (len(niah_lengths) + 3),
     ]
-    dense_acc = None
+    common = [L for L in niah_lengths if all(any(r["method"] == m and r["length"] == L for r in niah) for m in labels)]
     for m in labels:
-        rs = [r for r in niah if r["method"] == m]
+        rs = [r for r in niah if r["method"] == m and r["length"] in common]
         cells = []
         for L in niah_lengths:
-            sel = [r["correct"] for r in rs if r["length"] == L]
-            cells.append(f"{100 * sum(sel) / len(sel):.0f}%")
+            sel = [r["correct"] for r in niah if r["method"] == m and r["length"] == L]
+            cells.append(f"{100 * sum(sel) / len(sel):.0f}%" if sel else "—")
+        if not rs:
+            lines.append(f"| {m} | " + " | ".join(cells) + " | — | — | — |")
+            continue
         acc = 100 * sum(r["correct"] for r in rs) / len(rs)
-        dense_acc = acc if m == "dense" else dense_acc
         dens = sum(r["density"] for r in rs) / len(rs)
         sec = sum(r["seconds"] for r in rs) / len(rs)
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {acc:.0f}% | {100 * dens:.1f}% | {sec:.1f} |")
+    lines += ["", "\\* over the lengths every method has been measured at: "
+              + (", ".join(str(L) for L in common) or "none") + "."]
     lines += ["", "## Perplexity on held-out essays", "", "| method | tokens | perplexity | vs dense | density | CPU s / window |",
               "|---|---|---|---|---|---|"]
     dense_ppl = {r["length"]: r["ppl"] for r in ppl if r["method"] == "dense"}
@@ -128,5 +141,8 @@ def write_markdown(path: Path, model_name, niah, ppl, fid, methods, niah_png) ->
     for r in fid:
         lines.append(f"| {r['method']} | {r['length']} | {r['kl']:.4f} | {100 * r['top1_agree']:.1f}% | "
                      f"{r['hidden_rel_err']:.4f} | {100 * r['density']:.1f}% | {r['seconds']:.1f} |")
+    if missing:
+        lines += ["", "## Not measured yet", "", "The run was interrupted before these cells (re-running the command "
+                  "resumes; measured cells are cached in `accuracy/`): " + ", ".join(missing) + "."]
     path.write_text("\n".join(lines) + "\n")
     return path

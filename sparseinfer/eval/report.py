@@ -44,7 +44,7 @@ def niah_table(rows: list[dict]) -> Table:
         cells = []
         for L in lengths:
             sel = [r["correct"] for r in rs if r["length"] == L]
-            cells.append(f"{100 * sum(sel) / len(sel):.0f}%")
+            cells.append(f"{100 * sum(sel) / len(sel):.0f}%" if sel else "—")
         acc = 100 * sum(r["correct"] for r in rs) / len(rs)
         dens = sum(r["density"] for r in rs) / len(rs)
         sec = sum(r["seconds"] for r in rs) / len(rs)

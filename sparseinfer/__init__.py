@@ -1,6 +1,7 @@
 """sparseinfer: fast long-context inference by computing only the attention that matters."""
 from .integration import patch, unpatch
+from .kv import kv_cache
 from .models import DEFAULT_MODEL, load_model
 
 __version__ = "0.1.0"
-__all__ = ["patch", "unpatch", "load_model", "DEFAULT_MODEL", "__version__"]
+__all__ = ["patch", "unpatch", "kv_cache", "load_model", "DEFAULT_MODEL", "__version__"]

@@ -100,7 +100,7 @@ def cmd_decode(args) -> int:
 
         runs, info, name = load_runs(Path(args.out) / "decoding.json")
         command = info.pop("command", "sparseinfer eval decode")
-        print(f"wrote {write_report(runs, info, Path(args.out), name, command)}")
+        print(f"wrote {write_report(runs, info, Path(args.out), name, command, json_too=False)}")
         return 0
     print(f"loading {args.model} ...", flush=True)
     model, tok = load_model(args.model)

@@ -7,8 +7,9 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "reference", "triton")
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """Validate q [B, Hq, N, D] and k/v [B, Hkv, N, D]; return (B, Hq, Hkv, N, D)."""
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, decode: bool = False) -> tuple[int, int, int, int, int]:
+    """Validate q [B, Hq, N, D] and k/v [B, Hkv, N, D]; return (B, Hq, Hkv, N, D).
+    decode=True: q is one step [B, Hq, 1, D] against k/v [B, Hkv, N, D] of any N."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -21,9 +22,13 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, i
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
     b, hq, n, d = q.shape
+    if decode and n != 1:
+        raise ValueError(f"q: expected one decode step [B, Hq, 1, D], got shape {tuple(q.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k, v: expected equal shapes, got {tuple(k.shape)} and {tuple(v.shape)}")
     bk, hkv, nk, dk = k.shape
+    if decode:
+        n = nk
     if bk != b or nk != n or dk != d:
         raise ValueError(
             f"k/v: expected shape [B={b}, Hkv, N={n}, D={d}] matching q {tuple(q.shape)}, got {tuple(k.shape)}"

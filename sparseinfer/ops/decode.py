@@ -1,0 +1,130 @@
+"""Sparse decode attention: one query step against selected KV pages or slots.
+
+q [B, Hq, 1, D]; k, v [B, Hkv, N, D] (a KV buffer: a growing cache or fixed-capacity slots);
+indices [B, Hkv, K] integer page ids into the buffer (page p = tokens p*page_size ..
+p*page_size + page_size - 1, cut at N), -1 = padding; page_size=1 selects single slots.
+The query heads of one GQA group (h // (Hq // Hkv)) share their KV head's selection.
+valid [B, Hkv, N] bool (optional) masks slots inside selected pages (free or padded slots).
+
+Query h attends exactly the set {t : t in a selected page of its KV head, t < N, valid[t]};
+a page listed twice counts once (the reference gathers, so repeated ids are removed first).
+A row with no visible key returns zeros (and lse = -inf).
+Softmax in float32 (float64 for float64 inputs); output in q's dtype.
+
+``return_lse=True`` also returns the log-sum-exp of the scaled scores [B, Hq] (float32),
+so partial results over disjoint KV sets merge exactly with `merge_partials`
+(flash-decoding's split-KV reduction).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._validate import check_backend, check_index, check_qkv
+
+__all__ = ["sparse_decode_attention", "merge_partials", "page_bounds", "quest_scores"]
+
+
+def _check_decode(q, k, v, indices, page_size, valid):
+    b, hq, hkv, n, d = check_qkv(q, k, v, decode=True)
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"page_size: expected a positive int, got {page_size!r}")
+    check_index("indices", indices, (b, hkv, None), -(-n // page_size), q.device)
+    if valid is not None:
+        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+            raise ValueError(f"valid: expected a bool torch.Tensor, got "
+                             f"{valid.dtype if isinstance(valid, torch.Tensor) else type(valid).__name__}")
+        if tuple(valid.shape) != (b, hkv, n):
+            raise ValueError(f"valid: expected shape [B={b}, Hkv={hkv}, N={n}], got {tuple(valid.shape)}")
+        if valid.device != q.device:
+            raise ValueError(f"valid: expected device {q.device} (that of q), got {valid.device}")
+    return b, hq, hkv, n, d
+
+
+def _dedup(indices: torch.Tensor) -> torch.Tensor:
+    """Replace repeated page ids in each row by -1 (static shape, no host sync)."""
+    s, order = indices.sort(-1)
+    dup = torch.zeros_like(s, dtype=torch.bool)
+    dup[..., 1:] = (s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)
+    s = torch.where(dup, torch.full_like(s, -1), s)
+    return torch.empty_like(s).scatter_(-1, order, s)
+
+
+def sparse_decode_attention(q, k, v, indices, *, page_size: int = 1, valid=None, scale: float | None = None,
+                            return_lse: bool = False, backend: str = "auto"):
+    """One decode step over selected pages. See the module docstring for the exact semantics.
+
+    q [B, Hq, 1, D]; k/v [B, Hkv, N, D]; indices [B, Hkv, K] (-1 = padding) -> [B, Hq, 1, D]
+    (and lse [B, Hq] float32 with return_lse). backend: "auto" / "reference" run the torch
+    reference (gather the selected tokens, GQA by grouping query heads; O(K * page_size) work
+    per head, never O(N)); there is no Triton kernel for this op yet ("triton" raises).
+    """
+    check_backend(backend)
+    b, hq, hkv, n, d = _check_decode(q, k, v, indices, page_size, valid)
+    if backend == "triton":
+        raise ValueError("backend: expected 'auto' or 'reference' for sparse_decode_attention "
+                         "(no Triton kernel for this op yet), got 'triton'")
+    s = d ** -0.5 if scale is None else float(scale)
+    g = hq // hkv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    idx = _dedup(indices.long())
+    kk = idx.shape[-1]
+    offs = torch.arange(page_size, device=q.device)
+    tok = (idx.clamp(min=0)[..., None] * page_size + offs).reshape(b, hkv, kk * page_size)  # [B, Hkv, T]
+    ok = ((idx >= 0)[..., None] & (tok.view(b, hkv, kk, page_size) < n)).reshape(b, hkv, -1)
+    tok = tok.clamp(max=max(n - 1, 0))
+    if valid is not None:
+        ok = ok & valid.gather(2, tok)
+    ks = k.gather(2, tok[..., None].expand(-1, -1, -1, d)).to(acc)  # [B, Hkv, T, D]
+    vs = v.gather(2, tok[..., None].expand(-1, -1, -1, d)).to(acc)
+    qg = q.reshape(b, hkv, g, d).to(acc)
+    sc = torch.einsum("bhgd,bhtd->bhgt", qg, ks) * s
+    sc = sc.masked_fill(~ok[:, :, None, :], float("-inf"))
+    lse = torch.logsumexp(sc, -1)  # [B, Hkv, G]; -inf for empty rows
+    p = torch.exp(sc - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+    p = torch.where(ok[:, :, None, :], p, torch.zeros_like(p))
+    out = torch.einsum("bhgt,bhtd->bhgd", p, vs).reshape(b, hq, 1, d).to(q.dtype)
+    if return_lse:
+        return out, lse.reshape(b, hq).float()
+    return out
+
+
+def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
+    """Combine attention results over disjoint KV sets: outs [B, Hq, 1, D], lses [B, Hq]
+    (as returned with return_lse=True) -> [B, Hq, 1, D] equal to attention over the union."""
+    lse = torch.stack(lses)  # [P, B, Hq]
+    m = lse.max(0).values
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse - m)  # 0 for empty parts
+    den = w.sum(0).clamp(min=torch.finfo(w.dtype).tiny)
+    out = sum(o.float() * (wi / den)[..., None, None] for o, wi in zip(outs, w))
+    return out.to(outs[0].dtype)
+
+
+def page_bounds(k: torch.Tensor, page_size: int, valid: torch.Tensor | None = None):
+    """Per-page element-wise min and max of keys: k [B, H, N, D] -> (kmin, kmax) [B, H, P, D]
+    with P = ceil(N / page_size); invalid slots are ignored (an empty page has +inf / -inf)."""
+    b, h, n, d = k.shape
+    p = -(-n // page_size)
+    pad = p * page_size - n
+    kf = k.float()
+    ok = torch.ones(b, h, n, dtype=torch.bool, device=k.device) if valid is None else valid
+    ok = torch.nn.functional.pad(ok, (0, pad), value=False)[..., None]
+    kf = torch.nn.functional.pad(kf, (0, 0, 0, pad))
+    kmin = torch.where(ok, kf, torch.full_like(kf, float("inf"))).view(b, h, p, page_size, d).amin(3)
+    kmax = torch.where(ok, kf, torch.full_like(kf, float("-inf"))).view(b, h, p, page_size, d).amax(3)
+    return kmin, kmax
+
+
+def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Quest's upper bound on q.k per page, summed over each KV group's query heads:
+    q [B, Hq, 1, D], kmin/kmax [B, Hkv, P, D] -> [B, Hkv, P] (float32);
+    sum_d max(q_d * kmax_d, q_d * kmin_d). Empty pages (kmin > kmax) score -inf."""
+    b, hq, _, d = q.shape
+    hkv = kmin.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, 1, d).float()
+    lo, hi = kmin[:, :, None].float(), kmax[:, :, None].float()
+    empty = (kmin[..., 0] > kmax[..., 0])  # [B, Hkv, P]
+    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+    hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
+    bound = torch.maximum(qg * hi, qg * lo).sum(-1).sum(2)  # [B, Hkv, P]
+    return bound.masked_fill(empty, float("-inf"))

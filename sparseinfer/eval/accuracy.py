@@ -94,7 +94,7 @@ def _env_line() -> str:
 
 def write_markdown(path: Path, model_name, niah, ppl, fid, methods, niah_png, missing=()) -> Path:
     niah_lengths = sorted({r["length"] for r in niah})
-    labels = list(dict.fromkeys(r["method"] for r in niah))
+    labels = list(methods)
     lengths = sorted({r["length"] for r in niah} | {r["length"] for r in ppl})
     lines = [
         "# Accuracy of the sparse methods against dense",
@@ -113,7 +113,8 @@ def write_markdown(path: Path, model_name, niah, ppl, fid, methods, niah_png, mi
         "| method | " + " | ".join(f"{L} tok" for L in niah_lengths) + " | all* | density* | CPU s / prompt* |",
         "|---|" + "---|" * (len(niah_lengths) + 3),
     ]
-    common = [L for L in niah_lengths if all(any(r["method"] == m and r["length"] == L for r in niah) for m in labels)]
+    have = [m for m in labels if any(r["method"] == m for r in niah)]
+    common = [L for L in niah_lengths if all(any(r["method"] == m and r["length"] == L for r in niah) for m in have)]
     for m in labels:
         rs = [r for r in niah if r["method"] == m and r["length"] in common]
         cells = []
@@ -127,7 +128,7 @@ def write_markdown(path: Path, model_name, niah, ppl, fid, methods, niah_png, mi
         dens = sum(r["density"] for r in rs) / len(rs)
         sec = sum(r["seconds"] for r in rs) / len(rs)
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {acc:.0f}% | {100 * dens:.1f}% | {sec:.1f} |")
-    lines += ["", "\\* over the lengths every method has been measured at: "
+    lines += ["", "\\* over the lengths every method with NIAH results has been measured at: "
               + (", ".join(str(L) for L in common) or "none") + "."]
     lines += ["", "## Perplexity on held-out essays", "", "| method | tokens | perplexity | vs dense | density | CPU s / window |",
               "|---|---|---|---|---|---|"]

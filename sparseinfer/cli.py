@@ -13,60 +13,52 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def cmd_niah(args) -> int:
+def _run_eval(args, kind: str, run, table) -> list[dict]:
+    """Shared by the eval commands: load the model, run `run(model, tok, methods, lengths)`,
+    print `table(rows)`, write <out>/<kind>.json; -> rows."""
     from .eval import report
     from .eval.needle import parse_length
-    from .eval.runner import as_dicts, run_niah
+    from .eval.runner import as_dicts
     from .models import load_model
 
     lengths = [parse_length(x) for x in _csv(args.lengths)]
     methods = _csv(args.methods)
     print(f"loading {args.model} ...", flush=True)
     model, tok = load_model(args.model)
-    rows = as_dicts(run_niah(model, tok, methods, lengths, args.depths, min_len=args.min_len, config=args.config))
-    out = Path(args.out)
-    report.print_table(report.niah_table(rows))
-    config = {"model": args.model, "methods": methods, "lengths": lengths, "depths": args.depths, "min_len": args.min_len}
-    report.write_json(out / "niah.json", "niah", config, rows)
-    png = report.niah_heatmap(rows, out / "niah.png", f"NIAH, {args.model}")
-    print(f"wrote {out / 'niah.json'} and {png}")
+    rows = as_dicts(run(model, tok, methods, lengths))
+    report.print_table(table(rows))
+    config = {"model": args.model, "methods": methods, "lengths": lengths, "min_len": args.min_len}
+    path = Path(args.out) / f"{kind}.json"
+    report.write_json(path, kind, config, rows)
+    print(f"wrote {path}")
+    return rows
+
+
+def cmd_niah(args) -> int:
+    from .eval import report
+    from .eval.runner import run_niah
+
+    rows = _run_eval(args, "niah", lambda m, t, meth, ls: run_niah(m, t, meth, ls, args.depths, min_len=args.min_len,
+                                                                   config=args.config), report.niah_table)
+    print(f"wrote {report.niah_heatmap(rows, Path(args.out) / 'niah.png', f'NIAH, {args.model}')}")
     return 0
 
 
 def cmd_fidelity(args) -> int:
     from .eval import report
-    from .eval.needle import parse_length
-    from .eval.runner import as_dicts, run_fidelity
-    from .models import load_model
+    from .eval.runner import run_fidelity
 
-    lengths = [parse_length(x) for x in _csv(args.lengths)]
-    methods = _csv(args.methods)
-    print(f"loading {args.model} ...", flush=True)
-    model, tok = load_model(args.model)
-    rows = as_dicts(run_fidelity(model, tok, methods, lengths, min_len=args.min_len, config=args.config))
-    report.print_table(report.fidelity_table(rows))
-    out = Path(args.out)
-    report.write_json(out / "fidelity.json", "fidelity", {"model": args.model, "methods": methods, "lengths": lengths}, rows)
-    print(f"wrote {out / 'fidelity.json'}")
+    _run_eval(args, "fidelity", lambda m, t, meth, ls: run_fidelity(m, t, meth, ls, min_len=args.min_len,
+                                                                    config=args.config), report.fidelity_table)
     return 0
 
 
 def cmd_ppl(args) -> int:
     from .eval import report
-    from .eval.needle import parse_length
-    from .eval.runner import as_dicts, run_ppl
-    from .models import load_model
+    from .eval.runner import run_ppl
 
-    lengths = [parse_length(x) for x in _csv(args.lengths)]
-    methods = _csv(args.methods)
-    print(f"loading {args.model} ...", flush=True)
-    model, tok = load_model(args.model)
-    rows = as_dicts(run_ppl(model, tok, methods, lengths, args.windows, min_len=args.min_len, config=args.config))
-    report.print_table(report.ppl_table(rows))
-    out = Path(args.out)
-    report.write_json(out / "ppl.json", "ppl", {"model": args.model, "methods": methods, "lengths": lengths,
-                                                "windows": args.windows}, rows)
-    print(f"wrote {out / 'ppl.json'}")
+    _run_eval(args, "ppl", lambda m, t, meth, ls: run_ppl(m, t, meth, ls, args.windows, min_len=args.min_len,
+                                                          config=args.config), report.ppl_table)
     return 0
 
 

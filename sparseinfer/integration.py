@@ -18,6 +18,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import config as config_io
 from . import ops
+from . import parallel
 from .patterns import PATTERNS, Pattern
 from .patterns.base import Selection, combined_density
 from .patterns.minference import MInferenceLayer
@@ -82,6 +83,7 @@ class LayerPlan:
     backend: str
     warned: set  # shared by all layers of one patch: each warning once per patch
     observer: Callable | None = None  # observer(layer, q, k, scale) on every full pre-fill call
+    shard: parallel.HeadShard | None = None  # the heads this tensor-parallel rank holds
 
     def warn_once(self, key: str, msg: str) -> None:
         if key not in self.warned:
@@ -150,6 +152,11 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
             plan.stats.records.append(CallRecord(plan.layer, query.shape[2], "dense", None))
         return _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     nq, nk = query.shape[2], key.shape[2]
+    if plan.shard is not None and (query.shape[1], key.shape[1]) != (len(plan.shard.q), len(plan.shard.kv)):
+        raise ValueError(
+            f"sparseinfer: layer {plan.layer} on tensor-parallel rank {plan.shard.rank} expected "
+            f"{len(plan.shard.q)} query / {len(plan.shard.kv)} KV heads, got {query.shape[1]} / {key.shape[1]}"
+        )
     reason = None
     if nq != nk:
         reason = "chunk" if nq > 1 else "decode"
@@ -236,6 +243,9 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     "snapkv", "quest", "raas") with its options in kv_options (e.g. {"budget": 1024}); every
     `generate` that starts with the default empty cache then gets a fresh policy cache.
     Patching an already patched model replaces the previous patch.
+    A model sharded by transformers' tensor parallelism (tp_plan="auto" under torchrun) is
+    patched the same way in every rank: each rank's per-head state is sliced to its heads
+    (`sparseinfer.parallel`).
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -244,6 +254,9 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
         raise ValueError(f"patch: min_len expected a non-negative int, got {min_len!r}")
     ops._validate.check_backend(backend)
     patterns = _make_patterns(method, options, model)
+    shard = parallel.head_shard(model)  # None unless tensor-parallel
+    if shard is not None:
+        patterns = [None if p is None else p.shard(shard) for p in patterns]
     if kv is not None:
         from . import kv as kv_policies
 
@@ -257,7 +270,7 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     previous = model.config._attn_implementation
     warned: set = set()
     for m in mods:
-        setattr(m, _ATTR, LayerPlan(m.layer_idx, patterns[m.layer_idx], min_len, stats, backend, warned))
+        setattr(m, _ATTR, LayerPlan(m.layer_idx, patterns[m.layer_idx], min_len, stats, backend, warned, shard=shard))
     model.set_attn_implementation(IMPL)
     handle = PatchHandle(method, dict(options, min_len=min_len, backend=backend), stats, previous)
     model._sparseinfer_patch = handle

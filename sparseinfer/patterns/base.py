@@ -66,6 +66,18 @@ class Pattern:
     """Base class: a pattern's options are its dataclass fields."""
 
     name: ClassVar[str] = ""
+    # True for patterns holding per-head state (configs, gates): they must override `shard`.
+    per_head: ClassVar[bool] = False
+
+    def shard(self, shard) -> "Pattern":
+        """This pattern for the heads one tensor-parallel rank holds (`sparseinfer.parallel.HeadShard`).
+        Patterns whose options apply to every head alike return themselves."""
+        if self.per_head:
+            raise ValueError(
+                f"pattern {self.name!r} holds per-head state but cannot slice it to a tensor-parallel "
+                f"rank's heads; it cannot run sharded"
+            )
+        return self
 
     def select(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> list[Selection]:
         """q [B, Hq, N, D], k [B, Hkv, N, D] (post-RoPE) -> the selections for this call."""

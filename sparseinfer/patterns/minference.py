@@ -22,8 +22,13 @@ class MInferenceLayer(Pattern):
     """heads: one config entry per query head (see sparseinfer.config)."""
 
     name = "minference"
+    per_head = True
     heads: list = None
     last_q: int = 64
+
+    def shard(self, shard) -> "MInferenceLayer":
+        """The config entries of the query heads `shard.q` (a tensor-parallel rank's heads)."""
+        return MInferenceLayer(self.heads[shard.q.start:shard.q.stop], self.last_q)
 
     def _counts(self, key: str, kinds: tuple[str, ...], n: int) -> list[int]:
         return [resolve_budget(key, h[key], n) if h["pattern"] in kinds else 0 for h in self.heads]

@@ -1,0 +1,86 @@
+"""Grid pattern (MMInference): video tokens attend along a grid of period = a frame.
+
+Estimation (batched over batch and heads, torch ops, no host synchronisation): the column
+mass of the last queries' softmax (`vertical_slash.last_query_probs(...).sum(-2)`) is folded by
+every candidate stride s (keys j grouped by j mod s); the phase p whose keys carry the largest
+mass is that stride's best line set, scored by the z-score of its mean mass (its excess over
+the mean of all keys, in units of the standard error of a mean over that many keys). A planted
+period s0 scores z at s0, about z / sqrt(k) at a multiple k s0 (a subset of the same lines,
+fewer keys) and about z / sqrt(2) at s0 / 2 (half the keys are off the lines), so the best
+score is the period itself, not a multiple or divisor; ties within ``tol`` go to the smaller
+stride. Keys that would dominate any fold
+(the attention sinks at the start and the local band of the last queries) are left out, and the
+column mass is clipped at ``clip`` times its mean so one heavy key cannot fake a period.
+
+Lines: keys j = p (mod s) are vertical lines (every query sees them: gathered columns of the
+kernel index), queries i = p (mod s) are horizontal lines (rows attending every causal key:
+`ops.mm_attention`'s dense rows).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+DEFAULT_STRIDES = tuple(range(16, 1025, 16))
+
+
+def candidate_strides(n: int, frame: int | None = None, strides=None) -> list[int]:
+    """Sorted candidate strides (default multiples of 16 up to 1024, plus the frame size),
+    keeping those with at least two periods in n tokens."""
+    cand = set(DEFAULT_STRIDES if strides is None else strides)
+    if frame:
+        cand.add(int(frame))
+    bad = [s for s in cand if isinstance(s, bool) or not isinstance(s, int) or s < 2]
+    if bad:
+        raise ValueError(f"grid strides: expected ints >= 2, got {sorted(map(str, bad))}")
+    out = sorted(s for s in cand if 2 * s <= n)
+    return out or [max(2, n // 2)]
+
+
+def estimate_grid(colmass: torch.Tensor, strides: list[int], key_mask: torch.Tensor | None = None,
+                  tol: float = 0.05, clip: float = 8.0):
+    """colmass [B, H, N] (attention mass per key) -> (stride [B, H] int64, phase [B, H] int64,
+    score [B, H] float32: the chosen lines' z-score).
+
+    key_mask: bool broadcastable to [B, H, N], the keys to look at (None = all).
+    """
+    b, h, n = colmass.shape
+    dev = colmass.device
+    incl = torch.ones(1, 1, n, dtype=torch.bool, device=dev) if key_mask is None else key_mask.bool()
+    while incl.dim() < 3:
+        incl = incl.unsqueeze(0)
+    w = incl.float()
+    c = colmass.float() * w
+    cnt = w.sum(-1, keepdim=True).clamp(min=1)
+    mean = c.sum(-1, keepdim=True) / cnt
+    c = torch.minimum(c, clip * mean)
+    mean = c.sum(-1, keepdim=True) / cnt
+    std = (((c - mean) * w) ** 2).sum(-1, keepdim=True).div(cnt).sqrt().clamp(min=1e-30)
+    scores, phases = [], []
+    for s in strides:
+        pad = (-n) % s
+        cs = torch.nn.functional.pad(c, (0, pad)).view(b, h, -1, s).sum(-2)
+        ws = torch.nn.functional.pad(w, (0, pad)).view(w.shape[0], w.shape[1], -1, s).sum(-2)
+        # z-score of each phase's mean: (line mean - mean) / (std / sqrt(lines))
+        z = (cs - mean * ws) / (std * ws.clamp(min=1).sqrt())
+        z = torch.where(ws > 0, z, torch.full_like(z, float("-inf")))
+        best, p = z.max(-1)
+        scores.append(best)
+        phases.append(p)
+    score = torch.stack(scores, -1)  # [B, H, S]
+    phase = torch.stack(phases, -1)
+    top = score.max(-1, keepdim=True).values
+    ok = score >= top - tol * top.abs()
+    pick = ok.to(torch.int8).argmax(-1)  # first (smallest) stride within tol of the best
+    st = torch.tensor(strides, device=dev, dtype=torch.int64)
+    return (st[pick], phase.gather(-1, pick[..., None])[..., 0],
+            score.gather(-1, pick[..., None])[..., 0].float())
+
+
+def grid_lines(stride: torch.Tensor, phase: torch.Tensor, n: int, min_stride: int) -> torch.Tensor:
+    """stride, phase [B, H] -> positions p, p + s, p + 2s, ... < n as [B, H, ceil(n / min_stride)]
+    int64, -1 padding (a fixed size, so no host synchronisation)."""
+    t = torch.arange(math.ceil(n / min_stride), device=stride.device)
+    pos = phase[..., None] + t * stride[..., None]
+    return torch.where(pos < n, pos, -1)

@@ -9,8 +9,10 @@ period s0 scores z at s0, about z / sqrt(k) at a multiple k s0 (a subset of the 
 fewer keys) and about z / sqrt(2) at s0 / 2 (half the keys are off the lines), so the best
 score is the period itself, not a multiple or divisor; ties within ``tol`` go to the smaller
 stride. Keys that would dominate any fold
-(the attention sinks at the start and the local band of the last queries) are left out, and the
-column mass is clipped at ``clip`` times its mean so one heavy key cannot fake a period.
+(the attention sinks at the start and the local band of the last queries) are left out; each key's mass
+is divided by the mean mass of the keys within +-max(strides) of it (attention decays with
+distance, which would favour the few lines nearest the queries), and clipped at ``clip``
+times the mean so one heavy key cannot fake a period.
 
 Lines: keys j = p (mod s) are vertical lines (every query sees them: gathered columns of the
 kernel index), queries i = p (mod s) are horizontal lines (rows attending every causal key:
@@ -52,6 +54,15 @@ def estimate_grid(colmass: torch.Tensor, strides: list[int], key_mask: torch.Ten
         incl = incl.unsqueeze(0)
     w = incl.float()
     c = colmass.float() * w
+    # divide out the slow trend (mass decaying with distance to the queries): each key over the
+    # mean of the included keys within +-max(strides), by prefix sums (O(N))
+    half = max(strides)
+    cc = torch.nn.functional.pad(c.double().cumsum(-1), (1, 0))
+    cw = torch.nn.functional.pad(w.double().cumsum(-1), (1, 0))
+    lo = (torch.arange(n, device=dev) - half).clamp(min=0)
+    hi = (torch.arange(n, device=dev) + half + 1).clamp(max=n)
+    local = (cc[..., hi] - cc[..., lo]) / (cw[..., hi] - cw[..., lo]).clamp(min=1)
+    c = torch.where(local > 0, c / local.clamp(min=1e-30).float(), torch.zeros_like(c)) * w
     cnt = w.sum(-1, keepdim=True).clamp(min=1)
     mean = c.sum(-1, keepdim=True) / cnt
     c = torch.minimum(c, clip * mean)

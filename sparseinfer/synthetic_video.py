@@ -42,21 +42,23 @@ def video_qkv(b: int, hq: int, hkv: int, n: int, d: int, frame: int, *, strides=
     if phases is None:
         phases = torch.stack([torch.randint(0, int(s), (1,), generator=g)[0] for s in strides])
     phases = torch.as_tensor(phases)
-    mod = layout(n, frame, text_every, text_len)
+    dev = torch.device(device)
+    gd = torch.Generator(device=dev).manual_seed(seed)  # the big tensors are drawn on the device
+    mod = layout(n, frame, text_every, text_len).to(dev)
     video = mod == 2
-    q = torch.randn(b, hq, n, d, generator=g) * 0.5
-    k = torch.randn(b, hkv, n, d, generator=g) * 0.5
-    v = torch.randn(b, hkv, n, d, generator=g)
-    pos = torch.arange(n)
+    q = torch.randn(b, hq, n, d, generator=gd, device=dev) * 0.5
+    k = torch.randn(b, hkv, n, d, generator=gd, device=dev) * 0.5
+    v = torch.randn(b, hkv, n, d, generator=gd, device=dev)
+    pos = torch.arange(n, device=dev)
     # smooth positional component (local band): random Fourier features of the position
-    freqs = torch.exp(-torch.rand(d // 2, generator=g) * math.log(2048.0)) * 2 * math.pi / 8
+    freqs = (torch.exp(-torch.rand(d // 2, generator=g) * math.log(2048.0)) * 2 * math.pi / 8).to(dev)
     ang = pos[:, None].float() * freqs[None, :]
     pe = torch.cat([ang.cos(), ang.sin()], -1) * local
     q += pe
     k += pe
     gsz = hq // hkv
     for h in range(hkv):
-        u = torch.randn(d, generator=g)
+        u = torch.randn(d, generator=g).to(dev)
         u = u / u.norm()
         s, p = int(strides[h]), int(phases[h])
         line = video & (pos % s == p)
@@ -65,16 +67,15 @@ def video_qkv(b: int, hq: int, hkv: int, n: int, d: int, frame: int, *, strides=
         q[:, qs, video] += grid * u * math.sqrt(d) ** 0.5
         q[:, qs, line] *= 0.05  # horizontal lines: near-uniform rows
         # sink at key 0
-        w = torch.randn(d, generator=g)
+        w = torch.randn(d, generator=g).to(dev)
         w = w / w.norm()
         k[:, h, 0] += 4.0 * w * math.sqrt(d) ** 0.5
         q[:, qs] += 1.0 * w * math.sqrt(d) ** 0.5
         # text verticals: a few text keys that text queries attend
         tpos = pos[~video]
-        hot = tpos[torch.randperm(len(tpos), generator=g)[:4]]
-        z = torch.randn(d, generator=g)
+        hot = tpos[torch.randperm(len(tpos), generator=g)[:4].to(dev)]
+        z = torch.randn(d, generator=g).to(dev)
         z = z / z.norm()
         k[:, h, hot] += 3.0 * z * math.sqrt(d) ** 0.5
         q[:, qs, ~video] += 3.0 * z * math.sqrt(d) ** 0.5
-    cast = dict(device=device, dtype=dtype)
-    return (q.to(**cast), k.to(**cast), v.to(**cast), mod.expand(b, n).to(device), strides, phases)
+    return (q.to(dtype), k.to(dtype), v.to(dtype), mod.expand(b, n).contiguous(), strides, phases)

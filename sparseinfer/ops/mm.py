@@ -120,7 +120,7 @@ def dense_rows_attention(q, k, v, rows: torch.Tensor, scale: float) -> torch.Ten
     r = rows.long().clamp(min=0)
     qg = q.gather(2, r[..., None].expand(b, hq, nd, d))
     out = torch.empty_like(qg)
-    chunk = max(1, _CHUNK // max(1, b * hq * n))
+    chunk = max(1, (_CHUNK * (8 if q.is_cuda else 1)) // max(1, b * hq * n))
     keys = torch.arange(n, device=q.device)
     for c0 in range(0, nd, chunk):
         c1 = min(nd, c0 + chunk)

@@ -201,7 +201,12 @@ class MMInferenceLayer(Pattern):
         needs = {(_group(h, a), _entry(h, a)["pattern"]) for h in heads for a in range(SLOTS)}
         groups = sorted({g for g, p in needs if p != "ashape"})
         scores = {}
+        present = set(torch.unique(mod).tolist())  # a host sync; absent modalities are not estimated
         for g in groups:
+            if g != "all" and int(g) not in present:
+                z = torch.zeros(b, hq, n, device=dev)
+                scores[g] = (z, z, torch.full((b,), n, device=dev))
+                continue
             pos, valid = last_positions(mod, g, n, self.last_q, dev)
             col, diag = query_scores(q, k, pos, valid, scale)
             first = torch.where(valid, pos, n).min(-1).values  # [B|1]

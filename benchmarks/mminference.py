@@ -127,6 +127,19 @@ def run(args, log):
     backend = "triton"
     bench = timer(dev)
     rows = []
+    # check: the kernel path vs the torch reference on the same indices (small N)
+    nc = 512 if args.smoke else 8192
+    q, k, v, mod, _, _ = video_qkv(1, hq, hkv, nc, d, args.frame, seed=1, device=dev, dtype=dtype)
+    for name, (kind, spec) in variants(args.smoke).items():
+        if kind != "mm" or args.smoke:
+            continue
+        (sel,) = MMInferenceLayer([spec] * hq, ModalityContext(mod, args.frame)).select(q, k, d ** -0.5)
+        o = ops.mm_attention(q, k, v, **sel.kwargs, scale=d ** -0.5, backend=backend).float()
+        r = ops.mm_attention(q.float(), k.float(), v.float(), **sel.kwargs, scale=d ** -0.5, backend="reference")
+        err = float((o - r).norm() / r.norm())
+        log(f"check N={nc} {name}: kernel vs float32 reference rel err {err:.2e}, NaN {bool(o.isnan().any())}")
+        rows.append(dict(N=nc, variant=f"check {name}", est_ms=0.0, kernel_ms=0.0, ms=0.0, ratio=0.0,
+                         density=float(sel.density.float().mean()), pct_limit=0.0, err=err, recall=float("nan")))
     for n in args.sizes:
         t0 = time.time()
         q, k, v, mod, strides, phases = video_qkv(1, hq, hkv, n, d, args.frame, seed=0, device=dev, dtype=dtype)

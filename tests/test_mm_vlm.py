@@ -142,9 +142,27 @@ def test_language_model_with_synthetic_modality_ids():
     ({"head": {"boundary": "x", "intra": {}}}, "expected boundary"),
     ({"head": {"boundary": "q", "intra": {"text": {"pattern": "grid", "sink": 4}}}}, "needs"),
     ({"head": {"boundary": "none", "intra": {"video": {"pattern": "ashape", "sink": 4, "window": 4}}}}, "key 'all'"),
+    ({"head": {"boundary": "q", "intra": {"all": {"pattern": "vertical_slash", "vertical": {"text": 3}, "slash": 9}}}},
+     "needs boundary 'k' or '2d'"),
     ({"bogus": 1}, "unknown option"),
     ({"config": {"schema_version": 1, "layers": [[{"pattern": "ashape", "sink": 1, "window": 1}]]}}, "mminference"),
 ])
 def test_mminference_options_validated(opts, match):
     with pytest.raises(ValueError, match=match):
         sparseinfer.patch(_tiny_llama(), "mminference", **opts)
+
+
+def test_vlm_mminference_generate(vl):
+    """generate(): the pre-fill runs mminference with the prompt's modality ids, decoding steps run dense."""
+    model, inputs, _ = vl
+    with torch.no_grad():
+        want = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    handle = sparseinfer.patch(model, "mminference", head=FULL, min_len=0)
+    try:
+        with torch.no_grad():
+            got = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    finally:
+        sparseinfer.unpatch(model)
+    assert torch.equal(got, want)
+    routes = [(r.method, r.reason) for r in handle.stats.records]
+    assert routes[:2] == [("mminference", "")] * 2 and set(routes[2:]) == {("dense", "decode")}

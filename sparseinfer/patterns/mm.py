@@ -81,6 +81,9 @@ def check_head(head: dict, where: str = "head") -> dict:
         for k in INTRA_KEYS[pat]:
             vals = e[k].values() if (k == "vertical" and isinstance(e[k], dict)) else [e[k]]
             if k == "vertical" and isinstance(e[k], dict):
+                if b not in ("k", "2d"):
+                    raise ValueError(f"{where}: intra {name!r}: a per-key-modality 'vertical' dict needs boundary "
+                                     f"'k' or '2d', got {b!r}")
                 bad = [m for m in e[k] if m not in MODALITIES]
                 if bad:
                     raise ValueError(f"{where}: intra {name!r}: vertical keys {bad} are not modalities {list(MODALITIES)}")

@@ -69,10 +69,13 @@ def estimate_grid(colmass: torch.Tensor, strides: list[int], key_mask: torch.Ten
     mean = c.sum(-1, keepdim=True) / cnt
     std = (((c - mean) * w) ** 2).sum(-1, keepdim=True).div(cnt).sqrt().clamp(min=1e-30)
     scores, phases = [], []
+    # pad once; for each stride a prefix of whole periods is a view [.., periods, s] (no copy)
+    c_pad = torch.nn.functional.pad(c, (0, max(strides)))
+    w_pad = torch.nn.functional.pad(w, (0, max(strides)))
     for s in strides:
-        pad = (-n) % s
-        cs = torch.nn.functional.pad(c, (0, pad)).view(b, h, -1, s).sum(-2)
-        ws = torch.nn.functional.pad(w, (0, pad)).view(w.shape[0], w.shape[1], -1, s).sum(-2)
+        m = -(-n // s) * s
+        cs = c_pad[..., :m].view(b, h, m // s, s).sum(-2)
+        ws = w_pad[..., :m].view(w.shape[0], w.shape[1], m // s, s).sum(-2)
         # z-score of each phase's mean: (line mean - mean) / (std / sqrt(lines))
         z = (cs - mean * ws) / (std * ws.clamp(min=1).sqrt())
         z = torch.where(ws > 0, z, torch.full_like(z, float("-inf")))

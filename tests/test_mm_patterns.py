@@ -105,3 +105,37 @@ def test_q_boundary_grid_finds_planted_lines_from_video_queries():
         assert set(want.tolist()) <= set(sel.kwargs["vertical_idx"][0, h, 2].tolist())
     got_n = sorted(int(r) for r in rows[0, 2] if r >= 0)
     assert got_n != pos[pos % frame == int(ph[1])].tolist()
+
+
+def test_permuted_dense_tile_formulation_round_trips():
+    """MMInference's formulation: permute q/k/v so modality runs are contiguous and grid lines
+    come last, compute with causality by *original* positions, un-permute. It gives exactly the
+    output of `ops.mm_attention` (which gathers instead of permuting) for the same cells."""
+    n, b = 300, 1
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(b, 4, n, 16, generator=g), torch.randn(b, 2, n, 16, generator=g), torch.randn(b, 2, n, 16, generator=g)
+    mod = torch.zeros(b, n, dtype=torch.long)
+    mod[:, 40:250] = 2
+    head = {"boundary": "q", "intra": {"all": {"pattern": "vertical_slash", "vertical": 8, "slash": 70},
+                                       "video": {"pattern": "grid", "sink": 4, "window": 20}}}
+    (sel,) = MMInferenceLayer([head] * 4, ModalityContext(mod, 32), strides=(16, 32)).select(q, k, 0.25)
+    kw = sel.kwargs
+    mask = mm_mask(n, mod, kw["vertical_idx"], kw["slash_idx"], kw["dense_rows"])  # [B, H, n, n] original order
+    lines = kw["dense_rows"]
+    perm = grid.permutation(mod, lines)  # [B, H, n]
+    inv = torch.argsort(perm, -1)
+    assert torch.equal(perm.gather(-1, inv), torch.arange(n).expand(b, 4, n))
+    for hh in range(4):
+        p = perm[0, hh]
+        # lines are last, and each modality's other tokens form one run in original order
+        nl = int((lines[0, hh] >= 0).sum())
+        assert set(p[n - nl:].tolist()) == {int(x) for x in lines[0, hh] if x >= 0}
+        m_sorted = mod[0, p[: n - nl]]
+        assert torch.equal(m_sorted, m_sorted.sort().values)
+        # permuted computation, mask indexed by original positions
+        gk = hh // 2
+        out_p = masked_attention_f64(q[:, hh:hh + 1, p], k[:, gk:gk + 1, p], v[:, gk:gk + 1, p],
+                                     mask[:, hh:hh + 1][:, :, p][:, :, :, p], 0.25)
+        out = out_p[:, :, inv[0, hh]]
+        ref = ops.mm_attention(q, k, v, **kw, scale=0.25, backend="reference")[:, hh:hh + 1]
+        assert rel_err(ref, out) < 1e-6

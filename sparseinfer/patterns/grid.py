@@ -98,3 +98,21 @@ def grid_lines(stride: torch.Tensor, phase: torch.Tensor, n: int, min_stride: in
     t = torch.arange(math.ceil(n / min_stride), device=stride.device)
     pos = phase[..., None] + t * stride[..., None]
     return torch.where(pos < n, pos, -1)
+
+
+def permutation(modality: torch.Tensor, lines: torch.Tensor) -> torch.Tensor:
+    """MMInference's token permutation: modality runs contiguous, grid lines moved to the end.
+
+    modality [B, N] ints; lines [B, H, M] positions of the grid lines (-1 padding) -> perm
+    [B, H, N] int64: the original positions in permuted order, sorted by (is a line, modality,
+    position), so the non-line tokens of each modality form one contiguous run in original order
+    and the lines form the last block (the "right band" of keys / "bottom band" of queries).
+    sparseinfer computes the same cells without permuting (gathered columns and gathered rows,
+    causality by original positions, see ops/mm.py); this function is the reference for that.
+    Inverse: ``torch.argsort(perm, -1)``."""
+    b, n = modality.shape
+    h = lines.shape[1]
+    is_line = torch.zeros(b, h, n + 1, dtype=torch.int64, device=modality.device)
+    is_line.scatter_(-1, torch.where(lines < 0, n, lines).long(), 1)
+    key = (is_line[..., :n] * (modality.max() + 1) + modality.long()[:, None, :]) * n + torch.arange(n, device=modality.device)
+    return torch.argsort(key, -1)

@@ -18,6 +18,12 @@ Head entries by pattern (budgets: int = tokens, float = fraction of the sequence
   "ashape": sink, window;  "vertical_slash": vertical, slash;
   "block_sparse": topk (int blocks, or float share of the blocks), block_size.
 "recall" (share of the dense softmax mass kept on the calibration input) is informational.
+
+MMInference configs (vision-language models) add ``"kind": "mminference"``; their head entries
+are ``{"boundary": "none" | "k" | "q" | "2d", "intra": {"all" | "text" | "image" | "video":
+{"pattern": "ashape" | "vertical_slash" | "grid", <budgets>}}}`` (see `sparseinfer.patterns.mm`);
+"fingerprint" then describes the language model (the VLM's text_config). Configs without
+"kind" are MInference configs as above.
 """
 from __future__ import annotations
 
@@ -52,6 +58,20 @@ def validate(cfg: dict, source: str = "config") -> dict:
     layers = cfg.get("layers")
     if not isinstance(layers, list) or not layers:
         raise ConfigError(f"{source}: expected 'layers', a non-empty list of per-head lists")
+    if cfg.get("kind", "minference") not in ("minference", "mminference"):
+        raise ConfigError(f"{source}: expected kind 'minference' or 'mminference', got {cfg.get('kind')!r}")
+    if cfg.get("kind") == "mminference":
+        from .patterns.mm import check_head
+
+        for li, heads in enumerate(layers):
+            if not isinstance(heads, list) or not heads:
+                raise ConfigError(f"{source}: layer {li}: expected a non-empty list of heads")
+            for hi, head in enumerate(heads):
+                try:
+                    check_head(head, f"layer {li} head {hi}")
+                except ValueError as e:
+                    raise ConfigError(f"{source}: {e}") from None
+        return cfg
     for li, heads in enumerate(layers):
         if not isinstance(heads, list) or not heads:
             raise ConfigError(f"{source}: layer {li}: expected a non-empty list of heads")

@@ -25,7 +25,7 @@ from .patterns.minference import MInferenceLayer
 
 IMPL = "sparseinfer"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-METHODS = ("dense",) + tuple(PATTERNS) + ("minference",)
+METHODS = ("dense",) + tuple(PATTERNS) + ("minference", "mminference")
 _ATTR = "_sparseinfer"
 # A KV-cache policy object set on attention modules by sparseinfer.kv. It must offer
 #   decode_attention(layer_idx, query [B, Hq, 1, D], key, value [B, Hkv, Nk, D], scale)
@@ -233,7 +233,8 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
 
     method: one of "dense", "ashape" (sink, window), "vertical_slash" (vertical, slash, last_q),
     "block_sparse" (topk, block_size), "minference" (config: a per-head config path or dict,
-    see `sparseinfer.config`; None = the config shipped for this model; last_q). Budgets are token counts (int) or fractions of N (float).
+    see `sparseinfer.config`; None = the config shipped for this model; last_q), "mminference"
+    (config, head, last_q, strides, frame; vision-language models, see `sparseinfer.vlm`). Budgets are token counts (int) or fractions of N (float).
     min_len: calls with fewer query tokens than this, decoding steps, pre-fill chunks after
     cached tokens and masked (padded) batches run dense SDPA. On CUDA with backend="auto",
     calls shorter than the kernel's measured break-even length against dense SDPA
@@ -247,6 +248,11 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     patched the same way in every rank: each rank's per-head state is sliced to its heads
     (`sparseinfer.parallel`).
     """
+    from . import vlm
+
+    if vlm.handles(model, method):  # vision-language models and MMInference (sparseinfer/vlm.py)
+        return vlm.patch_model(model, method, min_len=min_len, backend=backend, kv=kv, kv_options=kv_options,
+                               **options)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"patch: expected a model of type {list(SUPPORTED_MODEL_TYPES)}, got {model_type!r}")
@@ -287,6 +293,8 @@ def unpatch(model) -> None:
     from . import kv as kv_policies
 
     kv_policies.detach(model)  # KV-cache policies (hook, spec, caches on the modules)
+    for hook in getattr(handle, "hooks", ()):  # e.g. the modality pre-hook of sparseinfer.vlm
+        hook.remove()
     for m in _attention_modules(model):
         if hasattr(m, _ATTR):
             delattr(m, _ATTR)

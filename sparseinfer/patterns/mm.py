@@ -1,0 +1,302 @@
+"""MMInference patterns for mixed-modality inputs: per-head boundary types with per-modality
+intra patterns (A-shape, vertical-slash, grid), lowered onto `ops.mm_attention`.
+
+Per head (an entry of an MMInference config, see `sparseinfer.config`):
+
+    {"boundary": "none" | "k" | "q" | "2d",
+     "intra": {"all" | "text" | "image" | "video": <intra entry>, ...}}
+
+intra entries: {"pattern": "ashape", "sink", "window"}, {"pattern": "vertical_slash", "vertical",
+"slash"} and {"pattern": "grid", "sink", "window", "vertical_lines": true, "horizontal_lines": true};
+budgets as everywhere (int tokens, float fraction of N). With "k" / "2d", "vertical" may be a
+dict {key modality: budget}.
+
+Boundary types, as lowered here (queries keep their original order; see ops/mm.py):
+  none  one intra pattern ("all") for every query, estimated from the last queries, all keys.
+  k     K-boundary: one intra pattern for every query, but verticals are chosen per *key*
+        modality (top-k inside each modality's keys, so text sinks cannot crowd out vision
+        keys), and grid lines are confined to vision keys.
+  q     Q-boundary: each query modality a has its own intra pattern, estimated from the last
+        ``last_q`` queries *of modality a* against all keys.
+  2d    2D-boundary: Q-boundary + K-boundary: per (query modality, key modality) pair its own
+        verticals / grid lines; slashes (local band, diagonals) are per query modality and apply
+        to keys of any modality: the kernel's slash map is one per head, so a pair's slashes
+        cannot be confined to one key modality without query-side indirection in the kernel.
+
+Modality ids (0 text, 1 image, 2 video, as transformers' `mm_token_type_ids`) and the video
+frame stride come from a `ModalityContext` that the integration fills before each forward.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..ops.mm import mm_density
+from . import grid as grid_mod
+from . import vertical_slash as vs
+from .base import Pattern, Selection, resolve_budget
+
+MODALITIES = {"text": 0, "image": 1, "video": 2}
+SLOTS = 3
+BOUNDARIES = ("none", "k", "q", "2d")
+INTRA_KEYS = {"ashape": ("sink", "window"), "vertical_slash": ("vertical", "slash"), "grid": ("sink", "window")}
+GRID_LOCAL = 256  # keys this close before the estimating queries are left out of the grid fold
+
+
+@dataclass
+class ModalityContext:
+    """What the attention calls of one forward need to know about the input.
+
+    modality: [B, N] int (0 text, 1 image, 2 video) or None; frame: tokens per video frame
+    (the grid's expected stride) or None."""
+
+    modality: torch.Tensor | None = None
+    frame: int | None = None
+
+    def set(self, modality: torch.Tensor | None, frame: int | None = None) -> None:
+        self.modality, self.frame = modality, frame
+
+
+def check_head(head: dict, where: str = "head") -> dict:
+    """Validate one MMInference head entry -> the same dict (ValueError naming the problem)."""
+    if not isinstance(head, dict):
+        raise ValueError(f"{where}: expected a dict with 'boundary' and 'intra', got {type(head).__name__}")
+    b = head.get("boundary")
+    if b not in BOUNDARIES:
+        raise ValueError(f"{where}: expected boundary in {list(BOUNDARIES)}, got {b!r}")
+    intra = head.get("intra")
+    if not isinstance(intra, dict) or not intra:
+        raise ValueError(f"{where}: expected 'intra', a dict of modality -> intra pattern, got {intra!r}")
+    for name, e in intra.items():
+        if name != "all" and name not in MODALITIES:
+            raise ValueError(f"{where}: intra key {name!r}: expected 'all' or one of {list(MODALITIES)}")
+        pat = e.get("pattern") if isinstance(e, dict) else None
+        if pat not in INTRA_KEYS:
+            raise ValueError(f"{where}: intra {name!r}: expected pattern in {list(INTRA_KEYS)}, got {pat!r}")
+        missing = [k for k in INTRA_KEYS[pat] if k not in e]
+        if missing:
+            raise ValueError(f"{where}: intra {name!r}: pattern {pat!r} needs {missing}")
+        for k in INTRA_KEYS[pat]:
+            vals = e[k].values() if (k == "vertical" and isinstance(e[k], dict)) else [e[k]]
+            if k == "vertical" and isinstance(e[k], dict):
+                if b not in ("k", "2d"):
+                    raise ValueError(f"{where}: intra {name!r}: a per-key-modality 'vertical' dict needs boundary "
+                                     f"'k' or '2d', got {b!r}")
+                bad = [m for m in e[k] if m not in MODALITIES]
+                if bad:
+                    raise ValueError(f"{where}: intra {name!r}: vertical keys {bad} are not modalities {list(MODALITIES)}")
+            for val in vals:
+                resolve_budget(f"{where}: intra {name!r}: {k}", val, 1 << 30)
+    if b in ("none", "k") and "all" not in intra:
+        raise ValueError(f"{where}: boundary {b!r} uses one intra pattern: expected key 'all', got {sorted(intra)}")
+    if b in ("q", "2d") and "all" not in intra and set(intra) != set(MODALITIES):
+        raise ValueError(f"{where}: boundary {b!r}: expected an intra entry per modality {list(MODALITIES)} "
+                         f"or an 'all' fallback, got {sorted(intra)}")
+    return head
+
+
+def _entry(head: dict, slot: int) -> dict:
+    """The intra entry a head uses for query-modality slot `slot`."""
+    if head["boundary"] in ("none", "k"):
+        return head["intra"]["all"]
+    name = [m for m, i in MODALITIES.items() if i == slot][0]
+    return head["intra"].get(name, head["intra"].get("all"))
+
+
+def _group(head: dict, slot: int) -> str:
+    """Which queries estimate this head's slot: the last queries overall or of modality `slot`."""
+    return "all" if head["boundary"] in ("none", "k") else str(slot)
+
+
+def last_positions(modality: torch.Tensor | None, group: str, n: int, last_q: int, device):
+    """-> (positions [B|1, L] int64 of the last `last_q` queries of the group, valid [B|1, L])."""
+    L = min(last_q, n)
+    if group == "all":
+        pos = torch.arange(n - L, n, device=device)[None]
+        return pos, torch.ones_like(pos, dtype=torch.bool)
+    a = int(group)
+    score = torch.where(modality == a, torch.arange(n, device=device)[None], -1)
+    val = torch.topk(score, L, dim=-1).values.flip(-1)  # ascending; -1 where fewer than L
+    return val.clamp(min=0), val >= 0
+
+
+def query_scores(q, k, pos, valid, scale):
+    """Softmax of the queries at `pos` [B|1, L] over all causal keys -> (column sums
+    [B, Hq, N], diagonal sums by offset i - j [B, Hq, N]) in float32; invalid queries count 0."""
+    b, hq, n, d = q.shape
+    hkv = k.shape[1]
+    L = pos.shape[-1]
+    pos = pos.expand(b, L)
+    valid = valid.expand(b, L)
+    qs = q.gather(2, pos[:, None, :, None].expand(b, hq, L, d))
+    s = torch.matmul(qs.reshape(b, hkv, hq // hkv * L, d).float(), k.float().transpose(-1, -2))
+    s = s.reshape(b, hq, L, n) * scale
+    keys = torch.arange(n, device=q.device)
+    s = s.masked_fill(keys[None, None, None, :] > pos[:, None, :, None], float("-inf"))
+    p = torch.softmax(s, dim=-1) * valid[:, None, :, None]
+    col = p.sum(-2)
+    diag = torch.zeros(b, hq, n, device=q.device)
+    for t in range(L):  # diag[o] += p[t, pos_t - o]
+        j = pos[:, t, None] - keys[None, :]  # [B, N]
+        ok = (j >= 0)[:, None, :]
+        diag += torch.where(ok, p[:, :, t].gather(-1, j.clamp(min=0)[:, None, :].expand(b, hq, n)), 0.0)
+    return col, diag
+
+
+def _topk_masked(score, count, key_ok):
+    """Top `count` of score [B, H, N] among keys where key_ok -> [B, H, count], -1 where no key."""
+    s = torch.where(key_ok, score, float("-inf"))
+    val, idx = torch.topk(s, min(count, score.shape[-1]), dim=-1)
+    return torch.where(val == float("-inf"), -1, idx)
+
+
+def _prefix(idx, counts, dev):
+    """Keep the first counts[h] entries of idx [B, H, K] per head (the rest -1)."""
+    keep = torch.arange(idx.shape[-1], device=dev)[None, None, :] < torch.tensor(counts, device=dev)[None, :, None]
+    return torch.where(keep, idx, -1)
+
+
+def _pad_cat(parts, dev, b, h):
+    parts = [p for p in parts if p.shape[-1]]
+    if not parts:
+        return torch.full((b, h, 1), -1, dtype=torch.int64, device=dev)
+    return torch.cat(parts, -1)
+
+
+@dataclass
+class MMInferenceLayer(Pattern):
+    """One layer: heads = one MMInference head entry per query head (see the module docstring).
+    context: the ModalityContext filled by the integration; strides: grid candidates (None =
+    multiples of 16 up to 1024, plus the context's frame size)."""
+
+    name = "mminference"
+    heads: list = None
+    context: ModalityContext = field(default_factory=ModalityContext)
+    last_q: int = 64
+    strides: tuple | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.heads, list) or not self.heads:
+            raise ValueError(f"mminference: expected a non-empty list of head entries, got {self.heads!r}")
+        for i, h in enumerate(self.heads):
+            check_head(h, f"head {i}")
+
+    def modality(self, b, n, device) -> torch.Tensor:
+        m = self.context.modality
+        if m is None:
+            raise ValueError("mminference: no modality ids for this call; expected mm_token_type_ids (or input_ids with "
+                             "image/video pad tokens) in the model's forward, or ModalityContext.set(modality [B, N])")
+        if tuple(m.shape) != (b, n):
+            raise ValueError(f"mminference: modality ids have shape {tuple(m.shape)}, the attention call has [B={b}, N={n}]")
+        return m.to(device).long()
+
+    def select(self, q, k, scale):
+        b, hq, n, _ = q.shape
+        if len(self.heads) != hq:
+            raise ValueError(f"mminference: config has {len(self.heads)} heads for this layer, the call has {hq}")
+        dev = q.device
+        mod = self.modality(b, n, dev)
+        heads = self.heads
+        strides = grid_mod.candidate_strides(n, self.context.frame, self.strides)
+        # estimation groups actually needed (static, from the config)
+        needs = {(_group(h, a), _entry(h, a)["pattern"]) for h in heads for a in range(SLOTS)}
+        groups = sorted({g for g, p in needs if p != "ashape"})
+        scores = {}
+        present = set(torch.unique(mod).tolist())  # a host sync; absent modalities are not estimated
+        for g in groups:
+            if g != "all" and int(g) not in present:
+                z = torch.zeros(b, hq, n, device=dev)
+                scores[g] = (z, z, torch.full((b,), n, device=dev))
+                continue
+            pos, valid = last_positions(mod, g, n, self.last_q, dev)
+            col, diag = query_scores(q, k, pos, valid, scale)
+            first = torch.where(valid, pos, n).min(-1).values  # [B|1]
+            scores[g] = (col, diag, first)
+        is_vision = mod != MODALITIES["text"]  # [B, N]
+        keys = torch.arange(n, device=dev)
+        V, S, R = [], [], []
+        for a in range(SLOTS):
+            ents = [_entry(h, a) for h in heads]
+            kinds = [e["pattern"] for e in ents]
+            bounds = [h["boundary"] for h in heads]
+            grp = [_group(h, a) for h in heads]
+            vparts, sparts = [], []
+            # per-head score tensors for this slot
+            col = diag = first = None
+            if any(kd != "ashape" for kd in kinds):
+                gsel = torch.tensor([groups.index(g) if g in scores else 0 for g in grp], device=dev)
+                col = torch.stack([scores[g][0] for g in groups])
+                col = col.gather(0, gsel.view(1, 1, hq, 1).expand(1, b, hq, n))[0]
+                diag = torch.stack([scores[g][1] for g in groups])
+                diag = diag.gather(0, gsel.view(1, 1, hq, 1).expand(1, b, hq, n))[0]
+                first = torch.stack([scores[g][2].expand(b) for g in groups])[gsel].T  # [B, H]
+            # sinks and local windows (A-shape, grid; vertical-slash keeps the first INIT_TOKENS keys
+            # and the LOCAL_OFFSETS nearest diagonals, as `vertical_slash` does)
+            sink = [resolve_budget("sink", e["sink"], n) if kd in ("ashape", "grid") else
+                    min(vs.INIT_TOKENS, n) for e, kd in zip(ents, kinds)]
+            window = [resolve_budget("window", e["window"], n) if kd in ("ashape", "grid") else 0
+                      for e, kd in zip(ents, kinds)]
+            vparts.append(_prefix(torch.arange(max(sink), device=dev).expand(b, hq, -1), sink, dev))
+            sparts.append(_prefix(torch.arange(max(window), device=dev).expand(b, hq, -1), window, dev))
+            # vertical-slash
+            vsh = [kd == "vertical_slash" for kd in kinds]
+            if any(vsh):
+                ns = [resolve_budget("slash", e["slash"], n, minimum=1) if v else 0 for e, v in zip(ents, vsh)]
+                s_idx = vs._topk_forced(diag, max(ns), vs.LOCAL_OFFSETS)
+                sparts.append(_prefix(s_idx, ns, dev))
+                glob = [v and bd in ("none", "q") for v, bd in zip(vsh, bounds)]
+                if any(glob):
+                    nv = [resolve_budget("vertical", e["vertical"], n) if g else 0 for e, g in zip(ents, glob)]
+                    vparts.append(_prefix(_topk_masked(col, max(nv), keys >= vs.INIT_TOKENS), nv, dev))
+                for mname, m in MODALITIES.items():
+                    per = [v and bd in ("k", "2d") for v, bd in zip(vsh, bounds)]
+                    if not any(per):
+                        continue
+                    nv = []
+                    for e, p in zip(ents, per):
+                        if not p:
+                            nv.append(0)
+                            continue
+                        bud = e["vertical"].get(mname, 0) if isinstance(e["vertical"], dict) else e["vertical"]
+                        nv.append(resolve_budget("vertical", bud, n))
+                    if max(nv) == 0:
+                        continue
+                    ok = ((mod == m)[:, None, :]) & (keys >= vs.INIT_TOKENS)
+                    vparts.append(_prefix(_topk_masked(col, max(nv), ok), nv, dev))
+            # grid
+            gh = [kd == "grid" for kd in kinds]
+            if any(gh):
+                conf = torch.tensor([bd in ("k", "2d") for bd in bounds], device=dev)[None, :, None]
+                base = (keys >= vs.INIT_TOKENS)[None, None, :] & (keys[None, None, :] < first[..., None] - GRID_LOCAL)
+                km = base & (~conf | is_vision[:, None, :])
+                stride, phase, _ = grid_mod.estimate_grid(col, strides, km)
+                lines = grid_mod.grid_lines(stride, phase, n, min(strides))  # [B, H, T]
+                on = torch.tensor(gh, device=dev)[None, :, None]
+                vert = torch.tensor([bool(e.get("vertical_lines", True)) for e in ents], device=dev)[None, :, None]
+                hor = torch.tensor([bool(e.get("horizontal_lines", True)) for e in ents], device=dev)[None, :, None]
+                lk = lines.clamp(min=0)
+                key_vis = is_vision[:, None, :].expand(b, hq, n).gather(-1, lk)
+                vparts.append(torch.where(on & vert & (lines >= 0) & (~conf | key_vis), lines, -1))
+                # horizontal lines: rows of this slot's modality for q/2d heads; for none/k heads
+                # the same rows in every slot, kept once (slot 0) with no modality filter
+                qconf = torch.tensor([bd in ("q", "2d") for bd in bounds], device=dev)[None, :, None]
+                row_mod = mod[:, None, :].expand(b, hq, n).gather(-1, lk)
+                keep_row = torch.where(qconf, row_mod == a, torch.full_like(qconf, a == 0))
+                R.append(torch.where(on & hor & (lines >= 0) & keep_row, lines, -1))
+            V.append(_pad_cat(vparts, dev, b, hq))
+            S.append(_pad_cat(sparts, dev, b, hq))
+        width_v = max(x.shape[-1] for x in V)
+        width_s = max(x.shape[-1] for x in S)
+        pad = torch.nn.functional.pad
+        vi = torch.stack([pad(x, (0, width_v - x.shape[-1]), value=-1) for x in V], 2)
+        si = torch.stack([pad(x, (0, width_s - x.shape[-1]), value=-1) for x in S], 2)
+        rows = None
+        if R:
+            rows = torch.sort(torch.cat(R, -1), dim=-1, descending=True).values
+            m = int((rows >= 0).sum(-1).max())  # one host sync: size the dense-row sub-call
+            rows = rows[..., :m] if m else None
+        dens = mm_density(n, mod, vi, si, rows)
+        kw = {"modality": mod, "vertical_idx": vi, "slash_idx": si, "dense_rows": rows}
+        return [Selection("mm_attention", kw, dens)]

@@ -1,0 +1,141 @@
+"""MMInference patterns: grid estimation on planted structure, boundary types, exactness."""
+import pytest
+import torch
+
+from masks import masked_attention_f64, rel_err
+from sparseinfer import ops
+from sparseinfer.patterns import grid
+from sparseinfer.patterns.mm import MMInferenceLayer, ModalityContext, last_positions, query_scores
+from sparseinfer.synthetic_video import video_qkv
+from test_mm_ops import mm_mask
+
+
+@pytest.mark.parametrize("strides", [(256, 128, 64, 32), (96, 48, 192, 160)])
+def test_grid_recovers_planted_stride_and_phase(strides):
+    """Strides that are multiples / divisors of each other are all candidates; every head's
+    (stride, phase) is recovered exactly, for three random phase draws."""
+    n = 4096
+    for seed in range(3):
+        q, k, _, mod, st, ph = video_qkv(1, 8, 4, n, 64, strides[0], strides=strides, seed=seed)
+        pos, valid = last_positions(mod, "2", n, 64, "cpu")  # the last video queries
+        col, _ = query_scores(q, k, pos, valid, 64 ** -0.5)
+        keys = torch.arange(n)
+        km = (keys >= 30) & (keys < int(pos.min()) - 256) & (mod[0] == 2)
+        cand = grid.candidate_strides(n, strides[0])
+        assert {32, 48, 64, 96, 128, 160, 192, 256} <= set(cand)
+        s, p, _ = grid.estimate_grid(col, cand, km)
+        want_s = st.repeat_interleave(2)
+        want_p = ph.repeat_interleave(2)
+        assert s[0].tolist() == want_s.tolist() and p[0].tolist() == want_p.tolist(), (seed, s, p, st, ph)
+
+
+def test_grid_lines():
+    lines = grid.grid_lines(torch.tensor([[5, 7]]), torch.tensor([[2, 0]]), 20, 4)
+    assert lines.shape == (1, 2, 5)
+    assert lines[0, 0].tolist() == [2, 7, 12, 17, -1] and lines[0, 1].tolist() == [0, 7, 14, -1, -1]
+
+
+def test_last_positions_per_modality():
+    mod = torch.tensor([[0, 2, 2, 0, 2, 0, 0], [2, 2, 2, 2, 2, 2, 0]])
+    pos, valid = last_positions(mod, "2", 7, 4, "cpu")
+    assert pos[1].tolist() == [2, 3, 4, 5] and valid[1].all()
+    assert pos[0][valid[0]].tolist() == [1, 2, 4] and valid[0].sum() == 3
+
+
+HEADS = [
+    {"boundary": "none", "intra": {"all": {"pattern": "vertical_slash", "vertical": 20, "slash": 70}}},
+    {"boundary": "k", "intra": {"all": {"pattern": "vertical_slash", "vertical": {"text": 5, "video": 12}, "slash": 70}}},
+    {"boundary": "q", "intra": {"text": {"pattern": "ashape", "sink": 10, "window": 40},
+                                "video": {"pattern": "grid", "sink": 4, "window": 30},
+                                "image": {"pattern": "vertical_slash", "vertical": 9, "slash": 66}}},
+    {"boundary": "2d", "intra": {"all": {"pattern": "vertical_slash", "vertical": {"video": 10, "image": 3}, "slash": 65},
+                                 "video": {"pattern": "grid", "sink": 4, "window": 30, "horizontal_lines": False}}},
+    {"boundary": "none", "intra": {"all": {"pattern": "grid", "sink": 4, "window": 30}}},
+    {"boundary": "k", "intra": {"all": {"pattern": "grid", "sink": 4, "window": 30, "vertical_lines": False}}},
+    {"boundary": "none", "intra": {"all": {"pattern": "ashape", "sink": 4, "window": 30}}},
+    {"boundary": "2d", "intra": {"all": {"pattern": "grid", "sink": 4, "window": 30}}},
+]
+
+
+def test_every_boundary_and_intra_pattern_is_exact():
+    n, b = 600, 2
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(b, 8, n, 32, generator=g), torch.randn(b, 4, n, 32, generator=g), torch.randn(b, 4, n, 32, generator=g)
+    mod = torch.zeros(b, n, dtype=torch.long)
+    mod[:, 100:450] = 2
+    mod[0, 470:520] = 1
+    mod[1, 300:330] = 1
+    layer = MMInferenceLayer(HEADS, ModalityContext(mod, 48), strides=(16, 32, 48, 64, 96))
+    (sel,) = layer.select(q, k, 32 ** -0.5)
+    kw = sel.kwargs
+    mask = mm_mask(n, mod, kw["vertical_idx"], kw["slash_idx"], kw["dense_rows"])
+    assert torch.allclose(sel.density.double(), mask.double().sum((-1, -2)) / (n * (n + 1) / 2), atol=1e-6)
+    assert (sel.density < 0.5).all()
+    out = ops.mm_attention(q, k, v, **kw, scale=32 ** -0.5, backend="reference")
+    assert rel_err(out, masked_attention_f64(q, k, v, mask, 32 ** -0.5)) < 1e-5
+    vi, rows = kw["vertical_idx"], kw["dense_rows"]
+    # K-boundary head 1: 5 text and 12 video verticals besides the 30 forced sink keys
+    for a in range(3):
+        cols = {int(x) for x in vi[0, 1, a] if x >= 30}
+        assert sum(int(mod[0, c]) == 0 for c in cols) == 5 and sum(int(mod[0, c]) == 2 for c in cols) == 12
+    # 2D head 7: grid lines confined to vision keys; Q-boundary head 2 (grid for video only):
+    # its horizontal lines are video rows
+    assert all(int(mod[0, int(c)]) != 0 for c in vi[0, 7, 2] if c >= 4)
+    assert (rows[0, 2] >= 0).sum() > 3 and all(int(mod[0, int(r)]) == 2 for r in rows[0, 2] if r >= 0)
+    # head 5 has no vertical lines: only its 4 sink keys
+    assert {int(x) for x in vi[0, 5].flatten() if x >= 0} == {0, 1, 2, 3}
+    # A-shape head 6 keeps no dense rows
+    assert (rows[:, 6] < 0).all()
+
+
+def test_q_boundary_grid_finds_planted_lines_from_video_queries():
+    """The last queries are text (the question): a text-estimated grid misses the video lines,
+    the Q-boundary video slot (estimated from the last video queries) finds them exactly."""
+    n, frame = 4096, 128
+    q, k, _, mod, st, ph = video_qkv(1, 4, 2, n, 64, frame, seed=3)
+    head_q = {"boundary": "q", "intra": {"all": {"pattern": "ashape", "sink": 4, "window": 64},
+                                         "video": {"pattern": "grid", "sink": 4, "window": 64}}}
+    head_n = {"boundary": "none", "intra": {"all": {"pattern": "grid", "sink": 4, "window": 64}}}
+    (sel,) = MMInferenceLayer([head_q, head_q, head_n, head_n], ModalityContext(mod, frame)).select(q, k, 0.125)
+    rows = sel.kwargs["dense_rows"]
+    pos = torch.arange(n)
+    for h in range(2):
+        want = pos[(mod[0] == 2) & (pos % frame == int(ph[0]))]
+        assert sorted(int(r) for r in rows[0, h] if r >= 0) == want.tolist()
+        assert set(want.tolist()) <= set(sel.kwargs["vertical_idx"][0, h, 2].tolist())
+    got_n = sorted(int(r) for r in rows[0, 2] if r >= 0)
+    assert got_n != pos[pos % frame == int(ph[1])].tolist()
+
+
+def test_permuted_dense_tile_formulation_round_trips():
+    """MMInference's formulation: permute q/k/v so modality runs are contiguous and grid lines
+    come last, compute with causality by *original* positions, un-permute. It gives exactly the
+    output of `ops.mm_attention` (which gathers instead of permuting) for the same cells."""
+    n, b = 300, 1
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(b, 4, n, 16, generator=g), torch.randn(b, 2, n, 16, generator=g), torch.randn(b, 2, n, 16, generator=g)
+    mod = torch.zeros(b, n, dtype=torch.long)
+    mod[:, 40:250] = 2
+    head = {"boundary": "q", "intra": {"all": {"pattern": "vertical_slash", "vertical": 8, "slash": 70},
+                                       "video": {"pattern": "grid", "sink": 4, "window": 20}}}
+    (sel,) = MMInferenceLayer([head] * 4, ModalityContext(mod, 32), strides=(16, 32)).select(q, k, 0.25)
+    kw = sel.kwargs
+    mask = mm_mask(n, mod, kw["vertical_idx"], kw["slash_idx"], kw["dense_rows"])  # [B, H, n, n] original order
+    lines = kw["dense_rows"]
+    perm = grid.permutation(mod, lines)  # [B, H, n]
+    inv = torch.argsort(perm, -1)
+    assert torch.equal(perm.gather(-1, inv), torch.arange(n).expand(b, 4, n))
+    for hh in range(4):
+        p = perm[0, hh]
+        # lines are last, and each modality's other tokens form one run in original order
+        nl = int((lines[0, hh] >= 0).sum())
+        assert set(p[n - nl:].tolist()) == {int(x) for x in lines[0, hh] if x >= 0}
+        m_sorted = mod[0, p[: n - nl]]
+        assert torch.equal(m_sorted, m_sorted.sort().values)
+        # permuted computation, mask indexed by original positions
+        gk = hh // 2
+        out_p = masked_attention_f64(q[:, hh:hh + 1, p], k[:, gk:gk + 1, p], v[:, gk:gk + 1, p],
+                                     mask[:, hh:hh + 1][:, :, p][:, :, :, p], 0.25)
+        out = out_p[:, :, inv[0, hh]]
+        ref = ops.mm_attention(q, k, v, **kw, scale=0.25, backend="reference")[:, hh:hh + 1]
+        assert rel_err(ref, out) < 1e-6

@@ -95,3 +95,14 @@ def test_unshardable_head_counts_are_a_clear_error():
     cfg = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=1)
     with pytest.raises(ValueError, match="divisible by 2.*9 query / 3 KV"):
         parallel.head_shard(_Sharded(cfg, 0, 2))
+
+
+def test_mminference_heads_are_sliced_to_the_rank_heads():
+    from sparseinfer.patterns.mm import MMInferenceLayer
+
+    cfg = LlamaConfig(num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1, hidden_size=64)
+    heads = [{"boundary": "none", "intra": {"all": {"pattern": "vertical_slash", "vertical": 4 + h, "slash": 8}}}
+             for h in range(4)]
+    layer = MMInferenceLayer(heads)
+    local = layer.shard(parallel.head_shard(_Sharded(cfg, 1, 2)))
+    assert local.heads == heads[2:4] and local.context is layer.context

@@ -29,6 +29,7 @@ frame stride come from a `ModalityContext` that the integration fills before eac
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -172,10 +173,15 @@ class MMInferenceLayer(Pattern):
     multiples of 16 up to 1024, plus the context's frame size)."""
 
     name = "mminference"
+    per_head = True
     heads: list = None
     context: ModalityContext = field(default_factory=ModalityContext)
     last_q: int = 64
     strides: tuple | None = None
+
+    def shard(self, shard) -> "MMInferenceLayer":
+        """The head entries of a tensor-parallel rank's query heads `shard.q` (context shared)."""
+        return dataclasses.replace(self, heads=self.heads[shard.q.start:shard.q.stop])
 
     def __post_init__(self):
         if not isinstance(self.heads, list) or not self.heads:

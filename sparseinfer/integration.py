@@ -97,6 +97,7 @@ class PatchHandle:
     options: dict
     stats: PatchStats
     previous_impl: str
+    contextual: object = None  # a sparseinfer.contextual.ContextualHandle when mlp= / heads= were given
 
 
 def _dense(module, query, key, value, attention_mask, **kwargs):
@@ -221,7 +222,8 @@ def _make_patterns(method: str, options: dict, model) -> list[Pattern | None]:
 
 
 def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend: str = "auto", kv: str | None = None,
-          kv_options: dict | None = None, **options):
+          kv_options: dict | None = None, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None = None,
+          head_sparsity=0.5, predictors=None, contextual_options: dict | None = None, **options):
     """Make `model`'s pre-filling attention sparse with `method`; returns a `PatchHandle`.
 
     method: one of "dense", "ashape" (sink, window), "vertical_slash" (vertical, slash, last_q),
@@ -235,6 +237,10 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     kv: a KV-cache policy for decoding (see `sparseinfer.kv`: "dense", "streaming", "h2o",
     "snapkv", "quest", "raas") with its options in kv_options (e.g. {"budget": 1024}); every
     `generate` that starts with the default empty cache then gets a fresh policy cache.
+    mlp / heads: contextual sparsity in decoding steps (`sparseinfer.contextual.attach`):
+    mlp="teal" | "dejavu" with mlp_sparsity (float or per-layer list), heads="dejavu" with
+    head_sparsity, predictors = a Deja Vu predictor file (None = the shipped one); more
+    options (thresholds, attn_sparsity, apply_to, max_len, backend) in contextual_options.
     Patching an already patched model replaces the previous patch.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -263,6 +269,16 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     model._sparseinfer_patch = handle
     if kv is not None:
         kv_policies.attach(model, kv, kv_options)
+    if mlp is not None or heads is not None or contextual_options:
+        from . import contextual
+
+        try:
+            handle.contextual = contextual.attach(model, mlp=mlp, mlp_sparsity=mlp_sparsity, heads=heads,
+                                                  head_sparsity=head_sparsity, predictors=predictors,
+                                                  **dict(contextual_options or {}))
+        except Exception:
+            unpatch(model)
+            raise
     return handle
 
 
@@ -274,6 +290,10 @@ def unpatch(model) -> None:
     from . import kv as kv_policies
 
     kv_policies.detach(model)  # KV-cache policies (hook, spec, caches on the modules)
+    if hasattr(model, "_sparseinfer_contextual"):
+        from . import contextual
+
+        contextual.detach(model)
     for m in _attention_modules(model):
         if hasattr(m, _ATTR):
             delattr(m, _ATTR)

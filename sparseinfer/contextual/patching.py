@@ -118,6 +118,7 @@ class _LayerCtx:
     keep_heads: int = 0
     n_heads: int = 0
     attn_in: torch.Tensor | None = None
+    mlp_source: str = "mlp_in"
     neuron_mask: torch.Tensor | None = None
 
 
@@ -150,10 +151,11 @@ def _dejavu_mlp_forward(mlp, ctx: _LayerCtx):
     orig = mlp.forward
 
     def forward(x):
-        if not _is_active(ctx, x) or ctx.attn_in is None:
+        src = x if ctx.mlp_source == "mlp_in" else ctx.attn_in
+        if not _is_active(ctx, x) or src is None:
             return orig(x)
         ctx.stats.count(ctx.layer, "mlp")
-        scores = ctx.predictor.mlp_scores(ctx.attn_in)  # [B, T, I]
+        scores = ctx.predictor.mlp_scores(src)  # [B, T, I]
         idx = scores.topk(ctx.keep_neurons, dim=-1).indices
         if _use_triton(ctx, x):
             from ..kernels.gemv import dejavu_mlp
@@ -293,6 +295,7 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
                 teal(a.o_proj, "o_in", attn_sp[i])
             if pred is not None:
                 ctx.predictor = pred.layers[i].to(dev)
+                ctx.mlp_source = pred.meta.get("mlp_input", "mlp_in")
                 handle.restore.append((layer.input_layernorm.register_forward_hook(_capture_hook(ctx)), "hook", None))
             if mlp == "dejavu" and mlp_sp[i] > 0:
                 ctx.keep_neurons = max(1, round((1 - mlp_sp[i]) * cfg.intermediate_size))

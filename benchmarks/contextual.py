@@ -264,6 +264,7 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
         cfg = model.config
         for name, kw in settings:
             try:
+                kw = dict(kw)  # the settings are reused for the second model size
                 co = dict(kw.pop("contextual_options", {}), thresholds=th)
                 handle = sparseinfer.patch(model, "dense", predictors=pred, contextual_options=co, **kw) if kw else None
                 cache = StaticCache(config=cfg, max_cache_len=ctx + 8)

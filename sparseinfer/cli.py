@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     cx = evs.add_parser("contextual", help="TEAL / Deja Vu: ppl, top-1, KL vs MLP sparsity, predictor recall")
     cx.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")
     cx.add_argument("--length", type=int, default=1024, help="tokens per window (default: %(default)s)")
-    cx.add_argument("--windows", type=int, default=2, help="held-out windows (default: %(default)s)")
+    cx.add_argument("--windows", type=int, default=1, help="held-out windows (default: %(default)s)")
     cx.add_argument("--mlp-sparsity", default="0.25,0.4,0.5,0.7", help="comma list (default: %(default)s)")
     cx.add_argument("--head-sparsity", default="0.25,0.5", help="comma list (default: %(default)s)")
     cx.add_argument("--predictors", default=None, help="Deja Vu predictors (default: the shipped ones)")

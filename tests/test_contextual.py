@@ -115,8 +115,8 @@ def test_predictors_beat_chance_and_roundtrip(tmp_path, tiny_predictors):
         assert row["mlp"]["0.5"]["kept"] <= row["mlp"]["0.5"]["oracle_kept"] + 1e-6
     p = tiny_predictors.save(tmp_path / "p.safetensors")
     back = dejavu.Predictors.load(p)
-    torch.testing.assert_close(back.layers[1].B, tiny_predictors.layers[1].B)
-    torch.testing.assert_close(back.layers[0].Wh, tiny_predictors.layers[0].Wh)
+    torch.testing.assert_close(back.layers[1].B, tiny_predictors.layers[1].B, atol=1e-3, rtol=1e-3)  # stored fp16
+    torch.testing.assert_close(back.layers[0].Wh, tiny_predictors.layers[0].Wh, atol=1e-3, rtol=1e-3)
 
 
 def test_dejavu_keeps_predicted_top_k(tiny, tiny_predictors):

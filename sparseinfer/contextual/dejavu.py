@@ -43,8 +43,9 @@ class LayerPredictor:
             raise ValueError("this predictor file has no head predictors")
         return F.linear(x, self.Wh.to(x.dtype), self.bh.to(x.dtype))
 
-    def to(self, device) -> "LayerPredictor":
-        return LayerPredictor(*(None if t is None else t.to(device) for t in (self.A, self.B, self.b, self.Wh, self.bh)))
+    def to(self, device, dtype: torch.dtype | None = None) -> "LayerPredictor":
+        return LayerPredictor(*(None if t is None else t.to(device=device, dtype=dtype or t.dtype)
+                                for t in (self.A, self.B, self.b, self.Wh, self.bh)))
 
 
 @dataclass
@@ -52,7 +53,8 @@ class Predictors:
     layers: list[LayerPredictor]
     meta: dict = field(default_factory=dict)
 
-    def save(self, path) -> Path:
+    def save(self, path, dtype: torch.dtype = torch.float16) -> Path:
+        """Weights stored in `dtype` (float16 halves the file; scores only rank neurons)."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -62,7 +64,7 @@ class Predictors:
             for name in ("A", "B", "b", "Wh", "bh"):
                 t = getattr(p, name)
                 if t is not None:
-                    tensors[f"{i}.{name}"] = t.contiguous()
+                    tensors[f"{i}.{name}"] = t.to(dtype).contiguous()
         save_file(tensors, str(path), metadata={"kind": "dejavu-predictors", "meta": json.dumps(self.meta)})
         return path
 
@@ -76,7 +78,7 @@ class Predictors:
                 raise ValueError(f"{path}: expected a Deja Vu predictor file (kind 'dejavu-predictors'), got {md.get('kind')!r}")
             keys = set(f.keys())
             n = 1 + max(int(k.split(".")[0]) for k in keys)
-            layers = [LayerPredictor(*(f.get_tensor(f"{i}.{k}") if f"{i}.{k}" in keys else None
+            layers = [LayerPredictor(*(f.get_tensor(f"{i}.{k}").float() if f"{i}.{k}" in keys else None
                                        for k in ("A", "B", "b", "Wh", "bh"))) for i in range(n)]
         return cls(layers, json.loads(md.get("meta", "{}")))
 

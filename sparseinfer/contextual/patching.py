@@ -294,7 +294,7 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
                     teal(p, "attn_in", attn_sp[i])
                 teal(a.o_proj, "o_in", attn_sp[i])
             if pred is not None:
-                ctx.predictor = pred.layers[i].to(dev)
+                ctx.predictor = pred.layers[i].to(dev, next(model.parameters()).dtype)  # no per-call casts
                 ctx.mlp_source = pred.meta.get("mlp_input", "mlp_in")
                 handle.restore.append((layer.input_layernorm.register_forward_hook(_capture_hook(ctx)), "hook", None))
             if mlp == "dejavu" and mlp_sp[i] > 0:

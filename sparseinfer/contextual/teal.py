@@ -82,8 +82,8 @@ def thresholds_from(acts: Activations, meta: dict | None = None, progress: bool 
         for j, s in enumerate(SITES):
             a = acts.layer(s, i).float().abs().flatten()
             if a.numel() > _MAX_QUANTILE:
-                a = a[torch.randint(a.numel(), (_MAX_QUANTILE,), generator=gen)]
-            out[i, j] = torch.quantile(a, LEVELS.float()).float()
+                a = a[torch.randint(a.numel(), (_MAX_QUANTILE,), generator=gen).to(a.device)]
+            out[i, j] = torch.quantile(a, LEVELS.float().to(a.device)).float().cpu()
     return Thresholds(out, dict(meta or {}))
 
 

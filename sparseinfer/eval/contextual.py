@@ -108,7 +108,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> Path:
         axes[0].plot(xs, [dense["ppl"]] + [p[1] for p in pts], "o-", color=color, label=name)
         axes[1].plot(xs, [0.0] + [p[2] for p in pts], "o-", color=color, label=name)
     axes[0].axhline(dense["ppl"] * 1.03, ls="--", color="gray", lw=0.8, label="dense +3%")
-    axes[0].set(xlabel="MLP sparsity (%)", ylabel="perplexity", title="perplexity vs MLP sparsity")
+    axes[0].set(xlabel="MLP sparsity (%)", ylabel="perplexity (log)", title="perplexity vs MLP sparsity", yscale="log")
     axes[1].set(xlabel="MLP sparsity (%)", ylabel="mean KL vs dense (nats)", title="KL vs MLP sparsity")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -131,7 +131,7 @@ def _plot_recall(recall: list[dict], path: Path, title: str) -> Path:
         ax.plot(layers, [r["mlp"][keep]["recall"] for r in recall], "o-", ms=3, color=color,
                 label=f"MLP, keep {float(keep):.0%}: recall")
         ax.plot(layers, [r["mlp"][keep]["kept"] for r in recall], "--", color=color, lw=1,
-                label=f"MLP, keep {float(keep):.0%}: |h|² kept")
+                label=f"MLP, keep {float(keep):.0%}: h² kept")
     if recall[0].get("heads"):
         keep = sorted(recall[0]["heads"])[0]
         ax.plot(layers, [r["heads"][keep]["recall"] for r in recall], "s:", ms=3, color="k",
@@ -165,7 +165,7 @@ def write_report(rows: list[dict], out: Path, model_id: str, command: str, pred_
         f"Regenerate: `{command}`  ",
         f"Date {env['date']}, {env['device']}, torch {env['torch']}, transformers {env['transformers']}.",
         "",
-        f"Perplexity on {windows} disjoint windows of {length} tokens of held-out essays "
+        f"Perplexity on {windows} disjoint window(s) of {length} tokens of held-out essays "
         "(`sparseinfer.data.heldout_text`), one forward per window with the sparsity applied to **every** "
         "token (`apply_to=\"all\"`): MLP / head sparsity act per token, so this equals teacher-forced decoding "
         "where every token was a sparse decode step (a pessimistic bound: in use, pre-filling stays dense). "
@@ -175,8 +175,8 @@ def write_report(rows: list[dict], out: Path, model_id: str, command: str, pred_
         f"- TEAL: thresholds on the inputs of gate/up_proj and down_proj (and q/k/v/o_proj for \"TEAL attn\"), "
         f"the {teal_meta.get('n_tokens', '?')}-token calibration's |x| quantile at the target sparsity, uniform over layers. "
         "`kept` = measured share of input channels kept on this text (mlp_in / down_in).",
-        f"- Deja Vu: per-layer predictor (rank {pred_meta.get('rank', '?')}, no nonlinearity) from the layer's attention "
-        f"input, trained with weighted BCE on the top {pred_meta.get('label_frac', 0.5):.0%} neurons by |SiLU(gate)·up| "
+        f"- Deja Vu: per-layer predictor (rank {pred_meta.get('rank', '?')}, no nonlinearity) from the layer's "
+        f"{'MLP input' if pred_meta.get('mlp_input', 'mlp_in') == 'mlp_in' else 'attention input (look-ahead)'}, trained with weighted BCE on the top {pred_meta.get('label_frac', 0.5):.0%} neurons by |SiLU(gate)·up| "
         f"({pred_meta.get('n_tokens', '?')} calibration tokens of `haystack_text`, {pred_meta.get('seconds_total', pred_meta.get('seconds', '?'))} s "
         "on this CPU); fixed top-K neurons per token. Heads: a linear predictor of the per-head attention-output "
         "norm; the top-K query heads are kept, the others' outputs zeroed before o_proj.",
@@ -188,13 +188,25 @@ def write_report(rows: list[dict], out: Path, model_id: str, command: str, pred_
         kept = ", ".join(f"{k} {v:.0%}" for k, v in sorted(r.get("kept_share", {}).items()))
         d = (r["ppl"] / dense["ppl"] - 1) * 100
         lines.append(f"| {r['label']} | {r['ppl']:.3f} | {d:+.1f}% | {r['top1']:.3f} | {r['kl']:.4f} | {kept} |")
-    lines += ["", f"![ppl and KL vs MLP sparsity]({png.name})", ""]
+    summary = []
+    for name in ("teal", "dejavu"):
+        pts = sorted((r["mlp_sparsity"], r) for r in rows if r["name"] == name)
+        ok = [sp for sp, r in pts if r["ppl"] <= dense["ppl"] * 1.03]
+        if pts:
+            summary.append(f"**{name}**: highest tested MLP sparsity within +3% ppl of dense: "
+                           + (f"{max(ok):.0%}" if ok else "none") + "; KL at "
+                           + ", ".join(f"{sp:.0%} {r['kl']:.3f}" for sp, r in pts) + ".")
+    lines += [""] + [f"- {x}" for x in summary]
+    lines += ["", f"![ppl and KL vs MLP sparsity]({png.name})", "",
+              "GPU speed (sparse decode kernels, captured decode step, Llama-3.1-8B shapes): "
+              "`python benchmarks/contextual.py --out benchmarks/results/contextual` -> "
+              "`benchmarks/results/contextual/contextual.md`.", ""]
     if recall:
         lines += ["## Deja Vu predictor recall (held-out calibration tokens)", "",
                   "recall = share of the true top-K neurons (by |SiLU(gate)·up|) that the predicted top-K contains; "
-                  "|h|² kept = share of the activation energy sum(h²) the predicted set keeps (oracle in brackets).", ""]
+                  "h² kept = share of the activation energy sum(h²) the predicted set keeps (oracle in brackets).", ""]
         keeps = sorted(recall[0]["mlp"], reverse=True)
-        lines.append("| layer | " + " | ".join(f"MLP keep {float(k):.0%}: recall / |h|² kept (oracle)" for k in keeps)
+        lines.append("| layer | " + " | ".join(f"MLP keep {float(k):.0%}: recall / h² kept (oracle)" for k in keeps)
                      + (f" | heads keep {float(sorted(recall[0]['heads'])[0]):.0%}: recall" if recall[0].get("heads") else "") + " |")
         lines.append("|---" * (1 + len(keeps) + (1 if recall[0].get("heads") else 0)) + "|")
         for r in recall:

@@ -106,3 +106,23 @@ def test_custom_ops_register_fake_shapes():
     wg, wu = torch.randn(20, 16), torch.randn(20, 16)
     torch.library.opcheck(torch.ops.sparseinfer.dejavu_gateup.default, (x, wg, wu, torch.rand(3, 20) < 0.5),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_dynamo_traces_the_ops_without_graph_breaks():
+    """fullgraph=True: torch.compile captures the model-level helpers whole (aot_eager backend,
+    so no C++ compile on the CPU; the ops run the interpreted kernels)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 16, generator=g).t().contiguous().t()
+    wg, wu, wd = torch.randn(20, 16, generator=g), torch.randn(20, 16, generator=g), torch.randn(16, 20, generator=g)
+    wd = wd.t().contiguous().t()
+    t = torch.tensor(0.4)
+
+    def step(x, idx):
+        return gemv.teal_linear(x, w, t), gemv.dejavu_mlp(x, wg, wu, wd, idx)
+
+    x = torch.randn(1, 1, 16, generator=g)
+    idx = torch.randperm(20, generator=g)[:8].reshape(1, 1, 8)
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(x, idx)
+    want = step(x, idx)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])

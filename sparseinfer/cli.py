@@ -1,4 +1,5 @@
-"""The `sparseinfer` command: demo, search, eval niah | fidelity | ppl | recall | report | decode."""
+"""The `sparseinfer` command: demo, search, calibrate-mlp, train-predictors, eval niah | fidelity | ppl | recall |
+report | decode | contextual."""
 from __future__ import annotations
 
 import argparse
@@ -151,6 +152,85 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_calibrate_mlp(args) -> int:
+    from .contextual import teal
+    from .contextual.patching import fingerprint
+    from .models import load_model
+
+    print(f"loading {args.model} ...", flush=True)
+    model, tok = load_model(args.model)
+    th = teal.calibrate(model, tok, n_tokens=args.tokens, window=args.window, model_id=args.model)
+    th.meta["fingerprint"] = fingerprint(model.config)
+    path = th.save(args.out)
+    i = th.n_layers // 2
+    print(f"calibrated in {th.meta['seconds']:.0f} s on {args.tokens} tokens; wrote {path}")
+    print(f"layer {i} thresholds at 50% sparsity: " + ", ".join(
+        f"{s} {th.threshold(i, s, 0.5):.4f}" for s in teal.SITES))
+    return 0
+
+
+def cmd_train_predictors(args) -> int:
+    from rich.table import Table
+
+    from .contextual import dejavu
+    from .contextual.patching import fingerprint
+    from .eval import report
+    from .models import load_model
+
+    print(f"loading {args.model} ...", flush=True)
+    model, tok = load_model(args.model)
+    pred = dejavu.train_for_model(model, tok, n_tokens=args.tokens, window=args.window, model_id=args.model,
+                                  rank=args.rank, steps=args.steps, label_frac=args.label_frac, heads=not args.no_heads,
+                                  source=args.source)
+    pred.meta["fingerprint"] = fingerprint(model.config)
+    path = pred.save(args.out)
+    rec = pred.meta["recall"]
+    keeps = list(rec[0]["mlp"])
+    t = Table(title=f"predictor recall on {pred.meta['val_tokens']} held-out tokens (recall / |h|^2 kept, oracle)")
+    t.add_column("layer")
+    for k in keeps:
+        t.add_column(f"MLP keep {float(k):.0%}")
+    if rec[0]["heads"]:
+        t.add_column(f"heads keep {float(keeps[-1]):.0%}")
+    for r in rec:
+        cells = [f"{r['mlp'][k]['recall']:.2f} / {r['mlp'][k]['kept']:.2f} ({r['mlp'][k]['oracle_kept']:.2f})" for k in keeps]
+        if r["heads"]:
+            cells.append(f"{r['heads'][keeps[-1]]['recall']:.2f}")
+        t.add_row(str(r["layer"]), *cells)
+    report.print_table(t)
+    mean = sum(r["mlp"][keeps[-1]]["recall"] for r in rec) / len(rec)
+    print(f"trained in {pred.meta['seconds_total']:.0f} s; mean MLP recall at keep {float(keeps[-1]):.0%}: {mean:.3f}; "
+          f"wrote {path}")
+    return 0
+
+
+def cmd_contextual(args) -> int:
+    from .contextual.dejavu import Predictors
+    from .contextual.patching import shipped
+    from .contextual.teal import Thresholds
+    from .eval import contextual as ev
+    from .models import load_model
+
+    print(f"loading {args.model} ...", flush=True)
+    model, tok = load_model(args.model)
+    pred_path = args.predictors or shipped(model.config, "dejavu")
+    teal_path = args.thresholds or shipped(model.config, "teal")
+    if pred_path is None or teal_path is None:
+        raise ValueError("eval contextual: pass --predictors and --thresholds (none shipped for this model)")
+    pred, th = Predictors.load(pred_path), Thresholds.load(teal_path)
+    mlp_s = [float(x) for x in _csv(args.mlp_sparsity)]
+    head_s = [float(x) for x in _csv(args.head_sparsity)]
+    rows = ev.run(model, tok, ev.default_settings(mlp_s, head_s), args.length, args.windows, predictors=pred,
+                  thresholds=th)
+    command = (f"sparseinfer eval contextual --model {args.model} --length {args.length} --windows {args.windows} "
+               f"--mlp-sparsity {args.mlp_sparsity} --head-sparsity {args.head_sparsity} --out {args.out}")
+    path = ev.write_report(rows, Path(args.out), args.model, command, pred.meta, th.meta, args.length, args.windows)
+    for r in rows:
+        print(f"{r['label']:<40} ppl {r['ppl']:.3f}  top1 {r['top1']:.3f}  KL {r['kl']:.4f}")
+    print(f"wrote {path}, contextual.json and PNGs")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparseinfer", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -195,6 +275,34 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--out", default="docs", help="folder for decoding.md/.json/.png (default: %(default)s)")
     dc.add_argument("--report-only", action="store_true", help="rebuild decoding.md + PNGs from <out>/decoding.json")
     dc.set_defaults(func=cmd_decode)
+    cx = evs.add_parser("contextual", help="TEAL / Deja Vu: ppl, top-1, KL vs MLP sparsity, predictor recall")
+    cx.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")
+    cx.add_argument("--length", type=int, default=1024, help="tokens per window (default: %(default)s)")
+    cx.add_argument("--windows", type=int, default=1, help="held-out windows (default: %(default)s)")
+    cx.add_argument("--mlp-sparsity", default="0.25,0.4,0.5,0.7", help="comma list (default: %(default)s)")
+    cx.add_argument("--head-sparsity", default="0.25,0.5", help="comma list (default: %(default)s)")
+    cx.add_argument("--predictors", default=None, help="Deja Vu predictors (default: the shipped ones)")
+    cx.add_argument("--thresholds", default=None, help="TEAL thresholds (default: the shipped ones)")
+    cx.add_argument("--out", default="docs", help="folder for contextual.md/.json/.png (default: %(default)s)")
+    cx.set_defaults(func=cmd_contextual)
+    cm = sub.add_parser("calibrate-mlp", help="TEAL: |x| quantiles per layer and projection input -> thresholds file")
+    cm.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")
+    cm.add_argument("--out", required=True, help="thresholds file to write (.safetensors)")
+    cm.add_argument("--tokens", type=int, default=4096, help="calibration tokens (default: %(default)s)")
+    cm.add_argument("--window", type=int, default=1024, help="tokens per forward (default: %(default)s)")
+    cm.set_defaults(func=cmd_calibrate_mlp)
+    tp = sub.add_parser("train-predictors", help="Deja Vu: train per-layer MLP / head predictors, report recall")
+    tp.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")
+    tp.add_argument("--out", required=True, help="predictor file to write (.safetensors)")
+    tp.add_argument("--tokens", type=int, default=4096, help="calibration tokens, last 25%% held out (default: %(default)s)")
+    tp.add_argument("--window", type=int, default=1024, help="tokens per forward (default: %(default)s)")
+    tp.add_argument("--rank", type=int, default=128, help="MLP predictor rank (default: %(default)s)")
+    tp.add_argument("--source", default="mlp_in", choices=["mlp_in", "attn_in"],
+                    help="MLP predictor input: the MLP input, or the attention input (look-ahead) (default: %(default)s)")
+    tp.add_argument("--steps", type=int, default=60, help="Adam steps per predictor (default: %(default)s)")
+    tp.add_argument("--label-frac", type=float, default=0.5, help="share of neurons / heads labelled 1 (default: %(default)s)")
+    tp.add_argument("--no-heads", action="store_true", help="train MLP predictors only")
+    tp.set_defaults(func=cmd_train_predictors)
     s_ = sub.add_parser("search", help="offline per-head pattern search (MInference) -> config JSON + report")
     s_.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")
     s_.add_argument("--out", required=True, help="config JSON to write (a PNG report goes beside it)")

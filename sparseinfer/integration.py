@@ -99,6 +99,7 @@ class PatchHandle:
     options: dict
     stats: PatchStats
     previous_impl: str
+    contextual: object = None  # a sparseinfer.contextual.ContextualHandle when mlp= / heads= were given
 
 
 def _dense(module, query, key, value, attention_mask, **kwargs):
@@ -228,7 +229,8 @@ def _make_patterns(method: str, options: dict, model) -> list[Pattern | None]:
 
 
 def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend: str = "auto", kv: str | None = None,
-          kv_options: dict | None = None, **options):
+          kv_options: dict | None = None, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None = None,
+          head_sparsity=0.5, predictors=None, contextual_options: dict | None = None, **options):
     """Make `model`'s pre-filling attention sparse with `method`; returns a `PatchHandle`.
 
     method: one of "dense", "ashape" (sink, window), "vertical_slash" (vertical, slash, last_q),
@@ -243,6 +245,10 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     kv: a KV-cache policy for decoding (see `sparseinfer.kv`: "dense", "streaming", "h2o",
     "snapkv", "quest", "raas") with its options in kv_options (e.g. {"budget": 1024}); every
     `generate` that starts with the default empty cache then gets a fresh policy cache.
+    mlp / heads: contextual sparsity in decoding steps (`sparseinfer.contextual.attach`):
+    mlp="teal" | "dejavu" with mlp_sparsity (float or per-layer list), heads="dejavu" with
+    head_sparsity, predictors = a Deja Vu predictor file (None = the shipped one); more
+    options (thresholds, attn_sparsity, apply_to, max_len, backend) in contextual_options.
     Patching an already patched model replaces the previous patch.
     A model sharded by transformers' tensor parallelism (tp_plan="auto" under torchrun) is
     patched the same way in every rank: each rank's per-head state is sliced to its heads
@@ -263,6 +269,11 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     shard = parallel.head_shard(model)  # None unless tensor-parallel
     if shard is not None:
         patterns = [None if p is None else p.shard(shard) for p in patterns]
+        if mlp is not None or heads is not None:
+            raise ValueError(
+                f"patch: mlp={mlp!r} / heads={heads!r} (contextual sparsity) cannot run under tensor parallelism "
+                f"(its thresholds and predictors are for whole, unsharded projections); expected mlp=None, heads=None"
+            )
     if kv is not None:
         from . import kv as kv_policies
 
@@ -282,6 +293,16 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     model._sparseinfer_patch = handle
     if kv is not None:
         kv_policies.attach(model, kv, kv_options)
+    if mlp is not None or heads is not None or contextual_options:
+        from . import contextual
+
+        try:
+            handle.contextual = contextual.attach(model, mlp=mlp, mlp_sparsity=mlp_sparsity, heads=heads,
+                                                  head_sparsity=head_sparsity, predictors=predictors,
+                                                  **dict(contextual_options or {}))
+        except Exception:
+            unpatch(model)
+            raise
     return handle
 
 
@@ -295,6 +316,10 @@ def unpatch(model) -> None:
     kv_policies.detach(model)  # KV-cache policies (hook, spec, caches on the modules)
     for hook in getattr(handle, "hooks", ()):  # e.g. the modality pre-hook of sparseinfer.vlm
         hook.remove()
+    if hasattr(model, "_sparseinfer_contextual"):
+        from . import contextual
+
+        contextual.detach(model)
     for m in _attention_modules(model):
         if hasattr(m, _ATTR):
             delattr(m, _ATTR)

@@ -106,3 +106,13 @@ def test_mminference_heads_are_sliced_to_the_rank_heads():
     layer = MMInferenceLayer(heads)
     local = layer.shard(parallel.head_shard(_Sharded(cfg, 1, 2)))
     assert local.heads == heads[2:4] and local.context is layer.context
+
+
+def test_contextual_sparsity_under_tensor_parallelism_is_a_clear_error():
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg)
+    model._tp_size, model._device_mesh = 2, _Mesh(0)
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        sparseinfer.patch(model, "dense", mlp="teal")
+    assert not hasattr(model, "_sparseinfer_patch")

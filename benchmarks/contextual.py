@@ -1,0 +1,392 @@
+"""Contextual sparsity at decode on a Llama-3.1-8B-shaped model (random bf16 weights, batch 1/4):
+
+A. per-layer MLP (4096 -> 14336 -> 4096): dense cuBLAS (3 GEMVs + SiLU*up) vs the TEAL kernel
+   (sparseinfer::teal_gemv on all three projections) at 25/40/50/75% sparsity and the Deja Vu
+   kernel (sparseinfer::dejavu_gateup + teal_gemv on down) at 50/75% with and without its
+   predictor (rank --rank), each captured in a CUDA graph (launch overhead out), vs the bytes
+   bound (weight bytes read / measured device-to-device copy bandwidth). Also each projection
+   alone. A small config sweep of the kernels runs first (best config used).
+B. the decode step of the transformers model (--layers decoder layers, 4K context, StaticCache)
+   captured in a CUDA graph: dense vs teal MLP 50% vs teal 50% on all projections vs dejavu
+   MLP 50% (+ heads 50%), through `sparseinfer.patch`; per-layer time from --layers vs
+   --layers/2 and the 32-layer extrapolation.
+
+    python benchmarks/contextual.py --out benchmarks/results/contextual     # H100: ~2-3 min
+    python benchmarks/contextual.py --smoke --out /tmp/ctx-smoke            # CPU, tiny shapes, < 1 min
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+import sparseinfer  # noqa: E402
+from sparseinfer.contextual.dejavu import LayerPredictor, Predictors  # noqa: E402
+from sparseinfer.contextual.teal import LEVELS, Thresholds  # noqa: E402
+from sparseinfer.kernels import gemv  # noqa: E402
+
+LLAMA_31_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+)
+SMOKE = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=32, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=4096)
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def timed(fn, iters: int, cuda: bool, graph: bool = True) -> float:
+    """Median ms per call of fn(); on CUDA captured in a CUDA graph (replayed `iters` times, 5 trials)."""
+    if not cuda:
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(max(1, iters // 10)):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / max(1, iters // 10)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+    else:
+        run = fn
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            run()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / iters)
+    return sorted(times)[2]
+
+
+def copy_bandwidth(dev) -> float:
+    """Device-to-device copy bandwidth (bytes/s: read + write counted once each)."""
+    if dev.type != "cuda":
+        return float("nan")
+    a = torch.empty(1 << 28, dtype=torch.float32, device=dev)
+    b = torch.empty_like(a)
+    ms = timed(lambda: b.copy_(a), 20, True, graph=False)
+    return 2 * a.numel() * 4 / (ms * 1e-3)
+
+
+def part_a(args, dev, dt, shapes, out: dict) -> None:
+    cuda = dev.type == "cuda"
+    h, inter = shapes["hidden_size"], shapes["intermediate_size"]
+    g = torch.Generator(device=dev).manual_seed(0)
+    wg = torch.randn(inter, h, device=dev, dtype=dt, generator=g) * 0.02
+    wu = torch.randn(inter, h, device=dev, dtype=dt, generator=g) * 0.02
+    wd = torch.randn(h, inter, device=dev, dtype=dt, generator=g) * 0.02
+    wgT, wuT, wdT = wg.t().contiguous(), wu.t().contiguous(), wd.t().contiguous()  # [in, out]
+    bw = copy_bandwidth(dev)
+    out["copy_bandwidth_GBs"] = round(bw / 1e9, 1)
+    mlp_bytes = 3 * h * inter * wg.element_size()
+    log(f"copy bandwidth {bw / 1e9:.0f} GB/s; MLP weights {mlp_bytes / 1e6:.0f} MB")
+    iters = args.iters
+
+    # config sweep at 50%, batch 1
+    x = torch.randn(1, h, device=dev, dtype=dt, generator=g)
+    t50 = torch.quantile(x.float().abs().flatten(), 0.5)
+    hid = F.silu(x @ wg.T) * (x @ wu.T)
+    th50 = torch.quantile(hid.float().abs().flatten(), 0.5)
+    teal_cfgs = [(32, 128, 4, 4), (16, 256, 4, 4), (32, 256, 2, 4), (64, 128, 2, 4), (16, 128, 8, 4), (32, 64, 4, 2),
+                 (8, 512, 4, 4), (64, 256, 1, 8)] if cuda else [gemv.TEAL_CONFIG["cpu"]]
+    best = {}
+    sweep = []
+    for name, xx, w, t in (("gate_up", x, wuT, t50), ("down", hid, wdT, th50)):
+        res = []
+        for c in teal_cfgs:
+            try:
+                ms = timed(lambda: gemv.teal_gemv_launch(xx, w, t, c), iters, cuda)
+            except Exception as e:  # a config that does not compile / fit
+                log(f"  teal config {c} on {name}: {type(e).__name__}")
+                continue
+            res.append((ms, c))
+            sweep.append({"kernel": "teal_gemv", "shape": name, "config": c, "ms": round(ms, 4)})
+        best[name] = min(res)[1]
+        log(f"teal_gemv {name} 50%: best config {best[name]} {min(res)[0]:.4f} ms")
+    gu_cfgs = [(16, 128, 4), (8, 256, 4), (32, 128, 4), (16, 256, 8), (4, 512, 4), (8, 128, 2)] if cuda \
+        else [gemv.GATEUP_CONFIG["cpu"]]
+    mask = torch.zeros(1, inter, dtype=torch.bool, device=dev)
+    mask[0, torch.randperm(inter, device=dev, generator=g)[: inter // 2]] = True
+    res = []
+    for c in gu_cfgs:
+        try:
+            ms = timed(lambda: gemv.dejavu_gateup_launch(x, wg, wu, mask, c), iters, cuda)
+        except Exception as e:
+            log(f"  gateup config {c}: {type(e).__name__}")
+            continue
+        res.append((ms, c))
+        sweep.append({"kernel": "dejavu_gateup", "shape": "gate_up", "config": c, "ms": round(ms, 4)})
+    best["dejavu_gateup"] = min(res)[1]
+    log(f"dejavu_gateup 50%: best config {best['dejavu_gateup']} {min(res)[0]:.4f} ms")
+    out["sweep"] = sweep
+    out["best_config"] = {k: list(v) for k, v in best.items()}
+
+    rows = []
+    for b in args.batch:
+        x = torch.randn(b, h, device=dev, dtype=dt, generator=g)
+        hid = F.silu(x @ wg.T) * (x @ wu.T)
+
+        def dense():
+            return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+        t_dense = timed(dense, iters, cuda)
+        rows.append({"batch": b, "method": "dense (cuBLAS)", "kept": 1.0, "ms": t_dense, "bound_ms": mlp_bytes / bw * 1e3})
+        # projections alone
+        t_up = timed(lambda: F.linear(x, wu), iters, cuda)
+        t_down = timed(lambda: F.linear(hid, wd), iters, cuda)
+        rows.append({"batch": b, "method": "dense up_proj alone", "kept": 1.0, "ms": t_up, "bound_ms": mlp_bytes / 3 / bw * 1e3})
+        rows.append({"batch": b, "method": "dense down_proj alone", "kept": 1.0, "ms": t_down, "bound_ms": mlp_bytes / 3 / bw * 1e3})
+        for s in args.sparsity:
+            # a per-row threshold at the s-quantile (rows of a batch share it; kept rows = union)
+            tx = torch.quantile(x.float().abs().flatten(), s)
+            th = torch.quantile(hid.float().abs().flatten(), s)
+            union_x = float((x.abs() > tx).any(0).float().mean())
+            union_h = float((hid.abs() > th).any(0).float().mean())
+            cg, cd = best["gate_up"], best["down"]
+
+            def teal():
+                gg = gemv.teal_gemv_launch(x, wgT, tx, cg)
+                uu = gemv.teal_gemv_launch(x, wuT, tx, cg)
+                return gemv.teal_gemv_launch(F.silu(gg) * uu, wdT, th, cd)
+
+            kept_bytes = (2 * union_x + union_h) / 3
+            rows.append({"batch": b, "method": f"teal {s:.0%}", "kept": round(kept_bytes, 3), "ms": timed(teal, iters, cuda),
+                         "bound_ms": kept_bytes * mlp_bytes / bw * 1e3})
+            rows.append({"batch": b, "method": f"teal {s:.0%} up_proj alone", "kept": round(union_x, 3),
+                         "ms": timed(lambda: gemv.teal_gemv_launch(x, wuT, tx, cg), iters, cuda),
+                         "bound_ms": union_x * mlp_bytes / 3 / bw * 1e3})
+            rows.append({"batch": b, "method": f"teal {s:.0%} down_proj alone", "kept": round(union_h, 3),
+                         "ms": timed(lambda: gemv.teal_gemv_launch(hid, wdT, th, cd), iters, cuda),
+                         "bound_ms": union_h * mlp_bytes / 3 / bw * 1e3})
+        zero = torch.zeros((), device=dev)
+        r = args.rank
+        A = torch.randn(r, h, device=dev, dtype=dt, generator=g) * 0.02
+        B = torch.randn(inter, r, device=dev, dtype=dt, generator=g) * 0.02
+        for s in [s for s in args.sparsity if s >= 0.5]:
+            k = round((1 - s) * inter)
+            idx = torch.stack([torch.randperm(inter, device=dev, generator=g)[:k] for _ in range(b)])
+            m = torch.zeros(b, inter, dtype=torch.bool, device=dev).scatter_(1, idx, True)
+            union = float(m.any(0).float().mean())
+            cgu, cd = best["dejavu_gateup"], best["down"]
+
+            def dv():
+                hh = gemv.dejavu_gateup_launch(x, wg, wu, m, cgu)
+                return gemv.teal_gemv_launch(hh, wdT, zero, cd)
+
+            def dv_pred():
+                sc = F.linear(F.linear(x, A), B)
+                ii = sc.topk(k, dim=-1).indices
+                mm = torch.zeros(b, inter, dtype=torch.bool, device=dev).scatter_(1, ii, True)
+                hh = gemv.dejavu_gateup_launch(x, wg, wu, mm, cgu)
+                return gemv.teal_gemv_launch(hh, wdT, zero, cd)
+
+            pbytes = r * (h + inter) * A.element_size()
+            rows.append({"batch": b, "method": f"dejavu {s:.0%} (kernel)", "kept": round(union, 3), "ms": timed(dv, iters, cuda),
+                         "bound_ms": union * mlp_bytes / bw * 1e3})
+            rows.append({"batch": b, "method": f"dejavu {s:.0%} + predictor r={r}", "kept": round(union, 3),
+                         "ms": timed(dv_pred, iters, cuda), "bound_ms": (union * mlp_bytes + pbytes) / bw * 1e3})
+        for row in rows:
+            if row["batch"] == b:
+                base = t_dense if not row["method"].endswith("alone") else (t_up if "up_proj" in row["method"] else t_down)
+                row["speedup"] = round(base / row["ms"], 3)
+                row["ms"], row["bound_ms"] = round(row["ms"], 4), round(row["bound_ms"], 4)
+                log(f"  batch {b} {row['method']:<32} {row['ms']:.4f} ms  x{row['speedup']:.2f}  bound {row['bound_ms']:.4f} ms")
+    out["mlp"] = rows
+
+
+def build_model(shapes: dict, n_layers: int, dev, dt):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**dict(shapes, num_hidden_layers=n_layers))
+    torch.set_default_dtype(dt)
+    with torch.device(dev):
+        model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
+    torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def fake_files(model, dev):
+    """Thresholds from a calibration forward of the random model; random predictors (rank 256)."""
+    from sparseinfer.contextual import activations, teal
+
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (512,))
+    acts = activations.collect(model, None, ids, 512, 512, progress=False)
+    th = teal.thresholds_from(acts, progress=False)
+    g = torch.Generator().manual_seed(0)
+    h, i, hq = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    pred = Predictors([LayerPredictor(torch.randn(256, h, generator=g) * 0.02, torch.randn(i, 256, generator=g) * 0.02,
+                                      torch.zeros(i), torch.randn(hq, h, generator=g) * 0.02, torch.zeros(hq))
+                       for _ in range(cfg.num_hidden_layers)])
+    return th, pred
+
+
+def part_b(args, dev, dt, shapes, out: dict) -> None:
+    from transformers import StaticCache
+
+    cuda = dev.type == "cuda"
+    ctx = args.context
+    settings = [("dense", {}),
+                ("teal mlp 50%", dict(mlp="teal", mlp_sparsity=0.5)),
+                ("teal all projections 50%", dict(mlp="teal", mlp_sparsity=0.5, contextual_options={"attn_sparsity": 0.5})),
+                ("dejavu mlp 50%", dict(mlp="dejavu", mlp_sparsity=0.5)),
+                ("dejavu mlp 50% + heads 50%", dict(mlp="dejavu", mlp_sparsity=0.5, heads="dejavu", head_sparsity=0.5))]
+    rows = []
+    for n_layers in (args.layers // 2, args.layers):
+        model = build_model(shapes, n_layers, dev, dt)
+        th, pred = fake_files(model, dev)
+        cfg = model.config
+        for name, kw in settings:
+            try:
+                kw = dict(kw)  # the settings are reused for the second model size
+                co = dict(kw.pop("contextual_options", {}), thresholds=th)
+                handle = sparseinfer.patch(model, "dense", predictors=pred, contextual_options=co, **kw) if kw else None
+                cache = StaticCache(config=cfg, max_cache_len=ctx + 8)
+                ids = torch.randint(0, cfg.vocab_size, (1, ctx), device=dev)
+                with torch.no_grad():
+                    model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(ctx, device=dev), use_cache=True)
+                tok = torch.randint(0, cfg.vocab_size, (1, 1), device=dev)
+                pos = torch.tensor([ctx], device=dev)
+
+                def step():
+                    with torch.no_grad():
+                        return model(input_ids=tok, past_key_values=cache, cache_position=pos, position_ids=pos[None],
+                                     use_cache=True).logits
+
+                note = "CUDA graph" if cuda else "eager"
+                try:
+                    ms = timed(step, args.iters // 4 or 1, cuda)
+                except Exception as e:  # capture failed: eager time (launch-bound) with the reason
+                    log(f"  CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); timing eagerly")
+                    note = f"eager (capture failed: {type(e).__name__})"
+                    ms = timed(step, args.iters // 4 or 1, cuda, graph=False)
+                calls = dict(handle.contextual.stats.calls) if handle is not None else {}
+                rows.append({"layers": n_layers, "setting": name, "ms": round(ms, 4), "sparse_calls": len(calls),
+                             "timing": note})
+                log(f"  decode step, {n_layers} layers, {name:<28} {ms:.4f} ms")
+            except Exception as e:
+                rows.append({"layers": n_layers, "setting": name, "error": f"{type(e).__name__}: {e}"[:400]})
+                log(f"  decode step, {n_layers} layers, {name}: FAILED {type(e).__name__}: {e}")
+                traceback.print_exc()
+            finally:
+                if hasattr(model, "_sparseinfer_patch"):
+                    sparseinfer.unpatch(model)
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    # per-layer time and 32-layer extrapolation
+    ext = []
+    for name, _ in settings:
+        a = next((r for r in rows if r["setting"] == name and r["layers"] == args.layers // 2 and "ms" in r), None)
+        b = next((r for r in rows if r["setting"] == name and r["layers"] == args.layers and "ms" in r), None)
+        if a and b:
+            per = (b["ms"] - a["ms"]) / (args.layers - args.layers // 2)
+            ext.append({"setting": name, "per_layer_ms": round(per, 4), "rest_ms": round(a["ms"] - per * (args.layers // 2), 4),
+                        "est_32_layers_ms": round(a["ms"] + per * (32 - args.layers // 2), 3)})
+    d = next((e for e in ext if e["setting"] == "dense"), None)
+    for e in ext:
+        if d:
+            e["speedup_per_layer"] = round(d["per_layer_ms"] / e["per_layer_ms"], 3) if e["per_layer_ms"] > 0 else None
+            e["speedup_32_layers"] = round(d["est_32_layers_ms"] / e["est_32_layers_ms"], 3)
+        log(f"  {e['setting']:<28} per layer {e['per_layer_ms']:.4f} ms, est. 32 layers {e['est_32_layers_ms']:.2f} ms "
+            f"x{e.get('speedup_32_layers')}")
+    out["decode_step"] = {"context": ctx, "rows": rows, "extrapolated": ext}
+
+
+def write(out_dir: str, res: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "contextual.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    lines = [f"# Contextual sparsity at decode ({'smoke, CPU' if res['smoke'] else 'Llama-3.1-8B shapes'})", "",
+             f"{res['device']}; torch {res['torch']}, triton {res['triton']}, transformers {res['transformers']}; "
+             f"{res['date']}; bf16, random weights. Copy bandwidth {res.get('copy_bandwidth_GBs')} GB/s.", "",
+             "## A. One MLP layer (CUDA graph per variant; bound = weight bytes read / copy bandwidth)", "",
+             "| batch | method | kept share of bytes | ms | speedup vs dense | bound ms |", "|---|---|---|---|---|---|"]
+    for r in res.get("mlp", []):
+        lines.append(f"| {r['batch']} | {r['method']} | {r['kept']} | {r['ms']} | {r['speedup']} | {r['bound_ms']} |")
+    lines += ["", f"Best kernel configs (sweep at 50%, batch 1): {res.get('best_config')}", ""]
+    ds = res.get("decode_step")
+    if ds:
+        lines += [f"## B. Decode step, {ds['context']} context, CUDA graph (transformers model + sparseinfer.patch)", "",
+                  "| layers | setting | ms | timing |", "|---|---|---|---|"]
+        for r in ds["rows"]:
+            lines.append(f"| {r['layers']} | {r['setting']} | {r.get('ms', r.get('error'))} | {r.get('timing', '')} |")
+        lines += ["", "| setting | per layer ms | est. 32 layers ms | speedup (32 layers) |", "|---|---|---|---|"]
+        for e in ds["extrapolated"]:
+            lines.append(f"| {e['setting']} | {e['per_layer_ms']} | {e['est_32_layers_ms']} | {e.get('speedup_32_layers')} |")
+    with open(os.path.join(out_dir, "contextual.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (Triton interpreter)")
+    p.add_argument("--batch", default="1,4")
+    p.add_argument("--sparsity", default="0.25,0.4,0.5,0.75")
+    p.add_argument("--rank", type=int, default=256, help="Deja Vu predictor rank (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--layers", type=int, default=4, help="decoder layers of the decode-step model (and half of it)")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--skip", default="", help="comma list of parts to skip: a, b")
+    args = p.parse_args()
+    args.batch = [int(x) for x in args.batch.split(",")]
+    args.sparsity = [float(x) for x in args.sparsity.split(",")]
+    skip = set(args.skip.split(","))
+    import transformers
+    import triton
+
+    if args.smoke:
+        dev, dt, shapes = torch.device("cpu"), torch.float32, SMOKE
+        args.iters, args.context, args.layers, args.rank = 10, 64, 2, 16
+        args.batch, args.sparsity = [1, 2], [0.5]
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: use --smoke on the CPU")
+        dev, dt, shapes = torch.device("cuda"), torch.bfloat16, LLAMA_31_8B
+    res = {"smoke": args.smoke, "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "shapes": shapes, "args": {k: v for k, v in vars(args).items()}}
+    t0 = time.time()
+    if "a" not in skip:
+        log("A. MLP layer")
+        part_a(args, dev, dt, shapes, res)
+        write(args.out, res)
+    if "b" not in skip:
+        log("B. decode step")
+        part_b(args, dev, dt, shapes, res)
+    res["seconds"] = round(time.time() - t0, 1)
+    write(args.out, res)
+    log(f"wrote {args.out}/contextual.json and contextual.md in {res['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""Contextual sparsity on a loaded model: `attach(model, mlp=..., heads=...)` / `detach(model)`.
+
+Everything goes through the existing modules (no model code copied):
+- TEAL: every sparsified nn.Linear (gate/up/down_proj; q/k/v/o_proj with `attn_sparsity`) gets
+  an instance `forward` that drops input channels with |x| <= its layer's threshold
+  (reference: masked input then F.linear; triton: `sparseinfer.kernels.gemv.teal_linear`,
+  which skips those weight rows).
+- Deja Vu MLP: the mlp module gets an instance `forward`: the predictor scores the layer's
+  attention input (captured by a forward hook on input_layernorm), the top-K neurons are kept
+  (fixed K per layer); reference: the module's own forward with a down_proj pre-hook zeroing
+  the other neurons of SiLU(gate) * up; triton: `sparseinfer.kernels.gemv.dejavu_mlp`.
+- Deja Vu heads: an o_proj pre-hook zeroes the attention output of all but the top-K
+  predicted query heads (reference; the attention itself still runs for every head).
+Calls with more than `max_len` tokens (pre-filling) run dense unless apply_to="all".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .activations import decoder_layers
+from .dejavu import LayerPredictor, Predictors
+from .teal import Thresholds
+
+MLP_METHODS = ("teal", "dejavu")
+HEAD_METHODS = ("dejavu",)
+BACKENDS = ("auto", "reference", "triton")
+_ATTR = "_sparseinfer_contextual"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ContextualStats:
+    """calls[(layer, kind)]: number of sparse calls; kept[(layer, site)]: [sum of kept shares
+    (a tensor on the model's device: no host sync), number of calls] when record=True."""
+
+    calls: dict = field(default_factory=dict)
+    kept: dict = field(default_factory=dict)
+    record: bool = False
+
+    def count(self, layer: int, kind: str) -> None:
+        self.calls[(layer, kind)] = self.calls.get((layer, kind), 0) + 1
+
+    def add_kept(self, layer: int, site: str, share: torch.Tensor) -> None:
+        if self.record:
+            s = self.kept.setdefault((layer, site), [0.0, 0])
+            s[0] = s[0] + share.detach().float()
+            s[1] += 1
+
+    def kept_share(self) -> dict[str, float]:
+        """Mean kept share of input channels per site over all recorded calls."""
+        out: dict[str, list[float]] = {}
+        for (_, site), (tot, n) in self.kept.items():
+            out.setdefault(site, []).append(float(tot) / n)
+        return {k: sum(v) / len(v) for k, v in out.items()}
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.kept.clear()
+
+
+@dataclass
+class ContextualHandle:
+    mlp: str | None
+    heads: str | None
+    options: dict
+    stats: ContextualStats
+    restore: list = field(default_factory=list)  # (module, kind, payload) undone by detach
+
+
+def _per_layer(value, n: int, name: str) -> list[float]:
+    vals = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(vals) != n:
+        raise ValueError(f"{name}: expected a float or a list of {n} floats (one per layer), got {len(vals)} values")
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise ValueError(f"{name}: expected sparsities in [0, 1), got {v!r}")
+    return [float(v) for v in vals]
+
+
+def fingerprint(cfg) -> dict:
+    return {k: getattr(cfg, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
+                                               "num_attention_heads", "num_key_value_heads")}
+
+
+def shipped(model_config, kind: str) -> Path | None:
+    """The shipped TEAL thresholds (kind "teal") / Deja Vu predictors ("dejavu") for this
+    architecture, or None."""
+    import json
+
+    from safetensors import safe_open
+
+    fp = fingerprint(model_config)
+    for path in sorted(SHIPPED_DIR.glob(f"*-{kind}.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        if meta.get("fingerprint") == fp:
+            return path
+    return None
+
+
+def _is_active(ctx, x: torch.Tensor) -> bool:
+    return ctx.apply_all or (x.dim() >= 2 and x.shape[-2] <= ctx.max_len)
+
+
+@dataclass
+class _LayerCtx:
+    layer: int
+    apply_all: bool
+    max_len: int
+    backend: str
+    stats: ContextualStats
+    predictor: LayerPredictor | None = None
+    keep_neurons: int = 0
+    keep_heads: int = 0
+    n_heads: int = 0
+    attn_in: torch.Tensor | None = None
+    mlp_source: str = "mlp_in"
+    neuron_mask: torch.Tensor | None = None
+
+
+def _use_triton(ctx: _LayerCtx, x: torch.Tensor) -> bool:
+    if ctx.backend == "triton":
+        return True
+    return ctx.backend == "auto" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def _teal_forward(linear: torch.nn.Linear, ctx: _LayerCtx, site: str, threshold: torch.Tensor):
+    orig = linear.forward
+
+    def forward(x):
+        if not _is_active(ctx, x):
+            return orig(x)
+        ctx.stats.count(ctx.layer, site)
+        if ctx.stats.record:
+            ctx.stats.add_kept(ctx.layer, site, (x.abs() > threshold).float().mean())
+        if _use_triton(ctx, x):
+            from ..kernels.gemv import teal_linear
+
+            return teal_linear(x, linear.weight, threshold, linear.bias)
+        return F.linear(torch.where(x.abs() > threshold, x, torch.zeros((), dtype=x.dtype, device=x.device)),
+                        linear.weight, linear.bias)
+
+    return forward
+
+
+def _dejavu_mlp_forward(mlp, ctx: _LayerCtx):
+    orig = mlp.forward
+
+    def forward(x):
+        src = x if ctx.mlp_source == "mlp_in" else ctx.attn_in
+        if not _is_active(ctx, x) or src is None:
+            return orig(x)
+        ctx.stats.count(ctx.layer, "mlp")
+        scores = ctx.predictor.mlp_scores(src)  # [B, T, I]
+        idx = scores.topk(ctx.keep_neurons, dim=-1).indices
+        if _use_triton(ctx, x):
+            from ..kernels.gemv import dejavu_mlp
+
+            return dejavu_mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, idx)
+        ctx.neuron_mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+        try:
+            return orig(x)
+        finally:
+            ctx.neuron_mask = None
+
+    return forward
+
+
+def _down_pre_hook(ctx: _LayerCtx):
+    def hook(module, args):
+        if ctx.neuron_mask is None:
+            return None
+        h = args[0]
+        return (h * ctx.neuron_mask.to(h.dtype),) + tuple(args[1:])
+
+    return hook
+
+
+def _heads_pre_hook(ctx: _LayerCtx):
+    def hook(module, args):
+        h = args[0]  # [B, T, Hq * D]
+        if not _is_active(ctx, h) or ctx.attn_in is None:
+            return None
+        ctx.stats.count(ctx.layer, "heads")
+        scores = ctx.predictor.head_scores(ctx.attn_in)  # [B, T, Hq]
+        idx = scores.topk(ctx.keep_heads, dim=-1).indices
+        mask = torch.zeros_like(scores, dtype=h.dtype).scatter_(-1, idx, 1.0)
+        shp = h.shape
+        return (h.reshape(*shp[:-1], ctx.n_heads, -1) * mask[..., None]).reshape(shp),
+
+    return hook
+
+
+def _capture_hook(ctx: _LayerCtx):
+    def hook(module, args, out):
+        ctx.attn_in = out
+
+    return hook
+
+
+def _transpose_storage(p: torch.nn.Parameter, handle: ContextualHandle) -> None:
+    """Store a weight [out, in] column-major (its .t() [in, out] contiguous: one input channel =
+    one contiguous row) in place, same values; detach restores the row-major layout."""
+    if p.stride(0) == 1 and p.dim() == 2:
+        return
+    p.data = p.data.t().contiguous().t()
+    handle.restore.append((p, "layout", None))
+
+
+def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None = None, head_sparsity=0.5,
+           attn_sparsity=None, predictors=None, thresholds=None, apply_to: str = "decode", max_len: int = 4,
+           backend: str = "auto", record: bool = False) -> ContextualHandle:
+    """Contextual sparsity for decoding steps of a Llama-family model.
+
+    mlp: "teal" (thresholds on the inputs of gate/up_proj and of down_proj, each dropping an
+    `mlp_sparsity` share of channels on the calibration text) | "dejavu" (a predictor keeps
+    round((1 - mlp_sparsity) * I) neurons per token) | None.
+    heads: "dejavu" (keep round((1 - head_sparsity) * Hq) query heads per token) | None.
+    attn_sparsity: TEAL on q/k/v_proj and o_proj inputs too (needs thresholds; any mlp method).
+    *_sparsity: a float or one float per layer.
+    predictors / thresholds: a path or a loaded `Predictors` / `Thresholds`; None = the file
+    shipped for this architecture (`sparseinfer/configs/*-dejavu|teal.safetensors`).
+    apply_to: "decode" (calls with <= max_len tokens per sequence; pre-filling stays dense) | "all".
+    backend: "auto" (Triton kernels for CUDA fp16/bf16, else the masked torch reference) |
+    "reference" | "triton" (forced; CPU tensors run the Triton interpreter).
+    record: keep the measured kept share of TEAL inputs in handle.stats (costs a reduction per call).
+    """
+    if mlp not in (None,) + MLP_METHODS:
+        raise ValueError(f"mlp: expected one of {[None, *MLP_METHODS]}, got {mlp!r}")
+    if heads not in (None,) + HEAD_METHODS:
+        raise ValueError(f"heads: expected one of {[None, *HEAD_METHODS]}, got {heads!r}")
+    if apply_to not in ("decode", "all"):
+        raise ValueError(f"apply_to: expected 'decode' or 'all', got {apply_to!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"max_len: expected a positive int, got {max_len!r}")
+    cfg = model.config
+    layers = decoder_layers(model)
+    n = len(layers)
+    if mlp is None and heads is None and attn_sparsity is None:
+        raise ValueError("attach: nothing to do (mlp=None, heads=None, attn_sparsity=None)")
+    if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish") and mlp == "dejavu" and backend != "reference":
+        raise ValueError(f"mlp='dejavu' kernels assume SiLU, the model uses {cfg.hidden_act!r}; use backend='reference'")
+    mlp_sp = _per_layer(mlp_sparsity, n, "mlp_sparsity")
+    head_sp = _per_layer(head_sparsity, n, "head_sparsity")
+    attn_sp = _per_layer(attn_sparsity, n, "attn_sparsity") if attn_sparsity is not None else None
+    th = pred = None
+    if mlp == "teal" or attn_sp is not None:
+        src = thresholds if thresholds is not None else shipped(cfg, "teal")
+        if src is None:
+            raise ValueError("TEAL: no thresholds given and none shipped for this model; run "
+                             "`sparseinfer calibrate-mlp --model M --out teal.safetensors` and pass thresholds=path")
+        th = src if isinstance(src, Thresholds) else Thresholds.load(src)
+        th.check_matches(cfg, str(src))
+    if mlp == "dejavu" or heads == "dejavu":
+        src = predictors if predictors is not None else shipped(cfg, "dejavu")
+        if src is None:
+            raise ValueError("Deja Vu: no predictors given and none shipped for this model; run "
+                             "`sparseinfer train-predictors --model M --out predictors.safetensors` and pass predictors=path")
+        pred = src if isinstance(src, Predictors) else Predictors.load(src)
+        pred.check_matches(cfg, str(src), heads == "dejavu")
+    if hasattr(model, _ATTR):
+        detach(model)
+    stats = ContextualStats(record=record)
+    handle = ContextualHandle(mlp, heads, dict(mlp_sparsity=mlp_sparsity, head_sparsity=head_sparsity,
+                                               attn_sparsity=attn_sparsity, apply_to=apply_to, max_len=max_len,
+                                               backend=backend), stats)
+    dev = next(model.parameters()).device
+    n_heads = cfg.num_attention_heads
+    try:
+        for i, layer in enumerate(layers):
+            ctx = _LayerCtx(i, apply_to == "all", max_len, backend, stats, n_heads=n_heads)
+            m, a = layer.mlp, layer.self_attn
+            wants_triton = backend == "triton" or (backend == "auto" and dev.type == "cuda")
+
+            def teal(linear, site, s):
+                t = torch.tensor(th.threshold(i, site, s), dtype=torch.float32, device=dev)
+                if wants_triton:
+                    _transpose_storage(linear.weight, handle)
+                linear.forward = _teal_forward(linear, ctx, site, t)
+                handle.restore.append((linear, "forward", None))
+
+            if mlp == "teal" and mlp_sp[i] > 0:
+                teal(m.gate_proj, "mlp_in", mlp_sp[i])
+                teal(m.up_proj, "mlp_in", mlp_sp[i])
+                teal(m.down_proj, "down_in", mlp_sp[i])
+            if attn_sp is not None and attn_sp[i] > 0:
+                for p in (a.q_proj, a.k_proj, a.v_proj):
+                    teal(p, "attn_in", attn_sp[i])
+                teal(a.o_proj, "o_in", attn_sp[i])
+            if pred is not None:
+                ctx.predictor = pred.layers[i].to(dev, next(model.parameters()).dtype)  # no per-call casts
+                ctx.mlp_source = pred.meta.get("mlp_input", "mlp_in")
+                handle.restore.append((layer.input_layernorm.register_forward_hook(_capture_hook(ctx)), "hook", None))
+            if mlp == "dejavu" and mlp_sp[i] > 0:
+                ctx.keep_neurons = max(1, round((1 - mlp_sp[i]) * cfg.intermediate_size))
+                if wants_triton:
+                    _transpose_storage(m.down_proj.weight, handle)
+                m.forward = _dejavu_mlp_forward(m, ctx)
+                handle.restore.append((m, "forward", None))
+                handle.restore.append((m.down_proj.register_forward_pre_hook(_down_pre_hook(ctx)), "hook", None))
+            if heads == "dejavu" and head_sp[i] > 0:
+                ctx.keep_heads = max(1, round((1 - head_sp[i]) * n_heads))
+                handle.restore.append((a.o_proj.register_forward_pre_hook(_heads_pre_hook(ctx)), "hook", None))
+    except Exception:
+        _undo(handle)
+        raise
+    setattr(model, _ATTR, handle)
+    return handle
+
+
+def _undo(handle: ContextualHandle) -> None:
+    for obj, kind, _ in reversed(handle.restore):
+        if kind == "forward":
+            obj.__dict__.pop("forward", None)
+        elif kind == "hook":
+            obj.remove()
+        elif kind == "layout":
+            obj.data = obj.data.contiguous()
+    handle.restore.clear()
+
+
+def detach(model) -> None:
+    """Remove contextual sparsity (hooks, forwards, weight layouts); ValueError if none attached."""
+    handle = getattr(model, _ATTR, None)
+    if handle is None:
+        raise ValueError("detach: no contextual sparsity attached to this model")
+    _undo(handle)
+    delattr(model, _ATTR)
+
+
+def neurons_kept(model_config, mlp_sparsity: float) -> int:
+    return max(1, round((1 - mlp_sparsity) * model_config.intermediate_size))
+
+
+__all__ = ["attach", "detach", "shipped", "fingerprint", "ContextualHandle", "ContextualStats", "MLP_METHODS",
+           "HEAD_METHODS", "math"]

@@ -1,0 +1,128 @@
+"""Sparse decode GEMV kernels (sparseinfer.kernels.gemv) under the Triton interpreter, tiny
+shapes, against float64 references."""
+import pytest
+import torch
+
+from sparseinfer.kernels import gemv
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_teal_gemv_matches_float64(m, dtype):
+    g = torch.Generator().manual_seed(m)
+    k, n = 45, 70  # not multiples of the blocks
+    x = torch.randn(m, k, generator=g).to(dtype)
+    wt = torch.randn(k, n, generator=g).to(dtype)
+    t = torch.tensor(0.6)
+    y = gemv.teal_gemv(x, wt, t)
+    ref = gemv.teal_gemv_reference(x.double(), wt.double(), 0.6)
+    assert y.dtype == dtype and y.shape == (m, n)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y.double(), ref, atol=tol, rtol=tol)
+    assert (ref - x.double() @ wt.double()).abs().max() > 0.1  # the threshold changed the result
+
+
+def test_teal_gemv_skips_dropped_rows():
+    """Rows of dropped channels (|x| <= t for every row of x) are never read: NaN there stays out."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, generator=g)
+    x[:, ::3] = 0.01  # dropped in both rows
+    wt = torch.randn(40, 33, generator=g)
+    wt[::3] = float("nan")
+    y = gemv.teal_gemv(x, wt, torch.tensor(0.05))
+    assert torch.isfinite(y).all()
+    ref = gemv.teal_gemv_reference(x.double(), torch.nan_to_num(wt.double()), 0.05)
+    torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_teal_gemv_per_row_masks():
+    """A channel kept by one row only: its weights are read, the other row still drops it."""
+    x = torch.tensor([[1.0, 0.1], [0.1, 1.0]])
+    wt = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    y = gemv.teal_gemv(x, wt, torch.tensor(0.5))
+    torch.testing.assert_close(y, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+
+
+def test_teal_gemv_bad_input():
+    x = torch.randn(1, 8)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        gemv.teal_gemv_launch(x, torch.randn(6, 8).t(), torch.tensor(0.0))
+    with pytest.raises(ValueError, match="input channels"):
+        gemv.teal_gemv_launch(x, torch.randn(9, 6), torch.tensor(0.0))
+    with pytest.raises(ValueError, match="one-element"):
+        gemv.teal_gemv_launch(x, torch.randn(8, 6), torch.zeros(2))
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_dejavu_gateup_matches_float64(m):
+    g = torch.Generator().manual_seed(m)
+    h, i = 37, 50
+    x = torch.randn(m, h, generator=g)
+    wg, wu = torch.randn(i, h, generator=g), torch.randn(i, h, generator=g)
+    mask = torch.rand(m, i, generator=g) < 0.4
+    out = gemv.dejavu_gateup(x, wg, wu, mask)
+    ref = gemv.dejavu_gateup_reference(x.double(), wg.double(), wu.double(), mask)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    assert (out[~mask] == 0).all()
+
+
+def test_dejavu_gateup_skips_unselected_neurons():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 24, generator=g)
+    wg, wu = torch.randn(30, 24, generator=g), torch.randn(30, 24, generator=g)
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[0, :10] = True
+    mask[1, 5:12] = True
+    wg[12:] = float("nan")
+    out = gemv.dejavu_gateup(x, wg, wu, mask)
+    assert torch.isfinite(out).all()
+    ref = gemv.dejavu_gateup_reference(x.double(), torch.nan_to_num(wg.double()), wu.double(), mask)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_model_level_helpers_match_float64():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 1, 32, generator=g)  # [B, T, H]
+    w = torch.randn(48, 32, generator=g)  # nn.Linear layout [out, in]
+    w_cm = w.t().contiguous().t()  # stored column-major, same values
+    bias = torch.randn(48, generator=g)
+    y = gemv.teal_linear(x, w_cm, torch.tensor(0.7), bias)
+    xd = x.double()
+    ref = torch.where(xd.abs() > 0.7, xd, 0.0) @ w.double().T + bias.double()
+    torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
+    wg, wu, wd = torch.randn(40, 32, generator=g), torch.randn(40, 32, generator=g), torch.randn(32, 40, generator=g)
+    idx = torch.stack([torch.randperm(40, generator=g)[:12] for _ in range(2)]).reshape(2, 1, 12)
+    out = gemv.dejavu_mlp(x, wg, wu, wd.t().contiguous().t(), idx)
+    mask = torch.zeros(2, 1, 40, dtype=torch.float64).scatter_(-1, idx, 1.0)
+    hd = torch.nn.functional.silu(xd @ wg.double().T) * (xd @ wu.double().T) * mask
+    torch.testing.assert_close(out.double(), hd @ wd.double().T, atol=1e-4, rtol=1e-4)
+
+
+def test_custom_ops_register_fake_shapes():
+    """The ops are torch custom ops with fake implementations (what torch.compile traces)."""
+    x, wt = torch.randn(3, 16), torch.randn(16, 24)
+    torch.library.opcheck(torch.ops.sparseinfer.teal_gemv.default, (x, wt, torch.tensor(0.3)),
+                          test_utils=("test_schema", "test_faketensor"))
+    wg, wu = torch.randn(20, 16), torch.randn(20, 16)
+    torch.library.opcheck(torch.ops.sparseinfer.dejavu_gateup.default, (x, wg, wu, torch.rand(3, 20) < 0.5),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_dynamo_traces_the_ops_without_graph_breaks():
+    """fullgraph=True: torch.compile captures the model-level helpers whole (aot_eager backend,
+    so no C++ compile on the CPU; the ops run the interpreted kernels)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 16, generator=g).t().contiguous().t()
+    wg, wu, wd = torch.randn(20, 16, generator=g), torch.randn(20, 16, generator=g), torch.randn(16, 20, generator=g)
+    wd = wd.t().contiguous().t()
+    t = torch.tensor(0.4)
+
+    def step(x, idx):
+        return gemv.teal_linear(x, w, t), gemv.dejavu_mlp(x, wg, wu, wd, idx)
+
+    x = torch.randn(1, 1, 16, generator=g)
+    idx = torch.randperm(20, generator=g)[:8].reshape(1, 1, 8)
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(x, idx)
+    want = step(x, idx)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])

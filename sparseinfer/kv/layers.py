@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import CacheLayerMixin
 
-from ..ops.decode import merge_partials, page_bounds, quest_scores, sparse_decode_attention
+from ..ops.decode import _decode, merge_partials, page_bounds, quest_scores
 
 _INF = float("inf")
+_PAGE = 16  # slot buffers are read in pages of this many slots
 
 
 def _group_sum(x: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -61,8 +62,9 @@ class _Base(CacheLayerMixin):
         raise ValueError(f"{type(self).__name__}: crop is not supported by sparseinfer KV policies")
 
     def reset(self) -> None:
-        if hasattr(self, "step"):
-            self.step = None
+        for name in ("step", "now"):
+            if hasattr(self, name):
+                setattr(self, name, None)
         for name in ("keys", "values") + self._batch_state:
             setattr(self, name, None)
         self.seen, self.fresh, self.is_initialized = 0, False, False
@@ -135,6 +137,7 @@ class SlotLayer(_PolicyBase):
         super().__init__(cache)
         self.name, self.capacity, self.opts = name, capacity, opts
         self.valid = self.pos = self.score = self.prefill_score = None
+        self.now = None  # position of the next token: a 0-d device tensor (a graph replay advances it)
         self.compressed = False
 
     # ---- pre-fill
@@ -148,11 +151,13 @@ class SlotLayer(_PolicyBase):
             self.pos = torch.arange(n, device=self.device).expand(b, h, n).contiguous()
             self.score = torch.zeros(b, h, n, dtype=torch.float32, device=self.device)
             self.compressed = False
+            self.now = torch.full((), n, dtype=torch.long, device=self.device)
             self.seen = n
             return key_states, value_states
         if not self.compressed:
             self._compress()
         self._write(key_states, value_states)
+        self.now.add_(1)
         self.seen += 1
         self.fresh = True
         return self.keys, self.values
@@ -222,7 +227,7 @@ class SlotLayer(_PolicyBase):
         if self.name == "streaming":
             pri = torch.where(pos < self.opts["sink"], _INF, pos.float())
         else:  # h2o
-            pri = torch.where(pos > self.seen - self.opts["recent"], _INF, self.score)
+            pri = torch.where(pos > self.now - self.opts["recent"], _INF, self.score)
         return pri.masked_fill(~self.valid, -_INF)
 
     def _write(self, k, v) -> None:
@@ -232,25 +237,25 @@ class SlotLayer(_PolicyBase):
             self.keys = torch.cat([self.keys, k], -2)
             self.values = torch.cat([self.values, v], -2)
             self.valid = torch.cat([self.valid, ones], -1)
-            self.pos = torch.cat([self.pos, torch.full_like(self.pos[..., :1], self.seen)], -1)
+            self.pos = torch.cat([self.pos, self.now.expand_as(self.pos[..., :1])], -1)
             self.score = torch.cat([self.score, torch.zeros_like(self.score[..., :1])], -1)
             return
         slot = self._priority().argmin(-1, keepdim=True)  # [B, H, 1] on the device
         self.keys.scatter_(2, slot[..., None].expand(-1, -1, -1, d), k)
         self.values.scatter_(2, slot[..., None].expand(-1, -1, -1, d), v)
         self.valid.scatter_(2, slot, ones)
-        self.pos.scatter_(2, slot, torch.full_like(slot, self.seen))
+        self.pos.scatter_(2, slot, self.now.expand_as(slot))
         self.score.scatter_(2, slot, torch.zeros_like(slot, dtype=self.score.dtype))
 
     def decode_attention(self, query, scale):
         c = self.keys.shape[-2]
         b, h = self.keys.shape[:2]
-        idx = torch.arange(c, device=self.device).expand(b, h, c)
+        npg = -(-c // _PAGE)  # every slot, read as pages (contiguous loads); `valid` masks free slots
+        idx = torch.arange(npg, device=self.device).expand(b, h, npg)
         if self.name != "h2o":
-            return sparse_decode_attention(query, self.keys, self.values, idx, valid=self.valid, scale=scale)
+            return _decode(query, self.keys, self.values, idx, _PAGE, self.valid, scale, unique=True)
         # h2o: the attention probabilities accumulate into each slot's score
-        out, lse = sparse_decode_attention(query, self.keys, self.values, idx, valid=self.valid, scale=scale,
-                                           return_lse=True)
+        out, lse = _decode(query, self.keys, self.values, idx, _PAGE, self.valid, scale, return_lse=True, unique=True)
         hq = query.shape[1]
         kf = self.keys.float()
         qg = query.float().reshape(b, h, hq // h, -1)
@@ -298,15 +303,19 @@ class QuestLayer(_PolicyBase):
         return self.keys, self.values
 
     def select(self, query) -> torch.Tensor:
-        """Top pages [B, Hkv, K] for this step (the last page always)."""
+        """Top pages [B, Hkv, K] for this step (the last page always), K = budget // page_size
+        at every step (static shape): -1 pads the rows while fewer pages exist."""
         bound = quest_scores(query, self.kmin, self.kmax)
-        bound[..., -1] = _INF
-        k = min(self.kmin.shape[2], max(1, self.budget // self.ps))
-        return bound.topk(k, -1).indices
+        k = max(1, self.budget // self.ps)
+        p = bound.shape[-1]
+        bound = torch.cat([bound[..., :-1], torch.full_like(bound[..., -1:], _INF)], -1)
+        if p < k:
+            bound = F.pad(bound, (0, k - p), value=-_INF)
+        top = bound.topk(k, -1)
+        return torch.where(top.values > -_INF, top.indices, -1)
 
     def decode_attention(self, query, scale):
-        return sparse_decode_attention(query, self.keys, self.values, self.select(query), page_size=self.ps,
-                                       valid=self.valid, scale=scale)
+        return _decode(query, self.keys, self.values, self.select(query), self.ps, self.valid, scale, unique=True)
 
 
 class RaaSLayer(_PolicyBase):
@@ -394,8 +403,7 @@ class RaaSLayer(_PolicyBase):
         sel = ranked.topk(self.n_select, -1)
         sel_idx = torch.where(sel.values > -_INF, sel.indices, -1)
         gvalid = (torch.arange(ps, device=self.device) < self.fill[..., None]).reshape(b, h, s * ps)
-        o_gen, l_gen = sparse_decode_attention(query, self.gk, self.gv, sel_idx, page_size=ps, valid=gvalid,
-                                               scale=scale, return_lse=True)
+        o_gen, l_gen = _decode(query, self.gk, self.gv, sel_idx, ps, gvalid, scale, return_lse=True, unique=True)
         # the prompt: all of it, or its top pages by the Quest bound
         npg = -(-self.keys.shape[-2] // ps)
         if self.prompt == "quest":
@@ -403,6 +411,5 @@ class RaaSLayer(_PolicyBase):
             pidx = pb.topk(min(npg, max(1, self.prompt_budget // ps)), -1).indices
         else:
             pidx = torch.arange(npg, device=self.device).expand(b, h, npg)
-        o_p, l_p = sparse_decode_attention(query, self.keys, self.values, pidx, page_size=ps, valid=self.pvalid,
-                                           scale=scale, return_lse=True)
+        o_p, l_p = _decode(query, self.keys, self.values, pidx, ps, self.pvalid, scale, return_lse=True, unique=True)
         return merge_partials([o_p, o_gen], [l_p, l_gen])

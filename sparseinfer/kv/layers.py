@@ -48,8 +48,10 @@ class _Base(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        # transformers passes the query length (5.2x) or the cache_position tensor (earlier 5.x): its shape only
+        q = query_length if isinstance(query_length, int) else int(query_length.shape[-1])
+        return self.seen + q, 0
 
     def get_max_length(self) -> int:
         return -1

@@ -109,3 +109,25 @@ def test_kernel_errors():
         sparse_decode_attention(q, k, v, idx, backend="triton")
     # "auto" on such shapes (or on the CPU) runs the reference instead
     assert sparse_decode_attention(q, k, v, idx).shape == q.shape
+
+
+def test_multi_buffer_one_merge_matches_union():
+    """sparse_decode_multi: two KV buffers (a kept prompt + a page pool), one merge kernel ==
+    float64 attention over the union of their selected tokens."""
+    g = torch.Generator().manual_seed(5)
+    b, hq, hkv, d = 2, 8, 2, 64
+    q = torch.randn(b, hq, 1, d, generator=g)
+    k1, v1 = torch.randn(2, b, hkv, 40, d, generator=g)
+    k2, v2 = torch.randn(2, b, hkv, 64, d, generator=g)
+    i1 = torch.arange(3, dtype=torch.int32).expand(b, hkv, 3)  # every prompt page, an expanded (stride 0) row
+    i2 = unique_pages(b, hkv, 4, 3, g)
+    valid2 = torch.rand(b, hkv, 64, generator=g) > 0.3
+    out, lse = kd.sparse_decode_multi(q, [(k1, v1, i1, 16, None), (k2, v2, i2, 16, valid2)], d ** -0.5)
+    # the union as one buffer: concatenate, shift the pool's page ids (40 tokens = 2.5 pages -> pad to 48)
+    pad = torch.zeros(b, hkv, 8, d)
+    kc, vc = torch.cat([k1, pad, k2], 2), torch.cat([v1, pad, v2], 2)
+    vc_valid = torch.cat([torch.ones(b, hkv, 40, dtype=torch.bool), torch.zeros(b, hkv, 8, dtype=torch.bool), valid2], 2)
+    ic = torch.cat([i1.long(), torch.where(i2 >= 0, i2 + 3, -1)], -1)
+    ref, ref_lse = f64_decode(q, kc, vc, ic, 16, vc_valid)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)

@@ -8,7 +8,9 @@ decode_partial_kernel: one program = one (batch, KV head) x one split of its sel
   tl.dot), so each K/V tile is loaded once for the whole group. A loop iteration gathers
   PAGES = BLOCK_N // PS_P2 pages (page ids from the index row, -1 = padding) as BLOCK_N token
   rows; online softmax in fp32 (exp2). Writes the split's normalised output and its
-  log-sum-exp (natural log, -inf when it saw no key) for the merge kernel. DOT_F32 upcasts the
+  log-sum-exp (natural log, -inf when it saw no key) for the merge kernel. Several KV buffers
+  (e.g. a kept prompt and a page pool) write their splits side by side (SPLIT_BASE: the first
+  split column of this launch; SPLITS: all columns) and one merge kernel combines them all. DOT_F32 upcasts the
   tiles before tl.dot (the interpreter's tl.dot mishandles bfloat16).
 decode_merge_kernel: one program = one (batch, query head): merges the splits (flash-decoding).
 quest_score_kernel: one program = one (batch, KV head) x BLOCK_P pages:
@@ -30,7 +32,7 @@ def decode_partial_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ib, stride_ih,
     stride_mb, stride_mh,
-    N, NPAGES, PAGES_PER_SPLIT, SPLITS, qk_scale,
+    N, NPAGES, PAGES_PER_SPLIT, SPLITS, SPLIT_BASE, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_D: tl.constexpr,
     PS: tl.constexpr, PS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_VALID: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
@@ -85,7 +87,7 @@ def decode_partial_kernel(
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    row = (pid.to(tl.int64) * G + offs_g) * SPLITS + split  # partials laid out [B, Hq, SPLITS, (D)]
+    row = (pid.to(tl.int64) * G + offs_g) * SPLITS + SPLIT_BASE + split  # partials [B, Hq, SPLITS, (D)]
     tl.store(OP + row[:, None] * HEAD_D + offs_d[None, :], out, mask=gmask[:, None])
     tl.store(LP + row, lse, mask=gmask)
 

@@ -82,53 +82,70 @@ def sparse_decode(q, k, v, indices, page_size: int, valid, scale: float, *, spli
     valid [B, Hkv, N] bool or None -> (out [B, Hq, 1, D] in q's dtype, lse [B, Hq] float32).
 
     Split-K: the K pages of a row are cut into `splits` contiguous chunks, one program each
-    (default: enough programs for ~2 waves over the GPU's SMs), merged by a second kernel."""
+    (default: enough programs for ~4 waves over the GPU's SMs), merged by a second kernel."""
+    return sparse_decode_multi(q, [(k, v, indices, page_size, valid)], scale, splits=splits, block_n=block_n,
+                               num_warps=num_warps, num_stages=num_stages)
+
+
+def sparse_decode_multi(q, parts, scale: float, *, splits: int | None = None, block_n: int | None = None,
+                        num_warps: int | None = None, num_stages: int | None = None):
+    """Attention over the union of several KV buffers' selected pages, in one merge:
+    parts = [(k, v, indices, page_size, valid), ...], each as in `sparse_decode` (same B, Hkv,
+    D as q's group). One partial-kernel launch per part, one merge kernel for all."""
     b, hq, _, d = q.shape
-    hkv, n = k.shape[1], k.shape[2]
-    g = hq // hkv
-    npages = indices.shape[-1]
     interpret = q.device.type != "cuda"
     mod = _module(interpret)
-    bn, warps, stages = (64, 4, 1) if interpret else CUDA_CONFIG.get(d, (64, 4, 2))
-    bn = block_n or bn
+    bn0, warps, stages = (64, 4, 1) if interpret else CUDA_CONFIG.get(d, (64, 4, 2))
     warps = num_warps or warps
     stages = num_stages or stages
-    ps_p2 = _next_pow2(page_size)
-    bn = max(bn, ps_p2, 16)
-    per_iter = bn // ps_p2
-    iters = max(1, math.ceil(npages / per_iter))
-    if splits is None:
-        target = 2 * _sm_count(q.device.index or 0) if not interpret else 2
-        splits = max(1, min(iters, math.ceil(target / max(1, b * hkv))))
-    splits = max(1, min(int(splits), iters))
-    pps = math.ceil(iters / splits) * per_iter  # pages per split, a whole number of iterations
-    splits = max(1, math.ceil(npages / pps)) if npages else 1
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    idx = indices if indices.dtype == torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
-    if valid is not None:
-        vm = valid.view(torch.uint8) if valid.stride(-1) == 1 else valid.contiguous().view(torch.uint8)
-        smb, smh = vm.stride(0), vm.stride(1)
-    else:
-        vm, smb, smh = idx, 0, 0
-    op = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
-    lp = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    plans = []
+    for k, v, indices, page_size, valid in parts:
+        hkv = k.shape[1]
+        npages = indices.shape[-1]
+        ps_p2 = _next_pow2(page_size)
+        bn = max(block_n or bn0, ps_p2, 16)
+        per_iter = bn // ps_p2
+        iters = max(1, math.ceil(npages / per_iter))
+        sp = splits
+        if sp is None:
+            target = 4 * _sm_count(q.device.index or 0) if not interpret else 2
+            sp = max(1, min(iters, math.ceil(target / max(1, b * hkv))))
+        sp = max(1, min(int(sp), iters))
+        pps = math.ceil(iters / sp) * per_iter  # pages per split, a whole number of iterations
+        sp = max(1, math.ceil(npages / pps)) if npages else 1
+        plans.append((k, v, indices, page_size, valid, hkv, npages, ps_p2, bn, pps, sp))
+    total = sum(p[-1] for p in plans)
+    op = torch.empty(b, hq, total, d, dtype=torch.float32, device=q.device)
+    lp = torch.empty(b, hq, total, dtype=torch.float32, device=q.device)
     prec = "ieee" if (q.dtype == torch.float32 or interpret) else "tf32"
-    mod.decode_partial_kernel[(b * hkv, splits)](
-        q, k, v, idx, vm, op, lp,
-        q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        idx.stride(0), idx.stride(1),
-        smb, smh,
-        n, npages, pps, splits, float(scale) * 1.4426950408889634,
-        HKV=hkv, G=g, BLOCK_G=max(16, _next_pow2(g)), HEAD_D=d, PS=page_size, PS_P2=ps_p2, BLOCK_N=bn,
-        HAS_VALID=valid is not None, PREC=prec, STAGES=stages, DOT_F32=interpret,
-        num_warps=warps, num_stages=stages,
-    )
+    base = 0
+    for k, v, indices, page_size, valid, hkv, npages, ps_p2, bn, pps, sp in plans:
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        idx = indices if indices.dtype == torch.int32 and indices.stride(-1) == 1 else indices.to(torch.int32).contiguous()
+        if valid is not None:
+            vm = valid.view(torch.uint8) if valid.stride(-1) == 1 else valid.contiguous().view(torch.uint8)
+            smb, smh = vm.stride(0), vm.stride(1)
+        else:
+            vm, smb, smh = idx, 0, 0
+        mod.decode_partial_kernel[(b * hkv, sp)](
+            q, k, v, idx, vm, op, lp,
+            q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            idx.stride(0), idx.stride(1),
+            smb, smh,
+            k.shape[2], npages, pps, total, base, float(scale) * 1.4426950408889634,
+            HKV=hkv, G=hq // hkv, BLOCK_G=max(16, _next_pow2(hq // hkv)), HEAD_D=d, PS=page_size, PS_P2=ps_p2,
+            BLOCK_N=bn, HAS_VALID=valid is not None, PREC=prec, STAGES=stages, DOT_F32=interpret,
+            num_warps=warps, num_stages=stages,
+        )
+        base += sp
     out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
-    mod.decode_merge_kernel[(b * hq,)](op, lp, out, lse, out.stride(0), out.stride(1), splits, HQ=hq,
-                                       BLOCK_S=_next_pow2(splits), HEAD_D=d, num_warps=4 if d >= 128 else 2)
+    mod.decode_merge_kernel[(b * hq,)](op, lp, out, lse, out.stride(0), out.stride(1), total, HQ=hq,
+                                       BLOCK_S=_next_pow2(total), HEAD_D=d, num_warps=4 if d >= 128 else 2)
     return out, lse
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import CacheLayerMixin
 
-from ..ops.decode import _decode, merge_partials, page_bounds, quest_scores
+from ..ops.decode import _decode, _decode_multi, page_bounds, quest_scores
 
 _INF = float("inf")
 _PAGE = 16  # slot buffers are read in pages of this many slots
@@ -333,7 +333,7 @@ class RaaSLayer(_PolicyBase):
     """
 
     name = "raas"
-    _batch_state = ("pvalid", "pmin", "pmax", "gk", "gv", "fill", "ts", "gmin", "gmax", "cur")
+    _batch_state = ("pvalid", "pmin", "pmax", "gk", "gv", "fill", "ts", "gmin", "gmax", "cur", "pidx")
 
     def __init__(self, cache, budget: int, page_size: int, prompt: str, prompt_budget: int, select: int):
         super().__init__(cache)
@@ -366,6 +366,8 @@ class RaaSLayer(_PolicyBase):
             self.gmin = torch.full((b, h, s, d), _INF, device=dev)
             self.gmax = torch.full((b, h, s, d), -_INF, device=dev)
             self.cur = torch.zeros(b, h, dtype=torch.long, device=dev)
+            npg = -(-n // ps)
+            self.pidx = torch.arange(npg, dtype=torch.int32, device=dev).expand(b, h, npg)
             self.step = torch.zeros((), dtype=torch.long, device=dev)  # generated tokens so far
             self.seen = n
             return key_states, value_states
@@ -399,19 +401,19 @@ class RaaSLayer(_PolicyBase):
         bound = quest_scores(query, self.gmin, self.gmax)  # -inf for free slots
         onehot = torch.arange(s, device=self.device) == self.cur[..., None]
         ranked = bound.masked_fill(onehot, _INF)  # the current page always ranks first
-        top = ranked.topk(self.n_refresh, -1)
+        sel = ranked.topk(max(self.n_select, self.n_refresh), -1)  # sorted: its head is the refresh set
+        top_v, top_i = sel.values[..., :self.n_refresh], sel.indices[..., :self.n_refresh]
         now = (self.step - 1).float()
-        self.ts.scatter_(-1, top.indices, torch.where(top.values > -_INF, now, self.ts.gather(-1, top.indices)))
-        sel = ranked.topk(self.n_select, -1)
+        self.ts.scatter_(-1, top_i, torch.where(top_v > -_INF, now, self.ts.gather(-1, top_i)))
+        sel = ranked.topk(self.n_select, -1) if self.n_select < self.n_refresh else sel
         sel_idx = torch.where(sel.values > -_INF, sel.indices, -1)
         gvalid = (torch.arange(ps, device=self.device) < self.fill[..., None]).reshape(b, h, s * ps)
-        o_gen, l_gen = _decode(query, self.gk, self.gv, sel_idx, ps, gvalid, scale, return_lse=True, unique=True)
-        # the prompt: all of it, or its top pages by the Quest bound
-        npg = -(-self.keys.shape[-2] // ps)
+        # the prompt: all of it (a fixed index row built at pre-fill), or its top pages by the Quest bound
         if self.prompt == "quest":
+            npg = self.pmin.shape[2]
             pb = quest_scores(query, self.pmin, self.pmax)
             pidx = pb.topk(min(npg, max(1, self.prompt_budget // ps)), -1).indices
         else:
-            pidx = torch.arange(npg, device=self.device).expand(b, h, npg)
-        o_p, l_p = _decode(query, self.keys, self.values, pidx, ps, self.pvalid, scale, return_lse=True, unique=True)
-        return merge_partials([o_p, o_gen], [l_p, l_gen])
+            pidx = self.pidx
+        return _decode_multi(query, [(self.keys, self.values, pidx, ps, self.pvalid),
+                                     (self.gk, self.gv, sel_idx, ps, gvalid)], scale)

@@ -119,6 +119,23 @@ def _decode(q, k, v, indices, page_size, valid, scale, return_lse=False, backend
     return out
 
 
+def _decode_multi(q, parts, scale, backend="auto"):
+    """Attention over the union of disjoint KV sets, parts = [(k, v, indices, page_size, valid)]
+    with unique page ids per row -> [B, Hq, 1, D]. The kernel path merges every part's splits in
+    one merge kernel; the reference merges per-part results with `merge_partials`."""
+    if _triton_reason(q, backend) is None:
+        from ..kernels import decode as kd
+
+        s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        return kd.sparse_decode_multi(q, parts, s)[0]
+    outs, lses = [], []
+    for k, v, idx, ps, valid in parts:
+        o, l_ = _decode(q, k, v, idx, ps, valid, scale, return_lse=True, backend=backend, unique=True)
+        outs.append(o)
+        lses.append(l_)
+    return merge_partials(outs, lses)
+
+
 def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
     """Combine attention results over disjoint KV sets: outs [B, Hq, 1, D], lses [B, Hq]
     (as returned with return_lse=True) -> [B, Hq, 1, D] equal to attention over the union."""

@@ -131,3 +131,23 @@ def test_multi_buffer_one_merge_matches_union():
     ref, ref_lse = f64_decode(q, kc, vc, ic, 16, vc_valid)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_raas_layer_on_the_kernel_equals_reference(monkeypatch):
+    """The RaaS layer's decode step through the kernels (forced, interpreter) equals its torch path."""
+    from sparseinfer.kv import SparseKVCache
+    from sparseinfer.ops import decode as opd
+
+    g = torch.Generator().manual_seed(9)
+    b, hq, hkv, d = 2, 4, 2, 64
+    layer = SparseKVCache("raas", 1, dense_layers=0, budget=32, page_size=16).layers[0]
+    kp = torch.randn(b, hkv, 37, d, generator=g)
+    layer.update(kp, torch.randn(b, hkv, 37, d, generator=g))
+    for _ in range(70):  # past the budget: pages evicted and refilled
+        kt = torch.randn(b, hkv, 1, d, generator=g)
+        layer.update(kt, torch.randn(b, hkv, 1, d, generator=g))
+    q = torch.randn(b, hq, 1, d, generator=g)
+    ref = layer.decode_attention(q, 0.125)
+    monkeypatch.setattr(opd, "_triton_reason", lambda q, backend: None)
+    out = layer.decode_attention(q, 0.125)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -357,7 +357,11 @@ def _task_lines(info) -> list[str]:
              f"with its first two lines given. Greedy generation (at most {t['max_new']} tokens). "
              "Accuracy: the fraction of lines 3.. with the right number; length: generated tokens before EOS; "
              "repetition: the fraction of generated lines repeating an earlier one. Each line needs a fact far "
-             "back in the prompt and the model's own previous line. Cell: accuracy (length, repetition).", "",
+             "back in the prompt and the model's own previous line. Cell: accuracy (length, repetition). "
+             "raas keeps the whole prompt by design (its budget bounds the generated tokens only), so a fact in the "
+             "prompt survives any raas budget; quest must select the fact's page among all pages, and streaming, "
+             "h2o and snapkv must have kept it. With answers this short, raas's page eviction is barely exercised "
+             "here (the teacher-forced replay below runs longer).", "",
              "| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for p in dict.fromkeys(r["policy"] for r in rows):
         if p == "dense":

@@ -98,9 +98,13 @@ def cmd_decode(args) -> int:
     print(f"loading {args.model} ...", flush=True)
     model, tok = load_model(args.model)
     budgets = [parse_length(x) for x in _csv(args.budgets)]
-    runs, info = run_decode(model, tok, _csv(args.policies), budgets, parse_length(args.gen_tokens), args.window)
+    task = {"n_cases": args.task_cases, "n_facts": args.task_facts, "filler": args.task_filler}
+    runs, info = run_decode(model, tok, _csv(args.policies), budgets, parse_length(args.gen_tokens), args.window,
+                            task=task, cache_path=Path(args.out) / "decoding_cache.json", model_name=args.model,
+                            parts=args.parts)
     command = (f"sparseinfer eval decode --model {args.model} --policies {args.policies} --budgets {args.budgets} "
-               f"--gen-tokens {args.gen_tokens} --window {args.window} --out {args.out}")
+               f"--gen-tokens {args.gen_tokens} --window {args.window} --task-cases {args.task_cases} "
+               f"--task-facts {args.task_facts} --task-filler {args.task_filler} --parts {args.parts} --out {args.out}")
     info["command"] = command
     path = write_report(runs, dict(info), Path(args.out), args.model, command)
     print(f"wrote {path}, {Path(args.out) / 'decoding.json'} and its PNGs")
@@ -266,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--ppl-lengths", default="4k,8k", help="perplexity / KL lengths (default: %(default)s)")
     rp.add_argument("--from-cache", action="store_true", help="only write the report from cells already measured")
     rp.set_defaults(func=cmd_report)
-    dc = evs.add_parser("decode", help="KV-cache policies on long decoding: teacher-forced KL / top-1, KV memory")
+    dc = evs.add_parser("decode", help="KV-cache policies on long decoding: teacher-forced KL / top-1, a scored recall task, KV memory")
     dc.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")
     dc.add_argument("--policies", default="dense,streaming,h2o,snapkv,quest,raas", help="comma list (default: %(default)s)")
     dc.add_argument("--budgets", default="64,128,256,512,1024", help="KV budgets in tokens (default: %(default)s)")
@@ -274,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--window", type=int, default=128, help="steps per point of the curves (default: %(default)s)")
     dc.add_argument("--out", default="docs", help="folder for decoding.md/.json/.png (default: %(default)s)")
     dc.add_argument("--report-only", action="store_true", help="rebuild decoding.md + PNGs from <out>/decoding.json")
+    dc.add_argument("--parts", default="fidelity,task", help="fidelity and/or task (default: %(default)s)")
+    dc.add_argument("--task-cases", type=int, default=4, help="list-recall prompts, one batch (default: %(default)s)")
+    dc.add_argument("--task-facts", type=int, default=12, help="facts per list (default: %(default)s)")
+    dc.add_argument("--task-filler", type=int, default=400, help="essay tokens after the list (default: %(default)s)")
     dc.set_defaults(func=cmd_decode)
     cx = evs.add_parser("contextual", help="TEAL / Deja Vu: ppl, top-1, KL vs MLP sparsity, predictor recall")
     cx.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")

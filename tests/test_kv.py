@@ -93,8 +93,8 @@ def test_decode_op_errors():
         sparse_decode_attention(q, k, v, idx, valid=torch.ones(1, 2, 31, dtype=torch.bool))
     with pytest.raises(ValueError, match="Hq a multiple of Hkv"):
         sparse_decode_attention(torch.randn(1, 3, 1, 16), k, v, idx)
-    with pytest.raises(ValueError, match="no Triton kernel"):
-        sparse_decode_attention(q, k, v, idx, backend="triton")
+    with pytest.raises(ValueError, match=r"backend='triton': expected a call the decode kernel takes, got dtype"):
+        sparse_decode_attention(q.double(), k.double(), v.double(), idx, backend="triton")
 
 
 def test_quest_bound_and_top_pages_brute_force():
@@ -437,4 +437,60 @@ def test_num_return_sequences_repeats_policy_state(tiny):
             out = tiny.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=sparseinfer.kv_cache(tiny, policy, **opts),
                                 max_new_tokens=8, do_sample=False, num_return_sequences=2, num_beams=2, pad_token_id=0)
             assert torch.equal(out, ref), policy
+    sparseinfer.unpatch(tiny)
+
+
+# ---------------------------------------------------------------- the scored task and resumable eval
+
+
+def test_recall_score():
+    from sparseinfer.eval.decode_task import score
+
+    facts = [("Anna", 12), ("Ben", 34), ("Carl", 56), ("Dora", 78), ("Emil", 90)]
+    assert score("Carl: 56\nDora: 78\nEmil: 90\n", facts) == (1.0, 0.0)
+    acc, rep = score("Carl: 56\nDora: 77\nCarl: 56\nCarl: 56\n", facts)  # wrong Dora, no Emil, a loop
+    assert acc == pytest.approx(1 / 3) and rep == pytest.approx(2 / 4)
+    assert score("Carl: 11\nCarl: 56\n", facts)[0] == 0.0  # the first answer for a name counts
+    assert score("no list at all", facts) == (0.0, 0.0)
+
+
+class _CharTok:
+    """A character tokenizer for the tiny model (vocab 96)."""
+
+    chat_template = None
+    eos_token_id = None
+
+    def __call__(self, text, return_tensors=None):
+        ids = [95 if c == "\n" else ord(c) - 31 if 32 <= ord(c) < 126 else 1 for c in text]
+        return type("Enc", (), {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids})()
+
+    def decode(self, ids):
+        return "".join("\n" if int(i) == 95 else chr(31 + int(i)) for i in ids)
+
+
+def test_eval_decode_task_and_resume(tiny, tmp_path, monkeypatch):
+    from sparseinfer import data
+    from sparseinfer.eval import decode as ev
+    from sparseinfer.eval.decode_task import recall_cases
+
+    monkeypatch.setattr(data, "heldout_text", lambda: "Some essay text about startups and painting. " * 40)
+    monkeypatch.setattr(ev, "PROMPT", "Count: 1, 2, 3")
+    tok = _CharTok()
+    cases = recall_cases(tok, n_cases=3, n_facts=4, filler=50)
+    assert cases.ids.shape[0] == 3 and len({len(f) for f in cases.facts}) == 1
+    for i, f in enumerate(cases.facts):  # the list and the two shown lines are in every prompt
+        text = tok.decode(cases.ids[i].tolist())
+        assert all(f"{a}: {b}\n" in text for a, b in f) and text.endswith(f"{f[0][0]}: {f[0][1]}\n{f[1][0]}: {f[1][1]}\n")
+    logs = []
+    kw = dict(task={"n_cases": 2, "n_facts": 4, "filler": 30}, cache_path=tmp_path / "cells.json", model_name="tiny",
+              log=logs.append)
+    runs, info = ev.run_decode(tiny, tok, ["dense", "raas", "streaming"], [16], gen_tokens=12, window=4, **kw)
+    assert len(logs) == 1 + 2 * 3 and len(info["task_rows"]) == 3 and len(runs) == 3
+    assert runs[0].top1 == 1.0 and runs[1].top1 == 1.0  # raas keeps the prompt and 16 generated tokens: exact
+    assert info["task_rows"][1]["accuracy"] == info["task_rows"][0]["accuracy"]  # raas == dense here too
+    logs.clear()
+    runs2, info2 = ev.run_decode(tiny, tok, ["dense", "raas", "streaming"], [16], gen_tokens=12, window=4, **kw)
+    assert logs == [] and [r.top1 for r in runs2] == [r.top1 for r in runs]  # every cell came from the cache
+    md = ev.write_report(runs2, dict(info2), tmp_path, "tiny", "cmd").read_text()
+    assert "## Scored task" in md and "| streaming |" in md and (tmp_path / "decoding-task.png").exists()
     sparseinfer.unpatch(tiny)

@@ -4,13 +4,16 @@
 suppressed, step-by-step style prompt); the same tokens are then replayed one step at a time
 under each policy and budget, and each step's next-token distribution is compared with the
 dense one: KL(dense || policy) and top-1 agreement, per step (curves) and on average.
+(b) A scored task (`decode_task`: list recall after unrelated text): accuracy, output length
+and repetition rate per policy and budget, greedy generation.
 (c) KV memory: the KV slots each cache holds (all layers) as the generation grows.
-Writes `<out>/decoding.json`, `<out>/decoding.md` and its PNGs.
-
-Not here yet: (b) the scored task (accuracy, output length and repetition rate per policy).
+Writes `<out>/decoding.json`, `<out>/decoding.md` and its PNGs. Every (part, policy, budget)
+cell is cached in `<out>/decoding_cache.json` as soon as it is measured (keyed by the model and
+the sizes), so an interrupted run resumes and a rerun only measures what is missing.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,28 +94,86 @@ def _windows(x: torch.Tensor, w: int) -> list[float]:
     return [round(float(x[i:i + w].mean()), 5) for i in range(0, len(x), w)]
 
 
+class CellCache:
+    """Measured cells in a JSON file, written after every cell (resumable runs)."""
+
+    def __init__(self, path: Path | None):
+        self.path = Path(path) if path else None
+        self.data = json.loads(self.path.read_text()) if self.path and self.path.exists() else {}
+
+    def get(self, key: str):
+        return self.data.get(key)
+
+    def put(self, key: str, value) -> None:
+        self.data[key] = value
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.data, indent=1))
+
+
 def run_decode(model, tokenizer, policies: list[str], budgets: list[int], gen_tokens: int = 2048,
-               window: int = 128, log=print) -> tuple[list[DecodeRun], dict]:
+               window: int = 128, log=print, *, task: dict | None = None, cache_path: Path | None = None,
+               model_name: str = "model", parts: str = "fidelity,task") -> tuple[list[DecodeRun], dict]:
+    """Measure the cells not in `cache_path` yet; return (fidelity runs, info incl. task rows).
+    task: options of `decode_task.recall_cases` (n_cases, n_facts, filler)."""
+    from . import decode_task
+
+    cells = CellCache(cache_path)
+    todo = [(p, b) for p in policies for b in ([0] if p == "dense" else budgets)]
     ids = prompt_ids(tokenizer).to(model.device)
-    t0 = time.perf_counter()
-    tokens, dense_lp = dense_reference(model, ids, gen_tokens)
-    log(f"dense reference: {ids.shape[1]} prompt + {gen_tokens} generated tokens in {time.perf_counter() - t0:.0f} s")
-    runs = []
-    for policy in policies:
-        for budget in ([0] if policy == "dense" else budgets):
-            opts = budget_options(policy, budget)
-            t0 = time.perf_counter()
-            cache = kv_cache(model, policy, **opts)
-            kl, agree, mem = replay(model, ids, tokens, dense_lp, cache)
-            run = DecodeRun(policy, budget, opts, round(float(kl.mean()), 5), round(float(agree.mean()), 4),
-                            _windows(kl, window), _windows(agree, window), mem, cache.kv_bytes(),
-                            round(time.perf_counter() - t0, 1))
-            log(f"{policy:>9} budget {budget:>5}: top-1 {run.top1:.3f}  KL {run.mean_kl:.4f}  "
-                f"KV slots {mem[-1][1]}  ({run.seconds:.0f} s)")
-            runs.append(run)
-    text = tokenizer.decode(tokens[:400])
     info = {"prompt_tokens": int(ids.shape[1]), "gen_tokens": gen_tokens, "window": window,
-            "layers": model.config.num_hidden_layers, "dense_sample": text}
+            "layers": model.config.num_hidden_layers}
+    # (b) the scored task first: short generations
+    task = dict(task or {})
+    task_rows = []
+    if "task" in parts:
+        cases = decode_task.recall_cases(tokenizer, **task)
+        tsig = f"task|{model_name}|{tuple(cases.ids.shape)}|{sorted(task.items())}"
+        info["task"] = dict(task, prompt_tokens=int(cases.ids.shape[1]), cases=int(cases.ids.shape[0]),
+                            max_new=cases.max_new)
+        for policy, budget in todo:
+            key = f"{tsig}|{policy}|{budget}"
+            row = cells.get(key)
+            if row is None:
+                t0 = time.perf_counter()
+                cache = kv_cache(model, policy, **budget_options(policy, budget))
+                row = dict(decode_task.run_recall(model, tokenizer, cases, cache), policy=policy, budget=budget,
+                           seconds=round(time.perf_counter() - t0, 1))
+                cells.put(key, row)
+                log(f"task {policy:>9} budget {budget:>5}: accuracy {row['accuracy']:.3f}  length {row['length']:.1f}  "
+                    f"repetition {row['repetition']:.3f}  ({row['seconds']:.0f} s)")
+            task_rows.append(row)
+    info["task_rows"] = task_rows
+    # (a) teacher-forced fidelity and (c) memory
+    runs = []
+    if "fidelity" in parts:
+        fsig = f"fidelity|{model_name}|{int(ids.shape[1])}|{gen_tokens}|{window}"
+        missing = [(p, b) for p, b in todo if cells.get(f"{fsig}|{p}|{b}") is None]
+        tokens = dense_lp = None
+        if missing:
+            t0 = time.perf_counter()
+            tokens, dense_lp = dense_reference(model, ids, gen_tokens)
+            cells.put(f"{fsig}|sample", tokenizer.decode(tokens[:400]))
+            log(f"dense reference: {ids.shape[1]} prompt + {gen_tokens} generated tokens in "
+                f"{time.perf_counter() - t0:.0f} s")
+        for policy, budget in todo:
+            key = f"{fsig}|{policy}|{budget}"
+            got = cells.get(key)
+            if got is None:
+                opts = budget_options(policy, budget)
+                t0 = time.perf_counter()
+                cache = kv_cache(model, policy, **opts)
+                kl, agree, mem = replay(model, ids, tokens, dense_lp, cache)
+                run = DecodeRun(policy, budget, opts, round(float(kl.mean()), 5), round(float(agree.mean()), 4),
+                                _windows(kl, window), _windows(agree, window), mem, cache.kv_bytes(),
+                                round(time.perf_counter() - t0, 1))
+                log(f"{policy:>9} budget {budget:>5}: top-1 {run.top1:.3f}  KL {run.mean_kl:.4f}  "
+                    f"KV slots {mem[-1][1]}  ({run.seconds:.0f} s)")
+                cells.put(key, asdict(run))
+            else:
+                run = DecodeRun(**got)
+            runs.append(run)
+        info["dense_sample"] = cells.get(f"{fsig}|sample") or ""
     return runs, info
 
 
@@ -141,6 +202,100 @@ def write_report(runs: list[DecodeRun], info: dict, out: Path, model_name: str, 
     budgets = sorted({r.budget for r in runs if r.policy != "dense"})
     by = {(r.policy, r.budget): r for r in runs}
     w = info["window"]
+    if runs:
+        _fidelity_plots(plt, out, runs, info, policies, budgets, by, w)
+    task_rows = info.get("task_rows") or []
+    if task_rows:
+        _task_plot(plt, out, task_rows)
+
+    def cell(p, b, f):
+        r = by.get((p, b))
+        return f(r) if r else "–"
+
+    lines = [
+        f"# Long decoding with bounded KV memory ({model_name})",
+        "",
+        f"Regenerate with `{command}` (cells already in `decoding_cache.json` are reused; "
+        "`--report-only` rebuilds this page from `decoding.json`). CPU run, reduced size (see each section). "
+        "What a budget B means per policy: streaming keeps 4 sink "
+        "tokens + a window of B - 4; h2o keeps B/2 heavy hitters + B/2 recent tokens; snapkv cuts the prompt "
+        "to B tokens once and keeps every generated token; quest keeps every token and attends the top B/16 "
+        "pages; raas keeps the whole prompt and at most B generated tokens (+ the page being filled). "
+        "Compare policies at equal B with that in mind. "
+        f"The first two of {info['layers']} layers stay dense in every policy.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "cache = sparseinfer.kv_cache(model, \"raas\", budget=1024)        # a fresh cache per generation",
+        "out = model.generate(**inputs, past_key_values=cache, max_new_tokens=8192)",
+        "sparseinfer.patch(model, \"vertical_slash\", kv=\"raas\", kv_options={\"budget\": 1024})  # or: every generate",
+        "```",
+        "",
+        "| policy | options (defaults) | KV memory | decode reads |",
+        "|---|---|---|---|",
+        "| `dense` | – | all tokens | all tokens |",
+        "| `streaming` | `sink=4`, `window=1020` | sink + window | sink + window |",
+        "| `h2o` | `heavy=512`, `recent=512` (accumulated attention) | heavy + recent | heavy + recent |",
+        "| `snapkv` | `capacity=1024`, `window=32`, `kernel=7`, `pooling=\"avg\"` | capacity + generated | same |",
+        "| `quest` | `budget=1024`, `page_size=16` (Quest bound, last page always) | all tokens | budget |",
+        "| `raas` | `budget=1024`, `page_size=16`, `prompt=\"keep\"` or `\"quest\"`, `prompt_budget`, `select` | "
+        "prompt + budget + one page | prompt (or its top pages) + held pages |",
+        "",
+        "Every policy takes `dense_layers` (default 2: the first two layers keep and read every token). "
+        "The decode step keeps static shapes and no host sync in raas / streaming / h2o (eviction by argmin of "
+        "timestamps or scores on the device); quest and snapkv grow their buffers by design. "
+        "Decode attention: `sparseinfer.ops.decode.sparse_decode_attention`: a Triton kernel on CUDA "
+        "(`sparseinfer.kernels.decode`: the query heads of a GQA group share each K/V page load, split over the "
+        "pages, flash-decoding merge; Quest page scores in a second kernel), the torch reference elsewhere "
+        "(this page's runs are CPU runs). GPU speed and memory: `benchmarks/decode.py`.",
+        "",
+    ]
+    lines += _task_lines(info)
+    if runs:
+        lines += [
+            "## Teacher-forced fidelity: top-1 agreement with dense (mean KL(dense || policy) in parentheses)", "",
+            f"The model answered a step-by-step prompt ({info['prompt_tokens']} tokens) densely for "
+            f"{info['gen_tokens']} tokens (greedy, EOS suppressed); the same tokens were replayed one step at a time "
+            "under each KV policy, and each step's next-token distribution was compared with dense. Budgets of "
+            f"{info['prompt_tokens'] + info['gen_tokens']} tokens or more (prompt + replayed tokens) keep every token "
+            "in every policy, equal to dense by construction: larger budgets need longer runs than this one.", "",
+            "| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+            "|---|" + "---|" * len(budgets),
+        ]
+    for p in policies if runs else []:
+        lines.append(f"| {p} | " + " | ".join(cell(p, b, lambda r: f"{100 * r.top1:.1f}% ({r.mean_kl:.3f})")
+                                              for b in budgets) + " |")
+    if ("dense", 0) in by:
+        d = by[("dense", 0)]
+        lines.append(f"| dense (check) | {100 * d.top1:.1f}% ({d.mean_kl:.4f}) |" + " |" * (len(budgets) - 1))
+    if not runs:
+        return _finish(out, lines)
+    lines += ["", "![top-1 agreement over the generation](decoding-top1.png)", "",
+              "## KV memory at the end of the generation (KV slots summed over layers, per sequence and KV head)", "",
+              "| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+              "|---|" + "---|" * len(budgets)]
+    for p in policies:
+        lines.append(f"| {p} | " + " | ".join(cell(p, b, lambda r: str(r.kv_tokens[-1][1])) for b in budgets) + " |")
+    if ("dense", 0) in by:
+        lines.append(f"| dense | {by[('dense', 0)].kv_tokens[-1][1]} |" + " |" * (len(budgets) - 1))
+    lines += ["", "![KV memory as the generation grows](decoding-memory.png)", "",
+              "Step 0 is right after the pre-fill (streaming / h2o / snapkv compress the prompt at the first decode "
+              "step); raas allocates prompt + budget + one page up front, so it holds more than dense until the "
+              "generation passes budget + one page tokens, and stays flat after that (the slope left is the two "
+              "dense layers). Dense and quest coincide (both keep every token), as do streaming and h2o at equal "
+              "budgets.", "",
+              "Start of the dense answer that was replayed:", "", "```", info.get("dense_sample", "").strip(), "```", ""]
+    return _finish(out, lines)
+
+
+def _finish(out: Path, lines: list[str]) -> Path:
+    path = out / "decoding.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _fidelity_plots(plt, out, runs, info, policies, budgets, by, w):
     # top-1 agreement curves, one panel per budget
     fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.4), squeeze=False, sharey=True)
     for ax, b in zip(axes[0], budgets):
@@ -172,75 +327,54 @@ def write_report(runs: list[DecodeRun], info: dict, out: Path, model_name: str, 
     fig.savefig(out / "decoding-memory.png", dpi=110)
     plt.close(fig)
 
-    def cell(p, b, f):
-        r = by.get((p, b))
-        return f(r) if r else "–"
 
-    lines = [
-        f"# Long decoding with bounded KV memory ({model_name})",
-        "",
-        f"Regenerate with `{command}`. Teacher-forced fidelity: the model answered a step-by-step prompt "
-        f"({info['prompt_tokens']} tokens) densely for {info['gen_tokens']} tokens (greedy, EOS suppressed); "
-        "the same tokens were replayed one step at a time under each KV policy, and each step's next-token "
-        "distribution was compared with dense. What a budget B means per policy: streaming keeps 4 sink "
-        "tokens + a window of B - 4; h2o keeps B/2 heavy hitters + B/2 recent tokens; snapkv cuts the prompt "
-        "to B tokens once and keeps every generated token; quest keeps every token and attends the top B/16 "
-        "pages; raas keeps the whole prompt and at most B generated tokens (+ the page being filled). "
-        "Compare policies at equal B with that in mind. "
-        f"The first two of {info['layers']} layers stay dense in every policy.",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "cache = sparseinfer.kv_cache(model, \"raas\", budget=1024)        # a fresh cache per generation",
-        "out = model.generate(**inputs, past_key_values=cache, max_new_tokens=8192)",
-        "sparseinfer.patch(model, \"vertical_slash\", kv=\"raas\", kv_options={\"budget\": 1024})  # or: every generate",
-        "```",
-        "",
-        "| policy | options (defaults) | KV memory | decode reads |",
-        "|---|---|---|---|",
-        "| `dense` | – | all tokens | all tokens |",
-        "| `streaming` | `sink=4`, `window=1020` | sink + window | sink + window |",
-        "| `h2o` | `heavy=512`, `recent=512` (accumulated attention) | heavy + recent | heavy + recent |",
-        "| `snapkv` | `capacity=1024`, `window=32`, `kernel=7`, `pooling=\"avg\"` | capacity + generated | same |",
-        "| `quest` | `budget=1024`, `page_size=16` (Quest bound, last page always) | all tokens | budget |",
-        "| `raas` | `budget=1024`, `page_size=16`, `prompt=\"keep\"` or `\"quest\"`, `prompt_budget`, `select` | "
-        "prompt + budget + one page | prompt (or its top pages) + held pages |",
-        "",
-        "Every policy takes `dense_layers` (default 2: the first two layers keep and read every token). "
-        "The decode step keeps static shapes and no host sync in raas / streaming / h2o (eviction by argmin of "
-        "timestamps or scores on the device); quest and snapkv grow their buffers by design. "
-        "Decode attention: `sparseinfer.ops.decode.sparse_decode_attention` (torch reference; no Triton kernel yet).",
-        "",
-        "## Top-1 agreement with dense (mean KL(dense || policy) in parentheses)",
-        "",
-        "| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |",
-        "|---|" + "---|" * len(budgets),
-    ]
-    for p in policies:
-        lines.append(f"| {p} | " + " | ".join(cell(p, b, lambda r: f"{100 * r.top1:.1f}% ({r.mean_kl:.3f})")
-                                              for b in budgets) + " |")
-    if ("dense", 0) in by:
-        d = by[("dense", 0)]
-        lines.append(f"| dense (check) | {100 * d.top1:.1f}% ({d.mean_kl:.4f}) |" + " |" * (len(budgets) - 1))
-    lines += ["", "![top-1 agreement over the generation](decoding-top1.png)", "",
-              "## KV memory at the end of the generation (KV slots summed over layers, per sequence and KV head)", "",
-              "| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |",
-              "|---|" + "---|" * len(budgets)]
-    for p in policies:
-        lines.append(f"| {p} | " + " | ".join(cell(p, b, lambda r: str(r.kv_tokens[-1][1])) for b in budgets) + " |")
-    if ("dense", 0) in by:
-        lines.append(f"| dense | {by[('dense', 0)].kv_tokens[-1][1]} |" + " |" * (len(budgets) - 1))
-    lines += ["", "![KV memory as the generation grows](decoding-memory.png)", "",
-              "Step 0 is right after the pre-fill (streaming / h2o / snapkv compress the prompt at the first decode "
-              "step); raas allocates prompt + budget + one page up front, so it holds more than dense until the "
-              "generation passes budget + one page tokens, and stays flat after that (the slope left is the two "
-              "dense layers). Dense and quest coincide (both keep every token), as do streaming and h2o at equal "
-              "budgets.", "",
-              "## What is not measured here yet", "",
-              "- the scored task (accuracy, output length and repetition per policy and budget);",
-              "- GPU time and memory (`benchmarks/decode.py`, issue 7 deliverable 4).", "",
-              "Start of the dense answer that was replayed:", "", "```", info["dense_sample"].strip(), "```", ""]
-    path = out / "decoding.md"
-    path.write_text("\n".join(lines))
-    return path
+def _task_plot(plt, out, rows):
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    dense = [r for r in rows if r["policy"] == "dense"]
+    for p in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "dense"):
+        pr = sorted((r for r in rows if r["policy"] == p), key=lambda r: r["budget"])
+        ax.plot([r["budget"] for r in pr], [r["accuracy"] for r in pr], marker="o", label=p)
+    if dense:
+        ax.axhline(dense[0]["accuracy"], color="k", linestyle="--", label="dense")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("KV budget (tokens)")
+    ax.set_ylabel("list-recall accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "decoding-task.png", dpi=110)
+    plt.close(fig)
+
+
+def _task_lines(info) -> list[str]:
+    rows = info.get("task_rows") or []
+    if not rows:
+        return []
+    t = info["task"]
+    budgets = sorted({r["budget"] for r in rows if r["policy"] != "dense"})
+    by = {(r["policy"], r["budget"]): r for r in rows}
+    lines = ["## Scored task: list recall after unrelated text", "",
+             f"{t['cases']} prompts of {t['prompt_tokens']} tokens: a list of {t['n_facts']} people with two-digit "
+             f"numbers, then ~{t['filler']} tokens of essay text, then \"repeat the list ... in the same order\" "
+             f"with its first two lines given. Greedy generation (at most {t['max_new']} tokens). "
+             "Accuracy: the fraction of lines 3.. with the right number; length: generated tokens before EOS; "
+             "repetition: the fraction of generated lines repeating an earlier one. Each line needs a fact far "
+             "back in the prompt and the model's own previous line. Cell: accuracy (length, repetition). "
+             "raas keeps the whole prompt by design (its budget bounds the generated tokens only), so a fact in the "
+             "prompt survives any raas budget; quest must select the fact's page among all pages, and streaming, "
+             "h2o and snapkv must have kept it. With answers this short, raas's page eviction is barely exercised "
+             "here (the teacher-forced replay below runs longer).", "",
+             "| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for p in dict.fromkeys(r["policy"] for r in rows):
+        if p == "dense":
+            r = by[("dense", 0)]
+            lines.append(f"| dense | {100 * r['accuracy']:.0f}% ({r['length']:.0f}, {r['repetition']:.2f}) |"
+                         + " |" * (len(budgets) - 1))
+            continue
+        cells = []
+        for b in budgets:
+            r = by.get((p, b))
+            cells.append(f"{100 * r['accuracy']:.0f}% ({r['length']:.0f}, {r['repetition']:.2f})" if r else "–")
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines += ["", "![list-recall accuracy per budget](decoding-task.png)", ""]
+    return lines

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import CacheLayerMixin
 
-from ..ops.decode import merge_partials, page_bounds, quest_scores, sparse_decode_attention
+from ..ops.decode import _decode, _decode_multi, page_bounds, quest_scores
 
 _INF = float("inf")
+_PAGE = 16  # slot buffers are read in pages of this many slots
 
 
 def _group_sum(x: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -47,8 +48,10 @@ class _Base(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        # transformers passes the query length (5.2x) or the cache_position tensor (earlier 5.x): its shape only
+        q = query_length if isinstance(query_length, int) else int(query_length.shape[-1])
+        return self.seen + q, 0
 
     def get_max_length(self) -> int:
         return -1
@@ -61,8 +64,9 @@ class _Base(CacheLayerMixin):
         raise ValueError(f"{type(self).__name__}: crop is not supported by sparseinfer KV policies")
 
     def reset(self) -> None:
-        if hasattr(self, "step"):
-            self.step = None
+        for name in ("step", "now"):
+            if hasattr(self, name):
+                setattr(self, name, None)
         for name in ("keys", "values") + self._batch_state:
             setattr(self, name, None)
         self.seen, self.fresh, self.is_initialized = 0, False, False
@@ -135,6 +139,7 @@ class SlotLayer(_PolicyBase):
         super().__init__(cache)
         self.name, self.capacity, self.opts = name, capacity, opts
         self.valid = self.pos = self.score = self.prefill_score = None
+        self.now = None  # position of the next token: a 0-d device tensor (a graph replay advances it)
         self.compressed = False
 
     # ---- pre-fill
@@ -148,11 +153,13 @@ class SlotLayer(_PolicyBase):
             self.pos = torch.arange(n, device=self.device).expand(b, h, n).contiguous()
             self.score = torch.zeros(b, h, n, dtype=torch.float32, device=self.device)
             self.compressed = False
+            self.now = torch.full((), n, dtype=torch.long, device=self.device)
             self.seen = n
             return key_states, value_states
         if not self.compressed:
             self._compress()
         self._write(key_states, value_states)
+        self.now.add_(1)
         self.seen += 1
         self.fresh = True
         return self.keys, self.values
@@ -222,7 +229,7 @@ class SlotLayer(_PolicyBase):
         if self.name == "streaming":
             pri = torch.where(pos < self.opts["sink"], _INF, pos.float())
         else:  # h2o
-            pri = torch.where(pos > self.seen - self.opts["recent"], _INF, self.score)
+            pri = torch.where(pos > self.now - self.opts["recent"], _INF, self.score)
         return pri.masked_fill(~self.valid, -_INF)
 
     def _write(self, k, v) -> None:
@@ -232,25 +239,25 @@ class SlotLayer(_PolicyBase):
             self.keys = torch.cat([self.keys, k], -2)
             self.values = torch.cat([self.values, v], -2)
             self.valid = torch.cat([self.valid, ones], -1)
-            self.pos = torch.cat([self.pos, torch.full_like(self.pos[..., :1], self.seen)], -1)
+            self.pos = torch.cat([self.pos, self.now.expand_as(self.pos[..., :1])], -1)
             self.score = torch.cat([self.score, torch.zeros_like(self.score[..., :1])], -1)
             return
         slot = self._priority().argmin(-1, keepdim=True)  # [B, H, 1] on the device
         self.keys.scatter_(2, slot[..., None].expand(-1, -1, -1, d), k)
         self.values.scatter_(2, slot[..., None].expand(-1, -1, -1, d), v)
         self.valid.scatter_(2, slot, ones)
-        self.pos.scatter_(2, slot, torch.full_like(slot, self.seen))
+        self.pos.scatter_(2, slot, self.now.expand_as(slot))
         self.score.scatter_(2, slot, torch.zeros_like(slot, dtype=self.score.dtype))
 
     def decode_attention(self, query, scale):
         c = self.keys.shape[-2]
         b, h = self.keys.shape[:2]
-        idx = torch.arange(c, device=self.device).expand(b, h, c)
+        npg = -(-c // _PAGE)  # every slot, read as pages (contiguous loads); `valid` masks free slots
+        idx = torch.arange(npg, device=self.device).expand(b, h, npg)
         if self.name != "h2o":
-            return sparse_decode_attention(query, self.keys, self.values, idx, valid=self.valid, scale=scale)
+            return _decode(query, self.keys, self.values, idx, _PAGE, self.valid, scale, unique=True)
         # h2o: the attention probabilities accumulate into each slot's score
-        out, lse = sparse_decode_attention(query, self.keys, self.values, idx, valid=self.valid, scale=scale,
-                                           return_lse=True)
+        out, lse = _decode(query, self.keys, self.values, idx, _PAGE, self.valid, scale, return_lse=True, unique=True)
         hq = query.shape[1]
         kf = self.keys.float()
         qg = query.float().reshape(b, h, hq // h, -1)
@@ -298,15 +305,19 @@ class QuestLayer(_PolicyBase):
         return self.keys, self.values
 
     def select(self, query) -> torch.Tensor:
-        """Top pages [B, Hkv, K] for this step (the last page always)."""
+        """Top pages [B, Hkv, K] for this step (the last page always), K = budget // page_size
+        at every step (static shape): -1 pads the rows while fewer pages exist."""
         bound = quest_scores(query, self.kmin, self.kmax)
-        bound[..., -1] = _INF
-        k = min(self.kmin.shape[2], max(1, self.budget // self.ps))
-        return bound.topk(k, -1).indices
+        k = max(1, self.budget // self.ps)
+        p = bound.shape[-1]
+        bound = torch.cat([bound[..., :-1], torch.full_like(bound[..., -1:], _INF)], -1)
+        if p < k:
+            bound = F.pad(bound, (0, k - p), value=-_INF)
+        top = bound.topk(k, -1)
+        return torch.where(top.values > -_INF, top.indices, -1)
 
     def decode_attention(self, query, scale):
-        return sparse_decode_attention(query, self.keys, self.values, self.select(query), page_size=self.ps,
-                                       valid=self.valid, scale=scale)
+        return _decode(query, self.keys, self.values, self.select(query), self.ps, self.valid, scale, unique=True)
 
 
 class RaaSLayer(_PolicyBase):
@@ -322,7 +333,7 @@ class RaaSLayer(_PolicyBase):
     """
 
     name = "raas"
-    _batch_state = ("pvalid", "pmin", "pmax", "gk", "gv", "fill", "ts", "gmin", "gmax", "cur")
+    _batch_state = ("pvalid", "pmin", "pmax", "gk", "gv", "fill", "ts", "gmin", "gmax", "cur", "pidx")
 
     def __init__(self, cache, budget: int, page_size: int, prompt: str, prompt_budget: int, select: int):
         super().__init__(cache)
@@ -355,6 +366,8 @@ class RaaSLayer(_PolicyBase):
             self.gmin = torch.full((b, h, s, d), _INF, device=dev)
             self.gmax = torch.full((b, h, s, d), -_INF, device=dev)
             self.cur = torch.zeros(b, h, dtype=torch.long, device=dev)
+            npg = -(-n // ps)
+            self.pidx = torch.arange(npg, dtype=torch.int32, device=dev).expand(b, h, npg)
             self.step = torch.zeros((), dtype=torch.long, device=dev)  # generated tokens so far
             self.seen = n
             return key_states, value_states
@@ -388,21 +401,19 @@ class RaaSLayer(_PolicyBase):
         bound = quest_scores(query, self.gmin, self.gmax)  # -inf for free slots
         onehot = torch.arange(s, device=self.device) == self.cur[..., None]
         ranked = bound.masked_fill(onehot, _INF)  # the current page always ranks first
-        top = ranked.topk(self.n_refresh, -1)
+        sel = ranked.topk(max(self.n_select, self.n_refresh), -1)  # sorted: its head is the refresh set
+        top_v, top_i = sel.values[..., :self.n_refresh], sel.indices[..., :self.n_refresh]
         now = (self.step - 1).float()
-        self.ts.scatter_(-1, top.indices, torch.where(top.values > -_INF, now, self.ts.gather(-1, top.indices)))
-        sel = ranked.topk(self.n_select, -1)
+        self.ts.scatter_(-1, top_i, torch.where(top_v > -_INF, now, self.ts.gather(-1, top_i)))
+        sel = ranked.topk(self.n_select, -1) if self.n_select < self.n_refresh else sel
         sel_idx = torch.where(sel.values > -_INF, sel.indices, -1)
         gvalid = (torch.arange(ps, device=self.device) < self.fill[..., None]).reshape(b, h, s * ps)
-        o_gen, l_gen = sparse_decode_attention(query, self.gk, self.gv, sel_idx, page_size=ps, valid=gvalid,
-                                               scale=scale, return_lse=True)
-        # the prompt: all of it, or its top pages by the Quest bound
-        npg = -(-self.keys.shape[-2] // ps)
+        # the prompt: all of it (a fixed index row built at pre-fill), or its top pages by the Quest bound
         if self.prompt == "quest":
+            npg = self.pmin.shape[2]
             pb = quest_scores(query, self.pmin, self.pmax)
             pidx = pb.topk(min(npg, max(1, self.prompt_budget // ps)), -1).indices
         else:
-            pidx = torch.arange(npg, device=self.device).expand(b, h, npg)
-        o_p, l_p = sparse_decode_attention(query, self.keys, self.values, pidx, page_size=ps, valid=self.pvalid,
-                                           scale=scale, return_lse=True)
-        return merge_partials([o_p, o_gen], [l_p, l_gen])
+            pidx = self.pidx
+        return _decode_multi(query, [(self.keys, self.values, pidx, ps, self.pvalid),
+                                     (self.gk, self.gv, sel_idx, ps, gvalid)], scale)

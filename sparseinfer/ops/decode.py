@@ -49,20 +49,51 @@ def _dedup(indices: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(s).scatter_(-1, order, s)
 
 
+def _triton_reason(q, backend: str) -> str | None:
+    """None if the Triton kernel runs this call, else why not ("auto": CUDA tensors only)."""
+    if backend == "reference":
+        return "backend='reference'"
+    if backend == "auto" and not q.is_cuda:
+        return "CPU tensors"
+    try:
+        from ..kernels import decode as kd
+    except ImportError as e:
+        return f"no triton ({e})"
+    return kd.supported(q)
+
+
 def sparse_decode_attention(q, k, v, indices, *, page_size: int = 1, valid=None, scale: float | None = None,
-                            return_lse: bool = False, backend: str = "auto"):
+                            return_lse: bool = False, backend: str = "auto", unique: bool = False):
     """One decode step over selected pages. See the module docstring for the exact semantics.
 
     q [B, Hq, 1, D]; k/v [B, Hkv, N, D]; indices [B, Hkv, K] (-1 = padding) -> [B, Hq, 1, D]
-    (and lse [B, Hq] float32 with return_lse). backend: "auto" / "reference" run the torch
-    reference (gather the selected tokens, GQA by grouping query heads; O(K * page_size) work
-    per head, never O(N)); there is no Triton kernel for this op yet ("triton" raises).
+    (and lse [B, Hq] float32 with return_lse). backend: "auto" runs the Triton kernel
+    (`sparseinfer.kernels.decode`: GQA groups share each K/V load, split over the pages,
+    flash-decoding merge) for CUDA tensors in float16 / bfloat16 / float32 with head_dim in
+    16..256 (a power of 2), else the torch reference (gathers the selected tokens; O(K * page_size)
+    work per head, never O(N)); "triton" forces the kernel (the interpreter on a CPU), "reference"
+    the torch code. unique=True promises no page id repeats in a row (e.g. top-k output) and
+    skips removing repeats (a sort) before the kernel.
     """
     check_backend(backend)
-    b, hq, hkv, n, d = _check_decode(q, k, v, indices, page_size, valid)
+    _check_decode(q, k, v, indices, page_size, valid)
+    return _decode(q, k, v, indices, page_size, valid, scale, return_lse, backend, unique)
+
+
+def _decode(q, k, v, indices, page_size, valid, scale, return_lse=False, backend="auto", unique=False):
+    """sparse_decode_attention without the argument checks (for callers that build their own
+    indices, e.g. the KV policies: no host sync, not even on a CPU)."""
+    b, hq, _, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    why = _triton_reason(q, backend)
+    if why is None:
+        from ..kernels import decode as kd
+
+        s = d ** -0.5 if scale is None else float(scale)
+        out, lse = kd.sparse_decode(q, k, v, indices if unique else _dedup(indices), page_size, valid, s)
+        return (out, lse) if return_lse else out
     if backend == "triton":
-        raise ValueError("backend: expected 'auto' or 'reference' for sparse_decode_attention "
-                         "(no Triton kernel for this op yet), got 'triton'")
+        raise ValueError(f"backend='triton': expected a call the decode kernel takes, got {why}")
     s = d ** -0.5 if scale is None else float(scale)
     g = hq // hkv
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -86,6 +117,23 @@ def sparse_decode_attention(q, k, v, indices, *, page_size: int = 1, valid=None,
     if return_lse:
         return out, lse.reshape(b, hq).float()
     return out
+
+
+def _decode_multi(q, parts, scale, backend="auto"):
+    """Attention over the union of disjoint KV sets, parts = [(k, v, indices, page_size, valid)]
+    with unique page ids per row -> [B, Hq, 1, D]. The kernel path merges every part's splits in
+    one merge kernel; the reference merges per-part results with `merge_partials`."""
+    if _triton_reason(q, backend) is None:
+        from ..kernels import decode as kd
+
+        s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        return kd.sparse_decode_multi(q, parts, s)[0]
+    outs, lses = [], []
+    for k, v, idx, ps, valid in parts:
+        o, l_ = _decode(q, k, v, idx, ps, valid, scale, return_lse=True, backend=backend, unique=True)
+        outs.append(o)
+        lses.append(l_)
+    return merge_partials(outs, lses)
 
 
 def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
@@ -115,10 +163,18 @@ def page_bounds(k: torch.Tensor, page_size: int, valid: torch.Tensor | None = No
     return kmin, kmax
 
 
-def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Quest's upper bound on q.k per page, summed over each KV group's query heads:
     q [B, Hq, 1, D], kmin/kmax [B, Hkv, P, D] -> [B, Hkv, P] (float32);
-    sum_d max(q_d * kmax_d, q_d * kmin_d). Empty pages (kmin > kmax) score -inf."""
+    sum_d max(q_d * kmax_d, q_d * kmin_d), non-finite bounds counting as 0. Empty pages
+    (kmin > kmax) score -inf. backend as for sparse_decode_attention (the kernel reads kmin/kmax
+    in any float dtype: bfloat16 bounds halve the bytes read)."""
+    if _triton_reason(q, backend) is None:
+        from ..kernels import decode as kd
+
+        return kd.quest_scores(q, kmin, kmax)
+    if backend == "triton":
+        raise ValueError(f"backend='triton': expected a call the decode kernel takes, got {_triton_reason(q, backend)}")
     b, hq, _, d = q.shape
     hkv = kmin.shape[1]
     qg = q.reshape(b, hkv, hq // hkv, 1, d).float()

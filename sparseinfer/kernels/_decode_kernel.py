@@ -1,0 +1,138 @@
+"""Triton kernels for sparse decode attention (one query step) and Quest page scores.
+
+This file holds only @triton.jit code; ``sparseinfer.kernels.decode`` loads it compiled (CUDA)
+or under the Triton interpreter (CPU), like ``_attn_kernel.py``.
+
+decode_partial_kernel: one program = one (batch, KV head) x one split of its selected pages.
+  The G query heads of the GQA group are rows of one tile (padded to BLOCK_G >= 16 rows for
+  tl.dot), so each K/V tile is loaded once for the whole group. A loop iteration gathers
+  PAGES = BLOCK_N // PS_P2 pages (page ids from the index row, -1 = padding) as BLOCK_N token
+  rows; online softmax in fp32 (exp2). Writes the split's normalised output and its
+  log-sum-exp (natural log, -inf when it saw no key) for the merge kernel. Several KV buffers
+  (e.g. a kept prompt and a page pool) write their splits side by side (SPLIT_BASE: the first
+  split column of this launch; SPLITS: all columns) and one merge kernel combines them all. DOT_F32 upcasts the
+  tiles before tl.dot (the interpreter's tl.dot mishandles bfloat16).
+decode_merge_kernel: one program = one (batch, query head): merges the splits (flash-decoding).
+quest_score_kernel: one program = one (batch, KV head) x BLOCK_P pages:
+  sum over the group's heads g and dims d of max(q_gd * kmax_pd, q_gd * kmin_pd);
+  non-finite bounds count as 0 and empty pages (kmin_0 > kmax_0) score -inf.
+"""
+import triton
+import triton.language as tl
+
+from triton.language.standard import _elementwise_max as _max_fn  # noqa: E402
+from triton.language.standard import _sum_combine as _sum_fn  # noqa: E402
+
+
+@triton.jit
+def decode_partial_kernel(
+    Q, K, V, IDX, VALID, OP, LP,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ib, stride_ih,
+    stride_mb, stride_mh,
+    N, NPAGES, PAGES_PER_SPLIT, SPLITS, SPLIT_BASE, qk_scale,
+    HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_D: tl.constexpr,
+    PS: tl.constexpr, PS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_VALID: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid // HKV).to(tl.int64)
+    h = pid % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_D)
+    gmask = offs_g < G
+    q = tl.load(Q + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                mask=gmask[:, None], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_G], 0.0, tl.float32)
+    acc = tl.full([BLOCK_G, HEAD_D], 0.0, tl.float32)
+    PAGES: tl.constexpr = BLOCK_N // PS_P2
+    j = tl.arange(0, BLOCK_N)
+    jp = j // PS_P2
+    jo = j % PS_P2
+    p_lo = split * PAGES_PER_SPLIT
+    p_hi = tl.minimum(p_lo + PAGES_PER_SPLIT, NPAGES)
+    idx_base = IDX + b * stride_ib + h * stride_ih
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    for p0 in tl.range(p_lo, p_hi, PAGES, num_stages=STAGES):
+        pm = (p0 + jp) < p_hi
+        page = tl.load(idx_base + p0 + jp, mask=pm, other=-1)
+        tok = page * PS + jo
+        ok = (page >= 0) & (jo < PS) & (tok < N)
+        if HAS_VALID:
+            vm = tl.load(VALID + b * stride_mb + h * stride_mh + tok, mask=ok, other=0)
+            ok = ok & (vm != 0)
+        tok = tl.where(ok, tok, 0)
+        k = tl.load(k_base + tok[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None], other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        qk = tl.where(ok[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
+        v = tl.load(v_base + tok[:, None] * stride_vn + offs_d[None, :], mask=ok[:, None], other=0.0)
+        if DOT_F32:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    row = (pid.to(tl.int64) * G + offs_g) * SPLITS + SPLIT_BASE + split  # partials [B, Hq, SPLITS, (D)]
+    tl.store(OP + row[:, None] * HEAD_D + offs_d[None, :], out, mask=gmask[:, None])
+    tl.store(LP + row, lse, mask=gmask)
+
+
+@triton.jit
+def decode_merge_kernel(OP, LP, O, LSE, stride_ob, stride_oh, SPLITS, HQ: tl.constexpr,
+                        BLOCK_S: tl.constexpr, HEAD_D: tl.constexpr):
+    pid = tl.program_id(0)  # b * HQ + h
+    b = (pid // HQ).to(tl.int64)
+    h = pid % HQ
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_D)
+    smask = offs_s < SPLITS
+    pid = pid.to(tl.int64)
+    lse = tl.load(LP + pid * SPLITS + offs_s, mask=smask, other=float("-inf"))
+    m = tl.reduce(lse, 0, _max_fn)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_use)
+    den = tl.reduce(w, 0, _sum_fn)
+    part = tl.load(OP + (pid * SPLITS + offs_s)[:, None] * HEAD_D + offs_d[None, :], mask=smask[:, None], other=0.0)
+    out = tl.reduce(part * w[:, None], 0, _sum_fn) / tl.where(den > 0, den, 1.0)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty))
+    tl.store(LSE + pid, tl.where(den > 0, m_use + tl.log(tl.where(den > 0, den, 1.0)), float("-inf")))
+
+
+@triton.jit
+def quest_score_kernel(Q, KMIN, KMAX, S, stride_qb, stride_qh,
+                       stride_nb, stride_nh, stride_np, stride_xb, stride_xh, stride_xp, NPAGES,
+                       HKV: tl.constexpr, G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // HKV).to(tl.int64)
+    h = pid % HKV
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, HEAD_D)
+    pmask = offs_p < NPAGES
+    lo = tl.load(KMIN + b * stride_nb + h * stride_nh + offs_p[:, None] * stride_np + offs_d[None, :],
+                 mask=pmask[:, None], other=0.0).to(tl.float32)
+    hi = tl.load(KMAX + b * stride_xb + h * stride_xh + offs_p[:, None] * stride_xp + offs_d[None, :],
+                 mask=pmask[:, None], other=0.0).to(tl.float32)
+    empty = tl.reduce(tl.where(offs_d[None, :] == 0, lo - hi, 0.0), 1, _sum_fn) > 0
+    lo = tl.where((lo == lo) & (tl.abs(lo) < float("inf")), lo, 0.0)
+    hi = tl.where((hi == hi) & (tl.abs(hi) < float("inf")), hi, 0.0)
+    score = tl.full([BLOCK_P], 0.0, tl.float32)
+    for g in tl.static_range(G):
+        qg = tl.load(Q + b * stride_qb + (h * G + g) * stride_qh + offs_d).to(tl.float32)
+        score += tl.reduce(tl.maximum(qg[None, :] * hi, qg[None, :] * lo), 1, _sum_fn)
+    score = tl.where(empty, float("-inf"), score)
+    tl.store(S + pid.to(tl.int64) * NPAGES + offs_p, score, mask=pmask)

@@ -1,0 +1,170 @@
+"""Launchers of the sparse decode kernels (``_decode_kernel.py``).
+
+    sparse_decode(q, k, v, indices, page_size, valid, scale) -> (out like q, lse [B, Hq] fp32)
+    quest_scores(q, kmin, kmax) -> [B, Hkv, P] fp32
+
+Shapes and semantics are those of ``sparseinfer.ops.decode`` (callers validate). Static shapes
+only: the number of splits and every launch size derive from tensor shapes, never from tensor
+values, so a decode step that calls these can be captured in a CUDA graph. Page ids must not
+repeat within a row (``ops.decode`` removes repeats unless told they are unique, e.g. top-k).
+CUDA tensors run compiled kernels, CPU tensors the same kernels under the Triton interpreter.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+import sys
+import threading
+
+import torch
+
+from .attention import _fix_interpreter_index
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_modules: dict[bool, object] = {}
+_lock = threading.Lock()
+
+# (block_n tokens per loop iteration, num_warps, num_stages) on CUDA; the interpreter uses
+# (64, 4, 1). Unmeasured defaults; benchmarks/decode.py sweeps alternatives.
+CUDA_CONFIG = {64: (64, 4, 2), 128: (64, 4, 2)}
+
+
+def _module(interpret: bool):
+    mod = _modules.get(interpret)
+    if mod is not None:
+        return mod
+    with _lock:
+        if interpret in _modules:
+            return _modules[interpret]
+        if interpret:
+            _fix_interpreter_index()
+        name = "sparseinfer.kernels._decode_kernel" + ("_interp" if interpret else "")
+        old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+        try:
+            spec = importlib.util.spec_from_file_location(name, os.path.join(_HERE, "_decode_kernel.py"))
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+        finally:
+            if old is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+        _modules[interpret] = mod
+        return mod
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def supported(q: torch.Tensor) -> str | None:
+    """None if the kernel takes q's dtype and head_dim, else why not."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} (the kernel takes float16, bfloat16, float32)"
+    d = q.shape[-1]
+    if d not in (16, 32, 64, 128, 256):
+        return f"head_dim {d} (the kernel takes 16, 32, 64, 128, 256)"
+    return None
+
+
+def sparse_decode(q, k, v, indices, page_size: int, valid, scale: float, *, splits: int | None = None,
+                  block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
+    """q [B, Hq, 1, D]; k/v [B, Hkv, N, D]; indices [B, Hkv, K] unique page ids or -1;
+    valid [B, Hkv, N] bool or None -> (out [B, Hq, 1, D] in q's dtype, lse [B, Hq] float32).
+
+    Split-K: the K pages of a row are cut into `splits` contiguous chunks, one program each
+    (default: enough programs for ~4 waves over the GPU's SMs), merged by a second kernel."""
+    return sparse_decode_multi(q, [(k, v, indices, page_size, valid)], scale, splits=splits, block_n=block_n,
+                               num_warps=num_warps, num_stages=num_stages)
+
+
+def sparse_decode_multi(q, parts, scale: float, *, splits: int | None = None, block_n: int | None = None,
+                        num_warps: int | None = None, num_stages: int | None = None):
+    """Attention over the union of several KV buffers' selected pages, in one merge:
+    parts = [(k, v, indices, page_size, valid), ...], each as in `sparse_decode` (same B, Hkv,
+    D as q's group). One partial-kernel launch per part, one merge kernel for all."""
+    b, hq, _, d = q.shape
+    interpret = q.device.type != "cuda"
+    mod = _module(interpret)
+    bn0, warps, stages = (64, 4, 1) if interpret else CUDA_CONFIG.get(d, (64, 4, 2))
+    warps = num_warps or warps
+    stages = num_stages or stages
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    plans = []
+    for k, v, indices, page_size, valid in parts:
+        hkv = k.shape[1]
+        npages = indices.shape[-1]
+        ps_p2 = _next_pow2(page_size)
+        bn = max(block_n or bn0, ps_p2, 16)
+        per_iter = bn // ps_p2
+        iters = max(1, math.ceil(npages / per_iter))
+        sp = splits
+        if sp is None:
+            target = 4 * _sm_count(q.device.index or 0) if not interpret else 2
+            sp = max(1, min(iters, math.ceil(target / max(1, b * hkv))))
+        sp = max(1, min(int(sp), iters))
+        pps = math.ceil(iters / sp) * per_iter  # pages per split, a whole number of iterations
+        sp = max(1, math.ceil(npages / pps)) if npages else 1
+        plans.append((k, v, indices, page_size, valid, hkv, npages, ps_p2, bn, pps, sp))
+    total = sum(p[-1] for p in plans)
+    op = torch.empty(b, hq, total, d, dtype=torch.float32, device=q.device)
+    lp = torch.empty(b, hq, total, dtype=torch.float32, device=q.device)
+    prec = "ieee" if (q.dtype == torch.float32 or interpret) else "tf32"
+    base = 0
+    for k, v, indices, page_size, valid, hkv, npages, ps_p2, bn, pps, sp in plans:
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        idx = indices if indices.dtype == torch.int32 and indices.stride(-1) == 1 else indices.to(torch.int32).contiguous()
+        if valid is not None:
+            vm = valid.view(torch.uint8) if valid.stride(-1) == 1 else valid.contiguous().view(torch.uint8)
+            smb, smh = vm.stride(0), vm.stride(1)
+        else:
+            vm, smb, smh = idx, 0, 0
+        mod.decode_partial_kernel[(b * hkv, sp)](
+            q, k, v, idx, vm, op, lp,
+            q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            idx.stride(0), idx.stride(1),
+            smb, smh,
+            k.shape[2], npages, pps, total, base, float(scale) * 1.4426950408889634,
+            HKV=hkv, G=hq // hkv, BLOCK_G=max(16, _next_pow2(hq // hkv)), HEAD_D=d, PS=page_size, PS_P2=ps_p2,
+            BLOCK_N=bn, HAS_VALID=valid is not None, PREC=prec, STAGES=stages, DOT_F32=interpret,
+            num_warps=warps, num_stages=stages,
+        )
+        base += sp
+    out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
+    mod.decode_merge_kernel[(b * hq,)](op, lp, out, lse, out.stride(0), out.stride(1), total, HQ=hq,
+                                       BLOCK_S=_next_pow2(total), HEAD_D=d, num_warps=4 if d >= 128 else 2)
+    return out, lse
+
+
+def quest_scores(q, kmin, kmax, *, block_p: int | None = None):
+    """q [B, Hq, 1, D]; kmin/kmax [B, Hkv, P, D] (any float dtype) -> [B, Hkv, P] float32."""
+    b, hq, _, d = q.shape
+    hkv, p = kmin.shape[1], kmin.shape[2]
+    interpret = q.device.type != "cuda"
+    mod = _module(interpret)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kmin = kmin if kmin.stride(-1) == 1 else kmin.contiguous()
+    kmax = kmax if kmax.stride(-1) == 1 else kmax.contiguous()
+    out = torch.empty(b, hkv, p, dtype=torch.float32, device=q.device)
+    if p == 0:
+        return out
+    bp = block_p or (64 if d <= 64 else 32)
+    mod.quest_score_kernel[(b * hkv, math.ceil(p / bp))](
+        q, kmin, kmax, out, q.stride(0), q.stride(1),
+        kmin.stride(0), kmin.stride(1), kmin.stride(2), kmax.stride(0), kmax.stride(1), kmax.stride(2), p,
+        HKV=hkv, G=hq // hkv, HEAD_D=d, BLOCK_P=bp, num_warps=4,
+    )
+    return out

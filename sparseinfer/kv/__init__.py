@@ -182,11 +182,13 @@ class SparseKVCache(Cache):
 def _capture_hook(module, args, kwargs):
     """Model forward pre-hook: give a SparseKVCache the 2-D padding mask of this call; with
     `patch(model, kv=...)`, replace generate's fresh empty DynamicCache by the policy's cache."""
-    pkv = kwargs.get("past_key_values")
+    # transformers >= 5.24 names the model's cache argument `cache` (`past_key_values` before)
+    key = "cache" if "cache" in kwargs else "past_key_values"
+    pkv = kwargs.get(key)
     spec = getattr(module, "_sparseinfer_kv_spec", None)
     if spec is not None and type(pkv).__name__ == "DynamicCache" and pkv.get_seq_length() == 0:
         pkv = kv_cache(module, spec[0], **spec[1])
-        kwargs = dict(kwargs, past_key_values=pkv)
+        kwargs = dict(kwargs, **{key: pkv})
     if isinstance(pkv, SparseKVCache):
         m = kwargs.get("attention_mask")
         pkv.attention_mask2d = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None

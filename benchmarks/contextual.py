@@ -273,8 +273,14 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                     model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(ctx, device=dev), use_cache=True)
                 tok = torch.randint(0, cfg.vocab_size, (1, 1), device=dev)
                 pos = torch.tensor([ctx], device=dev)
+                # StaticCache layers that count tokens in a device tensor (transformers 5.17) would
+                # advance on every graph replay and overflow the buffer: rewind before each step
+                lengths = [lay.cumulative_length for lay in getattr(cache, "layers", [])
+                           if isinstance(getattr(lay, "cumulative_length", None), torch.Tensor)]
 
                 def step():
+                    for t in lengths:
+                        t.fill_(ctx)
                     with torch.no_grad():
                         return model(input_ids=tok, past_key_values=cache, cache_position=pos, position_ids=pos[None],
                                      use_cache=True).logits

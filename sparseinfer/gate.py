@@ -191,7 +191,8 @@ class Gates(nn.Module):
         if not rot:
             raise GateError(f"gates: found no rotary_emb module in {type(model).__name__}")
         self.rotary = rot[0]
-        return self
+        param = next(model.parameters(), None)
+        return self.to(param.device) if param is not None else self
 
     # --- inference ------------------------------------------------------------------------
     def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +202,7 @@ class Gates(nn.Module):
             raise GateError("gates: not attached to a model (call gates.attach(model) first)")
         n = q.shape[2]
         pos = torch.arange(n, device=q.device)[None]
-        cos, sin = self.rotary(q, pos)
+        cos, sin = self.rotary(q[:1, :1, :1].float(), pos)  # float32 cos / sin (x gives dtype, device)
         qf = pool_blocks(unrotate(q, cos, sin), self.block_size, self.pooling)
         kf = pool_blocks(unrotate(k, cos, sin), self.block_size, self.pooling)
         return qf, kf

@@ -234,7 +234,7 @@ def train_gates(model, tokenizer, *, out: str | Path | None = None, length: int 
     out: a .safetensors path: the gates are written there with a loss-curve PNG and a JSON
     report beside it (<stem>.loss.png, <stem>.json).
     """
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     length = length or min(int(getattr(model.config, "max_position_embeddings", 8192)), 8192)
     gates = Gates.new(model.config, block_size=block_size, pooling=pooling, width=width,
                       model=model_id or getattr(model.config, "_name_or_path", "")).to(model.device)
@@ -263,6 +263,7 @@ def train_gates(model, tokenizer, *, out: str | Path | None = None, length: int 
         report["heldout_length"] = hl
         report["heldout"] = block_recall(gates, hc)
     report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["cpu_seconds"] = round(time.process_time() - c0, 1)  # this process's CPU time, all threads
     report["threads"] = torch.get_num_threads()
     report["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     gates.meta["training"] = {k: report[k] for k in ("length", "sequences", "steps", "lr", "loss_last", "date")}

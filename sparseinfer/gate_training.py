@@ -257,6 +257,12 @@ def train_gates(model, tokenizer, *, out: str | Path | None = None, length: int 
               "loss_last": sum(ls[-1] for ls in losses) / len(losses),
               "loss_last_per_layer": [round(ls[-1], 4) for ls in losses],
               "seconds_capture": round(t_capture, 1), "seconds_train": round(t_train, 1)}
+    gates.meta["training"] = {k: report[k] for k in ("length", "sequences", "steps", "lr", "loss_last")}
+    if out is not None:  # written before the held-out check, so a failure there loses nothing
+        out = Path(out)
+        gates.save(out)
+        report["loss_png"] = str(plot_losses(losses, out.with_suffix(".loss.png"),
+                                             f"gate training, {report['model'] or 'model'}"))
     hl = min(length, 4096) if heldout_length is None else heldout_length
     if hl:
         hc = capture(model, gates, [held[:hl]], heldout=True, progress=progress, desc="held-out check")
@@ -266,13 +272,8 @@ def train_gates(model, tokenizer, *, out: str | Path | None = None, length: int 
     report["cpu_seconds"] = round(time.process_time() - c0, 1)  # this process's CPU time, all threads
     report["threads"] = torch.get_num_threads()
     report["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    gates.meta["training"] = {k: report[k] for k in ("length", "sequences", "steps", "lr", "loss_last", "date")}
     gates.requires_grad_(False)
     if out is not None:
-        out = Path(out)
-        gates.save(out)
-        report["loss_png"] = str(plot_losses(losses, out.with_suffix(".loss.png"),
-                                             f"gate training, {report['model'] or 'model'}"))
         out.with_suffix(".json").write_text(json.dumps(report | {"losses_mean": torch.tensor(losses).mean(0).tolist()},
                                                        indent=1))
     report["losses"] = losses

@@ -164,7 +164,7 @@ class Gates(nn.Module):
         self.rotary = None  # the model's rotary module, set by `attach` (not saved)
 
     @classmethod
-    def new(cls, model_config, *, block_size: int = 64, pooling="avg,max,min", width: int = 16,
+    def new(cls, model_config, *, block_size: int = 64, pooling="avg,max,min", width: int = 12,
             model: str = "") -> "Gates":
         """Untrained gates for a transformers model config."""
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:

@@ -221,8 +221,8 @@ def plot_losses(losses: list[list[float]], path: Path, title: str) -> Path:
     return path
 
 
-def train_gates(model, tokenizer, *, out: str | Path | None = None, length: int | None = None, sequences: int = 2,
-                row_stride: int = 4, block_size: int = 64, pooling: str = "avg,max,min", width: int = 16, steps: int = 300,
+def train_gates(model, tokenizer, *, out: str | Path | None = None, length: int | None = None, sequences: int = 1,
+                row_stride: int = 4, block_size: int = 64, pooling: str = "avg,max,min", width: int = 12, steps: int = 300,
                 lr: float = 1e-2, model_id: str = "", heldout_length: int | None = None,
                 progress: bool = True) -> tuple[Gates, dict]:
     """Self-distil gates for `model` (frozen). -> (gates, report).

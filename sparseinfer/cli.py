@@ -1,5 +1,5 @@
-"""The `sparseinfer` command: demo, search, calibrate-mlp, train-predictors, eval niah | fidelity | ppl | recall |
-report | decode | contextual."""
+"""The `sparseinfer` command: demo, search, train-gate, calibrate-mlp, train-predictors, eval niah | fidelity |
+ppl | recall | report | decode | contextual."""
 from __future__ import annotations
 
 import argparse
@@ -126,6 +126,25 @@ def cmd_search(args) -> int:
     report.print_table(report.config_table(cfg))
     md = report.config_markdown(cfg, Path(args.report or path.parent) / f"{path.stem}.md")
     print(f"searched in {cfg['search']['seconds']:.0f} s; wrote {path} and its report {md} (+ .png)")
+    return 0
+
+
+def cmd_train_gate(args) -> int:
+    from .eval.needle import parse_length
+    from .gate_training import train_gates
+    from .models import load_model
+
+    print(f"loading {args.model} ...", flush=True)
+    model, tok = load_model(args.model, device=args.device)
+    gates, rep = train_gates(model, tok, out=args.out, length=parse_length(args.length) if args.length else None,
+                             sequences=args.sequences, row_stride=args.row_stride, block_size=args.block_size,
+                             pooling=args.pooling, width=args.width, steps=args.steps, lr=args.lr, model_id=args.model)
+    print(f"trained in {rep['seconds']:.0f} s (capture {rep['seconds_capture']:.0f} s, train {rep['seconds_train']:.0f} s); "
+          f"KL {rep['loss_first']:.4f} -> {rep['loss_last']:.4f}")
+    for key, r in rep.get("heldout", {}).items():
+        base = f", mean-pool q.k {r['meanpool_recall']:.3f}" if "meanpool_recall" in r else ""
+        print(f"held-out {key}: block recall {r['gate_recall']:.3f}{base} at block density {r['block_density']:.3f}")
+    print(f"wrote {args.out}, {rep['loss_png']} and {Path(args.out).with_suffix('.json')}")
     return 0
 
 
@@ -319,6 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
     s_.add_argument("--density", type=float, default=0.1, help="target kept density per head (default: %(default)s)")
     s_.add_argument("--prompts", type=int, default=2, help="calibration prompts (default: %(default)s)")
     s_.set_defaults(func=cmd_search)
+    tg = sub.add_parser("train-gate", help="train the learned block gates of 'adaptive' (self-distillation)")
+    tg.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")
+    tg.add_argument("--out", required=True, help="gate file to write (.safetensors; loss PNG + JSON beside it)")
+    tg.add_argument("--device", default=None, help="e.g. cuda (default: CPU)")
+    tg.add_argument("--length", default=None, help="tokens per calibration sequence (default: min(model max, 8k))")
+    tg.add_argument("--sequences", type=int, default=1, help="calibration sequences (default: %(default)s)")
+    tg.add_argument("--row-stride", type=int, default=4, help="targets for every n-th query block (default: %(default)s)")
+    tg.add_argument("--block-size", type=int, default=64, help="(default: %(default)s)")
+    tg.add_argument("--pooling", default="avg,max,min", help="block poolings, concatenated (default: %(default)s)")
+    tg.add_argument("--width", type=int, default=12, help="gate projection width per head (default: %(default)s)")
+    tg.add_argument("--steps", type=int, default=300, help="Adam steps per layer (default: %(default)s)")
+    tg.add_argument("--lr", type=float, default=1e-2, help="(default: %(default)s)")
+    tg.set_defaults(func=cmd_train_gate)
     return p
 
 

@@ -25,7 +25,7 @@ from .patterns.minference import MInferenceLayer
 
 IMPL = "sparseinfer"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-METHODS = ("dense",) + tuple(PATTERNS) + ("minference", "mminference")
+METHODS = ("dense",) + tuple(PATTERNS) + ("minference", "mminference", "adaptive")
 _ATTR = "_sparseinfer"
 # A KV-cache policy object set on attention modules by sparseinfer.kv. It must offer
 #   decode_attention(layer_idx, query [B, Hq, 1, D], key, value [B, Hkv, Nk, D], scale)
@@ -108,7 +108,7 @@ def _dense(module, query, key, value, attention_mask, **kwargs):
 
 # which measured break-even length (sparseinfer.kernels.attention.BREAK_EVEN) applies to a pattern
 _BREAK_EVEN_KEY = {"ashape": "ashape", "block_sparse": "block_sparse", "vertical_slash": "vertical_slash_estimated",
-                   "minference": "vertical_slash_estimated"}
+                   "minference": "vertical_slash_estimated", "adaptive": "block_sparse"}
 
 
 def _break_even(plan: LayerPlan, query: torch.Tensor) -> int:
@@ -218,6 +218,10 @@ def _make_patterns(method: str, options: dict, model) -> list[Pattern | None]:
         cfg = config_io.validate(cfg, "config") if isinstance(cfg, dict) else config_io.load(cfg)
         config_io.check_matches(cfg, model.config, source)
         return [MInferenceLayer(heads, options.get("last_q", 64)) for heads in cfg["layers"]]
+    if method == "adaptive":  # learned gates (sparseinfer.gate)
+        from .patterns.adaptive import make_layers
+
+        return make_layers(model, options)
     cls = PATTERNS[method]
     valid = cls.option_names()
     bad = sorted(set(options) - set(valid))
@@ -236,7 +240,9 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     method: one of "dense", "ashape" (sink, window), "vertical_slash" (vertical, slash, last_q),
     "block_sparse" (topk, block_size), "minference" (config: a per-head config path or dict,
     see `sparseinfer.config`; None = the config shipped for this model; last_q), "mminference"
-    (config, head, last_q, strides, frame; vision-language models, see `sparseinfer.vlm`). Budgets are token counts (int) or fractions of N (float).
+    (config, head, last_q, strides, frame; vision-language models, see `sparseinfer.vlm`), "adaptive"
+    (threshold or density, gates: a gate file, None = the gates shipped for this model; see
+    `sparseinfer.patterns.adaptive`). Budgets are token counts (int) or fractions of N (float).
     min_len: calls with fewer query tokens than this, decoding steps, pre-fill chunks after
     cached tokens and masked (padded) batches run dense SDPA. On CUDA with backend="auto",
     calls shorter than the kernel's measured break-even length against dense SDPA

@@ -19,12 +19,17 @@ def mixed_config(model_config) -> dict:
 
 def cases(model_config) -> dict:
     """name -> (method, options)."""
+    from sparseinfer.gate import Gates
+
+    torch.manual_seed(0)  # the same untrained gates in every process
+    gates = Gates.new(model_config, block_size=64, width=8)
     return {
         "dense": ("dense", {}),
         "ashape": ("ashape", {"sink": 16, "window": 64}),
         "vertical_slash": ("vertical_slash", {"vertical": 32, "slash": 48, "last_q": 32}),
         "block_sparse": ("block_sparse", {"topk": 2, "block_size": 64}),
         "minference": ("minference", {"config": mixed_config(model_config), "last_q": 32}),
+        "adaptive": ("adaptive", {"gates": gates, "density": 0.5}),
     }
 
 

@@ -1,0 +1,116 @@
+"""Adaptive block-sparse pattern: a learned gate (`sparseinfer.gate`) rates the KV blocks of
+every query block; a threshold (per input and head budgets) or a per-row top-k turns the
+ratings into block indices for `ops.block_sparse_attention`.
+
+Rules (row i = query block i, key blocks 0..i are causal):
+  threshold mode: keep block j iff gate probability p[i, j] >= threshold;
+  density mode:   keep the ceil(density * (i + 1)) causal blocks of highest p[i, j];
+  always: the sink block 0 and the diagonal block i (so no row is ever empty).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..gate import Gates, GateError, causal_blocks
+from .base import Pattern, Selection
+from .block_sparse import block_sparse_density
+
+OPTIONS = ("threshold", "density", "gates", "block_size")
+
+
+def keep_blocks(probs: torch.Tensor, threshold: float | None = None, density: float | None = None) -> torch.Tensor:
+    """probs [B, H, nb, nb] gate probabilities -> bool [B, H, nb, nb], the kept key blocks
+    (exactly one of threshold / density)."""
+    if (threshold is None) == (density is None):
+        raise ValueError(f"keep_blocks: expected exactly one of threshold / density, got {threshold!r} / {density!r}")
+    nb = probs.shape[-1]
+    dev = probs.device
+    causal = causal_blocks(nb, dev)
+    r = torch.arange(nb, device=dev)
+    forced = (r[None, :] == 0) | (r[None, :] == r[:, None])
+    if threshold is not None:
+        keep = probs >= threshold
+    else:
+        count = torch.ceil(density * (r + 1).double()).long()  # per row
+        order = torch.argsort(probs.masked_fill(~causal, -1.0), dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, r.expand_as(order).contiguous())
+        keep = rank < count[:, None]
+    return (keep | forced) & causal
+
+
+def keep_to_index(keep: torch.Tensor) -> torch.Tensor:
+    """bool [B, H, nb, nb] -> block_idx [B, H, nb, K] int64 (ascending, -1 padding), K the
+    largest row count (one host sync)."""
+    counts = keep.sum(-1)
+    k = max(1, int(counts.max()))
+    nb = keep.shape[-1]
+    r = torch.arange(nb, device=keep.device)
+    # kept blocks first, in ascending order: sort key = index, or nb + index when dropped
+    key = torch.where(keep, r, nb + r)
+    idx = torch.topk(key, k, dim=-1, largest=False, sorted=True).indices
+    return torch.where(torch.arange(k, device=keep.device) < counts[..., None], idx, -1)
+
+
+@dataclass
+class AdaptiveLayer(Pattern):
+    """One layer: gates (the model's `Gates`), layer index, threshold or density."""
+
+    name = "adaptive"
+    per_head = True
+    gates: Gates = None
+    layer: int = 0
+    threshold: float | None = None
+    density: float | None = None
+    local: object = None  # a LayerGate sliced to a tensor-parallel rank's heads (see `shard`)
+
+    def shard(self, shard) -> "AdaptiveLayer":
+        """This layer for the heads `shard` (sparseinfer.parallel.HeadShard) holds: the gate's
+        per-head projections sliced to them."""
+        return dataclasses.replace(self, local=self.gates.layers[self.layer].sliced(shard.q, shard.kv))
+
+    def select(self, q, k, scale):
+        n = q.shape[2]
+        if self.local is None:
+            probs = self.gates.probs(self.layer, q, k)
+        else:
+            with torch.no_grad():
+                qf, kf = self.gates.features(q, k)
+                probs = self.local.to(q.device)(qf, kf).exp()
+        keep = keep_blocks(probs, self.threshold, self.density)
+        idx = keep_to_index(keep)
+        bs = self.gates.block_size
+        return [Selection("block_sparse_attention", {"block_idx": idx, "block_size": bs},
+                          block_sparse_density(n, idx, bs))]
+
+
+def make_layers(model, options: dict) -> list[AdaptiveLayer]:
+    """patch(model, "adaptive", threshold= | density=, gates=path | Gates | None, block_size=)."""
+    from ..gate import resolve
+
+    bad = sorted(set(options) - set(OPTIONS))
+    if bad:
+        raise ValueError(f"patch: unknown option(s) {bad} for method 'adaptive'; expected any of "
+                         f"{list(OPTIONS) + ['min_len', 'backend']}")
+    threshold, density = options.get("threshold"), options.get("density")
+    if threshold is not None and density is not None:
+        raise ValueError(f"adaptive: expected threshold= (threshold mode) or density= (top-k mode), not both; "
+                         f"got threshold={threshold!r}, density={density!r}")
+    if density is not None:
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+            raise ValueError(f"adaptive: density expected a share in (0, 1], got {density!r}")
+        density = float(density)
+    else:
+        threshold = 1e-3 if threshold is None else threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ValueError(f"adaptive: threshold expected a probability in [0, 1], got {threshold!r}")
+        threshold = float(threshold)
+    gates = resolve(options.get("gates"), model)
+    bs = options.get("block_size")
+    if bs is not None and bs != gates.block_size:
+        raise GateError(f"adaptive: block_size={bs!r} but the gates were trained with block_size {gates.block_size}")
+    return [AdaptiveLayer(gates, i, threshold, density) for i in range(model.config.num_hidden_layers)]
+

@@ -1,0 +1,255 @@
+"""Learned block gates (sparseinfer.gate), the adaptive pattern and gate training.
+
+Logic on a tiny random-weight Llama (2 layers, 4 query / 2 KV heads, head_dim 16, block 16);
+one check on the real SmolLM2-135M with its shipped gates.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+
+import sparseinfer
+from masks import block_sparse_mask, masked_attention_f64, rel_err
+from sparseinfer.gate import GateError, Gates, pool_blocks, unrotate
+from sparseinfer.gate_training import block_targets, capture, train_layer
+from sparseinfer.patterns.adaptive import keep_blocks, keep_to_index
+
+BS = 16
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # peakier attention than the default init, so block choices matter
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
+def _gates(model, **kw):
+    torch.manual_seed(1)
+    return Gates.new(model.config, block_size=BS, width=8, **kw).attach(model)
+
+
+def _qk(model, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    q = torch.randn(1, cfg.num_attention_heads, n, d, generator=g)
+    k = torch.randn(1, cfg.num_key_value_heads, n, d, generator=g)
+    return q, k
+
+
+def test_unrotate_inverts_the_models_rope(tiny):
+    q, _ = _qk(tiny, 50)
+    cos, sin = tiny.model.rotary_emb(q, torch.arange(50)[None])
+    rotated = q * cos[:, None] + torch.cat([-q[..., 8:], q[..., :8]], -1) * sin[:, None]
+    assert torch.allclose(unrotate(rotated, cos, sin), q, atol=1e-5)
+
+
+def test_pool_blocks_against_loops():
+    x = torch.randn(1, 2, 37, 4)
+    got = pool_blocks(x, BS, ("avg", "max", "min"))
+    assert got.shape == (1, 2, 3, 12)
+    for b in range(3):
+        blk = x[0, :, b * BS:(b + 1) * BS]
+        want = torch.cat([blk.mean(1), blk.amax(1), blk.amin(1)], -1)
+        assert torch.allclose(got[0, :, b], want, atol=1e-6)
+
+
+def test_gate_probs_shape_rows_and_block_causality(tiny):
+    gates = _gates(tiny)
+    n = 100  # 7 blocks, the last one partial
+    q, k = _qk(tiny, n)
+    p = gates.probs(1, q, k)
+    nb = math.ceil(n / BS)
+    assert p.shape == (1, 4, nb, nb)
+    assert torch.allclose(p.sum(-1), torch.ones(1, 4, nb), atol=1e-5)
+    tri = torch.ones(nb, nb, dtype=torch.bool).tril()
+    assert (p[..., ~tri] == 0).all() and (p[..., tri] > 0).all()
+    q2, k2 = q.clone(), k.clone()  # change everything from block 3 on: rows 0..2 must not move
+    q2[:, :, 3 * BS:] += 5 * torch.randn_like(q2[:, :, 3 * BS:])
+    k2[:, :, 3 * BS:] += 5 * torch.randn_like(k2[:, :, 3 * BS:])
+    p2 = gates.probs(1, q2, k2)
+    assert torch.allclose(p2[:, :, :3], p[:, :, :3], atol=1e-6)
+    assert not torch.allclose(p2[:, :, 3:], p[:, :, 3:], atol=1e-3)
+    # GQA: query heads 0, 1 share KV head 0; changing KV head 1 leaves them alone
+    k3 = k.clone()
+    k3[:, 1] += 3
+    p3 = gates.probs(1, q, k3)
+    assert torch.allclose(p3[:, :2], p[:, :2], atol=1e-6) and not torch.allclose(p3[:, 2:], p[:, 2:], atol=1e-3)
+
+
+def _brute_keep(p: torch.Tensor, threshold=None, density=None) -> list:
+    """Python loops: per (b, h, row) the set of kept blocks."""
+    out = []
+    for b in range(p.shape[0]):
+        for h in range(p.shape[1]):
+            for i in range(p.shape[2]):
+                row = [float(p[b, h, i, j]) for j in range(i + 1)]
+                if threshold is not None:
+                    s = {j for j, v in enumerate(row) if v >= threshold}
+                else:
+                    s = set(sorted(range(i + 1), key=lambda j: -row[j])[:math.ceil(density * (i + 1))])
+                out.append(s | {0, i})
+    return out
+
+
+@pytest.mark.parametrize("mode", [{"threshold": 0.08}, {"threshold": 0.0}, {"density": 0.25}, {"density": 0.6}])
+def test_keep_blocks_and_index_equal_brute_force(mode):
+    torch.manual_seed(3)
+    nb = 12
+    causal = torch.ones(nb, nb, dtype=torch.bool).tril()
+    p = torch.softmax(torch.randn(2, 3, nb, nb).masked_fill(~causal, float("-inf")) * 2, -1)
+    keep = keep_blocks(p, **mode)
+    want = _brute_keep(p, **mode)
+    got = [{int(j) for j in torch.nonzero(keep[b, h, i]).flatten()} for b in range(2) for h in range(3) for i in range(nb)]
+    assert got == want
+    idx = keep_to_index(keep)
+    from_idx = [{int(j) for j in idx[b, h, i] if j >= 0} for b in range(2) for h in range(3) for i in range(nb)]
+    assert from_idx == want
+    if mode.get("threshold") == 0.0:
+        assert keep.equal(causal.expand_as(keep))
+
+
+def test_keep_blocks_needs_one_mode():
+    with pytest.raises(ValueError, match="exactly one"):
+        keep_blocks(torch.ones(1, 1, 2, 2), threshold=0.1, density=0.1)
+
+
+def _reference_attention(gates, threshold):
+    """An attention function: float64 softmax under the block mask built from brute-force keep sets."""
+    def fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        n = query.shape[2]
+        p = gates.probs(module.layer_idx, query, key)
+        sets = _brute_keep(p, threshold=threshold)
+        hq, nb = query.shape[1], p.shape[-1]
+        mask = torch.zeros(1, hq, n, n, dtype=torch.bool)
+        for h in range(hq):
+            for i in range(nb):
+                for j in sets[h * nb + i]:
+                    mask[0, h, i * BS:(i + 1) * BS, j * BS:(j + 1) * BS] = True
+        mask &= torch.ones(n, n, dtype=torch.bool).tril()
+        out = masked_attention_f64(query, key, value, mask, scaling)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+    return fn
+
+
+def test_patched_model_equals_float64_reference_under_the_gate_mask(tiny):
+    gates = _gates(tiny)
+    ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(5))
+    threshold = 0.12
+    AttentionInterface.register("test_gate_ref", _reference_attention(gates, threshold))
+    prev = tiny.config._attn_implementation
+    tiny.set_attn_implementation("test_gate_ref")
+    try:
+        with torch.no_grad():
+            ref = tiny(ids).logits
+    finally:
+        tiny.set_attn_implementation(prev)
+    handle = sparseinfer.patch(tiny, "adaptive", gates=gates, threshold=threshold, min_len=0)
+    try:
+        with torch.no_grad():
+            out = tiny(ids).logits
+    finally:
+        sparseinfer.unpatch(tiny)
+    dens = handle.stats.density()
+    assert 0.3 < dens < 0.95  # the mask is really sparse, and the check is not vacuous
+    assert rel_err(out, ref) < 1e-5
+    with torch.no_grad():
+        dense = tiny(ids).logits
+    assert rel_err(out, dense) > 1e-3
+
+
+def test_block_sparse_op_under_gate_indices_matches_masks(tiny):
+    gates = _gates(tiny)
+    q, k = _qk(tiny, 90, seed=2)
+    v = torch.randn_like(k)
+    layer = sparseinfer.patterns.adaptive.AdaptiveLayer(gates, 0, None, 0.3)
+    (sel,) = layer.select(q, k, 0.25)
+    out = sparseinfer.ops.block_sparse_attention(q, k, v, **sel.kwargs, scale=0.25, backend="reference")
+    mask = block_sparse_mask(90, sel.kwargs["block_idx"], BS)
+    assert rel_err(out, masked_attention_f64(q, k, v, mask, 0.25)) < 1e-5
+    assert torch.allclose(sel.density, mask[0].sum((-1, -2)).double().div(90 * 91 / 2).float(), atol=1e-6)
+
+
+def test_block_targets_against_full_softmax():
+    torch.manual_seed(4)
+    n = 70
+    q, k = torch.randn(1, 2, n, 8), torch.randn(1, 1, n, 8)
+    tmax, tsum = block_targets(q, k, 0.5, BS)
+    kk = k.repeat_interleave(2, 1)
+    p = torch.softmax((q @ kk.transpose(-1, -2) * 0.5).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -1e30), -1)
+    nb = math.ceil(n / BS)
+    for i in range(nb):
+        for j in range(nb):
+            tile = p[0, :, i * BS:(i + 1) * BS, j * BS:(j + 1) * BS]
+            assert torch.allclose(tsum[0, :, i, j], tile.sum((1, 2)) / tile.shape[1], atol=1e-6)
+        rowmax = torch.stack([p[0, :, i * BS:(i + 1) * BS, j * BS:(j + 1) * BS].amax((1, 2)) for j in range(nb)], -1)
+        assert torch.allclose(tmax[0, :, i], rowmax / rowmax.sum(-1, keepdim=True), atol=1e-6)
+
+
+def test_training_reduces_kl(tiny):
+    gates = _gates(tiny)
+    ids = torch.randint(0, 128, (2, 256), generator=torch.Generator().manual_seed(6)).tolist()
+    caches = capture(tiny, gates, ids, row_stride=2, progress=False)
+    assert caches[0].target[0].shape == (1, 4, 8, 16) and caches[0].rows[1].tolist() == list(range(1, 16, 2))
+    losses = train_layer(gates.layers[1], caches[1], 60, 1e-2)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_save_load_roundtrip_and_wrong_files(tiny, tmp_path):
+    gates = _gates(tiny)
+    path = gates.save(tmp_path / "g.safetensors", dtype=torch.float32)
+    back = Gates.load(path).attach(tiny)
+    q, k = _qk(tiny, 64)
+    assert torch.equal(back.probs(0, q, k), gates.probs(0, q, k))
+    other = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=128)
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        sparseinfer.patch(LlamaForCausalLM(other), "adaptive", gates=str(path))
+    with pytest.raises(ValueError, match="block_size"):
+        sparseinfer.patch(tiny, "adaptive", gates=str(path), block_size=64)
+    with pytest.raises(ValueError, match="not both"):
+        sparseinfer.patch(tiny, "adaptive", gates=str(path), threshold=0.1, density=0.1)
+    # tensors that do not match the metadata's shapes
+    from safetensors.torch import save_file
+    import json
+    meta = dict(gates.meta, width=4)
+    bad = {n: p.detach() for n, p in gates.named_parameters()}
+    save_file(bad, str(tmp_path / "bad.safetensors"), metadata={"sparseinfer": json.dumps(meta)})
+    with pytest.raises(GateError, match="expected shape"):
+        Gates.load(tmp_path / "bad.safetensors")
+    save_file(bad, str(tmp_path / "nometa.safetensors"))
+    with pytest.raises(ValueError, match="schema_version"):
+        Gates.load(tmp_path / "nometa.safetensors")
+    with pytest.raises(ValueError, match="no shipped gates"):
+        sparseinfer.patch(tiny, "adaptive")
+
+
+def test_real_model_shipped_gates(smol, essay_ids):
+    """SmolLM2 with the gates shipped in the package (found by fingerprint): the kept density
+    follows the top-k budget (plus sink and diagonal) and the output stays close to dense."""
+    model, _ = smol
+    n = 768
+    ids = torch.tensor([essay_ids[:n]])
+    with torch.no_grad():
+        dense = F.log_softmax(model(ids).logits.float(), -1)
+    handle = sparseinfer.patch(model, "adaptive", density=0.2)
+    try:
+        with torch.no_grad():
+            out = F.log_softmax(model(ids).logits.float(), -1)
+    finally:
+        sparseinfer.unpatch(model)
+    kl = float(F.kl_div(out, dense, log_target=True, reduction="none").sum(-1).mean())
+    nb = n // 64
+    rows = [min(r + 1, math.ceil(0.2 * (r + 1)) + (2 if r > 0 else 1)) for r in range(nb)]  # upper bound per row
+    assert len(handle.stats.records) == model.config.num_hidden_layers
+    assert 0.2 < handle.stats.density() <= sum(64 * 64 * c for c in rows) / (n * (n + 1) / 2) + 1e-6
+    assert 0 < kl < 0.3

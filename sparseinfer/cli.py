@@ -1,4 +1,4 @@
-"""The `sparseinfer` command: demo, search, eval niah | fidelity | ppl | recall | report | decode."""
+"""The `sparseinfer` command: demo, search, eval niah | fidelity | ppl | recall | report | adaptive-report | decode."""
 from __future__ import annotations
 
 import argparse
@@ -134,6 +134,16 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_adaptive_report(args) -> int:
+    from .eval.adaptive import build
+    from .eval.needle import parse_length
+
+    path = build(args.model, Path(args.out), [parse_length(x) for x in _csv(args.lengths)], args.windows,
+                 run=not args.from_cache)
+    print(f"wrote {path} and {path.parent / 'adaptive-kl-density.png'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .eval import report
     from .eval.runner import as_dicts, run_niah
@@ -186,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--ppl-lengths", default="4k,8k", help="perplexity / KL lengths (default: %(default)s)")
     rp.add_argument("--from-cache", action="store_true", help="only write the report from cells already measured")
     rp.set_defaults(func=cmd_report)
+    ar = evs.add_parser("adaptive-report", help="adaptive vs fixed-budget methods: KL, ppl, density spread, "
+                        "estimation time -> docs/adaptive.md + PNG")
+    ar.add_argument("--model", default="smollm2-135m")
+    ar.add_argument("--out", default="docs")
+    ar.add_argument("--lengths", default="2k,4k", help="context lengths (default: %(default)s)")
+    ar.add_argument("--windows", type=int, default=2, help="held-out windows per length (default: %(default)s)")
+    ar.add_argument("--from-cache", action="store_true", help="only write the report from cells already measured")
+    ar.set_defaults(func=cmd_adaptive_report)
     dc = evs.add_parser("decode", help="KV-cache policies on long decoding: teacher-forced KL / top-1, KV memory")
     dc.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")
     dc.add_argument("--policies", default="dense,streaming,h2o,snapkv,quest,raas", help="comma list (default: %(default)s)")

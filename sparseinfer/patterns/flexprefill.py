@@ -29,7 +29,7 @@ import torch
 from .base import Pattern, Selection, group_heads
 from .block_sparse import block_sparse_density
 from .vertical_slash import diagonal_sums, vertical_slash_density
-from .xattention import _acc_dtype, check_fraction, check_int, head_values, table_to_index, threshold_rows
+from .xattention import _acc_dtype, _mm_dtype, check_fraction, check_int, head_values, table_to_index, threshold_rows
 
 
 def last_block_probs(q, k, last_q: int, scale: float) -> torch.Tensor:
@@ -38,8 +38,9 @@ def last_block_probs(q, k, last_q: int, scale: float) -> torch.Tensor:
     b, hq, n, d = q.shape
     acc = _acc_dtype(q)
     L = min(last_q, n)
-    qg, kg = group_heads(q[:, :, n - L :].to(acc), k.to(acc))
-    s = torch.matmul(qg, kg.transpose(-1, -2)).reshape(b, hq, L, n) * scale
+    mm = _mm_dtype(q)
+    qg, kg = group_heads(q[:, :, n - L :].to(mm), k.to(mm))
+    s = torch.matmul(qg, kg.transpose(-1, -2)).reshape(b, hq, L, n).to(acc) * scale
     pos = torch.arange(n - L, n, device=q.device)[:, None]
     s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > pos, float("-inf"))
     return torch.softmax(s, dim=-1)

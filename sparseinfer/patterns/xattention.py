@@ -35,6 +35,11 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _mm_dtype(x: torch.Tensor) -> torch.dtype:
+    """Matmul inputs stay in half precision (tensor cores, float32 accumulation); else the accumulator."""
+    return x.dtype if x.dtype in (torch.float16, torch.bfloat16) else _acc_dtype(x)
+
+
 def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int, scale: float) -> torch.Tensor:
     """q [B, Hq, N, D], k [B, Hkv, N, D] -> row-normalised block mass [B, Hq, nb, nb] (float32,
     float64 for float64 inputs), nb = ceil(N / block_size); zero above the diagonal."""
@@ -46,25 +51,27 @@ def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, stride: int, block_size:
     npad = nb * block_size
     ng = npad // stride  # groups (padded)
     gpb = block_size // stride  # groups per block
-    qp = torch.nn.functional.pad(q.to(acc), (0, 0, 0, npad - n))
-    kp = torch.nn.functional.pad(k.to(acc), (0, 0, 0, npad - n))
+    mm = _mm_dtype(q)
+    qp = torch.nn.functional.pad(q.to(mm), (0, 0, 0, npad - n))
+    kp = torch.nn.functional.pad(k.to(mm), (0, 0, 0, npad - n))
     qs = qp.reshape(b, hq, ng, stride, d).flip(3).reshape(b, hq, ng, stride * d)
     ks = kp.reshape(b, k.shape[1], ng, stride, d).reshape(b, k.shape[1], ng, stride * d)
     kg = ks.unsqueeze(2)  # [B, Hkv, 1, ng, S*D]
     g_valid = math.ceil(n / stride)  # groups holding at least one real token
     key_g = torch.arange(ng, device=q.device)
     out = torch.zeros(b, hq, nb, nb, dtype=acc, device=q.device)
-    rows_per_chunk = max(gpb, (_CHUNK_ELEMS // max(1, b * hq * ng)) // gpb * gpb)
+    elems = _CHUNK_ELEMS * (4 if q.is_cuda else 1)
+    rows_per_chunk = max(gpb, (elems // max(1, b * hq * ng)) // gpb * gpb)
     for r0 in range(0, ng, rows_per_chunk):
-        r1 = min(ng, r0 + rows_per_chunk)
+        r1 = min(ng, r0 + rows_per_chunk)  # a multiple of gpb; causal: key groups < r1 only
         qg = qs[:, :, r0:r1].reshape(b, k.shape[1], hq // k.shape[1], r1 - r0, stride * d)
-        s = torch.matmul(qg, kg.transpose(-1, -2)).reshape(b, hq, r1 - r0, ng) * (scale / stride)
+        s = torch.matmul(qg, kg[..., :r1, :].transpose(-1, -2)).reshape(b, hq, r1 - r0, r1).to(acc) * (scale / stride)
         qi = torch.arange(r0, r1, device=q.device)[:, None]
-        s = s.masked_fill((key_g[None, :] > qi) | (key_g[None, :] >= g_valid), float("-inf"))
+        s = s.masked_fill((key_g[None, :r1] > qi) | (key_g[None, :r1] >= g_valid), float("-inf"))
         p = torch.softmax(s, dim=-1)
         p = p * (qi < g_valid).to(acc)  # padded query groups carry no mass
-        blocks = p.reshape(b, hq, (r1 - r0) // gpb, gpb, nb, gpb).sum((3, 5))
-        out[:, :, r0 // gpb : r1 // gpb] = blocks
+        blocks = p.reshape(b, hq, (r1 - r0) // gpb, gpb, r1 // gpb, gpb).sum((3, 5))
+        out[:, :, r0 // gpb : r1 // gpb, : r1 // gpb] = blocks
     return out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
 
 

@@ -2,6 +2,7 @@
 from .integration import patch, unpatch
 from .kv import kv_cache
 from .models import DEFAULT_MODEL, load_model
+from . import shadow
 from .monitor import record
 
 __version__ = "0.1.0"

@@ -138,8 +138,15 @@ def cmd_adaptive_report(args) -> int:
     from .eval.adaptive import build
     from .eval.needle import parse_length
 
+    from .eval.adaptive import METHODS
+
+    only = _csv(args.only) if args.only else None
+    bad = sorted(set(only or []) - set(METHODS))
+    if bad:
+        raise SystemExit(f"adaptive-report: unknown method label(s) {bad}; expected some of {list(METHODS)}")
+    methods = {k: METHODS[k] for k in only} if only else None
     path = build(args.model, Path(args.out), [parse_length(x) for x in _csv(args.lengths)], args.windows,
-                 run=not args.from_cache)
+                 methods=methods, run=not args.from_cache)
     print(f"wrote {path} and {path.parent / 'adaptive-kl-density.png'}")
     return 0
 
@@ -202,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--out", default="docs")
     ar.add_argument("--lengths", default="2k,4k", help="context lengths (default: %(default)s)")
     ar.add_argument("--windows", type=int, default=2, help="held-out windows per length (default: %(default)s)")
+    ar.add_argument("--only", default=None, help="comma list of method labels to measure, in this order "
+                    "(default: all; the page lists every cached cell)")
     ar.add_argument("--from-cache", action="store_true", help="only write the report from cells already measured")
     ar.set_defaults(func=cmd_adaptive_report)
     dc = evs.add_parser("decode", help="KV-cache policies on long decoding: teacher-forced KL / top-1, KV memory")

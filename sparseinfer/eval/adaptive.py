@@ -102,6 +102,7 @@ def build(model_name: str, out: Path, lengths: list[int], windows: int = 2, meth
     from ..models import load_model
 
     methods = METHODS if methods is None else methods
+    shown = dict(METHODS) | methods  # the page shows every cached cell of the known methods
     cache = out / "adaptive"
     cache.mkdir(parents=True, exist_ok=True)
     model = tok = None
@@ -135,10 +136,16 @@ def build(model_name: str, out: Path, lengths: list[int], windows: int = 2, meth
             cells.append(row)
             bar.update()
     bar.close()
+    for path in sorted(cache.glob("*.json")):  # cells of other lengths / methods measured before
+        row = json.loads(path.read_text())
+        if row.get("method") in shown and row.get("window", 0) < windows and not any(
+                c["method"] == row["method"] and c["length"] == row["length"] and c["window"] == row["window"]
+                for c in cells):
+            cells.append(row)
     png = plot(cells, out / "adaptive-kl-density.png", model_name)
-    missing = [f"{m} {L} w{w}" for L, w in todo for m in methods
+    missing = [f"{m} {L} w{w}" for L, w in todo for m in shown
                if not any(c["method"] == m and c["length"] == L and c["window"] == w for c in cells)]
-    return write_markdown(out / "adaptive.md", model_name, cells, methods, png.name, windows, missing)
+    return write_markdown(out / "adaptive.md", model_name, cells, shown, png.name, windows, missing)
 
 
 def aggregate(cells: list[dict], methods: dict) -> list[dict]:

@@ -218,3 +218,26 @@ def test_shadow_records_divergence_without_changing_outputs(tiny):
         picks.append([(r.kind, r.layer) for r in h.stats.shadow])
     assert picks[0] == picks[1] and 0 < len(picks[0]) < 12
     sparseinfer.unpatch(model)
+
+
+def test_adaptive_report_from_cached_cells(tmp_path):
+    from sparseinfer.eval import adaptive
+
+    cache = tmp_path / "adaptive"
+    cache.mkdir()
+    cells = {("dense", "dense"): (0.0, 3.0, 1.0), ("xattention 0.9", "xattention"): (0.02, 3.1, 0.5),
+             ("xattention 0.8", "xattention"): (0.05, 3.2, 0.3), ("block_sparse 10%", "block_sparse"): (0.9, 4.0, 0.2)}
+    for (label, fam), (kl, nll, dens) in cells.items():
+        for w, jitter in enumerate((0.0, 0.1)):
+            row = {"method": label, "family": fam, "spec": adaptive.METHODS[label][1], "length": 2048, "window": w,
+                   "kl": kl, "nll": nll, "top1_agree": 0.9, "density": dens + jitter * (fam != "dense"),
+                   "density_heads": [dens] * 8 + [1.0] * 2, "covered": 0.95, "covered_min": 0.5,
+                   "estimate_ms": 3.0, "seconds": 1.0}
+            (cache / f"{label.replace(' ', '_')}-2048-w{w}.json").write_text(json.dumps(row))
+    md = adaptive.build("tiny", tmp_path, [2048], windows=2, run=False).read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| xattention 0.9 |"))
+    # perplexity exp(3.1) vs exp(3.0); density mean over windows 55%, sd 5 points; heads p10-p90 50-100%
+    assert "| 22.198 | +10.52% | 55.0% | 50-100% | 5.0 |" in line
+    assert "block_sparse 20% 2048 w0" in md  # listed as not measured
+    assert (tmp_path / "adaptive-kl-density.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "adaptive.json").read_text())["rows"][0]["method"] == "dense"

@@ -114,7 +114,7 @@ def _dense(module, query, key, value, attention_mask, **kwargs):
 
 # which measured break-even length (sparseinfer.kernels.attention.BREAK_EVEN) applies to a pattern
 _BREAK_EVEN_KEY = {"ashape": "ashape", "block_sparse": "block_sparse", "vertical_slash": "vertical_slash_estimated",
-                   "minference": "vertical_slash_estimated"}
+                   "minference": "vertical_slash_estimated", "xattention": "block_sparse", "flexprefill": "block_sparse"}
 
 
 def _break_even(plan: LayerPlan, query: torch.Tensor) -> int:

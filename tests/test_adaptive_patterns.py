@@ -186,3 +186,10 @@ def test_flexprefill_options_validated():
     for bad in ({"gamma": 0.0}, {"gamma": 2.0}, {"tau": -1.0}, {"block_size": 0}):
         with pytest.raises(ValueError):
             FlexPrefill(**bad)
+
+
+def test_xattention_chunking_does_not_change_the_mass(monkeypatch):
+    q, k, _ = _qkv(333)
+    whole = xa.antidiagonal_mass(q, k, 4, 16, 0.3)
+    monkeypatch.setattr(xa, "_CHUNK_ELEMS", 4 * 84 * 8)  # 8 query groups (2 blocks) per chunk
+    assert torch.allclose(xa.antidiagonal_mass(q, k, 4, 16, 0.3), whole, atol=1e-12)

@@ -17,7 +17,7 @@ Per head, from the last `block_size` queries (the last query block):
    -> `ops.vertical_slash_attention`.
 
 Batched over batch and heads (both patterns are estimated for every head, then masked per
-head); three host synchronisations per call (the widest row of each index tensor).
+head); one host synchronisation per call (the widest row of the three index tensors).
 """
 from __future__ import annotations
 
@@ -148,9 +148,13 @@ class FlexPrefill(Pattern):
         qa = est.query_aware  # [B, Hq]
         # a head is served by one op for the whole batch: query-aware only if it is for every input
         heads = qa.all(0)
-        bidx = table_to_index(est.block_table & heads[None, :, None, None])
-        vidx = table_to_index((est.vertical & ~heads[None, :, None]).unsqueeze(2)).squeeze(2)
-        sidx = table_to_index((est.slash & ~heads[None, :, None]).unsqueeze(2)).squeeze(2)
+        bt = est.block_table & heads[None, :, None, None]
+        vt = (est.vertical & ~heads[None, :, None]).unsqueeze(2)
+        st = (est.slash & ~heads[None, :, None]).unsqueeze(2)
+        widths = torch.stack([t.sum(-1).max() for t in (bt, vt, st)]).tolist()  # the one host synchronisation
+        bidx = table_to_index(bt, widths[0])
+        vidx = table_to_index(vt, widths[1]).squeeze(2)
+        sidx = table_to_index(st, widths[2]).squeeze(2)
         bsel = Selection("block_sparse_attention", {"block_idx": bidx, "block_size": self.block_size},
                          block_sparse_density(n, bidx, self.block_size), heads)
         vsel = Selection("vertical_slash_attention", {"vertical_idx": vidx, "slash_idx": sidx},

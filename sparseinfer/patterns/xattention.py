@@ -86,10 +86,11 @@ def threshold_rows(mass: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return keep.scatter_(-1, order, keep_sorted)
 
 
-def table_to_index(table: torch.Tensor) -> torch.Tensor:
-    """bool [B, H, R, M] membership -> int64 [B, H, R, K] (K = widest row; -1 padding)."""
+def table_to_index(table: torch.Tensor, kmax: int | None = None) -> torch.Tensor:
+    """bool [B, H, R, M] membership -> int64 [B, H, R, K] (K = kmax, by default the widest
+    row: one host synchronisation; -1 padding)."""
     count = table.sum(-1)
-    kmax = max(1, int(count.max()))  # the one host synchronisation
+    kmax = max(1, int(count.max()) if kmax is None else kmax)
     idx = torch.sort(table.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :kmax]
     return torch.where(torch.arange(kmax, device=table.device) < count[..., None], idx, -1)
 

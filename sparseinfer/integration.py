@@ -318,8 +318,10 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
                                     max_density=max_density, dense_reason=dense_reasons[m.layer_idx] if
                                     method != "dense" else "", shadow=shadow_obj))
     model.set_attn_implementation(IMPL)
-    generic = {k: v for k, v in dict(max_density=max_density, layers=layers, dense_layers=dense_layers,
-                                     shadow=shadow).items() if v}
+    generic = {k: v for k, v in dict(max_density=max_density, layers=layers, dense_layers=dense_layers).items()
+               if v is not None}
+    if shadow > 0:
+        generic.update(shadow=shadow, shadow_seed=shadow_seed)
     handle = PatchHandle(method, dict(options, min_len=min_len, backend=backend, **generic), stats, previous)
     handle.shadow = shadow_obj
     model._sparseinfer_patch = handle

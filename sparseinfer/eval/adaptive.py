@@ -227,7 +227,7 @@ def write_markdown(path: Path, model_name: str, cells: list[dict], methods: dict
         "",
         f"![KL vs density]({png})",
         "",
-        "| method | tokens | mean KL | top-1 agree | perplexity | vs dense | density | p10-p90 heads | sd inputs "
+        "| method | tokens | mean KL | top-1 agree | perplexity | vs dense | density | p10-p90 heads | sd windows (pts) "
         "| covered | est. ms / layer | CPU s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

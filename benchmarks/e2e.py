@@ -88,6 +88,8 @@ def main():
     ap.add_argument("--sizes", default="32768,131072")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--adaptive", action="store_true",
+                    help="also time xattention (tau=0.9, block 128) with the default density guard")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -122,6 +124,15 @@ def main():
             sparseinfer.unpatch(model)
             torch.cuda.empty_cache()
             res[label + " density"] = dens
+        if args.adaptive:  # random weights: near-uniform attention, so the guard should route heads dense
+            label = "xattention 0.9, guarded"
+            handle = sparseinfer.patch(model, "xattention", tau=0.9, stride=8, block_size=128, min_len=4096)
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                res[label] = ttft(model, ids, 1)
+            res[label + " density"] = handle.stats.density()
+            res[label + " route"] = sorted({r.reason or r.method for r in handle.stats.records})
+            sparseinfer.unpatch(model)
+            torch.cuda.empty_cache()
         peak = torch.cuda.max_memory_allocated() / 1e9
         for name, v in res.items():
             if name.endswith("density") or name.endswith("route"):

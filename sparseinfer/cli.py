@@ -1,5 +1,5 @@
 """The `sparseinfer` command: demo, search, train-gate, calibrate-mlp, train-predictors, eval niah | fidelity |
-ppl | recall | report | decode | contextual."""
+ppl | recall | report | adaptive-report | decode | contextual."""
 from __future__ import annotations
 
 import argparse
@@ -158,6 +158,23 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_adaptive_report(args) -> int:
+    from .eval.adaptive import build
+    from .eval.needle import parse_length
+
+    from .eval.adaptive import METHODS
+
+    only = _csv(args.only) if args.only else None
+    bad = sorted(set(only or []) - set(METHODS))
+    if bad:
+        raise SystemExit(f"adaptive-report: unknown method label(s) {bad}; expected some of {list(METHODS)}")
+    methods = {k: METHODS[k] for k in only} if only else None
+    path = build(args.model, Path(args.out), [parse_length(x) for x in _csv(args.lengths)], args.windows,
+                 methods=methods, run=not args.from_cache)
+    print(f"wrote {path} and {path.parent / 'adaptive-kl-density.png'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .eval import report
     from .eval.runner import as_dicts, run_niah
@@ -289,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--ppl-lengths", default="4k,8k", help="perplexity / KL lengths (default: %(default)s)")
     rp.add_argument("--from-cache", action="store_true", help="only write the report from cells already measured")
     rp.set_defaults(func=cmd_report)
+    ar = evs.add_parser("adaptive-report", help="adaptive vs fixed-budget methods: KL, ppl, density spread, "
+                        "estimation time -> docs/adaptive.md + PNG")
+    ar.add_argument("--model", default="smollm2-135m")
+    ar.add_argument("--out", default="docs")
+    ar.add_argument("--lengths", default="2k,4k", help="context lengths (default: %(default)s)")
+    ar.add_argument("--windows", type=int, default=2, help="held-out windows per length (default: %(default)s)")
+    ar.add_argument("--only", default=None, help="comma list of method labels to measure, in this order "
+                    "(default: all; the page lists every cached cell)")
+    ar.add_argument("--from-cache", action="store_true", help="only write the report from cells already measured")
+    ar.set_defaults(func=cmd_adaptive_report)
     dc = evs.add_parser("decode", help="KV-cache policies on long decoding: teacher-forced KL / top-1, a scored recall task, KV memory")
     dc.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")
     dc.add_argument("--policies", default="dense,streaming,h2o,snapkv,quest,raas", help="comma list (default: %(default)s)")

@@ -17,7 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import config as config_io
-from . import ops
+from . import guards, ops
 from . import parallel
 from .patterns import PATTERNS, Pattern
 from .patterns.base import Selection, combined_density
@@ -42,7 +42,9 @@ class CallRecord:
     q_len: int
     method: str
     density: torch.Tensor | None
-    reason: str = ""  # why a call ran dense: decode, chunk, short, break-even, mask, dropout
+    reason: str = ""  # why a call ran dense: decode, chunk, short, break-even, mask, dropout, rollout,
+    # dense_layers, density (the density guard; some heads only when `dense_heads` is set)
+    dense_heads: torch.Tensor | None = None  # bool [Hq]: heads the density guard routed dense
 
 
 @dataclass
@@ -50,9 +52,11 @@ class PatchStats:
     """What the patched model computed, call by call (reset with `.reset()`)."""
 
     records: list[CallRecord] = field(default_factory=list)
+    shadow: list = field(default_factory=list)  # sparseinfer.shadow.ShadowRecord, with patch(shadow=...)
 
     def reset(self) -> None:
         self.records.clear()
+        self.shadow.clear()
 
     def density(self) -> float:
         """Kept share of causal (query, key) pairs over all recorded calls, weighted by each
@@ -84,6 +88,10 @@ class LayerPlan:
     warned: set  # shared by all layers of one patch: each warning once per patch
     observer: Callable | None = None  # observer(layer, q, k, scale) on every full pre-fill call
     shard: parallel.HeadShard | None = None  # the heads this tensor-parallel rank holds
+    max_density: float | None = None  # density guard (sparseinfer.guards); None = the kernel's break-even
+    dense_reason: str = ""  # why pattern is None: "rollout" / "dense_layers" ("" = method "dense")
+    recorder: object | None = None  # a sparseinfer.monitor.Recorder while `record(model)` is open
+    shadow: object | None = None  # a sparseinfer.shadow.Shadow with patch(shadow=...)
 
     def warn_once(self, key: str, msg: str) -> None:
         if key not in self.warned:
@@ -100,6 +108,7 @@ class PatchHandle:
     stats: PatchStats
     previous_impl: str
     contextual: object = None  # a sparseinfer.contextual.ContextualHandle when mlp= / heads= were given
+    shadow: object | None = None  # a sparseinfer.shadow.Shadow with patch(shadow=...)
 
 
 def _dense(module, query, key, value, attention_mask, **kwargs):
@@ -108,7 +117,8 @@ def _dense(module, query, key, value, attention_mask, **kwargs):
 
 # which measured break-even length (sparseinfer.kernels.attention.BREAK_EVEN) applies to a pattern
 _BREAK_EVEN_KEY = {"ashape": "ashape", "block_sparse": "block_sparse", "vertical_slash": "vertical_slash_estimated",
-                   "minference": "vertical_slash_estimated", "adaptive": "block_sparse"}
+                   "minference": "vertical_slash_estimated", "adaptive": "block_sparse", "xattention": "block_sparse",
+                   "flexprefill": "block_sparse"}
 
 
 def _break_even(plan: LayerPlan, query: torch.Tensor) -> int:
@@ -146,11 +156,15 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
                 return out.transpose(1, 2).contiguous(), None
         elif query.shape[2] == key.shape[2]:
             kv.observe_prefill(module.layer_idx, query, key, scale)
+    if plan is not None and plan.shadow is not None and plan.shadow.forcing:  # shadow's dense replay
+        return _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if plan is not None and plan.observer is not None and query.shape[2] == key.shape[2]:
         plan.observer(plan.layer, query, key, query.shape[-1] ** -0.5 if scaling is None else scaling)
     if plan is None or plan.pattern is None:
         if plan is not None:
-            plan.stats.records.append(CallRecord(plan.layer, query.shape[2], "dense", None))
+            plan.stats.records.append(CallRecord(plan.layer, query.shape[2], "dense", None, plan.dense_reason))
+            if plan.recorder is not None:
+                plan.recorder.dense(plan.layer, query.shape[2], plan.dense_reason)
         return _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     nq, nk = query.shape[2], key.shape[2]
     if plan.shard is not None and (query.shape[1], key.shape[1]) != (len(plan.shard.q), len(plan.shard.kv)):
@@ -178,12 +192,39 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         plan.warn_once("chunk", "sparseinfer: a pre-fill chunk after cached tokens is computed densely.")
     if reason is not None:
         plan.stats.records.append(CallRecord(plan.layer, nq, "dense", None, reason))
+        if plan.recorder is not None:
+            plan.recorder.dense(plan.layer, nq, reason)
         return _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    rec = plan.recorder
+    t0 = rec.start(query) if rec is not None else 0.0
     parts = plan.pattern.select(query, key, scale)
+    # density guard: heads whose estimated density is above the kernel's break-even run dense
+    over = guards.over_limit(parts, [guards.density_limit(p.op, plan.max_density, query, plan.backend) for p in parts])
+    if over is not None and not bool(over.any()):
+        over = None
+    if over is not None and bool(over.all()):
+        plan.stats.records.append(CallRecord(plan.layer, nq, "dense", None, "density"))
+        if rec is not None:
+            rec.dense(plan.layer, nq, "density")
+        return _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if over is not None:
+        parts = guards.drop_heads(parts, over)
+    density = combined_density(parts)
+    if over is not None:
+        density = torch.where(over, torch.ones_like(density), density)
+    if rec is not None:
+        rec.sparse(plan.layer, plan.pattern.name, query, key, scale, parts, density, t0, over)
     out = run_selections(parts, query, key, value, scale, plan.backend)
-    plan.stats.records.append(CallRecord(plan.layer, nq, plan.pattern.name, combined_density(parts)))
-    return out.transpose(1, 2).contiguous(), None
+    if over is not None:
+        out = guards.dense_heads_attention(out, query, key, value, over, scale)
+    plan.stats.records.append(CallRecord(plan.layer, nq, plan.pattern.name, density,
+                                         "density" if over is not None else "", over))
+    out = out.transpose(1, 2).contiguous()
+    if plan.shadow is not None and plan.shadow.sample_call():
+        ref, _ = _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        plan.shadow.attention(plan.layer, out, ref)
+    return out, None
 
 
 AttentionInterface.register(IMPL, sparse_attention_forward)
@@ -233,7 +274,8 @@ def _make_patterns(method: str, options: dict, model) -> list[Pattern | None]:
 
 
 def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend: str = "auto", kv: str | None = None,
-          kv_options: dict | None = None, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None = None,
+          kv_options: dict | None = None, max_density: float | None = None, layers=None, dense_layers=None,
+          shadow: float = 0.0, shadow_seed: int = 0, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None = None,
           head_sparsity=0.5, predictors=None, contextual_options: dict | None = None, **options):
     """Make `model`'s pre-filling attention sparse with `method`; returns a `PatchHandle`.
 
@@ -256,6 +298,15 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     head_sparsity, predictors = a Deja Vu predictor file (None = the shipped one); more
     options (thresholds, attn_sparsity, apply_to, max_len, backend) in contextual_options.
     Patching an already patched model replaces the previous patch.
+
+    Guards and rollout (every method): max_density: per call and head, when the estimated kept
+    density is above it, that head runs dense SDPA (None: the kernel's measured break-even,
+    `sparseinfer.guards.BREAK_EVEN_DENSITY`, when the Triton kernel serves the call; off on
+    the CPU, where the reference costs the same at any density). layers: only these layers
+    sparse (staged rollout); dense_layers: these layers dense. shadow: share of sparse calls
+    (and of pre-fill forwards) also run dense to record the divergence in `handle.stats.shadow`
+    (`sparseinfer.shadow`), deterministic given shadow_seed; outputs are the sparse ones.
+    Monitoring: `with sparseinfer.record(model, audit=0.1) as rec:` (`sparseinfer.monitor`).
     A model sharded by transformers' tensor parallelism (tp_plan="auto" under torchrun) is
     patched the same way in every rank: each rank's per-head state is sliced to its heads
     (`sparseinfer.parallel`).
@@ -263,6 +314,12 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     from . import vlm
 
     if vlm.handles(model, method):  # vision-language models and MMInference (sparseinfer/vlm.py)
+        extra = {k: v for k, v in dict(max_density=max_density, layers=layers, dense_layers=dense_layers,
+                                       shadow=shadow or None, mlp=mlp, heads=heads, predictors=predictors,
+                                       contextual_options=contextual_options).items() if v is not None}
+        if extra:
+            raise ValueError(f"patch: option(s) {sorted(extra)} are not supported with {method!r} / vision-language "
+                             f"models yet; expected only the method's options, min_len and backend")
         return vlm.patch_model(model, method, min_len=min_len, backend=backend, kv=kv, kv_options=kv_options,
                                **options)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -271,7 +328,13 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     if isinstance(min_len, bool) or not isinstance(min_len, int) or min_len < 0:
         raise ValueError(f"patch: min_len expected a non-negative int, got {min_len!r}")
     ops._validate.check_backend(backend)
+    guards.check_max_density(max_density)
+    from . import shadow as shadow_mod
+
+    shadow_mod.check_shadow(shadow, shadow_seed)
+    dense_reasons = guards.rollout_reasons(model.config.num_hidden_layers, layers, dense_layers)
     patterns = _make_patterns(method, options, model)
+    patterns = [None if r else p for p, r in zip(patterns, dense_reasons)]
     shard = parallel.head_shard(model)  # None unless tensor-parallel
     if shard is not None:
         patterns = [None if p is None else p.shard(shard) for p in patterns]
@@ -292,11 +355,21 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     stats = PatchStats()
     previous = model.config._attn_implementation
     warned: set = set()
+    shadow_obj = shadow_mod.Shadow(shadow, shadow_seed, stats.shadow, min_len) if shadow > 0 else None
     for m in mods:
-        setattr(m, _ATTR, LayerPlan(m.layer_idx, patterns[m.layer_idx], min_len, stats, backend, warned, shard=shard))
+        setattr(m, _ATTR, LayerPlan(m.layer_idx, patterns[m.layer_idx], min_len, stats, backend, warned,
+                                    max_density=max_density, dense_reason=dense_reasons[m.layer_idx] if
+                                    method != "dense" else "", shadow=shadow_obj, shard=shard))
     model.set_attn_implementation(IMPL)
-    handle = PatchHandle(method, dict(options, min_len=min_len, backend=backend), stats, previous)
+    generic = {k: v for k, v in dict(max_density=max_density, layers=layers, dense_layers=dense_layers).items()
+               if v is not None}
+    if shadow > 0:
+        generic.update(shadow=shadow, shadow_seed=shadow_seed)
+    handle = PatchHandle(method, dict(options, min_len=min_len, backend=backend, **generic), stats, previous)
+    handle.shadow = shadow_obj
     model._sparseinfer_patch = handle
+    if shadow_obj is not None:
+        shadow_obj.attach(model)
     if kv is not None:
         kv_policies.attach(model, kv, kv_options)
     if mlp is not None or heads is not None or contextual_options:
@@ -326,6 +399,8 @@ def unpatch(model) -> None:
         from . import contextual
 
         contextual.detach(model)
+    if getattr(handle, "shadow", None) is not None:
+        handle.shadow.detach()
     for m in _attention_modules(model):
         if hasattr(m, _ATTR):
             delattr(m, _ATTR)

@@ -47,15 +47,16 @@ def tp_rank_size(model) -> tuple[int, int]:
     )
 
 
-def head_shard(model) -> HeadShard | None:
-    """The query / KV heads this rank holds, or None for an unsharded model.
+def head_shard(model, config=None) -> HeadShard | None:
+    """The query / KV heads this rank holds, or None for an unsharded model. config: the
+    attention's config when it is not `model.config` (a VLM's text config).
 
     Raises ValueError when the head counts do not divide by the TP size (sharded per-head
     state could not be mapped to whole heads and GQA groups)."""
     rank, size = tp_rank_size(model)
     if size == 1:
         return None
-    cfg = model.config
+    cfg = config if config is not None else model.config
     hq = cfg.num_attention_heads
     hkv = getattr(cfg, "num_key_value_heads", None) or hq
     if hq % size or hkv % size:

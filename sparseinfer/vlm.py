@@ -130,13 +130,17 @@ def patch_model(model, method: str, *, min_len: int, backend: str, kv, kv_option
         patterns = _mm_layers(options, tc, context)
     else:
         patterns = integ._make_patterns(method, options, SimpleNamespace(config=tc))
+    shard = integ.parallel.head_shard(model, tc)  # None unless tensor-parallel
+    if shard is not None:
+        patterns = [None if p is None else p.shard(shard) for p in patterns]
     if hasattr(model, "_sparseinfer_patch"):
         integ.unpatch(model)
     mods = integ._attention_modules(model)
     stats = integ.PatchStats()
     warned: set = set()
     for m in mods:
-        setattr(m, integ._ATTR, integ.LayerPlan(m.layer_idx, patterns[m.layer_idx], min_len, stats, backend, warned))
+        setattr(m, integ._ATTR, integ.LayerPlan(m.layer_idx, patterns[m.layer_idx], min_len, stats, backend, warned,
+                                                shard=shard))
     hooks = []
     if model.config.model_type in VLM_TYPES:
         previous = {"text_config": tc._attn_implementation,

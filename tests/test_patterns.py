@@ -100,18 +100,27 @@ def test_pattern_options_validated(name, opts):
 
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_selection_density_matches_op_mask(name):
+    from sparseinfer.patterns.base import combined_density
+
     torch.manual_seed(2)
     q, k = torch.randn(1, 4, 130, 64), torch.randn(1, 2, 130, 64)
+    q[:, 2:] *= 4  # peaked heads, so flexprefill picks both of its patterns
     pat = PATTERNS[name](**{"ashape": {"sink": 8, "window": 16}, "vertical_slash": {"vertical": 10, "slash": 12},
-                            "block_sparse": {"topk": 2, "block_size": 32}}[name])
-    (sel,) = pat.select(q, k, 0.125)
-    kw = sel.kwargs
-    if name == "ashape":
-        mask = ashape_mask(130, kw["sink"], kw["window"]).expand(1, 4, 130, 130)
-    elif name == "vertical_slash":
-        mask = vertical_slash_mask(130, kw["vertical_idx"], kw["slash_idx"])
-    else:
-        mask = block_sparse_mask(130, kw["block_idx"], kw["block_size"])
+                            "block_sparse": {"topk": 2, "block_size": 32},
+                            "xattention": {"tau": 0.5, "stride": 4, "block_size": 32},
+                            "flexprefill": {"gamma": 0.6, "tau": 0.3, "block_size": 32}}[name])
+    parts = pat.select(q, k, 0.125)
+    mask = torch.zeros(1, 4, 130, 130, dtype=torch.bool)
+    for sel in parts:
+        kw = sel.kwargs
+        if sel.op == "ashape_attention":
+            m = ashape_mask(130, kw["sink"], kw["window"]).expand(1, 4, 130, 130)
+        elif sel.op == "vertical_slash_attention":
+            m = vertical_slash_mask(130, kw["vertical_idx"], kw["slash_idx"])
+        else:
+            m = block_sparse_mask(130, kw["block_idx"], kw["block_size"])
+        heads = torch.ones(4, dtype=torch.bool) if sel.heads is None else sel.heads
+        mask = torch.where(heads[None, :, None, None], m, mask)
+        assert sel.density.shape == (1, 4)
     want = mask.double().sum((-1, -2)) / _pairs(130)
-    assert sel.density.shape == (1, 4)
-    assert torch.allclose(sel.density.double(), want, atol=1e-6)
+    assert torch.allclose(combined_density(parts).double(), want, atol=1e-6)

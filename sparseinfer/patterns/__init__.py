@@ -2,8 +2,10 @@
 from .ashape import AShape
 from .base import Pattern, Selection, resolve_budget
 from .block_sparse import BlockSparse
+from .flexprefill import FlexPrefill
 from .vertical_slash import VerticalSlash
+from .xattention import XAttention
 
-PATTERNS: dict[str, type[Pattern]] = {p.name: p for p in (AShape, VerticalSlash, BlockSparse)}
+PATTERNS: dict[str, type[Pattern]] = {p.name: p for p in (AShape, VerticalSlash, BlockSparse, XAttention, FlexPrefill)}
 
-__all__ = ["PATTERNS", "Pattern", "Selection", "AShape", "VerticalSlash", "BlockSparse", "resolve_budget"]
+__all__ = ["PATTERNS", "Pattern", "Selection", "AShape", "VerticalSlash", "BlockSparse", "XAttention", "FlexPrefill", "resolve_budget"]

@@ -1,0 +1,199 @@
+"""Training-free adaptive sparse attention (XAttention, FlexPrefill) vs dense SDPA on one GPU.
+
+One Llama-3-8B layer: B=1, 32 query heads, 8 KV heads, D=128, bf16, causal, on the structured
+q/k of benchmarks/attention.py (sinks, a local band, distant diagonals, heavy columns) and
+random v. For each method and size: index estimation alone, the kernel on those indices, and
+both together (what a patched model pays), the kept density, speed-up vs the faster of cuDNN /
+flash SDPA, % of the density limit (speed-up x density) and whether the density guard
+(`sparseinfer.guards.BREAK_EVEN_DENSITY`) would route heads dense.
+
+    python benchmarks/adaptive.py --out benchmarks/results            # 32K and 128K (< 4 min on an H100)
+    python benchmarks/adaptive.py --smoke --out /tmp/adaptive-smoke   # CPU, tiny shapes, < 1 min
+
+First a check: the Triton kernel on the estimated indices vs the float32 torch reference at
+8K (rel. err <= 1e-2, no NaN). Writes adaptive.json + adaptive.md to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+import attention as base  # noqa: E402  (benchmarks/attention.py: structured inputs, dense SDPA fns)
+from sparseinfer import guards  # noqa: E402
+from sparseinfer.integration import run_selections  # noqa: E402
+from sparseinfer.patterns import FlexPrefill, XAttention  # noqa: E402
+from sparseinfer.patterns.base import combined_density  # noqa: E402
+
+METHODS = {
+    "xattention tau=0.9": lambda bs: XAttention(tau=0.9, stride=8, block_size=bs),
+    "xattention tau=0.95": lambda bs: XAttention(tau=0.95, stride=8, block_size=bs),
+    "flexprefill gamma=0.9": lambda bs: FlexPrefill(gamma=0.9, tau=0.1, block_size=bs),
+    "flexprefill gamma=0.95": lambda bs: FlexPrefill(gamma=0.95, tau=0.1, block_size=bs),
+}
+
+
+def timed(fn, dev, budget_s=1.0, max_reps=10):
+    """Median ms (CUDA events on a GPU, perf_counter on the CPU) after one warm-up."""
+    if dev.type == "cuda":
+        return base.bench(fn, budget_s=budget_s, max_reps=max_reps)
+    fn()
+    ts = []
+    for _ in range(2):
+        t = time.perf_counter()
+        fn()
+        ts.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(ts)
+
+
+def limits(parts, q, backend):
+    return [guards.density_limit(p.op, None, q, backend) if q.is_cuda else guards.BREAK_EVEN_DENSITY.get(p.op, 1.0)
+            for p in parts]
+
+
+def check(dev, gen, log, n, block_size, backend):
+    rows = []
+    q, k = base.structured_qk(1, n, dev, gen)
+    v = torch.randn(1, base.HKV, n, base.D, device=dev, generator=gen).to(q.dtype)
+    scale = base.D ** -0.5
+    for name, make in METHODS.items():
+        parts = make(block_size).select(q, k, scale)
+        out = run_selections(parts, q, k, v, scale, backend)
+        ref = run_selections(parts, q, k, v, scale, "reference")
+        err = base.rel(out, ref)
+        ok = err <= 1e-2 and bool(torch.isfinite(out).all())
+        rows.append({"method": name, "N": n, "rel_err": err, "ok": ok})
+        log(f"check N={n} {name}: rel err {err:.2e} {'ok' if ok else 'FAILED'}")
+    return rows
+
+
+def run(sizes, dev, gen, log, block_size, backend, save):
+    rows = []
+    scale = base.D ** -0.5
+    for n in sizes:
+        torch.cuda.empty_cache() if dev.type == "cuda" else None
+        q, k = base.structured_qk(1, n, dev, gen)
+        v = torch.randn(1, base.HKV, n, base.D, device=dev, generator=gen).to(q.dtype)
+        if dev.type == "cuda":
+            dense = {name: base.bench(fn, budget_s=1.0, max_reps=10) for name, fn in base.dense_fns(q, k, v).items()}
+        else:
+            from sparseinfer import ops
+
+            dense = {"sdpa": timed(lambda: ops.dense_attention(q, k, v, scale=scale), dev)}
+        dms = min(dense.values())
+        log(f"N={n} dense " + ", ".join(f"{k_} {v_:.2f} ms" for k_, v_ in dense.items()))
+        rows.append({"N": n, "method": "dense", "variant": "/".join(dense), "est_ms": 0.0, "kernel_ms": dms,
+                     "total_ms": dms, "dense_ms": dms, "ratio": 1.0, "density": 1.0, "pct_limit": 100.0,
+                     "dense_cudnn_ms": dense.get("cudnn"), "dense_flash_ms": dense.get("flash")})
+        for name, make in METHODS.items():
+            pat = make(block_size)
+            try:
+                parts = pat.select(q, k, scale)
+                est = timed(lambda: pat.select(q, k, scale), dev)
+                kern = timed(lambda: run_selections(parts, q, k, v, scale, backend), dev)
+                total = timed(lambda: run_selections(pat.select(q, k, scale), q, k, v, scale, backend), dev)
+            except torch.OutOfMemoryError:
+                log(f"N={n} {name}: out of memory, skipped")
+                torch.cuda.empty_cache()
+                continue
+            dens_h = combined_density(parts)[0].float()
+            dens = float(dens_h.mean())
+            lim = limits(parts, q, backend)
+            over = guards.over_limit(parts, lim)
+            n_over = int(over.sum()) if over is not None else 0
+            qa = int(parts[0].heads.sum()) if parts[0].heads is not None else None
+            ratio = dms / total
+            r = {"N": n, "method": name, "variant": f"block {block_size}", "est_ms": est, "kernel_ms": kern,
+                 "total_ms": total, "dense_ms": dms, "ratio": ratio, "density": dens,
+                 "density_min": float(dens_h.min()), "density_max": float(dens_h.max()), "pct_limit": 100 * ratio * dens,
+                 "heads_over_break_even": n_over, "query_aware_heads": qa}
+            rows.append(r)
+            log(f"N={n:7d} {name:24s} est {est:8.2f} ms kernel {kern:8.2f} ms total {total:8.2f} ms {ratio:6.2f}x "
+                f"density {100 * dens:5.1f}% (heads {100 * r['density_min']:.1f}-{100 * r['density_max']:.1f}%) "
+                f"limit {r['pct_limit']:4.0f}% guard->dense {n_over}/{base.HQ}" + (f" query-aware {qa}" if qa is not None else ""))
+            del parts
+        del q, k, v
+        save(rows)
+    return rows
+
+
+def markdown(meta, checks, rows):
+    out = [f"# XAttention / FlexPrefill vs dense SDPA, {meta['device']}", "",
+           f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}; "
+           f"one Llama-3-8B layer (B=1, Hq={meta['hq']}, Hkv={meta['hkv']}, D=128, bf16), structured q/k (benchmarks/attention.py), "
+           f"block size {meta['block_size']}. Command: `{meta['command']}`.", "",
+           "est = index estimation alone; kernel = the ops on those indices; total = both (what a patched layer "
+           "pays). ratio = dense / total (dense = the faster of cuDNN and flash SDPA); % limit = ratio x density. "
+           "guard->dense: heads whose density is above the kernel's break-even density (they would run dense).", "",
+           "| N | method | est ms | kernel ms | total ms | dense ms | ratio | density (heads min-max) | % limit | guard->dense |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["method"] == "dense":
+            continue
+        out.append(f"| {r['N']} | {r['method']} | {r['est_ms']:.2f} | {r['kernel_ms']:.2f} | {r['total_ms']:.2f} | "
+                   f"{r['dense_ms']:.2f} | {r['ratio']:.2f}x | {100 * r['density']:.1f}% ({100 * r['density_min']:.0f}-"
+                   f"{100 * r['density_max']:.0f}%) | {r['pct_limit']:.0f}% | {r['heads_over_break_even']}/{meta['hq']} |")
+    out += ["", "Check (Triton vs float32 reference on the same estimated indices): " +
+            ", ".join(f"{c['method']} N={c['N']} {c['rel_err']:.1e}{'' if c['ok'] else ' FAILED'}" for c in checks)]
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="32768,131072")
+    ap.add_argument("--block-size", type=int, default=128, help="KV/query block (XAttention and FlexPrefill use 128)")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (torch reference ops), < 1 min")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if not args.smoke and dev.type != "cuda":
+        ap.error("no CUDA device: run on a GPU, or pass --smoke")
+    sizes = [1024] if args.smoke else [int(s) for s in args.sizes.split(",")]
+    if args.smoke:  # fewer heads on the CPU (structured_qk needs D = 128)
+        base.HQ, base.HKV = 8, 2
+    backend = "reference" if args.smoke else "auto"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    os.makedirs(args.out, exist_ok=True)
+    import triton
+
+    meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu ({platform.machine()})",
+            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "sizes": sizes, "block_size": args.block_size, "smoke": args.smoke,
+            "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])}
+    t0 = time.perf_counter()
+
+    def log(s):
+        print(f"[{time.perf_counter() - t0:6.1f}s] {s}", flush=True)
+
+    checks = []
+
+    def save(rows):
+        with open(os.path.join(args.out, "adaptive.json"), "w") as f:
+            json.dump({"meta": meta, "check": checks, "rows": rows}, f, indent=1)
+        with open(os.path.join(args.out, "adaptive.md"), "w") as f:
+            f.write(markdown(meta, checks, rows))
+
+    meta["hq"], meta["hkv"] = base.HQ, base.HKV
+    log(f"device {meta['device']}, sizes {sizes}, block {args.block_size}")
+    checks += check(dev, gen, log, 512 if args.smoke else 8192, args.block_size, backend if dev.type == "cuda" else "triton"
+                    if os.environ.get("TRITON_INTERPRET") else "reference")
+    rows = run(sizes, dev, gen, log, args.block_size, backend, save)
+    save(rows)
+    log(f"wrote {os.path.join(args.out, 'adaptive.md')} and adaptive.json")
+    return 0 if all(c["ok"] for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Guards shared by every pre-filling method: per-head density fallback and staged rollout.
+
+* Per head, when the kept density a pattern estimated for this input is above the kernel's
+  break-even density, the sparse kernel would be slower than dense attention: that head runs
+  dense SDPA instead (its sparse indices are emptied, so the kernel skips it).
+* `layers=[...]` (only these layers sparse) and `dense_layers=[...]` (these layers dense) are
+  resolved at patch time into per-layer dense reasons.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .patterns.base import Selection
+
+# Break-even kept density per op on the GPU kernel (H100, bf16, Llama-3-8B layer, 128K): the
+# density at which the kernel's time equals cuDNN SDPA's, read off benchmarks/NOTES_kernels.md
+# as (measured % of the density limit) / 100: block-sparse top-100 reaches ~43% of its limit
+# (4.78x at 10% density), realistic vertical-slash 33-41%, A-shape 73%. Above it, dense is faster.
+BREAK_EVEN_DENSITY = {"block_sparse_attention": 0.43, "vertical_slash_attention": 0.35, "ashape_attention": 0.73}
+
+
+def check_max_density(value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"patch: max_density expected None (the kernel's break-even) or a float in (0, 1], got {value!r}")
+
+
+def density_limit(op: str, max_density: float | None, q: torch.Tensor, backend: str) -> float:
+    """The kept density above which a head of `op` runs dense. max_density None: the measured
+    GPU break-even when the Triton kernel serves the call, else 1.0 (the CPU reference costs
+    the same at any density, so no guard)."""
+    if max_density is not None:
+        return float(max_density)
+    if ops._use_triton(q, backend):
+        return BREAK_EVEN_DENSITY.get(op, 1.0)
+    return 1.0
+
+
+def over_limit(parts: list[Selection], limits: list[float]) -> torch.Tensor | None:
+    """-> bool [Hq]: heads whose kept density (worst input of the batch) is above their op's
+    limit; None when every limit is 1.0 (nothing can exceed it: no work, no synchronisation)."""
+    out = None
+    for sel, lim in zip(parts, limits):
+        if lim >= 1.0:
+            continue
+        over = (sel.density > lim).any(0)
+        if sel.heads is not None:
+            over &= sel.heads
+        out = over if out is None else out | over
+    return out
+
+
+def drop_heads(parts: list[Selection], heads: torch.Tensor) -> list[Selection]:
+    """Empty the index tensors of `heads` (bool [Hq]) so the sparse op does no work for them."""
+    out = []
+    for sel in parts:
+        kw = {}
+        for key, val in sel.kwargs.items():
+            if torch.is_tensor(val) and val.dim() >= 2 and val.shape[1] == heads.shape[0]:
+                val = torch.where(heads.view(1, -1, *([1] * (val.dim() - 2))), -1, val)
+            kw[key] = val
+        keep = ~heads if sel.heads is None else sel.heads & ~heads
+        out.append(Selection(sel.op, kw, torch.where(heads, 0.0, sel.density), keep))
+    return out
+
+
+def dense_heads_attention(out: torch.Tensor, q, k, v, heads: torch.Tensor, scale: float) -> torch.Tensor:
+    """Overwrite out[:, heads] ([B, Hq, N, D]) with dense causal attention of those heads only."""
+    idx = heads.nonzero().flatten()
+    g = q.shape[1] // k.shape[1]
+    o = ops.dense_attention(q[:, idx], k[:, idx // g], v[:, idx // g], scale=scale)
+    out = out.clone()
+    out[:, idx] = o.to(out.dtype)
+    return out
+
+
+def rollout_reasons(n_layers: int, layers, dense_layers) -> list[str]:
+    """Per layer: "" (sparse), "rollout" (not in `layers`) or "dense_layers"."""
+
+    def check(name, val):
+        if val is None:
+            return None
+        if isinstance(val, (str, bytes)) or not hasattr(val, "__iter__"):
+            raise ValueError(f"patch: {name} expected a list of layer indices, got {val!r}")
+        val = list(val)
+        bad = [x for x in val if isinstance(x, bool) or not isinstance(x, int) or not -n_layers <= x < n_layers]
+        if bad:
+            raise ValueError(f"patch: {name} expected layer indices in [0, {n_layers}), got {bad}")
+        return {x % n_layers for x in val}
+
+    on, off = check("layers", layers), check("dense_layers", dense_layers)
+    return ["dense_layers" if off and i in off else "rollout" if on is not None and i not in on else ""
+            for i in range(n_layers)]

@@ -1,0 +1,162 @@
+"""FlexPrefill-style pattern: per head and input, a query-aware block pattern or a
+vertical-slash pattern, each sized to reach a cumulative attention mass gamma (arXiv 2502.20766).
+
+Per head, from the last `block_size` queries (the last query block):
+1. True block distribution a_true [nb]: their exact causal softmax over all keys, summed into
+   key blocks and averaged over the queries. Estimated distribution a_est [nb]: the softmax of
+   the mean-pooled last query block against the mean-pooled key blocks. If the
+   Jensen-Shannon distance sqrt(JSD(a_true, a_est)) < tau, the pooled estimate is trusted and
+   the head is *query-aware*; otherwise it is *vertical-slash*.
+2. Query-aware heads: the causal softmax of pooled q blocks against pooled k blocks, per row,
+   divided by nb so the whole [nb, nb] map sums to 1; the smallest set of blocks (sorted by
+   mass, descending, ties by lower flat index) reaching gamma, plus the sink column (block 0)
+   and the diagonal blocks -> `ops.block_sparse_attention`.
+3. Vertical-slash heads: the last queries' exact probabilities summed per key (verticals) and
+   per diagonal offset (slashes), each normalised to 1; for each, the smallest set reaching
+   gamma, plus the sink keys 0..block_size-1 and the offsets 0..block_size-1
+   -> `ops.vertical_slash_attention`.
+
+Batched over batch and heads (both patterns are estimated for every head, then masked per
+head); one host synchronisation per call (the widest row of the three index tensors).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import Pattern, Selection, group_heads
+from .block_sparse import block_sparse_density
+from .vertical_slash import diagonal_sums, vertical_slash_density
+from .xattention import _acc_dtype, _mm_dtype, check_fraction, check_int, head_values, table_to_index, threshold_rows
+
+
+def last_block_probs(q, k, last_q: int, scale: float) -> torch.Tensor:
+    """Causal softmax of the last `last_q` queries over all keys -> [B, Hq, L, N] (float32;
+    float64 for float64 inputs)."""
+    b, hq, n, d = q.shape
+    acc = _acc_dtype(q)
+    L = min(last_q, n)
+    mm = _mm_dtype(q)
+    qg, kg = group_heads(q[:, :, n - L :].to(mm), k.to(mm))
+    s = torch.matmul(qg, kg.transpose(-1, -2)).reshape(b, hq, L, n).to(acc) * scale
+    pos = torch.arange(n - L, n, device=q.device)[:, None]
+    s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > pos, float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+def mean_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """x [B, H, N, D] -> [B, H, ceil(N / block_size), D]: each block's mean over its valid rows, in x's dtype."""
+    b, h, n, d = x.shape
+    nb = math.ceil(n / block_size)
+    sums = torch.nn.functional.pad(x, (0, 0, 0, nb * block_size - n)).reshape(b, h, nb, block_size, d).sum(3)
+    counts = torch.full((nb,), float(block_size), device=x.device, dtype=x.dtype)
+    counts[-1] = n - (nb - 1) * block_size
+    return sums / counts[:, None]
+
+
+def pooled_scores(q, k, block_size: int, scale: float) -> torch.Tensor:
+    """Mean-pooled q blocks against mean-pooled k blocks, causal -> logits [B, Hq, nb, nb]."""
+    b, hq, n, d = q.shape
+    acc = _acc_dtype(q)
+    nb = math.ceil(n / block_size)
+    qg, kg = group_heads(mean_pool(q.to(acc), block_size), mean_pool(k.to(acc), block_size))
+    s = torch.matmul(qg, kg.transpose(-1, -2)).reshape(b, hq, nb, nb) * scale
+    r = torch.arange(nb, device=q.device)
+    return s.masked_fill(r[None, :] > r[:, None], float("-inf"))
+
+
+def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """sqrt of the Jensen-Shannon divergence (nats) of distributions along the last dim."""
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        return torch.where(a > 0, a * (a.clamp_min(1e-300).log() - b.clamp_min(1e-300).log()), 0.0).sum(-1)
+
+    return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp_min(0).sqrt()
+
+
+def gamma_set(mass: torch.Tensor, gamma: torch.Tensor, forced: int) -> torch.Tensor:
+    """mass [B, H, M] summing to 1 -> bool [B, H, M]: the smallest prefix by mass reaching
+    gamma [H], plus positions < forced."""
+    keep = threshold_rows(mass.unsqueeze(2), gamma).squeeze(2)
+    keep[..., : min(forced, mass.shape[-1])] = True
+    return keep
+
+
+@dataclass
+class FlexPrefillEstimate:
+    """Everything one call estimated (tests and the recorder read it)."""
+
+    query_aware: torch.Tensor  # bool [B, Hq]
+    js: torch.Tensor  # [B, Hq] Jensen-Shannon distance
+    block_table: torch.Tensor  # bool [B, Hq, nb, nb]: blocks kept (query-aware heads' choice; all heads)
+    vertical: torch.Tensor  # bool [B, Hq, N]
+    slash: torch.Tensor  # bool [B, Hq, N]
+    block_mass: torch.Tensor  # [B, Hq, nb, nb] the normalised pooled map
+    vertical_mass: torch.Tensor  # [B, Hq, N]
+    slash_mass: torch.Tensor  # [B, Hq, N]
+
+
+def estimate(q, k, gamma=0.95, tau: float = 0.1, block_size: int = 64, scale: float | None = None) -> FlexPrefillEstimate:
+    """q [B, Hq, N, D], k [B, Hkv, N, D] -> FlexPrefillEstimate (no host synchronisation)."""
+    b, hq, n, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    nb = math.ceil(n / block_size)
+    gam = head_values("gamma", gamma, hq, q.device, 0.0, 1.0)
+    p = last_block_probs(q, k, block_size, scale)  # [B, Hq, L, N]
+    L = p.shape[2]
+    npad = nb * block_size
+    a_true = torch.nn.functional.pad(p.mean(2), (0, npad - n)).reshape(b, hq, nb, block_size).sum(-1)
+    logits = pooled_scores(q, k, block_size, scale)
+    a_est = torch.softmax(logits[:, :, -1], dim=-1)
+    js = js_distance(a_true, a_est)
+    query_aware = js < tau
+    # query-aware: global gamma set over the whole pooled map
+    bmass = torch.softmax(logits, dim=-1) / nb
+    flat = threshold_rows(bmass.reshape(b, hq, 1, nb * nb), gam.to(bmass.dtype)).reshape(b, hq, nb, nb)
+    r = torch.arange(nb, device=q.device)
+    table = (flat | (r[None, :] == r[:, None]) | (r[None, :] == 0)) & (r[None, :] <= r[:, None])
+    # vertical-slash from the last queries' exact probabilities
+    vmass = p.sum(2) / L
+    smass = diagonal_sums(p) / L
+    vert = gamma_set(vmass, gam.to(vmass.dtype), block_size)
+    slash = gamma_set(smass, gam.to(smass.dtype), block_size)
+    return FlexPrefillEstimate(query_aware, js, table, vert, slash, bmass, vmass, smass)
+
+
+@dataclass
+class FlexPrefill(Pattern):
+    """Options: gamma (cumulative attention mass to keep, float in (0, 1] or one per query head),
+    tau (Jensen-Shannon distance below which a head is query-aware), block_size."""
+
+    name = "flexprefill"
+    gamma: float | list = 0.95
+    tau: float = 0.1
+    block_size: int = 64
+
+    def __post_init__(self):
+        check_fraction("gamma", self.gamma)
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or self.tau < 0:
+            raise ValueError(f"tau: expected a non-negative float (a Jensen-Shannon distance), got {self.tau!r}")
+        check_int("block_size", self.block_size)
+
+    def select(self, q, k, scale):
+        n = q.shape[2]
+        est = estimate(q, k, self.gamma, self.tau, self.block_size, scale)
+        qa = est.query_aware  # [B, Hq]
+        # a head is served by one op for the whole batch: query-aware only if it is for every input
+        heads = qa.all(0)
+        bt = est.block_table & heads[None, :, None, None]
+        vt = (est.vertical & ~heads[None, :, None]).unsqueeze(2)
+        st = (est.slash & ~heads[None, :, None]).unsqueeze(2)
+        widths = torch.stack([t.sum(-1).max() for t in (bt, vt, st)]).tolist()  # the one host synchronisation
+        bidx = table_to_index(bt, widths[0])
+        vidx = table_to_index(vt, widths[1]).squeeze(2)
+        sidx = table_to_index(st, widths[2]).squeeze(2)
+        bsel = Selection("block_sparse_attention", {"block_idx": bidx, "block_size": self.block_size},
+                         block_sparse_density(n, bidx, self.block_size), heads)
+        vsel = Selection("vertical_slash_attention", {"vertical_idx": vidx, "slash_idx": sidx},
+                         vertical_slash_density(n, vidx, sidx), ~heads)
+        return [bsel, vsel]

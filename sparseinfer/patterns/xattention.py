@@ -1,0 +1,156 @@
+"""XAttention-style pattern: per query-block row, the fewest KV blocks whose estimated
+attention mass reaches `tau`, scored by strided antidiagonal sums (arXiv 2503.16428).
+
+Estimation, per head and input (no training, no fixed budget):
+1. Queries and keys are cut into groups of `stride` consecutive rows. A query group's rows are
+   concatenated in *reverse* order, a key group's in order, so the dot product of the two
+   concatenations is the sum of one antidiagonal of the stride x stride score tile:
+   sum_t q[g*S + S-1-t] . k[h*S + t]. Antidiagonals cross every row and column of the tile,
+   so a vertical or a slash line inside it is always seen.
+2. Those sums, times scale / stride (a mean logit), go through a causal softmax over key
+   groups (row per query group), and the probabilities are summed into
+   block_size x block_size tiles: mass [B, Hq, nb, nb]; each row is normalised to 1.
+3. Row r keeps the smallest prefix of its causal blocks sorted by mass (descending, ties by
+   lower index) whose cumulative mass reaches tau, plus the sink block 0 and the diagonal
+   block r (always). Never an empty row.
+
+The result is the index of `ops.block_sparse_attention`. Batched over batch and heads; query
+groups are processed in chunks so no [N/S, N/S] matrix of a long input is held at once.
+One host synchronisation per call (the widest row, to size the index tensor).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import Pattern, Selection, group_heads
+from .block_sparse import block_sparse_density
+
+_CHUNK_ELEMS = 1 << 26  # strided scores per chunk (B * Hq * rows * key groups); 256 MB in float32
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _mm_dtype(x: torch.Tensor) -> torch.dtype:
+    """Matmul inputs stay in half precision (tensor cores, float32 accumulation); else the accumulator."""
+    return x.dtype if x.dtype in (torch.float16, torch.bfloat16) else _acc_dtype(x)
+
+
+def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int, scale: float) -> torch.Tensor:
+    """q [B, Hq, N, D], k [B, Hkv, N, D] -> row-normalised block mass [B, Hq, nb, nb] (float32,
+    float64 for float64 inputs), nb = ceil(N / block_size); zero above the diagonal."""
+    if block_size % stride:
+        raise ValueError(f"xattention: block_size must be a multiple of stride, got {block_size} and {stride}")
+    b, hq, n, d = q.shape
+    acc = _acc_dtype(q)
+    nb = math.ceil(n / block_size)
+    npad = nb * block_size
+    ng = npad // stride  # groups (padded)
+    gpb = block_size // stride  # groups per block
+    mm = _mm_dtype(q)
+    qp = torch.nn.functional.pad(q.to(mm), (0, 0, 0, npad - n))
+    kp = torch.nn.functional.pad(k.to(mm), (0, 0, 0, npad - n))
+    qs = qp.reshape(b, hq, ng, stride, d).flip(3).reshape(b, hq, ng, stride * d)
+    ks = kp.reshape(b, k.shape[1], ng, stride, d).reshape(b, k.shape[1], ng, stride * d)
+    kg = ks.unsqueeze(2)  # [B, Hkv, 1, ng, S*D]
+    g_valid = math.ceil(n / stride)  # groups holding at least one real token
+    key_g = torch.arange(ng, device=q.device)
+    out = torch.zeros(b, hq, nb, nb, dtype=acc, device=q.device)
+    elems = _CHUNK_ELEMS * (4 if q.is_cuda else 1)
+    rows_per_chunk = max(gpb, (elems // max(1, b * hq * ng)) // gpb * gpb)
+    for r0 in range(0, ng, rows_per_chunk):
+        r1 = min(ng, r0 + rows_per_chunk)  # a multiple of gpb; causal: key groups < r1 only
+        qg = qs[:, :, r0:r1].reshape(b, k.shape[1], hq // k.shape[1], r1 - r0, stride * d)
+        s = torch.matmul(qg, kg[..., :r1, :].transpose(-1, -2)).reshape(b, hq, r1 - r0, r1).to(acc) * (scale / stride)
+        qi = torch.arange(r0, r1, device=q.device)[:, None]
+        s = s.masked_fill((key_g[None, :r1] > qi) | (key_g[None, :r1] >= g_valid), float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        p = p * (qi < g_valid).to(acc)  # padded query groups carry no mass
+        blocks = p.reshape(b, hq, (r1 - r0) // gpb, gpb, r1 // gpb, gpb).sum((3, 5))
+        out[:, :, r0 // gpb : r1 // gpb, : r1 // gpb] = blocks
+    return out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
+
+
+def threshold_rows(mass: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """mass [B, H, R, M] (rows sum to 1; non-candidates 0), tau [H] -> bool [B, H, R, M]: per row
+    the smallest prefix of entries sorted by mass (descending, ties by index) reaching tau."""
+    vals, order = torch.sort(mass, dim=-1, descending=True, stable=True)
+    before = vals.cumsum(-1) - vals  # mass of the entries ranked before each one
+    keep_sorted = (before < tau[None, :, None, None]) & (vals > 0)
+    keep_sorted[..., 0] = True
+    keep = torch.zeros_like(keep_sorted)
+    return keep.scatter_(-1, order, keep_sorted)
+
+
+def table_to_index(table: torch.Tensor, kmax: int | None = None) -> torch.Tensor:
+    """bool [B, H, R, M] membership -> int64 [B, H, R, K] (K = kmax, by default the widest
+    row: one host synchronisation; -1 padding)."""
+    count = table.sum(-1)
+    kmax = max(1, int(count.max()) if kmax is None else kmax)
+    idx = torch.sort(table.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :kmax]
+    return torch.where(torch.arange(kmax, device=table.device) < count[..., None], idx, -1)
+
+
+def head_values(name: str, value, hq: int, device, lo: float, hi: float) -> torch.Tensor:
+    """A float or one float per query head -> float64 tensor [Hq]."""
+    vals = [value] * hq if isinstance(value, (int, float)) and not isinstance(value, bool) else list(value)
+    if len(vals) != hq:
+        raise ValueError(f"{name}: expected a float or {hq} per-head values, got {len(vals)} values")
+    return torch.tensor(vals, dtype=torch.float64, device=device)
+
+
+def check_fraction(name: str, value, lo: float = 0.0, hi: float = 1.0) -> None:
+    vals = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    try:
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and lo < v <= hi for v in vals)
+    except TypeError:
+        ok = False
+    if not ok or not vals:
+        raise ValueError(f"{name}: expected a float in ({lo}, {hi}] or a list of them (one per head), got {value!r}")
+
+
+def check_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def estimate(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: float | None = None):
+    """q [B, Hq, N, D], k [B, Hkv, N, D] -> (block_idx [B, Hq, nb, K] int64 with -1 padding,
+    mass [B, Hq, nb, nb] the estimated row-normalised block mass)."""
+    b, hq, n, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    mass = antidiagonal_mass(q, k, stride, block_size, scale)
+    nb = mass.shape[-1]
+    taus = head_values("tau", tau, hq, q.device, 0.0, 1.0).to(mass.dtype)
+    keep = threshold_rows(mass, taus)
+    r = torch.arange(nb, device=q.device)
+    forced = (r[None, :] == r[:, None]) | (r[None, :] == 0)
+    keep = (keep | forced) & (r[None, :] <= r[:, None])
+    return table_to_index(keep), mass
+
+
+@dataclass
+class XAttention(Pattern):
+    """Options: tau (cumulative block mass kept per query-block row: a float in (0, 1], or one
+    per query head), stride (antidiagonal stride), block_size (a multiple of stride)."""
+
+    name = "xattention"
+    tau: float | list = 0.9
+    stride: int = 8
+    block_size: int = 64
+
+    def __post_init__(self):
+        check_fraction("tau", self.tau)
+        check_int("stride", self.stride)
+        check_int("block_size", self.block_size)
+        if self.block_size % self.stride:
+            raise ValueError(f"block_size: expected a multiple of stride={self.stride}, got {self.block_size}")
+
+    def select(self, q, k, scale):
+        idx, _ = estimate(q, k, self.tau, self.stride, self.block_size, scale)
+        dens = block_sparse_density(q.shape[2], idx, self.block_size)
+        return [Selection("block_sparse_attention", {"block_idx": idx, "block_size": self.block_size}, dens)]

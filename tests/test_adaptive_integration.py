@@ -1,0 +1,243 @@
+"""Guards (density, rollout), monitoring (record) and shadow mode, on tiny random models and on
+direct attention calls, against float64 references."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sparseinfer
+from masks import block_sparse_mask, masked_attention_f64, rel_err
+from sparseinfer import integration as integ
+from sparseinfer.eval.runner import parse_method
+from sparseinfer.patterns import XAttention
+
+N = 256
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharper attention than the default init, so patterns differ from dense
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+    ids = torch.randint(0, 64, (1, N), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = model(ids).logits
+    return model, ids, dense
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+XA = {"stride": 4, "block_size": 32}
+FP = {"block_size": 32}
+
+
+@pytest.mark.parametrize("method,full,small", [("xattention", dict(XA, tau=1.0), dict(XA, tau=0.3)),
+                                               ("flexprefill", dict(FP, gamma=1.0), dict(FP, gamma=0.5))])
+def test_full_mass_matches_dense_and_small_differs(tiny, method, full, small):
+    model, ids, dense = tiny
+    sparseinfer.patch(model, method, min_len=0, **full)
+    got = _logits(model, ids)
+    h = sparseinfer.patch(model, method, min_len=0, **small)
+    low = _logits(model, ids)
+    sparseinfer.unpatch(model)
+    assert rel_err(got, dense) < 1e-4
+    assert rel_err(low, dense) > 1e-3 and torch.isfinite(low).all()
+    assert 0 < h.stats.density() < 1
+
+
+def test_parse_method_reaches_new_patterns(tiny):
+    model, ids, _ = tiny
+    for spec in ("xattention:tau=0.8:stride=4:block_size=32", "flexprefill:gamma=0.9:tau=0.2:block_size=32"):
+        name, opts = parse_method(spec)
+        h = sparseinfer.patch(model, name, min_len=0, **opts)
+        _logits(model, ids)
+        assert {r.method for r in h.stats.records} == {name}
+    sparseinfer.unpatch(model)
+
+
+# ---------------------------------------------------------------- direct attention calls
+class _Attn(torch.nn.Module):
+    def __init__(self, groups):
+        super().__init__()
+        self.is_causal = True
+        self.num_key_value_groups = groups
+        self.layer_idx = 0
+
+
+def _call(plan, q, k, v):
+    mod = _Attn(q.shape[1] // k.shape[1]).eval()
+    mod._sparseinfer = plan
+    out, _ = integ.sparse_attention_forward(mod, q, k, v, None, scaling=q.shape[-1] ** -0.5)
+    return out.transpose(1, 2)
+
+
+def _qkv(n=N, hq=4, hkv=2, d=16):
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(1, hkv, n, d, generator=g)
+    # each query looks like its own key, more or less strongly: heads from flat to peaked (local)
+    q = torch.randn(1, hq, n, d, generator=g) * 0.5 + k.repeat_interleave(hq // hkv, 1) * torch.tensor(
+        [0.0, 0.5, 1.0, 3.0])[None, :, None, None]
+    u = torch.randn(d, generator=g)
+    k[:, :, :4] += 3 * u  # sink keys, which some heads attend to strongly
+    q += u * torch.tensor([0.0, 0.5, 1.0, 2.0])[None, :, None, None]
+    return q, k, torch.randn(1, hkv, n, d, generator=g)
+
+
+def _plan(pattern, **kw):
+    return integ.LayerPlan(0, pattern, 0, integ.PatchStats(), "auto", set(), **kw)
+
+
+def test_density_guard_routes_heads_over_the_limit_to_dense():
+    q, k, v = _qkv()
+    pat = XAttention(tau=0.9, stride=4, block_size=32)
+    sel = pat.select(q, k, 0.25)[0]
+    dens = sel.density[0]
+    assert dens.max() - dens.min() > 0.05  # the heads differ
+    limit = float(dens.sort().values[1:3].mean())  # two heads above, two below
+    over = dens > limit
+    plan = _plan(pat, max_density=limit)
+    out = _call(plan, q, k, v)
+    mask = torch.where(over[None, :, None, None], torch.ones(N, N, dtype=torch.bool).tril(),
+                       block_sparse_mask(N, sel.kwargs["block_idx"], 32))
+    assert rel_err(out, masked_attention_f64(q, k, v, mask, 0.25)) < 1e-5
+    rec = plan.stats.records[-1]
+    assert rec.reason == "density" and torch.equal(rec.dense_heads, over)
+    assert torch.allclose(rec.density[0], torch.where(over, 1.0, dens))
+    # every head over: the whole call is dense; max_density=1.0: the guard is off
+    plan = _plan(pat, max_density=float(dens.min()) / 2)
+    out = _call(plan, q, k, v)
+    assert plan.stats.records[-1].reason == "density" and plan.stats.records[-1].density is None
+    assert rel_err(out, masked_attention_f64(q, k, v, torch.ones(N, N, dtype=torch.bool).tril(), 0.25)) < 1e-5
+    plan = _plan(pat, max_density=1.0)
+    _call(plan, q, k, v)
+    assert plan.stats.records[-1].reason == "" and plan.stats.records[-1].dense_heads is None
+
+
+def test_recorder_audit_is_the_true_mass_kept_on_the_last_queries(tmp_path):
+    q, k, v = _qkv()
+    pat = XAttention(tau=0.7, stride=4, block_size=32)
+    plan = _plan(pat)
+    plan.recorder = sparseinfer.monitor.Recorder(audit=1.0)
+    _call(plan, q, k, v)
+    tr = plan.recorder.calls[0]
+    idx = pat.select(q, k, 0.25)[0].kwargs["block_idx"]
+    mask = block_sparse_mask(N, idx, 32)[0, :, -64:]  # [Hq, 64, N]
+    kk = k.double().repeat_interleave(2, 1)[0]
+    s = (q.double()[0, :, -64:] @ kk.transpose(-1, -2)) * 0.25
+    causal = torch.arange(N - 64, N)[:, None] >= torch.arange(N)[None, :]
+    p = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
+    want = (p * mask).sum(-1).mean(-1)
+    assert torch.allclose(tr.covered[0].double(), want, atol=1e-5)
+    assert (want < 1).all() and tr.estimate_s > 0 and tr.reason == ""
+
+
+def test_record_on_a_model(tiny, tmp_path):
+    model, ids, _ = tiny
+    with pytest.raises(ValueError, match="patched"):
+        with sparseinfer.record(model):
+            pass
+    h = sparseinfer.patch(model, "xattention", min_len=0, dense_layers=[2], **XA)
+    with sparseinfer.record(model, audit=0.5, seed=3) as rec:
+        _logits(model, ids)
+        _logits(model, ids[:, :8])  # a second, short call (sparse too: min_len=0)
+    plans = [m._sparseinfer for m in integ._attention_modules(model)]
+    assert all(p.recorder is None for p in plans)  # off again after the block
+    layers = rec.layers()
+    assert [r["layer"] for r in layers] == [0, 1, 2]
+    assert layers[2]["sparse_calls"] == 0 and layers[2]["fallbacks"] == {"dense_layers": 2}
+    for r in layers[:2]:
+        want = torch.stack([c.density[0] for c in h.stats.records if c.layer == r["layer"]]).mean(0)
+        assert torch.allclose(torch.tensor(r["density"]), want)
+    audited = sum(r["audited_calls"] for r in layers)
+    assert 0 < audited < 4  # deterministic sampling at 0.5 over 4 sparse calls (seed 3)
+    table = rec.summary(print_it=False)
+    assert table.row_count == 3
+    data = json.loads(rec.to_json(tmp_path / "rec.json"))
+    assert data["layers"][0]["density"] == layers[0]["density"]
+    png = rec.heatmap(tmp_path / "rec.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sparseinfer.unpatch(model)
+
+
+def test_rollout_layers_and_errors(tiny):
+    model, ids, dense = tiny
+    h = sparseinfer.patch(model, "xattention", min_len=0, layers=[1], dense_layers=[0], **XA)
+    _logits(model, ids)
+    by = {r.layer: (r.method, r.reason) for r in h.stats.records}
+    assert by == {0: ("dense", "dense_layers"), 1: ("xattention", ""), 2: ("dense", "rollout")}
+    sparseinfer.patch(model, "flexprefill", min_len=0, layers=[], **FP)
+    assert torch.equal(_logits(model, ids), dense)
+    for bad in ({"layers": [3]}, {"dense_layers": "0"}, {"max_density": 0.0}, {"max_density": 1.5},
+                {"shadow": 2.0}, {"shadow": 0.1, "shadow_seed": 0.5}):
+        with pytest.raises(ValueError):
+            sparseinfer.patch(model, "xattention", **bad)
+    sparseinfer.unpatch(model)
+
+
+def test_shadow_records_divergence_without_changing_outputs(tiny):
+    model, ids, dense = tiny
+    sparseinfer.patch(model, "xattention", min_len=0, tau=0.3, **XA)
+    plain = _logits(model, ids)
+    plain_gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    h = sparseinfer.patch(model, "xattention", min_len=0, tau=0.3, shadow=1.0, **XA)
+    got = _logits(model, ids)
+    assert torch.equal(got, plain)
+    att = [r for r in h.stats.shadow if r.kind == "attention"]
+    lg = [r for r in h.stats.shadow if r.kind == "logits"]
+    assert sorted(r.layer for r in att) == [0, 1, 2] and all(float(r.value) > 1e-3 for r in att)
+    want = torch.nn.functional.kl_div(torch.log_softmax(plain, -1), torch.log_softmax(dense, -1), log_target=True,
+                                      reduction="none").sum(-1).mean()
+    assert len(lg) == 1 and abs(float(lg[0].value) - float(want)) < 1e-5 and float(want) > 1e-4
+    # density statistics are not polluted by the dense replay
+    assert {r.method for r in h.stats.records} == {"xattention"}
+    # generate with a cache: the replay does not write into it
+    h.stats.reset()
+    assert torch.equal(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0), plain_gen)
+    assert sum(r.kind == "logits" for r in h.stats.shadow) == 1  # the pre-fill only, not decode steps
+    assert sum(r.kind == "attention" for r in h.stats.shadow) == 3  # the pre-fill ran sparse
+    # full mass: the recorded error is float noise; sampling is deterministic given the seed
+    h = sparseinfer.patch(model, "xattention", min_len=0, tau=1.0, shadow=1.0, **XA)
+    _logits(model, ids)
+    assert all(float(r.value) < 1e-4 for r in h.stats.shadow)
+    picks = []
+    for _ in range(2):
+        h = sparseinfer.patch(model, "xattention", min_len=0, tau=0.3, shadow=0.5, shadow_seed=5, **XA)
+        for _ in range(3):
+            _logits(model, ids)
+        picks.append([(r.kind, r.layer) for r in h.stats.shadow])
+    assert picks[0] == picks[1] and 0 < len(picks[0]) < 12
+    sparseinfer.unpatch(model)
+
+
+def test_adaptive_report_from_cached_cells(tmp_path):
+    from sparseinfer.eval import adaptive
+
+    cache = tmp_path / "adaptive"
+    cache.mkdir()
+    cells = {("dense", "dense"): (0.0, 3.0, 1.0), ("xattention 0.9", "xattention"): (0.02, 3.1, 0.5),
+             ("xattention 0.8", "xattention"): (0.05, 3.2, 0.3), ("block_sparse 10%", "block_sparse"): (0.9, 4.0, 0.2)}
+    for (label, fam), (kl, nll, dens) in cells.items():
+        for w, jitter in enumerate((0.0, 0.1)):
+            row = {"method": label, "family": fam, "spec": adaptive.METHODS[label][1], "length": 2048, "window": w,
+                   "kl": kl, "nll": nll, "top1_agree": 0.9, "density": dens + jitter * (fam != "dense"),
+                   "density_heads": [dens] * 8 + [1.0] * 2, "covered": 0.95, "covered_min": 0.5,
+                   "estimate_ms": 3.0, "seconds": 1.0}
+            (cache / f"{label.replace(' ', '_')}-2048-w{w}.json").write_text(json.dumps(row))
+    md = adaptive.build("tiny", tmp_path, [2048], windows=2, run=False).read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| xattention 0.9 |"))
+    # perplexity exp(3.1) vs exp(3.0); density mean over windows 55%, sd 5 points; heads p10-p90 50-100%
+    assert "| 22.198 | +10.52% | 55.0% | 50-100% | 5.0 |" in line
+    assert "block_sparse 20% 2048 w0" in md  # listed as not measured
+    assert (tmp_path / "adaptive-kl-density.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "adaptive.json").read_text())["rows"][0]["method"] == "dense"

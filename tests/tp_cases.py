@@ -30,6 +30,9 @@ def cases(model_config) -> dict:
         "block_sparse": ("block_sparse", {"topk": 2, "block_size": 64}),
         "minference": ("minference", {"config": mixed_config(model_config), "last_q": 32}),
         "adaptive": ("adaptive", {"gates": gates, "density": 0.5}),
+        "xattention": ("xattention", {"tau": [0.5 + 0.05 * h for h in range(model_config.num_attention_heads)],
+                                      "stride": 8, "block_size": 64}),
+        "flexprefill": ("flexprefill", {"gamma": 0.8, "tau": 0.1, "block_size": 64}),
     }
 
 

@@ -21,6 +21,7 @@ One host synchronisation per call (the widest row, to size the index tensor).
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +143,12 @@ class XAttention(Pattern):
     tau: float | list = 0.9
     stride: int = 8
     block_size: int = 64
+
+    def shard(self, shard) -> "XAttention":
+        """A per-head tau list sliced to a tensor-parallel rank's query heads `shard.q`."""
+        if isinstance(self.tau, (list, tuple)):
+            return dataclasses.replace(self, tau=list(self.tau)[shard.q.start:shard.q.stop])
+        return self
 
     def __post_init__(self):
         check_fraction("tau", self.tau)

@@ -5,77 +5,15 @@ interpreter (a second copy of the kernel module, loaded with TRITON_INTERPRET=1)
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import sys
-import threading
 
 import torch
 
 from .. import index as _index
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_modules: dict[bool, object] = {}
-_lock = threading.Lock()
+from ._loader import kernel_module
 
 
-def _fix_interpreter_index() -> None:
-    """triton 3.6's interpreter turns a scalar tensor into a Python int with int(array of
-    shape (1,)), which numpy >= 2.4 refuses; `range(loaded_scalar)` then fails. Patch that
-    one conversion (interpreter only) to read the single element."""
-    from triton.runtime import interpreter as _interp
 
-    orig = _interp._patch_lang_tensor
-    if getattr(orig, "_sparseinfer_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._sparseinfer_fixed = True
-    _interp._patch_lang_tensor = patched
-
-
-def _kernel_module(interpret: bool):
-    """The kernel module, compiled (interpret=False) or interpreted (True)."""
-    mod = _modules.get(interpret)
-    if mod is not None:
-        return mod
-    with _lock:
-        if interpret in _modules:
-            return _modules[interpret]
-        if interpret:
-            _fix_interpreter_index()
-        name = "sparseinfer.kernels._attn_kernel" + ("_interp" if interpret else "")
-        old = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-        try:
-            spec = importlib.util.spec_from_file_location(name, os.path.join(_HERE, "_attn_kernel.py"))
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod
-            spec.loader.exec_module(mod)
-        finally:
-            if old is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = old
-        _modules[interpret] = mod
-        return mod
-
-
-# (block_m, block_n, num_warps, num_stages) per pattern and head_dim on Hopper; see
-# benchmarks/NOTES_kernels.md for the measurements behind them. For "blocks" (block-sparse)
-# block_m and block_n come from the block size; only warps and stages are read here.
-# Entries: (block_m, block_n, num_warps, num_stages, edge_stages, split[, holey_stages]): num_stages pipelines
-# the main loops, edge_stages the masked edge / column / holey loops; split: 0 = one masked
-# loop per range, 1 = three loops per range (masked head, unmasked middle, masked tail),
-# 2 = all exact ranges of a query block in one flat pipelined loop, 3 = the masked edge tiles
-# of all exact ranges in one flat loop, each range's unmasked middle in its own loop;
-# holey_stages: pipelining of the loop over bands with holes (split 3 only; default 1).
-# Measured on an H100 at 128K, head_dim 128 (benchmarks/results/attention_tune*.md,
-# benchmarks/NOTES_kernels.md); head_dim 64 reuses them unmeasured.
 CONFIGS = {
     "vs": {128: (128, 64, 8, 3, 2, 3, 2), 64: (128, 64, 8, 3, 2, 3, 2)},
     "ashape": {128: (64, 64, 4, 3, 1, 1), 64: (64, 64, 4, 3, 1, 1)},
@@ -125,7 +63,7 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty_like(q)
     interpret = q.device.type != "cuda"
-    mod = _kernel_module(interpret)
+    mod = kernel_module("_attn_kernel.py", interpret)
     nqb = math.ceil(n / idx.block_m)
     ranges, rc = idx.ranges, idx.range_count
     has_cols = idx.columns is not None and idx.columns.shape[-1] > 0

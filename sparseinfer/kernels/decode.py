@@ -12,49 +12,16 @@ CUDA tensors run compiled kernels, CPU tensors the same kernels under the Triton
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-import os
-import sys
-import threading
 
 import torch
 
-from .attention import _fix_interpreter_index
+from ._loader import kernel_module
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_modules: dict[bool, object] = {}
-_lock = threading.Lock()
 
 # (block_n tokens per loop iteration, num_warps, num_stages) on CUDA; the interpreter uses
 # (64, 4, 1). Unmeasured defaults; benchmarks/decode.py sweeps alternatives.
 CUDA_CONFIG = {64: (64, 4, 2), 128: (64, 4, 2)}
-
-
-def _module(interpret: bool):
-    mod = _modules.get(interpret)
-    if mod is not None:
-        return mod
-    with _lock:
-        if interpret in _modules:
-            return _modules[interpret]
-        if interpret:
-            _fix_interpreter_index()
-        name = "sparseinfer.kernels._decode_kernel" + ("_interp" if interpret else "")
-        old = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-        try:
-            spec = importlib.util.spec_from_file_location(name, os.path.join(_HERE, "_decode_kernel.py"))
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod
-            spec.loader.exec_module(mod)
-        finally:
-            if old is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = old
-        _modules[interpret] = mod
-        return mod
 
 
 @functools.lru_cache(maxsize=8)
@@ -94,7 +61,7 @@ def sparse_decode_multi(q, parts, scale: float, *, splits: int | None = None, bl
     D as q's group). One partial-kernel launch per part, one merge kernel for all."""
     b, hq, _, d = q.shape
     interpret = q.device.type != "cuda"
-    mod = _module(interpret)
+    mod = kernel_module("_decode_kernel.py", interpret)
     bn0, warps, stages = (64, 4, 1) if interpret else CUDA_CONFIG.get(d, (64, 4, 2))
     warps = num_warps or warps
     stages = num_stages or stages
@@ -154,7 +121,7 @@ def quest_scores(q, kmin, kmax, *, block_p: int | None = None):
     b, hq, _, d = q.shape
     hkv, p = kmin.shape[1], kmin.shape[2]
     interpret = q.device.type != "cuda"
-    mod = _module(interpret)
+    mod = kernel_module("_decode_kernel.py", interpret)
     q = q if q.stride(-1) == 1 else q.contiguous()
     kmin = kmin if kmin.stride(-1) == 1 else kmin.contiguous()
     kmax = kmax if kmax.stride(-1) == 1 else kmax.contiguous()

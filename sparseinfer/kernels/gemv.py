@@ -16,51 +16,18 @@ References (any dtype, float64 included): `teal_gemv_reference`, `dejavu_gateup_
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-import threading
 
 import torch
 import torch.nn.functional as F
 
-from .attention import _fix_interpreter_index
+from ._loader import kernel_module
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_modules: dict[bool, object] = {}
-_lock = threading.Lock()
 
 # (BLOCK_K, BLOCK_N, K_ITERS, num_warps) for teal_gemv; (BLOCK_I, BLOCK_H, num_warps) for
 # dejavu_gateup. GPU defaults, overridable per call (benchmarks/contextual.py sweeps them).
 TEAL_CONFIG = {"cuda": (32, 128, 4, 4), "cpu": (16, 32, 1, 1)}
 GATEUP_CONFIG = {"cuda": (16, 128, 4), "cpu": (16, 32, 1)}
 MAX_ROWS_PER_PROGRAM = 4
-
-
-def _kernel_module(interpret: bool):
-    mod = _modules.get(interpret)
-    if mod is not None:
-        return mod
-    with _lock:
-        if interpret in _modules:
-            return _modules[interpret]
-        if interpret:
-            _fix_interpreter_index()
-        name = "sparseinfer.kernels._gemv_kernel" + ("_interp" if interpret else "")
-        old = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-        try:
-            spec = importlib.util.spec_from_file_location(name, os.path.join(_HERE, "_gemv_kernel.py"))
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod
-            spec.loader.exec_module(mod)
-        finally:
-            if old is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = old
-        _modules[interpret] = mod
-        return mod
 
 
 def _block_m(m: int) -> int:
@@ -91,7 +58,7 @@ def teal_gemv_launch(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor,
     bm = _block_m(m)
     y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     grid = (triton_cdiv(k, bk * kit), triton_cdiv(n, bn), triton_cdiv(m, bm))
-    _kernel_module(not x.is_cuda).teal_gemv_kernel[grid](
+    kernel_module("_gemv_kernel.py", not x.is_cuda).teal_gemv_kernel[grid](
         x, wt, threshold.to(device=x.device, dtype=torch.float32).reshape(1), y, m, k, n,
         x.stride(0), wt.stride(0), y.stride(0), BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, K_ITERS=kit, num_warps=warps)
     return y.to(x.dtype)
@@ -115,7 +82,7 @@ def dejavu_gateup_launch(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, ma
     bm = _block_m(m)
     out = torch.empty(m, i, dtype=x.dtype, device=x.device)
     grid = (triton_cdiv(i, bi), triton_cdiv(m, bm))
-    _kernel_module(not x.is_cuda).dejavu_gateup_kernel[grid](
+    kernel_module("_gemv_kernel.py", not x.is_cuda).dejavu_gateup_kernel[grid](
         x, wg, wu, mask, out, m, i, hid, x.stride(0), wg.stride(0), mask.stride(0), out.stride(0),
         BLOCK_M=bm, BLOCK_I=bi, BLOCK_H=bh, num_warps=warps)
     return out

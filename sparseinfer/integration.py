@@ -118,7 +118,9 @@ def _dense(module, query, key, value, attention_mask, **kwargs):
 # which measured break-even length (sparseinfer.kernels.attention.BREAK_EVEN) applies to a pattern
 _BREAK_EVEN_KEY = {"ashape": "ashape", "block_sparse": "block_sparse", "vertical_slash": "vertical_slash_estimated",
                    "minference": "vertical_slash_estimated", "adaptive": "block_sparse", "xattention": "block_sparse",
-                   "flexprefill": "block_sparse"}
+                   "flexprefill": "block_sparse",
+                   # not measured on its own; its kernel is the vertical-slash one (grid lines as columns)
+                   "mminference": "vertical_slash_estimated"}
 
 
 def _break_even(plan: LayerPlan, query: torch.Tensor) -> int:

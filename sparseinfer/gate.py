@@ -51,22 +51,24 @@ def check_pooling(pooling) -> tuple[str, ...]:
 
 def pool_blocks(x: torch.Tensor, block_size: int, pooling: tuple[str, ...]) -> torch.Tensor:
     """x [B, H, N, D] -> [B, H, nb, len(pooling) * D] float32: per block the avg / max / min
-    over its tokens (the last block: over its valid tokens only)."""
+    over its tokens (the last block: over its valid tokens only). Sums accumulate in float32;
+    max / min are exact in x's dtype."""
     b, h, n, d = x.shape
     nb = math.ceil(n / block_size)
     pad = nb * block_size - n
-    x = x.float()
     out = []
     for p in pooling:
         if p == "avg":
-            s = torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(b, h, nb, block_size, d).sum(3)
+            xp = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+            s = xp.reshape(b, h, nb, block_size, d).sum(3, dtype=torch.float32)
             counts = torch.full((nb, 1), float(block_size), device=x.device)
             counts[-1] = block_size - pad
             out.append(s / counts)
         else:
             fill = float("-inf") if p == "max" else float("inf")
-            xp = torch.nn.functional.pad(x, (0, 0, 0, pad), value=fill).reshape(b, h, nb, block_size, d)
-            out.append(xp.amax(3) if p == "max" else xp.amin(3))
+            xp = torch.nn.functional.pad(x, (0, 0, 0, pad), value=fill) if pad else x
+            xp = xp.reshape(b, h, nb, block_size, d)
+            out.append((xp.amax(3) if p == "max" else xp.amin(3)).float())
     return torch.cat(out, -1)
 
 
@@ -79,13 +81,17 @@ def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     """Undo transformers' RoPE (x cos + rotate_half(x) sin, on the first cos.shape[-1] dims).
 
     x [B, H, N, D]; cos, sin [B or 1, N, R] (R <= D, as the model's rotary module returns them,
-    possibly scaled by its attention_scaling s: then cos^2 + sin^2 = s^2) -> float32 [B, H, N, D].
+    possibly scaled by its attention_scaling s: then cos^2 + sin^2 = s^2) -> [B, H, N, D] in
+    x's dtype when it is fp16 / bf16 (half the memory traffic on long inputs), else float32.
     """
+    dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
     r = cos.shape[-1]
-    c, s = cos.float()[:, None], sin.float()[:, None]
-    xr = x[..., :r].float()
-    back = (xr * c - _rotate_half(xr) * s) / (c * c + s * s)
-    return torch.cat([back, x[..., r:].float()], -1) if r < x.shape[-1] else back
+    c, s = cos.float(), sin.float()
+    norm = c * c + s * s
+    c, s = (c / norm).to(dt)[:, None], (s / norm).to(dt)[:, None]
+    xr = x[..., :r].to(dt)
+    back = xr * c - _rotate_half(xr) * s
+    return torch.cat([back, x[..., r:].to(dt)], -1) if r < x.shape[-1] else back
 
 
 def block_rope(x: torch.Tensor, block_size: int, theta: float) -> torch.Tensor:

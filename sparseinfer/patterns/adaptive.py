@@ -49,10 +49,12 @@ def keep_to_index(keep: torch.Tensor) -> torch.Tensor:
     k = max(1, int(counts.max()))
     nb = keep.shape[-1]
     r = torch.arange(nb, device=keep.device)
-    # kept blocks first, in ascending order: sort key = index, or nb + index when dropped
-    key = torch.where(keep, r, nb + r)
-    idx = torch.topk(key, k, dim=-1, largest=False, sorted=True).indices
-    return torch.where(torch.arange(k, device=keep.device) < counts[..., None], idx, -1)
+    # kept block j goes to column (number of kept blocks before it); dropped ones to a spare
+    # column k, cut off below (a scatter: linear in nb, no sort)
+    col = torch.where(keep, keep.cumsum(-1) - 1, k)
+    idx = torch.full((*keep.shape[:-1], k + 1), -1, dtype=torch.long, device=keep.device)
+    idx.scatter_(-1, col, r.expand_as(col))
+    return idx[..., :k].contiguous()
 
 
 @dataclass

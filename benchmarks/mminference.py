@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -59,27 +58,16 @@ def variants(smoke: bool) -> dict:
 
 
 def timer(dev):
+    """ms per call: on CUDA benchmarks/attention.py's `bench` (CUDA events, median); on the CPU one call."""
+    if dev.type == "cuda":
+        from attention import bench as cuda_bench
+
+        return lambda fn, budget_s=1.5, max_reps=10, min_reps=2: cuda_bench(fn, budget_s, max_reps, min_reps)
+
     def bench(fn, budget_s=1.5, max_reps=10, min_reps=2):
-        if dev.type != "cuda":
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-        fn()
-        torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
-        one = time.perf_counter() - t0
-        reps = int(max(min_reps, min(max_reps, budget_s / max(one, 1e-6))))
-        times = []
-        for _ in range(reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        return statistics.median(times)
+        return (time.perf_counter() - t0) * 1e3
 
     return bench
 

@@ -11,8 +11,17 @@ For each (batch, query head, query block of ``block_m`` rows) the kernel visits
   ``exact = 0`` marks a range whose band has holes (several slash runs merged because their
   key spans overlap): there the kernel also tests ``slash_map[i - j]``.
 * a list of gathered KV **columns** (vertical-slash only): sorted key positions; the column
-  pass skips cells ``(i, c)`` whose offset ``i - c`` is a slash (``slash_map``), so no cell
-  is counted twice.
+  pass skips cells ``(i, c)`` whose offset ``i - c`` is a slash (a window of ``slash_bits``
+  per column), so no cell is counted twice.
+
+Vertical-slash ranges are the same for every query block (a band is a set of offsets
+``i - j``), so their key tiles are the same *relative to the block's first row*: built with a
+``block_n``, the exact bands become a list of **relative tiles** (unmasked, aligned to
+``block_n``, shared by all query blocks) and a list of masked **edge tiles** ``(rel_start,
+rel_end, lo, hi)``, both sorted nearest-first so that a query block's share is a prefix (its
+length per query block is stored). The kernel then streams both lists in flat pipelined loops
+with no per-range bookkeeping; only bands with holes keep a loop per range, masked through a
+bitmap of the slash offsets (``slash_bits``: 64 cells per row from three 32-bit words).
 
 Ranges of one (batch, head) never cover a cell twice. Everything is built on the tensors'
 device with torch ops: no ``.item()``, no host synchronisation, no per-head Python loop; all
@@ -28,6 +37,12 @@ import torch
 
 __all__ = ["SparseIndex", "from_vertical_slash", "from_block_sparse", "from_ashape"]
 
+# zero bits in front of offset 0 in ``slash_bits`` (the kernel reads up to block_m + 63 bits
+# before a row's offset window; block_m <= 448) and words after the last offset
+BITS_PAD = 512
+_BITS_TAIL = 1024
+_FAR = 1 << 30
+
 
 @dataclass
 class SparseIndex:
@@ -42,11 +57,19 @@ class SparseIndex:
         for some row of query block q; or None.
     slash_map: uint8 [B, H, n], 1 where the offset i - j is a slash; or None (no column pass
         and all ranges exact).
-    slash_cum: int32 [B, H, n + 1], slash_cum[o] = number of slash offsets < o (lets the
-        column pass test a whole column's offsets at once); with columns only.
-    tiles: int32 [B, H, nqb, T] key starts of unmasked tiles of ``block_n`` keys; or None.
+    tiles: int32 [B, H, nqb|1, T] key starts of unmasked tiles of ``block_n`` keys (relative
+        to the query block's first row when ``tiles_relative``, then shared: dim 2 is 1); or None.
     tile_count: int32 [B, H, nqb] tiles to visit per query block; or None.
-    block_n: tile width the tiles were built for (0 when there are none).
+    block_n: tile width the tiles / edges were built for (0 when there are none).
+    tiles_relative: see ``tiles``.
+    edges: int32 [B, H, E, 4] masked tiles (rel_start, rel_end, lo, hi): keys
+        ``[m0 + rel_start, m0 + min(rel_end, rel_start + block_n))`` with ``lo <= i - j <= hi``,
+        m0 = the query block's first row; sorted by rel_start descending; or None. When set,
+        the exact ranges are represented by ``tiles`` + ``edges`` and the kernel visits only
+        the ranges with holes.
+    edge_count: int32 [B, H, nqb] edges to visit per query block; or None.
+    slash_bits: int32 [B, H, W]: bit ``BITS_PAD + o`` (word ``>> 5``, bit ``& 31``) is 1 where
+        offset o is a slash (zero for o < 0); or None.
     """
 
     n: int
@@ -56,10 +79,13 @@ class SparseIndex:
     columns: Optional[torch.Tensor] = None
     column_count: Optional[torch.Tensor] = None
     slash_map: Optional[torch.Tensor] = None
-    slash_cum: Optional[torch.Tensor] = None
     tiles: Optional[torch.Tensor] = None
     tile_count: Optional[torch.Tensor] = None
     block_n: int = 0
+    tiles_relative: bool = False
+    edges: Optional[torch.Tensor] = None
+    edge_count: Optional[torch.Tensor] = None
+    slash_bits: Optional[torch.Tensor] = None
 
     @property
     def nqb(self) -> int:
@@ -69,10 +95,10 @@ class SparseIndex:
         """float32 [B|1, H|1]: key tiles the kernel visits (times block_m x block_n cells),
         over the causal cells, estimated on up to ``samples`` evenly spaced query blocks; on
         the index's device, no host sync. For callers that may prefer dense attention: on an
-        H100 (benchmarks/NOTES_kernels.md) a visited cell cost ~1.4x a cuDNN dense cell for
-        A-shape bands (0.24 -> 2.97x faster at 32K), ~3.3x for realistic vertical-slash
-        (0.35 -> 0.87x at 32K, 0.19 -> 1.73x at 64K) and ~4.5x for scattered slashes, which
-        merge into bands with holes covering most of the causal area (~1.0 -> 0.22x)."""
+        H100 (benchmarks/NOTES_kernels.md, 2026-11-25) a visited cell cost ~1.4x a cuDNN dense
+        cell for A-shape bands (0.24 -> 2.8x faster at 32K), ~2-3x for realistic vertical-slash
+        (0.95x at 32K, 5.2x at 128K) and ~2.3x for scattered slashes, which merge into bands with
+        holes covering most of the causal area (~1.0 -> 0.4x)."""
         n, bm = self.n, self.block_m
         dev = self.range_count.device
         nqb = self.nqb
@@ -87,9 +113,13 @@ class SparseIndex:
         nt = torch.clamp((ke - ks + block_n - 1) // block_n, min=0)
         rc = self.range_count.long()[:, :, qs]
         valid = torch.arange(r.shape[3], device=dev).view(1, 1, 1, -1) < rc[..., None]
+        if self.edges is not None:  # exact ranges are visited as tiles + edges
+            valid = valid & (r[..., 4] == 0)
         tiles = (nt * valid).sum(-1)  # [B|1, H|1, S]
         if self.tiles is not None:
             tiles = tiles + self.tile_count.long()[:, :, qs]
+        if self.edges is not None:
+            tiles = tiles + self.edge_count.long()[:, :, qs]
         if self.columns is not None:
             tiles = tiles + (self.column_count.long()[:, :, qs] + block_n - 1) // block_n
         rows = (torch.clamp((qs + 1) * bm, max=n) - qs * bm).view(1, 1, -1)
@@ -112,13 +142,25 @@ class SparseIndex:
         for q in range(self.nqb):
             rows = slice(q * bm, min(n, (q + 1) * bm))
             rq = min(q, self.ranges.shape[2] - 1)
+            m0 = q * bm
             if self.tiles is not None:
                 for t in range(int(self.tile_count[b, h, q])):
-                    t0 = int(self.tiles[b, h, q, t])
+                    t0 = int(self.tiles[b, h, 0 if self.tiles_relative else q, t])
+                    t0 += m0 if self.tiles_relative else 0
+                    if t0 < 0 or t0 + self.block_n > n:
+                        raise AssertionError("unmasked tile outside the keys")
                     out[rows, t0:t0 + self.block_n] += 1
+            if self.edges is not None:
+                for t in range(int(self.edge_count[b, h, q])):
+                    rs, re, lo, hi = (int(x) for x in self.edges[b, h, t])
+                    ks, ke = max(m0 + rs, 0), min(m0 + re, m0 + rs + self.block_n, n)
+                    m = (j >= ks) & (j < ke) & (i - j >= lo) & (i - j <= hi)
+                    out[rows] += m[rows].int()
             cnt = int(self.range_count[min(b, self.range_count.shape[0] - 1), min(h, self.range_count.shape[1] - 1), q])
             for r in range(cnt):
                 s, e, lo, hi, ex = (int(x) for x in self.ranges[rb, rh, rq, r])
+                if ex and self.edges is not None:
+                    continue
                 m = (j >= s) & (j < e) & (i - j >= lo) & (i - j <= hi)
                 if not ex:
                     m &= smap[off]
@@ -229,19 +271,96 @@ def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m:
     )
 
 
+def _slash_bits(smap: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, n] -> int32 [B, H, W]: bit BITS_PAD + o set where smap[o] (see SparseIndex)."""
+    b, h, n = smap.shape
+    nbits = BITS_PAD + n + _BITS_TAIL
+    nbits += -nbits % 32
+    bits = torch.zeros(b, h, nbits, dtype=torch.int64, device=smap.device)
+    bits[..., BITS_PAD:BITS_PAD + n] = smap
+    weights = torch.ones(32, dtype=torch.int64, device=smap.device) << torch.arange(32, device=smap.device)
+    words = (bits.view(b, h, -1, 32) * weights).sum(-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).contiguous()
+
+
+def _expand(counts: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """counts [B, H, R] >= 0 -> for positions p < total: (item r, rank k within the item, valid),
+    each [B, H, total]; ``total`` bounds counts.sum(-1) (fixed shape, no host sync)."""
+    b, h, r = counts.shape
+    cum = torch.cumsum(counts, -1)
+    p = torch.arange(total, device=counts.device).expand(b * h, total).contiguous()
+    item = torch.searchsorted(cum.reshape(b * h, r).contiguous(), p, right=True).view(b, h, total)
+    valid = p.view(b, h, total) < cum[..., -1:]
+    item = item.clamp(max=r - 1)
+    k = p.view(b, h, total) - (torch.gather(cum, -1, item) - torch.gather(counts, -1, item))
+    return item, k, valid
+
+
+def _relative_tiles(lo, hi, exact, n_slash: int, n: int, block_m: int, block_n: int):
+    """Exact bands (lo, hi, exact) [B, H, R] (padding lo >= n) -> relative unmasked tiles
+    [B, H, 1, TU] + counts [B, H, nqb] and edges [B, H, TE, 4] + counts [B, H, nqb] (see
+    SparseIndex). For rows m0..m0+bm-1 a band needs keys m0 + [-hi, bm - lo); the aligned
+    tiles every row sees whole are unmasked, the rest are edge tiles clipped to the band's
+    head [-hi, A) and tail [B, bm - lo)."""
+    bm, bn = block_m, block_n
+    b, h, r = lo.shape
+    dev = lo.device
+    nqb = math.ceil(n / bm)
+    valid = (lo < n) & (exact != 0)
+    lo = torch.where(valid, lo, torch.zeros_like(lo))
+    hi = torch.where(valid, hi, torch.zeros_like(hi))
+    u_lo = -torch.div(-(bm - 1 - hi), bn, rounding_mode="floor") * bn  # ceil to the grid
+    u_hi = torch.div(-lo - bn + 1, bn, rounding_mode="floor") * bn
+    nu = torch.clamp(torch.div(u_hi - u_lo, bn, rounding_mode="floor") + 1, min=0) * valid
+    a = torch.where(nu > 0, u_lo, bm - lo)
+    bq = torch.where(nu > 0, u_lo + nu * bn, bm - lo)
+    n_head = -torch.div(-(a + hi), bn, rounding_mode="floor") * valid
+    n_tail = -torch.div(-(bm - lo - bq), bn, rounding_mode="floor") * valid
+    m0 = (torch.arange(nqb, device=dev) * bm).view(1, nqb).expand(b * h, nqb).contiguous()
+    # unmasked: the middle tiles of every band (sum of widths <= n_slash)
+    tu = max(n_slash // bn + 1, 1)
+    item, k, ok = _expand(nu, tu)
+    rel = torch.gather(u_lo, -1, item) + k * bn
+    rel = torch.where(ok, rel, torch.full_like(rel, -_FAR))
+    rel, _ = torch.sort(rel, dim=-1, descending=True)
+    tcount = torch.searchsorted((-rel).reshape(b * h, tu).contiguous(), m0, right=True).view(b, h, nqb)
+    # edges: head [-hi, a) then tail [bq, bm - lo) of every band
+    te = max(r * ((2 * bm + 3 * bn) // bn + 1), 1)
+    ne = n_head + n_tail
+    item, k, ok = _expand(ne, te)
+    g = lambda x: torch.gather(x, -1, item)  # noqa: E731
+    lo_e, hi_e, nh = g(lo), g(hi), g(n_head)
+    head = k < nh
+    start = torch.where(head, -hi_e + k * bn, g(bq) + (k - nh) * bn)
+    end = torch.where(head, g(a), bm - lo_e)
+    start = torch.where(ok, start, torch.full_like(start, -_FAR))
+    start, order = torch.sort(start, dim=-1, descending=True)
+    edges = torch.stack([start, torch.gather(end, -1, order), torch.gather(lo_e, -1, order),
+                         torch.gather(hi_e, -1, order)], -1)
+    ecount = torch.searchsorted((-start).reshape(b * h, te).contiguous(), m0 + bn, right=False).view(b, h, nqb)
+    return (rel.view(b, h, 1, tu).to(torch.int32).contiguous(), tcount.to(torch.int32),
+            edges.to(torch.int32).contiguous(), ecount.to(torch.int32))
+
+
 def from_vertical_slash(
-    vertical_idx: torch.Tensor, slash_idx: torch.Tensor, n: int, block_m: int, merge_gap: Optional[int] = None
+    vertical_idx: torch.Tensor, slash_idx: torch.Tensor, n: int, block_m: int, merge_gap: Optional[int] = None,
+    block_n: Optional[int] = None,
 ) -> SparseIndex:
     """vertical_idx [B, H, Nv] key positions, slash_idx [B, H, Ns] offsets i - j (-1 = padding,
     duplicates allowed, any order) -> SparseIndex with
     ranges [B, H, 1, Ns + 1, 5] (the same for every query block, sorted by lo),
     range_count [B, H, nqb], columns [B, H, Nv], column_count [B, H, nqb], slash_map [B, H, n],
-    slash_cum [B, H, n + 1].
+    slash_bits [B, H, W].
 
     Offset 0 (self) is always added. Consecutive offsets become one exact band; bands whose gap
-    is at most ``merge_gap`` (default block_m: their key spans per query block would overlap)
-    merge into one range with holes (exact = 0, masked through slash_map).
+    is at most ``merge_gap`` (default block_m: their key spans per query block would overlap) merge into one range with holes (exact = 0, masked through slash_bits).
+    With ``block_n`` (a divisor of block_m), the exact bands also become relative tiles + edges
+    (tiles [B, H, 1, TU], edges [B, H, TE, 4], see SparseIndex) and slash_bits is built.
     """
+    if block_n is not None and (block_n <= 0 or block_m % block_n or block_n > 64):
+        raise ValueError(f"block_n must divide block_m and be <= 64, got block_m={block_m}, block_n={block_n}")
+    if block_m > BITS_PAD - 64:
+        raise ValueError(f"block_m must be <= {BITS_PAD - 64}, got {block_m}")
     b, h, _ = slash_idx.shape
     dev = slash_idx.device
     merge_gap = block_m if merge_gap is None else merge_gap
@@ -255,8 +374,6 @@ def from_vertical_slash(
     smap = torch.zeros(b, h, n + 1, dtype=torch.uint8, device=dev)
     smap.scatter_(-1, s, 1)
     smap = smap[..., :n].contiguous()
-    scum = torch.zeros(b, h, n + 1, dtype=torch.int32, device=dev)
-    scum[..., 1:] = torch.cumsum(smap, -1, dtype=torch.int32)
     lo, hi, _ = _runs(s, big)
     valid = lo < big
     prev_hi = torch.full_like(hi, -(1 << 40))
@@ -289,7 +406,7 @@ def from_vertical_slash(
     cc = torch.searchsorted(
         cols.reshape(b * h, -1).contiguous(), bound.view(1, nqb).expand(b * h, nqb).contiguous(), right=False
     ).view(b, h, nqb)
-    return SparseIndex(
+    idx = SparseIndex(
         n=n,
         block_m=block_m,
         ranges=ranges.view(b, h, 1, r, 5),
@@ -297,5 +414,10 @@ def from_vertical_slash(
         columns=cols.to(torch.int32),
         column_count=cc.to(torch.int32),
         slash_map=smap,
-        slash_cum=scum,
+        slash_bits=_slash_bits(smap),
     )
+    if block_n is not None:
+        idx.tiles, idx.tile_count, idx.edges, idx.edge_count = _relative_tiles(
+            glo, torch.clamp(ghi, max=n), exact, s.shape[-1], n, block_m, block_n)
+        idx.tiles_relative, idx.block_n = True, block_n
+    return idx

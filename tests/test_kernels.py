@@ -86,17 +86,18 @@ def test_ashape(sink, window, n):
     check(out, masked_attention_f64(q, k, v, ashape_mask(n, sink, window)), torch.float16)
 
 
-@pytest.mark.parametrize("split", [0, 1, 2, 3])
+@pytest.mark.parametrize("split", [0, 1, 2, 3, 4])
 def test_small_tiles_loop_structures(split):
     """Small tiles: many tiles per range, unmasked middles, merged holey bands; every loop
     structure of the kernel (split 0: one masked loop per range, 1: head/middle/tail loops,
-    2: one flat loop over all exact ranges, 3: flat loop over masked edges + middles)."""
+    2: one flat loop over all exact ranges, 3: flat loop over masked edges + middles,
+    4: vertical-slash bands as relative tiles + edges)."""
     n, hq, hkv = 190, 4, 1
     q, k, v = qkv(2, hq, hkv, n, 128 if split % 2 else 64, torch.float32, seed=3 + split)
     vert, sl = vs_indices(2, hq, n, 7, 10, seed=4 + split)
     sl[1, :, :40] = torch.arange(40)  # a local band wide enough for unmasked middles
     s = q.shape[-1] ** -0.5
-    for bm, bn in ((32, 16), (16, 32)):
+    for bm, bn in ((32, 16), (16, 32) if split != 4 else (16, 16)):  # edges need block_n | block_m
         out = kernels.vertical_slash_attention(q, k, v, vert, sl, s, config=(bm, bn, 4, 1, 1, split))
         check(out, masked_attention_f64(q, k, v, vertical_slash_mask(n, vert, sl)), torch.float32)
     out = kernels.ashape_attention(q, k, v, 5, 40, s, config=(16, 32, 4, 1, 1, split))
@@ -118,8 +119,19 @@ def test_vertical_slash_band_and_runs():
     vert = torch.cat([torch.arange(5).expand(1, 4, 5), torch.randint(0, n, (1, 4, 20), generator=g)], -1)
     runs = torch.randint(150, n - 40, (1, 4, 3), generator=g)
     sl = torch.cat([torch.arange(150).expand(1, 4, 150), (runs[..., None] + torch.arange(40)).reshape(1, 4, 120)], -1)
+    ref = masked_attention_f64(q, k, v, vertical_slash_mask(n, vert, sl))
     out = ops.vertical_slash_attention(q, k, v, vert, sl, backend="triton")
-    check(out, masked_attention_f64(q, k, v, vertical_slash_mask(n, vert, sl)), torch.float16)
+    check(out, ref, torch.float16)
+    for bm, bn in ((64, 32), (32, 32)):  # relative tiles + edges (split 4)
+        idx = sidx.from_vertical_slash(vert, sl, n, bm, block_n=bn)
+        assert int(idx.tile_count.max()) > 0 and int(idx.edge_count.max()) > 0
+        out = kernels.vertical_slash_attention(q, k, v, vert, sl, 64 ** -0.5, config=(bm, bn, 4, 1, 1, 4))
+        check(out, ref, torch.float16)
+    for split in (3, 4):  # 128-row blocks: two 64-bit slash windows per gathered column
+        out = kernels.vertical_slash_attention(q, k, v, vert, sl, 64 ** -0.5, config=(128, 64, 4, 1, 1, split))
+        check(out, ref, torch.float16)
+    with pytest.raises(ValueError, match="block_m <= 128"):
+        kernels.vertical_slash_attention(q, k, v, vert, sl, 64 ** -0.5, config=(256, 64, 4, 1, 1, 3))
 
 
 def test_noncontiguous_and_batch1():
@@ -149,6 +161,20 @@ def test_index_vertical_slash(block_m):
     assert idx.ranges.shape == (2, 3, 1, sl.shape[-1] + 1, 5) and idx.ranges.dtype == torch.int32
     assert idx.range_count.shape == (2, 3, math.ceil(n / block_m))
     _cells_equal(idx, vertical_slash_mask(n, vert, sl))
+
+
+@pytest.mark.parametrize("n,block_m,block_n,merge_gap", [(133, 16, 16, None), (133, 32, 16, 1), (190, 64, 32, None),
+                                                         (300, 128, 64, 1), (257, 64, 64, None)])
+def test_index_vertical_slash_relative_tiles(n, block_m, block_n, merge_gap):
+    """Exact bands as relative unmasked tiles + edges (a wide local band has unmasked middles):
+    the same cells, each once, and the tiles stay inside [0, n)."""
+    vert, sl = vs_indices(2, 3, n, 8, 15, seed=n + block_m)
+    sl[1, :, :50] = torch.arange(50) + 3
+    idx = sidx.from_vertical_slash(vert, sl, n, block_m, merge_gap=merge_gap, block_n=block_n)
+    assert idx.tiles_relative and idx.tiles.shape[:3] == (2, 3, 1) and idx.edges.shape[-1] == 4
+    _cells_equal(idx, vertical_slash_mask(n, vert, sl))
+    with pytest.raises(ValueError, match="block_n must divide block_m"):
+        sidx.from_vertical_slash(vert, sl, n, 64, block_n=48)
 
 
 def test_index_vertical_slash_runs():

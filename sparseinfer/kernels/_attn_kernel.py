@@ -10,7 +10,8 @@ One program = one (batch, query head) x one query block of BLOCK_M rows. It runs
      tiles fully inside the band can run without any mask, edge tiles are masked. The loop
      structure is a constexpr choice (SPLIT / FLAT / EDGES, "split" 1 / 2 / 3 in
      attention.CONFIGS; none = one masked loop per range); bands with holes test a byte map;
-  2. the column pass: gathered key columns c <= i, skipping cells whose offset is a slash;
+  2. the column pass: gathered key columns c <= i, skipping cells whose offset is a slash
+     (a window of the slash bitmap per column);
 with one online softmax (exp2, fp32 accumulation) over all of them.
 
 Hopper notes (benchmarks/NOTES_kernels.md): each pipelined loop owns its shared-memory
@@ -29,10 +30,47 @@ from triton.language.standard import _sum_combine as _sum_fn  # noqa: E402
 
 
 @triton.jit
-def _tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn, offs_m, offs_d,
+def _window64(sb_base, p):
+    """uint64 [len(p)]: bits p .. p + 63 of the bitmap at sb_base (int32 words), bit 0 = bit p;
+    three word loads per entry."""
+    w = p >> 5
+    sh = (p & 31).to(tl.uint64)
+    x0 = tl.load(sb_base + w).to(tl.uint32, bitcast=True).to(tl.uint64)
+    x1 = tl.load(sb_base + w + 1).to(tl.uint32, bitcast=True).to(tl.uint64)
+    x2 = tl.load(sb_base + w + 2).to(tl.uint32, bitcast=True).to(tl.uint64)
+    return ((x0 | (x1 << 32)) >> sh) | ((x2 << 32) << (32 - sh))
+
+
+@triton.jit
+def _ones(a, b):
+    """uint64: bits a..b set (clipped to 0..63; none when b < a)."""
+    lo = tl.maximum(a, 0)
+    hi = tl.minimum(b, 63)
+    span = tl.maximum(hi - lo, 0).to(tl.uint64)
+    ones = ((tl.full(lo.shape, 2, tl.uint64) << span) - 1) << lo.to(tl.uint64)
+    return tl.where(hi >= lo, ones, 0)
+
+
+@triton.jit
+def _bits_mask(sb_base, offs_m, n0, lo, hi, ks, ke, BLOCK_N: tl.constexpr, PAD: tl.constexpr):
+    """bool [BLOCK_M, BLOCK_N]: cell (i, n0 + c) is kept iff its offset o = i - n0 - c is a slash
+    (bit PAD + o of the bitmap at sb_base) with lo <= o <= hi and ks <= n0 + c < ke. Per row
+    one 64-bit window of the bitmap (bit k <-> c = BLOCK_N - 1 - k), the band and key bounds
+    folded into it, then one shift per cell (instead of a byte gather)."""
+    base = offs_m - n0 - (BLOCK_N - 1)  # offset of bit 0 of the row's window
+    win = _window64(sb_base, base + PAD)
+    klo = tl.maximum(lo - base, BLOCK_N - ke + n0)
+    khi = tl.minimum(hi - base, BLOCK_N - 1 - ks + n0)
+    win = win & _ones(klo, tl.minimum(khi, BLOCK_N - 1))
+    kidx = (BLOCK_N - 1 - tl.arange(0, BLOCK_N)).to(tl.uint64)
+    return ((win[:, None] >> kidx[None, :]) & 1) != 0
+
+
+@triton.jit
+def _tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn, offs_m, offs_d,
            n_lo, n_hi, kend, band_lo, band_hi, qk_scale,
            BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_SMAP: tl.constexpr, PREC: tl.constexpr,
-           STAGES: tl.constexpr):
+           STAGES: tl.constexpr, PAD: tl.constexpr = 512):
     for n0 in tl.range(n_lo, n_hi, BLOCK_N, num_stages=STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if MASKED:
@@ -44,11 +82,11 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn, of
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if MASKED:
-            diff = offs_m[:, None] - offs_n[None, :]
-            mask = kmask[None, :] & (diff >= band_lo) & (diff <= band_hi)
             if USE_SMAP:
-                sm = tl.load(smap_base + diff, mask=mask, other=0)
-                mask = mask & (sm != 0)
+                mask = _bits_mask(sbits_base, offs_m, n0, band_lo, band_hi, n0, kend, BLOCK_N, PAD)
+            else:
+                diff = offs_m[:, None] - offs_n[None, :]
+                mask = kmask[None, :] & (diff >= band_lo) & (diff <= band_hi)
             qk = tl.where(mask, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -66,9 +104,10 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn, of
 
 
 @triton.jit
-def _range_tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn, offs_m, offs_d,
+def _range_tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn, offs_m, offs_d,
                  kstart, kend, band_lo, band_hi, qk_scale,
-                 BLOCK_N: tl.constexpr, USE_SMAP: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+                 BLOCK_N: tl.constexpr, USE_SMAP: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
+                 PAD: tl.constexpr = 512):
     """One pipelined loop over the key tiles [kstart, kend) of a range, band mask on every
     tile (branch-free: a branch on the tile kind inside the loop breaks triton's pipeliner)."""
     rel_m = offs_m - band_lo
@@ -79,11 +118,11 @@ def _range_tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        rel = rel_m[:, None] - offs_n[None, :]  # (i - j) - lo
-        mask = (rel.to(tl.uint32) <= width) & kmask[None, :]
         if USE_SMAP:
-            sm = tl.load(smap_base + rel + band_lo, mask=mask, other=0)
-            mask = mask & (sm != 0)
+            mask = _bits_mask(sbits_base, offs_m, n0, band_lo, band_hi, kstart, kend, BLOCK_N, PAD)
+        else:
+            rel = rel_m[:, None] - offs_n[None, :]  # (i - j) - lo
+            mask = (rel.to(tl.uint32) <= width) & kmask[None, :]
         qk = tl.where(mask, qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -121,7 +160,7 @@ def _geom(rp, m0, row_end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def sparse_fwd_kernel(
     Q, K, V, O,
-    TILES, TCOUNT, RANGES, RCOUNT, COLS, CCOUNT, SMAP, SCUM,
+    TILES, TCOUNT, RANGES, RCOUNT, COLS, CCOUNT, EDG, ECOUNT, SBITS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -131,12 +170,13 @@ def sparse_fwd_kernel(
     stride_cb, stride_ch, stride_cq,
     stride_colb, stride_colh,
     stride_ccb, stride_cch,
-    stride_smb, stride_smh, stride_scb, stride_sch,
+    stride_eb, stride_eh, stride_ecb, stride_ech, stride_sbb, stride_sbh,
     N, H, GROUP, NQB, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
     HAS_TILES: tl.constexpr, HAS_COLS: tl.constexpr, HAS_SMAP: tl.constexpr, PREC: tl.constexpr,
     STAGES: tl.constexpr, EDGE_STAGES: tl.constexpr, SPLIT: tl.constexpr, FLAT: tl.constexpr,
-    EDGES: tl.constexpr, HOLEY_STAGES: tl.constexpr = 1,
+    EDGES: tl.constexpr, HOLEY_STAGES: tl.constexpr = 1, TILES_REL: tl.constexpr = False,
+    HAS_EDGES: tl.constexpr = False, PAD: tl.constexpr = 512,
 ):
     pid_bh = tl.program_id(0)
     pid_m = NQB - 1 - tl.program_id(1)  # longest rows first
@@ -150,7 +190,7 @@ def sparse_fwd_kernel(
     q = tl.load(q_ptrs, mask=offs_m[:, None] < N, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    smap_base = SMAP + b * stride_smb + h * stride_smh
+    sbits_base = SBITS + b * stride_sbb + h * stride_sbh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
@@ -163,8 +203,9 @@ def sparse_fwd_kernel(
     if HAS_TILES:
         nt = tl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m)
         t_base = TILES + b * stride_tb + h * stride_th + pid_m * stride_tq
+        t0 = m0 if TILES_REL else 0  # relative tiles (vertical-slash): shared by all query blocks
         for t in tl.range(0, nt, num_stages=STAGES):
-            n0 = tl.load(t_base + t)
+            n0 = t0 + tl.load(t_base + t)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
@@ -172,6 +213,34 @@ def sparse_fwd_kernel(
             m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
             p = tl.math.exp2(qk - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+            m_i = m_new
+
+    # 0b. edge list (vertical-slash relative tiles): masked tiles of the exact bands, one flat
+    #     pipelined loop whose per-tile parameters do not depend on the previous tile
+    if HAS_EDGES:
+        ne = tl.load(ECOUNT + b * stride_ecb + h * stride_ech + pid_m)
+        e_base = EDG + b * stride_eb + h * stride_eh
+        for t in tl.range(0, ne, num_stages=EDGE_STAGES):
+            ep = e_base + t * 4
+            n0 = m0 + tl.load(ep)
+            ke = tl.minimum(tl.minimum(m0 + tl.load(ep + 1), n0 + BLOCK_N), N)
+            lo = tl.load(ep + 2)
+            hi = tl.load(ep + 3)
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            kmask = (offs_n >= 0) & (offs_n < ke)
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+            rel = (offs_m - lo)[:, None] - offs_n[None, :]
+            mask = (rel.to(tl.uint32) <= (hi - lo).to(tl.uint32)) & kmask[None, :]
+            qk = tl.where(mask, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
@@ -284,32 +353,38 @@ def sparse_fwd_kernel(
         exact = tl.load(rp + 4)
         kstart = tl.maximum(tl.maximum(start, m0 - hi), 0)
         kend = tl.minimum(tl.minimum(end, m0 + BLOCK_M - lo), row_end)
-        if EDGES:
+        if HAS_EDGES:
+            if exact == 0:  # exact bands ran as relative tiles + edges
+                if HAS_SMAP:
+                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn,
+                                                 offs_m, offs_d, kstart, kend, lo, hi, qk_scale, BLOCK_N,
+                                                 True, PREC, HOLEY_STAGES, PAD)
+        elif EDGES:
             if exact != 0:
                 _a, _b, t1, t2, _c, _d, _e = _geom(rp, m0, row_end, BLOCK_M, BLOCK_N)
                 if t2 > t1:
-                    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn,
+                    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn,
                                            offs_m, offs_d, t1, t2, kend, lo, hi, qk_scale, BLOCK_N, False, False,
                                            PREC, STAGES)
             else:
                 if HAS_SMAP:
-                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn,
+                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn,
                                                  offs_m, offs_d, kstart, kend, lo, hi, qk_scale, BLOCK_N,
                                                  True, PREC, HOLEY_STAGES)
         elif FLAT:
             if exact == 0:
                 if HAS_SMAP:
-                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn,
+                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn,
                                                  offs_m, offs_d, kstart, kend, lo, hi, qk_scale, BLOCK_N,
                                                  True, PREC, EDGE_STAGES)
         elif not SPLIT:
             if exact != 0:
-                acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn,
+                acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn,
                                              offs_m, offs_d, kstart, kend, lo, hi, qk_scale, BLOCK_N,
                                              False, PREC, STAGES)
             else:
                 if HAS_SMAP:  # a band with holes: test each offset
-                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn,
+                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn,
                                                  offs_m, offs_d, kstart, kend, lo, hi, qk_scale, BLOCK_N,
                                                  True, PREC, EDGE_STAGES)
         elif exact != 0:
@@ -321,40 +396,42 @@ def sparse_fwd_kernel(
             n_mid = tl.maximum((fb - t1) // BLOCK_N, 0)
             if n_mid > 0:
                 t2 = t1 + n_mid * BLOCK_N
-                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn, offs_m,
+                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn, offs_m,
                                        offs_d, kstart, t1, kend, lo, hi, qk_scale, BLOCK_N, True, False, PREC, EDGE_STAGES)
-                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn, offs_m,
+                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn, offs_m,
                                        offs_d, t1, t2, kend, lo, hi, qk_scale, BLOCK_N, False, False, PREC, STAGES)
-                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn, offs_m,
+                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn, offs_m,
                                        offs_d, t2, kend, kend, lo, hi, qk_scale, BLOCK_N, True, False, PREC, EDGE_STAGES)
             else:
-                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn, offs_m,
+                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn, offs_m,
                                        offs_d, kstart, kend, kend, lo, hi, qk_scale, BLOCK_N, True, False, PREC, EDGE_STAGES)
         else:
             if HAS_SMAP:  # a band with holes: test each offset
-                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, smap_base, stride_kn, stride_vn, offs_m,
+                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn, offs_m,
                                        offs_d, kstart, kend, kend, lo, hi, qk_scale, BLOCK_N, True, True, PREC, EDGE_STAGES)
 
-    # 2. gathered columns c <= i, minus cells whose offset i - c is a slash (counted above)
+    # 2. gathered columns c <= i, minus cells whose offset i - c is a slash (counted above): per
+    #    column one window of the slash bitmap over its offsets m0 - c .. m0 + BLOCK_M - 1 - c
+    #    (bit r <-> row m0 + r), negative offsets set too, then one shift per cell
     if HAS_COLS:
         nc = tl.load(CCOUNT + b * stride_ccb + h * stride_cch + pid_m)
         col_base = COLS + b * stride_colb + h * stride_colh
-        cum_base = SCUM + b * stride_scb + h * stride_sch
+        rr = tl.arange(0, BLOCK_M)
         for c0 in tl.range(0, nc, BLOCK_N, num_stages=EDGE_STAGES):
             offs_c = c0 + tl.arange(0, BLOCK_N)
             cmask = offs_c < nc
             cols = tl.load(col_base + offs_c, mask=cmask, other=0)
-            # does any slash offset fall in [m0 - c, m0 + BLOCK_M - 1 - c] for this column?
-            o_lo = tl.maximum(m0 - cols, 0)
-            o_hi = tl.minimum(m0 + BLOCK_M - cols, N)
-            hit = (tl.load(cum_base + o_hi, mask=cmask, other=0) - tl.load(cum_base + o_lo, mask=cmask, other=0)) > 0
+            o_lo = m0 - cols
+            skip = _window64(sbits_base, o_lo + PAD) | _ones(o_lo * 0, -o_lo - 1)
+            if BLOCK_M > 64:
+                skip_hi = _window64(sbits_base, o_lo + 64 + PAD) | _ones(o_lo * 0, -o_lo - 65)
+                bits = tl.where(rr[:, None] >= 64, skip_hi[None, :], skip[None, :]) >> (rr & 63).to(tl.uint64)[:, None]
+            else:
+                bits = skip[None, :] >> rr.to(tl.uint64)[:, None]
+            mask = ((bits & 1) == 0) & cmask[None, :]
             k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=cmask[:, None], other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cmask[:, None], other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-            diff = offs_m[:, None] - cols[None, :]
-            mask = cmask[None, :] & (diff >= 0)
-            sm = tl.load(smap_base + diff, mask=mask & hit[None, :] & (diff < N), other=0)
-            mask = mask & (sm == 0)
             qk = tl.where(mask, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -15,22 +15,24 @@ from ._loader import kernel_module
 
 
 CONFIGS = {
-    "vs": {128: (128, 64, 8, 3, 2, 3, 2), 64: (128, 64, 8, 3, 2, 3, 2)},
+    # vertical-slash: 64-row blocks, bands as relative tiles + edges (split 4); H100 sweep
+    # 2026-11-25 (benchmarks/results/attention.md): 45.4 ms realistic + 58.5 ms structured at 128K
+    "vs": {128: (64, 64, 4, 3, 3, 4, 2), 64: (64, 64, 4, 3, 3, 4, 2)},
     "ashape": {128: (64, 64, 4, 3, 1, 1), 64: (64, 64, 4, 3, 1, 1)},
     "blocks": {128: (64, 64, 4, 3, 1, 0), 64: (64, 64, 4, 3, 1, 0)},
 }
 # interpreter (CPU tensors): larger, fewer programs run faster; same loop structure as on GPU
-_CPU_CONFIGS = {"vs": (64, 64, 4, 1, 1, 3), "ashape": (64, 64, 4, 1, 1, 1), "blocks": (64, 64, 4, 1, 1, 0)}
+_CPU_CONFIGS = {"vs": (64, 64, 4, 1, 1, 4), "ashape": (64, 64, 4, 1, 1, 1), "blocks": (64, 64, 4, 1, 1, 0)}
 
 # Sequence lengths below which the sparse kernel was slower than cuDNN dense attention on an
 # H100 (one Llama-3-8B layer, bf16; benchmarks/results/attention.md). Callers that may swap
 # the pattern for dense attention (the integration layer) can read these; the ops never do,
 # since dense attention is not the same function.
 BREAK_EVEN = {
-    "ashape": 0,  # 2.97x at 32K
-    "block_sparse": 0,  # 1.69x at 32K (top-100 of 64-blocks)
-    "vertical_slash": 38 * 1024,  # realistic indices: 0.87x at 32K, 1.73x at 64K
-    "vertical_slash_estimated": 70 * 1024,  # structured q/k, estimated: 0.91x at 64K, 1.90x at 128K
+    "ashape": 0,  # 2.82x at 32K
+    "block_sparse": 0,  # 1.61x at 32K (top-100 of 64-blocks)
+    "vertical_slash": 36 * 1024,  # realistic indices: 0.95x at 32K, 2.35x at 64K
+    "vertical_slash_estimated": 40 * 1024,  # structured q/k, estimated: 0.88x at 32K, 1.68x at 64K
 }
 
 
@@ -74,10 +76,17 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         raise ValueError(f"index tiles are {idx.block_n} wide, kernel block_n is {block_n}")
     tiles = idx.tiles if has_tiles else dummy
     tc = idx.tile_count if has_tiles else dummy
-    scum = idx.slash_cum if has_cols else dummy
+    has_edges = idx.edges is not None
+    if has_edges and idx.block_n != block_n:
+        raise ValueError(f"index edges are {idx.block_n} wide, kernel block_n is {block_n}")
+    if has_smap and (block_n > 64 or idx.block_m > 128):
+        raise ValueError("vertical-slash indices need block_n <= 64 and block_m <= 128 (64-bit slash windows), "
+                         f"got block_n={block_n}, block_m={idx.block_m}")
+    edges = idx.edges if has_edges else dummy
+    ec = idx.edge_count if has_edges else dummy
+    sbits = idx.slash_bits if has_smap else dummy
     cols = idx.columns if has_cols else dummy
     cc = idx.column_count if has_cols else dummy
-    smap = idx.slash_map if has_smap else dummy.to(torch.uint8)
 
     def st(t, i):
         return t.stride(i) if t.dim() > i and t.shape[i] > 1 else 0
@@ -88,7 +97,7 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
     grid = (b * hq, nqb)
     mod.sparse_fwd_kernel[grid](
         q, k, v, out,
-        tiles, tc, ranges, rc, cols, cc, smap, scum,
+        tiles, tc, ranges, rc, cols, cc, edges, ec, sbits,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -99,13 +108,15 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         st(rc, 0), st(rc, 1), rc.stride(2),
         st(cols, 0) if has_cols else 0, st(cols, 1) if has_cols else 0,
         st(cc, 0) if has_cols else 0, st(cc, 1) if has_cols else 0,
-        st(smap, 0) if has_smap else 0, st(smap, 1) if has_smap else 0,
-        st(scum, 0) if has_cols else 0, st(scum, 1) if has_cols else 0,
+        st(edges, 0) if has_edges else 0, st(edges, 1) if has_edges else 0,
+        st(ec, 0) if has_edges else 0, st(ec, 1) if has_edges else 0,
+        st(sbits, 0) if has_smap else 0, st(sbits, 1) if has_smap else 0,
         n, hq, hq // hkv, nqb, float(scale) * 1.4426950408889634,
         BLOCK_M=idx.block_m, BLOCK_N=block_n, HEAD_D=d,
         HAS_TILES=has_tiles, HAS_COLS=has_cols, HAS_SMAP=has_smap, PREC=prec,
-        STAGES=num_stages, EDGE_STAGES=edge_stages, SPLIT=split == 1, FLAT=split == 2, EDGES=split == 3,
-        HOLEY_STAGES=holey_stages,
+        STAGES=num_stages, EDGE_STAGES=edge_stages, SPLIT=split == 1, FLAT=split == 2, EDGES=split == 3,  # 4: edges
+        HOLEY_STAGES=holey_stages, TILES_REL=has_tiles and idx.tiles_relative, HAS_EDGES=has_edges,
+        PAD=_index.BITS_PAD,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out if out.dtype == orig_dtype else out.to(orig_dtype)
@@ -114,7 +125,7 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
 def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=None):
     """config: optional (block_m, block_n, num_warps, num_stages, edge_stages, split) override."""
     bm, bn, *rest = _config("vs", q.shape[-1], q.device, config)
-    idx = _index.from_vertical_slash(vertical_idx, slash_idx, q.shape[2], bm)
+    idx = _index.from_vertical_slash(vertical_idx, slash_idx, q.shape[2], bm, block_n=bn if rest[3] == 4 else None)
     return run_index(q, k, v, idx, scale, bn, *rest)
 
 

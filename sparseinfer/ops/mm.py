@@ -150,10 +150,12 @@ def _triton(q, k, v, modality, vertical_idx, slash_idx, scale):
     out = None
     mod = modality.long()[:, None, :, None]
     for a in range(slots):
-        idx = _index.from_vertical_slash(vertical_idx[:, :, a], slash_idx[:, :, a], n, bm)
+        idx = _index.from_vertical_slash(vertical_idx[:, :, a], slash_idx[:, :, a], n, bm,
+                                         block_n=bn if rest[3] == 4 else None)
         keep = has[a][:, None, :]  # [B, 1, nqb]
-        idx.range_count = torch.where(keep, idx.range_count, 0).to(torch.int32)
-        idx.column_count = torch.where(keep, idx.column_count, 0).to(torch.int32)
+        for name in ("range_count", "column_count", "tile_count", "edge_count"):
+            if getattr(idx, name) is not None:
+                setattr(idx, name, torch.where(keep, getattr(idx, name), 0).to(torch.int32))
         o = _ka.run_index(q, k, v, idx, scale, bn, *rest)
         out = o if out is None else torch.where(mod == a, o, out)
     return out

@@ -135,6 +135,18 @@ def main(argv=None) -> int:
             probs = layer(*feats).exp()
             keep = keep_blocks(probs, threshold=args.threshold)
             row["gate_features_ms"] = timer(lambda: gates.features(q, k), reps, warmup, cuda)
+            # the torch path (unrotate + pool_blocks, several passes) that the fused kernel replaces
+            from sparseinfer.gate import pool_blocks, unrotate
+
+            def torch_features():
+                cos, sin = gates.rotary(q[:1, :1, :1].float(), torch.arange(n, device=dev)[None])
+                return (pool_blocks(unrotate(q, cos, sin), gates.block_size, gates.pooling),
+                        pool_blocks(unrotate(k, cos, sin), gates.block_size, gates.pooling))
+            ref = torch_features()
+            row["features_max_abs_diff_vs_torch"] = max(float((a - r).abs().max()) for a, r in zip(feats, ref))
+            row["features_max_abs"] = max(float(r.abs().max()) for r in ref)
+            row["gate_features_torch_ms"] = timer(torch_features, reps, warmup, cuda)
+            del ref
             row["gate_scores_ms"] = timer(lambda: layer(*feats).exp(), reps, warmup, cuda)
             row["gate_select_ms"] = timer(lambda: keep_to_index(keep_blocks(probs, threshold=args.threshold)),
                                           reps, warmup, cuda)
@@ -164,12 +176,15 @@ def main(argv=None) -> int:
         json.dump({"info": info, "rows": rows}, f, indent=1)
     lines = [f"# Learned-gate overhead vs dense attention ({info['device']})", "",
              ", ".join(f"{k}: {v}" for k, v in info.items()), "",
-             "| N | dense best ms | gate features ms | gate scores ms | gate select ms | gate total ms | overhead % |",
-             "|---|---|---|---|---|---|---|"]
+             "| N | dense best ms | gate features ms (torch path) | gate scores ms | gate select ms | gate total ms | overhead % "
+             "| features: max abs diff fused vs torch (max abs) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        lines.append(f"| {r['n']} | {fmt(r['dense_best_ms'])} | {fmt(r['gate_features_ms'])} | {fmt(r['gate_scores_ms'])} | "
-                     f"{fmt(r['gate_select_ms'])} | {fmt(r['gate_total_ms'])} | {fmt(r['gate_overhead_pct'])} |")
+        lines.append(f"| {r['n']} | {fmt(r['dense_best_ms'])} | {fmt(r['gate_features_ms'])} "
+                     f"({fmt(r.get('gate_features_torch_ms'))}) | {fmt(r['gate_scores_ms'])} | "
+                     f"{fmt(r['gate_select_ms'])} | {fmt(r['gate_total_ms'])} | {fmt(r['gate_overhead_pct'])} | "
+                     f"{r.get('features_max_abs_diff_vs_torch', float('nan')):.1e} ({r.get('features_max_abs', float('nan')):.1f}) |")
     with open(os.path.join(args.out, "gate_overhead.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[4:]), flush=True)

@@ -109,6 +109,15 @@ def causal_blocks(nb: int, device=None) -> torch.Tensor:
     return r[None, :] <= r[:, None]
 
 
+def _fused_pool():
+    """sparseinfer.kernels.pool (Triton) or None when triton is missing."""
+    try:
+        from .kernels import pool
+    except ImportError:
+        return None
+    return pool
+
+
 class LayerGate(nn.Module):
     """One layer's gate. q_proj [Hq, F, W], k_proj [Hkv, F, W], F = len(pooling) * head_dim."""
 
@@ -217,6 +226,10 @@ class Gates(nn.Module):
         n = q.shape[2]
         pos = torch.arange(n, device=q.device)[None]
         cos, sin = self.rotary(q[:1, :1, :1].float(), pos)  # float32 cos / sin (x gives dtype, device)
+        fused = _fused_pool() if q.is_cuda else None
+        if fused is not None and fused.supported(q, cos, self.block_size):  # one pass over q / k
+            return (fused.unrotate_pool(q, cos, sin, self.block_size, self.pooling),
+                    fused.unrotate_pool(k, cos, sin, self.block_size, self.pooling))
         qf = pool_blocks(unrotate(q, cos, sin), self.block_size, self.pooling)
         kf = pool_blocks(unrotate(k, cos, sin), self.block_size, self.pooling)
         return qf, kf

@@ -107,6 +107,7 @@ def run(sizes, dev, gen, log, block_size, backend, save):
                 log(f"N={n} {name}: out of memory, skipped")
                 torch.cuda.empty_cache()
                 continue
+            probe_ms = timed(lambda: pat.probe(q, k, scale), dev) if hasattr(pat, "probe") else None
             dens_h = combined_density(parts)[0].float()
             dens = float(dens_h.mean())
             lim = limits(parts, q, backend)
@@ -117,11 +118,13 @@ def run(sizes, dev, gen, log, block_size, backend, save):
             r = {"N": n, "method": name, "variant": f"block {block_size}", "est_ms": est, "kernel_ms": kern,
                  "total_ms": total, "dense_ms": dms, "ratio": ratio, "density": dens,
                  "density_min": float(dens_h.min()), "density_max": float(dens_h.max()), "pct_limit": 100 * ratio * dens,
-                 "heads_over_break_even": n_over, "query_aware_heads": qa}
+                 "heads_over_break_even": n_over, "query_aware_heads": qa, "probe_ms": probe_ms,
+                 "probe_density": float(pat.probe(q, k, scale).mean()) if probe_ms is not None else None}
             rows.append(r)
             log(f"N={n:7d} {name:24s} est {est:8.2f} ms kernel {kern:8.2f} ms total {total:8.2f} ms {ratio:6.2f}x "
                 f"density {100 * dens:5.1f}% (heads {100 * r['density_min']:.1f}-{100 * r['density_max']:.1f}%) "
-                f"limit {r['pct_limit']:4.0f}% guard->dense {n_over}/{base.HQ}" + (f" query-aware {qa}" if qa is not None else ""))
+                f"limit {r['pct_limit']:4.0f}% guard->dense {n_over}/{base.HQ}" + (f" query-aware {qa}" if qa is not None else "")
+                + (f" probe {probe_ms:.2f} ms density {100 * r['probe_density']:.1f}%" if probe_ms is not None else ""))
             del parts
         del q, k, v
         save(rows)
@@ -136,14 +139,17 @@ def markdown(meta, checks, rows):
            "est = index estimation alone; kernel = the ops on those indices; total = both (what a patched layer "
            "pays). ratio = dense / total (dense = the faster of cuDNN and flash SDPA); % limit = ratio x density. "
            "guard->dense: heads whose density is above the kernel's break-even density (they would run dense).", "",
-           "| N | method | est ms | kernel ms | total ms | dense ms | ratio | density (heads min-max) | % limit | guard->dense |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "probe = the density guard's pre-check (the estimate on 16 query blocks) and the density it predicts.", "",
+           "| N | method | est ms | kernel ms | total ms | dense ms | ratio | density (heads min-max) | % limit | guard->dense "
+           "| probe ms (density) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["method"] == "dense":
             continue
         out.append(f"| {r['N']} | {r['method']} | {r['est_ms']:.2f} | {r['kernel_ms']:.2f} | {r['total_ms']:.2f} | "
                    f"{r['dense_ms']:.2f} | {r['ratio']:.2f}x | {100 * r['density']:.1f}% ({100 * r['density_min']:.0f}-"
-                   f"{100 * r['density_max']:.0f}%) | {r['pct_limit']:.0f}% | {r['heads_over_break_even']}/{meta['hq']} |")
+                   f"{100 * r['density_max']:.0f}%) | {r['pct_limit']:.0f}% | {r['heads_over_break_even']}/{meta['hq']} | "
+                   + (f"{r['probe_ms']:.2f} ({100 * r['probe_density']:.1f}%) |" if r.get("probe_ms") is not None else "- |"))
     out += ["", "Check (Triton vs float32 reference on the same estimated indices): " +
             ", ".join(f"{c['method']} N={c['N']} {c['rel_err']:.1e}{'' if c['ok'] else ' FAILED'}" for c in checks)]
     return "\n".join(out) + "\n"

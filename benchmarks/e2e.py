@@ -88,6 +88,7 @@ def main():
     ap.add_argument("--sizes", default="32768,131072")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--skip-vs", action="store_true", help="no vertical_slash rows (with --adaptive)")
     ap.add_argument("--adaptive", action="store_true",
                     help="also time xattention (tau=0.9, block 128) with the default density guard")
     args = ap.parse_args()
@@ -108,7 +109,8 @@ def main():
                 print(f"{name} at {n}: {type(e).__name__}: {e}", flush=True)
             torch.cuda.empty_cache()
         dense = min(min(v) for v in res.values())
-        for label, realistic in (("vertical_slash, realistic", True), ("vertical_slash, estimated", False)):
+        vs_rows = () if args.skip_vs else (("vertical_slash, realistic", True), ("vertical_slash, estimated", False))
+        for label, realistic in vs_rows:
             handle = sparseinfer.patch(model, "vertical_slash", vertical=NV, slash=NS, min_len=4096)
             if realistic:
                 for m in model.modules():

@@ -200,6 +200,16 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     rec = plan.recorder
     t0 = rec.start(query) if rec is not None else 0.0
+    # density guard, first a cheap probe (patterns that have one): when every head's density
+    # estimated on a few query blocks is above the break-even, run dense without the estimation
+    probe = getattr(plan.pattern, "probe", None)
+    if probe is not None:
+        lim = guards.density_limit(plan.pattern.probe_op(), plan.max_density, query, plan.backend)
+        if lim < 1.0 and bool((probe(query, key, scale) > lim).any(0).all()):
+            plan.stats.records.append(CallRecord(plan.layer, nq, "dense", None, "density"))
+            if rec is not None:
+                rec.dense(plan.layer, nq, "density")
+            return _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     parts = plan.pattern.select(query, key, scale)
     # density guard: heads whose estimated density is above the kernel's break-even run dense
     over = guards.over_limit(parts, [guards.density_limit(p.op, plan.max_density, query, plan.backend) for p in parts])

@@ -124,6 +124,23 @@ def test_density_guard_routes_heads_over_the_limit_to_dense():
     assert plan.stats.records[-1].reason == "" and plan.stats.records[-1].dense_heads is None
 
 
+def test_density_probe_skips_the_estimation_when_every_head_goes_dense(monkeypatch):
+    """The probe (the estimate on a few query blocks) tracks the full estimate's density, and a
+    call whose every head is over the limit runs dense without paying the full estimation."""
+    from sparseinfer.patterns.xattention import probe_density
+
+    q, k, v = _qkv(n=512)
+    pat = XAttention(tau=0.9, stride=4, block_size=32)
+    full = pat.select(q, k, 0.25)[0].density
+    probe = probe_density(q, k, 0.9, 4, 32, 0.25, samples=8)
+    assert probe.shape == full.shape and (probe - full).abs().max() < 0.06, (probe, full)
+    monkeypatch.setattr(pat, "select", lambda *a: (_ for _ in ()).throw(AssertionError("estimated")))
+    plan = _plan(pat, max_density=float(full.min()) / 2)
+    out = _call(plan, q, k, v)
+    assert plan.stats.records[-1].reason == "density"
+    assert rel_err(out, masked_attention_f64(q, k, v, torch.ones(512, 512, dtype=torch.bool).tril(), 0.25)) < 1e-5
+
+
 def test_recorder_audit_is_the_true_mass_kept_on_the_last_queries(tmp_path):
     q, k, v = _qkv()
     pat = XAttention(tau=0.7, stride=4, block_size=32)

@@ -134,6 +134,46 @@ def estimate(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: float 
     return table_to_index(keep), mass
 
 
+def probe_density(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: float | None = None,
+                  samples: int = 16) -> torch.Tensor:
+    """A cheap estimate of `estimate`'s kept density: the same scoring and threshold on
+    `samples` evenly spaced query blocks only (~samples / nb of the full cost) -> float32
+    [B, Hq] = kept blocks / causal blocks over the sampled rows (a ratio estimator of the
+    causal-pair-weighted density). No host synchronisation. The density guard calls it
+    before the full estimate so that inputs bound for dense do not pay the estimation."""
+    b, hq, n, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    nb = math.ceil(n / block_size)
+    if block_size % stride:
+        raise ValueError(f"xattention: block_size must be a multiple of stride, got {block_size} and {stride}")
+    rows = torch.linspace(0, nb - 1, min(samples, nb), device=q.device).round().long().unique()
+    gpb = block_size // stride
+    npad = nb * block_size
+    ng = npad // stride
+    mm, acc = _mm_dtype(q), _acc_dtype(q)
+
+    def padded(x):  # no copy of q / k unless N is not a multiple of block_size
+        return x if npad == n else torch.nn.functional.pad(x, (0, 0, 0, npad - n))
+
+    qs = padded(q).reshape(b, hq, nb, gpb, stride, d)[:, :, rows].to(mm)
+    qs = qs.flip(4).reshape(b, hq, rows.numel() * gpb, stride * d)
+    ks = padded(k).to(mm).reshape(b, k.shape[1], 1, ng, stride * d)
+    hkv = k.shape[1]
+    s = torch.matmul(qs.reshape(b, hkv, hq // hkv, -1, stride * d), ks.transpose(-1, -2))
+    s = s.reshape(b, hq, rows.numel() * gpb, ng).to(acc) * (scale / stride)
+    qi = (rows[:, None] * gpb + torch.arange(gpb, device=q.device)).reshape(-1, 1)  # query group
+    key_g = torch.arange(ng, device=q.device)[None, :]
+    g_valid = math.ceil(n / stride)
+    s = s.masked_fill((key_g > qi) | (key_g >= g_valid), float("-inf"))
+    p = torch.softmax(s, dim=-1) * (qi < g_valid).to(acc)
+    mass = p.reshape(b, hq, rows.numel(), gpb, nb, gpb).sum((3, 5))  # [B, Hq, S, nb]
+    mass = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
+    keep = threshold_rows(mass, head_values("tau", tau, hq, q.device, 0.0, 1.0).to(acc))
+    r = torch.arange(nb, device=q.device)
+    keep = (keep | (r == rows[:, None]) | (r == 0)) & (r <= rows[:, None])
+    return (keep.sum((-1, -2)).float() / (rows + 1).sum().float())
+
+
 @dataclass
 class XAttention(Pattern):
     """Options: tau (cumulative block mass kept per query-block row: a float in (0, 1], or one
@@ -156,6 +196,13 @@ class XAttention(Pattern):
         check_int("block_size", self.block_size)
         if self.block_size % self.stride:
             raise ValueError(f"block_size: expected a multiple of stride={self.stride}, got {self.block_size}")
+
+    def probe(self, q, k, scale) -> torch.Tensor:
+        """[B, Hq] kept density estimated on a few query blocks (see probe_density)."""
+        return probe_density(q, k, self.tau, self.stride, self.block_size, scale)
+
+    def probe_op(self) -> str:
+        return "block_sparse_attention"
 
     def select(self, q, k, scale):
         idx, _ = estimate(q, k, self.tau, self.stride, self.block_size, scale)

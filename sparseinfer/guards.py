@@ -16,7 +16,8 @@ from .patterns.base import Selection
 # Break-even kept density per op on the GPU kernel (H100, bf16, Llama-3-8B layer, 128K): the
 # density at which the kernel's time equals cuDNN SDPA's, read off benchmarks/NOTES_kernels.md
 # as (measured % of the density limit) / 100: block-sparse top-100 reaches ~43% of its limit
-# (4.78x at 10% density), realistic vertical-slash 33-41%, A-shape 73%. Above it, dense is faster.
+# (4.95x at 8.8% density), vertical-slash 43-52% on realistic indices and 31-35% on estimated
+# structured ones (2026-11-25; the lower one is used), A-shape 73%. Above it, dense is faster.
 BREAK_EVEN_DENSITY = {"block_sparse_attention": 0.43, "vertical_slash_attention": 0.35, "ashape_attention": 0.73}
 
 

@@ -7,6 +7,8 @@ Triton interpreter. Callers (sparseinfer.ops) validate the arguments first.
     vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale) -> like q
     block_sparse_attention(q, k, v, block_idx, block_size, scale) -> like q
     ashape_attention(q, k, v, sink, window, scale) -> like q
+Other kernels live in their own modules: ``decode`` (sparse decoding), ``gemv`` (contextual
+sparsity), ``pool`` (the learned gate's RoPE-undo + block pooling).
 """
 try:
     import triton  # noqa: F401

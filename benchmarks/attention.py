@@ -208,7 +208,7 @@ def check(dev, gen, log):
 
 
 # ---------------------------------------------------------------- tune
-def tune(dev, gen, log, n=131072, flex=False):
+def tune(dev, gen, log, n=131072, flex=False, only_vs=None):
     q, k, v = random_qkv(1, HQ, HKV, n, D, dev, gen, torch.bfloat16)
     vert, sl = realistic_vs(1, HQ, n, dev, gen)
     bi = realistic_blocks(1, HQ, n, dev, gen)
@@ -230,6 +230,8 @@ def tune(dev, gen, log, n=131072, flex=False):
                (64, 64, 4, 3, 3, 4, 2), (64, 64, 4, 4, 2, 4, 2)]
     parts_cfgs = [(64, 64, 4, 3, 2, 3, 2)]
     as_cfgs = [(64, 64, 4, 3, 1, 1)]
+    if only_vs:  # a quick sweep of these vertical-slash configs only
+        vs_cfgs, parts_cfgs, as_cfgs = only_vs, [], []
     vi = si = None
     if vs_estimate is not None:  # structured q/k: estimated indices (bands with holes), estimation not timed
         qs, ks = structured_qk(1, n, dev, gen)
@@ -256,7 +258,7 @@ def tune(dev, gen, log, n=131072, flex=False):
             t = bench(lambda: kernels.vertical_slash_attention(q, k, v, pv, ps, scale, config=cfg), budget_s=0.4)
             rows.append({"pattern": f"vs-{part}", "config": cfg, "ms": t})
             log(f"tune vs {part:12s} {cfg} {t:8.2f} ms")
-    for cfg in [(64, 64, 4, 2, 1, 0), (64, 64, 4, 3, 1, 0)]:
+    for cfg in [] if only_vs else [(64, 64, 4, 2, 1, 0), (64, 64, 4, 3, 1, 0)]:
         try:
             t = bench(lambda: kernels.block_sparse_attention(q, k, v, bi, BS, scale, config=cfg), budget_s=0.5)
         except Exception as e:
@@ -499,6 +501,8 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--tag", default="attention")
+    ap.add_argument("--vs-configs", default=None,
+                    help="with --tune: only these vertical-slash configs, e.g. '64,64,4,3,3,4,2;64,64,8,3,3,4,2'")
     args = ap.parse_args()
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev)
@@ -534,7 +538,9 @@ def main():
             tune_rows = holey(dev, gen, log)
             return
         if args.tune or args.autotune:
-            tune_rows = tune(dev, gen, log, flex=args.flex)
+            only = ([tuple(int(x) for x in c.split(",")) for c in args.vs_configs.split(";")]
+                    if args.vs_configs else None)
+            tune_rows = tune(dev, gen, log, flex=args.flex, only_vs=only)
             apply_best(tune_rows, log)
             save()
         if not args.no_check:  # with the configs the table uses

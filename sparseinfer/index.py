@@ -271,15 +271,17 @@ def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m:
     )
 
 
-def _slash_bits(smap: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, H, n] -> int32 [B, H, W]: bit BITS_PAD + o set where smap[o] (see SparseIndex)."""
-    b, h, n = smap.shape
+def _slash_bits(offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """Sorted unique offsets [B, H, S] (padding >= n) -> int32 [B, H, W]: bit BITS_PAD + o set
+    for every offset o (see SparseIndex). One scatter over the offsets, O(S) work per head."""
+    b, h, _ = offsets.shape
     nbits = BITS_PAD + n + _BITS_TAIL
-    nbits += -nbits % 32
-    bits = torch.zeros(b, h, nbits, dtype=torch.int64, device=smap.device)
-    bits[..., BITS_PAD:BITS_PAD + n] = smap
-    weights = torch.ones(32, dtype=torch.int64, device=smap.device) << torch.arange(32, device=smap.device)
-    words = (bits.view(b, h, -1, 32) * weights).sum(-1)
+    nwords = (nbits + 31) // 32
+    valid = offsets < n
+    pos = torch.where(valid, offsets, 0) + BITS_PAD
+    words = torch.zeros(b, h, nwords + 1, dtype=torch.int64, device=offsets.device)
+    words.scatter_add_(-1, torch.where(valid, pos >> 5, nwords), valid.to(torch.int64) << (pos & 31))
+    words = words[..., :nwords]  # offsets are unique: no bit is added twice
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).contiguous()
 
 
@@ -414,7 +416,7 @@ def from_vertical_slash(
         columns=cols.to(torch.int32),
         column_count=cc.to(torch.int32),
         slash_map=smap,
-        slash_bits=_slash_bits(smap),
+        slash_bits=_slash_bits(s, n),
     )
     if block_n is not None:
         idx.tiles, idx.tile_count, idx.edges, idx.edge_count = _relative_tiles(

@@ -30,6 +30,24 @@ from triton.language.standard import _sum_combine as _sum_fn  # noqa: E402
 
 
 @triton.jit
+def _online_softmax(acc, l_i, m_i, qk, v, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """One tile of the online softmax: qk [BLOCK_M, BLOCK_N] scaled logits (log2 units; -inf
+    where masked), v [BLOCK_N, D] -> updated (acc, l_i, m_i). MASKED: rows may have seen only
+    -inf so far (their max stays -inf; exp2 must not see -inf - -inf)."""
+    m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
+    if MASKED:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _window64(sb_base, p):
     """uint64 [len(p)]: bits p .. p + 63 of the bitmap at sb_base (int32 words), bit 0 = bit p;
     three word loads per entry."""
@@ -88,18 +106,9 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn, o
                 diff = offs_m[:, None] - offs_n[None, :]
                 mask = kmask[None, :] & (diff >= band_lo) & (diff <= band_hi)
             qk = tl.where(mask, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             qk = qk * qk_scale
-            m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
-            m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, MASKED, PREC)
     return acc, l_i, m_i
 
 
@@ -124,14 +133,7 @@ def _range_tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride
             rel = rel_m[:, None] - offs_n[None, :]  # (i - j) - lo
             mask = (rel.to(tl.uint32) <= width) & kmask[None, :]
         qk = tl.where(mask, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True, PREC)
     return acc, l_i, m_i
 
 
@@ -210,13 +212,7 @@ def sparse_fwd_kernel(
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
             qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-            m_i = m_new
+            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, False, PREC)
 
     # 0b. edge list (vertical-slash relative tiles): masked tiles of the exact bands, one flat
     #     pipelined loop whose per-tile parameters do not depend on the previous tile
@@ -237,14 +233,7 @@ def sparse_fwd_kernel(
             rel = (offs_m - lo)[:, None] - offs_n[None, :]
             mask = (rel.to(tl.uint32) <= (hi - lo).to(tl.uint32)) & kmask[None, :]
             qk = tl.where(mask, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-            m_i = m_new
+            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True, PREC)
 
     # 1. ranges
     nr = tl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq)
@@ -276,14 +265,7 @@ def sparse_fwd_kernel(
             rel = (rel0 - lo)[:, None] - offs_n[None, :]
             mask = (rel.to(tl.uint32) <= (hi - lo).to(tl.uint32)) & kmask[None, :]
             qk = tl.where(mask, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-            m_i = m_new
+            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True, PREC)
             # advance: next tile of this range, or the first tile of the next range
             n0 = n0 + BLOCK_N
             nxt = n0 >= kend
@@ -321,14 +303,7 @@ def sparse_fwd_kernel(
             rel = (offs_m - lo)[:, None] - offs_n[None, :]
             mask = (rel.to(tl.uint32) <= (hi - lo).to(tl.uint32)) & kmask[None, :]
             qk = tl.where(mask, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-            m_i = m_new
+            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True, PREC)
             # advance
             n0 = n0 + BLOCK_N
             n0 = tl.where(n0 == t1, t2, n0)
@@ -433,14 +408,7 @@ def sparse_fwd_kernel(
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cmask[:, None], other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC)
             qk = tl.where(mask, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-            m_i = m_new
+            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True, PREC)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]

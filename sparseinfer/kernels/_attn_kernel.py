@@ -48,6 +48,19 @@ def _online_softmax(acc, l_i, m_i, qk, v, MASKED: tl.constexpr, PREC: tl.constex
 
 
 @triton.jit
+def _band_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_n, kmask, lo, hi,
+               qk_scale, PREC: tl.constexpr):
+    """One masked key tile of a band: keys offs_n where kmask, cells with lo <= i - j <= hi."""
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    rel = (offs_m - lo)[:, None] - offs_n[None, :]
+    mask = (rel.to(tl.uint32) <= (hi - lo).to(tl.uint32)) & kmask[None, :]
+    qk = tl.where(mask, qk * qk_scale, float("-inf"))
+    return _online_softmax(acc, l_i, m_i, qk, v, True, PREC)
+
+
+@triton.jit
 def _window64(sb_base, p):
     """uint64 [len(p)]: bits p .. p + 63 of the bitmap at sb_base (int32 words), bit 0 = bit p;
     three word loads per entry."""
@@ -227,13 +240,8 @@ def sparse_fwd_kernel(
             hi = tl.load(ep + 3)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             kmask = (offs_n >= 0) & (offs_n < ke)
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-            rel = (offs_m - lo)[:, None] - offs_n[None, :]
-            mask = (rel.to(tl.uint32) <= (hi - lo).to(tl.uint32)) & kmask[None, :]
-            qk = tl.where(mask, qk * qk_scale, float("-inf"))
-            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True, PREC)
+            acc, l_i, m_i = _band_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                                       offs_n, kmask, lo, hi, qk_scale, PREC)
 
     # 1. ranges
     nr = tl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq)
@@ -255,17 +263,11 @@ def sparse_fwd_kernel(
         kend = tl.minimum(tl.minimum(tl.load(r_base + 1), m0 + BLOCK_M - lo), row_end)
         kend = tl.where(tl.load(r_base + 4) != 0, kend, n0)
         r = 0
-        rel0 = offs_m
         for t in tl.range(0, total, num_stages=STAGES):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             kmask = offs_n < kend
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-            rel = (rel0 - lo)[:, None] - offs_n[None, :]
-            mask = (rel.to(tl.uint32) <= (hi - lo).to(tl.uint32)) & kmask[None, :]
-            qk = tl.where(mask, qk * qk_scale, float("-inf"))
-            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True, PREC)
+            acc, l_i, m_i = _band_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                                       offs_n, kmask, lo, hi, qk_scale, PREC)
             # advance: next tile of this range, or the first tile of the next range
             n0 = n0 + BLOCK_N
             nxt = n0 >= kend
@@ -297,13 +299,8 @@ def sparse_fwd_kernel(
         for t in tl.range(0, total, num_stages=EDGE_STAGES):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             kmask = offs_n < ke
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-            rel = (offs_m - lo)[:, None] - offs_n[None, :]
-            mask = (rel.to(tl.uint32) <= (hi - lo).to(tl.uint32)) & kmask[None, :]
-            qk = tl.where(mask, qk * qk_scale, float("-inf"))
-            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True, PREC)
+            acc, l_i, m_i = _band_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                                       offs_n, kmask, lo, hi, qk_scale, PREC)
             # advance
             n0 = n0 + BLOCK_N
             n0 = tl.where(n0 == t1, t2, n0)

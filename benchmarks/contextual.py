@@ -1,7 +1,8 @@
 """Contextual sparsity at decode on a Llama-3.1-8B-shaped model (random bf16 weights, batch 1/4):
 
 A. per-layer MLP (4096 -> 14336 -> 4096): dense cuBLAS (3 GEMVs + SiLU*up) vs the TEAL kernel
-   (sparseinfer::teal_gemv on all three projections) at 25/40/50/75% sparsity and the Deja Vu
+   (sparseinfer::teal_gemv on all three projections, and the fused sparseinfer::teal_mlp: gate+up
+   in one launch, down from their fp32 sums) at 25/40/50/75% sparsity and the Deja Vu
    kernel (sparseinfer::dejavu_gateup + teal_gemv on down) at 50/75% with and without its
    predictor (rank --rank), each captured in a CUDA graph (launch overhead out), vs the bytes
    bound (weight bytes read / measured device-to-device copy bandwidth). Also each projection
@@ -113,8 +114,10 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
     t50 = torch.quantile(x.float().abs().flatten(), 0.5)
     hid = F.silu(x @ wg.T) * (x @ wu.T)
     th50 = torch.quantile(hid.float().abs().flatten(), 0.5)
-    teal_cfgs = [(32, 128, 4, 4), (16, 256, 4, 4), (32, 256, 2, 4), (64, 128, 2, 4), (16, 128, 8, 4), (32, 64, 4, 2),
-                 (8, 512, 4, 4), (64, 256, 1, 8)] if cuda else [gemv.TEAL_CONFIG["cpu"]]
+    # (BLOCK_K, BLOCK_N, ROWS, warps, stages); benchmarks/teal_sweep.py explored the structure
+    teal_cfgs = [(32, 128, 512, 4, 3), (64, 128, 1024, 4, 1), (64, 128, 1024, 4, 2), (32, 128, 1024, 4, 3),
+                 (64, 128, 512, 4, 2), (32, 256, 512, 8, 3), (16, 128, 512, 4, 3), (64, 64, 1024, 4, 2)] \
+        if cuda else [gemv.TEAL_CONFIG["cpu"]]
     best = {}
     sweep = []
     for name, xx, w, t in (("gate_up", x, wuT, t50), ("down", hid, wdT, th50)):
@@ -129,6 +132,21 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
             sweep.append({"kernel": "teal_gemv", "shape": name, "config": c, "ms": round(ms, 4)})
         best[name] = min(res)[1]
         log(f"teal_gemv {name} 50%: best config {best[name]} {min(res)[0]:.4f} ms")
+    # the fused MLP's gate+up launch (two weights, one x): partials + the SiLU(gate)*up sum
+    two_cfgs = [(32, 128, 512, 4, 3), (32, 128, 1024, 4, 1), (64, 128, 1024, 4, 1), (32, 128, 1024, 4, 2),
+                (16, 128, 512, 4, 3), (32, 64, 512, 4, 3), (32, 256, 512, 8, 3), (64, 128, 512, 8, 3)] \
+        if cuda else [gemv.TEAL_MLP_CONFIG["cpu"]]
+    res = []
+    for c in two_cfgs:
+        try:
+            ms = timed(lambda: gemv._teal_finish(gemv._teal_partials(x, wgT, wuT, t50, c), x.dtype, True), iters, cuda)
+        except Exception as e:
+            log(f"  teal_mlp gate/up config {c}: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        res.append((ms, c))
+        sweep.append({"kernel": "teal_gemv TWO", "shape": "mlp_gate_up", "config": c, "ms": round(ms, 4)})
+    best["mlp_gate_up"] = min(res)[1]
+    log(f"teal_mlp gate/up 50%: best config {best['mlp_gate_up']} {min(res)[0]:.4f} ms")
     gu_cfgs = [(16, 128, 4), (8, 256, 4), (32, 128, 4), (16, 256, 8), (4, 512, 4), (8, 128, 2)] if cuda \
         else [gemv.GATEUP_CONFIG["cpu"]]
     mask = torch.zeros(1, inter, dtype=torch.bool, device=dev)
@@ -178,6 +196,23 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
             kept_bytes = (2 * union_x + union_h) / 3
             rows.append({"batch": b, "method": f"teal {s:.0%}", "kept": round(kept_bytes, 3), "ms": timed(teal, iters, cuda),
                          "bound_ms": kept_bytes * mlp_bytes / bw * 1e3})
+            # the fused op (what `patch(..., mlp="teal")` runs): down's threshold applies to the
+            # fp32 SiLU(gate)*up, so its kept share is measured from the kernel's own input
+            hf = F.silu(x.float() @ wgT.float()) * (x.float() @ wuT.float())
+            union_hf = float((hf.abs() > th).any(0).float().mean())
+            kept_f = (2 * union_x + union_hf) / 3
+            cm = (best["mlp_gate_up"], best["down"])
+            got = gemv.teal_mlp_launch(x, wgT, wuT, wdT, tx, th, cm).float()
+            # the reference rounds SiLU(gate)*up to bf16 as the kernel does (else threshold flips dominate)
+            hr = (F.silu(gemv.teal_gemv_reference(x.float(), wgT.float(), tx))
+                  * gemv.teal_gemv_reference(x.float(), wuT.float(), tx)).to(dt).float()
+            want = gemv.teal_gemv_reference(hr, wdT.float(), th)
+            err = float((got - want).norm() / want.norm())
+            out.setdefault("fused_rel_err", {})[f"b{b} {s:.0%}"] = round(err, 5)
+            log(f"  teal_mlp batch {b} {s:.0%}: rel. error vs fp32 reference {err:.2e}")
+            rows.append({"batch": b, "method": f"teal {s:.0%} fused MLP (teal_mlp)", "kept": round(kept_f, 3),
+                         "ms": timed(lambda: gemv.teal_mlp_launch(x, wgT, wuT, wdT, tx, th, cm), iters, cuda),
+                         "bound_ms": kept_f * mlp_bytes / bw * 1e3})
             rows.append({"batch": b, "method": f"teal {s:.0%} up_proj alone", "kept": round(union_x, 3),
                          "ms": timed(lambda: gemv.teal_gemv_launch(x, wuT, tx, cg), iters, cuda),
                          "bound_ms": union_x * mlp_bytes / 3 / bw * 1e3})

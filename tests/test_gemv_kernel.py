@@ -53,6 +53,53 @@ def test_teal_gemv_bad_input():
         gemv.teal_gemv_launch(x, torch.randn(8, 6), torch.zeros(2))
 
 
+@pytest.mark.parametrize("m", [1, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_teal_mlp_matches_float64(m, dtype):
+    """The fused TEAL SwiGLU MLP (gate+up in one launch, SiLU(gate)*up computed inside down's)
+    against the float64 reference; odd sizes, several K splits and unrolled iterations."""
+    g = torch.Generator().manual_seed(10 + m)
+    hid, inter = 37, 150
+    x = torch.randn(m, hid, generator=g).to(dtype)
+    wg, wu = (torch.randn(hid, inter, generator=g) * 0.3).to(dtype), (torch.randn(hid, inter, generator=g) * 0.3).to(dtype)
+    wd = (torch.randn(inter, hid, generator=g) * 0.3).to(dtype)
+    t_in, t_down = torch.tensor(0.5), torch.tensor(0.2)
+    y = gemv.teal_mlp(x, wg, wu, wd, t_in, t_down)
+    ref = gemv.teal_mlp_reference(x.double(), wg.double(), wu.double(), wd.double(), 0.5, 0.2)
+    assert y.dtype == dtype and y.shape == (m, hid)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y.double(), ref, atol=tol, rtol=tol)
+    dense_h = gemv.teal_mlp_reference(x.double(), wg.double(), wu.double(), wd.double(), 0.5, 0.0)
+    assert (ref - dense_h).abs().max() > 0.05  # the down threshold changed the result
+
+
+def test_teal_mlp_skips_dropped_neurons():
+    """A neuron whose SiLU(gate)*up is 0 for every row is dropped: its down_proj row (NaN) is never read."""
+    g = torch.Generator().manual_seed(4)
+    hid, inter = 24, 40
+    x = torch.randn(2, hid, generator=g)
+    wg, wu, wd = torch.randn(hid, inter, generator=g), torch.randn(hid, inter, generator=g), torch.randn(inter, hid, generator=g)
+    wu[:, ::4] = 0.0  # up = 0 -> h = 0 on these neurons
+    wd[::4] = float("nan")
+    y = gemv.teal_mlp(x, wg, wu, wd, torch.tensor(0.0), torch.tensor(0.0))
+    assert torch.isfinite(y).all()
+    ref = gemv.teal_mlp_reference(x.double(), wg.double(), wu.double(), torch.nan_to_num(wd.double()), 0.0, 0.0)
+    torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_teal_mlp_bad_input():
+    x = torch.randn(1, 8)
+    wg = torch.randn(8, 12)
+    with pytest.raises(ValueError, match="differs from wg_t"):
+        gemv.teal_mlp_launch(x, wg, torch.randn(8, 10), torch.randn(12, 8), torch.tensor(0.0), torch.tensor(0.0))
+    with pytest.raises(ValueError, match="map back to H = 8"):
+        gemv.teal_mlp_launch(x, wg, wg, torch.randn(12, 9), torch.tensor(0.0), torch.tensor(0.0))
+    with pytest.raises(ValueError, match="K = 12"):
+        gemv.teal_mlp_launch(x, wg, wg, torch.randn(11, 8), torch.tensor(0.0), torch.tensor(0.0))
+    with pytest.raises(ValueError, match="one-element"):
+        gemv.teal_mlp_launch(x, wg, wg, torch.randn(12, 8), torch.tensor(0.0), torch.zeros(3))
+
+
 @pytest.mark.parametrize("m", [1, 3])
 def test_dejavu_gateup_matches_float64(m):
     g = torch.Generator().manual_seed(m)
@@ -102,6 +149,9 @@ def test_custom_ops_register_fake_shapes():
     """The ops are torch custom ops with fake implementations (what torch.compile traces)."""
     x, wt = torch.randn(3, 16), torch.randn(16, 24)
     torch.library.opcheck(torch.ops.sparseinfer.teal_gemv.default, (x, wt, torch.tensor(0.3)),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.sparseinfer.teal_mlp.default,
+                          (x, wt, wt, torch.randn(24, 16), torch.tensor(0.3), torch.tensor(0.1)),
                           test_utils=("test_schema", "test_faketensor"))
     wg, wu = torch.randn(20, 16), torch.randn(20, 16)
     torch.library.opcheck(torch.ops.sparseinfer.dejavu_gateup.default, (x, wg, wu, torch.rand(3, 20) < 0.5),

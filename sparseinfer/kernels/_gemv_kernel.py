@@ -1,11 +1,13 @@
 """Triton kernels for contextual sparsity at decode (batch 1-4 rows). Loaded twice by
 `sparseinfer.kernels.gemv`: compiled (CUDA) and under the Triton interpreter (CPU tests).
 
-teal_gemv_kernel:  Y[m, n] += sum_k X[m, k] * [|X[m, k]| > T] * WT[k, n]
+teal_gemv_kernel:  P[s, m, n] = sum_{k in split s} X[m, k] * [|X[m, k]| > T] * WT[k, n]
     WT [K, N] row-major: input channel k is one contiguous row; a row is loaded only if some
-    of the M rows keeps channel k (masked load: skipped rows cost no memory traffic); fp32
-    accumulation, split over K with fp32 atomic adds into a zeroed Y (fp32 atomics work on
-    every arch; bf16 atomics would need sm_90).
+    of the M rows keeps channel k (masked load: skipped rows cost no memory traffic). Split
+    over K in ROWS-row pieces, one fp32 partial per split (no atomics, no zeroed output).
+    TWO: a second weight WT2 [K, N] on the same input, its partials at P + stride_pw (gate, up).
+teal_finish_kernel:  OUT[m, n] = sum_s P[s, m, n] in OUT's dtype; with GLU, P holds gate and
+    up partials and OUT = SiLU(gate) * up (the SwiGLU hidden state).
 dejavu_gateup_kernel:  Hout[m, i] = SiLU(X[m] . WG[i]) * (X[m] . WU[i]) if MASK[m, i] else 0
     WG / WU [I, H] row-major: neuron i is one contiguous row, loaded only if some row keeps i.
 """
@@ -20,8 +22,9 @@ from triton.language.standard import _sum_combine as _sum_fn  # noqa: E402
 
 
 @triton.jit
-def teal_gemv_kernel(X, WT, T, Y, M, K, N, stride_xm, stride_wk, stride_ym,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_ITERS: tl.constexpr):
+def teal_gemv_kernel(X, WT, WT2, T, P, M, K, N, stride_xm, stride_wk, stride_ps, stride_pw,
+                     ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     STAGES: tl.constexpr, TWO: tl.constexpr):
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -30,19 +33,66 @@ def teal_gemv_kernel(X, WT, T, Y, M, K, N, stride_xm, stride_wk, stride_ym,
     m_ok = offs_m < M
     n_ok = offs_n < N
     t = tl.load(T).to(tl.float32)
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-    for it in range(K_ITERS):
-        offs_k = (pid_k * K_ITERS + it) * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)
-        keep = tl.abs(x) > t
-        x = tl.where(keep, x, 0.0)
-        row = (tl.reduce(keep.to(tl.int32), 0, _max_fn) > 0) & k_ok
-        w = tl.load(WT + offs_k[:, None] * stride_wk + offs_n[None, :], mask=row[:, None] & n_ok[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.reduce(x[:, :, None] * w[None, :, :], 1, _sum_fn)
-    tl.atomic_add(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+    # elementwise accumulators, summed over k once after the loop (a cross-warp sum per step
+    # costs more than the loads: benchmarks/results/contextual/teal_sweep1.md); one row (M = 1,
+    # the decode case) keeps them 2-D: a [1, BLOCK_K, BLOCK_N] layout runs ~1.8x slower
+    if BLOCK_M == 1:
+        acc = tl.full((BLOCK_K, BLOCK_N), 0.0, dtype=tl.float32)
+        acc2 = tl.full((BLOCK_K, BLOCK_N), 0.0, dtype=tl.float32)
+        for it in tl.range(0, ROWS // BLOCK_K, num_stages=STAGES):
+            offs_k = pid_k * ROWS + it * BLOCK_K + tl.arange(0, BLOCK_K)
+            x = tl.load(X + pid_m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            keep = tl.abs(x) > t
+            x = tl.where(keep, x, 0.0)
+            wmask = keep[:, None] & n_ok[None, :]
+            wp = offs_k[:, None] * stride_wk + offs_n[None, :]
+            w = tl.load(WT + wp, mask=wmask, other=0.0).to(tl.float32)
+            acc += x[:, None] * w
+            if TWO:
+                w2 = tl.load(WT2 + wp, mask=wmask, other=0.0).to(tl.float32)
+                acc2 += x[:, None] * w2
+        pp = P + pid_k * stride_ps + pid_m * N + offs_n
+        tl.store(pp, tl.reduce(acc, 0, _sum_fn), mask=n_ok)
+        if TWO:
+            tl.store(pp + stride_pw, tl.reduce(acc2, 0, _sum_fn), mask=n_ok)
+    else:
+        acc3 = tl.full((BLOCK_M, BLOCK_K, BLOCK_N), 0.0, dtype=tl.float32)
+        acc4 = tl.full((BLOCK_M, BLOCK_K, BLOCK_N), 0.0, dtype=tl.float32)
+        for it in tl.range(0, ROWS // BLOCK_K, num_stages=STAGES):
+            offs_k = pid_k * ROWS + it * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)
+            keep = tl.abs(x) > t
+            x = tl.where(keep, x, 0.0)
+            row = (tl.reduce(keep.to(tl.int32), 0, _max_fn) > 0) & k_ok
+            wmask = row[:, None] & n_ok[None, :]
+            wp = offs_k[:, None] * stride_wk + offs_n[None, :]
+            w = tl.load(WT + wp, mask=wmask, other=0.0).to(tl.float32)
+            acc3 += x[:, :, None] * w[None, :, :]
+            if TWO:
+                w2 = tl.load(WT2 + wp, mask=wmask, other=0.0).to(tl.float32)
+                acc4 += x[:, :, None] * w2[None, :, :]
+        pp = P + pid_k * stride_ps + offs_m[:, None] * N + offs_n[None, :]
+        pmask = m_ok[:, None] & n_ok[None, :]
+        tl.store(pp, tl.reduce(acc3, 1, _sum_fn), mask=pmask)
+        if TWO:
+            tl.store(pp + stride_pw, tl.reduce(acc4, 1, _sum_fn), mask=pmask)
+
+
+@triton.jit
+def teal_finish_kernel(P, OUT, MN, SPLITS, stride_ps, stride_pw, BLOCK: tl.constexpr, GLU: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.full((BLOCK,), 0.0, dtype=tl.float32)
+    acc2 = tl.full((BLOCK,), 0.0, dtype=tl.float32)
+    for s in range(SPLITS):
+        acc += tl.load(P + s * stride_ps + offs, mask=ok, other=0.0)
+        if GLU:
+            acc2 += tl.load(P + s * stride_ps + stride_pw + offs, mask=ok, other=0.0)
+    if GLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc2
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit

@@ -5,6 +5,9 @@ fake implementations give the shapes):
     sparseinfer::teal_gemv(x [M, K], wt [K, N], threshold 0-d fp32) -> [M, N] (x's dtype)
         = (x * (|x| > threshold)) @ wt; wt row-major ([in, out]: a dropped input channel
         skips one contiguous row). No index tensor, no host sync.
+    sparseinfer::teal_mlp(x [M, H], wg_t [H, I], wu_t [H, I], wd_t [I, H], t_in, t_down) -> [M, H]
+        = the SwiGLU MLP with TEAL on the inputs of gate/up (t_in) and down (t_down), in four
+        launches (gate and up share one x and one launch; no memset, no atomics).
     sparseinfer::dejavu_gateup(x [M, H], wg [I, H], wu [I, H], mask [M, I] bool) -> [M, I]
         = SiLU(x @ wg.T) * (x @ wu.T) on the kept neurons, 0 elsewhere.
 CUDA tensors run the compiled Triton kernels (`_gemv_kernel.py`); CPU tensors run the same
@@ -12,7 +15,7 @@ kernels under the Triton interpreter (tests). fp32 accumulation.
 
 Model-level helpers: `teal_linear(x [.., K], weight [N, K] (stored column-major), threshold, bias)`
 and `dejavu_mlp(x [.., H], w_gate, w_up, w_down (column-major), idx [.., Kn])`.
-References (any dtype, float64 included): `teal_gemv_reference`, `dejavu_gateup_reference`.
+References (any dtype, float64 included): `teal_gemv_reference`, `teal_mlp_reference`, `dejavu_gateup_reference`.
 """
 from __future__ import annotations
 
@@ -23,9 +26,12 @@ import torch.nn.functional as F
 from ._loader import kernel_module
 
 
-# (BLOCK_K, BLOCK_N, K_ITERS, num_warps) for teal_gemv; (BLOCK_I, BLOCK_H, num_warps) for
-# dejavu_gateup. GPU defaults, overridable per call (benchmarks/contextual.py sweeps them).
-TEAL_CONFIG = {"cuda": (32, 128, 4, 4), "cpu": (16, 32, 1, 1)}
+# teal_gemv: (BLOCK_K, BLOCK_N, ROWS per program, num_warps, num_stages); TEAL_MLP_CONFIG is the
+# gate+up launch of teal_mlp (two weights: two accumulators). GPU defaults from the sweeps in
+# benchmarks/teal_sweep.py and benchmarks/contextual.py (H100), overridable per call.
+TEAL_CONFIG = {"cuda": (32, 128, 512, 4, 3), "cpu": (16, 32, 32, 1, 1)}
+TEAL_MLP_CONFIG = {"cuda": (32, 128, 512, 4, 3), "cpu": (16, 32, 32, 1, 1)}
+# (BLOCK_I, BLOCK_H, num_warps) for dejavu_gateup (benchmarks/contextual.py sweeps them).
 GATEUP_CONFIG = {"cuda": (16, 128, 4), "cpu": (16, 32, 1)}
 MAX_ROWS_PER_PROGRAM = 4
 
@@ -39,29 +45,82 @@ def _check_2d(name: str, t: torch.Tensor, dim: int = 2) -> None:
         raise ValueError(f"{name}: expected a {dim}-D tensor, got shape {tuple(t.shape)}")
 
 
-def teal_gemv_launch(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, config=None) -> torch.Tensor:
-    """The kernel call behind the op (no custom-op wrapper): config = (BLOCK_K, BLOCK_N, K_ITERS, num_warps)."""
-    _check_2d("teal_gemv: x", x)
-    _check_2d("teal_gemv: wt", wt)
-    if x.shape[1] != wt.shape[0]:
-        raise ValueError(f"teal_gemv: x has {x.shape[1]} input channels, wt [K, N] has K = {wt.shape[0]}")
+def _check_teal_weight(name: str, wt: torch.Tensor, k: int, dev) -> None:
+    _check_2d(name, wt)
+    if wt.shape[0] != k:
+        raise ValueError(f"{name}: expected [K, N] with K = {k} input channels, got shape {tuple(wt.shape)}")
     if wt.stride(1) != 1:
-        raise ValueError(f"teal_gemv: expected wt [K, N] with contiguous rows (stride (N, 1)), got strides {wt.stride()}")
-    if threshold.numel() != 1:
-        raise ValueError(f"teal_gemv: expected a one-element threshold tensor, got shape {tuple(threshold.shape)}")
-    if x.device != wt.device:
-        raise ValueError(f"teal_gemv: x on {x.device}, wt on {wt.device}")
-    x = x if x.stride(1) == 1 else x.contiguous()
+        raise ValueError(f"{name}: expected [K, N] with contiguous rows (stride (N, 1)), got strides {wt.stride()}")
+    if wt.device != dev:
+        raise ValueError(f"{name}: on {wt.device}, x on {dev}")
+
+
+def _check_threshold(name: str, t: torch.Tensor) -> None:
+    if t.numel() != 1:
+        raise ValueError(f"{name}: expected a one-element threshold tensor, got shape {tuple(t.shape)}")
+
+
+def _teal_partials(x, wt, wt2, threshold, config) -> torch.Tensor:
+    """One teal_gemv_kernel launch: x [M, K] -> fp32 partials [splits, 1 or 2 (with wt2), M, N]."""
     m, k = x.shape
     n = wt.shape[1]
-    bk, bn, kit, warps = config or TEAL_CONFIG["cuda" if x.is_cuda else "cpu"]
+    bk, bn, rows, warps, stages = config or TEAL_CONFIG["cuda" if x.is_cuda else "cpu"]
+    if rows % bk:
+        raise ValueError(f"teal_gemv config: ROWS {rows} must be a multiple of BLOCK_K {bk}")
     bm = _block_m(m)
-    y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    grid = (triton_cdiv(k, bk * kit), triton_cdiv(n, bn), triton_cdiv(m, bm))
-    kernel_module("_gemv_kernel.py", not x.is_cuda).teal_gemv_kernel[grid](
-        x, wt, threshold.to(device=x.device, dtype=torch.float32).reshape(1), y, m, k, n,
-        x.stride(0), wt.stride(0), y.stride(0), BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, K_ITERS=kit, num_warps=warps)
-    return y.to(x.dtype)
+    bk = max(8, bk // bm)  # the [BLOCK_M, BLOCK_K, BLOCK_N] accumulator stays the same size
+    splits = triton_cdiv(k, rows)
+    p = torch.empty(splits, 1 if wt2 is None else 2, m, n, dtype=torch.float32, device=x.device)
+    kernel_module("_gemv_kernel.py", not x.is_cuda).teal_gemv_kernel[(splits, triton_cdiv(n, bn), triton_cdiv(m, bm))](
+        x, wt, wt if wt2 is None else wt2, threshold.to(device=x.device, dtype=torch.float32).reshape(1), p,
+        m, k, n, x.stride(0), wt.stride(0), p.stride(0), p.stride(1) if wt2 is not None else 0,
+        ROWS=rows, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, STAGES=stages, TWO=wt2 is not None, num_warps=warps)
+    return p
+
+
+def _teal_finish(p: torch.Tensor, dtype: torch.dtype, glu: bool) -> torch.Tensor:
+    """Sum the splits of p [splits, W, M, N] -> [M, N] in dtype (W = 2 and glu: SiLU(gate) * up)."""
+    _, _, m, n = p.shape
+    out = torch.empty(m, n, dtype=dtype, device=p.device)
+    block = 1024 if p.is_cuda else 64
+    kernel_module("_gemv_kernel.py", not p.is_cuda).teal_finish_kernel[(triton_cdiv(m * n, block),)](
+        p, out, m * n, p.shape[0], p.stride(0), p.stride(1), BLOCK=block, GLU=glu, num_warps=4)
+    return out
+
+
+def teal_gemv_launch(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, config=None) -> torch.Tensor:
+    """The kernel call behind the op (no custom-op wrapper): two launches (split-K partials, their
+    sum); config = (BLOCK_K, BLOCK_N, ROWS per program, num_warps, num_stages)."""
+    _check_2d("teal_gemv: x", x)
+    _check_teal_weight("teal_gemv: wt", wt, x.shape[1], x.device)
+    _check_threshold("teal_gemv", threshold)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    return _teal_finish(_teal_partials(x, wt, None, threshold, config), x.dtype, False)
+
+
+def teal_mlp_launch(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_t: torch.Tensor,
+                    t_in: torch.Tensor, t_down: torch.Tensor, config=None) -> torch.Tensor:
+    """SwiGLU MLP with TEAL on both inputs: x [M, H], wg_t / wu_t [H, I], wd_t [I, H] (all
+    [in, out] row-major) -> [M, H] = down(h * (|h| > t_down)), h = SiLU(gate(x')) * up(x'),
+    x' = x * (|x| > t_in); h in x's dtype. Four launches: gate and up partials (one shared x),
+    h from their sums, down partials, their sum. config = (gate/up config, down config)."""
+    _check_2d("teal_mlp: x", x)
+    hid = x.shape[1]
+    _check_teal_weight("teal_mlp: wg_t", wg_t, hid, x.device)
+    if wu_t.shape != wg_t.shape or wu_t.stride() != wg_t.stride():
+        raise ValueError(f"teal_mlp: wu_t {tuple(wu_t.shape)} strides {wu_t.stride()} differs from wg_t "
+                         f"{tuple(wg_t.shape)} strides {wg_t.stride()}")
+    inter = wg_t.shape[1]
+    _check_teal_weight("teal_mlp: wd_t", wd_t, inter, x.device)
+    if wd_t.shape[1] != hid:
+        raise ValueError(f"teal_mlp: wd_t [I, H] must map back to H = {hid}, got shape {tuple(wd_t.shape)}")
+    _check_threshold("teal_mlp: t_in", t_in)
+    _check_threshold("teal_mlp: t_down", t_down)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    key = "cuda" if x.is_cuda else "cpu"
+    cfg_gu, cfg_d = config or (TEAL_MLP_CONFIG[key], TEAL_CONFIG[key])
+    h = _teal_finish(_teal_partials(x, wg_t, wu_t, t_in, cfg_gu), x.dtype, True)
+    return _teal_finish(_teal_partials(h, wd_t, None, t_down, cfg_d), x.dtype, False)
 
 
 def dejavu_gateup_launch(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, mask: torch.Tensor,
@@ -102,6 +161,17 @@ def _teal_gemv_fake(x, wt, threshold):
     return x.new_empty(x.shape[0], wt.shape[1])
 
 
+@torch.library.custom_op("sparseinfer::teal_mlp", mutates_args=())
+def teal_mlp(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_t: torch.Tensor, t_in: torch.Tensor,
+             t_down: torch.Tensor) -> torch.Tensor:
+    return teal_mlp_launch(x, wg_t, wu_t, wd_t, t_in, t_down)
+
+
+@teal_mlp.register_fake
+def _teal_mlp_fake(x, wg_t, wu_t, wd_t, t_in, t_down):
+    return x.new_empty(x.shape[0], wd_t.shape[1])
+
+
 @torch.library.custom_op("sparseinfer::dejavu_gateup", mutates_args=())
 def dejavu_gateup(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return dejavu_gateup_launch(x, wg, wu, mask)
@@ -115,6 +185,12 @@ def _dejavu_gateup_fake(x, wg, wu, mask):
 def teal_gemv_reference(x: torch.Tensor, wt: torch.Tensor, threshold) -> torch.Tensor:
     """(x * (|x| > threshold)) @ wt in x's dtype (pass float64 tensors for an exact reference)."""
     return torch.where(x.abs() > threshold, x, torch.zeros((), dtype=x.dtype)) @ wt.to(x.dtype)
+
+
+def teal_mlp_reference(x, wg_t, wu_t, wd_t, t_in, t_down) -> torch.Tensor:
+    """The TEAL SwiGLU MLP in x's dtype (float64 tensors for an exact reference)."""
+    h = F.silu(teal_gemv_reference(x, wg_t, t_in)) * teal_gemv_reference(x, wu_t, t_in)
+    return teal_gemv_reference(h, wd_t, t_down)
 
 
 def dejavu_gateup_reference(x, wg, wu, mask) -> torch.Tensor:

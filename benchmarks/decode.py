@@ -122,6 +122,7 @@ def fill_raas_layer(layer: RaaSLayer, b, hkv, d, prompt, generated, dtype, dev, 
     layer.gmin.copy_(gmin)
     layer.gmax.copy_(gmax)
     layer.cur.zero_()
+    layer.gvalid.fill_(True)  # every held page full (the fused bookkeeping's validity bits)
     layer.step.fill_(generated)
     layer.seen = prompt + generated
 
@@ -203,6 +204,11 @@ def bench_attention(b, n, budget, prompt, cuda, dev, dtype, hq=32, hkv=8, d=128,
         layer.update(knew, knew)
         return layer.decode_attention(q, scale)
     t_raas_step = row("raas: full layer step (write+evict+attention)", raas_step, raas_bytes)
+    if cuda:  # the same with the torch bookkeeping (~25 small ops) instead of the two fused kernels
+        layer.kernels = False
+        row("raas, torch bookkeeping: decode attention", lambda: layer.decode_attention(q, scale), raas_bytes)
+        row("raas, torch bookkeeping: full layer step", raas_step, raas_bytes)
+        layer.kernels = None
     for r in rows:
         r["speedup_vs_dense"] = round(t_dense / (r["ms"] / 1e3), 2)
     bound = {"quest": kv_bytes / (sel_bytes + 2 * kmin16.numel() * kmin16.element_size()),
@@ -329,6 +335,17 @@ def bench_model(cfg_dict, layers, b, ctx, prompt, budget, cuda, dev, flat_steps)
     except Exception as e:  # noqa: BLE001
         out.update(raas_error=f"{type(e).__name__}: {str(e)[:300]}")
         log(f"  raas step failed: {out['raas_error']}")
+    if cuda:  # the torch bookkeeping instead of the fused kernels, for comparison
+        for layer in cache.layers:
+            layer.kernels = False
+        try:
+            t, how = timed(step_fn(model, cache, tok, pos), cuda, inner=3, rounds=3)
+            out.update(raas_torch_bookkeeping_ms=round(t * 1e3, 3))
+            log(f"  raas step, torch bookkeeping: {t * 1e3:.3f} ms ({how})")
+        except Exception as e:  # noqa: BLE001
+            log(f"  raas step, torch bookkeeping failed: {type(e).__name__}: {str(e)[:200]}")
+        for layer in cache.layers:
+            layer.kernels = None
     if "dense_ms" in out and "raas_ms" in out:
         out["speedup"] = round(out["dense_ms"] / out["raas_ms"], 2)
     if "dense_nomask_ms" in out and "raas_ms" in out:
@@ -454,7 +471,9 @@ def main():
                   f"| dense StaticCache | {m.get('dense_ms', m.get('dense_error'))} | {m['dense_kv_GB']} |",
                   f"| dense, no mask (SDPA over exactly the valid KV; the fastest dense step) | "
                   f"{m.get('dense_nomask_ms', m.get('dense_nomask_error'))} | {m['dense_kv_GB']} |",
-                  f"| raas L={m['budget']} | {m.get('raas_ms', m.get('raas_error'))} | {m['raas_kv_GB']} |", "",
+                  f"| raas L={m['budget']} | {m.get('raas_ms', m.get('raas_error'))} | {m['raas_kv_GB']} |",
+                  f"| raas L={m['budget']}, torch bookkeeping (before the fused kernels) | "
+                  f"{m.get('raas_torch_bookkeeping_ms', '–')} | {m['raas_kv_GB']} |", "",
                   f"Speedup: {m.get('speedup', '–')}x vs StaticCache, {m.get('speedup_vs_nomask', '–')}x vs the "
                   f"no-mask dense step. Timing: dense {m.get('dense_timing', '–')}, "
                   f"raas {m.get('raas_timing', '–')}. Peak allocated: {m.get('peak_allocated_GB', '–')} GB."]

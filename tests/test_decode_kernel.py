@@ -141,6 +141,7 @@ def test_raas_layer_on_the_kernel_equals_reference(monkeypatch):
     g = torch.Generator().manual_seed(9)
     b, hq, hkv, d = 2, 4, 2, 64
     layer = SparseKVCache("raas", 1, dense_layers=0, budget=32, page_size=16).layers[0]
+    layer.kernels = False  # the torch bookkeeping; the fused one: test_raas_bookkeeping_kernels_equal_torch_path
     kp = torch.randn(b, hkv, 37, d, generator=g)
     layer.update(kp, torch.randn(b, hkv, 37, d, generator=g))
     for _ in range(70):  # past the budget: pages evicted and refilled
@@ -151,3 +152,58 @@ def test_raas_layer_on_the_kernel_equals_reference(monkeypatch):
     monkeypatch.setattr(opd, "_triton_reason", lambda q, backend: None)
     out = layer.decode_attention(q, 0.125)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget,ps,select", [(32, 8, None), (16, 4, 8)])
+def test_raas_bookkeeping_kernels_equal_torch_path(monkeypatch, budget, ps, select):
+    """RaaS's fused bookkeeping kernels (token write + eviction; refresh + selection) keep the
+    same state as its torch path over many steps (pages filled, evicted, refreshed) and give the
+    same attention. Both layers run the decode kernel (interpreter) for the attention itself."""
+    from sparseinfer.kv import SparseKVCache
+    from sparseinfer.ops import decode as opd
+
+    monkeypatch.setattr(opd, "_triton_reason", lambda q, backend: None)
+    g = torch.Generator().manual_seed(11)
+    b, hq, hkv, d = 2, 4, 2, 32
+    opts = dict(budget=budget, page_size=ps) | ({"select": select} if select else {})
+    fused, torch_path = (SparseKVCache("raas", 1, dense_layers=0, **opts).layers[0] for _ in range(2))
+    fused.kernels, torch_path.kernels = True, False
+    kp, vp = torch.randn(b, hkv, 21, d, generator=g), torch.randn(b, hkv, 21, d, generator=g)
+    for lay in (fused, torch_path):
+        lay.update(kp, vp)
+    for step in range(budget + 3 * ps):  # past the budget: the stalest pages get evicted
+        kt, vt = torch.randn(b, hkv, 1, d, generator=g), torch.randn(b, hkv, 1, d, generator=g)
+        q = torch.randn(b, hq, 1, d, generator=g)
+        outs = [lay.update(kt, vt) and lay.decode_attention(q, 0.2) for lay in (fused, torch_path)]
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+        for name in ("cur", "fill", "ts", "gk", "gv", "gmin", "gmax", "step"):
+            assert torch.equal(getattr(fused, name), getattr(torch_path, name)), (step, name)
+        valid = (torch.arange(ps) < torch_path.fill[..., None]).reshape(b, hkv, -1)
+        assert torch.equal(fused.gvalid, valid), step
+    assert (torch_path.ts > 0).sum() > 0 and int(torch_path.step) > budget  # evictions happened
+
+
+def test_raas_select_picks_the_top_scores_exactly():
+    """The bisection top-n of raas_select against torch.topk: random scores with -inf (free)
+    slots, +inf (current page), negative values, near-equal floats; n from 1 to all."""
+    from sparseinfer.kernels.raas import raas_select
+
+    g = torch.Generator().manual_seed(5)
+    b, h, s = 2, 3, 37
+    bound = torch.randn(b, h, s, generator=g) * torch.logspace(-6, 6, s)
+    bound[0, 0, :5] = float("-inf")
+    bound[1, 2, 7] = float("inf")
+    bound[0, 1, 3] = bound[0, 1, 4].nextafter(torch.tensor(float("inf")))  # adjacent floats
+    for n_ref, n_sel in [(1, 1), (4, 9), (18, 36), (37, 37)]:
+        ts = torch.zeros(b, h, s)
+        step = torch.tensor(11)
+        sel = raas_select(bound.contiguous(), ts, step, n_ref, n_sel)
+        for i in range(b):
+            for j in range(h):
+                row = bound[i, j]
+                finite = int((row > float("-inf")).sum())
+                want = set(row.topk(min(n_sel, finite)).indices.tolist())
+                got = sel[i, j].tolist()
+                assert set(x for x in got if x >= 0) == want and got.count(-1) == n_sel - len(want)
+                refreshed = set(torch.nonzero(ts[i, j] == 10.0).flatten().tolist())
+                assert refreshed == set(row.topk(min(n_ref, finite)).indices.tolist())

@@ -15,7 +15,8 @@ decode_partial_kernel: one program = one (batch, KV head) x one split of its sel
 decode_merge_kernel: one program = one (batch, query head): merges the splits (flash-decoding).
 quest_score_kernel: one program = one (batch, KV head) x BLOCK_P pages:
   sum over the group's heads g and dims d of max(q_gd * kmax_pd, q_gd * kmin_pd);
-  non-finite bounds count as 0 and empty pages (kmin_0 > kmax_0) score -inf.
+  non-finite bounds count as 0 and empty pages (kmin_0 > kmax_0) score -inf; with HAS_CUR the
+  page CUR[b, h] scores +inf.
 """
 import triton
 import triton.language as tl
@@ -114,9 +115,10 @@ def decode_merge_kernel(OP, LP, O, LSE, stride_ob, stride_oh, SPLITS, HQ: tl.con
 
 
 @triton.jit
-def quest_score_kernel(Q, KMIN, KMAX, S, stride_qb, stride_qh,
+def quest_score_kernel(Q, KMIN, KMAX, S, CUR, stride_qb, stride_qh,
                        stride_nb, stride_nh, stride_np, stride_xb, stride_xh, stride_xp, NPAGES,
-                       HKV: tl.constexpr, G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_P: tl.constexpr):
+                       HKV: tl.constexpr, G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_P: tl.constexpr,
+                       HAS_CUR: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // HKV).to(tl.int64)
     h = pid % HKV
@@ -135,4 +137,6 @@ def quest_score_kernel(Q, KMIN, KMAX, S, stride_qb, stride_qh,
         qg = tl.load(Q + b * stride_qb + (h * G + g) * stride_qh + offs_d).to(tl.float32)
         score += tl.reduce(tl.maximum(qg[None, :] * hi, qg[None, :] * lo), 1, _sum_fn)
     score = tl.where(empty, float("-inf"), score)
+    if HAS_CUR:  # the row's current page ranks first (+inf)
+        score = tl.where(offs_p == tl.load(CUR + pid), float("inf"), score)
     tl.store(S + pid.to(tl.int64) * NPAGES + offs_p, score, mask=pmask)

@@ -116,8 +116,9 @@ def sparse_decode_multi(q, parts, scale: float, *, splits: int | None = None, bl
     return out, lse
 
 
-def quest_scores(q, kmin, kmax, *, block_p: int | None = None):
-    """q [B, Hq, 1, D]; kmin/kmax [B, Hkv, P, D] (any float dtype) -> [B, Hkv, P] float32."""
+def quest_scores(q, kmin, kmax, *, cur=None, block_p: int | None = None):
+    """q [B, Hq, 1, D]; kmin/kmax [B, Hkv, P, D] (any float dtype) -> [B, Hkv, P] float32;
+    cur [B, Hkv] int64 (contiguous): that page of each row scores +inf (RaaS's current page)."""
     b, hq, _, d = q.shape
     hkv, p = kmin.shape[1], kmin.shape[2]
     interpret = q.device.type != "cuda"
@@ -130,8 +131,8 @@ def quest_scores(q, kmin, kmax, *, block_p: int | None = None):
         return out
     bp = block_p or (64 if d <= 64 else 32)
     mod.quest_score_kernel[(b * hkv, math.ceil(p / bp))](
-        q, kmin, kmax, out, q.stride(0), q.stride(1),
+        q, kmin, kmax, out, out if cur is None else cur, q.stride(0), q.stride(1),
         kmin.stride(0), kmin.stride(1), kmin.stride(2), kmax.stride(0), kmax.stride(1), kmax.stride(2), p,
-        HKV=hkv, G=hq // hkv, HEAD_D=d, BLOCK_P=bp, num_warps=4,
+        HKV=hkv, G=hq // hkv, HEAD_D=d, BLOCK_P=bp, HAS_CUR=cur is not None, num_warps=4,
     )
     return out

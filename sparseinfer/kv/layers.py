@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import CacheLayerMixin
 
+from ..ops import decode as _opd
 from ..ops.decode import _decode, _decode_multi, page_bounds, quest_scores
 
 _INF = float("inf")
@@ -330,10 +331,14 @@ class RaaSLayer(_PolicyBase):
     the top half of the budget's pages get their timestamp set to the current step.
     Memory: prompt + budget + one page per (batch, KV head). The decode step updates its state
     in place (fixed buffers, no host sync), as a CUDA-graph capture needs.
+    Where the decode kernels run (CUDA), the bookkeeping runs as two Triton kernels
+    (`sparseinfer.kernels.raas`: the token write + eviction; the refresh + selection from the
+    page scores, no top-k) instead of ~25 small torch ops; `kernels=False/True` forces either.
     """
 
     name = "raas"
-    _batch_state = ("pvalid", "pmin", "pmax", "gk", "gv", "fill", "ts", "gmin", "gmax", "cur", "pidx")
+    _batch_state = ("pvalid", "pmin", "pmax", "gk", "gv", "fill", "ts", "gmin", "gmax", "cur", "pidx", "gvalid")
+    kernels: bool | None = None  # None: the kernels where the decode kernel runs the call
 
     def __init__(self, cache, budget: int, page_size: int, prompt: str, prompt_budget: int, select: int):
         super().__init__(cache)
@@ -366,11 +371,21 @@ class RaaSLayer(_PolicyBase):
             self.gmin = torch.full((b, h, s, d), _INF, device=dev)
             self.gmax = torch.full((b, h, s, d), -_INF, device=dev)
             self.cur = torch.zeros(b, h, dtype=torch.long, device=dev)
+            self.gvalid = torch.zeros(b, h, s * ps, dtype=torch.bool, device=dev)  # kernel path only
             npg = -(-n // ps)
             self.pidx = torch.arange(npg, dtype=torch.int32, device=dev).expand(b, h, npg)
             self.step = torch.zeros((), dtype=torch.long, device=dev)  # generated tokens so far
             self.seen = n
             return key_states, value_states
+        if self._use_kernels(key_states):
+            from ..kernels.raas import raas_update
+
+            raas_update(key_states, value_states, self.gk, self.gv, self.ts, self.fill, self.cur, self.gmin,
+                        self.gmax, self.gvalid, self.step)
+            self.step.add_(1)
+            self.seen += 1
+            self.fresh = True
+            return self.gk, self.gv
         in_page = self.step % ps
         new_page = in_page == 0
         victim = self.ts.argmin(-1)  # a free slot (-inf) first, else the stalest page
@@ -394,9 +409,33 @@ class RaaSLayer(_PolicyBase):
         self.fresh = True
         return self.gk, self.gv
 
+    def _use_kernels(self, x: torch.Tensor) -> bool:
+        if self.kernels is not None:
+            return self.kernels
+        d = x.shape[-1]
+        return _opd._triton_reason(x, "auto") is None and d & (d - 1) == 0
+
+    def _prompt_part(self, query):
+        """(keys, values, page ids, page size, valid) of the kept prompt for _decode_multi."""
+        if self.prompt == "quest":
+            npg = self.pmin.shape[2]
+            pb = quest_scores(query, self.pmin, self.pmax)
+            pidx = pb.topk(min(npg, max(1, self.prompt_budget // self.ps)), -1).indices
+        else:
+            pidx = self.pidx
+        return self.keys, self.values, pidx, self.ps, self.pvalid
+
     def decode_attention(self, query, scale):
         b, h, s = self.fill.shape
         ps = self.ps
+        if self._use_kernels(query):
+            from ..kernels import decode as kd
+            from ..kernels.raas import raas_select
+
+            bound = kd.quest_scores(query, self.gmin, self.gmax, cur=self.cur)  # current page +inf
+            sel_idx = raas_select(bound, self.ts, self.step, self.n_refresh, self.n_select)
+            return _decode_multi(query, [self._prompt_part(query), (self.gk, self.gv, sel_idx, ps, self.gvalid)],
+                                 scale)
         # generated pages: score, refresh timestamps of the top half of the budget, attend the top `select`
         bound = quest_scores(query, self.gmin, self.gmax)  # -inf for free slots
         onehot = torch.arange(s, device=self.device) == self.cur[..., None]
@@ -409,11 +448,4 @@ class RaaSLayer(_PolicyBase):
         sel_idx = torch.where(sel.values > -_INF, sel.indices, -1)
         gvalid = (torch.arange(ps, device=self.device) < self.fill[..., None]).reshape(b, h, s * ps)
         # the prompt: all of it (a fixed index row built at pre-fill), or its top pages by the Quest bound
-        if self.prompt == "quest":
-            npg = self.pmin.shape[2]
-            pb = quest_scores(query, self.pmin, self.pmax)
-            pidx = pb.topk(min(npg, max(1, self.prompt_budget // ps)), -1).indices
-        else:
-            pidx = self.pidx
-        return _decode_multi(query, [(self.keys, self.values, pidx, ps, self.pvalid),
-                                     (self.gk, self.gv, sel_idx, ps, gvalid)], scale)
+        return _decode_multi(query, [self._prompt_part(query), (self.gk, self.gv, sel_idx, ps, gvalid)], scale)

@@ -10,7 +10,8 @@ decode_partial_kernel: one program = one (batch, KV head) x one split of its sel
   rows; online softmax in fp32 (exp2). Writes the split's normalised output and its
   log-sum-exp (natural log, -inf when it saw no key) for the merge kernel. Several KV buffers
   (e.g. a kept prompt and a page pool) write their splits side by side (SPLIT_BASE: the first
-  split column of this launch; SPLITS: all columns) and one merge kernel combines them all. DOT_F32 upcasts the
+  split column of this launch; SPLITS: all columns) and one merge kernel combines them all; TWO:
+  one launch serves two buffers (its splits >= SPLITS1 read the *2 arguments). DOT_F32 upcasts the
   tiles before tl.dot (the interpreter's tl.dot mishandles bfloat16).
 decode_merge_kernel: one program = one (batch, query head): merges the splits (flash-decoding).
 quest_score_kernel: one program = one (batch, KV head) x BLOCK_P pages:
@@ -34,12 +35,40 @@ def decode_partial_kernel(
     stride_ib, stride_ih,
     stride_mb, stride_mh,
     N, NPAGES, PAGES_PER_SPLIT, SPLITS, SPLIT_BASE, qk_scale,
+    K2, V2, IDX2, VALID2,
+    stride_kb2, stride_kh2, stride_kn2,
+    stride_vb2, stride_vh2, stride_vn2,
+    stride_ib2, stride_ih2,
+    stride_mb2, stride_mh2,
+    N2, NPAGES2, PAGES_PER_SPLIT2, SPLITS1,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_D: tl.constexpr,
     PS: tl.constexpr, PS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_VALID: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
+    TWO: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    col = SPLIT_BASE + split  # this program's partial column
+    if TWO:  # splits >= SPLITS1 read the second KV buffer (same page size, validity, group)
+        sec = split >= SPLITS1
+        K = tl.where(sec, K2, K)
+        V = tl.where(sec, V2, V)
+        IDX = tl.where(sec, IDX2, IDX)
+        VALID = tl.where(sec, VALID2, VALID)
+        stride_kb = tl.where(sec, stride_kb2, stride_kb)
+        stride_kh = tl.where(sec, stride_kh2, stride_kh)
+        stride_kn = tl.where(sec, stride_kn2, stride_kn)
+        stride_vb = tl.where(sec, stride_vb2, stride_vb)
+        stride_vh = tl.where(sec, stride_vh2, stride_vh)
+        stride_vn = tl.where(sec, stride_vn2, stride_vn)
+        stride_ib = tl.where(sec, stride_ib2, stride_ib)
+        stride_ih = tl.where(sec, stride_ih2, stride_ih)
+        stride_mb = tl.where(sec, stride_mb2, stride_mb)
+        stride_mh = tl.where(sec, stride_mh2, stride_mh)
+        N = tl.where(sec, N2, N)
+        NPAGES = tl.where(sec, NPAGES2, NPAGES)
+        PAGES_PER_SPLIT = tl.where(sec, PAGES_PER_SPLIT2, PAGES_PER_SPLIT)
+        split = tl.where(sec, split - SPLITS1, split)
     b = (pid // HKV).to(tl.int64)
     h = pid % HKV
     offs_g = tl.arange(0, BLOCK_G)
@@ -88,7 +117,7 @@ def decode_partial_kernel(
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    row = (pid.to(tl.int64) * G + offs_g) * SPLITS + SPLIT_BASE + split  # partials [B, Hq, SPLITS, (D)]
+    row = (pid.to(tl.int64) * G + offs_g) * SPLITS + col  # partials [B, Hq, SPLITS, (D)]
     tl.store(OP + row[:, None] * HEAD_D + offs_d[None, :], out, mask=gmask[:, None])
     tl.store(LP + row, lse, mask=gmask)
 

@@ -58,7 +58,8 @@ def sparse_decode_multi(q, parts, scale: float, *, splits: int | None = None, bl
                         num_warps: int | None = None, num_stages: int | None = None):
     """Attention over the union of several KV buffers' selected pages, in one merge:
     parts = [(k, v, indices, page_size, valid), ...], each as in `sparse_decode` (same B, Hkv,
-    D as q's group). One partial-kernel launch per part, one merge kernel for all."""
+    D as q's group). One partial-kernel launch per part (two parts of one page size and validity
+    kind: one launch for both), one merge kernel for all."""
     b, hq, _, d = q.shape
     interpret = q.device.type != "cuda"
     mod = kernel_module("_decode_kernel.py", interpret)
@@ -86,7 +87,7 @@ def sparse_decode_multi(q, parts, scale: float, *, splits: int | None = None, bl
     op = torch.empty(b, hq, total, d, dtype=torch.float32, device=q.device)
     lp = torch.empty(b, hq, total, dtype=torch.float32, device=q.device)
     prec = "ieee" if (q.dtype == torch.float32 or interpret) else "tf32"
-    base = 0
+    args = []  # per part: (buffer args, strides..., N, npages, pps) in the kernel's order
     for k, v, indices, page_size, valid, hkv, npages, ps_p2, bn, pps, sp in plans:
         k = k if k.stride(-1) == 1 else k.contiguous()
         v = v if v.stride(-1) == 1 else v.contiguous()
@@ -96,17 +97,27 @@ def sparse_decode_multi(q, parts, scale: float, *, splits: int | None = None, bl
             smb, smh = vm.stride(0), vm.stride(1)
         else:
             vm, smb, smh = idx, 0, 0
+        args.append(((k, v, idx, vm), (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                                       idx.stride(0), idx.stride(1), smb, smh), (k.shape[2], npages, pps)))
+    # two parts of one page size and validity kind (RaaS: the kept prompt + the page pool) share
+    # one launch: no second kernel's tail, and both parts' programs fill the GPU together
+    same = len(plans) == 2 and plans[0][3] == plans[1][3] and plans[0][8] == plans[1][8] \
+        and (plans[0][4] is None) == (plans[1][4] is None)
+    groups = [(0, 1)] if same else [(i,) for i in range(len(plans))]
+    base = 0
+    for grp in groups:
+        first, second = plans[grp[0]], plans[grp[-1]]
+        (bufs, strides, sizes), (bufs2, strides2, sizes2) = args[grp[0]], args[grp[-1]]
+        _, _, _, page_size, valid, hkv, _, ps_p2, bn, _, sp1 = first
+        sp = sum(plans[i][-1] for i in grp)
         mod.decode_partial_kernel[(b * hkv, sp)](
-            q, k, v, idx, vm, op, lp,
-            q.stride(0), q.stride(1),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            idx.stride(0), idx.stride(1),
-            smb, smh,
-            k.shape[2], npages, pps, total, base, float(scale) * 1.4426950408889634,
+            q, *bufs[:3], bufs[3], op, lp,
+            q.stride(0), q.stride(1), *strides,
+            *sizes, total, base, float(scale) * 1.4426950408889634,
+            *bufs2, *strides2, *sizes2, sp1,
             HKV=hkv, G=hq // hkv, BLOCK_G=max(16, _next_pow2(hq // hkv)), HEAD_D=d, PS=page_size, PS_P2=ps_p2,
             BLOCK_N=bn, HAS_VALID=valid is not None, PREC=prec, STAGES=stages, DOT_F32=interpret,
-            num_warps=warps, num_stages=stages,
+            TWO=len(grp) == 2, num_warps=warps, num_stages=stages,
         )
         base += sp
     out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=q.device)

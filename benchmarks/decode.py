@@ -195,7 +195,8 @@ def bench_attention(b, n, budget, prompt, cuda, dev, dtype, hq=32, hkv=8, d=128,
     cache = sparseinfer.kv.SparseKVCache("raas", 1, dense_layers=0, budget=budget, page_size=PS)
     layer = cache.layers[0]
     fill_raas_layer(layer, b, hkv, d, prompt, n - prompt, dtype, dev, gen)
-    raas_bytes = 2 * b * hkv * (prompt + budget + PS) * d * k.element_size() + 2 * layer.gmin.numel() * 4
+    raas_bytes = (2 * b * hkv * (prompt + budget + PS) * d * k.element_size()
+                  + 2 * layer.gmin.numel() * layer.gmin.element_size())
     t_raas = row("raas: decode attention (score+refresh+select)", lambda: layer.decode_attention(q, scale),
                  raas_bytes, f"prompt {prompt} kept whole")
     knew = torch.randn(b, hkv, 1, d, device=dev, dtype=dtype, generator=gen)

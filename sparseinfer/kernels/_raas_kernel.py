@@ -8,7 +8,7 @@ raas_update_kernel: write one decode token. STEP (generated tokens so far, befor
   timestamp (a free slot has -inf; the first minimum on ties) becomes the current page, its
   timestamp is set to STEP, its fill count, key bounds and token validity restart. The token's
   key/value go to row cur * PS + STEP % PS of the slot buffers, the page's element-wise key
-  min/max (fp32) and fill count take it in, and its validity bit is set.
+  min/max (the keys' dtype: exact) and fill count take it in, and its validity bit is set.
 raas_select_kernel: from the page scores BOUND (Quest bounds, the current page +inf, free slots
   -inf): the NREF highest-scoring slots get timestamp STEP - 1 (refresh) and the NSEL highest
   become the page ids to attend, in slot order (int32, padded with -1); slots scoring -inf are
@@ -53,10 +53,10 @@ def raas_update_kernel(KN, VN, GK, GV, TS, FILL, CUR, GMIN, GMAX, GVALID, STEP,
     tl.store(GV + dst, v)
     kf = k.to(tl.float32)
     bnd = (row * S + cur) * HEAD_D + offs_d
-    lo = tl.load(GMIN + bnd)
-    hi = tl.load(GMAX + bnd)
-    tl.store(GMIN + bnd, tl.where(new_page, kf, tl.minimum(lo, kf)))
-    tl.store(GMAX + bnd, tl.where(new_page, kf, tl.maximum(hi, kf)))
+    lo = tl.load(GMIN + bnd).to(tl.float32)
+    hi = tl.load(GMAX + bnd).to(tl.float32)
+    tl.store(GMIN + bnd, tl.where(new_page, kf, tl.minimum(lo, kf)).to(GMIN.dtype.element_ty))
+    tl.store(GMAX + bnd, tl.where(new_page, kf, tl.maximum(hi, kf)).to(GMAX.dtype.element_ty))
     # validity of the page's tokens: a new page keeps only its first token; else one more
     offs_t = tl.arange(0, PS_P2)
     vbase = GVALID + row * S * PS + cur * PS

@@ -4,7 +4,7 @@ the ~20 small torch ops per step of ``RaaSLayer``'s reference path; static shape
 
     raas_update(k, v, gk, gv, ts, fill, cur, gmin, gmax, gvalid, step)    (all updated in place)
         k / v [B, H, 1, D] the new token; gk / gv [B, H, S * PS, D]; ts [B, H, S] fp32;
-        fill [B, H, S] int64; cur [B, H] int64; gmin / gmax [B, H, S, D] fp32 (contiguous);
+        fill [B, H, S] int64; cur [B, H] int64; gmin / gmax [B, H, S, D] (contiguous, any float);
         gvalid [B, H, S * PS] bool (contiguous); step 0-d int64 (tokens generated before this one).
     raas_select(bound, ts, step, n_refresh, n_select) -> [B, H, n_select] int32
         bound [B, H, S] fp32 page scores (current page +inf, free slots -inf); refreshes the

@@ -368,8 +368,10 @@ class RaaSLayer(_PolicyBase):
             self.gv = torch.zeros_like(self.gk)
             self.fill = torch.zeros(b, h, s, dtype=torch.long, device=dev)
             self.ts = torch.full((b, h, s), -_INF, device=dev)
-            self.gmin = torch.full((b, h, s, d), _INF, device=dev)
-            self.gmax = torch.full((b, h, s, d), -_INF, device=dev)
+            # page key bounds in the keys' dtype: a min / max of keys is one of them (exact), and
+            # the Quest scores read half the bytes of fp32 bounds for bf16 keys
+            self.gmin = torch.full((b, h, s, d), _INF, dtype=key_states.dtype, device=dev)
+            self.gmax = torch.full((b, h, s, d), -_INF, dtype=key_states.dtype, device=dev)
             self.cur = torch.zeros(b, h, dtype=torch.long, device=dev)
             self.gvalid = torch.zeros(b, h, s * ps, dtype=torch.bool, device=dev)  # kernel path only
             npg = -(-n // ps)

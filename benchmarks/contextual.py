@@ -115,8 +115,8 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
     hid = F.silu(x @ wg.T) * (x @ wu.T)
     th50 = torch.quantile(hid.float().abs().flatten(), 0.5)
     # (BLOCK_K, BLOCK_N, ROWS, warps, stages); benchmarks/teal_sweep.py explored the structure
-    teal_cfgs = [(32, 128, 512, 4, 3), (64, 128, 1024, 4, 1), (64, 128, 1024, 4, 2), (32, 128, 1024, 4, 3),
-                 (64, 128, 512, 4, 2), (32, 256, 512, 8, 3), (16, 128, 512, 4, 3), (64, 64, 1024, 4, 2)] \
+    teal_cfgs = [(64, 128, 1024, 4, 1), (64, 64, 1024, 4, 2), (64, 64, 1024, 4, 1), (64, 128, 1024, 4, 2),
+                 (32, 128, 1024, 4, 3), (64, 64, 2048, 4, 1), (128, 64, 1024, 4, 1), (32, 128, 512, 4, 3)] \
         if cuda else [gemv.TEAL_CONFIG["cpu"]]
     best = {}
     sweep = []
@@ -133,8 +133,8 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
         best[name] = min(res)[1]
         log(f"teal_gemv {name} 50%: best config {best[name]} {min(res)[0]:.4f} ms")
     # the fused MLP's gate+up launch (two weights, one x): partials + the SiLU(gate)*up sum
-    two_cfgs = [(32, 128, 512, 4, 3), (32, 128, 1024, 4, 1), (64, 128, 1024, 4, 1), (32, 128, 1024, 4, 2),
-                (16, 128, 512, 4, 3), (32, 64, 512, 4, 3), (32, 256, 512, 8, 3), (64, 128, 512, 8, 3)] \
+    two_cfgs = [(32, 128, 1024, 4, 1), (32, 64, 1024, 4, 1), (64, 64, 1024, 4, 1), (32, 128, 2048, 4, 1),
+                (16, 128, 1024, 4, 1), (32, 64, 1024, 2, 1), (64, 64, 1024, 8, 1), (32, 128, 512, 4, 3)] \
         if cuda else [gemv.TEAL_MLP_CONFIG["cpu"]]
     res = []
     for c in two_cfgs:

@@ -29,8 +29,8 @@ from ._loader import kernel_module
 # teal_gemv: (BLOCK_K, BLOCK_N, ROWS per program, num_warps, num_stages); TEAL_MLP_CONFIG is the
 # gate+up launch of teal_mlp (two weights: two accumulators). GPU defaults from the sweeps in
 # benchmarks/teal_sweep.py and benchmarks/contextual.py (H100), overridable per call.
-TEAL_CONFIG = {"cuda": (32, 128, 512, 4, 3), "cpu": (16, 32, 32, 1, 1)}
-TEAL_MLP_CONFIG = {"cuda": (32, 128, 512, 4, 3), "cpu": (16, 32, 32, 1, 1)}
+TEAL_CONFIG = {"cuda": (64, 128, 1024, 4, 1), "cpu": (16, 32, 32, 1, 1)}
+TEAL_MLP_CONFIG = {"cuda": (32, 128, 1024, 4, 1), "cpu": (16, 32, 32, 1, 1)}
 # (BLOCK_I, BLOCK_H, num_warps) for dejavu_gateup (benchmarks/contextual.py sweeps them).
 GATEUP_CONFIG = {"cuda": (16, 128, 4), "cpu": (16, 32, 1)}
 MAX_ROWS_PER_PROGRAM = 4

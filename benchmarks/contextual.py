@@ -120,48 +120,34 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
         if cuda else [gemv.TEAL_CONFIG["cpu"]]
     best = {}
     sweep = []
-    for name, xx, w, t in (("gate_up", x, wuT, t50), ("down", hid, wdT, th50)):
+
+    def pick(kernel: str, shape: str, key: str, cfgs, call) -> None:
+        """Time call(config) for every config that compiles; best[key] = the fastest."""
         res = []
-        for c in teal_cfgs:
+        for c in cfgs:
             try:
-                ms = timed(lambda: gemv.teal_gemv_launch(xx, w, t, c), iters, cuda)
+                ms = timed(lambda: call(c), iters, cuda)
             except Exception as e:  # a config that does not compile / fit
-                log(f"  teal config {c} on {name}: {type(e).__name__}")
+                log(f"  {kernel} config {c} on {shape}: {type(e).__name__}: {str(e)[:120]}")
                 continue
             res.append((ms, c))
-            sweep.append({"kernel": "teal_gemv", "shape": name, "config": c, "ms": round(ms, 4)})
-        best[name] = min(res)[1]
-        log(f"teal_gemv {name} 50%: best config {best[name]} {min(res)[0]:.4f} ms")
+            sweep.append({"kernel": kernel, "shape": shape, "config": c, "ms": round(ms, 4)})
+        best[key] = min(res)[1]
+        log(f"{kernel} {shape} 50%: best config {best[key]} {min(res)[0]:.4f} ms")
+
+    for name, xx, w, t in (("gate_up", x, wuT, t50), ("down", hid, wdT, th50)):
+        pick("teal_gemv", name, name, teal_cfgs, lambda c, xx=xx, w=w, t=t: gemv.teal_gemv_launch(xx, w, t, c))
     # the fused MLP's gate+up launch (two weights, one x): partials + the SiLU(gate)*up sum
     two_cfgs = [(32, 128, 1024, 4, 1), (32, 64, 1024, 4, 1), (64, 64, 1024, 4, 1), (32, 128, 2048, 4, 1),
                 (16, 128, 1024, 4, 1), (32, 64, 1024, 2, 1), (64, 64, 1024, 8, 1), (32, 128, 512, 4, 3)] \
         if cuda else [gemv.TEAL_MLP_CONFIG["cpu"]]
-    res = []
-    for c in two_cfgs:
-        try:
-            ms = timed(lambda: gemv._teal_finish(gemv._teal_partials(x, wgT, wuT, t50, c), x.dtype, True), iters, cuda)
-        except Exception as e:
-            log(f"  teal_mlp gate/up config {c}: {type(e).__name__}: {str(e)[:120]}")
-            continue
-        res.append((ms, c))
-        sweep.append({"kernel": "teal_gemv TWO", "shape": "mlp_gate_up", "config": c, "ms": round(ms, 4)})
-    best["mlp_gate_up"] = min(res)[1]
-    log(f"teal_mlp gate/up 50%: best config {best['mlp_gate_up']} {min(res)[0]:.4f} ms")
+    pick("teal_gemv TWO", "mlp_gate_up", "mlp_gate_up", two_cfgs,
+         lambda c: gemv._teal_finish(gemv._teal_partials(x, wgT, wuT, t50, c), x.dtype, True))
     gu_cfgs = [(16, 128, 4), (8, 256, 4), (32, 128, 4), (16, 256, 8), (4, 512, 4), (8, 128, 2)] if cuda \
         else [gemv.GATEUP_CONFIG["cpu"]]
     mask = torch.zeros(1, inter, dtype=torch.bool, device=dev)
     mask[0, torch.randperm(inter, device=dev, generator=g)[: inter // 2]] = True
-    res = []
-    for c in gu_cfgs:
-        try:
-            ms = timed(lambda: gemv.dejavu_gateup_launch(x, wg, wu, mask, c), iters, cuda)
-        except Exception as e:
-            log(f"  gateup config {c}: {type(e).__name__}")
-            continue
-        res.append((ms, c))
-        sweep.append({"kernel": "dejavu_gateup", "shape": "gate_up", "config": c, "ms": round(ms, 4)})
-    best["dejavu_gateup"] = min(res)[1]
-    log(f"dejavu_gateup 50%: best config {best['dejavu_gateup']} {min(res)[0]:.4f} ms")
+    pick("dejavu_gateup", "gate_up", "dejavu_gateup", gu_cfgs, lambda c: gemv.dejavu_gateup_launch(x, wg, wu, mask, c))
     out["sweep"] = sweep
     out["best_config"] = {k: list(v) for k, v in best.items()}
 

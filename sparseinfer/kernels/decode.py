@@ -68,7 +68,9 @@ def sparse_decode_multi(q, parts, scale: float, *, splits: int | None = None, bl
     stages = num_stages or stages
     q = q if q.stride(-1) == 1 else q.contiguous()
     plans = []
-    for k, v, indices, page_size, valid in parts:
+    # default splits: ~4 programs per SM over all parts, shared out by their tokens (even work)
+    tokens = [max(1, ind.shape[-1] * ps) for _, _, ind, ps, _ in parts]
+    for (k, v, indices, page_size, valid), tok in zip(parts, tokens):
         hkv = k.shape[1]
         npages = indices.shape[-1]
         ps_p2 = _next_pow2(page_size)
@@ -78,7 +80,7 @@ def sparse_decode_multi(q, parts, scale: float, *, splits: int | None = None, bl
         sp = splits
         if sp is None:
             target = 4 * _sm_count(q.device.index or 0) if not interpret else 2
-            sp = max(1, min(iters, math.ceil(target / max(1, b * hkv))))
+            sp = max(1, min(iters, math.ceil(target * tok / sum(tokens) / max(1, b * hkv))))
         sp = max(1, min(int(sp), iters))
         pps = math.ceil(iters / sp) * per_iter  # pages per split, a whole number of iterations
         sp = max(1, math.ceil(npages / pps)) if npages else 1

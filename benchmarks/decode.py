@@ -323,6 +323,26 @@ def bench_model(cfg_dict, layers, b, ctx, prompt, budget, cuda, dev, flat_steps)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
+    # the no-mask dense step at shorter contexts too: its time is linear in the context, which
+    # (b2) integrates over a whole generation
+    out["dense_nomask_by_context"] = {ctx: out.get("dense_nomask_ms")}
+    for c in (x for x in (ctx // 8, ctx // 2) if prompt < x < ctx):
+        try:
+            model.set_attn_implementation(_nomask_impl())
+            cache = StaticCache(config=cfg, max_cache_len=c)
+            fill_static(cache, cfg, b, c, dtype, dev, gen)
+            pc = torch.full((b, 1), c - 1, device=dev, dtype=torch.long)
+            t, how = timed(step_fn(model, cache, tok, pc, c), cuda, inner=3, rounds=3)
+            out["dense_nomask_by_context"][c] = round(t * 1e3, 3)
+            log(f"  dense no-mask step at context {c}: {t * 1e3:.3f} ms ({how})")
+        except Exception as e:  # noqa: BLE001
+            log(f"  dense no-mask step at context {c} failed: {type(e).__name__}: {str(e)[:200]}")
+        finally:
+            model.set_attn_implementation("sdpa")
+            cache = None
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
     # raas: every layer a RaaS layer (dense_layers=0), filled as after `prompt` + rest generated
     cache = sparseinfer.kv_cache(model, "raas", budget=budget, page_size=PS, dense_layers=0)
     for layer in cache.layers:
@@ -351,6 +371,10 @@ def bench_model(cfg_dict, layers, b, ctx, prompt, budget, cuda, dev, flat_steps)
         out["speedup"] = round(out["dense_ms"] / out["raas_ms"], 2)
     if "dense_nomask_ms" in out and "raas_ms" in out:
         out["speedup_vs_nomask"] = round(out["dense_nomask_ms"] / out["raas_ms"], 2)
+    pts = {c: v for c, v in out.get("dense_nomask_by_context", {}).items() if v is not None}
+    out["dense_nomask_by_context"] = {str(c): v for c, v in out.get("dense_nomask_by_context", {}).items()}
+    if len(pts) >= 2 and "raas_ms" in out:
+        out["generation"] = generation_time(pts, out["raas_ms"], prompt, 32768)
     # flat memory: replay the captured raas step many times (the pages evict and refill)
     if cuda and flat_steps and "raas_ms" in out:
         g = torch.cuda.CUDAGraph()
@@ -372,6 +396,24 @@ def bench_model(cfg_dict, layers, b, ctx, prompt, budget, cuda, dev, flat_steps)
     if cuda:
         torch.cuda.empty_cache()
     return out
+
+
+def generation_time(dense_ms: dict, raas_ms: float, prompt: int, generated: int) -> dict:
+    """Seconds to generate `generated` tokens after a `prompt`-token prompt, integrated over the
+    steps: the dense step time fitted as a + b * context (least squares over the measured
+    contexts), raas taken flat at its step time measured with a full budget (an upper bound:
+    before the budget fills, it reads less)."""
+    import numpy as np
+
+    c = np.array(sorted(dense_ms), dtype=float)
+    t = np.array([dense_ms[int(x)] for x in c])
+    slope, icpt = np.polyfit(c, t, 1)
+    ctxs = np.arange(prompt + 1, prompt + generated + 1, dtype=float)
+    dense_s = float((icpt + slope * ctxs).sum()) / 1e3
+    raas_s = raas_ms * generated / 1e3
+    return {"generated": generated, "prompt": prompt, "dense_s": round(dense_s, 1), "raas_s": round(raas_s, 1),
+            "speedup": round(dense_s / raas_s, 2), "dense_fit_ms": [round(float(icpt), 3), round(float(slope) * 1024, 4)],
+            "dense_points_ms": {int(k): v for k, v in dense_ms.items()}}
 
 
 def memory_table(hkv, d, layers, prompt, budget, gens, dtype_bytes, b):
@@ -481,6 +523,15 @@ def main():
         if "flat_steps" in m:
             lines.append(f"After {m['flat_steps']} replays of the captured raas step the allocator grew by "
                          f"{m['allocated_growth_MB_over_flat_steps']} MB; raas KV held: {m['raas_kv_GB_after']} GB.")
+    gm = (model_res or {}).get("generation")
+    if gm:
+        lines += ["", f"## (b2) Generating {gm['generated']} tokens after a {gm['prompt']}-token prompt "
+                  f"(batch {model_res['batch']}, captured steps)", "",
+                  "Integrated from the step times: the fastest dense step (no mask) measured at contexts "
+                  + ", ".join(f"{c}: {gm['dense_points_ms'][c]} ms" for c in sorted(gm['dense_points_ms'])) + " and fitted as "
+                  f"{gm['dense_fit_ms'][0]} ms + {gm['dense_fit_ms'][1]} ms per 1K tokens of context; raas flat at its "
+                  f"full-budget step time (an upper bound). dense **{gm['dense_s']} s**, raas **{gm['raas_s']} s**: "
+                  f"**{gm['speedup']}x**."]
     lines += ["", f"## (c) KV memory as the generation grows (Llama-3.1-8B, 32 layers, batch 8, bf16, prompt {args.prompt}, "
               f"raas L={args.model_budget})", "", "| generated | dense (GB) | raas (GB) |", "|---|---|---|"]
     lines += [f"| {r['generated']} | {r['dense_GB']} | {r['raas_GB']} |" for r in mem]

@@ -176,7 +176,7 @@ def test_raas_bookkeeping_kernels_equal_torch_path(monkeypatch, budget, ps, sele
         q = torch.randn(b, hq, 1, d, generator=g)
         outs = [lay.update(kt, vt) and lay.decode_attention(q, 0.2) for lay in (fused, torch_path)]
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
-        for name in ("cur", "fill", "ts", "gk", "gv", "gmin", "gmax", "step"):
+        for name in ("cur", "fill", "ts", "gk", "gv", "gmin", "gmax", "gvalid", "step"):
             assert torch.equal(getattr(fused, name), getattr(torch_path, name)), (step, name)
         valid = (torch.arange(ps) < torch_path.fill[..., None]).reshape(b, hkv, -1)
         assert torch.equal(fused.gvalid, valid), step

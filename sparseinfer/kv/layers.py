@@ -373,7 +373,7 @@ class RaaSLayer(_PolicyBase):
             self.gmin = torch.full((b, h, s, d), _INF, dtype=key_states.dtype, device=dev)
             self.gmax = torch.full((b, h, s, d), -_INF, dtype=key_states.dtype, device=dev)
             self.cur = torch.zeros(b, h, dtype=torch.long, device=dev)
-            self.gvalid = torch.zeros(b, h, s * ps, dtype=torch.bool, device=dev)  # kernel path only
+            self.gvalid = torch.zeros(b, h, s * ps, dtype=torch.bool, device=dev)  # [B, H, S * PS] held tokens
             npg = -(-n // ps)
             self.pidx = torch.arange(npg, dtype=torch.int32, device=dev).expand(b, h, npg)
             self.step = torch.zeros((), dtype=torch.long, device=dev)  # generated tokens so far
@@ -406,6 +406,7 @@ class RaaSLayer(_PolicyBase):
         kf = key_states.float()  # [B, H, 1, D]
         self.gmin.copy_(torch.where(onehot[..., None], torch.minimum(self.gmin, kf), self.gmin))
         self.gmax.copy_(torch.where(onehot[..., None], torch.maximum(self.gmax, kf), self.gmax))
+        self.gvalid.copy_((torch.arange(ps, device=self.device) < self.fill[..., None]).reshape(b, h, s * ps))
         self.step.add_(1)
         self.seen += 1
         self.fresh = True
@@ -448,6 +449,5 @@ class RaaSLayer(_PolicyBase):
         self.ts.scatter_(-1, top_i, torch.where(top_v > -_INF, now, self.ts.gather(-1, top_i)))
         sel = ranked.topk(self.n_select, -1) if self.n_select < self.n_refresh else sel
         sel_idx = torch.where(sel.values > -_INF, sel.indices, -1)
-        gvalid = (torch.arange(ps, device=self.device) < self.fill[..., None]).reshape(b, h, s * ps)
         # the prompt: all of it (a fixed index row built at pre-fill), or its top pages by the Quest bound
-        return _decode_multi(query, [self._prompt_part(query), (self.gk, self.gv, sel_idx, ps, gvalid)], scale)
+        return _decode_multi(query, [self._prompt_part(query), (self.gk, self.gv, sel_idx, ps, self.gvalid)], scale)

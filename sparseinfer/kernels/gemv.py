@@ -67,6 +67,10 @@ def _teal_partials(x, wt, wt2, threshold, config) -> torch.Tensor:
     bk, bn, rows, warps, stages = config or TEAL_CONFIG["cuda" if x.is_cuda else "cpu"]
     if rows % bk:
         raise ValueError(f"teal_gemv config: ROWS {rows} must be a multiple of BLOCK_K {bk}")
+    if config is None and x.is_cuda:  # small projections (k/v_proj): more K splits, >= 2 programs per SM
+        target = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
+        while rows > bk and triton_cdiv(k, rows) * triton_cdiv(n, bn) < target:
+            rows //= 2
     bm = _block_m(m)
     bk = max(8, bk // bm)  # the [BLOCK_M, BLOCK_K, BLOCK_N] accumulator stays the same size
     splits = triton_cdiv(k, rows)

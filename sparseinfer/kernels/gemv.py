@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ._loader import kernel_module
+from .decode import _sm_count
 
 
 # teal_gemv: (BLOCK_K, BLOCK_N, ROWS per program, num_warps, num_stages); TEAL_MLP_CONFIG is the
@@ -33,7 +34,6 @@ TEAL_CONFIG = {"cuda": (64, 128, 1024, 4, 1), "cpu": (16, 32, 32, 1, 1)}
 TEAL_MLP_CONFIG = {"cuda": (32, 128, 1024, 4, 1), "cpu": (16, 32, 32, 1, 1)}
 # (BLOCK_I, BLOCK_H, num_warps) for dejavu_gateup (benchmarks/contextual.py sweeps them).
 GATEUP_CONFIG = {"cuda": (16, 128, 4), "cpu": (16, 32, 1)}
-MAX_ROWS_PER_PROGRAM = 4
 
 
 def _block_m(m: int) -> int:
@@ -68,7 +68,7 @@ def _teal_partials(x, wt, wt2, threshold, config) -> torch.Tensor:
     if rows % bk:
         raise ValueError(f"teal_gemv config: ROWS {rows} must be a multiple of BLOCK_K {bk}")
     if config is None and x.is_cuda:  # small projections (k/v_proj): more K splits, >= 2 programs per SM
-        target = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
+        target = 2 * _sm_count(x.device.index or 0)  # cached: no device query per call
         while rows > bk and triton_cdiv(k, rows) * triton_cdiv(n, bn) < target:
             rows //= 2
     bm = _block_m(m)

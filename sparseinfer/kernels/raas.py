@@ -15,10 +15,7 @@ from __future__ import annotations
 import torch
 
 from ._loader import kernel_module
-
-
-def _p2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
+from .decode import _next_pow2 as _p2
 
 
 def raas_update(k, v, gk, gv, ts, fill, cur, gmin, gmax, gvalid, step) -> None:

@@ -1,11 +1,11 @@
 """MMInference on a synthetic video input: one Llama-3-8B-shaped attention layer vs dense SDPA.
 
 B=1, 32 query heads, 8 KV heads, D=128, bf16, causal. Input (sparseinfer.synthetic_video):
-a text prefix, video frames of --frame tokens (default 256) with a 64-token text segment after
-every 4 frames, a text suffix; q/k carry a planted grid per KV head (vertical + horizontal
+a text prefix, video frames of --frame tokens (default 1024, as the issue asks) with a 64-token
+text segment after every 4 frames, a text suffix; q/k carry a planted grid per KV head (vertical + horizontal
 lines at the frame period, random phase), a sink, a local band and a few text verticals.
 
-    python benchmarks/mminference.py --out benchmarks/results/mminference      # H100: 128K, 256K
+    python benchmarks/mminference.py --out benchmarks/results/mminference      # H100: 128K, 256K, 512K
     python benchmarks/mminference.py --smoke --out /tmp/mm-smoke                # CPU, tiny, < 1 min
 
 Variants (each: estimation ms, kernel ms, total, density, ratio vs the faster dense SDPA
@@ -108,6 +108,51 @@ def recall(q, k, rows_fn, windows, scale):
     return got / tot
 
 
+def profile(args, log, q, k, v, mod, n):
+    """Per-op CUDA time (torch.profiler) of one estimation + one kernel call per mm variant."""
+    from torch.profiler import ProfilerActivity, profile as tprof
+
+    scale = q.shape[-1] ** -0.5
+    for name, (kind, spec) in variants(args.smoke).items():
+        if args.variants and name not in args.variants:
+            continue
+        pat = (MMInferenceLayer([spec] * q.shape[1], ModalityContext(mod, args.frame),
+                                strides=tuple(args.strides) if args.strides else None)
+               if kind == "mm" else VerticalSlash(**spec))
+        for _ in range(2):  # warm-up (compile)
+            (sel,) = pat.select(q, k, scale)
+            getattr(ops, sel.op)(q, k, v, **sel.kwargs, scale=scale, backend="triton")
+        torch.cuda.synchronize()
+        for part in ("est", "kernel"):
+            with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                if part == "est":
+                    (sel,) = pat.select(q, k, scale)
+                else:
+                    getattr(ops, sel.op)(q, k, v, **sel.kwargs, scale=scale, backend="triton")
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+            log(f"--- profile N={n} {name} {part}\n{table}")
+            if part == "kernel":
+                ev = [e for e in prof.events() if e.name == "sparse_fwd_kernel"]
+                log(f"--- launches N={n} {name}: " + ", ".join(
+                    f"{getattr(e, 'device_time', getattr(e, 'cuda_time', 0.0)) / 1e3:.2f} ms" for e in ev))
+        if kind == "mm":  # kernel time split: without each slot's index, without the dense rows
+            bench = timer(q.device)
+            kw = sel.kwargs
+            full = bench(lambda: ops.mm_attention(q, k, v, **kw, scale=scale, backend="triton"))
+            parts = {"full": full}
+            for a in range(kw["vertical_idx"].shape[2]):
+                vi, si = kw["vertical_idx"].clone(), kw["slash_idx"].clone()
+                vi[:, :, a] = -1
+                si[:, :, a] = -1
+                parts[f"slot {a} empty"] = bench(lambda: ops.mm_attention(
+                    q, k, v, kw["modality"], vi, si, kw["dense_rows"], scale=scale, backend="triton", slots=kw["slots"]))
+            parts["no dense rows"] = bench(lambda: ops.mm_attention(
+                q, k, v, kw["modality"], kw["vertical_idx"], kw["slash_idx"], None, scale=scale, backend="triton",
+                slots=kw["slots"]))
+            log(f"--- kernel split N={n} {name}: " + ", ".join(f"{k_}: {v_:.2f} ms" for k_, v_ in parts.items()))
+
+
 def run(args, log):
     dev = torch.device("cpu" if args.smoke else "cuda")
     hq, hkv, d = (2, 1, 32) if args.smoke else (32, 8, 128)
@@ -134,6 +179,9 @@ def run(args, log):
         scale = d ** -0.5
         log(f"N={n}: inputs in {time.time() - t0:.1f}s; video share {float((mod == 2).float().mean()):.3f}; "
             f"planted strides {strides.tolist()} phases {phases.tolist()}")
+        if args.profile:
+            profile(args, log, q, k, v, mod, n)
+            continue
         dense = dense_fns(q, k, v, dev)
         dense_ms = {name: bench(fn) for name, fn in dense.items()}
         best = min(dense_ms, key=dense_ms.get)
@@ -145,6 +193,8 @@ def run(args, log):
         windows = [(int(n * f), int(n * f) + (16 if args.smoke else 32)) for f in (0.3, 0.55, 0.8)] + [(n - 32, n)]
         ctx = ModalityContext(mod, args.frame)
         for name, (kind, spec) in variants(args.smoke).items():
+            if args.variants and name not in args.variants:
+                continue
             try:
                 if kind == "mm":
                     pat = MMInferenceLayer([spec] * hq, ctx, strides=tuple(args.strides) if args.strides else None)
@@ -203,15 +253,18 @@ def markdown(meta, rows):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default=None, help="comma-separated N (default 131072,262144; smoke 512)")
-    ap.add_argument("--frame", type=int, default=None, help="tokens per frame (default 256; smoke 32)")
+    ap.add_argument("--sizes", default=None, help="comma-separated N (default 131072,262144,524288; smoke 512)")
+    ap.add_argument("--frame", type=int, default=None, help="tokens per frame (default 1024; smoke 32)")
     ap.add_argument("--strides", default=None, help="grid candidate strides (default multiples of 16 to 1024 + frame)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, Triton interpreter")
+    ap.add_argument("--variants", default=None, help="comma-separated variant names (default all)")
+    ap.add_argument("--profile", action="store_true", help="per-op CUDA profile of each variant instead of timings")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "mminference"))
     args = ap.parse_args()
-    args.sizes = [int(s) for s in (args.sizes or ("512" if args.smoke else "131072,262144")).split(",")]
-    args.frame = args.frame or (32 if args.smoke else 256)
+    args.sizes = [int(s) for s in (args.sizes or ("512" if args.smoke else "131072,262144,524288")).split(",")]
+    args.frame = args.frame or (32 if args.smoke else 1024)
     args.strides = [int(s) for s in args.strides.split(",")] if args.strides else None
+    args.variants = args.variants.split(",") if args.variants else None
     os.makedirs(args.out, exist_ok=True)
     lines = []
 

@@ -111,6 +111,50 @@ def cmd_decode(args) -> int:
     return 0
 
 
+def cmd_search_mm(args) -> int:
+    """`sparseinfer search --mm-inputs FILE`: MMInference search of a vision-language model."""
+    from collections import Counter
+
+    import torch
+    from rich.table import Table
+
+    from . import config as config_io
+    from . import mm_search, vlm
+    from .eval import report
+
+    if not Path(args.mm_inputs).is_file():
+        raise SystemExit(f"--mm-inputs: expected a file saved with torch.save(dict of the processor's tensors), "
+                         f"got {args.mm_inputs!r} (no such file)")
+    inputs = torch.load(args.mm_inputs, weights_only=True, map_location="cpu")
+    if not isinstance(inputs, dict) or not all(torch.is_tensor(v) for v in inputs.values()):
+        raise SystemExit(f"--mm-inputs: expected a dict of tensors (input_ids, mm_token_type_ids, pixel_values_videos, "
+                         f"video_grid_thw, ...), got {type(inputs).__name__}")
+    print(f"loading {args.model} ...", flush=True)
+    model = vlm.load_vlm(args.model, device=args.device)
+    dev = next(model.parameters()).device
+    inputs = {k: v.to(dev) for k, v in inputs.items()}
+    modality = vlm.modality_from_inputs(model.config, inputs)
+    if modality is None:
+        raise SystemExit("--mm-inputs: no modality information: expected 'mm_token_type_ids' or 'input_ids' with "
+                         "image / video pad tokens")
+    frame = vlm.frame_from_inputs(model.config, inputs)
+    levels = tuple(float(x) for x in _csv(args.levels)) if args.levels else mm_search.LEVELS
+    cfg = mm_search.search_model(model, inputs, modality, frame, target=args.density,
+                                 space=mm_search.candidates(levels), name=args.model)
+    path = config_io.save(cfg, args.out)
+    kinds = Counter((h["boundary"], h["intra"].get("video", h["intra"].get("all"))["pattern"])
+                    for layer in cfg["layers"] for h in layer)
+    table = Table(title="MMInference search: heads per boundary type and video intra pattern")
+    for c in ("boundary", "video intra", "heads"):
+        table.add_column(c)
+    for (b, p), c in sorted(kinds.items()):
+        table.add_row(b, p, str(c))
+    report.print_table(table)
+    print(f"searched {len(cfg['layers'])} layers at N={modality.shape[-1]} (frame {frame}) in "
+          f"{cfg['search']['seconds']:.0f} s; wrote {path}")
+    return 0
+
+
 def cmd_search(args) -> int:
     from . import config as config_io
     from .eval import report
@@ -118,6 +162,8 @@ def cmd_search(args) -> int:
     from .models import load_model
     from .search import search
 
+    if args.mm_inputs:
+        return cmd_search_mm(args)
     print(f"loading {args.model} ...", flush=True)
     model, tok = load_model(args.model)
     length = parse_length(args.length) if args.length else None
@@ -364,6 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     s_.add_argument("--length", default=None, help="calibration length (default: the model's maximum)")
     s_.add_argument("--density", type=float, default=0.1, help="target kept density per head (default: %(default)s)")
     s_.add_argument("--prompts", type=int, default=2, help="calibration prompts (default: %(default)s)")
+    s_.add_argument("--mm-inputs", default=None,
+                    help="vision-language models (MMInference): a torch.save'd dict of the processor's tensors for "
+                         "one calibration input (input_ids, mm_token_type_ids, pixel_values_videos, video_grid_thw); "
+                         "searches boundary types, intra patterns and grid lines per head; --density is then the "
+                         "target kernel cost")
+    s_.add_argument("--levels", default=None, help="MMInference budget levels, fractions of N (default 0.01,0.02,0.05,0.1)")
+    s_.add_argument("--device", default=None, help="MMInference search device, e.g. cuda (default: CPU)")
     s_.set_defaults(func=cmd_search)
     tg = sub.add_parser("train-gate", help="train the learned block gates of 'adaptive' (self-distillation)")
     tg.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")

@@ -213,15 +213,21 @@ def _runs(s: torch.Tensor, big: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return lo, hi, is_start.sum(-1)
 
 
+def device_tensor(values, device, dtype=None) -> torch.Tensor:
+    """A small constant tensor on `device` without a stream synchronisation
+    (``torch.tensor(..., device="cuda")`` copies with a blocking H2D copy, which waits for all
+    queued GPU work and so stalls the host between kernel launches)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
+
+
 def from_ashape(n: int, sink: int, window: int, batch: int, heads: int, block_m: int, device) -> SparseIndex:
     """A-shape: a sink range [0, sink) with band [0, n) and a window band [0, window - 1]
     starting at key ``sink`` (so no cell is counted twice; window 0 still keeps j == i).
     Shapes: ranges [1, 1, 1, 2, 5], range_count [1, 1, nqb] (broadcast over B, H)."""
     nqb = math.ceil(n / block_m)
     sink = min(sink, n)
-    r = torch.tensor(
-        [[0, sink, 0, n, 1], [sink, n, 0, max(window - 1, 0), 1]], dtype=torch.int32, device=device
-    )
+    r = device_tensor([[0, sink, 0, n, 1], [sink, n, 0, max(window - 1, 0), 1]], device, torch.int32)
     ranges = r.view(1, 1, 1, 2, 5)
     count = torch.full((1, 1, nqb), 2, dtype=torch.int32, device=device)
     return SparseIndex(n=n, block_m=block_m, ranges=ranges, range_count=count)

@@ -54,6 +54,16 @@ def handles(model, method: str) -> bool:
     return mt in VLM_TYPES or method == "mminference"
 
 
+def load_vlm(name_or_path: str, *, dtype: torch.dtype = torch.float32, device=None):
+    """A vision-language model (HF id or local folder) in eval mode with SDPA attention, through
+    transformers' image-text-to-text auto class (Qwen2-VL, Qwen2.5-VL, ...)."""
+    from transformers import AutoModelForImageTextToText
+
+    path = Path(name_or_path) if Path(name_or_path).exists() else name_or_path
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    return (model.to(device) if device is not None else model).eval()
+
+
 def _text_config(model):
     cfg = model.config
     return cfg.text_config if cfg.model_type in VLM_TYPES else cfg

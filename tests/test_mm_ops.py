@@ -55,6 +55,11 @@ def test_mm_triton_interpreter_matches_f64_mask():
     want = masked_attention_f64(q, k, v, mask)
     got = ops.mm_attention(q, k, v, mod, vi, si, dr, backend="triton")
     assert rel_err(got, want) < 1e-5
+    # the slots hint (what the pattern passes): only present modalities are launched
+    got = ops.mm_attention(q, k, v, mod, vi, si, dr, backend="triton", slots=[0, 1, 2])
+    assert rel_err(got, want) < 1e-5
+    with pytest.raises(ValueError, match=r"slots: modality holds ids \[1\]"):
+        ops.mm_attention(q, k, v, mod, vi, si, dr, backend="triton", slots=[0, 2])
 
 
 def test_mm_rejects_bad_modality():
@@ -65,3 +70,43 @@ def test_mm_rejects_bad_modality():
         ops.mm_attention(q, k, v, mod[:, :10], vi, si, dr, backend="reference")
     with pytest.raises(ValueError, match="slash_idx: expected shape"):
         ops.mm_attention(q, k, v, mod, vi, si[:, :, :2], dr, backend="reference")
+
+
+@pytest.mark.parametrize("d,hq,hkv", [(32, 4, 2), (64, 4, 1)])
+def test_kernel_gathered_query_rows_match_f64_mask(d, hq, hkv):
+    """Query-side indirection: the kernel reads its rows from a permuted list (padding -1,
+    duplicates across tiles allowed), causality and bands by original positions; ranges and
+    columns (no slash map) against the float64 mask; rows outside the list keep `out`."""
+    from sparseinfer.index import SparseIndex
+    from sparseinfer.kernels import attention as ka
+
+    g = torch.Generator().manual_seed(3)
+    b, n, bm = 2, 150, 64
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for h in (hq, hkv, hkv))
+    # per (b, h) a different permuted subset of rows, 100 of them, then padding to 2 tiles
+    rows = torch.stack([torch.stack([torch.randperm(n, generator=g)[:100] for _ in range(hq)]) for _ in range(b)])
+    q_rows = torch.nn.functional.pad(rows, (0, 2 * bm - 100), value=-1).to(torch.int32)
+    # two bands on keys < 90 (local window and a far band) + gathered columns >= 90
+    ranges = torch.tensor([[0, 90, 0, 7, 1], [0, 90, 40, 55, 1]], dtype=torch.int32).view(1, 1, 1, 2, 5)
+    cols = torch.stack([torch.stack([torch.randperm(60, generator=g)[:9].sort().values + 90 for _ in range(hq)])
+                        for _ in range(b)]).to(torch.int32)
+    idx = SparseIndex(n=n, block_m=bm, ranges=ranges, range_count=torch.full((1, 1, 2), 2, dtype=torch.int32),
+                      columns=cols, column_count=torch.full((b, hq, 2), 9, dtype=torch.int32))
+    sentinel = torch.full_like(q, 7.0)
+    got = ka.run_index(q, k, v, idx, d ** -0.5, 64, 4, 1, q_rows=q_rows, out=sentinel)
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    off = i - j
+    band = (j < 90) & (((off >= 0) & (off <= 7)) | ((off >= 40) & (off <= 55)))
+    mask = band.expand(b, hq, n, n).clone()
+    for bi in range(b):
+        for hi in range(hq):
+            c = cols[bi, hi].long()
+            mask[bi, hi][:, c] |= c[None, :] <= torch.arange(n)[:, None]
+    want = masked_attention_f64(q, k, v, mask)
+    listed = torch.zeros(b, hq, n, dtype=torch.bool)
+    listed.scatter_(2, rows, True)
+    assert rel_err(got[listed], want[listed]) < 1e-5
+    assert bool((got[~listed] == 7.0).all())
+    with pytest.raises(ValueError, match="q_rows: expected int32"):
+        ka.run_index(q, k, v, idx, d ** -0.5, 64, 4, 1, q_rows=q_rows[..., :100])

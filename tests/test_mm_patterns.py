@@ -18,7 +18,8 @@ def test_grid_recovers_planted_stride_and_phase(strides):
     for seed in range(3):
         q, k, _, mod, st, ph = video_qkv(1, 8, 4, n, 64, strides[0], strides=strides, seed=seed)
         pos, valid = last_positions(mod, "2", n, 64, "cpu")  # the last video queries
-        col, _ = query_scores(q, k, pos, valid, 64 ** -0.5)
+        col, _ = query_scores(q, k, pos[:, None], valid[:, None], 64 ** -0.5)
+        col = col[:, 0]
         keys = torch.arange(n)
         km = (keys >= 30) & (keys < int(pos.min()) - 256) & (mod[0] == 2)
         cand = grid.candidate_strides(n, strides[0])
@@ -27,6 +28,31 @@ def test_grid_recovers_planted_stride_and_phase(strides):
         want_s = st.repeat_interleave(2)
         want_p = ph.repeat_interleave(2)
         assert s[0].tolist() == want_s.tolist() and p[0].tolist() == want_p.tolist(), (seed, s, p, st, ph)
+
+
+def test_query_scores_match_float64_softmax():
+    """Column and diagonal sums of several query groups (one with padding) against float64
+    softmax rows summed by the definition: col[j] = sum_t p[t, j], diag[o] = sum_t p[t, pos_t - o]."""
+    g = torch.Generator().manual_seed(0)
+    b, hq, hkv, n, d = 2, 4, 2, 90, 16
+    q, k = torch.randn(b, hq, n, d, generator=g), torch.randn(b, hkv, n, d, generator=g)
+    pos = torch.tensor([[[80, 81, 85, 89], [10, 30, 31, 60]], [[3, 4, 5, 6], [0, 50, 70, 88]]])
+    valid = torch.tensor([[[True] * 4, [True] * 4], [[True] * 4, [False, True, True, True]]])
+    col, diag = query_scores(q, k, pos, valid, 0.3)
+    kk = k.double().repeat_interleave(2, 1)
+    for bi in range(b):
+        for gi in range(2):
+            want_c = torch.zeros(hq, n, dtype=torch.float64)
+            want_d = torch.zeros(hq, n, dtype=torch.float64)
+            for t in range(4):
+                i = int(pos[bi, gi, t])
+                if not valid[bi, gi, t]:
+                    continue
+                pr = torch.softmax((q[bi, :, i].double()[:, None, :] @ kk[bi, :, : i + 1].transpose(-1, -2))[:, 0] * 0.3, -1)
+                want_c[:, : i + 1] += pr
+                want_d[:, : i + 1] += pr.flip(-1)  # offset o = i - j
+            assert torch.allclose(col[bi, gi].double(), want_c, atol=1e-5)
+            assert torch.allclose(diag[bi, gi].double(), want_d, atol=1e-5)
 
 
 def test_grid_lines():
@@ -88,9 +114,15 @@ def test_every_boundary_and_intra_pattern_is_exact():
     assert (rows[:, 6] < 0).all()
 
 
-def test_q_boundary_grid_finds_planted_lines_from_video_queries():
+@pytest.mark.parametrize("window", [None, 2048])
+def test_q_boundary_grid_finds_planted_lines_from_video_queries(window, monkeypatch):
     """The last queries are text (the question): a text-estimated grid misses the video lines,
-    the Q-boundary video slot (estimated from the last video queries) finds them exactly."""
+    the Q-boundary video slot (estimated from the last video queries) finds them exactly; also
+    when the fold sees only a window of keys (GRID_WINDOW; phases mapped back to positions)."""
+    if window:
+        from sparseinfer.patterns import mm as mm_mod
+
+        monkeypatch.setattr(mm_mod, "GRID_WINDOW", window)
     n, frame = 4096, 128
     q, k, _, mod, st, ph = video_qkv(1, 4, 2, n, 64, frame, seed=3)
     head_q = {"boundary": "q", "intra": {"all": {"pattern": "ashape", "sink": 4, "window": 64},
@@ -139,3 +171,20 @@ def test_permuted_dense_tile_formulation_round_trips():
         out = out_p[:, :, inv[0, hh]]
         ref = ops.mm_attention(q, k, v, **kw, scale=0.25, backend="reference")[:, hh:hh + 1]
         assert rel_err(ref, out) < 1e-6
+
+
+def test_fused_lastq_sums_kernel_matches_torch_path():
+    """The fused column / diagonal sums kernel (interpreter) equals the torch path of
+    `query_scores` (softmax, weighted sums, gather), incl. padded (invalid) queries."""
+    from sparseinfer.kernels.lastq import lastq_sums
+
+    g = torch.Generator().manual_seed(1)
+    b, hq, hkv, n, d = 2, 4, 2, 300, 16
+    q, k = torch.randn(b, hq, n, d, generator=g), torch.randn(b, hkv, n, d, generator=g)
+    pos = torch.tensor([[[280, 281, 290, 299], [10, 30, 31, 160]], [[3, 4, 5, 6], [0, 150, 170, 288]]])
+    valid = torch.tensor([[[True] * 4, [True] * 4], [[True] * 4, [False, True, True, True]]])
+    want_c, want_d = query_scores(q, k, pos, valid, 0.3)
+    qs = q.gather(2, pos.view(b, 1, 8, 1).expand(b, hq, 8, d)) * 0.3
+    s = torch.matmul(qs.view(b, hkv, 16, d), k.transpose(-1, -2)).view(b, hq, 8, n).contiguous()
+    got_c, got_d = lastq_sums(s, pos.view(b, 8), valid.view(b, 8).float(), 2)
+    assert torch.allclose(got_c, want_c, atol=1e-5) and torch.allclose(got_d, want_d, atol=1e-5)

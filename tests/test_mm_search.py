@@ -1,4 +1,5 @@
 """MMInference offline search: kernel-aware cost, per-head choice by output error, config round trip."""
+import pytest
 import torch
 
 import sparseinfer
@@ -45,3 +46,31 @@ def test_search_model_config_round_trip(vl, tmp_path):  # noqa: F811
         sparseinfer.unpatch(model)
     assert [r.method for r in handle.stats.records] == ["mminference"] * 2
     assert handle.stats.density() < 1.0
+
+
+def test_cli_search_mm_inputs_writes_a_config_patch_reads(vl, tmp_path):  # noqa: F811
+    """`sparseinfer search --model DIR --mm-inputs FILE`: the VLM search from the command line
+    (model saved and reloaded, inputs from torch.save), and the config it writes patches."""
+    from sparseinfer import cli
+
+    model, inputs, _ = vl
+    model.save_pretrained(tmp_path / "vl")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    out = tmp_path / "mm.json"
+    rc = cli.main(["search", "--model", str(tmp_path / "vl"), "--mm-inputs", str(tmp_path / "inputs.pt"),
+                   "--out", str(out), "--density", "0.8", "--levels", "0.05"])
+    assert rc == 0
+    cfg = config_io.load(out)
+    assert cfg["kind"] == "mminference" and cfg["search"]["frame"] == 16 and len(cfg["layers"]) == 2
+    handle = sparseinfer.patch(model, "mminference", config=str(out), min_len=0)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        sparseinfer.unpatch(model)
+    assert [r.method for r in handle.stats.records] == ["mminference"] * 2
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(SystemExit, match="expected a dict of tensors"):
+        cli.main(["search", "--model", str(tmp_path / "vl"), "--mm-inputs", str(tmp_path / "list.pt"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="no such file"):
+        cli.main(["search", "--model", str(tmp_path / "vl"), "--mm-inputs", str(tmp_path / "none.pt"), "--out", str(out)])

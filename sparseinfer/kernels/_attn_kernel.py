@@ -14,6 +14,14 @@ One program = one (batch, query head) x one query block of BLOCK_M rows. It runs
      (a window of the slash bitmap per column);
 with one online softmax (exp2, fp32 accumulation) over all of them.
 
+Query-side indirection (HAS_QROWS): a program's rows are read from a list of original query
+positions (-1 = padding) instead of BLOCK_M consecutive rows; q is gathered, the output
+scattered back, and causality / bands use the original positions, so a permuted query order
+(MMInference's modality runs, grid lines) runs on the same kernel. Only the plain masked range
+loop and the column pass (causal mask, no slash bitmap) serve such rows. HAS_MOD: rows whose
+modality (MODS[b, i]) is not SLOT are computed but not stored (one launch per query modality
+writes its own rows into a shared output).
+
 Hopper notes (benchmarks/NOTES_kernels.md): each pipelined loop owns its shared-memory
 buffers; a branch on the tile kind inside a pipelined loop crashes triton 3.6's pipeliner, so
 masks inside a loop are branch-free and mask-free tiles get loops of their own.
@@ -27,6 +35,7 @@ import triton.language as tl
 # so this module also runs under the interpreter when triton was imported in compiled mode.
 from triton.language.standard import _elementwise_max as _max_fn  # noqa: E402
 from triton.language.standard import _sum_combine as _sum_fn  # noqa: E402
+from triton.language.standard import _elementwise_min as _min_fn  # noqa: E402
 
 
 @triton.jit
@@ -192,6 +201,8 @@ def sparse_fwd_kernel(
     STAGES: tl.constexpr, EDGE_STAGES: tl.constexpr, SPLIT: tl.constexpr, FLAT: tl.constexpr,
     EDGES: tl.constexpr, HOLEY_STAGES: tl.constexpr = 1, TILES_REL: tl.constexpr = False,
     HAS_EDGES: tl.constexpr = False, PAD: tl.constexpr = 512,
+    QROWS=None, stride_qrb=0, stride_qrh=0, MODS=None, stride_mb=0, SLOT=0,
+    HAS_QROWS: tl.constexpr = False, HAS_MOD: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_m = NQB - 1 - tl.program_id(1)  # longest rows first
@@ -199,10 +210,21 @@ def sparse_fwd_kernel(
     h = pid_bh % H
     hk = h // GROUP
     m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
+    if HAS_QROWS:
+        # gathered rows (original positions, -1 = padding): keys are clipped to the rows' span
+        offs_m = tl.load(QROWS + b * stride_qrb + h * stride_qrh + m0 + tl.arange(0, BLOCK_M))
+        row_ok = offs_m >= 0
+        m_hi = tl.reduce(offs_m, 0, _max_fn) + 1
+        m0 = tl.reduce(tl.where(row_ok, offs_m, N), 0, _min_fn)
+    else:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < N
+        m_hi = m0 + BLOCK_M
+    if HAS_MOD:
+        row_ok = row_ok & (tl.load(MODS + b * stride_mb + offs_m, mask=row_ok, other=-1) == SLOT)
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=offs_m[:, None] < N, other=0.0)
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     sbits_base = SBITS + b * stride_sbb + h * stride_sbh
@@ -211,7 +233,7 @@ def sparse_fwd_kernel(
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, HEAD_D], 0.0, dtype=tl.float32)
 
-    row_end = tl.minimum(m0 + BLOCK_M, N)
+    row_end = tl.minimum(m_hi, N)
 
     # 0. tile list: BLOCK_N-wide key tiles every row of the block sees entirely (no mask);
     #    one flat loop, so loads of the next tile overlap the current one (block-sparse)
@@ -324,7 +346,7 @@ def sparse_fwd_kernel(
         hi = tl.load(rp + 3)
         exact = tl.load(rp + 4)
         kstart = tl.maximum(tl.maximum(start, m0 - hi), 0)
-        kend = tl.minimum(tl.minimum(end, m0 + BLOCK_M - lo), row_end)
+        kend = tl.minimum(tl.minimum(end, m_hi - lo), row_end)
         if HAS_EDGES:
             if exact == 0:  # exact bands ran as relative tiles + edges
                 if HAS_SMAP:
@@ -393,14 +415,17 @@ def sparse_fwd_kernel(
             offs_c = c0 + tl.arange(0, BLOCK_N)
             cmask = offs_c < nc
             cols = tl.load(col_base + offs_c, mask=cmask, other=0)
-            o_lo = m0 - cols
-            skip = _window64(sbits_base, o_lo + PAD) | _ones(o_lo * 0, -o_lo - 1)
-            if BLOCK_M > 64:
-                skip_hi = _window64(sbits_base, o_lo + 64 + PAD) | _ones(o_lo * 0, -o_lo - 65)
-                bits = tl.where(rr[:, None] >= 64, skip_hi[None, :], skip[None, :]) >> (rr & 63).to(tl.uint64)[:, None]
-            else:
-                bits = skip[None, :] >> rr.to(tl.uint64)[:, None]
-            mask = ((bits & 1) == 0) & cmask[None, :]
+            if HAS_SMAP:
+                o_lo = m0 - cols
+                skip = _window64(sbits_base, o_lo + PAD) | _ones(o_lo * 0, -o_lo - 1)
+                if BLOCK_M > 64:
+                    skip_hi = _window64(sbits_base, o_lo + 64 + PAD) | _ones(o_lo * 0, -o_lo - 65)
+                    bits = tl.where(rr[:, None] >= 64, skip_hi[None, :], skip[None, :]) >> (rr & 63).to(tl.uint64)[:, None]
+                else:
+                    bits = skip[None, :] >> rr.to(tl.uint64)[:, None]
+                mask = ((bits & 1) == 0) & cmask[None, :]
+            else:  # no slashes: a plain causal mask (gathered rows included)
+                mask = (cols[None, :] <= offs_m[:, None]) & cmask[None, :]
             k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=cmask[:, None], other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cmask[:, None], other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC)
@@ -410,4 +435,4 @@ def sparse_fwd_kernel(
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < N)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])

@@ -52,9 +52,17 @@ def _config(kind: str, d: int, device: torch.device, config=None):
 
 
 def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_warps: int = 8,
-              num_stages: int = 2, edge_stages: int = 1, split: int = 0, holey_stages: int = 1) -> torch.Tensor:
+              num_stages: int = 2, edge_stages: int = 1, split: int = 0, holey_stages: int = 1, *,
+              q_rows: torch.Tensor | None = None, modality: torch.Tensor | None = None, slot: int = 0,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q [B, Hq, N, D] over k/v [B, Hkv, N, D] restricted to the cells of ``idx``
-    (built with block_m = idx.block_m). Returns a tensor like q."""
+    (built with block_m = idx.block_m). Returns a tensor like q.
+
+    q_rows: int32 [B|1, Hq|1, nqb * block_m] original query positions (-1 = padding): query
+    block t is rows q_rows[..., t * block_m:(t + 1) * block_m] (query-side indirection; idx's
+    per-block lists then refer to these tiles; only plain ranges and columns without a slash
+    map). modality [B, N] + slot: only rows whose modality is ``slot`` are written. out: write
+    into this tensor (like q; rows not written keep their values) instead of a new one."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     if d not in (16, 32, 64, 128, 256):
@@ -63,10 +71,21 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
     if q.dtype == torch.float64:
         q, k, v = q.float(), k.float(), v.float()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = torch.empty_like(q)
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1):
+        raise ValueError(f"out: expected a tensor like q ({tuple(q.shape)}, {q.dtype}, last dim contiguous), "
+                         f"got {tuple(out.shape)}, {out.dtype}")
+    out = torch.empty_like(q) if out is None else out
     interpret = q.device.type != "cuda"
     mod = kernel_module("_attn_kernel.py", interpret)
     nqb = math.ceil(n / idx.block_m)
+    if q_rows is not None:
+        if q_rows.dim() != 3 or q_rows.shape[-1] % idx.block_m or q_rows.dtype != torch.int32:
+            raise ValueError(f"q_rows: expected int32 [B|1, Hq|1, T * block_m={idx.block_m}], got "
+                             f"{q_rows.dtype} {tuple(q_rows.shape)}")
+        if split != 0 or idx.slash_map is not None or idx.tiles is not None or idx.edges is not None:
+            raise ValueError("q_rows (gathered query rows) needs plain ranges and columns: split=0, no slash map, "
+                             "no tiles or edges")
+        nqb = q_rows.shape[-1] // idx.block_m
     ranges, rc = idx.ranges, idx.range_count
     has_cols = idx.columns is not None and idx.columns.shape[-1] > 0
     has_smap = idx.slash_map is not None
@@ -95,6 +114,8 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
     if interpret:
         prec = "ieee"
     grid = (b * hq, nqb)
+    qr = q_rows if q_rows is not None else dummy
+    mods = modality if modality is not None else dummy
     mod.sparse_fwd_kernel[grid](
         q, k, v, out,
         tiles, tc, ranges, rc, cols, cc, edges, ec, sbits,
@@ -117,6 +138,9 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         STAGES=num_stages, EDGE_STAGES=edge_stages, SPLIT=split == 1, FLAT=split == 2, EDGES=split == 3,  # 4: edges
         HOLEY_STAGES=holey_stages, TILES_REL=has_tiles and idx.tiles_relative, HAS_EDGES=has_edges,
         PAD=_index.BITS_PAD,
+        QROWS=qr, stride_qrb=st(qr, 0) if q_rows is not None else 0, stride_qrh=st(qr, 1) if q_rows is not None else 0,
+        MODS=mods, stride_mb=mods.stride(0) if modality is not None else 0, SLOT=int(slot),
+        HAS_QROWS=q_rows is not None, HAS_MOD=modality is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out if out.dtype == orig_dtype else out.to(orig_dtype)

@@ -9,15 +9,15 @@ Semantics, for batch b, query head h, query i of modality a = modality[b, i]:
     i attends key j  iff  j <= i and (j in vertical_idx[b, h, a] or i - j in slash_idx[b, h, a]
                                       or i in dense_rows[b, h]),  plus j == i.
 
-Lowering onto the existing kernel (`sparseinfer.index.SparseIndex`, no kernel change): the
-kernel's ranges and columns are chosen per query *block*, not per row, and its causality is
-``j <= i`` on the positions it is launched with, so permuted q/k cannot be used. Instead, for
-each modality slot a, the slot's vertical-slash index is built as usual and every query block
-that holds no row of modality a gets zero ranges and zero columns (the kernel skips it); the
-rows of modality a are taken from that launch. Blocks that straddle a modality boundary are
-computed once per modality they hold. Dense rows are one gathered SDPA sub-call (queries
-gathered, causality by their original positions) whose rows overwrite the sparse result
-(a dense row's key set contains every other choice). See docs/mminference.md.
+Lowering onto the kernel (`sparseinfer.index.SparseIndex`): for each modality slot a, the
+slot's vertical-slash index is built as usual, every query block that holds no row of modality
+a gets zero ranges and zero columns (the kernel skips it), and the launch writes only the rows
+of modality a into the shared output (the kernel's modality filter). Blocks that straddle a
+modality boundary are computed once per modality they hold. Dense rows run through the
+kernel's query-side indirection: the rows are gathered into tiles of 64 (ascending original
+positions), attend one causal range [0, N) with causality by their original positions, and
+overwrite their rows (a dense row's key set contains every other choice). See
+docs/mminference.md.
 """
 from __future__ import annotations
 
@@ -29,10 +29,7 @@ import torch.nn.functional as F
 from . import reference as ref
 from ._validate import check_index, check_qkv
 
-__all__ = ["mm_attention", "mm_rows", "mm_density", "dense_rows_attention"]
-
-_CHUNK = 1 << 25  # scores per chunk of the dense-row sub-call
-
+__all__ = ["mm_attention", "mm_rows", "mm_density"]
 
 def _check_modality(modality, b: int, n: int, slots: int, device) -> None:
     if not isinstance(modality, torch.Tensor) or modality.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
@@ -93,13 +90,14 @@ def _row_counts(n: int, vertical_idx: torch.Tensor, slash_idx: torch.Tensor) -> 
 
 
 def mm_density(n: int, modality: torch.Tensor, vertical_idx: torch.Tensor, slash_idx: torch.Tensor,
-               dense_rows: torch.Tensor | None) -> torch.Tensor:
-    """Exact share of the N (N + 1) / 2 causal pairs `mm_attention` computes -> [B, H] float32."""
-    b, h, slots = vertical_idx.shape[:3]
+               dense_rows: torch.Tensor | None, slots=None) -> torch.Tensor:
+    """Exact share of the N (N + 1) / 2 causal pairs `mm_attention` computes -> [B, H] float32.
+    slots: the modality slots present in `modality` (None = all; absent ones are skipped)."""
+    b, h, nslots = vertical_idx.shape[:3]
     dev = vertical_idx.device
     mod = modality.long()[:, None, :]
     cells = torch.zeros(b, h, n, device=dev, dtype=torch.float64)
-    for a in range(slots):
+    for a in (range(nslots) if slots is None else slots):
         cells = torch.where(mod == a, _row_counts(n, vertical_idx[:, :, a], slash_idx[:, :, a]), cells)
     if dense_rows is not None and dense_rows.shape[-1]:
         drow = torch.zeros(b, h, n + 1, dtype=torch.bool, device=dev)
@@ -107,28 +105,6 @@ def mm_density(n: int, modality: torch.Tensor, vertical_idx: torch.Tensor, slash
         full = torch.arange(1, n + 1, device=dev, dtype=torch.float64)
         cells = torch.where(drow[..., :n], full, cells)
     return (cells.sum(-1) / (n * (n + 1) / 2)).float()
-
-
-def dense_rows_attention(q, k, v, rows: torch.Tensor, scale: float) -> torch.Tensor:
-    """Full causal attention for gathered query rows: rows [B, Hq, Nd] (original positions,
-    -1 = padding) -> [B, Hq, Nd, D] (padding rows: garbage). Query heads are grouped per KV
-    head (K/V never repeated); chunked over rows."""
-    b, hq, n, d = q.shape
-    hkv = k.shape[1]
-    g = hq // hkv
-    nd = rows.shape[-1]
-    r = rows.long().clamp(min=0)
-    qg = q.gather(2, r[..., None].expand(b, hq, nd, d))
-    out = torch.empty_like(qg)
-    chunk = max(1, (_CHUNK * (8 if q.is_cuda else 1)) // max(1, b * hq * n))
-    keys = torch.arange(n, device=q.device)
-    for c0 in range(0, nd, chunk):
-        c1 = min(nd, c0 + chunk)
-        qc = qg[:, :, c0:c1].reshape(b, hkv, g * (c1 - c0), d)
-        mask = (keys.view(1, 1, 1, n) <= r[:, :, c0:c1, None]).reshape(b, hkv, g * (c1 - c0), n)
-        o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=scale)
-        out[:, :, c0:c1] = o.reshape(b, hq, c1 - c0, d)
-    return out
 
 
 def _block_has(modality: torch.Tensor, slots: int, block_m: int) -> torch.Tensor:
@@ -139,39 +115,72 @@ def _block_has(modality: torch.Tensor, slots: int, block_m: int) -> torch.Tensor
     return torch.stack([(m == a).any(-1) for a in range(slots)])
 
 
-def _triton(q, k, v, modality, vertical_idx, slash_idx, scale):
+def _dense_rows_launch(rows: torch.Tensor, n: int, block_m: int):
+    """Dense rows [B, Hq, Nd] (-1 padding) -> (q_rows int32 [B, Hq, T * block_m]: the rows
+    ascending, -1 padding last; a SparseIndex with one causal range [0, n) per tile)."""
+    from .. import index as _index
+
+    nd = rows.shape[-1]
+    t = max(1, math.ceil(nd / block_m))
+    r = torch.where(rows < 0, n, rows.long()).sort(-1).values
+    r = F.pad(r, (0, t * block_m - nd), value=n)
+    q_rows = torch.where(r >= n, -1, r).to(torch.int32)
+    dev = rows.device
+    ranges = _index.device_tensor([0, n, 0, n, 1], dev, torch.int32).view(1, 1, 1, 1, 5)
+    idx = _index.SparseIndex(n=n, block_m=block_m, ranges=ranges,
+                             range_count=torch.ones(1, 1, t, dtype=torch.int32, device=dev))
+    return q_rows, idx
+
+
+_ROWS_CONFIG = {"cuda": (64, 64, 4, 3), "cpu": (64, 64, 4, 1)}  # dense-row tiles: block_m, block_n, warps, stages
+
+
+def _triton(q, k, v, modality, vertical_idx, slash_idx, dense_rows, scale, slots=None):
+    """One kernel launch per modality slot, each writing only its own rows into one output
+    (query blocks holding no row of the slot get empty lists), then one launch over the dense
+    rows (gathered query rows, causality by original positions) writing those rows."""
     from .. import index as _index
     from ..kernels import attention as _ka
 
     b, hq, n, d = q.shape
+    present = slots
     slots = vertical_idx.shape[2]
+    orig = q.dtype
+    if orig == torch.float64:
+        q, k, v = q.float(), k.float(), v.float()
     bm, bn, *rest = _ka._config("vs", d, q.device, None)
     has = _block_has(modality, slots, bm)
-    out = None
-    mod = modality.long()[:, None, :, None]
-    for a in range(slots):
+    mod = modality.contiguous()
+    out = torch.empty_like(q)
+    for a in range(slots) if present is None else present:
         idx = _index.from_vertical_slash(vertical_idx[:, :, a], slash_idx[:, :, a], n, bm,
                                          block_n=bn if rest[3] == 4 else None)
         keep = has[a][:, None, :]  # [B, 1, nqb]
         for name in ("range_count", "column_count", "tile_count", "edge_count"):
             if getattr(idx, name) is not None:
                 setattr(idx, name, torch.where(keep, getattr(idx, name), 0).to(torch.int32))
-        o = _ka.run_index(q, k, v, idx, scale, bn, *rest)
-        out = o if out is None else torch.where(mod == a, o, out)
-    return out
+        _ka.run_index(q, k, v, idx, scale, bn, *rest, modality=mod, slot=a, out=out)
+    if dense_rows is not None and dense_rows.shape[-1]:
+        rbm, rbn, warps, stages = _ROWS_CONFIG["cuda" if q.is_cuda else "cpu"]
+        q_rows, idx = _dense_rows_launch(dense_rows, n, rbm)
+        _ka.run_index(q, k, v, idx, scale, rbn, warps, stages, q_rows=q_rows, out=out)
+    return out if out.dtype == orig else out.to(orig)
 
 
 def mm_attention(q, k, v, modality, vertical_idx, slash_idx, dense_rows=None, *, scale: float | None = None,
-                 backend: str = "auto") -> torch.Tensor:
+                 backend: str = "auto", slots=None) -> torch.Tensor:
     """Modality-aware vertical-slash attention with dense rows (see the module docstring).
 
     q [B, Hq, N, D], k/v [B, Hkv, N, D]; modality [B, N] ints in [0, A); vertical_idx
     [B, Hq, A, Nv] key positions and slash_idx [B, Hq, A, Ns] offsets per modality slot;
     dense_rows [B, Hq, Nd] query positions attending all causal keys, or None; -1 = padding.
+    slots: the modality ids that occur in `modality` (None = assume all): the kernel path
+    launches only those slots (rows of other ids would be left unwritten; checked on the CPU).
     Returns q's shape and dtype.
     """
     from . import _scale, _use_triton
 
+    present = slots
     b, hq, hkv, n, d = check_qkv(q, k, v)
     if not isinstance(vertical_idx, torch.Tensor) or vertical_idx.dim() != 4:
         raise ValueError(f"vertical_idx: expected [B, Hq, A, Nv], got {getattr(vertical_idx, 'shape', vertical_idx)}")
@@ -181,12 +190,15 @@ def mm_attention(q, k, v, modality, vertical_idx, slash_idx, dense_rows=None, *,
     _check_modality(modality, b, n, slots, q.device)
     if dense_rows is not None:
         check_index("dense_rows", dense_rows, (b, hq, None), n, q.device)
+    if present is not None:
+        present = sorted({int(a) for a in present})
+        if any(a < 0 or a >= slots for a in present):
+            raise ValueError(f"slots: expected modality ids in [0, {slots}), got {present}")
+        if modality.device.type == "cpu" and modality.numel():
+            missing = sorted(set(torch.unique(modality).tolist()) - set(present))
+            if missing:
+                raise ValueError(f"slots: modality holds ids {missing} that are not in slots={present}")
     s = _scale(scale, d)
     if _use_triton(q, backend):
-        out = _triton(q, k, v, modality, vertical_idx, slash_idx, s)
-        if dense_rows is not None and dense_rows.shape[-1]:
-            o_rows = dense_rows_attention(q, k, v, dense_rows, s)
-            r = torch.where(dense_rows < 0, n, dense_rows).long()[..., None].expand(-1, -1, -1, d)
-            out = torch.cat([out, out.new_zeros(b, hq, 1, d)], 2).scatter(2, r, o_rows.to(out.dtype))[:, :, :n]
-        return out
+        return _triton(q, k, v, modality, vertical_idx, slash_idx, dense_rows, s, present)
     return ref.masked_attention(q, k, v, mm_rows(n, modality, vertical_idx, slash_idx, dense_rows), s)

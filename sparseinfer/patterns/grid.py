@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from ..index import device_tensor
+
 DEFAULT_STRIDES = tuple(range(16, 1025, 16))
 
 
@@ -87,7 +89,7 @@ def estimate_grid(colmass: torch.Tensor, strides: list[int], key_mask: torch.Ten
     top = score.max(-1, keepdim=True).values
     ok = score >= top - tol * top.abs()
     pick = ok.to(torch.int8).argmax(-1)  # first (smallest) stride within tol of the best
-    st = torch.tensor(strides, device=dev, dtype=torch.int64)
+    st = device_tensor(strides, dev, torch.int64)
     return (st[pick], phase.gather(-1, pick[..., None])[..., 0],
             score.gather(-1, pick[..., None])[..., 0].float())
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..index import device_tensor
 from ..ops.mm import mm_density
 from . import grid as grid_mod
 from . import vertical_slash as vs
@@ -44,6 +45,7 @@ SLOTS = 3
 BOUNDARIES = ("none", "k", "q", "2d")
 INTRA_KEYS = {"ashape": ("sink", "window"), "vertical_slash": ("vertical", "slash"), "grid": ("sink", "window")}
 GRID_LOCAL = 256  # keys this close before the estimating queries are left out of the grid fold
+GRID_WINDOW = 1 << 16  # keys folded by the grid estimation (the last ones before the estimating queries)
 
 
 @dataclass
@@ -123,26 +125,47 @@ def last_positions(modality: torch.Tensor | None, group: str, n: int, last_q: in
     return val.clamp(min=0), val >= 0
 
 
+def _matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in float32. bf16 / fp16 inputs on CUDA run as TF32 (exact for them: a TF32
+    operand holds every bf16 / fp16 value), float32 inputs as float32."""
+    exact_tf32 = a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype
+    if not exact_tf32:
+        return torch.matmul(a.float(), b.float())
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return torch.matmul(a.float(), b.float())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
 def query_scores(q, k, pos, valid, scale):
-    """Softmax of the queries at `pos` [B|1, L] over all causal keys -> (column sums
-    [B, Hq, N], diagonal sums by offset i - j [B, Hq, N]) in float32; invalid queries count 0."""
+    """Softmax of the queries at `pos` [B|1, G, L] (G groups of L) over all causal keys ->
+    (column sums [B, G, Hq, N], diagonal sums by offset i - j [B, G, Hq, N]) in float32;
+    invalid queries count 0. One matmul for all groups; on CUDA softmax and sums are fused
+    (`sparseinfer.kernels.lastq`), on the CPU torch ops (softmax, weighted sums, one gather for
+    the diagonals: the reference the kernel is tested against)."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
-    L = pos.shape[-1]
-    pos = pos.expand(b, L)
-    valid = valid.expand(b, L)
-    qs = q.gather(2, pos[:, None, :, None].expand(b, hq, L, d))
-    s = torch.matmul(qs.reshape(b, hkv, hq // hkv * L, d).float(), k.float().transpose(-1, -2))
-    s = s.reshape(b, hq, L, n) * scale
+    gs, L = pos.shape[-2:]
+    pos = pos.expand(b, gs, L).reshape(b, gs * L)
+    valid = valid.expand(b, gs, L).reshape(b, gs * L)
+    gl = gs * L
+    qs = q.gather(2, pos[:, None, :, None].expand(b, hq, gl, d)) * scale
+    s = _matmul_f32(qs.reshape(b, hkv, hq // hkv * gl, d), k.transpose(-1, -2)).reshape(b, hq, gl, n)
+    if q.is_cuda:
+        from ..kernels.lastq import lastq_sums
+
+        return lastq_sums(s, pos, valid.float(), gs)
     keys = torch.arange(n, device=q.device)
-    s = s.masked_fill(keys[None, None, None, :] > pos[:, None, :, None], float("-inf"))
-    p = torch.softmax(s, dim=-1) * valid[:, None, :, None]
-    col = p.sum(-2)
-    diag = torch.zeros(b, hq, n, device=q.device)
-    for t in range(L):  # diag[o] += p[t, pos_t - o]
-        j = pos[:, t, None] - keys[None, :]  # [B, N]
-        ok = (j >= 0)[:, None, :]
-        diag += torch.where(ok, p[:, :, t].gather(-1, j.clamp(min=0)[:, None, :].expand(b, hq, n)), 0.0)
+    s.masked_fill_(keys[None, None, None, :] > pos[:, None, :, None], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    del s
+    p.mul_(valid[:, None, :, None])
+    col = p.view(b, hq, gs, L, n).sum(-2).transpose(1, 2)
+    # diag[o] = sum_t p[t, pos_t - o]; for o > pos_t the index wraps to a key > pos_t (p = 0)
+    j = (pos[:, None, :, None] - keys) % n  # [B, 1, GL, N]
+    diag = p.gather(-1, j.expand(b, hq, gl, n)).view(b, hq, gs, L, n).sum(-2).transpose(1, 2)
     return col, diag
 
 
@@ -155,7 +178,7 @@ def _topk_masked(score, count, key_ok):
 
 def _prefix(idx, counts, dev):
     """Keep the first counts[h] entries of idx [B, H, K] per head (the rest -1)."""
-    keep = torch.arange(idx.shape[-1], device=dev)[None, None, :] < torch.tensor(counts, device=dev)[None, :, None]
+    keep = torch.arange(idx.shape[-1], device=dev)[None, None, :] < device_tensor(counts, dev)[None, :, None]
     return torch.where(keep, idx, -1)
 
 
@@ -210,16 +233,27 @@ class MMInferenceLayer(Pattern):
         needs = {(_group(h, a), _entry(h, a)["pattern"]) for h in heads for a in range(SLOTS)}
         groups = sorted({g for g, p in needs if p != "ashape"})
         scores = {}
-        present = set(torch.unique(mod).tolist())  # a host sync; absent modalities are not estimated
-        for g in groups:
-            if g != "all" and int(g) not in present:
+        # estimating queries of every group; one host sync: which modalities are present (absent
+        # ones are not estimated) and each group's earliest estimating query
+        pv = [last_positions(mod, g, n, self.last_q, dev) for g in groups]
+        firsts = [torch.where(v, p, n).min() for p, v in pv]
+        counts = torch.bincount(mod.flatten(), minlength=SLOTS)[:SLOTS]
+        host = torch.cat([counts, torch.stack(firsts)]).tolist() if groups else counts.tolist()
+        present = {a for a in range(SLOTS) if host[a] > 0}
+        live = [i for i, g in enumerate(groups) if g == "all" or int(g) in present]
+        for i, g in enumerate(groups):
+            if i not in live:
                 z = torch.zeros(b, hq, n, device=dev)
                 scores[g] = (z, z, torch.full((b,), n, device=dev))
-                continue
-            pos, valid = last_positions(mod, g, n, self.last_q, dev)
+        first_host = {g: host[SLOTS + i] for i, g in enumerate(groups)}
+        if live:  # all estimating queries of all groups in one pass
+            L = min(pv[i][0].shape[-1] for i in live)
+            pos = torch.stack([pv[i][0].expand(b, -1)[:, -L:] for i in live], 1)  # [B, G, L]
+            valid = torch.stack([pv[i][1].expand(b, -1)[:, -L:] for i in live], 1)
             col, diag = query_scores(q, k, pos, valid, scale)
-            first = torch.where(valid, pos, n).min(-1).values  # [B|1]
-            scores[g] = (col, diag, first)
+            first = torch.where(valid, pos, n).min(-1).values  # [B, G]
+            for j, i in enumerate(live):
+                scores[groups[i]] = (col[:, j], diag[:, j], first[:, j])
         is_vision = mod != MODALITIES["text"]  # [B, N]
         keys = torch.arange(n, device=dev)
         V, S, R = [], [], []
@@ -232,7 +266,7 @@ class MMInferenceLayer(Pattern):
             # per-head score tensors for this slot
             col = diag = first = None
             if any(kd != "ashape" for kd in kinds):
-                gsel = torch.tensor([groups.index(g) if g in scores else 0 for g in grp], device=dev)
+                gsel = device_tensor([groups.index(g) if g in scores else 0 for g in grp], dev)
                 col = torch.stack([scores[g][0] for g in groups])
                 col = col.gather(0, gsel.view(1, 1, hq, 1).expand(1, b, hq, n))[0]
                 diag = torch.stack([scores[g][1] for g in groups])
@@ -274,20 +308,27 @@ class MMInferenceLayer(Pattern):
             # grid
             gh = [kd == "grid" for kd in kinds]
             if any(gh):
-                conf = torch.tensor([bd in ("k", "2d") for bd in bounds], device=dev)[None, :, None]
+                conf = device_tensor([bd in ("k", "2d") for bd in bounds], dev)[None, :, None]
                 base = (keys >= vs.INIT_TOKENS)[None, None, :] & (keys[None, None, :] < first[..., None] - GRID_LOCAL)
                 km = base & (~conf | is_vision[:, None, :])
-                stride, phase, _ = grid_mod.estimate_grid(col, strides, km)
+                # fold only the GRID_WINDOW keys before the estimating queries (enough periods
+                # for any candidate stride; the cost no longer grows with N)
+                hi = min(n, max(first_host[g] for g, on_ in zip(grp, gh) if on_) - GRID_LOCAL)
+                lo = max(0, hi - GRID_WINDOW)
+                if hi - lo < 2 * max(strides):
+                    lo, hi = 0, n
+                stride, phase, _ = grid_mod.estimate_grid(col[..., lo:hi], strides, km[..., lo:hi])
+                phase = (phase + lo) % stride
                 lines = grid_mod.grid_lines(stride, phase, n, min(strides))  # [B, H, T]
-                on = torch.tensor(gh, device=dev)[None, :, None]
-                vert = torch.tensor([bool(e.get("vertical_lines", True)) for e in ents], device=dev)[None, :, None]
-                hor = torch.tensor([bool(e.get("horizontal_lines", True)) for e in ents], device=dev)[None, :, None]
+                on = device_tensor(gh, dev)[None, :, None]
+                vert = device_tensor([bool(e.get("vertical_lines", True)) for e in ents], dev)[None, :, None]
+                hor = device_tensor([bool(e.get("horizontal_lines", True)) for e in ents], dev)[None, :, None]
                 lk = lines.clamp(min=0)
                 key_vis = is_vision[:, None, :].expand(b, hq, n).gather(-1, lk)
                 vparts.append(torch.where(on & vert & (lines >= 0) & (~conf | key_vis), lines, -1))
                 # horizontal lines: rows of this slot's modality for q/2d heads; for none/k heads
                 # the same rows in every slot, kept once (slot 0) with no modality filter
-                qconf = torch.tensor([bd in ("q", "2d") for bd in bounds], device=dev)[None, :, None]
+                qconf = device_tensor([bd in ("q", "2d") for bd in bounds], dev)[None, :, None]
                 row_mod = mod[:, None, :].expand(b, hq, n).gather(-1, lk)
                 keep_row = torch.where(qconf, row_mod == a, torch.full_like(qconf, a == 0))
                 R.append(torch.where(on & hor & (lines >= 0) & keep_row, lines, -1))
@@ -298,11 +339,8 @@ class MMInferenceLayer(Pattern):
         pad = torch.nn.functional.pad
         vi = torch.stack([pad(x, (0, width_v - x.shape[-1]), value=-1) for x in V], 2)
         si = torch.stack([pad(x, (0, width_s - x.shape[-1]), value=-1) for x in S], 2)
-        rows = None
-        if R:
-            rows = torch.sort(torch.cat(R, -1), dim=-1, descending=True).values
-            m = int((rows >= 0).sum(-1).max())  # one host sync: size the dense-row sub-call
-            rows = rows[..., :m] if m else None
-        dens = mm_density(n, mod, vi, si, rows)
-        kw = {"modality": mod, "vertical_idx": vi, "slash_idx": si, "dense_rows": rows}
+        # dense rows: fixed size (ceil(N / min stride) per slot), -1 padding; no host sync
+        rows = torch.cat(R, -1) if R else None
+        dens = mm_density(n, mod, vi, si, rows, slots=sorted(present))
+        kw = {"modality": mod, "vertical_idx": vi, "slash_idx": si, "dense_rows": rows, "slots": sorted(present)}
         return [Selection("mm_attention", kw, dens)]

@@ -137,12 +137,12 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
 
     for name, xx, w, t in (("gate_up", x, wuT, t50), ("down", hid, wdT, th50)):
         pick("teal_gemv", name, name, teal_cfgs, lambda c, xx=xx, w=w, t=t: gemv.teal_gemv_launch(xx, w, t, c))
-    # the fused MLP's gate+up launch (two weights, one x): partials + the SiLU(gate)*up sum
+    # the fused MLP's gate+up launch (two weights, one x): partials + the SiLU(gate)*up sums
     two_cfgs = [(32, 128, 1024, 4, 1), (32, 64, 1024, 4, 1), (64, 64, 1024, 4, 1), (32, 128, 2048, 4, 1),
                 (16, 128, 1024, 4, 1), (32, 64, 1024, 2, 1), (64, 64, 1024, 8, 1), (32, 128, 512, 4, 3)] \
         if cuda else [gemv.TEAL_MLP_CONFIG["cpu"]]
     pick("teal_gemv TWO", "mlp_gate_up", "mlp_gate_up", two_cfgs,
-         lambda c: gemv._teal_finish(gemv._teal_partials(x, wgT, wuT, t50, c), x.dtype, True))
+         lambda c: gemv._teal(x, wgT, wuT, t50, c, True))
     gu_cfgs = [(16, 128, 4), (8, 256, 4), (32, 128, 4), (16, 256, 8), (4, 512, 4), (8, 128, 2)] if cuda \
         else [gemv.GATEUP_CONFIG["cpu"]]
     mask = torch.zeros(1, inter, dtype=torch.bool, device=dev)
@@ -199,6 +199,13 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
             rows.append({"batch": b, "method": f"teal {s:.0%} fused MLP (teal_mlp)", "kept": round(kept_f, 3),
                          "ms": timed(lambda: gemv.teal_mlp_launch(x, wgT, wuT, wdT, tx, th, cm), iters, cuda),
                          "bound_ms": kept_f * mlp_bytes / bw * 1e3})
+            gemv.FUSED_FINISH = False  # the previous path: split sums in a second launch per projection
+            try:
+                rows.append({"batch": b, "method": f"teal {s:.0%} fused MLP, split sums in extra launches",
+                             "kept": round(kept_f, 3), "bound_ms": kept_f * mlp_bytes / bw * 1e3,
+                             "ms": timed(lambda: gemv.teal_mlp_launch(x, wgT, wuT, wdT, tx, th, cm), iters, cuda)})
+            finally:
+                gemv.FUSED_FINISH = True
             rows.append({"batch": b, "method": f"teal {s:.0%} up_proj alone", "kept": round(union_x, 3),
                          "ms": timed(lambda: gemv.teal_gemv_launch(x, wuT, tx, cg), iters, cuda),
                          "bound_ms": union_x * mlp_bytes / 3 / bw * 1e3})

@@ -176,3 +176,22 @@ def test_dynamo_traces_the_ops_without_graph_breaks():
     want = step(x, idx)
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
+
+
+def test_teal_fused_finish_counters_reset_and_match_two_launch_path(monkeypatch):
+    """The split sums done by the last split program of each output block (atomic counters)
+    equal the two-launch path, the counters are back at zero after every launch, and a
+    repeated call (counters reused) gives the same result."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 70, generator=g)
+    wg, wu = torch.randn(70, 130, generator=g) * 0.3, torch.randn(70, 130, generator=g) * 0.3
+    wd = torch.randn(130, 70, generator=g) * 0.3
+    t_in, t_down = torch.tensor(0.3), torch.tensor(0.1)
+    fused = [gemv.teal_mlp_launch(x, wg, wu, wd, t_in, t_down) for _ in range(2)]
+    assert int(gemv._counters(x.device, 1).abs().sum()) == 0
+    monkeypatch.setattr(gemv, "FUSED_FINISH", False)
+    two = gemv.teal_mlp_launch(x, wg, wu, wd, t_in, t_down)
+    torch.testing.assert_close(fused[0], two, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused[1], fused[0], atol=0, rtol=0)
+    ref = gemv.teal_mlp_reference(x.double(), wg.double(), wu.double(), wd.double(), 0.3, 0.1)
+    torch.testing.assert_close(fused[0].double(), ref, atol=1e-4, rtol=1e-4)

@@ -6,8 +6,10 @@ teal_gemv_kernel:  P[s, m, n] = sum_{k in split s} X[m, k] * [|X[m, k]| > T] * W
     of the M rows keeps channel k (masked load: skipped rows cost no memory traffic). Split
     over K in ROWS-row pieces, one fp32 partial per split (no atomics, no zeroed output).
     TWO: a second weight WT2 [K, N] on the same input, its partials at P + stride_pw (gate, up).
+    FUSED: the last split program of each output block (an atomic counter per block) sums the
+    splits into OUT itself (with GLU: SiLU(gate) * up), so no second launch.
 teal_finish_kernel:  OUT[m, n] = sum_s P[s, m, n] in OUT's dtype; with GLU, P holds gate and
-    up partials and OUT = SiLU(gate) * up (the SwiGLU hidden state).
+    up partials and OUT = SiLU(gate) * up (the SwiGLU hidden state). (FUSED = False path.)
 dejavu_gateup_kernel:  Hout[m, i] = SiLU(X[m] . WG[i]) * (X[m] . WU[i]) if MASK[m, i] else 0
     WG / WU [I, H] row-major: neuron i is one contiguous row, loaded only if some row keeps i.
 """
@@ -22,9 +24,34 @@ from triton.language.standard import _sum_combine as _sum_fn  # noqa: E402
 
 
 @triton.jit
+def _finish_block(P, OUT, CNT, offs_m, offs_n, m_ok, n_ok, N, SPLITS, stride_ps, stride_pw, stride_om,
+                  GLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The last split program of an output block (a counter per block, acq_rel atomics) sums
+    all splits' partials (read past L1) and writes OUT; it resets the counter for the next
+    launch."""
+    cidx = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+    prev = tl.atomic_add(CNT + cidx, 1, sem="acq_rel")
+    if prev == SPLITS - 1:
+        pmask = m_ok[:, None] & n_ok[None, :]
+        pp = P + offs_m[:, None] * N + offs_n[None, :]
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+        acc2 = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+        for s in range(SPLITS):
+            acc += tl.load(pp + s * stride_ps, mask=pmask, other=0.0, cache_modifier=".cg")
+            if GLU:
+                acc2 += tl.load(pp + s * stride_ps + stride_pw, mask=pmask, other=0.0, cache_modifier=".cg")
+        if GLU:
+            acc = acc / (1.0 + tl.exp(-acc)) * acc2
+        tl.store(OUT + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(OUT.dtype.element_ty), mask=pmask)
+        tl.atomic_xchg(CNT + cidx, 0)
+
+
+@triton.jit
 def teal_gemv_kernel(X, WT, WT2, T, P, M, K, N, stride_xm, stride_wk, stride_ps, stride_pw,
                      ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     STAGES: tl.constexpr, TWO: tl.constexpr):
+                     STAGES: tl.constexpr, TWO: tl.constexpr,
+                     OUT=None, CNT=None, SPLITS=1, stride_om=0, FUSED: tl.constexpr = False,
+                     GLU: tl.constexpr = False):
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -55,6 +82,9 @@ def teal_gemv_kernel(X, WT, WT2, T, P, M, K, N, stride_xm, stride_wk, stride_ps,
         tl.store(pp, tl.reduce(acc, 0, _sum_fn), mask=n_ok)
         if TWO:
             tl.store(pp + stride_pw, tl.reduce(acc2, 0, _sum_fn), mask=n_ok)
+        if FUSED:
+            _finish_block(P, OUT, CNT, offs_m, offs_n, m_ok, n_ok, N, SPLITS, stride_ps, stride_pw, stride_om,
+                          GLU, BLOCK_M, BLOCK_N)
     else:
         acc3 = tl.full((BLOCK_M, BLOCK_K, BLOCK_N), 0.0, dtype=tl.float32)
         acc4 = tl.full((BLOCK_M, BLOCK_K, BLOCK_N), 0.0, dtype=tl.float32)
@@ -78,6 +108,9 @@ def teal_gemv_kernel(X, WT, WT2, T, P, M, K, N, stride_xm, stride_wk, stride_ps,
         tl.store(pp, tl.reduce(acc3, 1, _sum_fn), mask=pmask)
         if TWO:
             tl.store(pp + stride_pw, tl.reduce(acc4, 1, _sum_fn), mask=pmask)
+        if FUSED:
+            _finish_block(P, OUT, CNT, offs_m, offs_n, m_ok, n_ok, N, SPLITS, stride_ps, stride_pw, stride_om,
+                          GLU, BLOCK_M, BLOCK_N)
 
 
 @triton.jit

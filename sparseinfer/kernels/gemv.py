@@ -6,8 +6,9 @@ fake implementations give the shapes):
         = (x * (|x| > threshold)) @ wt; wt row-major ([in, out]: a dropped input channel
         skips one contiguous row). No index tensor, no host sync.
     sparseinfer::teal_mlp(x [M, H], wg_t [H, I], wu_t [H, I], wd_t [I, H], t_in, t_down) -> [M, H]
-        = the SwiGLU MLP with TEAL on the inputs of gate/up (t_in) and down (t_down), in four
-        launches (gate and up share one x and one launch; no memset, no atomics).
+        = the SwiGLU MLP with TEAL on the inputs of gate/up (t_in) and down (t_down), in two
+        launches (gate and up share one x and one launch; split-K sums by the last split
+        program of each output block through per-device counters that reset themselves).
     sparseinfer::dejavu_gateup(x [M, H], wg [I, H], wu [I, H], mask [M, I] bool) -> [M, I]
         = SiLU(x @ wg.T) * (x @ wu.T) on the kept neurons, 0 elsewhere.
 CUDA tensors run the compiled Triton kernels (`_gemv_kernel.py`); CPU tensors run the same
@@ -60,8 +61,36 @@ def _check_threshold(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected a one-element threshold tensor, got shape {tuple(t.shape)}")
 
 
-def _teal_partials(x, wt, wt2, threshold, config) -> torch.Tensor:
-    """One teal_gemv_kernel launch: x [M, K] -> fp32 partials [splits, 1 or 2 (with wt2), M, N]."""
+# The split sums run inside the partials launch (the last split program of each output block
+# adds them up; `_finish_block` in _gemv_kernel.py) instead of a second launch. False: the
+# two-launch path (kept for comparison in benchmarks/contextual.py).
+FUSED_FINISH = True
+_COUNTERS: dict = {}  # device -> int32 counters, zero between launches (each launch resets its own)
+
+
+def _counters(device, size: int) -> torch.Tensor:
+    """Per-device zeroed int32 counters for the fused finish. Allocated on the first call on a
+    device; a call under CUDA-graph capture needs them allocated before (any eager call does it,
+    e.g. the warm-up runs of torch.compile or `prepare_counters`)."""
+    key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < size:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("teal kernels: counters must be allocated before CUDA-graph capture; run the op once "
+                               "eagerly first (or sparseinfer.kernels.gemv.prepare_counters(device))")
+        buf = torch.zeros(max(size, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def prepare_counters(device) -> None:
+    """Allocate the fused finish's counters on `device` (before a CUDA-graph capture)."""
+    _counters(torch.device(device), 1 << 16)
+
+
+def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False) -> torch.Tensor:
+    """One teal_gemv_kernel launch: x [M, K] -> fp32 partials [splits, 1 or 2 (with wt2), M, N].
+    out [M, N]: the fused finish writes the split sums there (SiLU(gate) * up when glu)."""
     m, k = x.shape
     n = wt.shape[1]
     bk, bn, rows, warps, stages = config or TEAL_CONFIG["cuda" if x.is_cuda else "cpu"]
@@ -75,11 +104,26 @@ def _teal_partials(x, wt, wt2, threshold, config) -> torch.Tensor:
     bk = max(8, bk // bm)  # the [BLOCK_M, BLOCK_K, BLOCK_N] accumulator stays the same size
     splits = triton_cdiv(k, rows)
     p = torch.empty(splits, 1 if wt2 is None else 2, m, n, dtype=torch.float32, device=x.device)
-    kernel_module("_gemv_kernel.py", not x.is_cuda).teal_gemv_kernel[(splits, triton_cdiv(n, bn), triton_cdiv(m, bm))](
+    grid = (splits, triton_cdiv(n, bn), triton_cdiv(m, bm))
+    fused = out is not None
+    cnt = _counters(x.device, grid[1] * grid[2]) if fused else p
+    kernel_module("_gemv_kernel.py", not x.is_cuda).teal_gemv_kernel[grid](
         x, wt, wt if wt2 is None else wt2, threshold.to(device=x.device, dtype=torch.float32).reshape(1), p,
         m, k, n, x.stride(0), wt.stride(0), p.stride(0), p.stride(1) if wt2 is not None else 0,
-        ROWS=rows, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, STAGES=stages, TWO=wt2 is not None, num_warps=warps)
+        ROWS=rows, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, STAGES=stages, TWO=wt2 is not None, num_warps=warps,
+        OUT=out if fused else p, CNT=cnt, SPLITS=splits, stride_om=out.stride(0) if fused else 0,
+        FUSED=fused, GLU=glu)
     return p
+
+
+def _teal(x, wt, wt2, threshold, config, glu: bool) -> torch.Tensor:
+    """x [M, K] -> [M, N] in x's dtype: the split-K launch, its splits summed in the same launch
+    (FUSED_FINISH) or by `_teal_finish`."""
+    if FUSED_FINISH:
+        out = torch.empty(x.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
+        _teal_partials(x, wt, wt2, threshold, config, out=out, glu=glu)
+        return out
+    return _teal_finish(_teal_partials(x, wt, wt2, threshold, config), x.dtype, glu)
 
 
 def _teal_finish(p: torch.Tensor, dtype: torch.dtype, glu: bool) -> torch.Tensor:
@@ -93,21 +137,23 @@ def _teal_finish(p: torch.Tensor, dtype: torch.dtype, glu: bool) -> torch.Tensor
 
 
 def teal_gemv_launch(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, config=None) -> torch.Tensor:
-    """The kernel call behind the op (no custom-op wrapper): two launches (split-K partials, their
-    sum); config = (BLOCK_K, BLOCK_N, ROWS per program, num_warps, num_stages)."""
+    """The kernel call behind the op (no custom-op wrapper): one launch (split-K partials, summed
+    by the last split program of each output block); config = (BLOCK_K, BLOCK_N, ROWS per
+    program, num_warps, num_stages)."""
     _check_2d("teal_gemv: x", x)
     _check_teal_weight("teal_gemv: wt", wt, x.shape[1], x.device)
     _check_threshold("teal_gemv", threshold)
     x = x if x.stride(1) == 1 else x.contiguous()
-    return _teal_finish(_teal_partials(x, wt, None, threshold, config), x.dtype, False)
+    return _teal(x, wt, None, threshold, config, False)
 
 
 def teal_mlp_launch(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_t: torch.Tensor,
                     t_in: torch.Tensor, t_down: torch.Tensor, config=None) -> torch.Tensor:
     """SwiGLU MLP with TEAL on both inputs: x [M, H], wg_t / wu_t [H, I], wd_t [I, H] (all
     [in, out] row-major) -> [M, H] = down(h * (|h| > t_down)), h = SiLU(gate(x')) * up(x'),
-    x' = x * (|x| > t_in); h in x's dtype. Four launches: gate and up partials (one shared x),
-    h from their sums, down partials, their sum. config = (gate/up config, down config)."""
+    x' = x * (|x| > t_in); h in x's dtype. Two launches: gate and up (one shared x; h = the
+    sums of their splits, by the last split program of each block), down. config = (gate/up
+    config, down config)."""
     _check_2d("teal_mlp: x", x)
     hid = x.shape[1]
     _check_teal_weight("teal_mlp: wg_t", wg_t, hid, x.device)
@@ -123,8 +169,8 @@ def teal_mlp_launch(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_
     x = x if x.stride(1) == 1 else x.contiguous()
     key = "cuda" if x.is_cuda else "cpu"
     cfg_gu, cfg_d = config or (TEAL_MLP_CONFIG[key], TEAL_CONFIG[key])
-    h = _teal_finish(_teal_partials(x, wg_t, wu_t, t_in, cfg_gu), x.dtype, True)
-    return _teal_finish(_teal_partials(h, wd_t, None, t_down, cfg_d), x.dtype, False)
+    h = _teal(x, wg_t, wu_t, t_in, cfg_gu, True)
+    return _teal(h, wd_t, None, t_down, cfg_d, False)
 
 
 def dejavu_gateup_launch(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, mask: torch.Tensor,

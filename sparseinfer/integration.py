@@ -211,23 +211,28 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
                 rec.dense(plan.layer, nq, "density")
             return _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     parts = plan.pattern.select(query, key, scale)
-    # density guard: heads whose estimated density is above the kernel's break-even run dense
+    # density guard: heads whose estimated density is above the kernel's break-even run dense.
+    # Their indices are emptied on the device and the sparse kernel is queued *before* the host
+    # reads the decision (one sync, while the kernel runs): reading it first would leave the GPU
+    # idle while the host launches the index construction (~3 ms per layer at 128K).
     over = guards.over_limit(parts, [guards.density_limit(p.op, plan.max_density, query, plan.backend) for p in parts])
-    if over is not None and not bool(over.any()):
-        over = None
-    if over is not None and bool(over.all()):
-        plan.stats.records.append(CallRecord(plan.layer, nq, "dense", None, "density"))
-        if rec is not None:
-            rec.dense(plan.layer, nq, "density")
-        return _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if over is not None:
         parts = guards.drop_heads(parts, over)
+    out = run_selections(parts, query, key, value, scale, plan.backend)
+    if over is not None:
+        flags = torch.stack([over.any(), over.all()]).tolist()
+        if flags[1]:
+            plan.stats.records.append(CallRecord(plan.layer, nq, "dense", None, "density"))
+            if rec is not None:
+                rec.dense(plan.layer, nq, "density")
+            return _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if not flags[0]:
+            over = None
     density = combined_density(parts)
     if over is not None:
         density = torch.where(over, torch.ones_like(density), density)
     if rec is not None:
         rec.sparse(plan.layer, plan.pattern.name, query, key, scale, parts, density, t0, over)
-    out = run_selections(parts, query, key, value, scale, plan.backend)
     if over is not None:
         out = guards.dense_heads_attention(out, query, key, value, over, scale)
     plan.stats.records.append(CallRecord(plan.layer, nq, plan.pattern.name, density,

@@ -188,3 +188,18 @@ def test_fused_lastq_sums_kernel_matches_torch_path():
     s = torch.matmul(qs.view(b, hkv, 16, d), k.transpose(-1, -2)).view(b, hq, 8, n).contiguous()
     got_c, got_d = lastq_sums(s, pos.view(b, 8), valid.view(b, 8).float(), 2)
     assert torch.allclose(got_c, want_c, atol=1e-5) and torch.allclose(got_d, want_d, atol=1e-5)
+
+
+def test_vertical_slash_last_query_sums_kernel_matches_torch_path():
+    """The fused path vertical-slash estimation takes on CUDA (`query_sums`, here through the
+    interpreter) against the torch path (softmax, column sums, skewed diagonal sums), GQA."""
+    from sparseinfer.kernels.lastq import query_sums
+    from sparseinfer.patterns import vertical_slash as vs
+
+    g = torch.Generator().manual_seed(2)
+    b, hq, hkv, n, d, L = 2, 4, 1, 260, 16, 8
+    q, k = torch.randn(b, hq, n, d, generator=g), torch.randn(b, hkv, n, d, generator=g)
+    p = vs.last_query_probs(q, k, L, 0.25)
+    pos = torch.arange(n - L, n).expand(b, L)
+    col, diag = query_sums(q, k, pos, torch.ones(b, L), 1, 0.25)
+    assert torch.allclose(col[:, 0], p.sum(-2), atol=1e-5) and torch.allclose(diag[:, 0], vs.diagonal_sums(p), atol=1e-5)

@@ -1,5 +1,9 @@
 """Column and diagonal sums of the estimating queries' softmax, fused (one Triton kernel).
 
+    query_sums(q [B, Hq, N, D], k [B, Hkv, N, D], pos [B, G * L] int, weight [B, G * L] float,
+               groups G, scale) -> (col [B, G, Hq, N], diag [B, G, Hq, N]) float32
+        the scores of the queries at pos (one matmul, TF32 for bf16 / fp16 inputs: exact),
+        then lastq_sums;
     lastq_sums(s [B, H, G * L, N] float32 scaled logits of the queries at pos [B, G * L]
                (int), weight [B, G * L] float, groups G) -> (col [B, G, H, N], diag [B, G, H, N])
 
@@ -16,6 +20,30 @@ import torch
 import triton
 
 from ._loader import kernel_module
+
+
+def matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in float32. bf16 / fp16 inputs on CUDA run as TF32 (exact for them: a TF32
+    operand holds every bf16 / fp16 value), float32 inputs as float32."""
+    exact_tf32 = a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype
+    if not exact_tf32:
+        return torch.matmul(a.float(), b.float())
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return torch.matmul(a.float(), b.float())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def query_sums(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor, groups: int, scale: float):
+    """See the module docstring (GQA: query heads grouped per KV head, K never repeated)."""
+    b, hq, n, d = q.shape
+    hkv = k.shape[1]
+    gl = pos.shape[-1]
+    qs = q.gather(2, pos[:, None, :, None].expand(b, hq, gl, d)) * scale
+    s = matmul_f32(qs.reshape(b, hkv, hq // hkv * gl, d), k.transpose(-1, -2)).reshape(b, hq, gl, n)
+    return lastq_sums(s, pos, weight, groups)
 
 
 def lastq_sums(s: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor, groups: int):

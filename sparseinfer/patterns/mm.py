@@ -125,20 +125,6 @@ def last_positions(modality: torch.Tensor | None, group: str, n: int, last_q: in
     return val.clamp(min=0), val >= 0
 
 
-def _matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in float32. bf16 / fp16 inputs on CUDA run as TF32 (exact for them: a TF32
-    operand holds every bf16 / fp16 value), float32 inputs as float32."""
-    exact_tf32 = a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype
-    if not exact_tf32:
-        return torch.matmul(a.float(), b.float())
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        return torch.matmul(a.float(), b.float())
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
-
-
 def query_scores(q, k, pos, valid, scale):
     """Softmax of the queries at `pos` [B|1, G, L] (G groups of L) over all causal keys ->
     (column sums [B, G, Hq, N], diagonal sums by offset i - j [B, G, Hq, N]) in float32;
@@ -151,12 +137,12 @@ def query_scores(q, k, pos, valid, scale):
     pos = pos.expand(b, gs, L).reshape(b, gs * L)
     valid = valid.expand(b, gs, L).reshape(b, gs * L)
     gl = gs * L
-    qs = q.gather(2, pos[:, None, :, None].expand(b, hq, gl, d)) * scale
-    s = _matmul_f32(qs.reshape(b, hkv, hq // hkv * gl, d), k.transpose(-1, -2)).reshape(b, hq, gl, n)
     if q.is_cuda:
-        from ..kernels.lastq import lastq_sums
+        from ..kernels.lastq import query_sums
 
-        return lastq_sums(s, pos, valid.float(), gs)
+        return query_sums(q, k, pos, valid.float(), gs, scale)
+    qs = q.gather(2, pos[:, None, :, None].expand(b, hq, gl, d)) * scale
+    s = torch.matmul(qs.reshape(b, hkv, hq // hkv * gl, d).float(), k.float().transpose(-1, -2)).reshape(b, hq, gl, n)
     keys = torch.arange(n, device=q.device)
     s.masked_fill_(keys[None, None, None, :] > pos[:, None, :, None], float("-inf"))
     p = torch.softmax(s, dim=-1)

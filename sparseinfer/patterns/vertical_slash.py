@@ -58,10 +58,26 @@ def estimate(q, k, vertical: int, slash: int, last_q: int = 64, scale: float | N
     either is the estimate for a smaller budget)."""
     n, d = q.shape[-2:]
     scale = d ** -0.5 if scale is None else scale
-    p = last_query_probs(q, k, last_q, scale)
-    v_idx = _topk_forced(p.sum(-2), min(vertical, n), INIT_TOKENS)
-    s_idx = _topk_forced(diagonal_sums(p), min(slash, n), LOCAL_OFFSETS)
+    col, diag = last_query_sums(q, k, last_q, scale)
+    v_idx = _topk_forced(col, min(vertical, n), INIT_TOKENS)
+    s_idx = _topk_forced(diag, min(slash, n), LOCAL_OFFSETS)
     return v_idx, s_idx
+
+
+def last_query_sums(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float):
+    """Column sums and diagonal sums of `last_query_probs` -> ([B, Hq, N], [B, Hq, N]) float32.
+    On CUDA one TF32 matmul + the fused Triton sums (`sparseinfer.kernels.lastq`: no
+    [B, Hq, L, N] softmax pass, mask or skew copies), on the CPU the torch path."""
+    b, _, n, _ = q.shape
+    if q.is_cuda:
+        from ..kernels.lastq import query_sums
+
+        L = min(last_q, n)
+        pos = torch.arange(n - L, n, device=q.device).expand(b, L)
+        col, diag = query_sums(q, k, pos, torch.ones(b, L, device=q.device), 1, scale)
+        return col[:, 0], diag[:, 0]
+    p = last_query_probs(q, k, last_q, scale)
+    return p.sum(-2), diagonal_sums(p)
 
 
 def vertical_slash_density(n: int, vertical_idx: torch.Tensor, slash_idx: torch.Tensor) -> torch.Tensor:

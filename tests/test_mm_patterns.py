@@ -30,14 +30,22 @@ def test_grid_recovers_planted_stride_and_phase(strides):
         assert s[0].tolist() == want_s.tolist() and p[0].tolist() == want_p.tolist(), (seed, s, p, st, ph)
 
 
+def _query_groups(n: int, seed: int):
+    """q [2, 4, n, 16], k [2, 2, n, 16] and two groups of 4 estimating queries per batch row
+    (pos [2, 2, 4], valid [2, 2, 4]: one padded query), positions spread over n."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, 4, n, 16, generator=g), torch.randn(2, 2, n, 16, generator=g)
+    base = torch.tensor([[[88, 89, 94, 99], [11, 33, 34, 66]], [[3, 4, 5, 6], [0, 55, 77, 97]]])
+    pos = (base * (n - 1)) // 99
+    valid = torch.tensor([[[True] * 4, [True] * 4], [[True] * 4, [False, True, True, True]]])
+    return q, k, pos, valid
+
+
 def test_query_scores_match_float64_softmax():
     """Column and diagonal sums of several query groups (one with padding) against float64
     softmax rows summed by the definition: col[j] = sum_t p[t, j], diag[o] = sum_t p[t, pos_t - o]."""
-    g = torch.Generator().manual_seed(0)
-    b, hq, hkv, n, d = 2, 4, 2, 90, 16
-    q, k = torch.randn(b, hq, n, d, generator=g), torch.randn(b, hkv, n, d, generator=g)
-    pos = torch.tensor([[[80, 81, 85, 89], [10, 30, 31, 60]], [[3, 4, 5, 6], [0, 50, 70, 88]]])
-    valid = torch.tensor([[[True] * 4, [True] * 4], [[True] * 4, [False, True, True, True]]])
+    q, k, pos, valid = _query_groups(90, seed=0)
+    b, hq, n = q.shape[0], q.shape[1], q.shape[2]
     col, diag = query_scores(q, k, pos, valid, 0.3)
     kk = k.double().repeat_interleave(2, 1)
     for bi in range(b):
@@ -176,17 +184,11 @@ def test_permuted_dense_tile_formulation_round_trips():
 def test_fused_lastq_sums_kernel_matches_torch_path():
     """The fused column / diagonal sums kernel (interpreter) equals the torch path of
     `query_scores` (softmax, weighted sums, gather), incl. padded (invalid) queries."""
-    from sparseinfer.kernels.lastq import lastq_sums
+    from sparseinfer.kernels.lastq import query_sums
 
-    g = torch.Generator().manual_seed(1)
-    b, hq, hkv, n, d = 2, 4, 2, 300, 16
-    q, k = torch.randn(b, hq, n, d, generator=g), torch.randn(b, hkv, n, d, generator=g)
-    pos = torch.tensor([[[280, 281, 290, 299], [10, 30, 31, 160]], [[3, 4, 5, 6], [0, 150, 170, 288]]])
-    valid = torch.tensor([[[True] * 4, [True] * 4], [[True] * 4, [False, True, True, True]]])
+    q, k, pos, valid = _query_groups(300, seed=1)
     want_c, want_d = query_scores(q, k, pos, valid, 0.3)
-    qs = q.gather(2, pos.view(b, 1, 8, 1).expand(b, hq, 8, d)) * 0.3
-    s = torch.matmul(qs.view(b, hkv, 16, d), k.transpose(-1, -2)).view(b, hq, 8, n).contiguous()
-    got_c, got_d = lastq_sums(s, pos.view(b, 8), valid.view(b, 8).float(), 2)
+    got_c, got_d = query_sums(q, k, pos.view(2, 8), valid.view(2, 8).float(), 2, 0.3)
     assert torch.allclose(got_c, want_c, atol=1e-5) and torch.allclose(got_d, want_d, atol=1e-5)
 
 

@@ -38,14 +38,20 @@ def test_search_model_config_round_trip(vl, tmp_path):  # noqa: F811
                                  name="tiny-qwen2-vl")
     assert cfg["kind"] == "mminference" and len(cfg["layers"]) == 2 and all(len(h) == 4 for h in cfg["layers"])
     path = config_io.save(cfg, tmp_path / "mm.json")
-    handle = sparseinfer.patch(model, "mminference", config=str(path), min_len=0)
+    assert _patched_forward(model, inputs, path).stats.density() < 1.0
+
+
+def _patched_forward(model, inputs, config):
+    """One forward with `patch(model, "mminference", config=...)`; every layer must take the
+    sparse route. -> the patch handle."""
+    handle = sparseinfer.patch(model, "mminference", config=str(config), min_len=0)
     try:
         with torch.no_grad():
             model(**inputs)
     finally:
         sparseinfer.unpatch(model)
     assert [r.method for r in handle.stats.records] == ["mminference"] * 2
-    assert handle.stats.density() < 1.0
+    return handle
 
 
 def test_cli_search_mm_inputs_writes_a_config_patch_reads(vl, tmp_path):  # noqa: F811
@@ -62,13 +68,7 @@ def test_cli_search_mm_inputs_writes_a_config_patch_reads(vl, tmp_path):  # noqa
     assert rc == 0
     cfg = config_io.load(out)
     assert cfg["kind"] == "mminference" and cfg["search"]["frame"] == 16 and len(cfg["layers"]) == 2
-    handle = sparseinfer.patch(model, "mminference", config=str(out), min_len=0)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        sparseinfer.unpatch(model)
-    assert [r.method for r in handle.stats.records] == ["mminference"] * 2
+    _patched_forward(model, inputs, out)
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(SystemExit, match="expected a dict of tensors"):
         cli.main(["search", "--model", str(tmp_path / "vl"), "--mm-inputs", str(tmp_path / "list.pt"), "--out", str(out)])

@@ -115,7 +115,7 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         prec = "ieee"
     grid = (b * hq, nqb)
     qr = q_rows if q_rows is not None else dummy
-    mods = modality if modality is not None else dummy
+    mods = modality.contiguous() if modality is not None else dummy  # [B, N]: rows read with stride 1
     mod.sparse_fwd_kernel[grid](
         q, k, v, out,
         tiles, tc, ranges, rc, cols, cc, edges, ec, sbits,

@@ -71,7 +71,8 @@ _COUNTERS: dict = {}  # device -> int32 counters, zero between launches (each la
 def _counters(device, size: int) -> torch.Tensor:
     """Per-device zeroed int32 counters for the fused finish. Allocated on the first call on a
     device; a call under CUDA-graph capture needs them allocated before (any eager call does it,
-    e.g. the warm-up runs of torch.compile or `prepare_counters`)."""
+    e.g. the warm-up runs of torch.compile or `prepare_counters`). Launches sharing a device's
+    counters must not run concurrently (one stream, as a decode step is)."""
     key = (device.type, device.index)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < size:

@@ -1,4 +1,4 @@
-"""Column and diagonal sums of the estimating queries' softmax, fused (one Triton kernel).
+"""Column and diagonal sums of the estimating queries' softmax, fused (two Triton kernels).
 
     query_sums(q [B, Hq, N, D], k [B, Hkv, N, D], pos [B, G * L] int, weight [B, G * L] float,
                groups G, scale) -> (col [B, G, Hq, N], diag [B, G, Hq, N]) float32
@@ -11,8 +11,8 @@ with p = softmax(s masked to keys <= pos) row by row, col[b, g, h, j] = sum_t w_
 diag[b, g, h, o] = sum_t w_t p[t, pos_t - o] over the L rows t of group g. The torch path
 (softmax, weighted sums, a gather for the diagonals) makes ~6 passes over the [B, H, G*L, N]
 scores; this reads them twice (a logsumexp kernel over each row's causal keys, then the sums),
-with no masked copy. CUDA tensors run the compiled
-kernel, CPU tensors the same kernel under the Triton interpreter (tests).
+with no masked copy. CUDA tensors run the compiled kernels, CPU tensors the same kernels under
+the Triton interpreter (tests).
 """
 from __future__ import annotations
 

@@ -297,9 +297,10 @@ class MMInferenceLayer(Pattern):
                 conf = device_tensor([bd in ("k", "2d") for bd in bounds], dev)[None, :, None]
                 base = (keys >= vs.INIT_TOKENS)[None, None, :] & (keys[None, None, :] < first[..., None] - GRID_LOCAL)
                 km = base & (~conf | is_vision[:, None, :])
-                # fold only the GRID_WINDOW keys before the estimating queries (enough periods
-                # for any candidate stride; the cost no longer grows with N)
-                hi = min(n, max(first_host[g] for g, on_ in zip(grp, gh) if on_) - GRID_LOCAL)
+                # fold only the GRID_WINDOW keys before the earliest estimating query of these
+                # heads (so each head has them all; enough periods for any candidate stride; the
+                # cost no longer grows with N); near the start, all keys
+                hi = min(n, min(first_host[g] for g, on_ in zip(grp, gh) if on_) - GRID_LOCAL)
                 lo = max(0, hi - GRID_WINDOW)
                 if hi - lo < 2 * max(strides):
                     lo, hi = 0, n

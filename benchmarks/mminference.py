@@ -153,6 +153,22 @@ def profile(args, log, q, k, v, mod, n):
             log(f"--- kernel split N={n} {name}: " + ", ".join(f"{k_}: {v_:.2f} ms" for k_, v_ in parts.items()))
 
 
+def grid_recovered(kw: dict, mod: torch.Tensor, strides: torch.Tensor, phases: torch.Tensor) -> str:
+    """'k/H': heads whose dense rows (the estimated horizontal lines, video slot) are exactly the
+    video positions of the planted (stride, phase) of their KV head."""
+    rows = kw["dense_rows"][0].cpu()
+    hq = rows.shape[0]
+    g = hq // len(strides)
+    pos = torch.arange(mod.shape[-1])
+    video = mod[0].cpu() == 2
+    ok = 0
+    for h in range(hq):
+        want = pos[video & (pos % int(strides[h // g]) == int(phases[h // g]))]
+        got = rows[h][rows[h] >= 0].sort().values
+        ok += bool(got.shape == want.shape and (got == want).all())
+    return f"{ok}/{hq}"
+
+
 def run(args, log):
     dev = torch.device("cpu" if args.smoke else "cuda")
     hq, hkv, d = (2, 1, 32) if args.smoke else (32, 8, 128)
@@ -222,10 +238,12 @@ def run(args, log):
                     rf = ref.vertical_slash_rows(n, kw["vertical_idx"], kw["slash_idx"])
                 rec = recall(q, k, rf, windows, scale)
                 ratio = dense_ms[best] / total
+                grid_ok = grid_recovered(kw, mod, strides, phases) if "grid" in name else ""
                 rows.append(dict(N=n, variant=name, est_ms=est_ms, kernel_ms=kern_ms, ms=total, ratio=ratio,
-                                 density=dens, pct_limit=100 * ratio * dens, err=err, recall=rec))
+                                 density=dens, pct_limit=100 * ratio * dens, err=err, recall=rec, grid=grid_ok))
                 log(f"  {name}: est {est_ms:.2f} + kernel {kern_ms:.2f} -> {total:.2f} ms, {ratio:.2f}x, "
-                    f"density {100 * dens:.2f}%, {100 * ratio * dens:.0f}% of limit, err {err:.3f}, recall {rec:.3f}")
+                    f"density {100 * dens:.2f}%, {100 * ratio * dens:.0f}% of limit, err {err:.3f}, recall {rec:.3f}"
+                    + (f", planted grid lines recovered exactly in {grid_ok} heads" if grid_ok else ""))
             except Exception:
                 log(f"  {name}: FAILED\n{traceback.format_exc()}")
             finally:
@@ -241,13 +259,14 @@ def markdown(meta, rows):
            f"B=1, {meta['hq']} q heads / {meta['hkv']} KV heads, D={meta['d']}, {meta['dtype']}, causal; frame "
            f"{meta['frame']} tokens, a 64-token text segment every 4 frames. ms = median; ratio vs the faster "
            "dense SDPA backend of the same run (estimation included); % limit = ratio x density; err = "
-           "||o - o_dense|| / ||o_dense||; recall = dense softmax mass kept on sampled query rows.", "",
-           "| N | variant | est ms | kernel ms | total ms | ratio | density | % of limit | err | recall |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "||o - o_dense|| / ||o_dense||; recall = dense softmax mass kept on sampled query rows; grid lines = "
+           "heads whose estimated horizontal lines are exactly the planted ones.", "",
+           "| N | variant | est ms | kernel ms | total ms | ratio | density | % of limit | err | recall | grid lines |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['N'] // 1024}K | {r['variant']} | {r['est_ms']:.2f} | {r['kernel_ms']:.2f} | {r['ms']:.2f} | "
                    f"{r['ratio']:.2f}x | {100 * r['density']:.2f}% | {r['pct_limit']:.0f}% | {r['err']:.3f} | "
-                   f"{r['recall']:.3f} |")
+                   f"{r['recall']:.3f} | {r.get('grid') or '—'} |")
     return "\n".join(out) + "\n"
 
 

@@ -95,6 +95,17 @@ def copy_bandwidth(dev) -> float:
     return 2 * a.numel() * 4 / (ms * 1e-3)
 
 
+def compact(fn):
+    """fn run with gemv.COMPACT_ROWS on (read when a CUDA graph is captured)."""
+    def run(*a):
+        gemv.COMPACT_ROWS = True
+        try:
+            return fn(*a)
+        finally:
+            gemv.COMPACT_ROWS = False
+    return run
+
+
 def part_a(args, dev, dt, shapes, out: dict) -> None:
     cuda = dev.type == "cuda"
     h, inter = shapes["hidden_size"], shapes["intermediate_size"]
@@ -143,6 +154,16 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
         if cuda else [gemv.TEAL_MLP_CONFIG["cpu"]]
     pick("teal_gemv TWO", "mlp_gate_up", "mlp_gate_up", two_cfgs,
          lambda c: gemv._teal(x, wgT, wuT, t50, c, True))
+    # the compacted-rows path (gemv.COMPACT_ROWS: kept channels listed first, full tiles of kept rows)
+    comp_cfgs = [(64, 128, 1024, 4, 3), (64, 128, 1024, 4, 2), (32, 128, 1024, 4, 3), (64, 64, 1024, 4, 3),
+                 (128, 64, 1024, 4, 3), (64, 128, 2048, 4, 3), (32, 128, 512, 4, 3)] if cuda \
+        else [gemv.TEAL_CONFIG["cpu"]]
+    pick("teal_gemv compact", "gate_up", "compact_up", comp_cfgs,
+         lambda c: compact(gemv.teal_gemv_launch)(x, wuT, t50, c))
+    pick("teal_gemv compact", "down", "compact_down", comp_cfgs,
+         lambda c: compact(gemv.teal_gemv_launch)(hid, wdT, th50, c))
+    pick("teal_gemv compact TWO", "mlp_gate_up", "compact_mlp_gate_up", comp_cfgs,
+         lambda c: compact(gemv._teal)(x, wgT, wuT, t50, c, True))
     gu_cfgs = [(16, 128, 4), (8, 256, 4), (32, 128, 4), (16, 256, 8), (4, 512, 4), (8, 128, 2)] if cuda \
         else [gemv.GATEUP_CONFIG["cpu"]]
     mask = torch.zeros(1, inter, dtype=torch.bool, device=dev)
@@ -199,6 +220,16 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
             rows.append({"batch": b, "method": f"teal {s:.0%} fused MLP (teal_mlp)", "kept": round(kept_f, 3),
                          "ms": timed(lambda: gemv.teal_mlp_launch(x, wgT, wuT, wdT, tx, th, cm), iters, cuda),
                          "bound_ms": kept_f * mlp_bytes / bw * 1e3})
+            if b == 1:
+                cc = (best["compact_mlp_gate_up"], best["compact_down"])
+                rows.append({"batch": b, "method": f"teal {s:.0%} fused MLP, compact rows", "kept": round(kept_f, 3),
+                             "bound_ms": kept_f * mlp_bytes / bw * 1e3,
+                             "ms": timed(lambda: compact(gemv.teal_mlp_launch)(x, wgT, wuT, wdT, tx, th, cc), iters, cuda)})
+                rows.append({"batch": b, "method": f"teal {s:.0%} compact rows, up_proj alone", "kept": round(union_x, 3),
+                             "bound_ms": union_x * mlp_bytes / 3 / bw * 1e3,
+                             "ms": timed(lambda: compact(gemv.teal_gemv_launch)(x, wuT, tx, best["compact_up"]), iters, cuda)})
+                gotc = compact(gemv.teal_mlp_launch)(x, wgT, wuT, wdT, tx, th, cc).float()
+                out.setdefault("compact_rel_err", {})[f"b{b} {s:.0%}"] = round(float((gotc - want).norm() / want.norm()), 5)
             gemv.FUSED_FINISH = False  # the previous path: split sums in a second launch per projection
             try:
                 rows.append({"batch": b, "method": f"teal {s:.0%} fused MLP, split sums in extra launches",

@@ -152,7 +152,7 @@ def _teal_forward(linear: torch.nn.Linear, ctx: _LayerCtx, site: str, threshold:
 
 
 def _teal_mlp_forward(mlp, ctx: _LayerCtx, t_in: torch.Tensor, t_down: torch.Tensor):
-    """The whole SwiGLU MLP through `sparseinfer::teal_mlp` (four launches) on the Triton path;
+    """The whole SwiGLU MLP through `sparseinfer::teal_mlp` (two launches) on the Triton path;
     otherwise (reference backend, recording, pre-filling) the per-projection TEAL forwards."""
     orig = mlp.forward
 

@@ -65,6 +65,9 @@ def _check_threshold(name: str, t: torch.Tensor) -> None:
 # adds them up; `_finish_block` in _gemv_kernel.py) instead of a second launch. False: the
 # two-launch path (kept for comparison in benchmarks/contextual.py).
 FUSED_FINISH = True
+# One-row calls (decode, batch 1): compact each split's kept input channels into a list first,
+# then loop over full tiles of kept weight rows (COMPACT in _gemv_kernel.py).
+COMPACT_ROWS = False
 _COUNTERS: dict = {}  # device -> int32 counters, zero between launches (each launch resets its own)
 
 
@@ -108,12 +111,15 @@ def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False) -
     grid = (splits, triton_cdiv(n, bn), triton_cdiv(m, bm))
     fused = out is not None
     cnt = _counters(x.device, grid[1] * grid[2]) if fused else p
+    compact = COMPACT_ROWS and m == 1
+    sidx = torch.empty(splits * rows, dtype=torch.int32, device=x.device) if compact else p
+    sx = torch.empty(splits * rows, dtype=torch.float32, device=x.device) if compact else p
     kernel_module("_gemv_kernel.py", not x.is_cuda).teal_gemv_kernel[grid](
         x, wt, wt if wt2 is None else wt2, threshold.to(device=x.device, dtype=torch.float32).reshape(1), p,
         m, k, n, x.stride(0), wt.stride(0), p.stride(0), p.stride(1) if wt2 is not None else 0,
         ROWS=rows, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, STAGES=stages, TWO=wt2 is not None, num_warps=warps,
         OUT=out if fused else p, CNT=cnt, SPLITS=splits, stride_om=out.stride(0) if fused else 0,
-        FUSED=fused, GLU=glu)
+        FUSED=fused, GLU=glu, SIDX=sidx, SX=sx, COMPACT=compact)
     return p
 
 

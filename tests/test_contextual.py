@@ -94,21 +94,24 @@ def test_teal_kept_share_matches_target(tiny, tiny_thresholds):
         assert abs(share - want[site][layer]) < 0.08, (layer, site, share)
 
 
-def test_teal_triton_backend_matches_reference(tiny, tiny_thresholds, monkeypatch):
+@pytest.mark.parametrize("sparsity", [0.5, 0.75])
+def test_teal_triton_backend_matches_reference(tiny, tiny_thresholds, monkeypatch, sparsity):
     """The kernel path (Triton interpreter on CPU) gives the reference's decode logits; the MLP
-    runs as the fused two-launch teal_mlp op (once per layer)."""
+    runs as the fused two-launch teal_mlp op (once per layer), with the kept-rows-compacted
+    loop at high sparsity only."""
     from sparseinfer.kernels import gemv
 
     model, ids, _ = tiny
-    attach(model, mlp="teal", mlp_sparsity=0.5, attn_sparsity=0.3, thresholds=tiny_thresholds, backend="reference")
+    kw = dict(mlp="teal", mlp_sparsity=sparsity, attn_sparsity=0.3, thresholds=tiny_thresholds)
+    attach(model, **kw, backend="reference")
     ref = _logits(model, ids[:2])
-    attach(model, mlp="teal", mlp_sparsity=0.5, attn_sparsity=0.3, thresholds=tiny_thresholds, backend="triton")
+    attach(model, **kw, backend="triton")
     assert model.model.layers[0].mlp.down_proj.weight.stride(0) == 1  # stored column-major
     calls = []
     fused = gemv.teal_mlp
-    monkeypatch.setattr(gemv, "teal_mlp", lambda *a: calls.append(1) or fused(*a))
+    monkeypatch.setattr(gemv, "teal_mlp", lambda *a: calls.append(a[-1]) or fused(*a))
     out = _logits(model, ids[:2])
-    assert len(calls) == len(model.model.layers)
+    assert calls == [sparsity >= gemv.COMPACT_MIN_SPARSITY] * len(model.model.layers)
     detach(model)
     assert model.model.layers[0].mlp.down_proj.weight.is_contiguous()
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -151,9 +151,10 @@ def _teal_forward(linear: torch.nn.Linear, ctx: _LayerCtx, site: str, threshold:
     return forward
 
 
-def _teal_mlp_forward(mlp, ctx: _LayerCtx, t_in: torch.Tensor, t_down: torch.Tensor):
-    """The whole SwiGLU MLP through `sparseinfer::teal_mlp` (two launches) on the Triton path;
-    otherwise (reference backend, recording, pre-filling) the per-projection TEAL forwards."""
+def _teal_mlp_forward(mlp, ctx: _LayerCtx, t_in: torch.Tensor, t_down: torch.Tensor, compact: bool = False):
+    """The whole SwiGLU MLP through `sparseinfer::teal_mlp` (two launches; compact: the
+    kept-rows-compacted loop, for high sparsity) on the Triton path; otherwise (reference
+    backend, recording, pre-filling) the per-projection TEAL forwards."""
     orig = mlp.forward
 
     def forward(x):
@@ -165,7 +166,7 @@ def _teal_mlp_forward(mlp, ctx: _LayerCtx, t_in: torch.Tensor, t_down: torch.Ten
 
         shp = x.shape
         y = teal_mlp(x.reshape(-1, shp[-1]), mlp.gate_proj.weight.t(), mlp.up_proj.weight.t(),
-                     mlp.down_proj.weight.t(), t_in, t_down)
+                     mlp.down_proj.weight.t(), t_in, t_down, compact)
         return y.reshape(shp)
 
     return forward
@@ -320,7 +321,9 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
                 teal(m.up_proj, "mlp_in", mlp_sp[i])
                 t_down = teal(m.down_proj, "down_in", mlp_sp[i])
                 if wants_triton and _fusable_swiglu(m, cfg):
-                    m.forward = _teal_mlp_forward(m, ctx, t_in, t_down)
+                    from ..kernels.gemv import COMPACT_MIN_SPARSITY
+
+                    m.forward = _teal_mlp_forward(m, ctx, t_in, t_down, mlp_sp[i] >= COMPACT_MIN_SPARSITY)
                     handle.restore.append((m, "forward", None))
             if attn_sp is not None and attn_sp[i] > 0:
                 for p in (a.q_proj, a.k_proj, a.v_proj):

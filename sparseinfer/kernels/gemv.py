@@ -66,8 +66,12 @@ def _check_threshold(name: str, t: torch.Tensor) -> None:
 # two-launch path (kept for comparison in benchmarks/contextual.py).
 FUSED_FINISH = True
 # One-row calls (decode, batch 1): compact each split's kept input channels into a list first,
-# then loop over full tiles of kept weight rows (COMPACT in _gemv_kernel.py).
+# then loop over full tiles of kept weight rows (COMPACT in _gemv_kernel.py). H100, 8B MLP:
+# 2.61x vs 2.22x at 75% sparsity, 1.62x vs 1.68x at 50% (benchmarks/NOTES_kernels.md), so the
+# patching asks for it (`compact=True`) on layers configured at >= COMPACT_MIN_SPARSITY; this
+# flag turns it on for every call that does not say.
 COMPACT_ROWS = False
+COMPACT_MIN_SPARSITY = 0.7
 _COUNTERS: dict = {}  # device -> int32 counters, zero between launches (each launch resets its own)
 
 
@@ -92,7 +96,7 @@ def prepare_counters(device) -> None:
     _counters(torch.device(device), 1 << 16)
 
 
-def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False) -> torch.Tensor:
+def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, compact=None) -> torch.Tensor:
     """One teal_gemv_kernel launch: x [M, K] -> fp32 partials [splits, 1 or 2 (with wt2), M, N].
     out [M, N]: the fused finish writes the split sums there (SiLU(gate) * up when glu)."""
     m, k = x.shape
@@ -111,7 +115,7 @@ def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False) -
     grid = (splits, triton_cdiv(n, bn), triton_cdiv(m, bm))
     fused = out is not None
     cnt = _counters(x.device, grid[1] * grid[2]) if fused else p
-    compact = COMPACT_ROWS and m == 1
+    compact = (COMPACT_ROWS if compact is None else compact) and m == 1
     sidx = torch.empty(splits * rows, dtype=torch.int32, device=x.device) if compact else p
     sx = torch.empty(splits * rows, dtype=torch.float32, device=x.device) if compact else p
     kernel_module("_gemv_kernel.py", not x.is_cuda).teal_gemv_kernel[grid](
@@ -123,14 +127,14 @@ def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False) -
     return p
 
 
-def _teal(x, wt, wt2, threshold, config, glu: bool) -> torch.Tensor:
+def _teal(x, wt, wt2, threshold, config, glu: bool, compact=None) -> torch.Tensor:
     """x [M, K] -> [M, N] in x's dtype: the split-K launch, its splits summed in the same launch
-    (FUSED_FINISH) or by `_teal_finish`."""
+    (FUSED_FINISH) or by `_teal_finish`; compact None = COMPACT_ROWS."""
     if FUSED_FINISH:
         out = torch.empty(x.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
-        _teal_partials(x, wt, wt2, threshold, config, out=out, glu=glu)
+        _teal_partials(x, wt, wt2, threshold, config, out=out, glu=glu, compact=compact)
         return out
-    return _teal_finish(_teal_partials(x, wt, wt2, threshold, config), x.dtype, glu)
+    return _teal_finish(_teal_partials(x, wt, wt2, threshold, config, compact=compact), x.dtype, glu)
 
 
 def _teal_finish(p: torch.Tensor, dtype: torch.dtype, glu: bool) -> torch.Tensor:
@@ -155,12 +159,13 @@ def teal_gemv_launch(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor,
 
 
 def teal_mlp_launch(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_t: torch.Tensor,
-                    t_in: torch.Tensor, t_down: torch.Tensor, config=None) -> torch.Tensor:
+                    t_in: torch.Tensor, t_down: torch.Tensor, config=None, compact=None) -> torch.Tensor:
     """SwiGLU MLP with TEAL on both inputs: x [M, H], wg_t / wu_t [H, I], wd_t [I, H] (all
     [in, out] row-major) -> [M, H] = down(h * (|h| > t_down)), h = SiLU(gate(x')) * up(x'),
     x' = x * (|x| > t_in); h in x's dtype. Two launches: gate and up (one shared x; h = the
     sums of their splits, by the last split program of each block), down. config = (gate/up
-    config, down config)."""
+    config, down config); compact: the kept-rows-compacted loop for one-row calls (None:
+    COMPACT_ROWS)."""
     _check_2d("teal_mlp: x", x)
     hid = x.shape[1]
     _check_teal_weight("teal_mlp: wg_t", wg_t, hid, x.device)
@@ -176,8 +181,8 @@ def teal_mlp_launch(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_
     x = x if x.stride(1) == 1 else x.contiguous()
     key = "cuda" if x.is_cuda else "cpu"
     cfg_gu, cfg_d = config or (TEAL_MLP_CONFIG[key], TEAL_CONFIG[key])
-    h = _teal(x, wg_t, wu_t, t_in, cfg_gu, True)
-    return _teal(h, wd_t, None, t_down, cfg_d, False)
+    h = _teal(x, wg_t, wu_t, t_in, cfg_gu, True, compact)
+    return _teal(h, wd_t, None, t_down, cfg_d, False, compact)
 
 
 def dejavu_gateup_launch(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, mask: torch.Tensor,
@@ -220,12 +225,12 @@ def _teal_gemv_fake(x, wt, threshold):
 
 @torch.library.custom_op("sparseinfer::teal_mlp", mutates_args=())
 def teal_mlp(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_t: torch.Tensor, t_in: torch.Tensor,
-             t_down: torch.Tensor) -> torch.Tensor:
-    return teal_mlp_launch(x, wg_t, wu_t, wd_t, t_in, t_down)
+             t_down: torch.Tensor, compact: bool = False) -> torch.Tensor:
+    return teal_mlp_launch(x, wg_t, wu_t, wd_t, t_in, t_down, compact=compact or None)
 
 
 @teal_mlp.register_fake
-def _teal_mlp_fake(x, wg_t, wu_t, wd_t, t_in, t_down):
+def _teal_mlp_fake(x, wg_t, wu_t, wd_t, t_in, t_down, compact=False):
     return x.new_empty(x.shape[0], wd_t.shape[1])
 
 

@@ -67,11 +67,12 @@ def _check_threshold(name: str, t: torch.Tensor) -> None:
 FUSED_FINISH = True
 # One-row calls (decode, batch 1): compact each split's kept input channels into a list first,
 # then loop over full tiles of kept weight rows (COMPACT in _gemv_kernel.py). H100, 8B MLP:
-# 2.61x vs 2.22x at 75% sparsity, 1.62x vs 1.68x at 50% (benchmarks/NOTES_kernels.md), so the
-# patching asks for it (`compact=True`) on layers configured at >= COMPACT_MIN_SPARSITY; this
-# flag turns it on for every call that does not say.
+# 1.62x vs 1.68x at 50% sparsity, equal at 60%, 2.10x vs 2.01x at 65%, 2.65x vs 2.22x at 75%,
+# 3.00x vs 2.31x at 80% (benchmarks/results/contextual/teal_compact_sweep.md), so the patching
+# asks for it (`compact=True`) on layers configured at >= COMPACT_MIN_SPARSITY; this flag turns
+# it on for every call that does not say.
 COMPACT_ROWS = False
-COMPACT_MIN_SPARSITY = 0.7
+COMPACT_MIN_SPARSITY = 0.6
 _COUNTERS: dict = {}  # device -> int32 counters, zero between launches (each launch resets its own)
 
 

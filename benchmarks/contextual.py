@@ -221,14 +221,14 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
                          "ms": timed(lambda: gemv.teal_mlp_launch(x, wgT, wuT, wdT, tx, th, cm), iters, cuda),
                          "bound_ms": kept_f * mlp_bytes / bw * 1e3})
             if b == 1:
-                cc = (best["compact_mlp_gate_up"], best["compact_down"])
+                # default configs of the compacted path (gemv.TEAL_COMPACT_MLP_CONFIG)
                 rows.append({"batch": b, "method": f"teal {s:.0%} fused MLP, compact rows", "kept": round(kept_f, 3),
                              "bound_ms": kept_f * mlp_bytes / bw * 1e3,
-                             "ms": timed(lambda: compact(gemv.teal_mlp_launch)(x, wgT, wuT, wdT, tx, th, cc), iters, cuda)})
+                             "ms": timed(lambda: gemv.teal_mlp_launch(x, wgT, wuT, wdT, tx, th, compact=True), iters, cuda)})
                 rows.append({"batch": b, "method": f"teal {s:.0%} compact rows, up_proj alone", "kept": round(union_x, 3),
                              "bound_ms": union_x * mlp_bytes / 3 / bw * 1e3,
                              "ms": timed(lambda: compact(gemv.teal_gemv_launch)(x, wuT, tx, best["compact_up"]), iters, cuda)})
-                gotc = compact(gemv.teal_mlp_launch)(x, wgT, wuT, wdT, tx, th, cc).float()
+                gotc = gemv.teal_mlp_launch(x, wgT, wuT, wdT, tx, th, compact=True).float()
                 out.setdefault("compact_rel_err", {})[f"b{b} {s:.0%}"] = round(float((gotc - want).norm() / want.norm()), 5)
             gemv.FUSED_FINISH = False  # the previous path: split sums in a second launch per projection
             try:
@@ -409,6 +409,43 @@ def write(out_dir: str, res: dict) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def compact_sweep(args, dev, dt, shapes, out: dict) -> None:
+    """--compact-sweep: configs of the compacted-rows path at each --sparsity (batch 1): the
+    gate+up launch and the down launch alone, then the MLP with the best pair."""
+    h, inter = shapes["hidden_size"], shapes["intermediate_size"]
+    g = torch.Generator(device=dev).manual_seed(0)
+    wg, wu, wd = (torch.randn(*sh, device=dev, dtype=dt, generator=g) * 0.02 for sh in ((inter, h), (inter, h), (h, inter)))
+    wgT, wuT, wdT = wg.t().contiguous(), wu.t().contiguous(), wd.t().contiguous()
+    x = torch.randn(1, h, device=dev, dtype=dt, generator=g)
+    hid = F.silu(x @ wg.T) * (x @ wu.T)
+    cfgs = [(64, 128, 2048, 4, 3), (64, 128, 4096, 4, 3), (64, 128, 1024, 4, 3), (128, 128, 2048, 8, 3),
+            (64, 256, 2048, 8, 3), (32, 128, 2048, 4, 4), (64, 64, 2048, 4, 3), (128, 64, 2048, 4, 3),
+            (64, 128, 2048, 4, 2), (64, 128, 2048, 8, 3)]
+    t_dense = timed(lambda: F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd), args.iters, True)
+    res = []
+    for s in args.sparsity:
+        tx = torch.quantile(x.float().abs().flatten(), s)
+        th = torch.quantile(hid.float().abs().flatten(), s)
+        best = {}
+        for name, call in (("gate_up", lambda c: gemv._teal(x, wgT, wuT, tx, c, True, True)),
+                           ("down", lambda c: gemv._teal(hid, wdT, None, th, c, False, True))):
+            times = []
+            for c in cfgs:
+                try:
+                    times.append((timed(lambda: call(c), args.iters, True), c))
+                except Exception as e:  # noqa: BLE001
+                    log(f"  compact {name} {c}: {type(e).__name__}: {str(e)[:100]}")
+            for ms, c in times:
+                res.append({"sparsity": s, "launch": name, "config": c, "ms": round(ms, 4)})
+            best[name] = min(times)
+            log(f"compact {s:.0%} {name}: best {best[name][1]} {best[name][0]:.4f} ms")
+        cm = (best["gate_up"][1], best["down"][1])
+        ms = timed(lambda: gemv.teal_mlp_launch(x, wgT, wuT, wdT, tx, th, cm, compact=True), args.iters, True)
+        res.append({"sparsity": s, "launch": "mlp", "config": list(cm), "ms": round(ms, 4), "speedup": round(t_dense / ms, 3)})
+        log(f"compact {s:.0%} MLP with the best pair: {ms:.4f} ms, x{t_dense / ms:.2f} (dense {t_dense:.4f} ms)")
+    out["compact_sweep"] = res
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -420,6 +457,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=4, help="decoder layers of the decode-step model (and half of it)")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--skip", default="", help="comma list of parts to skip: a, b")
+    p.add_argument("--compact-sweep", action="store_true", help="only: configs of the compacted-rows path (CUDA)")
     args = p.parse_args()
     args.batch = [int(x) for x in args.batch.split(",")]
     args.sparsity = [float(x) for x in args.sparsity.split(",")]
@@ -440,6 +478,12 @@ def main() -> int:
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "shapes": shapes, "args": {k: v for k, v in vars(args).items()}}
     t0 = time.time()
+    if args.compact_sweep:
+        compact_sweep(args, dev, dt, shapes, res)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "compact_sweep.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        return 0
     if "a" not in skip:
         log("A. MLP layer")
         part_a(args, dev, dt, shapes, res)

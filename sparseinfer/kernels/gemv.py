@@ -73,6 +73,11 @@ FUSED_FINISH = True
 # it on for every call that does not say.
 COMPACT_ROWS = False
 COMPACT_MIN_SPARSITY = 0.6
+# (gate/up launch, down launch) configs of the compacted path: H100 sweep at 50/75/80% sparsity
+# (`benchmarks/contextual.py --compact-sweep`, benchmarks/results/contextual/teal_compact_sweep2.json);
+# with them the MLP at 75% is 2.75x over cuBLAS (teal_compact_defaults.md)
+TEAL_COMPACT_MLP_CONFIG = {"cuda": ((64, 128, 2048, 4, 2), (32, 128, 2048, 4, 4)),
+                           "cpu": (TEAL_MLP_CONFIG["cpu"], TEAL_CONFIG["cpu"])}
 _COUNTERS: dict = {}  # device -> int32 counters, zero between launches (each launch resets its own)
 
 
@@ -181,7 +186,8 @@ def teal_mlp_launch(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_
     _check_threshold("teal_mlp: t_down", t_down)
     x = x if x.stride(1) == 1 else x.contiguous()
     key = "cuda" if x.is_cuda else "cpu"
-    cfg_gu, cfg_d = config or (TEAL_MLP_CONFIG[key], TEAL_CONFIG[key])
+    compact = (COMPACT_ROWS if compact is None else compact) and x.shape[0] == 1
+    cfg_gu, cfg_d = config or (TEAL_COMPACT_MLP_CONFIG[key] if compact else (TEAL_MLP_CONFIG[key], TEAL_CONFIG[key]))
     h = _teal(x, wg_t, wu_t, t_in, cfg_gu, True, compact)
     return _teal(h, wd_t, None, t_down, cfg_d, False, compact)
 

@@ -47,6 +47,17 @@ def _finish_block(P, OUT, CNT, offs_m, offs_n, m_ok, n_ok, N, SPLITS, stride_ps,
 
 
 @triton.jit
+def _rows_fma(acc, acc2, WT, WT2, rows, xv, ok, offs_n, n_ok, stride_wk, TWO: tl.constexpr):
+    """acc (+ acc2 with TWO) += xv[:, None] * W[rows] (weight rows where ok; [BLOCK_K, BLOCK_N])."""
+    wmask = ok[:, None] & n_ok[None, :]
+    wp = rows[:, None] * stride_wk + offs_n[None, :]
+    acc += xv[:, None] * tl.load(WT + wp, mask=wmask, other=0.0).to(tl.float32)
+    if TWO:
+        acc2 += xv[:, None] * tl.load(WT2 + wp, mask=wmask, other=0.0).to(tl.float32)
+    return acc, acc2
+
+
+@triton.jit
 def teal_gemv_kernel(X, WT, WT2, T, P, M, K, N, stride_xm, stride_wk, stride_ps, stride_pw,
                      ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                      STAGES: tl.constexpr, TWO: tl.constexpr,
@@ -63,56 +74,37 @@ def teal_gemv_kernel(X, WT, WT2, T, P, M, K, N, stride_xm, stride_wk, stride_ps,
     # elementwise accumulators, summed over k once after the loop (a cross-warp sum per step
     # costs more than the loads: benchmarks/results/contextual/teal_sweep1.md); one row (M = 1,
     # the decode case) keeps them 2-D: a [1, BLOCK_K, BLOCK_N] layout runs ~1.8x slower
-    if COMPACT:
-        # one row (M = 1): the program's whole x slice in one load, its kept channels compacted
-        # (prefix sum) into a scratch list, then a loop over full tiles of kept rows only:
-        # gathered weight rows the pipeliner can prefetch (no x -> mask -> row chain per tile)
-        offs_r = pid_k * ROWS + tl.arange(0, ROWS)
-        xr = tl.load(X + offs_r, mask=offs_r < K, other=0.0).to(tl.float32)
-        keep_r = (tl.abs(xr) > t) & (offs_r < K)
-        ki = keep_r.to(tl.int32)
-        pos = tl.associative_scan(ki, 0, _sum_fn) - 1
-        cnt = tl.reduce(ki, 0, _sum_fn)
-        sb = pid_k * ROWS  # programs of one split write the same list (same values)
-        tl.store(SIDX + sb + pos, offs_r, mask=keep_r)
-        tl.store(SX + sb + pos, xr, mask=keep_r)
-        tl.debug_barrier()
+    if COMPACT or BLOCK_M == 1:
         acc = tl.full((BLOCK_K, BLOCK_N), 0.0, dtype=tl.float32)
         acc2 = tl.full((BLOCK_K, BLOCK_N), 0.0, dtype=tl.float32)
-        for i in tl.range(0, cnt, BLOCK_K, num_stages=STAGES):
-            j = i + tl.arange(0, BLOCK_K)
-            jm = j < cnt
-            rows = tl.load(SIDX + sb + j, mask=jm, other=0)
-            xv = tl.load(SX + sb + j, mask=jm, other=0.0)
-            wmask = jm[:, None] & n_ok[None, :]
-            wp = rows[:, None] * stride_wk + offs_n[None, :]
-            w = tl.load(WT + wp, mask=wmask, other=0.0).to(tl.float32)
-            acc += xv[:, None] * w
-            if TWO:
-                w2 = tl.load(WT2 + wp, mask=wmask, other=0.0).to(tl.float32)
-                acc2 += xv[:, None] * w2
-        pp = P + pid_k * stride_ps + offs_n
-        tl.store(pp, tl.reduce(acc, 0, _sum_fn), mask=n_ok)
-        if TWO:
-            tl.store(pp + stride_pw, tl.reduce(acc2, 0, _sum_fn), mask=n_ok)
-        if FUSED:
-            _finish_block(P, OUT, CNT, offs_m, offs_n, m_ok, n_ok, N, SPLITS, stride_ps, stride_pw, stride_om,
-                          GLU, BLOCK_M, BLOCK_N)
-    elif BLOCK_M == 1:
-        acc = tl.full((BLOCK_K, BLOCK_N), 0.0, dtype=tl.float32)
-        acc2 = tl.full((BLOCK_K, BLOCK_N), 0.0, dtype=tl.float32)
-        for it in tl.range(0, ROWS // BLOCK_K, num_stages=STAGES):
-            offs_k = pid_k * ROWS + it * BLOCK_K + tl.arange(0, BLOCK_K)
-            x = tl.load(X + pid_m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            keep = (tl.abs(x) > t) & (offs_k < K)  # a negative threshold must not keep rows past K
-            x = tl.where(keep, x, 0.0)
-            wmask = keep[:, None] & n_ok[None, :]
-            wp = offs_k[:, None] * stride_wk + offs_n[None, :]
-            w = tl.load(WT + wp, mask=wmask, other=0.0).to(tl.float32)
-            acc += x[:, None] * w
-            if TWO:
-                w2 = tl.load(WT2 + wp, mask=wmask, other=0.0).to(tl.float32)
-                acc2 += x[:, None] * w2
+        if COMPACT:
+            # one row (M = 1): the program's whole x slice in one load, its kept channels
+            # compacted (prefix sum) into a scratch list, then a loop over full tiles of kept
+            # rows only: gathered weight rows the pipeliner can prefetch (no x -> mask -> row
+            # chain per tile)
+            offs_r = pid_k * ROWS + tl.arange(0, ROWS)
+            xr = tl.load(X + offs_r, mask=offs_r < K, other=0.0).to(tl.float32)
+            keep_r = (tl.abs(xr) > t) & (offs_r < K)
+            ki = keep_r.to(tl.int32)
+            pos = tl.associative_scan(ki, 0, _sum_fn) - 1
+            cnt = tl.reduce(ki, 0, _sum_fn)
+            sb = pid_k * ROWS  # programs of one split write the same list (same values)
+            tl.store(SIDX + sb + pos, offs_r, mask=keep_r)
+            tl.store(SX + sb + pos, xr, mask=keep_r)
+            tl.debug_barrier()
+            for i in tl.range(0, cnt, BLOCK_K, num_stages=STAGES):
+                j = i + tl.arange(0, BLOCK_K)
+                jm = j < cnt
+                rows = tl.load(SIDX + sb + j, mask=jm, other=0)
+                xv = tl.load(SX + sb + j, mask=jm, other=0.0)
+                acc, acc2 = _rows_fma(acc, acc2, WT, WT2, rows, xv, jm, offs_n, n_ok, stride_wk, TWO)
+        else:
+            for it in tl.range(0, ROWS // BLOCK_K, num_stages=STAGES):
+                offs_k = pid_k * ROWS + it * BLOCK_K + tl.arange(0, BLOCK_K)
+                x = tl.load(X + pid_m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+                keep = (tl.abs(x) > t) & (offs_k < K)  # a negative threshold must not keep rows past K
+                x = tl.where(keep, x, 0.0)
+                acc, acc2 = _rows_fma(acc, acc2, WT, WT2, offs_k, x, keep, offs_n, n_ok, stride_wk, TWO)
         pp = P + pid_k * stride_ps + pid_m * N + offs_n
         tl.store(pp, tl.reduce(acc, 0, _sum_fn), mask=n_ok)
         if TWO:

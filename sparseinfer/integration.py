@@ -218,6 +218,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     over = guards.over_limit(parts, [guards.density_limit(p.op, plan.max_density, query, plan.backend) for p in parts])
     if over is not None:
         parts = guards.drop_heads(parts, over)
+    t_est = rec.start(query) if rec is not None else None  # the estimation's end (monitoring syncs anyway)
     out = run_selections(parts, query, key, value, scale, plan.backend)
     if over is not None:
         flags = torch.stack([over.any(), over.all()]).tolist()
@@ -232,7 +233,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     if over is not None:
         density = torch.where(over, torch.ones_like(density), density)
     if rec is not None:
-        rec.sparse(plan.layer, plan.pattern.name, query, key, scale, parts, density, t0, over)
+        rec.sparse(plan.layer, plan.pattern.name, query, key, scale, parts, density, t0, over, t_end=t_est)
     if over is not None:
         out = guards.dense_heads_attention(out, query, key, value, over, scale)
     plan.stats.records.append(CallRecord(plan.layer, nq, plan.pattern.name, density,

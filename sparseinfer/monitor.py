@@ -66,9 +66,12 @@ class Recorder:
         _sync(q)
         return time.perf_counter()
 
-    def sparse(self, layer, method, q, k, scale, parts, density, t0, dense_heads=None) -> None:
-        _sync(q)
-        dt = time.perf_counter() - t0
+    def sparse(self, layer, method, q, k, scale, parts, density, t0, dense_heads=None, t_end=None) -> None:
+        """t0: `start` before the estimation; t_end: `start` again where it ended (None: now)."""
+        if t_end is None:
+            _sync(q)
+            t_end = time.perf_counter()
+        dt = t_end - t0
         covered = None
         if self.audit > 0 and self._rng.random() < self.audit:
             covered = self._covered(q, k, scale, parts, dense_heads)

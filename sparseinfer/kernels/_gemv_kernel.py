@@ -105,13 +105,8 @@ def teal_gemv_kernel(X, WT, WT2, T, P, M, K, N, stride_xm, stride_wk, stride_ps,
                 keep = (tl.abs(x) > t) & (offs_k < K)  # a negative threshold must not keep rows past K
                 x = tl.where(keep, x, 0.0)
                 acc, acc2 = _rows_fma(acc, acc2, WT, WT2, offs_k, x, keep, offs_n, n_ok, stride_wk, TWO)
-        pp = P + pid_k * stride_ps + pid_m * N + offs_n
-        tl.store(pp, tl.reduce(acc, 0, _sum_fn), mask=n_ok)
-        if TWO:
-            tl.store(pp + stride_pw, tl.reduce(acc2, 0, _sum_fn), mask=n_ok)
-        if FUSED:
-            _finish_block(P, OUT, CNT, offs_m, offs_n, m_ok, n_ok, N, SPLITS, stride_ps, stride_pw, stride_om,
-                          GLU, BLOCK_M, BLOCK_N)
+        part = tl.reduce(acc, 0, _sum_fn)[None, :]  # [1, BLOCK_N]
+        part2 = tl.reduce(acc2, 0, _sum_fn)[None, :]
     else:
         acc3 = tl.full((BLOCK_M, BLOCK_K, BLOCK_N), 0.0, dtype=tl.float32)
         acc4 = tl.full((BLOCK_M, BLOCK_K, BLOCK_N), 0.0, dtype=tl.float32)
@@ -130,14 +125,17 @@ def teal_gemv_kernel(X, WT, WT2, T, P, M, K, N, stride_xm, stride_wk, stride_ps,
             if TWO:
                 w2 = tl.load(WT2 + wp, mask=wmask, other=0.0).to(tl.float32)
                 acc4 += x[:, :, None] * w2[None, :, :]
-        pp = P + pid_k * stride_ps + offs_m[:, None] * N + offs_n[None, :]
-        pmask = m_ok[:, None] & n_ok[None, :]
-        tl.store(pp, tl.reduce(acc3, 1, _sum_fn), mask=pmask)
-        if TWO:
-            tl.store(pp + stride_pw, tl.reduce(acc4, 1, _sum_fn), mask=pmask)
-        if FUSED:
-            _finish_block(P, OUT, CNT, offs_m, offs_n, m_ok, n_ok, N, SPLITS, stride_ps, stride_pw, stride_om,
-                          GLU, BLOCK_M, BLOCK_N)
+        part = tl.reduce(acc3, 1, _sum_fn)  # [BLOCK_M, BLOCK_N]
+        part2 = tl.reduce(acc4, 1, _sum_fn)
+    # this split's partial sums, then (FUSED) the split sums by the last program of the block
+    pp = P + pid_k * stride_ps + offs_m[:, None] * N + offs_n[None, :]
+    pmask = m_ok[:, None] & n_ok[None, :]
+    tl.store(pp, part, mask=pmask)
+    if TWO:
+        tl.store(pp + stride_pw, part2, mask=pmask)
+    if FUSED:
+        _finish_block(P, OUT, CNT, offs_m, offs_n, m_ok, n_ok, N, SPLITS, stride_ps, stride_pw, stride_om,
+                      GLU, BLOCK_M, BLOCK_N)
 
 
 @triton.jit

@@ -95,17 +95,6 @@ def copy_bandwidth(dev) -> float:
     return 2 * a.numel() * 4 / (ms * 1e-3)
 
 
-def compact(fn):
-    """fn run with gemv.COMPACT_ROWS on (read when a CUDA graph is captured)."""
-    def run(*a):
-        gemv.COMPACT_ROWS = True
-        try:
-            return fn(*a)
-        finally:
-            gemv.COMPACT_ROWS = False
-    return run
-
-
 def part_a(args, dev, dt, shapes, out: dict) -> None:
     cuda = dev.type == "cuda"
     h, inter = shapes["hidden_size"], shapes["intermediate_size"]
@@ -154,16 +143,16 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
         if cuda else [gemv.TEAL_MLP_CONFIG["cpu"]]
     pick("teal_gemv TWO", "mlp_gate_up", "mlp_gate_up", two_cfgs,
          lambda c: gemv._teal(x, wgT, wuT, t50, c, True))
-    # the compacted-rows path (gemv.COMPACT_ROWS: kept channels listed first, full tiles of kept rows)
+    # the compacted-rows path (compact=True: kept channels listed first, full tiles of kept rows)
     comp_cfgs = [(64, 128, 1024, 4, 3), (64, 128, 1024, 4, 2), (32, 128, 1024, 4, 3), (64, 64, 1024, 4, 3),
                  (128, 64, 1024, 4, 3), (64, 128, 2048, 4, 3), (32, 128, 512, 4, 3)] if cuda \
         else [gemv.TEAL_CONFIG["cpu"]]
     pick("teal_gemv compact", "gate_up", "compact_up", comp_cfgs,
-         lambda c: compact(gemv.teal_gemv_launch)(x, wuT, t50, c))
+         lambda c: gemv.teal_gemv_launch(x, wuT, t50, c, compact=True))
     pick("teal_gemv compact", "down", "compact_down", comp_cfgs,
-         lambda c: compact(gemv.teal_gemv_launch)(hid, wdT, th50, c))
+         lambda c: gemv.teal_gemv_launch(hid, wdT, th50, c, compact=True))
     pick("teal_gemv compact TWO", "mlp_gate_up", "compact_mlp_gate_up", comp_cfgs,
-         lambda c: compact(gemv._teal)(x, wgT, wuT, t50, c, True))
+         lambda c: gemv._teal(x, wgT, wuT, t50, c, True, True))
     gu_cfgs = [(16, 128, 4), (8, 256, 4), (32, 128, 4), (16, 256, 8), (4, 512, 4), (8, 128, 2)] if cuda \
         else [gemv.GATEUP_CONFIG["cpu"]]
     mask = torch.zeros(1, inter, dtype=torch.bool, device=dev)
@@ -227,7 +216,7 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
                              "ms": timed(lambda: gemv.teal_mlp_launch(x, wgT, wuT, wdT, tx, th, compact=True), iters, cuda)})
                 rows.append({"batch": b, "method": f"teal {s:.0%} compact rows, up_proj alone", "kept": round(union_x, 3),
                              "bound_ms": union_x * mlp_bytes / 3 / bw * 1e3,
-                             "ms": timed(lambda: compact(gemv.teal_gemv_launch)(x, wuT, tx, best["compact_up"]), iters, cuda)})
+                             "ms": timed(lambda: gemv.teal_gemv_launch(x, wuT, tx, best["compact_up"], compact=True), iters, cuda)})
                 gotc = gemv.teal_mlp_launch(x, wgT, wuT, wdT, tx, th, compact=True).float()
                 out.setdefault("compact_rel_err", {})[f"b{b} {s:.0%}"] = round(float((gotc - want).norm() / want.norm()), 5)
             gemv.FUSED_FINISH = False  # the previous path: split sums in a second launch per projection

@@ -198,19 +198,18 @@ def test_teal_fused_finish_counters_reset_and_match_two_launch_path(monkeypatch)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
-def test_teal_compact_rows_path_matches_float64(sparsity, monkeypatch):
-    """One-row calls with the kept channels compacted into a list first (COMPACT_ROWS): the
+def test_teal_compact_rows_path_matches_float64(sparsity):
+    """One-row calls with the kept channels compacted into a list first (compact=True): the
     fused MLP and a single projection against the float64 reference, all kept / half / none."""
-    monkeypatch.setattr(gemv, "COMPACT_ROWS", True)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1, 70, generator=g)
     wg, wu = torch.randn(70, 130, generator=g) * 0.3, torch.randn(70, 130, generator=g) * 0.3
     wd = torch.randn(130, 70, generator=g) * 0.3
     t_in = torch.quantile(x.abs(), sparsity) if 0 < sparsity < 1 else torch.tensor(-1.0 if sparsity == 0 else 1e9)
     t_down = torch.tensor(0.1)
-    y = gemv.teal_mlp_launch(x, wg, wu, wd, t_in, t_down)
+    y = gemv.teal_mlp_launch(x, wg, wu, wd, t_in, t_down, compact=True)
     ref = gemv.teal_mlp_reference(x.double(), wg.double(), wu.double(), wd.double(), float(t_in), 0.1)
     torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
-    y1 = gemv.teal_gemv_launch(x, wg, t_in)
+    y1 = gemv.teal_gemv_launch(x, wg, t_in, compact=True)
     torch.testing.assert_close(y1.double(), gemv.teal_gemv_reference(x.double(), wg.double(), float(t_in)),
                                atol=1e-4, rtol=1e-4)

@@ -69,9 +69,7 @@ FUSED_FINISH = True
 # then loop over full tiles of kept weight rows (COMPACT in _gemv_kernel.py). H100, 8B MLP:
 # 1.62x vs 1.68x at 50% sparsity, equal at 60%, 2.10x vs 2.01x at 65%, 2.65x vs 2.22x at 75%,
 # 3.00x vs 2.31x at 80% (benchmarks/results/contextual/teal_compact_sweep.md), so the patching
-# asks for it (`compact=True`) on layers configured at >= COMPACT_MIN_SPARSITY; this flag turns
-# it on for every call that does not say.
-COMPACT_ROWS = False
+# asks for it (`compact=True`) on layers configured at >= COMPACT_MIN_SPARSITY.
 COMPACT_MIN_SPARSITY = 0.6
 # (gate/up launch, down launch) configs of the compacted path: H100 sweep at 50/75/80% sparsity
 # (`benchmarks/contextual.py --compact-sweep`, benchmarks/results/contextual/teal_compact_sweep2.json);
@@ -102,7 +100,7 @@ def prepare_counters(device) -> None:
     _counters(torch.device(device), 1 << 16)
 
 
-def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, compact=None) -> torch.Tensor:
+def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, compact: bool = False) -> torch.Tensor:
     """One teal_gemv_kernel launch: x [M, K] -> fp32 partials [splits, 1 or 2 (with wt2), M, N].
     out [M, N]: the fused finish writes the split sums there (SiLU(gate) * up when glu)."""
     m, k = x.shape
@@ -121,7 +119,7 @@ def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, c
     grid = (splits, triton_cdiv(n, bn), triton_cdiv(m, bm))
     fused = out is not None
     cnt = _counters(x.device, grid[1] * grid[2]) if fused else p
-    compact = (COMPACT_ROWS if compact is None else compact) and m == 1
+    compact = compact and m == 1
     sidx = torch.empty(splits * rows, dtype=torch.int32, device=x.device) if compact else p
     sx = torch.empty(splits * rows, dtype=torch.float32, device=x.device) if compact else p
     kernel_module("_gemv_kernel.py", not x.is_cuda).teal_gemv_kernel[grid](
@@ -133,9 +131,9 @@ def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, c
     return p
 
 
-def _teal(x, wt, wt2, threshold, config, glu: bool, compact=None) -> torch.Tensor:
+def _teal(x, wt, wt2, threshold, config, glu: bool, compact: bool = False) -> torch.Tensor:
     """x [M, K] -> [M, N] in x's dtype: the split-K launch, its splits summed in the same launch
-    (FUSED_FINISH) or by `_teal_finish`; compact None = COMPACT_ROWS."""
+    (FUSED_FINISH) or by `_teal_finish`; compact: the compacted-rows loop (one-row calls)."""
     if FUSED_FINISH:
         out = torch.empty(x.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
         _teal_partials(x, wt, wt2, threshold, config, out=out, glu=glu, compact=compact)
@@ -153,7 +151,8 @@ def _teal_finish(p: torch.Tensor, dtype: torch.dtype, glu: bool) -> torch.Tensor
     return out
 
 
-def teal_gemv_launch(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, config=None) -> torch.Tensor:
+def teal_gemv_launch(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, config=None,
+                     compact: bool = False) -> torch.Tensor:
     """The kernel call behind the op (no custom-op wrapper): one launch (split-K partials, summed
     by the last split program of each output block); config = (BLOCK_K, BLOCK_N, ROWS per
     program, num_warps, num_stages)."""
@@ -161,17 +160,17 @@ def teal_gemv_launch(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor,
     _check_teal_weight("teal_gemv: wt", wt, x.shape[1], x.device)
     _check_threshold("teal_gemv", threshold)
     x = x if x.stride(1) == 1 else x.contiguous()
-    return _teal(x, wt, None, threshold, config, False)
+    return _teal(x, wt, None, threshold, config, False, compact)
 
 
 def teal_mlp_launch(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_t: torch.Tensor,
-                    t_in: torch.Tensor, t_down: torch.Tensor, config=None, compact=None) -> torch.Tensor:
+                    t_in: torch.Tensor, t_down: torch.Tensor, config=None, compact: bool = False) -> torch.Tensor:
     """SwiGLU MLP with TEAL on both inputs: x [M, H], wg_t / wu_t [H, I], wd_t [I, H] (all
     [in, out] row-major) -> [M, H] = down(h * (|h| > t_down)), h = SiLU(gate(x')) * up(x'),
     x' = x * (|x| > t_in); h in x's dtype. Two launches: gate and up (one shared x; h = the
     sums of their splits, by the last split program of each block), down. config = (gate/up
-    config, down config); compact: the kept-rows-compacted loop for one-row calls (None:
-    COMPACT_ROWS)."""
+    config, down config); compact: the kept-rows-compacted loop for one-row calls (with
+    its own default configs)."""
     _check_2d("teal_mlp: x", x)
     hid = x.shape[1]
     _check_teal_weight("teal_mlp: wg_t", wg_t, hid, x.device)
@@ -186,7 +185,7 @@ def teal_mlp_launch(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_
     _check_threshold("teal_mlp: t_down", t_down)
     x = x if x.stride(1) == 1 else x.contiguous()
     key = "cuda" if x.is_cuda else "cpu"
-    compact = (COMPACT_ROWS if compact is None else compact) and x.shape[0] == 1
+    compact = compact and x.shape[0] == 1
     cfg_gu, cfg_d = config or (TEAL_COMPACT_MLP_CONFIG[key] if compact else (TEAL_MLP_CONFIG[key], TEAL_CONFIG[key]))
     h = _teal(x, wg_t, wu_t, t_in, cfg_gu, True, compact)
     return _teal(h, wd_t, None, t_down, cfg_d, False, compact)
@@ -233,7 +232,7 @@ def _teal_gemv_fake(x, wt, threshold):
 @torch.library.custom_op("sparseinfer::teal_mlp", mutates_args=())
 def teal_mlp(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_t: torch.Tensor, t_in: torch.Tensor,
              t_down: torch.Tensor, compact: bool = False) -> torch.Tensor:
-    return teal_mlp_launch(x, wg_t, wu_t, wd_t, t_in, t_down, compact=compact or None)
+    return teal_mlp_launch(x, wg_t, wu_t, wd_t, t_in, t_down, compact=compact)
 
 
 @teal_mlp.register_fake

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..index import device_tensor
 from . import block_sparse as bs
 from . import vertical_slash as vs
 from .base import Pattern, Selection, resolve_budget
@@ -42,7 +43,7 @@ class MInferenceLayer(Pattern):
         parts = []
         vs_heads = [kd != "block_sparse" for kd in kinds]
         if any(vs_heads):
-            is_as = torch.tensor([kd == "ashape" for kd in kinds], device=dev)[None, :, None]
+            is_as = device_tensor([kd == "ashape" for kd in kinds], dev)[None, :, None]
             nv = [max(a, c) for a, c in zip(self._counts("vertical", ("vertical_slash",), n), self._counts("sink", ("ashape",), n))]
             ns = [max(a, c) for a, c in zip(self._counts("slash", ("vertical_slash",), n), self._counts("window", ("ashape",), n))]
             NV, NS = max(1, max(nv)), max(1, max(ns))
@@ -54,9 +55,9 @@ class MInferenceLayer(Pattern):
             ar_v, ar_s = torch.arange(NV, device=dev), torch.arange(NS, device=dev)
             v_idx = torch.where(is_as, ar_v, v_idx)  # A-shape: keys 0..sink-1
             s_idx = torch.where(is_as, ar_s, s_idx)  # A-shape: offsets 0..window-1
-            v_idx = torch.where(ar_v < torch.tensor(nv, device=dev)[None, :, None], v_idx, -1)
-            s_idx = torch.where(ar_s < torch.tensor(ns, device=dev)[None, :, None], s_idx, -1)
-            heads = torch.tensor(vs_heads, device=dev)
+            v_idx = torch.where(ar_v < device_tensor(nv, dev)[None, :, None], v_idx, -1)
+            s_idx = torch.where(ar_s < device_tensor(ns, dev)[None, :, None], s_idx, -1)
+            heads = device_tensor(vs_heads, dev)
             v_idx = torch.where(heads[None, :, None], v_idx, -1)
             s_idx = torch.where(heads[None, :, None], s_idx, -1)
             dens = vs.vertical_slash_density(n, v_idx, s_idx)
@@ -69,8 +70,8 @@ class MInferenceLayer(Pattern):
             nb = math.ceil(n / size)
             kk = self._counts("topk", ("block_sparse",), nb)
             idx = bs.estimate(q, k, max(1, max(kk)), size, scale)
-            heads = torch.tensor([kd == "block_sparse" for kd in kinds], device=dev)
-            keep = torch.arange(idx.shape[-1], device=dev) < torch.tensor(kk, device=dev)[:, None, None]
+            heads = device_tensor([kd == "block_sparse" for kd in kinds], dev)
+            keep = torch.arange(idx.shape[-1], device=dev) < device_tensor(kk, dev)[:, None, None]
             idx = torch.where(keep[None] & heads[None, :, None, None], idx, -1)
             dens = bs.block_sparse_density(n, idx, size)
             parts.append(Selection("block_sparse_attention", {"block_idx": idx, "block_size": size}, dens, heads))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..index import device_tensor
 from .base import Pattern, Selection, group_heads
 from .block_sparse import block_sparse_density
 
@@ -101,7 +102,7 @@ def head_values(name: str, value, hq: int, device, lo: float, hi: float) -> torc
     vals = [value] * hq if isinstance(value, (int, float)) and not isinstance(value, bool) else list(value)
     if len(vals) != hq:
         raise ValueError(f"{name}: expected a float or {hq} per-head values, got {len(vals)} values")
-    return torch.tensor(vals, dtype=torch.float64, device=device)
+    return device_tensor(vals, device, torch.float64)  # no blocking H2D copy per call
 
 
 def check_fraction(name: str, value, lo: float = 0.0, hi: float = 1.0) -> None:

@@ -137,9 +137,8 @@ def query_scores(q, k, pos, valid, scale):
     pos = pos.expand(b, gs, L).reshape(b, gs * L)
     valid = valid.expand(b, gs, L).reshape(b, gs * L)
     gl = gs * L
-    if q.is_cuda:
-        from ..kernels.lastq import query_sums
-
+    query_sums = vs.fused_sums(q)
+    if query_sums is not None:
         return query_sums(q, k, pos, valid.float(), gs, scale)
     qs = q.gather(2, pos[:, None, :, None].expand(b, hq, gl, d)) * scale
     s = torch.matmul(qs.reshape(b, hkv, hq // hkv * gl, d).float(), k.float().transpose(-1, -2)).reshape(b, hq, gl, n)

@@ -64,14 +64,25 @@ def estimate(q, k, vertical: int, slash: int, last_q: int = 64, scale: float | N
     return v_idx, s_idx
 
 
+def fused_sums(q: torch.Tensor):
+    """`sparseinfer.kernels.lastq.query_sums` for CUDA tensors when triton is importable, else None
+    (the caller takes its torch path)."""
+    if not q.is_cuda:
+        return None
+    try:
+        from ..kernels.lastq import query_sums
+    except ImportError:
+        return None
+    return query_sums
+
+
 def last_query_sums(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float):
     """Column sums and diagonal sums of `last_query_probs` -> ([B, Hq, N], [B, Hq, N]) float32.
     On CUDA one TF32 matmul + the fused Triton sums (`sparseinfer.kernels.lastq`: no
     [B, Hq, L, N] softmax pass, mask or skew copies), on the CPU the torch path."""
     b, _, n, _ = q.shape
-    if q.is_cuda:
-        from ..kernels.lastq import query_sums
-
+    query_sums = fused_sums(q)
+    if query_sums is not None:
         L = min(last_q, n)
         pos = torch.arange(n - L, n, device=q.device).expand(b, L)
         col, diag = query_sums(q, k, pos, torch.ones(b, L, device=q.device), 1, scale)

@@ -10,7 +10,8 @@ A. per-layer MLP (4096 -> 14336 -> 4096): dense cuBLAS (3 GEMVs + SiLU*up) vs th
 B. the decode step of the transformers model (--layers decoder layers, 4K context, StaticCache)
    captured in a CUDA graph: dense vs teal MLP 50% vs teal 50% on all projections vs dejavu
    MLP 50% (+ heads 50%), through `sparseinfer.patch`; per-layer time from --layers vs
-   --layers/2 and the 32-layer extrapolation.
+   --layers/2 and the 32-layer extrapolation. --compile adds the same steps through torch.compile
+   (then captured): the fastest dense step, and the sparse ones without the elementwise overhead.
 
     python benchmarks/contextual.py --out benchmarks/results/contextual     # H100: ~2-3 min
     python benchmarks/contextual.py --smoke --out /tmp/ctx-smoke            # CPU, tiny shapes, < 1 min
@@ -158,6 +159,20 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
     mask = torch.zeros(1, inter, dtype=torch.bool, device=dev)
     mask[0, torch.randperm(inter, device=dev, generator=g)[: inter // 2]] = True
     pick("dejavu_gateup", "gate_up", "dejavu_gateup", gu_cfgs, lambda c: gemv.dejavu_gateup_launch(x, wg, wu, mask, c))
+    # the listed-neurons path (one row): gathered gate/up rows, then the down rows of the list
+    sel = torch.randperm(inter, device=dev, generator=g)[: inter // 2]
+    d_rows = gemv.DEJAVU_ROWS_CONFIG["cuda" if cuda else "cpu"]
+    rg_cfgs = [(16, 256, 4, 3), (8, 512, 4, 3), (16, 512, 8, 3), (32, 256, 8, 3), (8, 256, 4, 4), (16, 128, 4, 4),
+               (16, 256, 4, 2), (32, 128, 4, 4), (16, 256, 8, 4), (8, 512, 8, 3), (16, 512, 4, 2), (32, 128, 8, 3)] \
+        if cuda else [d_rows[0]]
+    pick("dejavu_rows", "gate_up", "dejavu_rows_gate_up", rg_cfgs,
+         lambda c: gemv.dejavu_mlp_rows_launch(x, wg, wu, wdT, sel, (c, d_rows[1])))
+    rd_cfgs = [(64, 128, 1024, 4, 3), (64, 128, 512, 4, 3), (32, 128, 512, 4, 3), (64, 64, 512, 4, 3),
+               (128, 64, 1024, 4, 3), (64, 128, 256, 4, 3), (32, 256, 512, 8, 3), (64, 128, 512, 4, 4),
+               (64, 256, 1024, 8, 3), (128, 128, 1024, 8, 3), (64, 128, 1792, 4, 3), (32, 128, 1024, 4, 4)] if cuda \
+        else [d_rows[1]]
+    pick("dejavu_rows", "down", "dejavu_rows_down", rd_cfgs,
+         lambda c: gemv.dejavu_mlp_rows_launch(x, wg, wu, wdT, sel, (best["dejavu_rows_gate_up"], c)))
     out["sweep"] = sweep
     out["best_config"] = {k: list(v) for k, v in best.items()}
 
@@ -254,6 +269,39 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
                 hh = gemv.dejavu_gateup_launch(x, wg, wu, mm, cgu)
                 return gemv.teal_gemv_launch(hh, wdT, zero, cd)
 
+            if b == 1:  # the listed-neurons path (what dejavu_mlp runs for one row)
+                crow = (best["dejavu_rows_gate_up"], best["dejavu_rows_down"])
+                mk = torch.zeros(1, inter, dtype=torch.bool, device=dev).scatter_(1, idx, True)
+                want = (gemv.dejavu_gateup_reference(x.float(), wg.float(), wu.float(), mk) @ wdT.float())
+                got = gemv.dejavu_mlp_rows_launch(x, wg, wu, wdT, idx[0], crow).float()
+                err = float((got - want).norm() / want.norm())
+                out.setdefault("dejavu_rows_rel_err", {})[f"{s:.0%}"] = round(err, 5)
+                log(f"  dejavu rows {s:.0%}: rel. error vs fp32 reference {err:.2e}")
+
+                def dv_rows():
+                    return gemv.dejavu_mlp_rows_launch(x, wg, wu, wdT, idx[0], crow)
+
+                def dv_rows_pred():  # the selection as the patching does it (a sort, then the first k)
+                    ii = F.linear(F.linear(x, A), B).sort(dim=-1, descending=True).indices[:, :k]
+                    return gemv.dejavu_mlp_rows_launch(x, wg, wu, wdT, ii[0], crow)
+
+                def pred_only():
+                    return F.linear(F.linear(x, A), B).sort(dim=-1, descending=True).indices[:, :k]
+
+                sc0 = F.linear(F.linear(x, A), B)
+                sel_t = {"torch.topk unsorted": timed(lambda: sc0.topk(k, dim=-1, sorted=False).indices, iters, cuda),
+                         "torch.topk sorted": timed(lambda: sc0.topk(k, dim=-1).indices, iters, cuda),
+                         "sort, first k": timed(lambda: sc0.sort(dim=-1, descending=True).indices[:, :k], iters, cuda)}
+                out.setdefault("select_ms", {})[f"{s:.0%}"] = {a: round(v, 4) for a, v in sel_t.items()}
+                log(f"  top-{k} of {inter}: " + ", ".join(f"{a} {v * 1e3:.1f} us" for a, v in sel_t.items()))
+
+                rows.append({"batch": b, "method": f"dejavu {s:.0%} listed rows (kernel)", "kept": round(union, 3),
+                             "ms": timed(dv_rows, iters, cuda), "bound_ms": union * mlp_bytes / bw * 1e3})
+                rows.append({"batch": b, "method": f"dejavu {s:.0%} listed rows + predictor r={r}", "kept": round(union, 3),
+                             "ms": timed(dv_rows_pred, iters, cuda),
+                             "bound_ms": (union * mlp_bytes + r * (h + inter) * A.element_size()) / bw * 1e3})
+                rows.append({"batch": b, "method": f"dejavu {s:.0%} predictor r={r} + selection alone", "kept": 0.0,
+                             "ms": timed(pred_only, iters, cuda), "bound_ms": r * (h + inter) * A.element_size() / bw * 1e3})
             pbytes = r * (h + inter) * A.element_size()
             rows.append({"batch": b, "method": f"dejavu {s:.0%} (kernel)", "kept": round(union, 3), "ms": timed(dv, iters, cuda),
                          "bound_ms": union * mlp_bytes / bw * 1e3})
@@ -295,6 +343,30 @@ def fake_files(model, dev):
     return th, pred
 
 
+def kernel_table(step, name: str, calls: int = 10, top: int = 14) -> list:
+    """GPU time per step of the `top` most expensive kernels of step() (run uncaptured, so the
+    kernels are the graph's; launch gaps are not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / calls, e.count / calls) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    log(f"  kernels of one step ({name}): {total:.1f} us in all")
+    for k, us, n in rows[:top]:
+        log(f"    {us:8.1f} us  x{n:<4.0f} {k[:110]}")
+    return [{"kernel": k[:200], "us_per_step": round(us, 2), "launches_per_step": n} for k, us, n in rows[:top]] + \
+        [{"kernel": "(all)", "us_per_step": round(total, 2)}]
+
+
+COMPILED = ("dense", "teal mlp 50%", "teal all projections 50%", "dejavu mlp 50%")
+
+
 def part_b(args, dev, dt, shapes, out: dict) -> None:
     from transformers import StaticCache
 
@@ -305,13 +377,20 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                 ("teal all projections 50%", dict(mlp="teal", mlp_sparsity=0.5, contextual_options={"attn_sparsity": 0.5})),
                 ("dejavu mlp 50%", dict(mlp="dejavu", mlp_sparsity=0.5)),
                 ("dejavu mlp 50% + heads 50%", dict(mlp="dejavu", mlp_sparsity=0.5, heads="dejavu", head_sparsity=0.5))]
+    if args.compile:  # the same settings with the step through torch.compile (fuses the
+        # norms, RoPE and residual adds that otherwise cost ~0.2 ms per layer), then captured
+        settings += [(f"{name} (compiled)", kw) for name, kw in settings if name in COMPILED]
     rows = []
     for n_layers in (args.layers // 2, args.layers):
         model = build_model(shapes, n_layers, dev, dt)
         th, pred = fake_files(model, dev)
         cfg = model.config
+        dense_ref = None
         for name, kw in settings:
             try:
+                torch._dynamo.reset()
+                compiled = name.endswith("(compiled)")
+                fwd = torch.compile(model.forward, dynamic=False) if compiled else model.forward
                 kw = dict(kw)  # the settings are reused for the second model size
                 co = dict(kw.pop("contextual_options", {}), thresholds=th)
                 handle = sparseinfer.patch(model, "dense", predictors=pred, contextual_options=co, **kw) if kw else None
@@ -330,9 +409,23 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                     for t in lengths:
                         t.fill_(ctx)
                     with torch.no_grad():
-                        return model(input_ids=tok, past_key_values=cache, cache_position=pos, position_ids=pos[None],
-                                     use_cache=True).logits
+                        return fwd(input_ids=tok, past_key_values=cache, cache_position=pos, position_ids=pos[None],
+                                   use_cache=True).logits
 
+                check = {}
+                if name == "dense":
+                    dense_ref = step().float().clone()
+                elif dense_ref is not None:  # what the sparsity itself changes (random weights)
+                    check["rel_err_vs_dense"] = float((step().float() - dense_ref).norm() / dense_ref.norm())
+                if compiled:  # the compiled step computes what the eager one does
+                    for t in lengths:
+                        t.fill_(ctx)
+                    with torch.no_grad():
+                        ref = model(input_ids=tok, past_key_values=cache, cache_position=pos, position_ids=pos[None],
+                                    use_cache=True).logits.float()
+                    got = step().float()
+                    check = {"rel_err_vs_eager": float((got - ref).norm() / ref.norm())}
+                    log(f"  compiled vs eager step logits: rel. err {check['rel_err_vs_eager']:.2e}")
                 note = "CUDA graph" if cuda else "eager"
                 try:
                     ms = timed(step, args.iters // 4 or 1, cuda)
@@ -340,9 +433,11 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                     log(f"  CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); timing eagerly")
                     note = f"eager (capture failed: {type(e).__name__})"
                     ms = timed(step, args.iters // 4 or 1, cuda, graph=False)
+                if args.profile and cuda and n_layers == args.layers:
+                    check["kernels"] = kernel_table(step, name)
                 calls = dict(handle.contextual.stats.calls) if handle is not None else {}
                 rows.append({"layers": n_layers, "setting": name, "ms": round(ms, 4), "sparse_calls": len(calls),
-                             "timing": note})
+                             "timing": note, **check})
                 log(f"  decode step, {n_layers} layers, {name:<28} {ms:.4f} ms")
             except Exception as e:
                 rows.append({"layers": n_layers, "setting": name, "error": f"{type(e).__name__}: {e}"[:400]})
@@ -363,11 +458,18 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
             per = (b["ms"] - a["ms"]) / (args.layers - args.layers // 2)
             ext.append({"setting": name, "per_layer_ms": round(per, 4), "rest_ms": round(a["ms"] - per * (args.layers // 2), 4),
                         "est_32_layers_ms": round(a["ms"] + per * (32 - args.layers // 2), 3)})
-    d = next((e for e in ext if e["setting"] == "dense"), None)
+    # speedups against the fastest dense step (eager-captured or compiled) and against the dense
+    # step of the same mode
+    dense = [e for e in ext if e["setting"].startswith("dense") and e["setting"].split(" (")[0] == "dense"]
+    d = min(dense, key=lambda e: e["est_32_layers_ms"], default=None)
     for e in ext:
         if d:
             e["speedup_per_layer"] = round(d["per_layer_ms"] / e["per_layer_ms"], 3) if e["per_layer_ms"] > 0 else None
             e["speedup_32_layers"] = round(d["est_32_layers_ms"] / e["est_32_layers_ms"], 3)
+            e["vs_dense"] = d["setting"]
+        same = next((x for x in dense if x["setting"].endswith("(compiled)") == e["setting"].endswith("(compiled)")), None)
+        if same:
+            e["speedup_32_layers_same_mode"] = round(same["est_32_layers_ms"] / e["est_32_layers_ms"], 3)
         log(f"  {e['setting']:<28} per layer {e['per_layer_ms']:.4f} ms, est. 32 layers {e['est_32_layers_ms']:.2f} ms "
             f"x{e.get('speedup_32_layers')}")
     out["decode_step"] = {"context": ctx, "rows": rows, "extrapolated": ext}
@@ -390,10 +492,14 @@ def write(out_dir: str, res: dict) -> None:
         lines += [f"## B. Decode step, {ds['context']} context, CUDA graph (transformers model + sparseinfer.patch)", "",
                   "| layers | setting | ms | timing |", "|---|---|---|---|"]
         for r in ds["rows"]:
-            lines.append(f"| {r['layers']} | {r['setting']} | {r.get('ms', r.get('error'))} | {r.get('timing', '')} |")
-        lines += ["", "| setting | per layer ms | est. 32 layers ms | speedup (32 layers) |", "|---|---|---|---|"]
+            err = f"; compiled vs eager logits rel. err {r['rel_err_vs_eager']:.1e}" if "rel_err_vs_eager" in r else ""
+            err += f"; vs dense {r['rel_err_vs_dense']:.1e}" if "rel_err_vs_dense" in r else ""
+            lines.append(f"| {r['layers']} | {r['setting']} | {r.get('ms', r.get('error'))} | {r.get('timing', '')}{err} |")
+        lines += ["", "| setting | per layer ms | est. 32 layers ms | speedup vs the fastest dense step (32 layers) | "
+                  "vs dense of the same mode |", "|---|---|---|---|---|"]
         for e in ds["extrapolated"]:
-            lines.append(f"| {e['setting']} | {e['per_layer_ms']} | {e['est_32_layers_ms']} | {e.get('speedup_32_layers')} |")
+            lines.append(f"| {e['setting']} | {e['per_layer_ms']} | {e['est_32_layers_ms']} | {e.get('speedup_32_layers')} "
+                         f"({e.get('vs_dense')}) | {e.get('speedup_32_layers_same_mode')} |")
     with open(os.path.join(out_dir, "contextual.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -445,6 +551,8 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--layers", type=int, default=4, help="decoder layers of the decode-step model (and half of it)")
     p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--profile", action="store_true", help="part b: GPU time per kernel of each --layers step")
+    p.add_argument("--compile", action="store_true", help="part b: also each step through torch.compile, then captured")
     p.add_argument("--skip", default="", help="comma list of parts to skip: a, b")
     p.add_argument("--compact-sweep", action="store_true", help="only: configs of the compacted-rows path (CUDA)")
     args = p.parse_args()

@@ -10,7 +10,11 @@ realistic" runs the same estimation in every layer (its cost is in the time) but
 kernel index sets shaped like real heads' (benchmarks/attention.py: 1000 verticals = first
 30 + scattered, 6096 slashes = 0..4095 + 10 runs of 200).
 
-    python benchmarks/e2e.py --sizes 32768,131072 --out DIR
+--compile adds the dense (cuDNN) and realistic rows with every decoder layer compiled
+(torch.compile per layer: the norms, RoPE, residual adds and SwiGLU fuse, about 1 s of
+elementwise kernels at 128K; the sparse attention runs eagerly between the graphs).
+
+    python benchmarks/e2e.py --sizes 32768,131072 --out DIR [--compile] [--profile]
 """
 from __future__ import annotations
 
@@ -70,6 +74,39 @@ class RealisticIndices:
                           vertical_slash_density(n, vi, si))]
 
 
+def set_compiled(model, on: bool) -> None:
+    """Regional compilation: torch.compile on every decoder layer (static shapes), so the
+    norms, RoPE, residual adds and SwiGLU fuse; sparseinfer's pre-fill attention runs eagerly
+    in between (outside the graph, see `sparseinfer.integration`). on=False restores eager."""
+    torch._dynamo.reset()
+    # one recompile per layer: transformers' cache update guards on its layer's slot
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(model.model.layers))
+    for layer in model.model.layers:
+        if on:
+            layer.compile(dynamic=False)
+        else:
+            layer._compiled_call_impl = None
+
+
+@torch.inference_mode()
+def kernel_profile(model, ids, label: str, top: int = 25) -> list:
+    """GPU time of one pre-fill by kernel name (torch.profiler), the `top` largest printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model(ids, logits_to_keep=1, use_cache=True)  # warm
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(ids, logits_to_keep=1, use_cache=True)
+        torch.cuda.synchronize()
+    rows = sorted(((e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages() if e.device_time_total > 0),
+                  key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    print(f"--- kernels of one pre-fill, {label}: {total:.1f} ms of GPU time", flush=True)
+    for k, ms, c in rows[:top]:
+        print(f"  {ms:9.2f} ms  x{c:<5d} {k[:120]}", flush=True)
+    return [{"kernel": k[:200], "ms": round(ms, 3), "launches": c} for k, ms, c in rows[:top]]
+
+
 @torch.inference_mode()
 def ttft(model, ids, reps: int, warmup: bool = True) -> list[float]:
     times = []
@@ -88,6 +125,9 @@ def main():
     ap.add_argument("--sizes", default="32768,131072")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--profile", action="store_true", help="also GPU time per kernel of one dense and one realistic pre-fill")
+    ap.add_argument("--compile", action="store_true",
+                    help="also dense cuDNN and vertical_slash realistic with every decoder layer torch.compile'd")
     ap.add_argument("--skip-vs", action="store_true", help="no vertical_slash rows (with --adaptive)")
     ap.add_argument("--adaptive", action="store_true",
                     help="also time xattention (tau=0.9, block 128) with the default density guard")
@@ -97,7 +137,7 @@ def main():
 
     model = build_model(max(sizes))
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rows = []
+    rows, profiles = [], {}
     for n in sizes:
         ids = torch.randint(0, LLAMA_31_8B["vocab_size"], (1, n), device="cuda", generator=gen)
         res = {}
@@ -105,6 +145,8 @@ def main():
             try:
                 with sdpa_kernel(backend):
                     res[name] = ttft(model, ids, args.reps)
+                    if args.profile and name == "dense cuDNN":
+                        profiles[(n, name)] = kernel_profile(model, ids, f"{name}, N={n}")
             except Exception as e:  # noqa: BLE001
                 print(f"{name} at {n}: {type(e).__name__}: {e}", flush=True)
             torch.cuda.empty_cache()
@@ -120,12 +162,39 @@ def main():
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 # the estimated (worst-case) row runs once: the kernels are warm by then
                 res[label] = ttft(model, ids, args.reps) if realistic else ttft(model, ids, 1, warmup=False)
+                if args.profile and realistic:
+                    profiles[(n, label)] = kernel_profile(model, ids, f"{label}, N={n}")
             dens = handle.stats.density()
             routes = sorted({r.reason or r.method for r in handle.stats.records})
             res[label + " route"] = routes
             sparseinfer.unpatch(model)
             torch.cuda.empty_cache()
             res[label + " density"] = dens
+        if args.compile:  # the same model with every decoder layer compiled (static shapes)
+            for label, patched in (("dense cuDNN (compiled)", False), ("vertical_slash, realistic (compiled)", True)):
+                handle = None
+                if patched:
+                    handle = sparseinfer.patch(model, "vertical_slash", vertical=NV, slash=NS, min_len=4096)
+                    for m in model.modules():
+                        plan = getattr(m, "_sparseinfer", None)
+                        if plan is not None:
+                            plan.pattern = RealisticIndices(plan.pattern, gen)
+                set_compiled(model, True)
+                try:
+                    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                        res[label] = ttft(model, ids, args.reps)  # the warm-up run compiles
+                        if args.profile:
+                            profiles[(n, label)] = kernel_profile(model, ids, f"{label}, N={n}")
+                    if handle is not None:
+                        res[label + " density"] = handle.stats.density()
+                        res[label + " route"] = sorted({r.reason or r.method for r in handle.stats.records})
+                except Exception as e:  # noqa: BLE001
+                    print(f"{label} at {n}: {type(e).__name__}: {e}", flush=True)
+                finally:
+                    set_compiled(model, False)
+                    if handle is not None:
+                        sparseinfer.unpatch(model)
+                    torch.cuda.empty_cache()
         if args.adaptive:  # random weights: near-uniform attention, so the guard should route heads dense
             label = "xattention 0.9, guarded"
             handle = sparseinfer.patch(model, "xattention", tau=0.9, stride=8, block_size=128, min_len=4096)
@@ -135,13 +204,17 @@ def main():
             res[label + " route"] = sorted({r.reason or r.method for r in handle.stats.records})
             sparseinfer.unpatch(model)
             torch.cuda.empty_cache()
+        dense = min(min(v) for k, v in res.items() if k.startswith("dense") and not k.endswith(("density", "route")))
         peak = torch.cuda.max_memory_allocated() / 1e9
         for name, v in res.items():
             if name.endswith("density") or name.endswith("route"):
                 continue
             t = min(v)
+            mode = [min(x) for k, x in res.items() if k.startswith("dense") and not k.endswith(("density", "route"))
+                    and k.endswith("(compiled)") == name.endswith("(compiled)")]
             row = {"n": n, "method": name, "ttft_s": round(t, 3), "all_s": [round(x, 3) for x in v],
-                   "speedup_vs_dense": round(dense / t, 2), "density": res.get(name + " density", 1.0),
+                   "speedup_vs_dense": round(dense / t, 2),
+                   "speedup_vs_dense_same_mode": round(min(mode) / t, 2) if mode else None, "density": res.get(name + " density", 1.0),
                    "route": res.get(name + " route", ["dense"])}
             rows.append(row)
             print(f"N={n:>7} {name:28s} {t:8.3f} s  x{dense / t:5.2f}  density {row['density']:.3f} {row['route']}", flush=True)
@@ -150,19 +223,22 @@ def main():
     import transformers
     import triton
 
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    meta = {"compile": args.compile, "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": "Llama-3.1-8B shape, random bf16 weights", "vertical": NV, "slash": NS, "reps": args.reps}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "e2e.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows,
+                   "profiles": [{"n": n, "method": m, "kernels": v} for (n, m), v in profiles.items()]}, f, indent=1)
     lines = ["# Time to first token, Llama-3.1-8B shape (random bf16 weights), batch 1", "",
              f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}, "
-             f"{meta['date']}. Best of {args.reps} after a warm-up; speedup vs the faster dense SDPA backend in this run.",
-             "", "| N | method | TTFT (s) | speedup | attention density | route |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['n']} | {r['method']} | {r['ttft_s']:.3f} | {r['speedup_vs_dense']:.2f}x | {100 * r['density']:.1f}% | "
-              f"{', '.join(r['route'])} |" for r in rows]
+             f"{meta['date']}. Best of {args.reps} after a warm-up; speedup vs the fastest dense row in this run "
+             "(and vs the fastest dense row of the same mode, eager or compiled).",
+             "", "| N | method | TTFT (s) | speedup | vs dense, same mode | attention density | route |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['n']} | {r['method']} | {r['ttft_s']:.3f} | {r['speedup_vs_dense']:.2f}x | "
+              f"{r['speedup_vs_dense_same_mode']:.2f}x | {100 * r['density']:.1f}% | {', '.join(r['route'])} |" for r in rows]
     with open(os.path.join(args.out, "e2e.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

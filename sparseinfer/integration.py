@@ -49,7 +49,9 @@ class CallRecord:
 
 @dataclass
 class PatchStats:
-    """What the patched model computed, call by call (reset with `.reset()`)."""
+    """What the patched model computed, call by call (reset with `.reset()`). Calls traced by
+    torch.compile are not recorded: host-side bookkeeping inside a compiled graph would make
+    every call fail the graph's guards and recompile."""
 
     records: list[CallRecord] = field(default_factory=list)
     shadow: list = field(default_factory=list)  # sparseinfer.shadow.ShadowRecord, with patch(shadow=...)
@@ -57,6 +59,10 @@ class PatchStats:
     def reset(self) -> None:
         self.records.clear()
         self.shadow.clear()
+
+    def add(self, record: "CallRecord") -> None:
+        if not torch.compiler.is_compiling():
+            self.records.append(record)
 
     def density(self) -> float:
         """Kept share of causal (query, key) pairs over all recorded calls, weighted by each
@@ -145,7 +151,17 @@ def run_selections(parts: list[Selection], q, k, v, scale: float, backend: str =
 
 def sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The registered attention function. query [B, Hq, Nq, D], key/value [B, Hkv, Nk, D]
-    -> ([B, Nq, Hq, D], None), as transformers' attention functions return."""
+    -> ([B, Nq, Hq, D], None), as transformers' attention functions return.
+
+    Under torch.compile, calls of more than one query row (pre-filling) run eagerly, outside
+    the graph (index estimation syncs with the host and launches its own kernels; the rest of
+    the model still compiles around it); decode steps are traced like any attention."""
+    if query.shape[2] > 1 and torch.compiler.is_compiling():
+        return _attention_eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return _attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     plan: LayerPlan | None = getattr(module, _ATTR, None)
     kv = getattr(module, KV_ATTR, None)
     if kv is not None:  # a KV-cache policy attached by sparseinfer.kv: it may take decode steps
@@ -154,7 +170,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
             out = kv.decode_attention(module.layer_idx, query, key, value, scale)
             if out is not None:
                 if plan is not None:
-                    plan.stats.records.append(CallRecord(plan.layer, 1, "kv", None, "decode"))
+                    plan.stats.add(CallRecord(plan.layer, 1, "kv", None, "decode"))
                 return out.transpose(1, 2).contiguous(), None
         elif query.shape[2] == key.shape[2]:
             kv.observe_prefill(module.layer_idx, query, key, scale)
@@ -164,7 +180,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         plan.observer(plan.layer, query, key, query.shape[-1] ** -0.5 if scaling is None else scaling)
     if plan is None or plan.pattern is None:
         if plan is not None:
-            plan.stats.records.append(CallRecord(plan.layer, query.shape[2], "dense", None, plan.dense_reason))
+            plan.stats.add(CallRecord(plan.layer, query.shape[2], "dense", None, plan.dense_reason))
             if plan.recorder is not None:
                 plan.recorder.dense(plan.layer, query.shape[2], plan.dense_reason)
         return _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -193,7 +209,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     if reason == "chunk":
         plan.warn_once("chunk", "sparseinfer: a pre-fill chunk after cached tokens is computed densely.")
     if reason is not None:
-        plan.stats.records.append(CallRecord(plan.layer, nq, "dense", None, reason))
+        plan.stats.add(CallRecord(plan.layer, nq, "dense", None, reason))
         if plan.recorder is not None:
             plan.recorder.dense(plan.layer, nq, reason)
         return _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -206,7 +222,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     if probe is not None:
         lim = guards.density_limit(plan.pattern.probe_op(), plan.max_density, query, plan.backend)
         if lim < 1.0 and bool((probe(query, key, scale) > lim).any(0).all()):
-            plan.stats.records.append(CallRecord(plan.layer, nq, "dense", None, "density"))
+            plan.stats.add(CallRecord(plan.layer, nq, "dense", None, "density"))
             if rec is not None:
                 rec.dense(plan.layer, nq, "density")
             return _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -223,7 +239,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     if over is not None:
         flags = torch.stack([over.any(), over.all()]).tolist()
         if flags[1]:
-            plan.stats.records.append(CallRecord(plan.layer, nq, "dense", None, "density"))
+            plan.stats.add(CallRecord(plan.layer, nq, "dense", None, "density"))
             if rec is not None:
                 rec.dense(plan.layer, nq, "density")
             return _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -236,7 +252,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
         rec.sparse(plan.layer, plan.pattern.name, query, key, scale, parts, density, t0, over, t_end=t_est)
     if over is not None:
         out = guards.dense_heads_attention(out, query, key, value, over, scale)
-    plan.stats.records.append(CallRecord(plan.layer, nq, plan.pattern.name, density,
+    plan.stats.add(CallRecord(plan.layer, nq, plan.pattern.name, density,
                                          "density" if over is not None else "", over))
     out = out.transpose(1, 2).contiguous()
     if plan.shadow is not None and plan.shadow.sample_call():
@@ -245,6 +261,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     return out, None
 
 
+_attention_eager = torch.compiler.disable(_attention)
 AttentionInterface.register(IMPL, sparse_attention_forward)
 AttentionMaskInterface.register(IMPL, sdpa_mask)
 

@@ -123,8 +123,38 @@ def test_keep_blocks_needs_one_mode():
         keep_blocks(torch.ones(1, 1, 2, 2), threshold=0.1, density=0.1)
 
 
-def _reference_attention(gates, threshold):
-    """An attention function: float64 softmax under the block mask built from brute-force keep sets."""
+@pytest.mark.parametrize("n,tail", [(90, 1), (90, 26), (90, 27), (96, 64), (40, 500)])
+def test_dense_tail_rows_keep_every_causal_block(tiny, n, tail):
+    """The query blocks holding the last `tail` positions keep all their causal blocks; the other
+    rows are the plain density-mode sets (brute force), and the op equals the float64 mask."""
+    gates = _gates(tiny)
+    q, k = _qk(tiny, n, seed=7)
+    v = torch.randn_like(k)
+    layer = sparseinfer.patterns.adaptive.AdaptiveLayer(gates, 0, None, 0.2, dense_tail=tail)
+    (sel,) = layer.select(q, k, 0.25)
+    idx = sel.kwargs["block_idx"]
+    nb = math.ceil(n / BS)
+    first_dense = max(n - tail, 0) // BS  # the block of position n - tail
+    plain = _brute_keep(gates.probs(0, q, k), density=0.2)
+    for h in range(idx.shape[1]):
+        for i in range(nb):
+            got = {int(j) for j in idx[0, h, i] if j >= 0}
+            assert got == (set(range(i + 1)) if i >= first_dense else plain[h * nb + i])
+    out = sparseinfer.ops.block_sparse_attention(q, k, v, **sel.kwargs, scale=0.25, backend="reference")
+    mask = block_sparse_mask(n, idx, BS)
+    assert mask[0, :, max(n - tail, 0):].equal(torch.ones(n, n, dtype=torch.bool).tril()[max(n - tail, 0):].expand_as(mask[0, :, max(n - tail, 0):]))
+    assert rel_err(out, masked_attention_f64(q, k, v, mask, 0.25)) < 1e-5
+
+
+def test_dense_tail_rejects_bad_values(tiny):
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="dense_tail expected a token count"):
+            sparseinfer.patch(tiny, "adaptive", gates=_gates(tiny), density=0.3, dense_tail=bad)
+
+
+def _reference_attention(gates, threshold, tail):
+    """An attention function: float64 softmax under the block mask built from brute-force keep
+    sets (query blocks holding the last `tail` positions: every causal block)."""
     def fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         n = query.shape[2]
         p = gates.probs(module.layer_idx, query, key)
@@ -133,7 +163,7 @@ def _reference_attention(gates, threshold):
         mask = torch.zeros(1, hq, n, n, dtype=torch.bool)
         for h in range(hq):
             for i in range(nb):
-                for j in sets[h * nb + i]:
+                for j in (range(i + 1) if i >= (n - tail) // BS else sets[h * nb + i]):
                     mask[0, h, i * BS:(i + 1) * BS, j * BS:(j + 1) * BS] = True
         mask &= torch.ones(n, n, dtype=torch.bool).tril()
         out = masked_attention_f64(query, key, value, mask, scaling)
@@ -145,7 +175,8 @@ def test_patched_model_equals_float64_reference_under_the_gate_mask(tiny):
     gates = _gates(tiny)
     ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(5))
     threshold = 0.12
-    AttentionInterface.register("test_gate_ref", _reference_attention(gates, threshold))
+    # the patch's default dense_tail (64): the last 64 positions' query blocks keep every block
+    AttentionInterface.register("test_gate_ref", _reference_attention(gates, threshold, 64))
     prev = tiny.config._attn_implementation
     tiny.set_attn_implementation("test_gate_ref")
     try:

@@ -127,6 +127,47 @@ def test_dejavu_gateup_skips_unselected_neurons():
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("h,i,kn", [(37, 50, 23), (64, 96, 96), (20, 40, 1)])
+def test_dejavu_mlp_rows_matches_float64(h, i, kn):
+    """The listed-neurons MLP (unsorted list, sizes not multiples of the blocks) against the
+    float64 SwiGLU MLP with every other neuron zeroed."""
+    g = torch.Generator().manual_seed(h + kn)
+    x = torch.randn(1, h, generator=g)
+    wg, wu, wd_t = (torch.randn(i, h, generator=g) for _ in range(3))
+    idx = torch.randperm(i, generator=g)[:kn]
+    out = gemv.dejavu_mlp_rows(x, wg, wu, wd_t, idx)
+    mask = torch.zeros(1, i, dtype=torch.bool)
+    mask[0, idx] = True
+    ref = gemv.dejavu_gateup_reference(x.double(), wg.double(), wu.double(), mask) @ wd_t.double()
+    assert out.shape == (1, h)
+    torch.testing.assert_close(out.double(), ref, atol=1e-3, rtol=1e-4)
+
+
+def test_dejavu_mlp_rows_reads_only_listed_rows():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 24, generator=g)
+    wg, wu, wd_t = (torch.randn(30, 24, generator=g) for _ in range(3))
+    idx = torch.tensor([3, 17, 0, 9], dtype=torch.int32)
+    keep = torch.zeros(30, dtype=torch.bool)
+    keep[idx.long()] = True
+    ref = gemv.dejavu_mlp_rows(x, wg, wu, wd_t, idx)
+    for w in (wg, wu, wd_t):
+        w[~keep] = float("nan")
+    out = gemv.dejavu_mlp_rows(x, wg, wu, wd_t, idx)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref)
+
+
+def test_dejavu_mlp_rows_rejects_bad_input():
+    x, w = torch.randn(1, 8), torch.randn(12, 8)
+    with pytest.raises(ValueError, match="one row"):
+        gemv.dejavu_mlp_rows_launch(torch.randn(2, 8), w, w, w, torch.arange(3))
+    with pytest.raises(ValueError, match=r"wd_t \[I, 8\] row-major"):
+        gemv.dejavu_mlp_rows_launch(x, w, w, torch.randn(8, 12).t(), torch.arange(3))
+    with pytest.raises(ValueError, match="idx"):
+        gemv.dejavu_mlp_rows_launch(x, w, w, w, torch.arange(3.0))
+
+
 def test_model_level_helpers_match_float64():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 1, 32, generator=g)  # [B, T, H]

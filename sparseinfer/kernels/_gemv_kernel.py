@@ -10,8 +10,13 @@ teal_gemv_kernel:  P[s, m, n] = sum_{k in split s} X[m, k] * [|X[m, k]| > T] * W
     splits into OUT itself (with GLU: SiLU(gate) * up), so no second launch.
 teal_finish_kernel:  OUT[m, n] = sum_s P[s, m, n] in OUT's dtype; with GLU, P holds gate and
     up partials and OUT = SiLU(gate) * up (the SwiGLU hidden state). (FUSED = False path.)
+    LIST (with COMPACT, one row): the kept rows are given: SIDX [K] (row numbers) and SX [K]
+    (their fp32 inputs), K = the list length; program k takes list entries k*ROWS.. (Deja Vu's
+    down projection over its selected neurons).
 dejavu_gateup_kernel:  Hout[m, i] = SiLU(X[m] . WG[i]) * (X[m] . WU[i]) if MASK[m, i] else 0
     WG / WU [I, H] row-major: neuron i is one contiguous row, loaded only if some row keeps i.
+dejavu_rows_kernel:  HC[j] = SiLU(X . WG[IDX[j]]) * (X . WU[IDX[j]]) (fp32), one row X [H]: the
+    listed neurons' rows gathered, BLOCK_I of them per program, no mask, no unused lanes.
 """
 import triton
 import triton.language as tl
@@ -62,7 +67,8 @@ def teal_gemv_kernel(X, WT, WT2, T, P, M, K, N, stride_xm, stride_wk, stride_ps,
                      ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                      STAGES: tl.constexpr, TWO: tl.constexpr,
                      OUT=None, CNT=None, SPLITS=1, stride_om=0, FUSED: tl.constexpr = False,
-                     GLU: tl.constexpr = False, SIDX=None, SX=None, COMPACT: tl.constexpr = False):
+                     GLU: tl.constexpr = False, SIDX=None, SX=None, COMPACT: tl.constexpr = False,
+                     LIST: tl.constexpr = False):
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -78,20 +84,24 @@ def teal_gemv_kernel(X, WT, WT2, T, P, M, K, N, stride_xm, stride_wk, stride_ps,
         acc = tl.full((BLOCK_K, BLOCK_N), 0.0, dtype=tl.float32)
         acc2 = tl.full((BLOCK_K, BLOCK_N), 0.0, dtype=tl.float32)
         if COMPACT:
-            # one row (M = 1): the program's whole x slice in one load, its kept channels
-            # compacted (prefix sum) into a scratch list, then a loop over full tiles of kept
-            # rows only: gathered weight rows the pipeliner can prefetch (no x -> mask -> row
-            # chain per tile)
-            offs_r = pid_k * ROWS + tl.arange(0, ROWS)
-            xr = tl.load(X + offs_r, mask=offs_r < K, other=0.0).to(tl.float32)
-            keep_r = (tl.abs(xr) > t) & (offs_r < K)
-            ki = keep_r.to(tl.int32)
-            pos = tl.associative_scan(ki, 0, _sum_fn) - 1
-            cnt = tl.reduce(ki, 0, _sum_fn)
-            sb = pid_k * ROWS  # programs of one split write the same list (same values)
-            tl.store(SIDX + sb + pos, offs_r, mask=keep_r)
-            tl.store(SX + sb + pos, xr, mask=keep_r)
-            tl.debug_barrier()
+            sb = pid_k * ROWS
+            if LIST:  # the kept rows are given (SIDX / SX, K entries)
+                cnt = tl.minimum(K - sb, ROWS)
+            else:
+                # one row (M = 1): the program's whole x slice in one load, its kept channels
+                # compacted (prefix sum) into a scratch list, then a loop over full tiles of kept
+                # rows only: gathered weight rows the pipeliner can prefetch (no x -> mask -> row
+                # chain per tile)
+                offs_r = sb + tl.arange(0, ROWS)
+                xr = tl.load(X + offs_r, mask=offs_r < K, other=0.0).to(tl.float32)
+                keep_r = (tl.abs(xr) > t) & (offs_r < K)
+                ki = keep_r.to(tl.int32)
+                pos = tl.associative_scan(ki, 0, _sum_fn) - 1
+                cnt = tl.reduce(ki, 0, _sum_fn)
+                # programs of one split write the same list (same values)
+                tl.store(SIDX + sb + pos, offs_r, mask=keep_r)
+                tl.store(SX + sb + pos, xr, mask=keep_r)
+                tl.debug_barrier()
             for i in tl.range(0, cnt, BLOCK_K, num_stages=STAGES):
                 j = i + tl.arange(0, BLOCK_K)
                 jm = j < cnt
@@ -181,3 +191,26 @@ def dejavu_gateup_kernel(X, WG, WU, MASK, H_OUT, M, I, HID, stride_xm, stride_wi
     h = tl.where(sel, h, 0.0)
     tl.store(H_OUT + offs_m[:, None] * stride_hm + offs_i[None, :], h.to(H_OUT.dtype.element_ty),
              mask=m_ok[:, None] & i_ok[None, :])
+
+
+@triton.jit
+def dejavu_rows_kernel(X, WG, WU, IDX, HC, KN, HID, stride_wi,
+                       BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr):
+    offs_j = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    ok = offs_j < KN
+    rows = tl.load(IDX + offs_j, mask=ok, other=0).to(tl.int64)
+    # elementwise accumulators, summed over H once after the loop (as in teal_gemv_kernel)
+    g = tl.full((BLOCK_I, BLOCK_H), 0.0, dtype=tl.float32)
+    u = tl.full((BLOCK_I, BLOCK_H), 0.0, dtype=tl.float32)
+    for h0 in tl.range(0, HID, BLOCK_H, num_stages=STAGES):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_ok = offs_h < HID
+        x = tl.load(X + offs_h, mask=h_ok, other=0.0).to(tl.float32)
+        wp = rows[:, None] * stride_wi + offs_h[None, :]
+        wm = ok[:, None] & h_ok[None, :]
+        g += tl.load(WG + wp, mask=wm, other=0.0).to(tl.float32) * x[None, :]
+        u += tl.load(WU + wp, mask=wm, other=0.0).to(tl.float32) * x[None, :]
+    gs = tl.reduce(g, 1, _sum_fn)
+    us = tl.reduce(u, 1, _sum_fn)
+    tl.store(HC + offs_j, gs / (1.0 + tl.exp(-gs)) * us, mask=ok)
+

@@ -11,6 +11,8 @@ fake implementations give the shapes):
         program of each output block through per-device counters that reset themselves).
     sparseinfer::dejavu_gateup(x [M, H], wg [I, H], wu [I, H], mask [M, I] bool) -> [M, I]
         = SiLU(x @ wg.T) * (x @ wu.T) on the kept neurons, 0 elsewhere.
+    sparseinfer::dejavu_mlp_rows(x [1, H], wg [I, H], wu [I, H], wd_t [I, H], idx [Kn]) -> [1, H]
+        = the SwiGLU MLP of one row over the listed neurons only (two launches).
 CUDA tensors run the compiled Triton kernels (`_gemv_kernel.py`); CPU tensors run the same
 kernels under the Triton interpreter (tests). fp32 accumulation.
 
@@ -100,10 +102,15 @@ def prepare_counters(device) -> None:
     _counters(torch.device(device), 1 << 16)
 
 
-def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, compact: bool = False) -> torch.Tensor:
+def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, compact: bool = False,
+                   rows_list=None) -> torch.Tensor:
     """One teal_gemv_kernel launch: x [M, K] -> fp32 partials [splits, 1 or 2 (with wt2), M, N].
-    out [M, N]: the fused finish writes the split sums there (SiLU(gate) * up when glu)."""
+    out [M, N]: the fused finish writes the split sums there (SiLU(gate) * up when glu).
+    rows_list = (idx int32 [Kn], values fp32 [Kn]): one row whose kept inputs are given (x and
+    threshold unused): sum_j values[j] * wt[idx[j]]."""
     m, k = x.shape
+    if rows_list is not None:
+        m, k, compact = 1, rows_list[0].numel(), True
     n = wt.shape[1]
     bk, bn, rows, warps, stages = config or TEAL_CONFIG["cuda" if x.is_cuda else "cpu"]
     if rows % bk:
@@ -120,14 +127,17 @@ def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, c
     fused = out is not None
     cnt = _counters(x.device, grid[1] * grid[2]) if fused else p
     compact = compact and m == 1
-    sidx = torch.empty(splits * rows, dtype=torch.int32, device=x.device) if compact else p
-    sx = torch.empty(splits * rows, dtype=torch.float32, device=x.device) if compact else p
+    if rows_list is not None:
+        sidx, sx = rows_list
+    else:
+        sidx = torch.empty(splits * rows, dtype=torch.int32, device=x.device) if compact else p
+        sx = torch.empty(splits * rows, dtype=torch.float32, device=x.device) if compact else p
     kernel_module("_gemv_kernel.py", not x.is_cuda).teal_gemv_kernel[grid](
         x, wt, wt if wt2 is None else wt2, threshold.to(device=x.device, dtype=torch.float32).reshape(1), p,
         m, k, n, x.stride(0), wt.stride(0), p.stride(0), p.stride(1) if wt2 is not None else 0,
         ROWS=rows, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, STAGES=stages, TWO=wt2 is not None, num_warps=warps,
         OUT=out if fused else p, CNT=cnt, SPLITS=splits, stride_om=out.stride(0) if fused else 0,
-        FUSED=fused, GLU=glu, SIDX=sidx, SX=sx, COMPACT=compact)
+        FUSED=fused, GLU=glu, SIDX=sidx, SX=sx, COMPACT=compact, LIST=rows_list is not None)
     return p
 
 
@@ -215,6 +225,45 @@ def dejavu_gateup_launch(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, ma
     return out
 
 
+# dejavu_mlp_rows: (BLOCK_I, BLOCK_H, num_warps, num_stages) of the gathered gate/up rows, and
+# the down launch's teal config (BLOCK_K, BLOCK_N, list entries per program, warps, stages)
+# (H100 sweep at 50%, benchmarks/contextual.py: every config within 73.6-81 us for the MLP)
+DEJAVU_ROWS_CONFIG = {"cuda": ((16, 256, 4, 2), (32, 128, 1024, 4, 4)), "cpu": ((8, 16, 1, 1), (16, 32, 32, 1, 1))}
+
+
+def dejavu_mlp_rows_launch(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd_t: torch.Tensor,
+                           idx: torch.Tensor, config=None) -> torch.Tensor:
+    """Deja Vu SwiGLU MLP of one row over the listed neurons: x [1, H], wg / wu [I, H]
+    row-major, wd_t [I, H] row-major (down_proj.weight.t()), idx [Kn] (any order, no repeats)
+    -> [1, H] = sum_j SiLU(x . wg[idx_j]) * (x . wu[idx_j]) * wd_t[idx_j]. Two launches: the
+    gathered gate/up rows -> fp32 h of the listed neurons; the down rows of the same list
+    (split over the list, summed by the last split program). config = (gate/up, down)."""
+    _check_2d("dejavu_mlp_rows: x", x)
+    if x.shape[0] != 1:
+        raise ValueError(f"dejavu_mlp_rows: expected one row x [1, H], got shape {tuple(x.shape)}")
+    hid = x.shape[1]
+    for name, w in (("wg", wg), ("wu", wu), ("wd_t", wd_t)):
+        _check_2d(f"dejavu_mlp_rows: {name}", w)
+        if w.shape[1] != hid or w.stride(1) != 1 or w.device != x.device:
+            raise ValueError(f"dejavu_mlp_rows: expected {name} [I, {hid}] row-major on {x.device}, got shape "
+                             f"{tuple(w.shape)} strides {w.stride()} on {w.device}")
+    if wu.shape != wg.shape or wd_t.shape != wg.shape or wu.stride() != wg.stride():
+        raise ValueError(f"dejavu_mlp_rows: wg {tuple(wg.shape)}, wu {tuple(wu.shape)}, wd_t {tuple(wd_t.shape)} differ")
+    if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"dejavu_mlp_rows: expected idx [Kn] int32/int64, got {idx.dtype} {tuple(idx.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    idx = idx.to(torch.int32).contiguous()
+    kn = idx.numel()
+    (bi, bh, warps, stages), cfg_d = config or DEJAVU_ROWS_CONFIG["cuda" if x.is_cuda else "cpu"]
+    hc = torch.empty(kn, dtype=torch.float32, device=x.device)
+    kernel_module("_gemv_kernel.py", not x.is_cuda).dejavu_rows_kernel[(max(1, triton_cdiv(kn, bi)),)](
+        x, wg, wu, idx, hc, kn, hid, wg.stride(0), BLOCK_I=bi, BLOCK_H=bh, STAGES=stages, num_warps=warps)
+    out = torch.empty(1, hid, dtype=x.dtype, device=x.device)
+    zero = torch.zeros(1, dtype=torch.float32, device=x.device)
+    _teal_partials(x, wd_t, None, zero, cfg_d, out=out, rows_list=(idx, hc))
+    return out
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -250,6 +299,17 @@ def _dejavu_gateup_fake(x, wg, wu, mask):
     return x.new_empty(x.shape[0], wg.shape[0])
 
 
+@torch.library.custom_op("sparseinfer::dejavu_mlp_rows", mutates_args=())
+def dejavu_mlp_rows(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd_t: torch.Tensor,
+                    idx: torch.Tensor) -> torch.Tensor:
+    return dejavu_mlp_rows_launch(x, wg, wu, wd_t, idx)
+
+
+@dejavu_mlp_rows.register_fake
+def _dejavu_mlp_rows_fake(x, wg, wu, wd_t, idx):
+    return x.new_empty(1, x.shape[1])
+
+
 def teal_gemv_reference(x: torch.Tensor, wt: torch.Tensor, threshold) -> torch.Tensor:
     """(x * (|x| > threshold)) @ wt in x's dtype (pass float64 tensors for an exact reference)."""
     return torch.where(x.abs() > threshold, x, torch.zeros((), dtype=x.dtype)) @ wt.to(x.dtype)
@@ -280,8 +340,10 @@ def dejavu_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down
     [I, H] row-major, w_down [H, I] stored column-major (w_down.t() [I, H] contiguous)."""
     shp = x.shape
     x2 = x.reshape(-1, shp[-1])
+    if x2.shape[0] == 1:  # decode at batch 1: the listed rows only (no mask, no zero-filled h)
+        return dejavu_mlp_rows(x2, w_gate, w_up, w_down.t(), idx.reshape(-1)).reshape(shp)
     mask = torch.zeros(x2.shape[0], w_gate.shape[0], dtype=torch.bool, device=x.device)
-    mask.scatter_(1, idx.reshape(x2.shape[0], -1), True)
+    mask.scatter_(1, idx.reshape(x2.shape[0], -1).long(), True)
     h = dejavu_gateup(x2, w_gate, w_up, mask)
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     return teal_gemv(h, w_down.t(), zero).reshape(shp)

@@ -297,6 +297,9 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
 
                 rows.append({"batch": b, "method": f"dejavu {s:.0%} listed rows (kernel)", "kept": round(union, 3),
                              "ms": timed(dv_rows, iters, cuda), "bound_ms": union * mlp_bytes / bw * 1e3})
+                rows.append({"batch": b, "method": f"dejavu {s:.0%} listed rows, library defaults", "kept": round(union, 3),
+                             "ms": timed(lambda: gemv.dejavu_mlp_rows_launch(x, wg, wu, wdT, idx[0]), iters, cuda),
+                             "bound_ms": union * mlp_bytes / bw * 1e3})
                 rows.append({"batch": b, "method": f"dejavu {s:.0%} listed rows + predictor r={r}", "kept": round(union, 3),
                              "ms": timed(dv_rows_pred, iters, cuda),
                              "bound_ms": (union * mlp_bytes + r * (h + inter) * A.element_size()) / bw * 1e3})

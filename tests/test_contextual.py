@@ -239,3 +239,32 @@ def test_real_model_shipped_files(smol):
     for i in (3, 20):
         r, kept, oracle = dejavu.recall(pred.layers[i].mlp_scores(seen[("x", i)]), seen[("h", i)].abs(), 0.5)
         assert r > 0.54 and kept < oracle, (i, r, kept, oracle)  # chance: 0.5
+
+
+@pytest.mark.parametrize("mlp", ["teal", "dejavu"])
+def test_compiled_decode_step_matches_eager_without_recompiles(tiny, tiny_thresholds, tiny_predictors, mlp):
+    """The patched model's forward through torch.compile (aot_eager, fullgraph: the TEAL / Deja
+    Vu ops and the attention routing trace without a break) gives the eager logits, and the
+    call counters (host-side bookkeeping) do not advance inside compiled calls, so nothing
+    recompiles from one step to the next."""
+    model, ids, _ = tiny
+    handle = sparseinfer.patch(model, "dense", mlp=mlp, mlp_sparsity=0.5, predictors=tiny_predictors,
+                               contextual_options={"thresholds": tiny_thresholds, "backend": "triton"})
+    try:
+        ref = [_logits(model, ids[i:i + 1]) for i in range(3)]  # one-token calls: the decode path
+        eager_calls = dict(handle.contextual.stats.calls)
+        assert eager_calls  # the sparse path ran
+        torch._dynamo.reset()
+        fwd = torch.compile(model.forward, backend="aot_eager", fullgraph=True, dynamic=False)
+        with torch.no_grad():
+            out = [fwd(input_ids=ids[i:i + 1][None], use_cache=False).logits[0] for i in range(3)]
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        with torch.no_grad():
+            fwd(input_ids=ids[3:4][None], use_cache=False)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+        assert dict(handle.contextual.stats.calls) == eager_calls
+    finally:
+        torch._dynamo.reset()
+        sparseinfer.unpatch(model)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -161,3 +161,41 @@ def test_other_families_full_budget(family):
     small = _logits(model, ids)
     sparseinfer.unpatch(model)
     assert rel_err(got, want) <= 1e-4 and rel_err(small, want) > 1e-4
+
+
+def _tiny_llama(layers=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_patched_model_under_torch_compile_runs_the_sparse_prefill_outside_the_graph():
+    """Every decoder layer compiled (aot_eager: dynamo's tracing and guards, no codegen): the
+    pre-fill attention runs eagerly between the graphs, so its indices, output and records are
+    those of the eager patched model, and calls do not recompile."""
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(1))
+    handle = sparseinfer.patch(model, "vertical_slash", vertical=16, slash=32, min_len=64)
+    try:
+        ref = _logits(model, ids)
+        handle.stats.reset()
+        torch._dynamo.reset()
+        for layer in model.model.layers:
+            layer.compile(backend="aot_eager", dynamic=False)
+        out = _logits(model, ids)
+        out2 = _logits(model, ids)
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        out3 = _logits(model, ids)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # no recompile
+    finally:
+        for layer in model.model.layers:
+            layer._compiled_call_impl = None
+        torch._dynamo.reset()
+        sparseinfer.unpatch(model)
+    assert rel_err(out, ref) < 1e-5 and torch.equal(out, out2) and torch.equal(out, out3)
+    recs = handle.stats.records
+    assert len(recs) == 3 * 2 and {r.method for r in recs} == {"vertical_slash"}
+    assert 0 < handle.stats.density() < 0.9

@@ -57,8 +57,8 @@ def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, stride: int, block_size:
     qp = torch.nn.functional.pad(q.to(mm), (0, 0, 0, npad - n))
     kp = torch.nn.functional.pad(k.to(mm), (0, 0, 0, npad - n))
     qs = qp.reshape(b, hq, ng, stride, d).flip(3).reshape(b, hq, ng, stride * d)
-    ks = kp.reshape(b, k.shape[1], ng, stride, d).reshape(b, k.shape[1], ng, stride * d)
-    kg = ks.unsqueeze(2)  # [B, Hkv, 1, ng, S*D]
+    hkv = k.shape[1]
+    ks = kp.reshape(b, hkv, ng, stride, d).reshape(b, hkv, ng, stride * d)
     g_valid = math.ceil(n / stride)  # groups holding at least one real token
     key_g = torch.arange(ng, device=q.device)
     out = torch.zeros(b, hq, nb, nb, dtype=acc, device=q.device)
@@ -66,8 +66,10 @@ def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, stride: int, block_size:
     rows_per_chunk = max(gpb, (elems // max(1, b * hq * ng)) // gpb * gpb)
     for r0 in range(0, ng, rows_per_chunk):
         r1 = min(ng, r0 + rows_per_chunk)  # a multiple of gpb; causal: key groups < r1 only
-        qg = qs[:, :, r0:r1].reshape(b, k.shape[1], hq // k.shape[1], r1 - r0, stride * d)
-        s = torch.matmul(qg, kg[..., :r1, :].transpose(-1, -2)).reshape(b, hq, r1 - r0, r1).to(acc) * (scale / stride)
+        # a KV head's query heads stacked along M: one [G * rows, S*D] x [S*D, r1] matmul per KV
+        # head (a broadcast batch dim would copy k once per query head of the group)
+        qg = qs[:, :, r0:r1].reshape(b, hkv, (hq // hkv) * (r1 - r0), stride * d)
+        s = torch.matmul(qg, ks[:, :, :r1].transpose(-1, -2)).reshape(b, hq, r1 - r0, r1).to(acc) * (scale / stride)
         qi = torch.arange(r0, r1, device=q.device)[:, None]
         s = s.masked_fill((key_g[None, :r1] > qi) | (key_g[None, :r1] >= g_valid), float("-inf"))
         p = torch.softmax(s, dim=-1)
@@ -147,27 +149,29 @@ def probe_density(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: f
     nb = math.ceil(n / block_size)
     if block_size % stride:
         raise ValueError(f"xattention: block_size must be a multiple of stride, got {block_size} and {stride}")
-    rows = torch.linspace(0, nb - 1, min(samples, nb), device=q.device).round().long().unique()
+    # the sampled query blocks, chosen on the host (no device sync, no copy of the whole q)
+    picked = sorted({round(i * (nb - 1) / max(min(samples, nb) - 1, 1)) for i in range(min(samples, nb))})
+    rows = device_tensor(picked, q.device, torch.long)
     gpb = block_size // stride
     npad = nb * block_size
     ng = npad // stride
     mm, acc = _mm_dtype(q), _acc_dtype(q)
-
-    def padded(x):  # no copy of q / k unless N is not a multiple of block_size
-        return x if npad == n else torch.nn.functional.pad(x, (0, 0, 0, npad - n))
-
-    qs = padded(q).reshape(b, hq, nb, gpb, stride, d)[:, :, rows].to(mm)
-    qs = qs.flip(4).reshape(b, hq, rows.numel() * gpb, stride * d)
-    ks = padded(k).to(mm).reshape(b, k.shape[1], 1, ng, stride * d)
+    pos = (rows[:, None] * block_size + torch.arange(block_size, device=q.device)).reshape(-1)
+    qs = q.index_select(2, pos.clamp_max(n - 1)).to(mm)  # [B, Hq, S * block_size, D]
+    if npad != n:  # query rows past the input are zero (as the padded full estimate has them)
+        qs = qs * (pos < n).to(mm)[:, None]
+    qs = qs.reshape(b, hq, len(picked) * gpb, stride, d).flip(3).reshape(b, hq, len(picked) * gpb, stride * d)
+    kp = k if npad == n else torch.nn.functional.pad(k, (0, 0, 0, npad - n))
     hkv = k.shape[1]
-    s = torch.matmul(qs.reshape(b, hkv, hq // hkv, -1, stride * d), ks.transpose(-1, -2))
-    s = s.reshape(b, hq, rows.numel() * gpb, ng).to(acc) * (scale / stride)
+    ks = kp.to(mm).reshape(b, hkv, ng, stride * d)
+    s = torch.matmul(qs.reshape(b, hkv, -1, stride * d), ks.transpose(-1, -2))  # query heads stacked along M
+    s = s.reshape(b, hq, len(picked) * gpb, ng).to(acc).mul_(scale / stride)  # one fp32 copy, then in place
     qi = (rows[:, None] * gpb + torch.arange(gpb, device=q.device)).reshape(-1, 1)  # query group
     key_g = torch.arange(ng, device=q.device)[None, :]
     g_valid = math.ceil(n / stride)
-    s = s.masked_fill((key_g > qi) | (key_g >= g_valid), float("-inf"))
-    p = torch.softmax(s, dim=-1) * (qi < g_valid).to(acc)
-    mass = p.reshape(b, hq, rows.numel(), gpb, nb, gpb).sum((3, 5))  # [B, Hq, S, nb]
+    s.masked_fill_((key_g > qi) | (key_g >= g_valid), float("-inf"))
+    p = torch.softmax(s, dim=-1).mul_((qi < g_valid).to(acc))
+    mass = p.reshape(b, hq, len(picked), gpb, nb, gpb).sum((3, 5))  # [B, Hq, S, nb]
     mass = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
     keep = threshold_rows(mass, head_values("tau", tau, hq, q.device, 0.0, 1.0).to(acc))
     r = torch.arange(nb, device=q.device)

@@ -133,11 +133,11 @@ class LayerGate(nn.Module):
         """qf [B, Hq, nb, F], kf [B, Hkv, nb, F] pooled pre-RoPE features -> [B, Hq, nb, nb]
         scores, -inf above the block diagonal (non-causal)."""
         b, hq, nb, _ = qf.shape
-        hkv = kf.shape[1]
         gq = block_rope(torch.einsum("bhnf,hfw->bhnw", qf, self.q_proj.float()), self.block_size, self.theta)
         gk = block_rope(torch.einsum("bhnf,hfw->bhnw", kf, self.k_proj.float()), self.block_size, self.theta)
-        gq = gq.reshape(b, hkv, hq // hkv, nb, -1)
-        s = torch.matmul(gq, gk.unsqueeze(2).transpose(-1, -2)).reshape(b, hq, nb, nb) / math.sqrt(self.width)
+        from .patterns.base import group_scores  # (patterns imports this module)
+
+        s = group_scores(gq, gk) / math.sqrt(self.width)
         return s.masked_fill(~causal_blocks(nb, s.device), float("-inf"))
 
     def sliced(self, q: range, kv: range) -> "LayerGate":

@@ -30,7 +30,7 @@ from .data import essays, haystack_text, heldout_text
 from .gate import Gates, causal_blocks
 from .patterns import block_sparse as bs
 from .patterns.adaptive import keep_blocks
-from .patterns.base import group_heads
+from .patterns.base import group_scores
 from .recall import dense_probs
 
 HELDOUT_TOKENS = 16384  # eval ppl/fidelity read at most 2 windows of 8K of heldout_text
@@ -82,8 +82,7 @@ def meanpool_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: 
     """The block_sparse pattern's block scores (mean-pooled post-RoPE q . k) as a causal
     softmax over key blocks [B, Hq, nb, nb]: a baseline ranking for the recall check."""
     b, hq = q.shape[:2]
-    qg, kg = group_heads(bs.pool_blocks(q, block_size), bs.pool_blocks(k, block_size))
-    s = torch.matmul(qg, kg.transpose(-1, -2)).reshape(b, hq, qg.shape[-2], -1) * scale
+    s = group_scores(bs.pool_blocks(q, block_size), bs.pool_blocks(k, block_size)) * scale
     nb = s.shape[-1]
     return torch.softmax(s.masked_fill(~causal_blocks(nb, s.device), float("-inf")), -1)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .ops.reference import selection_rows
-from .patterns.base import Selection, group_heads
+from .patterns.base import Selection, group_scores
 
 
 def row_blocks(n: int, count: int = 8, rows: int = 64) -> list[tuple[int, int]]:
@@ -21,8 +21,7 @@ def row_blocks(n: int, count: int = 8, rows: int = 64) -> list[tuple[int, int]]:
 def dense_probs(q: torch.Tensor, k: torch.Tensor, scale: float, i0: int, i1: int) -> torch.Tensor:
     """Causal softmax of queries i0..i1-1 over keys 0..i1-1: [B, Hq, i1 - i0, i1], float32."""
     b, hq = q.shape[:2]
-    qg, kg = group_heads(q[:, :, i0:i1].float(), k[:, :, :i1].float())
-    s = torch.matmul(qg, kg.transpose(-1, -2)).reshape(b, hq, i1 - i0, i1) * scale
+    s = group_scores(q[:, :, i0:i1].float(), k[:, :, :i1].float()) * scale
     causal = torch.arange(i0, i1, device=q.device)[:, None] >= torch.arange(i1, device=q.device)[None, :]
     return torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
 

@@ -92,9 +92,11 @@ def causal_pairs(n: int) -> float:
     return n * (n + 1) / 2
 
 
-def group_heads(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, Hq, L, D], k [B, Hkv, N, D] -> q [B, Hkv, G, L, D], k [B, Hkv, 1, N, D] (no copy of k)."""
+def group_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, L, D] @ k [B, Hkv, N, D]^T under GQA -> [B, Hq, L, N]: the query heads of a KV
+    head stacked along M, one [G * L, D] x [D, N] matmul per KV head (no copy of k: a broadcast
+    batch dim would make torch.matmul copy k once per query head of the group)."""
     b, hq, l, d = q.shape
     hkv = k.shape[1]
-    return q.reshape(b, hkv, hq // hkv, l, d), k.unsqueeze(2)
+    return torch.matmul(q.reshape(b, hkv, hq // hkv * l, d), k.transpose(-1, -2)).reshape(b, hq, l, k.shape[2])
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Budget, Pattern, Selection, causal_pairs, check_budget_option, group_heads, resolve_budget
+from .base import Budget, Pattern, Selection, causal_pairs, check_budget_option, group_scores, resolve_budget
 
 
 def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -30,8 +30,7 @@ def estimate(q, k, topk: int, block_size: int = 64, scale: float | None = None) 
     b, hq, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     nb = math.ceil(n / block_size)
-    qg, kg = group_heads(pool_blocks(q, block_size), pool_blocks(k, block_size))
-    s = torch.matmul(qg, kg.transpose(-1, -2)).reshape(b, hq, nb, nb) * scale
+    s = group_scores(pool_blocks(q, block_size), pool_blocks(k, block_size)) * scale
     r = torch.arange(nb, device=q.device)
     s = s.masked_fill(r[None, :] > r[:, None], float("-inf"))
     s = s.masked_fill(torch.eye(nb, dtype=torch.bool, device=q.device), float("inf"))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Pattern, Selection, group_heads
+from .base import Pattern, Selection, group_scores
 from .block_sparse import block_sparse_density
 from .vertical_slash import diagonal_sums, vertical_slash_density
 from .xattention import _acc_dtype, _mm_dtype, check_fraction, check_int, head_values, table_to_index, threshold_rows
@@ -39,8 +39,7 @@ def last_block_probs(q, k, last_q: int, scale: float) -> torch.Tensor:
     acc = _acc_dtype(q)
     L = min(last_q, n)
     mm = _mm_dtype(q)
-    qg, kg = group_heads(q[:, :, n - L :].to(mm), k.to(mm))
-    s = torch.matmul(qg, kg.transpose(-1, -2)).reshape(b, hq, L, n).to(acc) * scale
+    s = group_scores(q[:, :, n - L :].to(mm), k.to(mm)).to(acc) * scale
     pos = torch.arange(n - L, n, device=q.device)[:, None]
     s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > pos, float("-inf"))
     return torch.softmax(s, dim=-1)
@@ -61,8 +60,7 @@ def pooled_scores(q, k, block_size: int, scale: float) -> torch.Tensor:
     b, hq, n, d = q.shape
     acc = _acc_dtype(q)
     nb = math.ceil(n / block_size)
-    qg, kg = group_heads(mean_pool(q.to(acc), block_size), mean_pool(k.to(acc), block_size))
-    s = torch.matmul(qg, kg.transpose(-1, -2)).reshape(b, hq, nb, nb) * scale
+    s = group_scores(mean_pool(q.to(acc), block_size), mean_pool(k.to(acc), block_size)) * scale
     r = torch.arange(nb, device=q.device)
     return s.masked_fill(r[None, :] > r[:, None], float("-inf"))
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Budget, Pattern, Selection, causal_pairs, check_budget_option, group_heads, resolve_budget
+from .base import Budget, Pattern, Selection, causal_pairs, check_budget_option, group_scores, resolve_budget
 
 INIT_TOKENS = 30  # first keys always kept as verticals (attention sinks), as MInference does
 LOCAL_OFFSETS = 64  # diagonals 0..63 always kept as slashes
@@ -24,8 +24,7 @@ def last_query_probs(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float
     """
     b, hq, n, d = q.shape
     L = min(last_q, n)
-    qg, kg = group_heads(q[:, :, n - L :], k)
-    s = torch.matmul(qg.float(), kg.float().transpose(-1, -2)).reshape(b, hq, L, n) * scale
+    s = group_scores(q[:, :, n - L :].float(), k.float()) * scale
     pos = torch.arange(n - L, n, device=q.device)[:, None]
     s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > pos, float("-inf"))
     return torch.softmax(s, dim=-1)

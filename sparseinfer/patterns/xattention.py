@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..index import device_tensor
-from .base import Pattern, Selection, group_heads
+from .base import Pattern, Selection
 from .block_sparse import block_sparse_density
 
 _CHUNK_ELEMS = 1 << 26  # strided scores per chunk (B * Hq * rows * key groups); 256 MB in float32

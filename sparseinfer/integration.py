@@ -118,7 +118,20 @@ class PatchHandle:
 
 
 def _dense(module, query, key, value, attention_mask, **kwargs):
+    if (query.shape[2] == 1 and query.is_cuda and key.shape[1] != query.shape[1] and not kwargs.get("dropout")
+            and kwargs.get("softcap") is None and kwargs.get("position_bias") is None):
+        return gqa_decode_attention(query, key, value, attention_mask, kwargs.get("scaling")), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def gqa_decode_attention(query, key, value, attention_mask, scaling=None) -> torch.Tensor:
+    """One decode step with the KV heads shared inside SDPA (`enable_gqa`): query [B, Hq, 1, D],
+    key/value [B, Hkv, L, D], attention_mask None or [B|1, 1, 1, L] (bool or additive) ->
+    [B, 1, Hq, D]. transformers' SDPA path copies K/V once per query head when a mask is given
+    (StaticCache): H100, 32/8 heads, D 128, 4K cache: 17 us instead of 111 us (32K: 61 vs 746)."""
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous()
 
 
 # which measured break-even length (sparseinfer.kernels.attention.BREAK_EVEN) applies to a pattern

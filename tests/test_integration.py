@@ -199,3 +199,30 @@ def test_patched_model_under_torch_compile_runs_the_sparse_prefill_outside_the_g
     recs = handle.stats.records
     assert len(recs) == 3 * 2 and {r.method for r in recs} == {"vertical_slash"}
     assert 0 < handle.stats.density() < 0.9
+
+
+def test_gqa_decode_attention_equals_transformers_sdpa_path():
+    """The decode-step attention with the KV heads shared inside SDPA (what `_dense` runs for one
+    query row on CUDA) equals transformers' path (K/V repeated per query head), with a
+    StaticCache-style mask and without one."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from sparseinfer.integration import gqa_decode_attention
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 8, 1, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 40, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.zeros(2, 1, 1, 40, dtype=torch.bool)
+    mask[0, ..., :31] = True
+    mask[1, ..., :12] = True
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    for m in (mask, None):
+        want, _ = sdpa_attention_forward(module, q, k, v, m, scaling=0.3)
+        got = gqa_decode_attention(q, k, v, m, 0.3)
+        assert got.shape == want.shape == (2, 1, 8, 16)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    # the masked-out keys really are out: changing them changes nothing
+    k2 = k.clone()
+    k2[1, :, 12:] = 100.0
+    torch.testing.assert_close(gqa_decode_attention(q, k2, v, mask, 0.3), gqa_decode_attention(q, k, v, mask, 0.3))

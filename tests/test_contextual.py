@@ -98,23 +98,32 @@ def test_teal_kept_share_matches_target(tiny, tiny_thresholds):
 def test_teal_triton_backend_matches_reference(tiny, tiny_thresholds, monkeypatch, sparsity):
     """The kernel path (Triton interpreter on CPU) gives the reference's decode logits; the MLP
     runs as the fused two-launch teal_mlp op (once per layer), with the kept-rows-compacted
-    loop at high sparsity only."""
+    loop at high sparsity only; q/k/v_proj run as one launch over their shared storage."""
     from sparseinfer.kernels import gemv
 
     model, ids, _ = tiny
+    dense = _logits(model, ids[:2])
     kw = dict(mlp="teal", mlp_sparsity=sparsity, attn_sparsity=0.3, thresholds=tiny_thresholds)
     attach(model, **kw, backend="reference")
     ref = _logits(model, ids[:2])
     attach(model, **kw, backend="triton")
     assert model.model.layers[0].mlp.down_proj.weight.stride(0) == 1  # stored column-major
-    calls = []
-    fused = gemv.teal_mlp
+    attn = model.model.layers[0].self_attn
+    # q/k/v_proj share one transposed storage: one launch for the three
+    assert attn.q_proj.weight.data_ptr() == attn.k_proj.weight.data_ptr() - attn.q_proj.weight.shape[0] * 4
+    calls, lin = [], []
+    fused, linear = gemv.teal_mlp, gemv.teal_linear
     monkeypatch.setattr(gemv, "teal_mlp", lambda *a: calls.append(a[-1]) or fused(*a))
+    monkeypatch.setattr(gemv, "teal_linear", lambda x, w, *a: lin.append(w.shape[0]) or linear(x, w, *a))
     out = _logits(model, ids[:2])
     assert calls == [sparsity >= gemv.COMPACT_MIN_SPARSITY] * len(model.model.layers)
+    q, k, o = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0], attn.o_proj.weight.shape[0]
+    assert lin == [q + 2 * k, o] * len(model.model.layers)  # fused q/k/v, then o_proj
     detach(model)
     assert model.model.layers[0].mlp.down_proj.weight.is_contiguous()
+    assert attn.k_proj.weight.is_contiguous() and attn.k_proj.weight.shape == (k, attn.q_proj.weight.shape[1])
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(_logits(model, ids[:2]), dense)  # detach restored every weight
 
 
 def test_predictors_beat_chance_and_roundtrip(tmp_path, tiny_predictors):
@@ -248,8 +257,9 @@ def test_compiled_decode_step_matches_eager_without_recompiles(tiny, tiny_thresh
     call counters (host-side bookkeeping) do not advance inside compiled calls, so nothing
     recompiles from one step to the next."""
     model, ids, _ = tiny
+    attn = {"attn_sparsity": 0.5} if mlp == "teal" else {}  # TEAL: q/k/v_proj fused too
     handle = sparseinfer.patch(model, "dense", mlp=mlp, mlp_sparsity=0.5, predictors=tiny_predictors,
-                               contextual_options={"thresholds": tiny_thresholds, "backend": "triton"})
+                               contextual_options={"thresholds": tiny_thresholds, "backend": "triton", **attn})
     try:
         ref = [_logits(model, ids[i:i + 1]) for i in range(3)]  # one-token calls: the decode path
         eager_calls = dict(handle.contextual.stats.calls)

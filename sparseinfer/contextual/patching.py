@@ -120,6 +120,7 @@ class _LayerCtx:
     keep_heads: int = 0
     n_heads: int = 0
     attn_in: torch.Tensor | None = None
+    qkv: tuple | None = None  # (input, fused q/k/v output) between q_proj and v_proj of one call
     mlp_source: str = "mlp_in"
     neuron_mask: torch.Tensor | None = None
 
@@ -151,6 +152,49 @@ def _teal_forward(linear: torch.nn.Linear, ctx: _LayerCtx, site: str, threshold:
                         linear.weight, linear.bias)
 
     return forward
+
+
+def _teal_qkv_forward(linear: torch.nn.Linear, ctx: _LayerCtx, threshold: torch.Tensor, buf: torch.Tensor,
+                      lo: int, hi: int, first: bool, last: bool):
+    """q/k/v_proj of one layer share their input and their TEAL threshold: on the Triton path the
+    first of them (q_proj, called first by the attention) runs one launch over the three
+    weights' shared storage `buf` [H, Oq + Ok + Ov] and keeps the result for the other two
+    (columns lo:hi each); any other call order or input takes the per-projection kernel."""
+    orig = linear.forward
+
+    def forward(x):
+        if not _is_active(ctx, x):
+            return orig(x)
+        if ctx.stats.record or not _use_triton(ctx, x):
+            return _teal_forward(linear, ctx, "attn_in", threshold)(x)
+        from ..kernels.gemv import teal_linear
+
+        ctx.stats.count(ctx.layer, "attn_in")
+        if first:
+            y = teal_linear(x, buf.t(), threshold)
+            ctx.qkv = (x, y)
+            return y[..., lo:hi]
+        cached = ctx.qkv
+        if cached is not None and cached[0] is x:
+            if last:
+                ctx.qkv = None
+            return cached[1][..., lo:hi]
+        return teal_linear(x, linear.weight, threshold, linear.bias)
+
+    return forward
+
+
+def _shared_transposed_storage(weights: list, handle: ContextualHandle) -> torch.Tensor:
+    """Weights [O_i, H] -> one row-major buffer [H, sum O_i] holding all of them transposed;
+    each weight becomes a view of its columns (same values, no extra memory once the old
+    storages are freed); detach gives each a contiguous row-major copy back."""
+    buf = torch.cat([w.data.t() for w in weights], dim=1).contiguous()
+    o = 0
+    for w in weights:
+        w.data = buf[:, o:o + w.shape[0]].t()
+        handle.restore.append((w, "layout", None))
+        o += w.shape[0]
+    return buf
 
 
 def _teal_mlp_forward(mlp, ctx: _LayerCtx, t_in: torch.Tensor, t_down: torch.Tensor, compact: bool = False):
@@ -330,8 +374,18 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
                     m.forward = _teal_mlp_forward(m, ctx, t_in, t_down, mlp_sp[i] >= COMPACT_MIN_SPARSITY)
                     handle.restore.append((m, "forward", None))
             if attn_sp is not None and attn_sp[i] > 0:
-                for p in (a.q_proj, a.k_proj, a.v_proj):
-                    teal(p, "attn_in", attn_sp[i])
+                qkv = (a.q_proj, a.k_proj, a.v_proj)
+                if wants_triton and all(p.bias is None for p in qkv):  # one launch for the three
+                    t = torch.tensor(th.threshold(i, "attn_in", attn_sp[i]), dtype=torch.float32, device=dev)
+                    buf = _shared_transposed_storage([p.weight for p in qkv], handle)
+                    o = 0
+                    for j, p in enumerate(qkv):
+                        p.forward = _teal_qkv_forward(p, ctx, t, buf, o, o + p.weight.shape[0], j == 0, j == 2)
+                        handle.restore.append((p, "forward", None))
+                        o += p.weight.shape[0]
+                else:
+                    for p in qkv:
+                        teal(p, "attn_in", attn_sp[i])
                 teal(a.o_proj, "o_in", attn_sp[i])
             if pred is not None:
                 ctx.predictor = pred.layers[i].to(dev, next(model.parameters()).dtype)  # no per-call casts

@@ -28,7 +28,6 @@ frame stride come from a `ModalityContext` that the integration fills before eac
 """
 from __future__ import annotations
 
-import math
 import dataclasses
 from dataclasses import dataclass, field
 

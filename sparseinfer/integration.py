@@ -265,8 +265,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         rec.sparse(plan.layer, plan.pattern.name, query, key, scale, parts, density, t0, over, t_end=t_est)
     if over is not None:
         out = guards.dense_heads_attention(out, query, key, value, over, scale)
-    plan.stats.add(CallRecord(plan.layer, nq, plan.pattern.name, density,
-                                         "density" if over is not None else "", over))
+    plan.stats.add(CallRecord(plan.layer, nq, plan.pattern.name, density, "density" if over is not None else "", over))
     out = out.transpose(1, 2).contiguous()
     if plan.shadow is not None and plan.shadow.sample_call():
         ref, _ = _dense(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

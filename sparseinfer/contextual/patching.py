@@ -161,12 +161,13 @@ def _teal_qkv_forward(linear: torch.nn.Linear, ctx: _LayerCtx, threshold: torch.
     weights' shared storage `buf` [H, Oq + Ok + Ov] and keeps the result for the other two
     (columns lo:hi each); any other call order or input takes the per-projection kernel."""
     orig = linear.forward
+    single = _teal_forward(linear, ctx, "attn_in", threshold)  # recording / reference path
 
     def forward(x):
         if not _is_active(ctx, x):
             return orig(x)
         if ctx.stats.record or not _use_triton(ctx, x):
-            return _teal_forward(linear, ctx, "attn_in", threshold)(x)
+            return single(x)
         from ..kernels.gemv import teal_linear
 
         ctx.stats.count(ctx.layer, "attn_in")

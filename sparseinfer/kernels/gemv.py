@@ -106,8 +106,8 @@ def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, c
                    rows_list=None) -> torch.Tensor:
     """One teal_gemv_kernel launch: x [M, K] -> fp32 partials [splits, 1 or 2 (with wt2), M, N].
     out [M, N]: the fused finish writes the split sums there (SiLU(gate) * up when glu).
-    rows_list = (idx int32 [Kn], values fp32 [Kn]): one row whose kept inputs are given (x and
-    threshold unused): sum_j values[j] * wt[idx[j]]."""
+    rows_list = (idx int32/int64 [Kn], values fp32 [Kn]): one row whose kept inputs are given (x
+    and threshold unused): sum_j values[j] * wt[idx[j]]."""
     m, k = x.shape
     if rows_list is not None:
         m, k, compact = 1, rows_list[0].numel(), True
@@ -133,7 +133,7 @@ def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, c
         sidx = torch.empty(splits * rows, dtype=torch.int32, device=x.device) if compact else p
         sx = torch.empty(splits * rows, dtype=torch.float32, device=x.device) if compact else p
     kernel_module("_gemv_kernel.py", not x.is_cuda).teal_gemv_kernel[grid](
-        x, wt, wt if wt2 is None else wt2, threshold.to(device=x.device, dtype=torch.float32).reshape(1), p,
+        x, wt, wt if wt2 is None else wt2, threshold.to(device=x.device, dtype=torch.float32).reshape(-1)[:1], p,
         m, k, n, x.stride(0), wt.stride(0), p.stride(0), p.stride(1) if wt2 is not None else 0,
         ROWS=rows, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, STAGES=stages, TWO=wt2 is not None, num_warps=warps,
         OUT=out if fused else p, CNT=cnt, SPLITS=splits, stride_om=out.stride(0) if fused else 0,
@@ -252,15 +252,15 @@ def dejavu_mlp_rows_launch(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, 
     if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"dejavu_mlp_rows: expected idx [Kn] int32/int64, got {idx.dtype} {tuple(idx.shape)}")
     x = x if x.stride(1) == 1 else x.contiguous()
-    idx = idx.to(torch.int32).contiguous()
+    idx = idx.contiguous()  # int32 or int64 as given (no conversion launch per call)
     kn = idx.numel()
     (bi, bh, warps, stages), cfg_d = config or DEJAVU_ROWS_CONFIG["cuda" if x.is_cuda else "cpu"]
     hc = torch.empty(kn, dtype=torch.float32, device=x.device)
     kernel_module("_gemv_kernel.py", not x.is_cuda).dejavu_rows_kernel[(max(1, triton_cdiv(kn, bi)),)](
         x, wg, wu, idx, hc, kn, hid, wg.stride(0), BLOCK_I=bi, BLOCK_H=bh, STAGES=stages, num_warps=warps)
     out = torch.empty(1, hid, dtype=x.dtype, device=x.device)
-    zero = torch.zeros(1, dtype=torch.float32, device=x.device)
-    _teal_partials(x, wd_t, None, zero, cfg_d, out=out, rows_list=(idx, hc))
+    # the list launch reads no threshold: hc stands in for it (no zero-fill launch per call)
+    _teal_partials(x, wd_t, None, hc, cfg_d, out=out, rows_list=(idx, hc))
     return out
 
 

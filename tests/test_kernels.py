@@ -144,6 +144,52 @@ def test_noncontiguous_and_batch1():
     check(out, masked_attention_f64(q, k, v, ashape_mask(n, 3, 20)), torch.float16)
 
 
+@pytest.mark.parametrize("order,tma", [(0, 0), (1, 0), (1, 1), (0, 2), (1, "auto")])
+def test_program_order_and_tma(monkeypatch, order, tma):
+    """Every program order and key-load path (pointer loads, 2-D TMA descriptors whose tail
+    tiles read the next head's rows, 4-D descriptors on a [B, N, Hkv, D] layout) gives the
+    reference's output: B=2, GQA 2, N not a multiple of any tile."""
+    from sparseinfer.kernels import attention as katt
+
+    monkeypatch.setitem(katt.FLAGS, "ORDER", order)
+    monkeypatch.setitem(katt.FLAGS, "TMA", tma)
+    n, hq, hkv = 150, 4, 2
+    q, k, v = qkv(2, hq, hkv, n, 64, torch.float32, seed=21)
+    if tma in (2, "auto"):  # the layout transformers' projections leave
+        k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    assert katt._tma_mode(q, k, v, None) == (2 if tma == "auto" else tma)
+    s = 64 ** -0.5
+    vert, sl = vs_indices(2, hq, n, 7, 10, seed=22)
+    sl[0, :, :40] = torch.arange(40)
+    out = kernels.vertical_slash_attention(q, k, v, vert, sl, s, config=(32, 16, 4, 1, 1, 4))
+    check(out, masked_attention_f64(q, k, v, vertical_slash_mask(n, vert, sl)), torch.float32)
+    out = kernels.ashape_attention(q, k, v, 5, 40, s, config=(32, 32, 4, 1, 1, 1))
+    check(out, masked_attention_f64(q, k, v, ashape_mask(n, 5, 40)), torch.float32)
+    bi = torch.randint(-1, 5, (2, hq, 5, 3), generator=torch.Generator().manual_seed(23))
+    out = kernels.block_sparse_attention(q, k, v, bi, 32, s)
+    check(out, masked_attention_f64(q, k, v, block_sparse_mask(n, bi, 32)), torch.float32)
+
+
+def test_tma_mode_choice():
+    from sparseinfer.kernels import attention as katt
+
+    q, k, v = qkv(1, 4, 2, 64, 64, torch.float16, seed=1)
+    assert katt._tma_mode(q, k, v, None) == 1  # contiguous: 2-D descriptors
+    rows = torch.zeros(1, 1, 64, dtype=torch.int32)
+    assert katt._tma_mode(q, k, v, rows) == 0  # gathered query rows: pointer loads
+    odd = torch.randn(1, 2, 64, 65, dtype=torch.float16)[..., :64]  # rows 130 bytes apart
+    assert katt._tma_mode(q, odd, odd, None) == 0
+    kt = k.transpose(1, 2).contiguous().transpose(1, 2)
+    katt.FLAGS["TMA"] = 1
+    try:
+        with pytest.raises(ValueError, match="TMA mode 1"):
+            katt._tma_mode(q, kt, kt, None)
+        with pytest.raises(ValueError, match="q_rows"):
+            katt._tma_mode(q, k, v, rows)
+    finally:
+        katt.FLAGS["TMA"] = "auto"
+
+
 # ---------------------------------------------------------------- index converters
 def _cells_equal(idx, mask):
     b, h = mask.shape[:2] if mask.dim() == 4 else (1, 1)

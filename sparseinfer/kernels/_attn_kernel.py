@@ -22,6 +22,11 @@ loop and the column pass (causal mask, no slash bitmap) serve such rows. HAS_MOD
 modality (MODS[b, i]) is not SLOT are computed but not stored (one launch per query modality
 writes its own rows into a shared output).
 
+Program order (ORDER 1): the GROUP query heads of a KV head and its query blocks run side by
+side, so programs in flight read the keys of one KV head (L2 reuse of scattered key blocks).
+Contiguous key tiles load through TMA descriptors (TMA 1 / 2, see _kv) on Hopper; gathered
+columns and query-side indirection use pointer loads.
+
 Hopper notes (benchmarks/NOTES_kernels.md): each pipelined loop owns its shared-memory
 buffers; a branch on the tile kind inside a pipelined loop crashes triton 3.6's pipeliner, so
 masks inside a loop are branch-free and mask-free tiles get loops of their own.
@@ -39,16 +44,18 @@ from triton.language.standard import _elementwise_min as _min_fn  # noqa: E402
 
 
 @triton.jit
-def _online_softmax(acc, l_i, m_i, qk, v, MASKED: tl.constexpr, PREC: tl.constexpr):
-    """One tile of the online softmax: qk [BLOCK_M, BLOCK_N] scaled logits (log2 units; -inf
-    where masked), v [BLOCK_N, D] -> updated (acc, l_i, m_i). MASKED: rows may have seen only
-    -inf so far (their max stays -inf; exp2 must not see -inf - -inf)."""
-    m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
+def _online_softmax(acc, l_i, m_i, qk, v, MASKED: tl.constexpr, PREC: tl.constexpr, qk_scale):
+    """One tile of the online softmax: qk [BLOCK_M, BLOCK_N] unscaled logits (-inf where
+    masked), v [BLOCK_N, D] -> updated (acc, l_i, m_i), m_i in log2 units (qk_scale includes
+    log2(e)). The scale is folded into exp2's argument (one fused multiply-add per cell).
+    MASKED: rows may have seen only -inf so far (their max stays -inf; exp2 must not see
+    -inf - -inf)."""
+    m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn) * qk_scale)
     if MASKED:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
-    p = tl.math.exp2(qk - m_use[:, None])
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
     acc = acc * alpha[:, None]
@@ -57,16 +64,41 @@ def _online_softmax(acc, l_i, m_i, qk, v, MASKED: tl.constexpr, PREC: tl.constex
 
 
 @triton.jit
+def _kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, kmask, row0, n0,
+        MASKED: tl.constexpr, TMA: tl.constexpr):
+    """K and V tiles [BLOCK_N, D] of keys offs_n (= n0 + arange). TMA 1: k_base / v_base are
+    2-D tensor descriptors over [B * HKV * N, D], the keys rows row0 + n0 ... (row0 = the
+    head's first row); keys outside the head read other heads' rows or zeros, which the
+    caller's mask removes (their logits are -inf: p = 0 times finite values of V). TMA 2: 4-D
+    descriptors [B, HKV, N, D], row0 = b * 65536 + kv head; zeros outside the head. TMA 0:
+    pointer loads, masked by kmask when MASKED."""
+    if TMA == 2:  # 4-D descriptors [B, HKV, N, D], row0 = b * 65536 + hk
+        BN: tl.constexpr = offs_n.shape[0]
+        HD: tl.constexpr = offs_d.shape[0]
+        k = k_base.load([row0 >> 16, row0 & 65535, n0, 0]).reshape(BN, HD)
+        v = v_base.load([row0 >> 16, row0 & 65535, n0, 0]).reshape(BN, HD)
+    elif TMA:
+        k = k_base.load([row0 + n0, 0])
+        v = v_base.load([row0 + n0, 0])
+    elif MASKED:
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
+    return k, v
+
+
+@triton.jit
 def _band_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, offs_n, kmask, lo, hi,
-               qk_scale, PREC: tl.constexpr):
+               qk_scale, PREC: tl.constexpr, row0=0, n0=0, TMA: tl.constexpr = False):
     """One masked key tile of a band: keys offs_n where kmask, cells with lo <= i - j <= hi."""
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    k, v = _kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, kmask, row0, n0, True, TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
     rel = (offs_m - lo)[:, None] - offs_n[None, :]
     mask = (rel.to(tl.uint32) <= (hi - lo).to(tl.uint32)) & kmask[None, :]
-    qk = tl.where(mask, qk * qk_scale, float("-inf"))
-    return _online_softmax(acc, l_i, m_i, qk, v, True, PREC)
+    qk = tl.where(mask, qk, float("-inf"))
+    return _online_softmax(acc, l_i, m_i, qk, v, True, PREC, qk_scale)
 
 
 @triton.jit
@@ -110,16 +142,15 @@ def _bits_mask(sb_base, offs_m, n0, lo, hi, ks, ke, BLOCK_N: tl.constexpr, PAD: 
 def _tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn, offs_m, offs_d,
            n_lo, n_hi, kend, band_lo, band_hi, qk_scale,
            BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_SMAP: tl.constexpr, PREC: tl.constexpr,
-           STAGES: tl.constexpr, PAD: tl.constexpr = 512):
+           STAGES: tl.constexpr, PAD: tl.constexpr = 512, row0=0,
+           TMA: tl.constexpr = False):
     for n0 in tl.range(n_lo, n_hi, BLOCK_N, num_stages=STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if MASKED:
             kmask = offs_n < kend
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+            k, v = _kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, kmask, row0, n0, True, TMA)
         else:
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
+            k, v = _kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, offs_n, row0, n0, False, TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if MASKED:
             if USE_SMAP:
@@ -127,10 +158,8 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn, o
             else:
                 diff = offs_m[:, None] - offs_n[None, :]
                 mask = kmask[None, :] & (diff >= band_lo) & (diff <= band_hi)
-            qk = tl.where(mask, qk * qk_scale, float("-inf"))
-        else:
-            qk = qk * qk_scale
-        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, MASKED, PREC)
+            qk = tl.where(mask, qk, float("-inf"))
+        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, MASKED, PREC, qk_scale)
     return acc, l_i, m_i
 
 
@@ -138,7 +167,8 @@ def _tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn, o
 def _range_tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn, offs_m, offs_d,
                  kstart, kend, band_lo, band_hi, qk_scale,
                  BLOCK_N: tl.constexpr, USE_SMAP: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
-                 PAD: tl.constexpr = 512):
+                 PAD: tl.constexpr = 512, row0=0,
+                 TMA: tl.constexpr = False):
     """One pipelined loop over the key tiles [kstart, kend) of a range, band mask on every
     tile (branch-free: a branch on the tile kind inside the loop breaks triton's pipeliner)."""
     rel_m = offs_m - band_lo
@@ -146,16 +176,15 @@ def _range_tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride
     for n0 in tl.range(kstart, kend, BLOCK_N, num_stages=STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kmask = offs_n < kend
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        k, v = _kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, kmask, row0, n0, True, TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if USE_SMAP:
             mask = _bits_mask(sbits_base, offs_m, n0, band_lo, band_hi, kstart, kend, BLOCK_N, PAD)
         else:
             rel = rel_m[:, None] - offs_n[None, :]  # (i - j) - lo
             mask = (rel.to(tl.uint32) <= width) & kmask[None, :]
-        qk = tl.where(mask, qk * qk_scale, float("-inf"))
-        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True, PREC)
+        qk = tl.where(mask, qk, float("-inf"))
+        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True, PREC, qk_scale)
     return acc, l_i, m_i
 
 
@@ -203,12 +232,27 @@ def sparse_fwd_kernel(
     HAS_EDGES: tl.constexpr = False, PAD: tl.constexpr = 512,
     QROWS=None, stride_qrb=0, stride_qrh=0, MODS=None, stride_mb=0, SLOT=0,
     HAS_QROWS: tl.constexpr = False, HAS_MOD: tl.constexpr = False,
+    ORDER: tl.constexpr = 0, KD=None, VD=None, TMA: tl.constexpr = False,
 ):
-    pid_bh = tl.program_id(0)
-    pid_m = NQB - 1 - tl.program_id(1)  # longest rows first
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
+    if ORDER == 1:
+        # 1-D grid, (batch, KV head) slowest, then query blocks (longest rows first), then the
+        # GROUP query heads sharing the KV head: programs running at the same time read the
+        # keys of one KV head (L2 reuse for scattered key blocks)
+        pid = tl.program_id(0)
+        g = pid % GROUP
+        rest = pid // GROUP
+        pid_m = NQB - 1 - rest % NQB
+        bhk = rest // NQB
+        HKV = H // GROUP
+        b = bhk // HKV
+        hk = bhk % HKV
+        h = hk * GROUP + g
+    else:
+        pid_bh = tl.program_id(0)
+        pid_m = NQB - 1 - tl.program_id(1)  # longest rows first
+        b = pid_bh // H
+        h = pid_bh % H
+        hk = h // GROUP
     m0 = pid_m * BLOCK_M
     offs_d = tl.arange(0, HEAD_D)
     if HAS_QROWS:
@@ -228,6 +272,17 @@ def sparse_fwd_kernel(
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     sbits_base = SBITS + b * stride_sbb + h * stride_sbh
+    if TMA:  # contiguous key tiles through TMA descriptors over [B * HKV * N, D]
+        kt_base = KD
+        vt_base = VD
+        if TMA == 2:
+            row0 = b * 65536 + hk
+        else:
+            row0 = (b * (H // GROUP) + hk) * N
+    else:
+        kt_base = k_base
+        vt_base = v_base
+        row0 = 0
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
@@ -244,10 +299,9 @@ def sparse_fwd_kernel(
         for t in tl.range(0, nt, num_stages=STAGES):
             n0 = t0 + tl.load(t_base + t)
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
-            qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, False, PREC)
+            k, v = _kv(kt_base, vt_base, stride_kn, stride_vn, offs_n, offs_d, offs_n, row0, n0, False, TMA)
+            qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, False, PREC, qk_scale)
 
     # 0b. edge list (vertical-slash relative tiles): masked tiles of the exact bands, one flat
     #     pipelined loop whose per-tile parameters do not depend on the previous tile
@@ -262,8 +316,8 @@ def sparse_fwd_kernel(
             hi = tl.load(ep + 3)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             kmask = (offs_n >= 0) & (offs_n < ke)
-            acc, l_i, m_i = _band_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                                       offs_n, kmask, lo, hi, qk_scale, PREC)
+            acc, l_i, m_i = _band_tile(acc, l_i, m_i, q, kt_base, vt_base, stride_kn, stride_vn, offs_m, offs_d,
+                                       offs_n, kmask, lo, hi, qk_scale, PREC, row0=row0, n0=n0, TMA=TMA)
 
     # 1. ranges
     nr = tl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq)
@@ -288,8 +342,8 @@ def sparse_fwd_kernel(
         for t in tl.range(0, total, num_stages=STAGES):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             kmask = offs_n < kend
-            acc, l_i, m_i = _band_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                                       offs_n, kmask, lo, hi, qk_scale, PREC)
+            acc, l_i, m_i = _band_tile(acc, l_i, m_i, q, kt_base, vt_base, stride_kn, stride_vn, offs_m, offs_d,
+                                       offs_n, kmask, lo, hi, qk_scale, PREC, row0=row0, n0=n0, TMA=TMA)
             # advance: next tile of this range, or the first tile of the next range
             n0 = n0 + BLOCK_N
             nxt = n0 >= kend
@@ -321,8 +375,8 @@ def sparse_fwd_kernel(
         for t in tl.range(0, total, num_stages=EDGE_STAGES):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             kmask = offs_n < ke
-            acc, l_i, m_i = _band_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                                       offs_n, kmask, lo, hi, qk_scale, PREC)
+            acc, l_i, m_i = _band_tile(acc, l_i, m_i, q, kt_base, vt_base, stride_kn, stride_vn, offs_m, offs_d,
+                                       offs_n, kmask, lo, hi, qk_scale, PREC, row0=row0, n0=n0, TMA=TMA)
             # advance
             n0 = n0 + BLOCK_N
             n0 = tl.where(n0 == t1, t2, n0)
@@ -350,37 +404,37 @@ def sparse_fwd_kernel(
         if HAS_EDGES:
             if exact == 0:  # exact bands ran as relative tiles + edges
                 if HAS_SMAP:
-                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn,
+                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, kt_base, vt_base, sbits_base, stride_kn, stride_vn,
                                                  offs_m, offs_d, kstart, kend, lo, hi, qk_scale, BLOCK_N,
-                                                 True, PREC, HOLEY_STAGES, PAD)
+                                                 True, PREC, HOLEY_STAGES, PAD, row0=row0, TMA=TMA)
         elif EDGES:
             if exact != 0:
                 _a, _b, t1, t2, _c, _d, _e = _geom(rp, m0, row_end, BLOCK_M, BLOCK_N)
                 if t2 > t1:
-                    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn,
+                    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, kt_base, vt_base, sbits_base, stride_kn, stride_vn,
                                            offs_m, offs_d, t1, t2, kend, lo, hi, qk_scale, BLOCK_N, False, False,
-                                           PREC, STAGES)
+                                           PREC, STAGES, row0=row0, TMA=TMA)
             else:
                 if HAS_SMAP:
-                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn,
+                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, kt_base, vt_base, sbits_base, stride_kn, stride_vn,
                                                  offs_m, offs_d, kstart, kend, lo, hi, qk_scale, BLOCK_N,
-                                                 True, PREC, HOLEY_STAGES)
+                                                 True, PREC, HOLEY_STAGES, row0=row0, TMA=TMA)
         elif FLAT:
             if exact == 0:
                 if HAS_SMAP:
-                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn,
+                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, kt_base, vt_base, sbits_base, stride_kn, stride_vn,
                                                  offs_m, offs_d, kstart, kend, lo, hi, qk_scale, BLOCK_N,
-                                                 True, PREC, EDGE_STAGES)
+                                                 True, PREC, EDGE_STAGES, row0=row0, TMA=TMA)
         elif not SPLIT:
             if exact != 0:
-                acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn,
+                acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, kt_base, vt_base, sbits_base, stride_kn, stride_vn,
                                              offs_m, offs_d, kstart, kend, lo, hi, qk_scale, BLOCK_N,
-                                             False, PREC, STAGES)
+                                             False, PREC, STAGES, row0=row0, TMA=TMA)
             else:
                 if HAS_SMAP:  # a band with holes: test each offset
-                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn,
+                    acc, l_i, m_i = _range_tiles(acc, l_i, m_i, q, kt_base, vt_base, sbits_base, stride_kn, stride_vn,
                                                  offs_m, offs_d, kstart, kend, lo, hi, qk_scale, BLOCK_N,
-                                                 True, PREC, EDGE_STAGES)
+                                                 True, PREC, EDGE_STAGES, row0=row0, TMA=TMA)
         elif exact != 0:
             # keys valid for every row of the block: [m0 + BLOCK_M - 1 - hi, m0 - lo]
             fa = tl.maximum(kstart, m0 + BLOCK_M - 1 - hi)
@@ -390,19 +444,19 @@ def sparse_fwd_kernel(
             n_mid = tl.maximum((fb - t1) // BLOCK_N, 0)
             if n_mid > 0:
                 t2 = t1 + n_mid * BLOCK_N
-                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn, offs_m,
-                                       offs_d, kstart, t1, kend, lo, hi, qk_scale, BLOCK_N, True, False, PREC, EDGE_STAGES)
-                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn, offs_m,
-                                       offs_d, t1, t2, kend, lo, hi, qk_scale, BLOCK_N, False, False, PREC, STAGES)
-                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn, offs_m,
-                                       offs_d, t2, kend, kend, lo, hi, qk_scale, BLOCK_N, True, False, PREC, EDGE_STAGES)
+                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, kt_base, vt_base, sbits_base, stride_kn, stride_vn, offs_m,
+                                       offs_d, kstart, t1, kend, lo, hi, qk_scale, BLOCK_N, True, False, PREC, EDGE_STAGES, row0=row0, TMA=TMA)
+                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, kt_base, vt_base, sbits_base, stride_kn, stride_vn, offs_m,
+                                       offs_d, t1, t2, kend, lo, hi, qk_scale, BLOCK_N, False, False, PREC, STAGES, row0=row0, TMA=TMA)
+                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, kt_base, vt_base, sbits_base, stride_kn, stride_vn, offs_m,
+                                       offs_d, t2, kend, kend, lo, hi, qk_scale, BLOCK_N, True, False, PREC, EDGE_STAGES, row0=row0, TMA=TMA)
             else:
-                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn, offs_m,
-                                       offs_d, kstart, kend, kend, lo, hi, qk_scale, BLOCK_N, True, False, PREC, EDGE_STAGES)
+                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, kt_base, vt_base, sbits_base, stride_kn, stride_vn, offs_m,
+                                       offs_d, kstart, kend, kend, lo, hi, qk_scale, BLOCK_N, True, False, PREC, EDGE_STAGES, row0=row0, TMA=TMA)
         else:
             if HAS_SMAP:  # a band with holes: test each offset
-                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, sbits_base, stride_kn, stride_vn, offs_m,
-                                       offs_d, kstart, kend, kend, lo, hi, qk_scale, BLOCK_N, True, True, PREC, EDGE_STAGES)
+                acc, l_i, m_i = _tiles(acc, l_i, m_i, q, kt_base, vt_base, sbits_base, stride_kn, stride_vn, offs_m,
+                                       offs_d, kstart, kend, kend, lo, hi, qk_scale, BLOCK_N, True, True, PREC, EDGE_STAGES, row0=row0, TMA=TMA)
 
     # 2. gathered columns c <= i, minus cells whose offset i - c is a slash (counted above): per
     #    column one window of the slash bitmap over its offsets m0 - c .. m0 + BLOCK_M - 1 - c
@@ -429,8 +483,8 @@ def sparse_fwd_kernel(
             k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=cmask[:, None], other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cmask[:, None], other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-            qk = tl.where(mask, qk * qk_scale, float("-inf"))
-            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True, PREC)
+            qk = tl.where(mask, qk, float("-inf"))
+            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True, PREC, qk_scale)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]

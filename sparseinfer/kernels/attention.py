@@ -18,7 +18,8 @@ CONFIGS = {
     # vertical-slash: 64-row blocks, bands as relative tiles + edges (split 4); H100 sweep
     # 2026-11-25 (benchmarks/results/attention.md): 45.4 ms realistic + 58.5 ms structured at 128K
     "vs": {128: (64, 64, 4, 3, 3, 4, 2), 64: (64, 64, 4, 3, 3, 4, 2)},
-    "ashape": {128: (64, 64, 4, 3, 1, 1), 64: (64, 64, 4, 3, 1, 1)},
+    # A-shape: 128 x 128 tiles with TMA (2026-11-26 sweep, benchmarks/results/attention_variants.md)
+    "ashape": {128: (128, 128, 8, 3, 1, 1), 64: (64, 64, 4, 3, 1, 1)},
     "blocks": {128: (64, 64, 4, 3, 1, 0), 64: (64, 64, 4, 3, 1, 0)},
 }
 # interpreter (CPU tensors): larger, fewer programs run faster; same loop structure as on GPU
@@ -29,11 +30,62 @@ _CPU_CONFIGS = {"vs": (64, 64, 4, 1, 1, 4), "ashape": (64, 64, 4, 1, 1, 1), "blo
 # the pattern for dense attention (the integration layer) can read these; the ops never do,
 # since dense attention is not the same function.
 BREAK_EVEN = {
-    "ashape": 0,  # 2.82x at 32K
-    "block_sparse": 0,  # 1.61x at 32K (top-100 of 64-blocks)
-    "vertical_slash": 36 * 1024,  # realistic indices: 0.95x at 32K, 2.35x at 64K
-    "vertical_slash_estimated": 40 * 1024,  # structured q/k, estimated: 0.88x at 32K, 1.68x at 64K
+    "ashape": 0,  # 3.28x at 32K (2026-11-26, program order + TMA)
+    "block_sparse": 0,  # 2.10x at 32K (top-100 of 64-blocks)
+    # 1.30x (realistic) / 1.08x (structured q/k, estimated) at 32K; shorter lengths unmeasured
+    "vertical_slash": 32 * 1024,
+    "vertical_slash_estimated": 32 * 1024,
 }
+
+
+# Kernel variants (ablations: benchmarks/attention.py --variants). ORDER 1: the programs of one
+# KV head's query heads and query blocks run together (L2 reuse of scattered key blocks;
+# block-sparse 51 -> 34 ms at 128K on an H100); 0: heads fastest. TMA: contiguous key tiles
+# through tensor descriptors ("auto" = on for sm_90+ GPUs and the interpreter; 1 = 2-D
+# descriptors over [B * Hkv * N, D] (k / v must allow that view), 2 = 4-D descriptors
+# [B, Hkv, N, D] (any layout), 0 = pointer loads).
+FLAGS = {"ORDER": 1, "TMA": "auto"}
+
+
+def _tma_mode(q, k, v, q_rows) -> int:
+    """FLAGS["TMA"] resolved for these tensors (0 pointer loads, 1 / 2 descriptors, see FLAGS)."""
+
+    def flat(t):  # rows (b, h, n) at stride D, 16-byte aligned
+        b, h, n, d = t.shape
+        return (t.stride(2) == d and (h == 1 or t.stride(1) == n * d) and (b == 1 or t.stride(0) == h * n * d)
+                and t.data_ptr() % 16 == 0 and d * t.element_size() % 16 == 0)
+
+    def aligned(t):
+        return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+
+    mode = FLAGS["TMA"]
+    if mode != "auto":
+        mode = int(mode)
+        if mode and q_rows is not None:
+            raise ValueError("TMA descriptors do not serve gathered query rows (q_rows): set FLAGS['TMA'] to 0")
+        if (mode == 1 and not (flat(k) and flat(v))) or (mode == 2 and not (aligned(k) and aligned(v))):
+            raise ValueError(f"TMA mode {mode}: k / v strides {k.stride()} / {v.stride()} do not allow it "
+                             "(1: contiguous [B, Hkv, N, D]; 2: 16-byte aligned strides)")
+        return mode
+    if q_rows is not None:  # query-side indirection: pointer loads only
+        return 0
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return 0
+    if flat(k) and flat(v):
+        return 1
+    return 2 if aligned(k) and aligned(v) else 0
+
+
+def _descriptors(k, v, block_n: int, mode: int):
+    """TMA descriptors of k / v [B, Hkv, N, D]: mode 1 over the [B * Hkv * N, D] view (tiles may
+    read rows of the next head or batch, or zeros past the end; the kernel masks those keys),
+    mode 2 over [B, Hkv, N, D] itself (any strides; zeros outside each head)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if mode == 2:
+        return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, t.shape[-1]]) for t in (k, v)]
+    return [TensorDescriptor(t, [t.numel() // t.shape[-1], t.shape[-1]], [t.shape[-1], 1], [block_n, t.shape[-1]])
+            for t in (k, v)]
 
 
 def _pow2_factor(x: int) -> int:
@@ -113,7 +165,10 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     if interpret:
         prec = "ieee"
-    grid = (b * hq, nqb)
+    order = FLAGS["ORDER"]
+    tma = _tma_mode(q, k, v, q_rows)
+    kd, vd = _descriptors(k, v, block_n, tma) if tma else (None, None)
+    grid = (b * hq * nqb,) if order == 1 else (b * hq, nqb)
     qr = q_rows if q_rows is not None else dummy
     mods = modality.contiguous() if modality is not None else dummy  # [B, N]: rows read with stride 1
     mod.sparse_fwd_kernel[grid](
@@ -141,6 +196,7 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         QROWS=qr, stride_qrb=st(qr, 0) if q_rows is not None else 0, stride_qrh=st(qr, 1) if q_rows is not None else 0,
         MODS=mods, stride_mb=mods.stride(0) if modality is not None else 0, SLOT=int(slot),
         HAS_QROWS=q_rows is not None, HAS_MOD=modality is not None,
+        ORDER=order, KD=kd, VD=vd, TMA=tma,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out if out.dtype == orig_dtype else out.to(orig_dtype)

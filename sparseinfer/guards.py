@@ -3,6 +3,9 @@
 * Per head, when the kept density a pattern estimated for this input is above the kernel's
   break-even density, the sparse kernel would be slower than dense attention: that head runs
   dense SDPA instead (its sparse indices are emptied, so the kernel skips it).
+* Per head, for vertical-slash, when the area the kernel would visit (scattered slashes merge
+  into bands with holes: the visited area can be near 100% at 5% kept density) is above the
+  kernel's break-even area, that head runs dense too (`over_work`).
 * `layers=[...]` (only these layers sparse) and `dense_layers=[...]` (these layers dense) are
   resolved at patch time into per-layer dense reasons.
 """
@@ -19,6 +22,15 @@ from .patterns.base import Selection
 # (4.95x at 8.8% density), vertical-slash 43-52% on realistic indices and 31-35% on estimated
 # structured ones (2026-11-25; the lower one is used), A-shape 73%. Above it, dense is faster.
 BREAK_EVEN_DENSITY = {"block_sparse_attention": 0.43, "vertical_slash_attention": 0.35, "ashape_attention": 0.73}
+
+
+# Break-even visited area (share of the causal cells in the tiles the kernel visits,
+# `index.vertical_slash_work`) for vertical-slash: on an H100 (2026-11-26, one 8B layer,
+# benchmarks/results/attention.md) the kernel took 1.7-2.6x cuDNN's time per visited cell
+# (realistic indices 2.17x at 32K with 35.5% visited: 1.30x faster than dense; structured q/k with
+# estimation 2.64x at 35.2%: 1.08x; i.i.d. random q/k 2.25x at 100%: 0.44x), so above
+# 1 / 2.6 = 0.38 a head is faster dense.
+BREAK_EVEN_WORK = {"vertical_slash_attention": 0.38}
 
 
 def check_max_density(value) -> None:
@@ -47,6 +59,29 @@ def over_limit(parts: list[Selection], limits: list[float]) -> torch.Tensor | No
         if lim >= 1.0:
             continue
         over = (sel.density > lim).any(0)
+        if sel.heads is not None:
+            over &= sel.heads
+        out = over if out is None else out | over
+    return out
+
+
+def over_work(parts: list[Selection], q: torch.Tensor, backend: str, max_density: float | None) -> torch.Tensor | None:
+    """-> bool [Hq]: heads whose vertical-slash indices would make the Triton kernel visit more
+    than BREAK_EVEN_WORK of the causal area (worst input of the batch); None when no part is
+    vertical-slash, when the kernel does not serve the call (the CPU reference's cost does not
+    depend on the pattern), or when the caller set max_density (then that is the only guard).
+    q [B, Hq, N, D]; device tensors, no host sync."""
+    if max_density is not None or not ops._use_triton(q, backend):
+        return None
+    from .index import vertical_slash_work
+
+    out = None
+    for sel in parts:
+        lim = BREAK_EVEN_WORK.get(sel.op)
+        if lim is None:
+            continue
+        work = vertical_slash_work(q.shape[2], sel.kwargs["vertical_idx"], sel.kwargs["slash_idx"])
+        over = (work > lim).any(0)
         if sel.heads is not None:
             over &= sel.heads
         out = over if out is None else out | over

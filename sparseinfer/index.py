@@ -350,6 +350,59 @@ def _relative_tiles(lo, hi, exact, n_slash: int, n: int, block_m: int, block_n: 
             edges.to(torch.int32).contiguous(), ecount.to(torch.int32))
 
 
+def slash_groups(slash_idx: torch.Tensor, n: int, merge_gap: int):
+    """slash_idx [B, H, Ns] offsets (-1 = padding, any order) -> (s, lo, glo, ghi, exact):
+    s [B, H, Ns + 1] sorted unique offsets with 0 added (n = padding); lo [B, H, R] starts of
+    the runs of consecutive offsets; glo / ghi / exact [B, H, R]: the ranges the kernel visits
+    (runs whose gap is at most merge_gap merged; exact = 1 for a single run, 0 for a band with
+    holes), padded with n."""
+    b, h, _ = slash_idx.shape
+    dev = slash_idx.device
+    big = n
+    s = slash_idx.to(torch.int64)
+    s = torch.where((s >= 0) & (s < n), s, torch.full_like(s, big))
+    s = torch.cat([torch.zeros(b, h, 1, dtype=torch.int64, device=dev), s], dim=-1)
+    s = _sorted_unique(s, big)
+    lo, hi, _ = _runs(s, big)
+    valid = lo < big
+    prev_hi = torch.full_like(hi, -(1 << 40))
+    prev_hi[..., 1:] = hi[..., :-1]
+    nxt_lo = torch.full_like(lo, 1 << 40)
+    nxt_lo[..., :-1] = lo[..., 1:]
+    g_start = valid & (lo - prev_hi - 1 > merge_gap)
+    g_end = valid & ((nxt_lo - hi - 1 > merge_gap) | (nxt_lo >= big))
+    glo = _compact(lo, g_start, big)
+    ghi = _compact(hi, g_end, big)
+    # runs per group: exact iff it holds one run
+    gid = torch.cumsum(g_start.to(torch.int64), -1) - 1
+    gid = torch.where(valid, gid, torch.full_like(gid, lo.shape[-1]))
+    runs_per = torch.zeros(b, h, lo.shape[-1] + 1, dtype=torch.int64, device=dev)
+    runs_per.scatter_add_(-1, gid, valid.to(torch.int64))
+    exact = (runs_per[..., :-1] <= 1).to(torch.int64)
+    return s, lo, glo, ghi, exact
+
+
+def vertical_slash_work(n: int, vertical_idx: torch.Tensor, slash_idx: torch.Tensor, block_m: int = 64) -> torch.Tensor:
+    """float32 [B, H]: the share of the causal cells the kernel visits for these indices
+    (vertical_idx [B, H, Nv], slash_idx [B, H, Ns]), estimated without building the index:
+    each merged slash range [lo, hi] costs its rows (n - lo) times its key span per query block
+    (hi - lo + block_m), capped by those rows' causal cells; each column its n - v cells.
+    Scattered slashes merge into bands with holes whose visited area is far above the kept
+    density: this is what the kernel's time follows. On the device, no host sync."""
+    _, _, glo, ghi, _ = slash_groups(slash_idx, n, block_m)
+    ok = glo < n
+    lo = glo.double()
+    hi = torch.clamp(ghi, max=n - 1).double()
+    rows = n - lo
+    causal = (n * (n + 1) - lo * (lo + 1)) / 2  # cells of rows >= lo
+    band = torch.minimum(rows * (hi - lo + block_m), causal)
+    v = vertical_idx.to(torch.int64)
+    v = _sorted_unique(torch.where((v >= 0) & (v < n), v, torch.full_like(v, n)), n)
+    cols = torch.where(v < n, n - v, 0).double().sum(-1)
+    cells = torch.where(ok, band, 0.0).sum(-1) + cols
+    return torch.clamp(cells / (n * (n + 1) / 2), max=1.0).float()
+
+
 def from_vertical_slash(
     vertical_idx: torch.Tensor, slash_idx: torch.Tensor, n: int, block_m: int, merge_gap: Optional[int] = None,
     block_n: Optional[int] = None,
@@ -374,30 +427,10 @@ def from_vertical_slash(
     merge_gap = block_m if merge_gap is None else merge_gap
     nqb = math.ceil(n / block_m)
     big = n
-    # slashes -> runs -> ranges
-    s = slash_idx.to(torch.int64)
-    s = torch.where((s >= 0) & (s < n), s, torch.full_like(s, big))
-    s = torch.cat([torch.zeros(b, h, 1, dtype=torch.int64, device=dev), s], dim=-1)
-    s = _sorted_unique(s, big)
+    s, lo, glo, ghi, exact = slash_groups(slash_idx, n, merge_gap)
     smap = torch.zeros(b, h, n + 1, dtype=torch.uint8, device=dev)
     smap.scatter_(-1, s, 1)
     smap = smap[..., :n].contiguous()
-    lo, hi, _ = _runs(s, big)
-    valid = lo < big
-    prev_hi = torch.full_like(hi, -(1 << 40))
-    prev_hi[..., 1:] = hi[..., :-1]
-    nxt_lo = torch.full_like(lo, 1 << 40)
-    nxt_lo[..., :-1] = lo[..., 1:]
-    g_start = valid & (lo - prev_hi - 1 > merge_gap)
-    g_end = valid & ((nxt_lo - hi - 1 > merge_gap) | (nxt_lo >= big))
-    glo = _compact(lo, g_start, big)
-    ghi = _compact(hi, g_end, big)
-    # runs per group: exact iff it holds one run
-    gid = torch.cumsum(g_start.to(torch.int64), -1) - 1
-    gid = torch.where(valid, gid, torch.full_like(gid, lo.shape[-1]))
-    runs_per = torch.zeros(b, h, lo.shape[-1] + 1, dtype=torch.int64, device=dev)
-    runs_per.scatter_add_(-1, gid, valid.to(torch.int64))
-    exact = (runs_per[..., :-1] <= 1).to(torch.int64)
     r = lo.shape[-1]
     ranges = torch.stack(
         [torch.zeros_like(glo), torch.full_like(glo, n), glo, torch.clamp(ghi, max=n), exact], dim=-1

@@ -245,6 +245,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     # reads the decision (one sync, while the kernel runs): reading it first would leave the GPU
     # idle while the host launches the index construction (~3 ms per layer at 128K).
     over = guards.over_limit(parts, [guards.density_limit(p.op, plan.max_density, query, plan.backend) for p in parts])
+    work = guards.over_work(parts, query, plan.backend, plan.max_density)  # vertical-slash: visited area
+    if work is not None:
+        over = work if over is None else over | work
     if over is not None:
         parts = guards.drop_heads(parts, over)
     t_est = rec.start(query) if rec is not None else None  # the estimation's end (monitoring syncs anyway)
@@ -348,7 +351,8 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
 
     Guards and rollout (every method): max_density: per call and head, when the estimated kept
     density is above it, that head runs dense SDPA (None: the kernel's measured break-even,
-    `sparseinfer.guards.BREAK_EVEN_DENSITY`, when the Triton kernel serves the call; off on
+    `sparseinfer.guards.BREAK_EVEN_DENSITY`, when the Triton kernel serves the call, plus for
+    vertical-slash heads the area the kernel would visit, `guards.BREAK_EVEN_WORK`; off on
     the CPU, where the reference costs the same at any density). layers: only these layers
     sparse (staged rollout); dense_layers: these layers dense. shadow: share of sparse calls
     (and of pre-fill forwards) also run dense to record the divergence in `handle.stats.shadow`

@@ -124,6 +124,67 @@ def test_density_guard_routes_heads_over_the_limit_to_dense():
     assert plan.stats.records[-1].reason == "" and plan.stats.records[-1].dense_heads is None
 
 
+def test_vertical_slash_work_tracks_the_visited_area():
+    """The visited-area estimate behind the vertical-slash guard: exact for one local band,
+    within 15% of the built index's visited tiles for a realistic shape, and near 1 for
+    scattered slashes whose kept density is low (bands with holes)."""
+    from sparseinfer.index import from_vertical_slash, vertical_slash_work
+    from sparseinfer.patterns.vertical_slash import vertical_slash_density
+
+    n = 600
+    band = torch.arange(50).expand(1, 2, 50)
+    w = vertical_slash_work(n, torch.full((1, 2, 1), -1), band, 64)
+    assert torch.allclose(w, torch.full((1, 2), n * (49 + 64) / (n * (n + 1) / 2)))
+    g = torch.Generator().manual_seed(0)
+    vert, scat = torch.randint(0, n, (1, 2, 10), generator=g), torch.randint(0, n, (1, 2, 60), generator=g)
+    assert (vertical_slash_work(n, vert, scat, 64) == 1.0).all()
+    assert (vertical_slash_density(n, vert, scat) < 0.15).all()
+    n = 8192
+    vert = torch.cat([torch.arange(8).expand(1, 2, 8), torch.randint(8, n, (1, 2, 60), generator=g)], -1)
+    runs = torch.randint(300, n - 60, (1, 2, 5), generator=g)
+    sl = torch.cat([torch.arange(256).expand(1, 2, 256), (runs[..., None] + torch.arange(50)).reshape(1, 2, 250)], -1)
+    w = vertical_slash_work(n, vert, sl, 64)
+    want = from_vertical_slash(vert, sl, n, 64).work_fraction(64, samples=1000)
+    assert ((w - want).abs() < 0.15 * want).all(), (w, want)
+
+
+def test_work_guard_routes_scattered_vertical_slash_heads_to_dense():
+    """When the Triton kernel serves the call, vertical-slash heads whose slashes scatter (the
+    kernel would visit nearly every cell) run dense; heads with a local band stay sparse."""
+    from masks import vertical_slash_mask
+
+    from sparseinfer.patterns.base import Pattern, Selection
+
+    n = 1024
+    q, k, v = _qkv(n=n)
+    g = torch.Generator().manual_seed(4)
+    vert = torch.randint(0, n, (1, 4, 6), generator=g)
+    # heads 0-1: 60 scattered offsets (work 1.0); heads 2-3: offsets 0..9 (work 0.15)
+    sl = torch.cat([torch.randint(0, n, (1, 2, 60), generator=g), torch.arange(60).expand(1, 2, 60) % 10], 1)
+
+    class Fixed(Pattern):
+        name = "vertical_slash"
+
+        def select(self, q, k, scale):
+            return [Selection("vertical_slash_attention", {"vertical_idx": vert, "slash_idx": sl},
+                              torch.full((1, 4), 0.1))]
+
+    over = torch.tensor([True, True, False, False])
+    plan = integ.LayerPlan(0, Fixed(), 0, integ.PatchStats(), "triton", set())
+    out = _call(plan, q, k, v)
+    mask = torch.where(over[None, :, None, None], torch.ones(n, n, dtype=torch.bool).tril(),
+                       vertical_slash_mask(n, vert, sl))
+    assert rel_err(out, masked_attention_f64(q, k, v, mask, 0.25)) < 1e-4
+    rec = plan.stats.records[-1]
+    assert rec.reason == "density" and torch.equal(rec.dense_heads, over)
+    # the caller's max_density is then the only guard; off for the CPU reference
+    for backend, kw in (("triton", {"max_density": 1.0}), ("reference", {})):
+        plan = integ.LayerPlan(0, Fixed(), 0, integ.PatchStats(), backend, set(), **kw)
+        out = _call(plan, q, k, v)
+        assert plan.stats.records[-1].dense_heads is None
+        assert rel_err(out, masked_attention_f64(q, k, v, vertical_slash_mask(n, vert, sl), 0.25)) < 1e-4
+
+
 def test_density_probe_skips_the_estimation_when_every_head_goes_dense(monkeypatch):
     """The probe (the estimate on a few query blocks) tracks the full estimate's density, and a
     call whose every head is over the limit runs dense without paying the full estimation."""

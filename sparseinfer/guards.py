@@ -16,12 +16,13 @@ import torch
 from . import ops
 from .patterns.base import Selection
 
-# Break-even kept density per op on the GPU kernel (H100, bf16, Llama-3-8B layer, 128K): the
-# density at which the kernel's time equals cuDNN SDPA's, read off benchmarks/NOTES_kernels.md
-# as (measured % of the density limit) / 100: block-sparse top-100 reaches ~43% of its limit
-# (4.95x at 8.8% density), vertical-slash 43-52% on realistic indices and 31-35% on estimated
-# structured ones (2026-11-25; the lower one is used), A-shape 73%. Above it, dense is faster.
-BREAK_EVEN_DENSITY = {"block_sparse_attention": 0.43, "vertical_slash_attention": 0.35, "ashape_attention": 0.73}
+# Break-even kept density per op on the GPU kernel (H100, bf16, Llama-3-8B layer): the density
+# at which the kernel's time equals cuDNN SDPA's, read off benchmarks/results/attention.md
+# (2026-11-26 05:20 UTC) as the lowest (measured % of the density limit) / 100 over 32K-512K:
+# block-sparse top-100 61% (realistic, 32K; 65-79% elsewhere), vertical-slash 32% (structured
+# q/k with estimation, 32K; 40-63% elsewhere), A-shape 79% (32K). Above it, dense is faster.
+# (Before the program-order / TMA kernel: 0.43 / 0.35 / 0.73.)
+BREAK_EVEN_DENSITY = {"block_sparse_attention": 0.61, "vertical_slash_attention": 0.32, "ashape_attention": 0.79}
 
 
 # Break-even visited area (share of the causal cells in the tiles the kernel visits,

@@ -157,9 +157,15 @@ def run_selections(parts: list[Selection], q, k, v, scale: float, backend: str =
     supplies those heads' outputs. q [B, Hq, N, D], k/v [B, Hkv, N, D] -> [B, Hq, N, D]."""
     out = None
     for sel in parts:
-        o = getattr(ops, sel.op)(q, k, v, **sel.kwargs, scale=scale, backend=backend)
+        # heads a selection does not serve (or the guards sent dense) carry empty indices; the
+        # three pre-filling ops also skip them (`heads=`), so they cost the kernel nothing
+        extra = {"heads": sel.heads} if sel.heads is not None and sel.op in _HEAD_OPS else {}
+        o = getattr(ops, sel.op)(q, k, v, **sel.kwargs, scale=scale, backend=backend, **extra)
         out = o if out is None else torch.where(sel.heads[None, :, None, None], o, out)
     return out
+
+
+_HEAD_OPS = ("vertical_slash_attention", "block_sparse_attention", "ashape_attention")
 
 
 def sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -170,6 +170,28 @@ def test_program_order_and_tma(monkeypatch, order, tma):
     check(out, masked_attention_f64(q, k, v, block_sparse_mask(n, bi, 32)), torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_heads_option_computes_only_those_heads(backend):
+    """heads=: the listed heads equal the reference, the others are zeros (the kernel visits
+    nothing for them); bad values are refused."""
+    n, hq, hkv = 150, 4, 2
+    q, k, v = qkv(2, hq, hkv, n, 64, torch.float32, seed=31)
+    on = torch.tensor([True, False, False, True])
+    vert, sl = vs_indices(2, hq, n, 7, 10, seed=32)
+    bi = torch.randint(-1, 3, (2, hq, 3, 2), generator=torch.Generator().manual_seed(33))
+    cases = [(ops.vertical_slash_attention, (vert, sl), vertical_slash_mask(n, vert, sl)),
+             (ops.block_sparse_attention, (bi, 64), block_sparse_mask(n, bi, 64)),
+             (ops.ashape_attention, (4, 30), ashape_mask(n, 4, 30))]
+    for op, args, mask in cases:
+        out = op(q, k, v, *args, backend=backend, heads=on)
+        ref = masked_attention_f64(q, k, v, mask)
+        check(out[:, on], ref[:, on], torch.float32)
+        assert (out[:, ~on] == 0).all()
+    for bad in (torch.ones(3, dtype=torch.bool), torch.ones(4, dtype=torch.int64), [True] * 4):
+        with pytest.raises(ValueError, match="heads"):
+            ops.ashape_attention(q, k, v, 4, 30, backend=backend, heads=bad)
+
+
 def test_tma_mode_choice():
     from sparseinfer.kernels import attention as katt
 

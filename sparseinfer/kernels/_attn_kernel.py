@@ -233,6 +233,7 @@ def sparse_fwd_kernel(
     QROWS=None, stride_qrb=0, stride_qrh=0, MODS=None, stride_mb=0, SLOT=0,
     HAS_QROWS: tl.constexpr = False, HAS_MOD: tl.constexpr = False,
     ORDER: tl.constexpr = 0, KD=None, VD=None, TMA: tl.constexpr = False,
+    HEADS=None, HAS_HEADS: tl.constexpr = False,
 ):
     if ORDER == 1:
         # 1-D grid, (batch, KV head) slowest, then query blocks (longest rows first), then the
@@ -289,11 +290,15 @@ def sparse_fwd_kernel(
     acc = tl.full([BLOCK_M, HEAD_D], 0.0, dtype=tl.float32)
 
     row_end = tl.minimum(m_hi, N)
+    if HAS_HEADS:  # heads not computed: every list is empty, the output rows are zeros
+        on = tl.load(HEADS + h).to(tl.int32)
+    else:
+        on = 1
 
     # 0. tile list: BLOCK_N-wide key tiles every row of the block sees entirely (no mask);
     #    one flat loop, so loads of the next tile overlap the current one (block-sparse)
     if HAS_TILES:
-        nt = tl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m)
+        nt = tl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m) * on
         t_base = TILES + b * stride_tb + h * stride_th + pid_m * stride_tq
         t0 = m0 if TILES_REL else 0  # relative tiles (vertical-slash): shared by all query blocks
         for t in tl.range(0, nt, num_stages=STAGES):
@@ -306,7 +311,7 @@ def sparse_fwd_kernel(
     # 0b. edge list (vertical-slash relative tiles): masked tiles of the exact bands, one flat
     #     pipelined loop whose per-tile parameters do not depend on the previous tile
     if HAS_EDGES:
-        ne = tl.load(ECOUNT + b * stride_ecb + h * stride_ech + pid_m)
+        ne = tl.load(ECOUNT + b * stride_ecb + h * stride_ech + pid_m) * on
         e_base = EDG + b * stride_eb + h * stride_eh
         for t in tl.range(0, ne, num_stages=EDGE_STAGES):
             ep = e_base + t * 4
@@ -320,7 +325,7 @@ def sparse_fwd_kernel(
                                        offs_n, kmask, lo, hi, qk_scale, PREC, row0=row0, n0=n0, TMA=TMA)
 
     # 1. ranges
-    nr = tl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq)
+    nr = tl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq) * on
     r_base = RANGES + b * stride_rb + h * stride_rh + pid_m * stride_rq
     if FLAT:
         # exact ranges as one flat pipelined loop over all their tiles (loads of the next range
@@ -462,7 +467,7 @@ def sparse_fwd_kernel(
     #    column one window of the slash bitmap over its offsets m0 - c .. m0 + BLOCK_M - 1 - c
     #    (bit r <-> row m0 + r), negative offsets set too, then one shift per cell
     if HAS_COLS:
-        nc = tl.load(CCOUNT + b * stride_ccb + h * stride_cch + pid_m)
+        nc = tl.load(CCOUNT + b * stride_ccb + h * stride_cch + pid_m) * on
         col_base = COLS + b * stride_colb + h * stride_colh
         rr = tl.arange(0, BLOCK_M)
         for c0 in tl.range(0, nc, BLOCK_N, num_stages=EDGE_STAGES):

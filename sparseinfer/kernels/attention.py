@@ -109,7 +109,7 @@ def _config(kind: str, d: int, device: torch.device, config=None):
 def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_warps: int = 8,
               num_stages: int = 2, edge_stages: int = 1, split: int = 0, holey_stages: int = 1, *,
               q_rows: torch.Tensor | None = None, modality: torch.Tensor | None = None, slot: int = 0,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, heads: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q [B, Hq, N, D] over k/v [B, Hkv, N, D] restricted to the cells of ``idx``
     (built with block_m = idx.block_m). Returns a tensor like q.
 
@@ -117,7 +117,8 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
     block t is rows q_rows[..., t * block_m:(t + 1) * block_m] (query-side indirection; idx's
     per-block lists then refer to these tiles; only plain ranges and columns without a slash
     map). modality [B, N] + slot: only rows whose modality is ``slot`` are written. out: write
-    into this tensor (like q; rows not written keep their values) instead of a new one."""
+    into this tensor (like q; rows not written keep their values) instead of a new one.
+    heads: bool [Hq]: the other heads' programs visit nothing and write zeros."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     if d not in (16, 32, 64, 128, 256):
@@ -173,6 +174,7 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
     kd, vd = _descriptors(k, v, block_n, tma) if tma else (None, None)
     grid = (b * hq * nqb,) if order == 1 else (b * hq, nqb)
     qr = q_rows if q_rows is not None else dummy
+    hon = heads.to(torch.int8).contiguous() if heads is not None else dummy
     mods = modality.contiguous() if modality is not None else dummy  # [B, N]: rows read with stride 1
     mod.sparse_fwd_kernel[grid](
         q, k, v, out,
@@ -199,26 +201,27 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         QROWS=qr, stride_qrb=st(qr, 0) if q_rows is not None else 0, stride_qrh=st(qr, 1) if q_rows is not None else 0,
         MODS=mods, stride_mb=mods.stride(0) if modality is not None else 0, SLOT=int(slot),
         HAS_QROWS=q_rows is not None, HAS_MOD=modality is not None,
-        ORDER=order, KD=kd, VD=vd, TMA=tma,
+        ORDER=order, KD=kd, VD=vd, TMA=tma, HEADS=hon, HAS_HEADS=heads is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out if out.dtype == orig_dtype else out.to(orig_dtype)
 
 
-def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=None):
-    """config: optional (block_m, block_n, num_warps, num_stages, edge_stages, split) override."""
+def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=None, heads=None):
+    """config: optional (block_m, block_n, num_warps, num_stages, edge_stages, split) override;
+    heads: optional bool [Hq], the heads computed (the others' outputs are zeros)."""
     bm, bn, *rest = _config("vs", q.shape[-1], q.device, config)
     idx = _index.from_vertical_slash(vertical_idx, slash_idx, q.shape[2], bm, block_n=bn if rest[3] == 4 else None)
-    return run_index(q, k, v, idx, scale, bn, *rest)
+    return run_index(q, k, v, idx, scale, bn, *rest, heads=heads)
 
 
-def ashape_attention(q, k, v, sink, window, scale, *, config=None):
+def ashape_attention(q, k, v, sink, window, scale, *, config=None, heads=None):
     bm, bn, *rest = _config("ashape", q.shape[-1], q.device, config)
     idx = _index.from_ashape(q.shape[2], int(sink), int(window), q.shape[0], q.shape[1], bm, q.device)
-    return run_index(q, k, v, idx, scale, bn, *rest)
+    return run_index(q, k, v, idx, scale, bn, *rest, heads=heads)
 
 
-def block_sparse_attention(q, k, v, block_idx, block_size, scale, *, config=None):
+def block_sparse_attention(q, k, v, block_idx, block_size, scale, *, config=None, heads=None):
     """Kernel row/column tiles are min(128, largest power of 2 dividing block_size) (64 on the
     CPU), so every kernel query block lies in one index block; block sizes with no power-of-2
     factor >= 16 run the torch reference."""
@@ -235,6 +238,7 @@ def block_sparse_attention(q, k, v, block_idx, block_size, scale, *, config=None
     if f < 16 or block_size % bm:
         from ..ops import reference as ref
 
-        return ref.masked_attention(q, k, v, ref.block_sparse_rows(q.shape[2], block_idx, block_size), scale)
+        out = ref.masked_attention(q, k, v, ref.block_sparse_rows(q.shape[2], block_idx, block_size), scale)
+        return out if heads is None else out * heads.view(1, -1, 1, 1).to(out.dtype)
     idx = _index.from_block_sparse(block_idx, block_size, q.shape[2], bm, bn)
-    return run_index(q, k, v, idx, scale, bn, *rest)
+    return run_index(q, k, v, idx, scale, bn, *rest, heads=heads)

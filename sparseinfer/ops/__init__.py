@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference as ref
-from ._validate import check_backend, check_budget, check_index, check_qkv
+from ._validate import check_backend, check_budget, check_heads, check_index, check_qkv
 from .decode import sparse_decode_attention
 from .mm import mm_attention
 
@@ -65,26 +65,34 @@ def dense_attention(q, k, v, *, scale: float | None = None, backend: str = "auto
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s, enable_gqa=hq != hkv)
 
 
+def _only(out: torch.Tensor, heads: torch.Tensor | None) -> torch.Tensor:
+    """The reference path's `heads`: zeros for the heads not computed."""
+    return out if heads is None else out * heads.view(1, -1, 1, 1).to(out.dtype)
+
+
 def vertical_slash_attention(
-    q, k, v, vertical_idx, slash_idx, *, scale: float | None = None, backend: str = "auto"
+    q, k, v, vertical_idx, slash_idx, *, scale: float | None = None, backend: str = "auto", heads=None
 ) -> torch.Tensor:
     """Vertical-slash attention (MInference).
 
     vertical_idx [B, Hq, Nv]: key positions every query sees (if causal);
     slash_idx [B, Hq, Ns]: diagonal offsets (0 = main diagonal) every query sees.
     Query i attends key j iff j <= i and (j in vertical_idx or i - j in slash_idx), and j == i.
+    heads (every op): None, or bool [Hq]: only these heads are computed, the others' outputs are
+    zeros (the kernel does no work for them).
     """
     b, hq, hkv, n, d = check_qkv(q, k, v)
     check_index("vertical_idx", vertical_idx, (b, hq, None), n, q.device)
     check_index("slash_idx", slash_idx, (b, hq, None), n, q.device)
+    check_heads(heads, hq, q.device)
     s = _scale(scale, d)
     if _use_triton(q, backend):
-        return _kernels().vertical_slash_attention(q, k, v, vertical_idx, slash_idx, s)
-    return ref.masked_attention(q, k, v, ref.vertical_slash_rows(n, vertical_idx, slash_idx), s)
+        return _kernels().vertical_slash_attention(q, k, v, vertical_idx, slash_idx, s, heads=heads)
+    return _only(ref.masked_attention(q, k, v, ref.vertical_slash_rows(n, vertical_idx, slash_idx), s), heads)
 
 
 def block_sparse_attention(
-    q, k, v, block_idx, block_size: int = 64, *, scale: float | None = None, backend: str = "auto"
+    q, k, v, block_idx, block_size: int = 64, *, scale: float | None = None, backend: str = "auto", heads=None
 ) -> torch.Tensor:
     """Block-sparse attention.
 
@@ -97,21 +105,23 @@ def block_sparse_attention(
         raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
     nb = math.ceil(n / block_size)
     check_index("block_idx", block_idx, (b, hq, nb, None), nb, q.device)
+    check_heads(heads, hq, q.device)
     s = _scale(scale, d)
     if _use_triton(q, backend):
-        return _kernels().block_sparse_attention(q, k, v, block_idx, block_size, s)
-    return ref.masked_attention(q, k, v, ref.block_sparse_rows(n, block_idx, block_size), s)
+        return _kernels().block_sparse_attention(q, k, v, block_idx, block_size, s, heads=heads)
+    return _only(ref.masked_attention(q, k, v, ref.block_sparse_rows(n, block_idx, block_size), s), heads)
 
 
 def ashape_attention(
-    q, k, v, sink: int, window: int, *, scale: float | None = None, backend: str = "auto"
+    q, k, v, sink: int, window: int, *, scale: float | None = None, backend: str = "auto", heads=None
 ) -> torch.Tensor:
     """A-shape (StreamingLLM-style) attention: query i attends key j iff j <= i and
     (j < sink or i - window < j), and j == i."""
     b, hq, hkv, n, d = check_qkv(q, k, v)
     check_budget("sink", sink)
     check_budget("window", window)
+    check_heads(heads, hq, q.device)
     s = _scale(scale, d)
     if _use_triton(q, backend):
-        return _kernels().ashape_attention(q, k, v, sink, window, s)
-    return ref.masked_attention(q, k, v, ref.ashape_rows(n, sink, window, q.device), s)
+        return _kernels().ashape_attention(q, k, v, sink, window, s, heads=heads)
+    return _only(ref.masked_attention(q, k, v, ref.ashape_rows(n, sink, window, q.device), s), heads)

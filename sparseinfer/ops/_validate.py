@@ -58,6 +58,17 @@ def check_index(name: str, idx: torch.Tensor, shape: tuple, upper: int, device: 
             raise ValueError(f"{name}: expected values in [0, {upper}) or -1 for padding, got range [{lo}, {hi}]")
 
 
+def check_heads(heads, hq: int, device: torch.device) -> None:
+    """heads: None or a bool tensor [Hq] on q's device (the heads an op computes)."""
+    if heads is None:
+        return
+    if not isinstance(heads, torch.Tensor) or heads.dtype != torch.bool or tuple(heads.shape) != (hq,):
+        got = f"{heads.dtype} {tuple(heads.shape)}" if isinstance(heads, torch.Tensor) else type(heads).__name__
+        raise ValueError(f"heads: expected None or a bool tensor [Hq={hq}], got {got}")
+    if heads.device != device:
+        raise ValueError(f"heads: expected device {device} (that of q), got {heads.device}")
+
+
 def check_budget(name: str, value, n: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name}: expected a non-negative int, got {value!r}")

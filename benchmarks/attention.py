@@ -306,37 +306,35 @@ def holey(dev, gen, log, n=131072):
     return rows
 
 
-def variants(dev, gen, log, sizes=(131072, 524288)):
-    """Kernel variants (katt.FLAGS: ORDER = program order, TMA = key tiles through tensor
-    descriptors), each checked at 16K against the float32 reference, then timed on A-shape,
-    realistic vertical-slash and block-sparse, and vertical-slash on keys laid out
-    [B, N, Hkv, D]."""
+def variants(dev, gen, log, sizes=(131072, 524288), combos=None):
+    """Kernel variants (katt.FLAGS: KERNEL = kernel file, ORDER = program order, TMA = key
+    tiles through tensor descriptors), each checked at 16K against the float32 reference, then
+    timed on A-shape, realistic vertical-slash and block-sparse, vertical-slash on keys laid out
+    [B, N, Hkv, D] and vertical-slash on indices estimated from structured q/k (bands with
+    holes; estimation not timed)."""
     rows = []
     scale = D ** -0.5
-    combos = [(0, 0), (1, 0), (1, 1), (1, 2)]
-    extra = {"ashape": [(64, 64, 4, 3, 1, 1), (128, 128, 8, 2, 1, 1)],
-             "vs": [(64, 64, 4, 3, 2, 4, 2)], "bs": [(64, 64, 4, 2, 1, 0)],
-             "vs-nc": []}
+    combos = combos or [("_attn_kernel.py", 0, 0), ("_attn_kernel.py", 1, 0), ("_attn_kernel.py", 1, 1),
+                        ("_attn_kernel.py", 1, 2)]
     q, k, v = random_qkv(1, HQ, HKV, 16384, D, dev, gen, torch.bfloat16)
     vert, sl = realistic_vs(1, HQ, 16384, dev, gen)
     bi = realistic_blocks(1, HQ, 16384, dev, gen)
     refs = {"vs": ops.vertical_slash_attention(q, k, v, vert, sl, backend="reference"),
             "bs": ops.block_sparse_attention(q, k, v, bi, BS, backend="reference"),
             "ashape": ops.ashape_attention(q, k, v, SINK, WINDOW, backend="reference")}
-    for order, tma in combos:
-        katt.FLAGS.update(ORDER=order, TMA=tma)
+    knc16, vnc16 = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    for kern, order, tma in combos:
+        katt.FLAGS.update(KERNEL=kern, ORDER=order, TMA=tma)
         outs = {"vs": kernels.vertical_slash_attention(q, k, v, vert, sl, scale),
                 "bs": kernels.block_sparse_attention(q, k, v, bi, BS, scale),
-                "ashape": kernels.ashape_attention(q, k, v, SINK, WINDOW, scale),
-                "vs-nc": kernels.vertical_slash_attention(q, k.transpose(1, 2).contiguous().transpose(1, 2),
-                                                          v.transpose(1, 2).contiguous().transpose(1, 2), vert, sl,
-                                                          scale) if tma != 1 else None}
+                "ashape": kernels.ashape_attention(q, k, v, SINK, WINDOW, scale)}
+        if tma != 1:
+            outs["vs-nc"] = kernels.vertical_slash_attention(q, knc16, vnc16, vert, sl, scale)
         refs["vs-nc"] = refs["vs"]
-        outs = {name: o for name, o in outs.items() if o is not None}
         for name, o in outs.items():
-            log(f"variant check order={order} tma={tma} {name}: rel err {rel(o, refs[name]):.2e} "
+            log(f"variant check {kern} order={order} tma={tma} {name}: rel err {rel(o, refs[name]):.2e} "
                 f"nan {bool(torch.isnan(o).any())}")
-    del q, k, v, refs, outs
+    del q, k, v, refs, outs, knc16, vnc16
     for n in sizes:
         torch.cuda.empty_cache()
         q, k, v = random_qkv(1, HQ, HKV, n, D, dev, gen, torch.bfloat16)
@@ -344,30 +342,33 @@ def variants(dev, gen, log, sizes=(131072, 524288)):
         log(f"variant N={n} dense cudnn {dense:.2f} ms")
         vert, sl = realistic_vs(1, HQ, n, dev, gen)
         bi = realistic_blocks(1, HQ, n, dev, gen)
-        cases = {"ashape": lambda cfg: kernels.ashape_attention(q, k, v, SINK, WINDOW, scale, config=cfg),
-                 "vs": lambda cfg: kernels.vertical_slash_attention(q, k, v, vert, sl, scale, config=cfg),
-                 "bs": lambda cfg: kernels.block_sparse_attention(q, k, v, bi, BS, scale, config=cfg),
-                 # keys / values laid out [B, N, Hkv, D] (as transformers' projections leave them)
-                 "vs-nc": lambda cfg: kernels.vertical_slash_attention(q, knc, vnc, vert, sl, scale, config=cfg)}
         knc = k.transpose(1, 2).contiguous().transpose(1, 2)
         vnc = v.transpose(1, 2).contiguous().transpose(1, 2)
-        for order, tma in combos:
-            katt.FLAGS.update(ORDER=order, TMA=tma)
+        vi = si = None
+        if vs_estimate is not None:
+            qs, ks = structured_qk(1, n, dev, gen)
+            vi, si = vs_estimate(qs, ks, NV, NS)
+            del qs, ks
+        cases = {"ashape": lambda: kernels.ashape_attention(q, k, v, SINK, WINDOW, scale),
+                 "vs": lambda: kernels.vertical_slash_attention(q, k, v, vert, sl, scale),
+                 "bs": lambda: kernels.block_sparse_attention(q, k, v, bi, BS, scale),
+                 "vs-nc": lambda: kernels.vertical_slash_attention(q, knc, vnc, vert, sl, scale),
+                 "vs-structured": lambda: kernels.vertical_slash_attention(q, k, v, vi, si, scale)}
+        for kern, order, tma in combos:
+            katt.FLAGS.update(KERNEL=kern, ORDER=order, TMA=tma)
             for name, fn in cases.items():
-                if name == "vs-nc" and tma == 1:  # 2-D descriptors need contiguous keys
+                if (name == "vs-nc" and tma == 1) or (name == "vs-structured" and vi is None):
                     continue
-                for cfg in [None] + (extra[name] if tma else []):
-                    try:
-                        t = bench(lambda: fn(cfg), budget_s=0.4)
-                    except Exception as e:
-                        t = float("nan")
-                        log(f"variant {name} {cfg} failed: {type(e).__name__}: {str(e)[:300]}")
-                    rows.append({"N": n, "pattern": name, "order": order, "tma": tma, "config": cfg,
-                                 "ms": t, "dense_ms": dense})
-                    log(f"variant N={n} {name:6s} order={order} tma={tma} cfg={cfg} {t:8.2f} ms "
-                        f"{dense / t:6.2f}x")
-        del q, k, v, vert, sl, bi, knc, vnc
-    katt.FLAGS.update(ORDER=1, TMA="auto")
+                try:
+                    t = bench(fn, budget_s=0.4)
+                except Exception as e:
+                    t = float("nan")
+                    log(f"variant {name} failed: {type(e).__name__}: {str(e)[:300]}")
+                rows.append({"N": n, "pattern": name, "kernel": kern, "order": order, "tma": tma, "config": None,
+                             "ms": t, "dense_ms": dense})
+                log(f"variant N={n} {name:13s} {kern} order={order} tma={tma} {t:8.2f} ms {dense / t:6.2f}x")
+        del q, k, v, vert, sl, bi, knc, vnc, vi, si
+    katt.FLAGS.update(KERNEL="_attn_kernel.py", ORDER=1, TMA="auto")
     return rows
 
 
@@ -554,7 +555,8 @@ def markdown(meta, checks, rows, tune_rows):
         out += ["## Kernel variants (program order, TMA key loads; ratio vs cuDNN dense in the same run)", "",
                 "| N | pattern | variant | config | ms | ratio |", "|---|---|---|---|---|---|"]
         for r in tune_rows:
-            var = f"order {r['order']}, tma {r['tma']}" + (f", fma {int(r['fma'])}" if "fma" in r else "")
+            var = (f"{r['kernel']}, " if "kernel" in r else "") + f"order {r['order']}, tma {r['tma']}" + (
+                f", fma {int(r['fma'])}" if "fma" in r else "")
             out.append(f"| {r['N'] // 1024}K | {r['pattern']} | {var} | {r['config'] or 'default'} | {r['ms']:.2f} | "
                        f"{r['dense_ms'] / r['ms']:.2f}x |")
     elif tune_rows:
@@ -571,6 +573,7 @@ def main():
     ap.add_argument("--flex", action="store_true", help="also time FlexAttention block-sparse in the sweep")
     ap.add_argument("--holey", action="store_true", help="only: bands with holes, 1 vs 2 pipeline stages, 128K")
     ap.add_argument("--variants", action="store_true", help="only: kernel variants (katt.FLAGS), 128K + 512K")
+    ap.add_argument("--ab", default=None, help="with --variants: compare kernel files, e.g. '_attn_kernel_prev.py,_attn_kernel.py'")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--tag", default="attention")
@@ -611,7 +614,8 @@ def main():
             tune_rows = holey(dev, gen, log)
             return
         if args.variants:
-            tune_rows = variants(dev, gen, log, [int(s) for s in args.sizes.split(",") if s])
+            combos = [(f, 1, "auto") for f in args.ab.split(",")] if args.ab else None
+            tune_rows = variants(dev, gen, log, [int(s) for s in args.sizes.split(",") if s], combos)
             return
         if args.tune or args.autotune:
             only = ([tuple(int(x) for x in c.split(",")) for c in args.vs_configs.split(";")]

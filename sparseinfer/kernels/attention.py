@@ -47,7 +47,7 @@ BREAK_EVEN = {
 # through tensor descriptors ("auto" = on for sm_90+ GPUs and the interpreter; 1 = 2-D
 # descriptors over [B * Hkv * N, D] (k / v must allow that view), 2 = 4-D descriptors
 # [B, Hkv, N, D] (any layout), 0 = pointer loads).
-FLAGS = {"ORDER": 1, "TMA": "auto"}
+FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py"}  # KERNEL: a kernel file (A/B runs)
 
 
 def _tma_mode(q, k, v, q_rows) -> int:
@@ -132,7 +132,7 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
                          f"got {tuple(out.shape)}, {out.dtype}")
     out = torch.empty_like(q) if out is None else out
     interpret = q.device.type != "cuda"
-    mod = kernel_module("_attn_kernel.py", interpret)
+    mod = kernel_module(FLAGS["KERNEL"], interpret)
     nqb = math.ceil(n / idx.block_m)
     if q_rows is not None:
         if q_rows.dim() != 3 or q_rows.shape[-1] % idx.block_m or q_rows.dtype != torch.int32:

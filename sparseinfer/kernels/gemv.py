@@ -227,8 +227,12 @@ def dejavu_gateup_launch(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, ma
 
 # dejavu_mlp_rows: (BLOCK_I, BLOCK_H, num_warps, num_stages) of the gathered gate/up rows, and
 # the down launch's teal config (BLOCK_K, BLOCK_N, list entries per program, warps, stages)
-# (H100 sweep at 50%, benchmarks/contextual.py: every config within 73.6-81 us for the MLP)
-DEJAVU_ROWS_CONFIG = {"cuda": ((16, 256, 4, 2), (32, 128, 1024, 4, 4)), "cpu": ((8, 16, 1, 1), (16, 32, 32, 1, 1))}
+# (H100 sweep at 50%, benchmarks/contextual.py: every config within 73.6-81 us for the MLP);
+# "cuda_small" for lists of at most 3/8 of the neurons (sweep at 25% kept, 2026-11-26: 0.0430 ->
+# 0.0390 ms for the 8B MLP, 3.09x -> 3.41x over cuBLAS; results/contextual/contextual_dejavu25.md)
+DEJAVU_ROWS_CONFIG = {"cuda": ((16, 256, 4, 2), (32, 128, 1024, 4, 4)),
+                      "cuda_small": ((16, 256, 4, 3), (128, 64, 1024, 4, 3)),
+                      "cpu": ((8, 16, 1, 1), (16, 32, 32, 1, 1))}
 
 
 def dejavu_mlp_rows_launch(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd_t: torch.Tensor,
@@ -254,7 +258,8 @@ def dejavu_mlp_rows_launch(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, 
     x = x if x.stride(1) == 1 else x.contiguous()
     idx = idx.contiguous()  # int32 or int64 as given (no conversion launch per call)
     kn = idx.numel()
-    (bi, bh, warps, stages), cfg_d = config or DEJAVU_ROWS_CONFIG["cuda" if x.is_cuda else "cpu"]
+    key = ("cuda_small" if kn * 8 <= 3 * wg.shape[0] else "cuda") if x.is_cuda else "cpu"
+    (bi, bh, warps, stages), cfg_d = config or DEJAVU_ROWS_CONFIG[key]
     hc = torch.empty(kn, dtype=torch.float32, device=x.device)
     kernel_module("_gemv_kernel.py", not x.is_cuda).dejavu_rows_kernel[(max(1, triton_cdiv(kn, bi)),)](
         x, wg, wu, idx, hc, kn, hid, wg.stride(0), BLOCK_I=bi, BLOCK_H=bh, STAGES=stages, num_warps=warps)

@@ -44,7 +44,8 @@ BREAK_EVEN = {
 # Kernel variants (ablations: benchmarks/attention.py --variants). ORDER 1: the programs of one
 # KV head's query heads and query blocks run together (L2 reuse of scattered key blocks;
 # block-sparse 51 -> 34 ms at 128K on an H100); 0: heads fastest. TMA: contiguous key tiles
-# through tensor descriptors ("auto" = on for sm_90+ GPUs and the interpreter; 1 = 2-D
+# through tensor descriptors ("auto" = on for fp16 / bf16 on sm_90+ GPUs, and in the
+# interpreter; 1 = 2-D
 # descriptors over [B * Hkv * N, D] (k / v must allow that view), 2 = 4-D descriptors
 # [B, Hkv, N, D] (any layout), 0 = pointer loads).
 FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py"}  # KERNEL: a kernel file (A/B runs)
@@ -72,8 +73,8 @@ def _tma_mode(q, k, v, q_rows) -> int:
         return mode
     if q_rows is not None:  # query-side indirection: pointer loads only
         return 0
-    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
-        return 0
+    if q.device.type == "cuda" and (torch.cuda.get_device_capability(q.device)[0] < 9 or k.element_size() != 2):
+        return 0  # descriptors measured for fp16 / bf16 on Hopper only
     if flat(k) and flat(v):
         return 1
     return 2 if aligned(k) and aligned(v) else 0

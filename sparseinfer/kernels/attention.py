@@ -45,9 +45,8 @@ BREAK_EVEN = {
 # KV head's query heads and query blocks run together (L2 reuse of scattered key blocks;
 # block-sparse 51 -> 34 ms at 128K on an H100); 0: heads fastest. TMA: contiguous key tiles
 # through tensor descriptors ("auto" = on for fp16 / bf16 on sm_90+ GPUs, and in the
-# interpreter; 1 = 2-D
-# descriptors over [B * Hkv * N, D] (k / v must allow that view), 2 = 4-D descriptors
-# [B, Hkv, N, D] (any layout), 0 = pointer loads).
+# interpreter; 1 = 2-D descriptors over [B * Hkv * N, D] (k / v must allow that view), 2 = 4-D
+# descriptors [B, Hkv, N, D] (any layout), 0 = pointer loads).
 FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py"}  # KERNEL: a kernel file (A/B runs)
 
 

@@ -58,8 +58,9 @@ def timed(fn, dev, budget_s=1.0, max_reps=10):
 
 
 def limits(parts, q, backend):
-    return [guards.density_limit(p.op, None, q, backend) if q.is_cuda else guards.BREAK_EVEN_DENSITY.get(p.op, 1.0)
-            for p in parts]
+    """The guard's limits after the estimation (as the integration computes them)."""
+    return [guards.density_limit(p.op, None, q, backend, p.kwargs.get("block_size")) if q.is_cuda
+            else guards.BREAK_EVEN_DENSITY.get(p.op, 1.0) for p in parts]
 
 
 def check(dev, gen, log, n, block_size, backend):

@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import ops
@@ -23,6 +25,18 @@ from .patterns.base import Selection
 # q/k with estimation, 32K; 40-63% elsewhere), A-shape 79% (32K). Above it, dense is faster.
 # (Before the program-order / TMA kernel: 0.43 / 0.35 / 0.73.)
 BREAK_EVEN_DENSITY = {"block_sparse_attention": 0.61, "vertical_slash_attention": 0.32, "ashape_attention": 0.79}
+# Block-sparse on 128-blocks (XAttention / FlexPrefill, benchmarks/results/adaptive.md, 2026-11-26):
+# the kernel alone reached 58-69% of its density limit at 32K and 79-81% at 128K (densities
+# 55-83%); between and beyond, interpolated in log N and clamped. This is the break-even *after*
+# the estimation (its cost is spent either way); a probe deciding before the estimation keeps
+# the plain table, which leaves room for the estimation's cost.
+BREAK_EVEN_DENSITY_BLOCK128 = ((32768, 0.58), (131072, 0.79))
+
+
+def _block128_limit(n: int) -> float:
+    (n0, d0), (n1, d1) = BREAK_EVEN_DENSITY_BLOCK128
+    t = min(1.0, max(0.0, (math.log2(max(n, 1)) - math.log2(n0)) / (math.log2(n1) - math.log2(n0))))
+    return d0 + t * (d1 - d0)
 
 
 # Break-even visited area (share of the causal cells in the tiles the kernel visits,
@@ -41,13 +55,17 @@ def check_max_density(value) -> None:
         raise ValueError(f"patch: max_density expected None (the kernel's break-even) or a float in (0, 1], got {value!r}")
 
 
-def density_limit(op: str, max_density: float | None, q: torch.Tensor, backend: str) -> float:
+def density_limit(op: str, max_density: float | None, q: torch.Tensor, backend: str,
+                  block_size: int | None = None) -> float:
     """The kept density above which a head of `op` runs dense. max_density None: the measured
     GPU break-even when the Triton kernel serves the call, else 1.0 (the CPU reference costs
-    the same at any density, so no guard)."""
+    the same at any density, so no guard). block_size: a block-sparse selection's block (128
+    and more: BREAK_EVEN_DENSITY_BLOCK128 at q's length)."""
     if max_density is not None:
         return float(max_density)
     if ops._use_triton(q, backend):
+        if op == "block_sparse_attention" and block_size is not None and block_size >= 128:
+            return _block128_limit(q.shape[2])
         return BREAK_EVEN_DENSITY.get(op, 1.0)
     return 1.0
 

@@ -319,3 +319,20 @@ def test_adaptive_report_from_cached_cells(tmp_path):
     assert "block_sparse 20% 2048 w0" in md  # listed as not measured
     assert (tmp_path / "adaptive-kl-density.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "adaptive.json").read_text())["rows"][0]["method"] == "dense"
+
+
+def test_block128_break_even_density_follows_the_length():
+    """Block-sparse on 128-blocks: the measured break-even density (0.58 at 32K, 0.79 at 128K,
+    log-interpolated, clamped); 64-blocks keep the table; the caller's max_density wins; no
+    guard on the CPU reference."""
+    from sparseinfer import guards
+
+    q32, q64, q128 = (torch.empty(1, 1, n, 8, device="meta") for n in (32768, 65536, 131072))
+    op = "block_sparse_attention"
+    assert guards.density_limit(op, None, q32, "triton", 128) == pytest.approx(0.58)
+    assert guards.density_limit(op, None, q64, "triton", 128) == pytest.approx(0.685)
+    assert guards.density_limit(op, None, q128, "triton", 256) == pytest.approx(0.79)
+    assert guards.density_limit(op, None, q128, "triton", 64) == guards.BREAK_EVEN_DENSITY[op]
+    assert guards.density_limit(op, None, q128, "triton") == guards.BREAK_EVEN_DENSITY[op]
+    assert guards.density_limit(op, 0.3, q128, "triton", 128) == 0.3
+    assert guards.density_limit(op, None, q128, "reference", 128) == 1.0

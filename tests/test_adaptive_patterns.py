@@ -193,3 +193,20 @@ def test_xattention_chunking_does_not_change_the_mass(monkeypatch):
     whole = xa.antidiagonal_mass(q, k, 4, 16, 0.3)
     monkeypatch.setattr(xa, "_CHUNK_ELEMS", 4 * 84 * 8)  # 8 query groups (2 blocks) per chunk
     assert torch.allclose(xa.antidiagonal_mass(q, k, 4, 16, 0.3), whole, atol=1e-12)
+
+
+def test_xattention_fused_scores_path_matches_the_torch_path(monkeypatch):
+    """The GPU path (one float32 matmul, then the causal logsumexp and block sums of
+    kernels.lastq, here under the Triton interpreter) gives the torch path's block mass, whole
+    and chunked, and the probe's densities."""
+    q, k, _ = _qkv(333)
+    q, k = q.float(), k.float()
+    want = xa.antidiagonal_mass(q, k, 4, 16, 0.3, fused=False)
+    got = xa.antidiagonal_mass(q, k, 4, 16, 0.3, fused=True)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    monkeypatch.setattr(xa, "_CHUNK_ELEMS", 4 * 84 * 8)
+    assert torch.allclose(xa.antidiagonal_mass(q, k, 4, 16, 0.3, fused=True), want, atol=1e-5)
+    p_want = xa.probe_density(q, k, 0.9, 4, 16, 0.3, samples=5, fused=False)
+    p_got = xa.probe_density(q, k, 0.9, 4, 16, 0.3, samples=5, fused=True)
+    assert torch.allclose(p_got, p_want, atol=1e-6)
+    assert xa._use_fused(q, None) is False  # CPU float32: the torch path unless asked

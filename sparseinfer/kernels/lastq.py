@@ -22,10 +22,11 @@ import triton
 from ._loader import kernel_module
 
 
-def matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def matmul_f32(a: torch.Tensor, b: torch.Tensor, tf32: bool = False) -> torch.Tensor:
     """a @ b in float32. bf16 / fp16 inputs on CUDA run as TF32 (exact for them: a TF32
-    operand holds every bf16 / fp16 value), float32 inputs as float32."""
-    exact_tf32 = a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype
+    operand holds every bf16 / fp16 value), float32 inputs as float32 (tf32=True: as TF32 too,
+    for float32 operands that hold half-precision values or need no more precision)."""
+    exact_tf32 = a.is_cuda and ((a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype) or tf32)
     if not exact_tf32:
         return torch.matmul(a.float(), b.float())
     prev = torch.backends.cuda.matmul.allow_tf32

@@ -42,9 +42,49 @@ def _mm_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float16, torch.bfloat16) else _acc_dtype(x)
 
 
-def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int, scale: float) -> torch.Tensor:
+def _use_fused(q: torch.Tensor, fused) -> bool:
+    """The fused scores path (`kernels.lastq`: a TF32 matmul, then a causal logsumexp pass and
+    one pass of block sums over the scores instead of ~10 torch passes): CUDA half-precision
+    inputs by default; fused=True forces it (CPU: Triton interpreter), False the torch path."""
+    if fused is not None:
+        return bool(fused)
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    try:
+        from ..kernels import lastq  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _group_block_mass(qg, ks, qi, g_valid: int, gpb: int, scale: float, hq: int, fused: bool) -> torch.Tensor:
+    """Block mass of query groups: qg [B, Hkv, G * R, S*D] (a KV head's query heads stacked
+    along M; R rows per head), ks [B, Hkv, K, S*D] key groups, qi [R] the rows' query-group
+    positions (R a multiple of gpb) -> [B, Hq, R / gpb, K / gpb] (float32 / float64): per row the
+    causal softmax over key groups <= qi (scores times scale), rows qi >= g_valid weigh 0, summed
+    over gpb rows and gpb key groups."""
+    b = qg.shape[0]
+    r, kk = qi.shape[0], ks.shape[2]
+    if fused:
+        from ..kernels.lastq import lastq_sums, matmul_f32
+
+        s = matmul_f32(qg.float() * scale, ks.transpose(-1, -2), tf32=True).reshape(b, hq, r, kk)
+        pos = qi.view(1, r).expand(b, r)
+        col, _ = lastq_sums(s, pos, (qi < g_valid).float().view(1, r).expand(b, r), r // gpb)  # [B, R/gpb, Hq, K]
+        return col.reshape(b, r // gpb, hq, kk // gpb, gpb).sum(-1).transpose(1, 2)
+    acc = _acc_dtype(qg)
+    key_g = torch.arange(kk, device=qg.device)
+    s = torch.matmul(qg, ks.transpose(-1, -2)).reshape(b, hq, r, kk).to(acc) * scale
+    s = s.masked_fill((key_g[None, :] > qi[:, None]) | (key_g[None, :] >= g_valid), float("-inf"))
+    p = torch.softmax(s, dim=-1) * (qi[:, None] < g_valid).to(acc)  # padded query groups carry no mass
+    return p.reshape(b, hq, r // gpb, gpb, kk // gpb, gpb).sum((3, 5))
+
+
+def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int, scale: float,
+                      fused=None) -> torch.Tensor:
     """q [B, Hq, N, D], k [B, Hkv, N, D] -> row-normalised block mass [B, Hq, nb, nb] (float32,
-    float64 for float64 inputs), nb = ceil(N / block_size); zero above the diagonal."""
+    float64 for float64 inputs), nb = ceil(N / block_size); zero above the diagonal.
+    fused: see _use_fused (None = by device)."""
     if block_size % stride:
         raise ValueError(f"xattention: block_size must be a multiple of stride, got {block_size} and {stride}")
     b, hq, n, d = q.shape
@@ -60,7 +100,9 @@ def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, stride: int, block_size:
     hkv = k.shape[1]
     ks = kp.reshape(b, hkv, ng, stride, d).reshape(b, hkv, ng, stride * d)
     g_valid = math.ceil(n / stride)  # groups holding at least one real token
-    key_g = torch.arange(ng, device=q.device)
+    fused = _use_fused(q, fused)
+    if fused:
+        ks = ks.float()  # once (TF32 operands), not per chunk
     out = torch.zeros(b, hq, nb, nb, dtype=acc, device=q.device)
     elems = _CHUNK_ELEMS * (4 if q.is_cuda else 1)
     rows_per_chunk = max(gpb, (elems // max(1, b * hq * ng)) // gpb * gpb)
@@ -69,13 +111,9 @@ def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, stride: int, block_size:
         # a KV head's query heads stacked along M: one [G * rows, S*D] x [S*D, r1] matmul per KV
         # head (a broadcast batch dim would copy k once per query head of the group)
         qg = qs[:, :, r0:r1].reshape(b, hkv, (hq // hkv) * (r1 - r0), stride * d)
-        s = torch.matmul(qg, ks[:, :, :r1].transpose(-1, -2)).reshape(b, hq, r1 - r0, r1).to(acc) * (scale / stride)
-        qi = torch.arange(r0, r1, device=q.device)[:, None]
-        s = s.masked_fill((key_g[None, :r1] > qi) | (key_g[None, :r1] >= g_valid), float("-inf"))
-        p = torch.softmax(s, dim=-1)
-        p = p * (qi < g_valid).to(acc)  # padded query groups carry no mass
-        blocks = p.reshape(b, hq, (r1 - r0) // gpb, gpb, r1 // gpb, gpb).sum((3, 5))
-        out[:, :, r0 // gpb : r1 // gpb, : r1 // gpb] = blocks
+        qi = torch.arange(r0, r1, device=q.device)
+        out[:, :, r0 // gpb : r1 // gpb, : r1 // gpb] = _group_block_mass(
+            qg, ks[:, :, :r1], qi, g_valid, gpb, scale / stride, hq, fused).to(acc)
     return out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
 
 
@@ -138,7 +176,7 @@ def estimate(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: float 
 
 
 def probe_density(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: float | None = None,
-                  samples: int = 16) -> torch.Tensor:
+                  samples: int = 16, fused=None) -> torch.Tensor:
     """A cheap estimate of `estimate`'s kept density: the same scoring and threshold on
     `samples` evenly spaced query blocks only (~samples / nb of the full cost) -> float32
     [B, Hq] = kept blocks / causal blocks over the sampled rows (a ratio estimator of the
@@ -164,14 +202,10 @@ def probe_density(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: f
     kp = k if npad == n else torch.nn.functional.pad(k, (0, 0, 0, npad - n))
     hkv = k.shape[1]
     ks = kp.to(mm).reshape(b, hkv, ng, stride * d)
-    s = torch.matmul(qs.reshape(b, hkv, -1, stride * d), ks.transpose(-1, -2))  # query heads stacked along M
-    s = s.reshape(b, hq, len(picked) * gpb, ng).to(acc).mul_(scale / stride)  # one fp32 copy, then in place
-    qi = (rows[:, None] * gpb + torch.arange(gpb, device=q.device)).reshape(-1, 1)  # query group
-    key_g = torch.arange(ng, device=q.device)[None, :]
+    qi = (rows[:, None] * gpb + torch.arange(gpb, device=q.device)).reshape(-1)  # query group
     g_valid = math.ceil(n / stride)
-    s.masked_fill_((key_g > qi) | (key_g >= g_valid), float("-inf"))
-    p = torch.softmax(s, dim=-1).mul_((qi < g_valid).to(acc))
-    mass = p.reshape(b, hq, len(picked), gpb, nb, gpb).sum((3, 5))  # [B, Hq, S, nb]
+    mass = _group_block_mass(qs.reshape(b, hkv, -1, stride * d), ks, qi, g_valid, gpb, scale / stride, hq,
+                             _use_fused(q, fused)).to(acc)  # [B, Hq, S, nb]
     mass = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
     keep = threshold_rows(mass, head_values("tau", tau, hq, q.device, 0.0, 1.0).to(acc))
     r = torch.arange(nb, device=q.device)

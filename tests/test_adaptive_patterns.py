@@ -210,3 +210,20 @@ def test_xattention_fused_scores_path_matches_the_torch_path(monkeypatch):
     p_got = xa.probe_density(q, k, 0.9, 4, 16, 0.3, samples=5, fused=True)
     assert torch.allclose(p_got, p_want, atol=1e-6)
     assert xa._use_fused(q, None) is False  # CPU float32: the torch path unless asked
+
+
+def test_flexprefill_fused_last_query_sums_match_the_torch_path():
+    """The GPU path of the last queries' sums (kernels.lastq under the Triton interpreter here)
+    gives the torch path's key and diagonal masses and the same estimate."""
+    from sparseinfer.patterns import flexprefill as fp
+
+    q, k, _ = _qkv(300)
+    q, k = q.float(), k.float()
+    v_want, s_want = fp.last_block_sums(q, k, 32, 0.3, fused=False)
+    v_got, s_got = fp.last_block_sums(q, k, 32, 0.3, fused=True)
+    assert torch.allclose(v_got, v_want, atol=1e-6) and torch.allclose(s_got, s_want, atol=1e-6)
+    want = fp.estimate(q, k, 0.9, 0.1, 32, 0.3, fused=False)
+    got = fp.estimate(q, k, 0.9, 0.1, 32, 0.3, fused=True)
+    assert torch.allclose(got.js, want.js, atol=1e-5)
+    for name in ("query_aware", "block_table", "vertical", "slash"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name

@@ -97,16 +97,36 @@ class FlexPrefillEstimate:
     slash_mass: torch.Tensor  # [B, Hq, N]
 
 
-def estimate(q, k, gamma=0.95, tau: float = 0.1, block_size: int = 64, scale: float | None = None) -> FlexPrefillEstimate:
-    """q [B, Hq, N, D], k [B, Hkv, N, D] -> FlexPrefillEstimate (no host synchronisation)."""
+def last_block_sums(q, k, last_q: int, scale: float, fused=None):
+    """Mean over the last `last_q` queries of their causal softmax: per key (vmass) and per
+    diagonal offset i - j (smass) -> ([B, Hq, N], [B, Hq, N]) float32 (float64 inputs: float64
+    on the torch path). fused (None = CUDA half-precision inputs): one TF32 matmul + the fused
+    logsumexp / sums of `kernels.lastq` instead of a [B, Hq, L, N] softmax and its passes."""
+    from .xattention import _use_fused
+
+    b, _, n, _ = q.shape
+    L = min(last_q, n)
+    if _use_fused(q, fused):
+        from ..kernels.lastq import query_sums
+
+        pos = torch.arange(n - L, n, device=q.device).expand(b, L)
+        col, diag = query_sums(q, k, pos, torch.full((b, L), 1.0 / L, device=q.device), 1, scale)
+        return col[:, 0], diag[:, 0]
+    p = last_block_probs(q, k, L, scale)  # [B, Hq, L, N]
+    return p.sum(2) / L, diagonal_sums(p) / L
+
+
+def estimate(q, k, gamma=0.95, tau: float = 0.1, block_size: int = 64, scale: float | None = None,
+             fused=None) -> FlexPrefillEstimate:
+    """q [B, Hq, N, D], k [B, Hkv, N, D] -> FlexPrefillEstimate (no host synchronisation).
+    fused: the last queries' sums through `kernels.lastq` (None = on CUDA, see last_block_sums)."""
     b, hq, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     nb = math.ceil(n / block_size)
     gam = head_values("gamma", gamma, hq, q.device, 0.0, 1.0)
-    p = last_block_probs(q, k, block_size, scale)  # [B, Hq, L, N]
-    L = p.shape[2]
+    vmass, smass = last_block_sums(q, k, block_size, scale, fused)  # [B, Hq, N] each
     npad = nb * block_size
-    a_true = torch.nn.functional.pad(p.mean(2), (0, npad - n)).reshape(b, hq, nb, block_size).sum(-1)
+    a_true = torch.nn.functional.pad(vmass, (0, npad - n)).reshape(b, hq, nb, block_size).sum(-1)
     logits = pooled_scores(q, k, block_size, scale)
     a_est = torch.softmax(logits[:, :, -1], dim=-1)
     js = js_distance(a_true, a_est)
@@ -117,8 +137,6 @@ def estimate(q, k, gamma=0.95, tau: float = 0.1, block_size: int = 64, scale: fl
     r = torch.arange(nb, device=q.device)
     table = (flat | (r[None, :] == r[:, None]) | (r[None, :] == 0)) & (r[None, :] <= r[:, None])
     # vertical-slash from the last queries' exact probabilities
-    vmass = p.sum(2) / L
-    smass = diagonal_sums(p) / L
     vert = gamma_set(vmass, gam.to(vmass.dtype), block_size)
     slash = gamma_set(smass, gam.to(smass.dtype), block_size)
     return FlexPrefillEstimate(query_aware, js, table, vert, slash, bmass, vmass, smass)

@@ -434,4 +434,4 @@ def neurons_kept(model_config, mlp_sparsity: float) -> int:
 
 
 __all__ = ["attach", "detach", "shipped", "fingerprint", "ContextualHandle", "ContextualStats", "MLP_METHODS",
-           "HEAD_METHODS", "math"]
+           "HEAD_METHODS"]

@@ -6,6 +6,7 @@
 * Per head, for vertical-slash, when the area the kernel would visit (scattered slashes merge
   into bands with holes: the visited area can be near 100% at 5% kept density) is above the
   kernel's break-even area, that head runs dense too (`over_work`).
+  `over_break_even` is the one call the integration makes (both checks, device tensors).
 * `layers=[...]` (only these layers sparse) and `dense_layers=[...]` (these layers dense) are
   resolved at patch time into per-layer dense reasons.
 """
@@ -105,6 +106,20 @@ def over_work(parts: list[Selection], q: torch.Tensor, backend: str, max_density
             over &= sel.heads
         out = over if out is None else out | over
     return out
+
+
+def over_break_even(parts: list[Selection], q: torch.Tensor, backend: str,
+                    max_density: float | None) -> torch.Tensor | None:
+    """The guard: -> bool [Hq] heads that run dense (their kept density above their op's limit,
+    `density_limit` with each selection's block size, or for vertical-slash the visited area
+    above BREAK_EVEN_WORK, `over_work`); None when nothing can be over. q [B, Hq, N, D]; no
+    host sync."""
+    over = over_limit(parts, [density_limit(p.op, max_density, q, backend, p.kwargs.get("block_size"))
+                              for p in parts])
+    work = over_work(parts, q, backend, max_density)
+    if work is None:
+        return over
+    return work if over is None else over | work
 
 
 def drop_heads(parts: list[Selection], heads: torch.Tensor) -> list[Selection]:

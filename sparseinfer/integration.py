@@ -250,11 +250,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     # Their indices are emptied on the device and the sparse kernel is queued *before* the host
     # reads the decision (one sync, while the kernel runs): reading it first would leave the GPU
     # idle while the host launches the index construction (~3 ms per layer at 128K).
-    over = guards.over_limit(parts, [guards.density_limit(p.op, plan.max_density, query, plan.backend,
-                                                          p.kwargs.get("block_size")) for p in parts])
-    work = guards.over_work(parts, query, plan.backend, plan.max_density)  # vertical-slash: visited area
-    if work is not None:
-        over = work if over is None else over | work
+    over = guards.over_break_even(parts, query, plan.backend, plan.max_density)
     if over is not None:
         parts = guards.drop_heads(parts, over)
     t_est = rec.start(query) if rec is not None else None  # the estimation's end (monitoring syncs anyway)

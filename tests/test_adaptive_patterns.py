@@ -216,11 +216,12 @@ def test_flexprefill_fused_last_query_sums_match_the_torch_path():
     """The GPU path of the last queries' sums (kernels.lastq under the Triton interpreter here)
     gives the torch path's key and diagonal masses and the same estimate."""
     from sparseinfer.patterns import flexprefill as fp
+    from sparseinfer.patterns import vertical_slash as vs
 
     q, k, _ = _qkv(300)
     q, k = q.float(), k.float()
-    v_want, s_want = fp.last_block_sums(q, k, 32, 0.3, fused=False)
-    v_got, s_got = fp.last_block_sums(q, k, 32, 0.3, fused=True)
+    v_want, s_want = vs.last_query_sums(q, k, 32, 0.3, fused=False)
+    v_got, s_got = vs.last_query_sums(q, k, 32, 0.3, fused=True)
     assert torch.allclose(v_got, v_want, atol=1e-6) and torch.allclose(s_got, s_want, atol=1e-6)
     want = fp.estimate(q, k, 0.9, 0.1, 32, 0.3, fused=False)
     got = fp.estimate(q, k, 0.9, 0.1, 32, 0.3, fused=True)

@@ -28,21 +28,8 @@ import torch
 
 from .base import Pattern, Selection, group_scores
 from .block_sparse import block_sparse_density
-from .vertical_slash import diagonal_sums, vertical_slash_density
-from .xattention import _acc_dtype, _mm_dtype, check_fraction, check_int, head_values, table_to_index, threshold_rows
-
-
-def last_block_probs(q, k, last_q: int, scale: float) -> torch.Tensor:
-    """Causal softmax of the last `last_q` queries over all keys -> [B, Hq, L, N] (float32;
-    float64 for float64 inputs)."""
-    b, hq, n, d = q.shape
-    acc = _acc_dtype(q)
-    L = min(last_q, n)
-    mm = _mm_dtype(q)
-    s = group_scores(q[:, :, n - L :].to(mm), k.to(mm)).to(acc) * scale
-    pos = torch.arange(n - L, n, device=q.device)[:, None]
-    s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > pos, float("-inf"))
-    return torch.softmax(s, dim=-1)
+from .vertical_slash import last_query_sums, vertical_slash_density
+from .xattention import _acc_dtype, check_fraction, check_int, head_values, table_to_index, threshold_rows
 
 
 def mean_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -97,34 +84,17 @@ class FlexPrefillEstimate:
     slash_mass: torch.Tensor  # [B, Hq, N]
 
 
-def last_block_sums(q, k, last_q: int, scale: float, fused=None):
-    """Mean over the last `last_q` queries of their causal softmax: per key (vmass) and per
-    diagonal offset i - j (smass) -> ([B, Hq, N], [B, Hq, N]) float32 (float64 inputs: float64
-    on the torch path). fused (None = CUDA half-precision inputs): one TF32 matmul + the fused
-    logsumexp / sums of `kernels.lastq` instead of a [B, Hq, L, N] softmax and its passes."""
-    from .xattention import _use_fused
-
-    b, _, n, _ = q.shape
-    L = min(last_q, n)
-    if _use_fused(q, fused):
-        from ..kernels.lastq import query_sums
-
-        pos = torch.arange(n - L, n, device=q.device).expand(b, L)
-        col, diag = query_sums(q, k, pos, torch.full((b, L), 1.0 / L, device=q.device), 1, scale)
-        return col[:, 0], diag[:, 0]
-    p = last_block_probs(q, k, L, scale)  # [B, Hq, L, N]
-    return p.sum(2) / L, diagonal_sums(p) / L
-
-
 def estimate(q, k, gamma=0.95, tau: float = 0.1, block_size: int = 64, scale: float | None = None,
              fused=None) -> FlexPrefillEstimate:
     """q [B, Hq, N, D], k [B, Hkv, N, D] -> FlexPrefillEstimate (no host synchronisation).
-    fused: the last queries' sums through `kernels.lastq` (None = on CUDA, see last_block_sums)."""
+    fused: the last queries' sums through `kernels.lastq` (None = on CUDA,
+    `vertical_slash.last_query_sums`)."""
     b, hq, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     nb = math.ceil(n / block_size)
     gam = head_values("gamma", gamma, hq, q.device, 0.0, 1.0)
-    vmass, smass = last_block_sums(q, k, block_size, scale, fused)  # [B, Hq, N] each
+    L = min(block_size, n)  # the last block's queries: their mean softmax per key and per diagonal
+    vmass, smass = (x / L for x in last_query_sums(q, k, L, scale, fused))  # [B, Hq, N] each
     npad = nb * block_size
     a_true = torch.nn.functional.pad(vmass, (0, npad - n)).reshape(b, hq, nb, block_size).sum(-1)
     logits = pooled_scores(q, k, block_size, scale)

@@ -18,13 +18,15 @@ LOCAL_OFFSETS = 64  # diagonals 0..63 always kept as slashes
 
 
 def last_query_probs(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float) -> torch.Tensor:
-    """Softmax of the last `last_q` queries over all keys, causal, float32.
+    """Softmax of the last `last_q` queries over all keys, causal, float32 (float64 inputs:
+    float64).
 
     q [B, Hq, N, D], k [B, Hkv, N, D] -> [B, Hq, L, N], L = min(last_q, N).
     """
     b, hq, n, d = q.shape
     L = min(last_q, n)
-    s = group_scores(q[:, :, n - L :].float(), k.float()) * scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = group_scores(q[:, :, n - L :].to(acc), k.to(acc)) * scale
     pos = torch.arange(n - L, n, device=q.device)[:, None]
     s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > pos, float("-inf"))
     return torch.softmax(s, dim=-1)
@@ -63,10 +65,11 @@ def estimate(q, k, vertical: int, slash: int, last_q: int = 64, scale: float | N
     return v_idx, s_idx
 
 
-def fused_sums(q: torch.Tensor):
+def fused_sums(q: torch.Tensor, fused=None):
     """`sparseinfer.kernels.lastq.query_sums` for CUDA tensors when triton is importable, else None
-    (the caller takes its torch path)."""
-    if not q.is_cuda:
+    (the caller takes its torch path). fused=True: the kernels anyway (on the CPU under the Triton
+    interpreter), False: None."""
+    if fused is False or (fused is None and not q.is_cuda):
         return None
     try:
         from ..kernels.lastq import query_sums
@@ -75,12 +78,13 @@ def fused_sums(q: torch.Tensor):
     return query_sums
 
 
-def last_query_sums(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float):
+def last_query_sums(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float, fused=None):
     """Column sums and diagonal sums of `last_query_probs` -> ([B, Hq, N], [B, Hq, N]) float32.
     On CUDA one TF32 matmul + the fused Triton sums (`sparseinfer.kernels.lastq`: no
-    [B, Hq, L, N] softmax pass, mask or skew copies), on the CPU the torch path."""
+    [B, Hq, L, N] softmax pass, mask or skew copies), on the CPU the torch path (fused: see
+    `fused_sums`)."""
     b, _, n, _ = q.shape
-    query_sums = fused_sums(q)
+    query_sums = fused_sums(q, fused)
     if query_sums is not None:
         L = min(last_q, n)
         pos = torch.arange(n - L, n, device=q.device).expand(b, L)

@@ -46,15 +46,11 @@ def _use_fused(q: torch.Tensor, fused) -> bool:
     """The fused scores path (`kernels.lastq`: a TF32 matmul, then a causal logsumexp pass and
     one pass of block sums over the scores instead of ~10 torch passes): CUDA half-precision
     inputs by default; fused=True forces it (CPU: Triton interpreter), False the torch path."""
+    from .vertical_slash import fused_sums
+
     if fused is not None:
         return bool(fused)
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
-        return False
-    try:
-        from ..kernels import lastq  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return q.dtype in (torch.float16, torch.bfloat16) and fused_sums(q) is not None
 
 
 def _group_block_mass(qg, ks, qi, g_valid: int, gpb: int, scale: float, hq: int, fused: bool) -> torch.Tensor:

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 import sparseinfer  # noqa: E402
 from sparseinfer.contextual.dejavu import LayerPredictor, Predictors  # noqa: E402
+from sparseinfer.kernels.topk import select_top, topk_indices_launch  # noqa: E402
 from sparseinfer.contextual.teal import LEVELS, Thresholds  # noqa: E402
 from sparseinfer.kernels import gemv  # noqa: E402
 
@@ -287,17 +288,24 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
                 def dv_rows():
                     return gemv.dejavu_mlp_rows_launch(x, wg, wu, wdT, idx[0], crow)
 
-                def dv_rows_pred():  # the selection as the patching does it (a sort, then the first k)
-                    ii = F.linear(F.linear(x, A), B).sort(dim=-1, descending=True).indices[:, :k]
+                def dv_rows_pred():  # the selection as the patching does it (kernels.topk, no sort)
+                    ii = select_top(F.linear(F.linear(x, A), B), k)
                     return gemv.dejavu_mlp_rows_launch(x, wg, wu, wdT, ii[0], crow)
 
                 def pred_only():
-                    return F.linear(F.linear(x, A), B).sort(dim=-1, descending=True).indices[:, :k]
+                    return select_top(F.linear(F.linear(x, A), B), k)
 
                 sc0 = F.linear(F.linear(x, A), B)
                 sel_t = {"torch.topk unsorted": timed(lambda: sc0.topk(k, dim=-1, sorted=False).indices, iters, cuda),
                          "torch.topk sorted": timed(lambda: sc0.topk(k, dim=-1).indices, iters, cuda),
-                         "sort, first k": timed(lambda: sc0.sort(dim=-1, descending=True).indices[:, :k], iters, cuda)}
+                         "sort, first k": timed(lambda: sc0.sort(dim=-1, descending=True).indices[:, :k], iters, cuda),
+                         "kernels.topk (bisection)": timed(lambda: select_top(sc0, k), iters, cuda),
+                         "predictor r alone": timed(lambda: F.linear(F.linear(x, A), B), iters, cuda)}
+                for nw in (4, 8, 16):
+                    sel_t[f"kernels.topk num_warps={nw}"] = timed(lambda: topk_indices_launch(sc0, k, nw), iters, cuda)
+                got_i = select_top(sc0, k)
+                assert torch.equal(sc0.gather(1, got_i.long()).sort().values,
+                                   sc0.topk(k, dim=-1).values.sort().values), "kernels.topk: wrong set"
                 out.setdefault("select_ms", {})[f"{s:.0%}"] = {a: round(v, 4) for a, v in sel_t.items()}
                 log(f"  top-{k} of {inter}: " + ", ".join(f"{a} {v * 1e3:.1f} us" for a, v in sel_t.items()))
 
@@ -378,7 +386,8 @@ def kernel_table(step, name: str, calls: int = 10, top: int = 14) -> list:
         [{"kernel": "(all)", "us_per_step": round(total, 2)}]
 
 
-COMPILED = ("dense", "dense (sparseinfer attention)", "teal mlp 50%", "teal all projections 50%", "dejavu mlp 50%")
+COMPILED = ("dense", "dense (sparseinfer attention)", "teal mlp 50%", "teal all projections 50%", "dejavu mlp 50%",
+            "dejavu mlp 50% + heads 50%")
 
 
 def part_b(args, dev, dt, shapes, out: dict) -> None:

@@ -170,13 +170,25 @@ def test_dejavu_keeps_predicted_top_k(tiny, tiny_predictors):
         detach(model)
 
 
-def test_dejavu_triton_backend_matches_reference(tiny, tiny_predictors):
+@pytest.mark.parametrize("heads", [None, "dejavu"])
+def test_dejavu_triton_backend_matches_reference(tiny, tiny_predictors, heads, monkeypatch):
+    """The kernels (listed neurons; with heads, o_proj through the zero-skipping TEAL kernel over
+    its column-major weight) compute what the masked reference computes."""
+    from sparseinfer.kernels import gemv
+
     model, ids, _ = tiny
-    attach(model, mlp="dejavu", mlp_sparsity=0.5, predictors=tiny_predictors, backend="reference")
+    kw = dict(mlp="dejavu", mlp_sparsity=0.5, heads=heads, head_sparsity=0.5, predictors=tiny_predictors)
+    attach(model, **kw, backend="reference")
     ref = _logits(model, ids[:2])
-    attach(model, mlp="dejavu", mlp_sparsity=0.5, predictors=tiny_predictors, backend="triton")
+    attach(model, **kw, backend="triton")
+    o_proj = model.model.layers[0].self_attn.o_proj
+    assert (o_proj.weight.stride(0) == 1) == (heads is not None)
+    lin, linear = [], gemv.teal_linear
+    monkeypatch.setattr(gemv, "teal_linear", lambda x, w, *a: lin.append(w is o_proj.weight) or linear(x, w, *a))
     out = _logits(model, ids[:2])
     detach(model)
+    assert o_proj.weight.is_contiguous()
+    assert any(lin) == (heads is not None)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 

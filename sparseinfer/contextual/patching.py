@@ -224,6 +224,25 @@ def _fusable_swiglu(mlp, cfg) -> bool:
             and all(hasattr(mlp, n) and getattr(mlp, n).bias is None for n in ("gate_proj", "up_proj", "down_proj")))
 
 
+def _select_top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[.., n] -> bool [.., n]: True at the k largest (kernels.topk on CUDA)."""
+    try:
+        from ..kernels.topk import select_top_mask
+    except ImportError:
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(k, dim=-1).indices, True)
+    return select_top_mask(scores, k)
+
+
+def _select_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[.., n] -> [.., k] int32 positions of the k largest (kernels.topk: no sort on CUDA;
+    torch.topk where triton is missing)."""
+    try:
+        from ..kernels.topk import select_top
+    except ImportError:
+        return scores.topk(k, dim=-1).indices.to(torch.int32)
+    return select_top(scores, k)
+
+
 def _dejavu_mlp_forward(mlp, ctx: _LayerCtx):
     orig = mlp.forward
 
@@ -233,14 +252,13 @@ def _dejavu_mlp_forward(mlp, ctx: _LayerCtx):
             return orig(x)
         ctx.stats.count(ctx.layer, "mlp")
         scores = ctx.predictor.mlp_scores(src)  # [B, T, I]
-        # the keep_neurons largest scores: a descending radix sort, then its first K positions
-        # (H100, 14336 bf16 scores, K = 7168: 32 us; topk 47 us unsorted, 84 us sorted)
-        idx = scores.sort(dim=-1, descending=True).indices[..., :ctx.keep_neurons]
+        # the keep_neurons largest scores, ascending positions (CUDA: one bisection launch, no sort)
+        idx = _select_top(scores, ctx.keep_neurons)
         if _use_triton(ctx, x):
             from ..kernels.gemv import dejavu_mlp
 
             return dejavu_mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, idx)
-        ctx.neuron_mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+        ctx.neuron_mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx.long(), True)
         try:
             return orig(x)
         finally:
@@ -266,12 +284,28 @@ def _heads_pre_hook(ctx: _LayerCtx):
             return None
         ctx.stats.count(ctx.layer, "heads")
         scores = ctx.predictor.head_scores(ctx.attn_in)  # [B, T, Hq]
-        idx = scores.topk(ctx.keep_heads, dim=-1, sorted=False).indices
-        mask = torch.zeros_like(scores, dtype=h.dtype).scatter_(-1, idx, 1.0)
+        mask = _select_top_mask(scores, ctx.keep_heads)  # bool [B, T, Hq]
         shp = h.shape
         return (h.reshape(*shp[:-1], ctx.n_heads, -1) * mask[..., None]).reshape(shp),
 
     return hook
+
+
+def _zero_skip_forward(linear: torch.nn.Linear, ctx: _LayerCtx):
+    """o_proj under heads="dejavu": on the Triton path the TEAL kernel with threshold 0 over
+    the column-major weight, so the rows of the dropped heads' (zeroed) input channels are
+    never read; elsewhere the original forward."""
+    orig = linear.forward
+    zero = torch.zeros((), dtype=torch.float32, device=linear.weight.device)
+
+    def forward(x):
+        if not _is_active(ctx, x) or not _use_triton(ctx, x):
+            return orig(x)
+        from ..kernels.gemv import teal_linear
+
+        return teal_linear(x, linear.weight, zero, linear.bias)
+
+    return forward
 
 
 def _capture_hook(ctx: _LayerCtx):
@@ -402,6 +436,11 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
             if heads == "dejavu" and head_sp[i] > 0:
                 ctx.keep_heads = max(1, round((1 - head_sp[i]) * n_heads))
                 handle.restore.append((a.o_proj.register_forward_pre_hook(_heads_pre_hook(ctx)), "hook", None))
+                o_teal = attn_sp is not None and attn_sp[i] > 0  # TEAL's o_proj skips zero inputs already
+                if wants_triton and not o_teal:  # read only the kept heads' rows of o_proj
+                    _transpose_storage(a.o_proj.weight, handle)
+                    a.o_proj.forward = _zero_skip_forward(a.o_proj, ctx)
+                    handle.restore.append((a.o_proj, "forward", None))
     except Exception:
         _undo(handle)
         raise

@@ -12,7 +12,7 @@ import threading
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _modules: dict[tuple[str, bool], object] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()  # a kernel file may load another (shared @triton.jit helpers)
 
 
 def _fix_interpreter_index() -> None:

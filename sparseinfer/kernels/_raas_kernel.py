@@ -12,15 +12,20 @@ raas_update_kernel: write one decode token. STEP (generated tokens so far, befor
 raas_select_kernel: from the page scores BOUND (Quest bounds, the current page +inf, free slots
   -inf): the NREF highest-scoring slots get timestamp STEP - 1 (refresh) and the NSEL highest
   become the page ids to attend, in slot order (int32, padded with -1); slots scoring -inf are
-  never picked. The n-th largest score is found by bisection on the scores' ordered bit
-  patterns (no sort, no top-k launch); ties at it go to the lower slot.
+  never picked. The n-th largest score: `_topk_kernel._top_n` (bisection on the scores'
+  ordered bit patterns, no sort); ties at it go to the lower slot.
 """
+import os
+
 import triton
 import triton.language as tl
-
-from triton.language.standard import _elementwise_max as _max_fn  # noqa: E402
 from triton.language.standard import _elementwise_min as _min_fn  # noqa: E402
 from triton.language.standard import _sum_combine as _sum_fn  # noqa: E402
+
+from sparseinfer.kernels._loader import kernel_module
+
+# the bisection top-n of the top-k kernel, loaded in this module's mode (compiled / interpreted)
+_top_n = kernel_module("_topk_kernel.py", os.environ.get("TRITON_INTERPRET") == "1")._top_n
 
 
 @triton.jit
@@ -65,30 +70,6 @@ def raas_update_kernel(KN, VN, GK, GV, TS, FILL, CUR, GMIN, GMAX, GVALID, STEP,
 
 
 @triton.jit
-def _kth_largest_key(key, n):
-    """The n-th largest of the int64 keys (n >= 1; the smallest key if n exceeds their count):
-    bisection on count(key >= t) >= n over the 2^32 key range, 33 steps."""
-    lo = tl.reduce(key, 0, _min_fn)  # count(key >= lo) = all
-    hi = tl.reduce(key, 0, _max_fn) + 1  # count(key >= hi) = 0
-    for _ in range(33):
-        mid = lo + (hi - lo) // 2
-        ok = tl.reduce((key >= mid).to(tl.int32), 0, _sum_fn) >= n
-        lo = tl.where(ok & (hi - lo > 1), mid, lo)
-        hi = tl.where(ok | (hi - lo <= 1), hi, mid)
-    return lo
-
-
-@triton.jit
-def _top_n(key, ok, n, offs):
-    """[S_P2] bool: the n largest keys among `ok` (ties at the threshold in slot order)."""
-    t = _kth_largest_key(key, n)
-    gt = ok & (key > t)
-    eq = ok & (key == t)
-    room = n - tl.reduce(gt.to(tl.int32), 0, _sum_fn)
-    return gt | (eq & (tl.associative_scan(eq.to(tl.int32), 0, _sum_fn) <= room))
-
-
-@triton.jit
 def raas_select_kernel(BOUND, TS, SEL, STEP, S, NREF: tl.constexpr, NSEL: tl.constexpr, S_P2: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, S_P2)
@@ -96,12 +77,12 @@ def raas_select_kernel(BOUND, TS, SEL, STEP, S, NREF: tl.constexpr, NSEL: tl.con
     score = tl.load(BOUND + row * S + offs, mask=ok, other=float("-inf"))
     scored = ok & (score > float("-inf"))  # free slots score -inf and are never picked
     bits = score.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # ordered like the floats
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # ordered like the floats
     key = tl.where(scored, key, -(1 << 31))  # below every float's key: the range stays 2^32
     now = (tl.load(STEP) - 1).to(tl.float32)  # the step of the token just written
-    refresh = _top_n(key, scored, NREF, offs)
+    refresh = _top_n(key, scored, NREF, 33)
     tl.store(TS + row * S + offs, tl.full((S_P2,), 0.0, tl.float32) + now, mask=refresh)
-    pick = _top_n(key, scored, NSEL, offs)
+    pick = _top_n(key, scored, NSEL, 33)
     pos = tl.associative_scan(pick.to(tl.int32), 0, _sum_fn) - 1
     count = tl.reduce(pick.to(tl.int32), 0, _sum_fn)
     tl.store(SEL + row * NSEL + pos, offs.to(tl.int32), mask=pick & (pos < NSEL))

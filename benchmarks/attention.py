@@ -208,7 +208,20 @@ def check(dev, gen, log):
 
 
 # ---------------------------------------------------------------- tune
-def tune(dev, gen, log, n=131072, flex=False, only_vs=None):
+def share_blocks(b, h, n, bsz, share, dev, gen):
+    """[B, H, nb, K] block lists keeping ~`share` of each row's causal blocks (the sink, the
+    diagonal block, random earlier ones; duplicates dropped by the index): the lists of an
+    adaptive method at high density (flexprefill / xattention keep ~60% at 128K)."""
+    nb = math.ceil(n / bsz)
+    k = max(2, math.ceil(share * nb))
+    qb = torch.arange(nb, device=dev).view(1, 1, nb, 1)
+    rnd = (torch.rand(b, h, nb, k - 2, device=dev, generator=gen) * (qb + 1)).long()
+    need = torch.arange(k - 2, device=dev).view(1, 1, 1, -1) < torch.ceil(share * (qb + 1))
+    rnd = torch.where(need, rnd, -1)
+    return torch.cat([torch.zeros_like(qb).expand(b, h, nb, 1), qb.expand(b, h, nb, 1), rnd], -1)
+
+
+def tune(dev, gen, log, n=131072, flex=False, only_vs=None, only_bs=None):
     q, k, v = random_qkv(1, HQ, HKV, n, D, dev, gen, torch.bfloat16)
     vert, sl = realistic_vs(1, HQ, n, dev, gen)
     bi = realistic_blocks(1, HQ, n, dev, gen)
@@ -230,8 +243,8 @@ def tune(dev, gen, log, n=131072, flex=False, only_vs=None):
                (64, 64, 4, 3, 3, 4, 2), (64, 64, 4, 4, 2, 4, 2)]
     parts_cfgs = [(64, 64, 4, 3, 2, 3, 2)]
     as_cfgs = [(64, 64, 4, 3, 1, 1)]
-    if only_vs:  # a quick sweep of these vertical-slash configs only
-        vs_cfgs, parts_cfgs, as_cfgs = only_vs, [], []
+    if only_vs is not None or only_bs is not None:  # a quick sweep of these configs only
+        vs_cfgs, parts_cfgs, as_cfgs = only_vs or [], [], []
     vi = si = None
     if vs_estimate is not None:  # structured q/k: estimated indices (bands with holes), estimation not timed
         qs, ks = structured_qk(1, n, dev, gen)
@@ -258,14 +271,18 @@ def tune(dev, gen, log, n=131072, flex=False, only_vs=None):
             t = bench(lambda: kernels.vertical_slash_attention(q, k, v, pv, ps, scale, config=cfg), budget_s=0.4)
             rows.append({"pattern": f"vs-{part}", "config": cfg, "ms": t})
             log(f"tune vs {part:12s} {cfg} {t:8.2f} ms")
-    for cfg in [] if only_vs else [(64, 64, 4, 2, 1, 0), (64, 64, 4, 3, 1, 0)]:
+    bs_cfgs = only_bs if only_bs is not None else [] if only_vs else [(64, (64, 64, 4, 2, 1, 0)), (64, (64, 64, 4, 3, 1, 0))]
+    bi128 = share_blocks(1, HQ, n, 128, 0.6, dev, gen) if any(bsz == 128 for bsz, _ in bs_cfgs) else None
+    for bsz, cfg in bs_cfgs:  # (block size, config): top-100 64-blocks, or 128-blocks at ~60% density
+        lists = bi if bsz == BS else bi128
+        name = "blocks" if bsz == BS else f"blocks{bsz}-share0.6"
         try:
-            t = bench(lambda: kernels.block_sparse_attention(q, k, v, bi, BS, scale, config=cfg), budget_s=0.5)
+            t = bench(lambda: kernels.block_sparse_attention(q, k, v, lists, bsz, scale, config=cfg), budget_s=0.5)
         except Exception as e:
             t = float("nan")
-            log(f"tune blocks {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
-        rows.append({"pattern": "blocks", "config": cfg, "ms": t})
-        log(f"tune blocks  {cfg} {t:8.2f} ms")
+            log(f"tune {name} {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
+        rows.append({"pattern": name, "config": cfg, "ms": t})
+        log(f"tune {name}  {cfg} {t:8.2f} ms")
     if flex:  # FlexAttention on the same block lists
         try:
             t = flex_block_sparse_time(q, k, v, bi, n, log)
@@ -577,6 +594,9 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--tag", default="attention")
+    ap.add_argument("--bs-configs", default=None,
+                    help="with --tune: only these block-sparse (block size: config) pairs, e.g. "
+                         "'64:64,64,4,3,1,0;128:128,128,8,3,1,0' (128: lists keeping ~60%% of the blocks)")
     ap.add_argument("--vs-configs", default=None,
                     help="with --tune: only these vertical-slash configs, e.g. '64,64,4,3,3,4,2;64,64,8,3,3,4,2'")
     args = ap.parse_args()
@@ -620,7 +640,9 @@ def main():
         if args.tune or args.autotune:
             only = ([tuple(int(x) for x in c.split(",")) for c in args.vs_configs.split(";")]
                     if args.vs_configs else None)
-            tune_rows = tune(dev, gen, log, flex=args.flex, only_vs=only)
+            only_bs = ([(int(c.split(":")[0]), tuple(int(x) for x in c.split(":")[1].split(",")))
+                        for c in args.bs_configs.split(";")] if args.bs_configs else None)
+            tune_rows = tune(dev, gen, log, flex=args.flex, only_vs=only, only_bs=only_bs)
             apply_best(tune_rows, log)
             save()
         if not args.no_check:  # with the configs the table uses

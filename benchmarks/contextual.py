@@ -387,7 +387,7 @@ def kernel_table(step, name: str, calls: int = 10, top: int = 14) -> list:
 
 
 COMPILED = ("dense", "dense (sparseinfer attention)", "teal mlp 50%", "teal all projections 50%", "dejavu mlp 50%",
-            "dejavu mlp 50% + heads 50%")
+            "dejavu mlp 50% + heads 50%", "dejavu mlp 50% look-ahead", "dejavu mlp 50% look-ahead + heads 50%")
 
 
 def part_b(args, dev, dt, shapes, out: dict) -> None:
@@ -399,7 +399,17 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                 ("teal mlp 50%", dict(mlp="teal", mlp_sparsity=0.5)),
                 ("teal all projections 50%", dict(mlp="teal", mlp_sparsity=0.5, contextual_options={"attn_sparsity": 0.5})),
                 ("dejavu mlp 50%", dict(mlp="dejavu", mlp_sparsity=0.5)),
-                ("dejavu mlp 50% + heads 50%", dict(mlp="dejavu", mlp_sparsity=0.5, heads="dejavu", head_sparsity=0.5))]
+                ("dejavu mlp 50% + heads 50%", dict(mlp="dejavu", mlp_sparsity=0.5, heads="dejavu", head_sparsity=0.5)),
+                # predictors on the attention input: the selection overlaps the attention (side stream)
+                ("dejavu mlp 50% look-ahead", dict(mlp="dejavu", mlp_sparsity=0.5, source="attn_in")),
+                ("dejavu mlp 50% look-ahead + heads 50%", dict(mlp="dejavu", mlp_sparsity=0.5, heads="dejavu",
+                                                               head_sparsity=0.5, source="attn_in"))]
+    if args.only:  # a subset of the settings (names containing one of these)
+        settings = [(n, kw) for n, kw in settings if n == "dense" or any(o in n for o in args.only.split(","))]
+    if args.no_reorder:  # inductor keeps the graph's order (look-ahead: the side-stream fork stays early)
+        import torch._inductor.config as icfg
+
+        icfg.reorder_for_locality = False
     if args.compile:  # the same settings with the step through torch.compile (fuses the
         # norms, RoPE and residual adds that otherwise cost ~0.2 ms per layer), then captured
         settings += [(f"{name} (compiled)", kw) for name, kw in settings if name in COMPILED]
@@ -407,6 +417,7 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
     for n_layers in (args.layers // 2, args.layers):
         model = build_model(shapes, n_layers, dev, dt)
         th, pred = fake_files(model, dev)
+        pred_la = Predictors(pred.layers, dict(pred.meta, mlp_input="attn_in"))
         cfg = model.config
         dense_ref = None
         for name, kw in settings:
@@ -416,7 +427,8 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                 fwd = torch.compile(model.forward, dynamic=False) if compiled else model.forward
                 kw = dict(kw)  # the settings are reused for the second model size
                 co = dict(kw.pop("contextual_options", {}), thresholds=th)
-                handle = sparseinfer.patch(model, "dense", predictors=pred, contextual_options=co, **kw) if kw else None
+                p_used = pred_la if kw.pop("source", "mlp_in") == "attn_in" else pred
+                handle = sparseinfer.patch(model, "dense", predictors=p_used, contextual_options=co, **kw) if kw else None
                 if name.startswith("dense (sparseinfer attention)"):  # the patched model's decode attention
                     # (KV heads shared inside SDPA), without contextual sparsity: the dense step of the sparse ones
                     handle = sparseinfer.patch(model, "dense")
@@ -443,6 +455,16 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                     dense_ref = step().float().clone()
                 elif dense_ref is not None:  # what the sparsity itself changes (random weights)
                     check["rel_err_vs_dense"] = float((step().float() - dense_ref).norm() / dense_ref.norm())
+                if "look-ahead" in name and not compiled:  # the side-stream selection == inline selection
+                    got = step().float()
+                    sparseinfer.unpatch(model)
+                    handle = sparseinfer.patch(model, "dense", predictors=p_used,
+                                               contextual_options=dict(co, lookahead=False), **kw)
+                    want = step().float()
+                    sparseinfer.unpatch(model)
+                    handle = sparseinfer.patch(model, "dense", predictors=p_used, contextual_options=co, **kw)
+                    check["rel_err_vs_inline_selection"] = float((got - want).norm() / want.norm())
+                    log(f"  look-ahead vs inline selection: rel. err {check['rel_err_vs_inline_selection']:.2e}")
                 if compiled:  # the compiled step computes what the eager one does
                     for t in lengths:
                         t.fill_(ctx)
@@ -587,6 +609,8 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="part b: GPU time per kernel of each --layers step")
     p.add_argument("--compile", action="store_true", help="part b: also each step through torch.compile, then captured")
     p.add_argument("--skip", default="", help="comma list of parts to skip: a, b")
+    p.add_argument("--only", default="", help="part b: only the settings whose names contain one of these (comma list)")
+    p.add_argument("--no-reorder", action="store_true", help="part b: torch._inductor.config.reorder_for_locality = False")
     p.add_argument("--compact-sweep", action="store_true", help="only: configs of the compacted-rows path (CUDA)")
     args = p.parse_args()
     args.batch = [int(x) for x in args.batch.split(",")]

@@ -192,6 +192,46 @@ def test_dejavu_triton_backend_matches_reference(tiny, tiny_predictors, heads, m
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_dejavu_lookahead_selects_what_the_predictor_selects(tiny, monkeypatch):
+    """Predictors trained on the attention input: the one-row Triton path selects in the
+    input_layernorm hook (sparseinfer::select_begin; a side stream on CUDA, inline here) and the
+    MLP runs sparseinfer::dejavu_mlp_joined on that list: the reference's logits, every
+    selection joined."""
+    from sparseinfer.contextual import lookahead
+
+    model, ids, acts = tiny
+    pred = dejavu.train(acts, n_heads=4, rank=16, steps=60, source="attn_in", heads=False, progress=False)
+    assert pred.meta["mlp_input"] == "attn_in"
+    kw = dict(mlp="dejavu", mlp_sparsity=0.5, predictors=pred)
+    attach(model, **kw, backend="reference")
+    ref = _logits(model, ids[:1])
+    import torch._inductor.config as icfg
+
+    before = icfg.reorder_for_locality
+    attach(model, **kw, backend="triton")
+    assert icfg.reorder_for_locality is False  # torch.compile keeps the fork early
+    begun, joined = [], []
+    sb, mj = lookahead.select_begin, lookahead.dejavu_mlp_joined
+    monkeypatch.setattr(lookahead, "select_begin", lambda *a: begun.append(a[-1]) or sb(*a))
+    monkeypatch.setattr(lookahead, "dejavu_mlp_joined", lambda *a: joined.append(a[-1].shape) or mj(*a))
+    out = _logits(model, ids[:1])
+    assert begun == [64, 64] and joined == [(1, 64)] * 2 and lookahead.pending() == 0
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    begun.clear()
+    _logits(model, ids[:2])  # two rows: the masked kernel path, no look-ahead
+    assert begun == []
+    attach(model, **kw, backend="triton", lookahead=False)  # re-attaching detached first: config restored
+    assert icfg.reorder_for_locality == before
+    _logits(model, ids[:1])
+    assert begun == []
+    detach(model)
+    x, A, B, b = torch.randn(1, 64), torch.randn(16, 64), torch.randn(128, 16), torch.randn(128)
+    torch.library.opcheck(torch.ops.sparseinfer.select_begin.default, (x, A, B, b, 40),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="select_begin: expected"):
+        lookahead.select_begin(x, A, B[:, :8], b, 40)
+
+
 def test_patch_combines_with_kv_policy_and_unpatches(tiny, tiny_thresholds):
     model, ids, _ = tiny
     with torch.no_grad():

@@ -5,12 +5,17 @@ Everything goes through the existing modules (no model code copied):
   an instance `forward` that drops input channels with |x| <= its layer's threshold
   (reference: masked input then F.linear; triton: `sparseinfer.kernels.gemv.teal_linear`,
   which skips those weight rows).
-- Deja Vu MLP: the mlp module gets an instance `forward`: the predictor scores the layer's
-  attention input (captured by a forward hook on input_layernorm), the top-K neurons are kept
-  (fixed K per layer); reference: the module's own forward with a down_proj pre-hook zeroing
-  the other neurons of SiLU(gate) * up; triton: `sparseinfer.kernels.gemv.dejavu_mlp`.
+- Deja Vu MLP: the mlp module gets an instance `forward`: the predictor scores the MLP input
+  (or, for predictors trained with source "attn_in", the layer's attention input, captured by a
+  forward hook on input_layernorm), the top-K neurons are kept (fixed K per layer, selected by
+  `kernels.topk`); reference: the module's own forward with a down_proj pre-hook zeroing the
+  other neurons of SiLU(gate) * up; triton: `sparseinfer.kernels.gemv.dejavu_mlp`. With
+  "attn_in" predictors on CUDA the selection is a look-ahead: it starts on a side stream in the
+  input_layernorm hook and overlaps the attention (`contextual.lookahead`).
 - Deja Vu heads: an o_proj pre-hook zeroes the attention output of all but the top-K
-  predicted query heads (reference; the attention itself still runs for every head).
+  predicted query heads; on the Triton path o_proj then runs the TEAL kernel with threshold 0
+  over its column-major weight, so the dropped heads' rows are not read (the attention itself
+  still runs for every head).
 Calls with more than `max_len` tokens (pre-filling) run dense unless apply_to="all".
 """
 from __future__ import annotations
@@ -123,6 +128,8 @@ class _LayerCtx:
     qkv: tuple | None = None  # (input, fused q/k/v output) between q_proj and v_proj of one call
     mlp_source: str = "mlp_in"
     neuron_mask: torch.Tensor | None = None
+    lookahead: bool = False  # attn_in predictors on CUDA: the selection runs on a side stream
+    pending_idx: torch.Tensor | None = None  # its list, until the MLP joins it
 
 
 def _use_triton(ctx: _LayerCtx, x: torch.Tensor) -> bool:
@@ -251,6 +258,13 @@ def _dejavu_mlp_forward(mlp, ctx: _LayerCtx):
         if not _is_active(ctx, x) or src is None:
             return orig(x)
         ctx.stats.count(ctx.layer, "mlp")
+        if ctx.pending_idx is not None:  # look-ahead: the list was selected on the side stream
+            from .lookahead import dejavu_mlp_joined
+
+            idx, ctx.pending_idx = ctx.pending_idx, None
+            shp = x.shape
+            return dejavu_mlp_joined(x.reshape(1, shp[-1]), mlp.gate_proj.weight, mlp.up_proj.weight,
+                                     mlp.down_proj.weight.t(), idx).reshape(shp)
         scores = ctx.predictor.mlp_scores(src)  # [B, T, I]
         # the keep_neurons largest scores, ascending positions (CUDA: one bisection launch, no sort)
         idx = _select_top(scores, ctx.keep_neurons)
@@ -311,6 +325,12 @@ def _zero_skip_forward(linear: torch.nn.Linear, ctx: _LayerCtx):
 def _capture_hook(ctx: _LayerCtx):
     def hook(module, args, out):
         ctx.attn_in = out
+        if ctx.lookahead and out.numel() == out.shape[-1] and _is_active(ctx, out) and _use_triton(ctx, out):
+            # Deja Vu look-ahead (one token row: the listed-neurons kernel)
+            from .lookahead import select_begin
+
+            p = ctx.predictor
+            ctx.pending_idx = select_begin(out.reshape(1, out.shape[-1]), p.A, p.B, p.b, ctx.keep_neurons)
 
     return hook
 
@@ -326,7 +346,7 @@ def _transpose_storage(p: torch.nn.Parameter, handle: ContextualHandle) -> None:
 
 def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None = None, head_sparsity=0.5,
            attn_sparsity=None, predictors=None, thresholds=None, apply_to: str = "decode", max_len: int = 4,
-           backend: str = "auto", record: bool = False) -> ContextualHandle:
+           backend: str = "auto", record: bool = False, lookahead: bool = True) -> ContextualHandle:
     """Contextual sparsity for decoding steps of a Llama-family model.
 
     mlp: "teal" (thresholds on the inputs of gate/up_proj and of down_proj, each dropping an
@@ -341,6 +361,9 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
     backend: "auto" (Triton kernels for CUDA fp16/bf16 one-row calls, else the masked torch reference) |
     "reference" | "triton" (forced; CPU tensors run the Triton interpreter).
     record: keep the measured kept share of TEAL inputs in handle.stats (costs a reduction per call).
+    lookahead: with Deja Vu predictors trained on the attention input ("attn_in") and the Triton
+    path, select the MLP's neurons on a side CUDA stream during the attention (CPU: inline);
+    while attached, torch._inductor.config.reorder_for_locality is off (see contextual.lookahead).
     """
     if mlp not in (None,) + MLP_METHODS:
         raise ValueError(f"mlp: expected one of {[None, *MLP_METHODS]}, got {mlp!r}")
@@ -432,6 +455,14 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
                     _transpose_storage(m.down_proj.weight, handle)
                 m.forward = _dejavu_mlp_forward(m, ctx)
                 handle.restore.append((m, "forward", None))
+                # look-ahead predictors (trained on the attention input): select on a side stream
+                ctx.lookahead = lookahead and ctx.mlp_source == "attn_in" and wants_triton
+                if ctx.lookahead and not any(kind == "inductor" for _, kind, _ in handle.restore):
+                    from .lookahead import keep_inductor_order
+
+                    kept = keep_inductor_order()  # torch.compile would sink the fork next to the MLP
+                    if kept is not None:
+                        handle.restore.append((kept[0], "inductor", kept[1]))
                 handle.restore.append((m.down_proj.register_forward_pre_hook(_down_pre_hook(ctx)), "hook", None))
             if heads == "dejavu" and head_sp[i] > 0:
                 ctx.keep_heads = max(1, round((1 - head_sp[i]) * n_heads))
@@ -449,13 +480,15 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
 
 
 def _undo(handle: ContextualHandle) -> None:
-    for obj, kind, _ in reversed(handle.restore):
+    for obj, kind, payload in reversed(handle.restore):
         if kind == "forward":
             obj.__dict__.pop("forward", None)
         elif kind == "hook":
             obj.remove()
         elif kind == "layout":
             obj.data = obj.data.contiguous()
+        elif kind == "inductor":  # look-ahead turned inductor's locality pass off
+            obj.reorder_for_locality = payload
     handle.restore.clear()
 
 

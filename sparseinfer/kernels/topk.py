@@ -32,8 +32,10 @@ def _warps(n_p2: int) -> int:
     return 1 if n_p2 <= 256 else 4 if n_p2 <= 2048 else 8
 
 
-def topk_indices_launch(scores: torch.Tensor, k: int, num_warps: int | None = None, mask: bool = False) -> torch.Tensor:
-    """mask: bool [R, n] (True at the kept positions) instead of the positions."""
+def topk_indices_launch(scores: torch.Tensor, k: int, num_warps: int | None = None, mask: bool = False,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """mask: bool [R, n] (True at the kept positions) instead of the positions; out: write the
+    positions into this contiguous int32 [R, k] tensor."""
     if scores.dim() != 2:
         raise ValueError(f"topk_indices: expected scores [R, n], got shape {tuple(scores.shape)}")
     if scores.dtype not in _BITS:
@@ -45,8 +47,13 @@ def topk_indices_launch(scores: torch.Tensor, k: int, num_warps: int | None = No
         raise ValueError(f"topk_indices: rows of at most {MAX_N} scores, got {n}")
     ity, flip, lowest, steps = _BITS[scores.dtype]
     bits = (scores if scores.stride(1) == 1 else scores.contiguous()).view(ity)
-    out = (torch.empty(r, n, dtype=torch.bool, device=scores.device) if mask
-           else torch.empty(r, k, dtype=torch.int32, device=scores.device))
+    if out is not None and (mask or out.shape != (r, k) or out.dtype != torch.int32 or not out.is_contiguous()
+                            or out.device != scores.device):
+        raise ValueError(f"topk_indices: out must be a contiguous int32 [{r}, {k}] tensor on {scores.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    if out is None:
+        out = (torch.empty(r, n, dtype=torch.bool, device=scores.device) if mask
+               else torch.empty(r, k, dtype=torch.int32, device=scores.device))
     if r == 0:
         return out
     n_p2 = _next_pow2(n)

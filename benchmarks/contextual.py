@@ -257,7 +257,7 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
         zero = torch.zeros((), device=dev)
         r = args.rank
         A = torch.randn(r, h, device=dev, dtype=dt, generator=g) * 0.02
-        B = torch.randn(inter, r, device=dev, dtype=dt, generator=g) * 0.02
+        B = torch.randn(2 * inter, r, device=dev, dtype=dt, generator=g) * 0.02  # glu predictor [2I, r]
         for s in [s for s in args.sparsity if s >= 0.5]:
             k = round((1 - s) * inter)
             idx = torch.stack([torch.randperm(inter, device=dev, generator=g)[:k] for _ in range(b)])
@@ -270,7 +270,7 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
                 return gemv.teal_gemv_launch(hh, wdT, zero, cd)
 
             def dv_pred():
-                sc = F.linear(F.linear(x, A), B)
+                sc = glu_scores(x, A, B)
                 ii = sc.topk(k, dim=-1).indices
                 mm = torch.zeros(b, inter, dtype=torch.bool, device=dev).scatter_(1, ii, True)
                 hh = gemv.dejavu_gateup_launch(x, wg, wu, mm, cgu)
@@ -289,18 +289,18 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
                     return gemv.dejavu_mlp_rows_launch(x, wg, wu, wdT, idx[0], crow)
 
                 def dv_rows_pred():  # the selection as the patching does it (kernels.topk, no sort)
-                    ii = select_top(F.linear(F.linear(x, A), B), k)
+                    ii = select_top(glu_scores(x, A, B), k)
                     return gemv.dejavu_mlp_rows_launch(x, wg, wu, wdT, ii[0], crow)
 
                 def pred_only():
-                    return select_top(F.linear(F.linear(x, A), B), k)
+                    return select_top(glu_scores(x, A, B), k)
 
-                sc0 = F.linear(F.linear(x, A), B)
+                sc0 = glu_scores(x, A, B)
                 sel_t = {"torch.topk unsorted": timed(lambda: sc0.topk(k, dim=-1, sorted=False).indices, iters, cuda),
                          "torch.topk sorted": timed(lambda: sc0.topk(k, dim=-1).indices, iters, cuda),
                          "sort, first k": timed(lambda: sc0.sort(dim=-1, descending=True).indices[:, :k], iters, cuda),
                          "kernels.topk (bisection)": timed(lambda: select_top(sc0, k), iters, cuda),
-                         "predictor r alone": timed(lambda: F.linear(F.linear(x, A), B), iters, cuda)}
+                         "predictor r alone": timed(lambda: glu_scores(x, A, B), iters, cuda)}
                 for nw in (4, 8, 16):
                     sel_t[f"kernels.topk num_warps={nw}"] = timed(lambda: topk_indices_launch(sc0, k, nw), iters, cuda)
                 got_i = select_top(sc0, k)
@@ -321,10 +321,10 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
                              "bound_ms": union * mlp_bytes / bw * 1e3})
                 rows.append({"batch": b, "method": f"dejavu {s:.0%} listed rows + predictor r={r}", "kept": round(union, 3),
                              "ms": timed(dv_rows_pred, iters, cuda),
-                             "bound_ms": (union * mlp_bytes + r * (h + inter) * A.element_size()) / bw * 1e3})
+                             "bound_ms": (union * mlp_bytes + r * (h + 2 * inter) * A.element_size()) / bw * 1e3})
                 rows.append({"batch": b, "method": f"dejavu {s:.0%} predictor r={r} + selection alone", "kept": 0.0,
-                             "ms": timed(pred_only, iters, cuda), "bound_ms": r * (h + inter) * A.element_size() / bw * 1e3})
-            pbytes = r * (h + inter) * A.element_size()
+                             "ms": timed(pred_only, iters, cuda), "bound_ms": r * (h + 2 * inter) * A.element_size() / bw * 1e3})
+            pbytes = r * (h + 2 * inter) * A.element_size()
             rows.append({"batch": b, "method": f"dejavu {s:.0%} (kernel)", "kept": round(union, 3), "ms": timed(dv, iters, cuda),
                          "bound_ms": union * mlp_bytes / bw * 1e3})
             rows.append({"batch": b, "method": f"dejavu {s:.0%} + predictor r={r}", "kept": round(union, 3),
@@ -349,6 +349,12 @@ def build_model(shapes: dict, n_layers: int, dev, dt):
     return model.eval()
 
 
+def glu_scores(x, A, B):
+    """The glu predictor's MLP scores (dejavu.LayerPredictor.mlp_scores): |SiLU(g~) * u~|."""
+    g, u = F.linear(F.linear(x, A), B).chunk(2, dim=-1)
+    return (F.silu(g) * u).abs()
+
+
 def fake_files(model, dev):
     """Thresholds from a calibration forward of the random model; random predictors (rank 256)."""
     from sparseinfer.contextual import activations, teal
@@ -359,9 +365,10 @@ def fake_files(model, dev):
     th = teal.thresholds_from(acts, progress=False)
     g = torch.Generator().manual_seed(0)
     h, i, hq = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
-    pred = Predictors([LayerPredictor(torch.randn(256, h, generator=g) * 0.02, torch.randn(i, 256, generator=g) * 0.02,
-                                      torch.zeros(i), torch.randn(hq, h, generator=g) * 0.02, torch.zeros(hq))
-                       for _ in range(cfg.num_hidden_layers)])
+    # kind "glu" (the default of train-predictors): B [2I, r], scores |SiLU(g~) * u~|
+    pred = Predictors([LayerPredictor(torch.randn(256, h, generator=g) * 0.02, torch.randn(2 * i, 256, generator=g) * 0.02,
+                                      None, torch.randn(hq, h, generator=g) * 0.02, torch.zeros(hq))
+                       for _ in range(cfg.num_hidden_layers)], {"kind": "glu"})
     return th, pred
 
 

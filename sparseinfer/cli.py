@@ -267,7 +267,7 @@ def cmd_train_predictors(args) -> int:
     model, tok = load_model(args.model)
     pred = dejavu.train_for_model(model, tok, n_tokens=args.tokens, window=args.window, model_id=args.model,
                                   rank=args.rank, steps=args.steps, label_frac=args.label_frac, heads=not args.no_heads,
-                                  source=args.source)
+                                  source=args.source, kind=args.kind)
     pred.meta["fingerprint"] = fingerprint(model.config)
     path = pred.save(args.out)
     rec = pred.meta["recall"]
@@ -291,6 +291,7 @@ def cmd_train_predictors(args) -> int:
 
 
 def cmd_contextual(args) -> int:
+    from .contextual import dejavu
     from .contextual.dejavu import Predictors
     from .contextual.patching import shipped
     from .contextual.teal import Thresholds
@@ -306,10 +307,20 @@ def cmd_contextual(args) -> int:
     pred, th = Predictors.load(pred_path), Thresholds.load(teal_path)
     mlp_s = [float(x) for x in _csv(args.mlp_sparsity)]
     head_s = [float(x) for x in _csv(args.head_sparsity)]
-    rows = ev.run(model, tok, ev.default_settings(mlp_s, head_s), args.length, args.windows, predictors=pred,
-                  thresholds=th)
+    settings = ev.default_settings(mlp_s, head_s)
+    extra = {}
+    for r in (int(x) for x in _csv(args.extra_ranks)):  # same kind, other ranks: fitted here (closed form for glu)
+        print(f"fitting {pred.meta.get('kind', 'linear')} predictors at rank {r} ...", flush=True)
+        extra[f"r={r}"] = dejavu.train_for_model(model, tok, n_tokens=pred.meta.get("n_tokens", 4096),
+                                                 window=pred.meta.get("window", 1024), model_id=args.model, rank=r,
+                                                 heads=False, kind=pred.meta.get("kind", "linear"),
+                                                 source=pred.meta.get("mlp_input", "mlp_in"), progress=False)
+        settings += [ev.Setting("dejavu", "dejavu", s, predictors=f"r={r}") for s in mlp_s]
+    rows = ev.run(model, tok, settings, args.length, args.windows, predictors=pred, thresholds=th,
+                  extra_predictors=extra)
     command = (f"sparseinfer eval contextual --model {args.model} --length {args.length} --windows {args.windows} "
-               f"--mlp-sparsity {args.mlp_sparsity} --head-sparsity {args.head_sparsity} --out {args.out}")
+               f"--mlp-sparsity {args.mlp_sparsity} --head-sparsity {args.head_sparsity}"
+               + (f" --extra-ranks {args.extra_ranks}" if args.extra_ranks else "") + f" --out {args.out}")
     path = ev.write_report(rows, Path(args.out), args.model, command, pred.meta, th.meta, args.length, args.windows)
     for r in rows:
         print(f"{r['label']:<40} ppl {r['ppl']:.3f}  top1 {r['top1']:.3f}  KL {r['kl']:.4f}")
@@ -383,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     cx.add_argument("--head-sparsity", default="0.25,0.5", help="comma list (default: %(default)s)")
     cx.add_argument("--predictors", default=None, help="Deja Vu predictors (default: the shipped ones)")
     cx.add_argument("--thresholds", default=None, help="TEAL thresholds (default: the shipped ones)")
+    cx.add_argument("--extra-ranks", default="", help="also Deja Vu predictors of the same kind at these ranks, "
+                    "fitted on the same calibration text (comma list, e.g. 256)")
     cx.add_argument("--out", default="docs", help="folder for contextual.md/.json/.png (default: %(default)s)")
     cx.set_defaults(func=cmd_contextual)
     cm = sub.add_parser("calibrate-mlp", help="TEAL: |x| quantiles per layer and projection input -> thresholds file")
@@ -399,7 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--rank", type=int, default=128, help="MLP predictor rank (default: %(default)s)")
     tp.add_argument("--source", default="mlp_in", choices=["mlp_in", "attn_in"],
                     help="MLP predictor input: the MLP input, or the attention input (look-ahead) (default: %(default)s)")
-    tp.add_argument("--steps", type=int, default=60, help="Adam steps per predictor (default: %(default)s)")
+    tp.add_argument("--kind", default="glu", choices=["glu", "linear"],
+                    help="MLP predictor: glu = rank-r gate/up model scored |SiLU(g)*u| (closed form), linear = "
+                         "Deja Vu's linear scores trained with BCE (default: %(default)s)")
+    tp.add_argument("--steps", type=int, default=60, help="Adam steps per predictor (linear and heads) (default: %(default)s)")
     tp.add_argument("--label-frac", type=float, default=0.5, help="share of neurons / heads labelled 1 (default: %(default)s)")
     tp.add_argument("--no-heads", action="store_true", help="train MLP predictors only")
     tp.set_defaults(func=cmd_train_predictors)

@@ -30,6 +30,40 @@ def tiny_predictors(tiny):
     return dejavu.train(tiny[2], n_heads=4, rank=16, steps=150, progress=False)
 
 
+def _glu_weights(model):
+    return [(lay.mlp.gate_proj.weight.detach(), lay.mlp.up_proj.weight.detach()) for lay in model.model.layers]
+
+
+def test_fit_glu_recovers_the_projections_at_full_rank():
+    """y = x W.T exactly: rank = H gives W back (float64 reference); a lower rank gives the
+    best rank-r fit on these x (no worse than the weights' plain truncated SVD)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 12, generator=g, dtype=torch.float64) * torch.logspace(0, 1.5, 12, dtype=torch.float64)
+    w = torch.randn(30, 12, generator=g, dtype=torch.float64)
+    A, B = dejavu.fit_glu(x, x @ w.T, rank=12, ridge=1e-12)
+    torch.testing.assert_close((B.double() @ A.double()), w, atol=1e-4, rtol=1e-4)
+    A4, B4 = dejavu.fit_glu(x, x @ w.T, rank=4, ridge=1e-12)
+    u, sv, vh = torch.linalg.svd(w)
+    plain = (u[:, :4] * sv[:4]) @ vh[:4]
+    err = lambda m: float((x @ (w - m).T).norm())  # noqa: E731
+    assert A4.shape == (4, 12) and B4.shape == (30, 4)
+    assert err(B4.double() @ A4.double()) < err(plain)
+
+
+def test_glu_predictors_rank_the_neurons_better_than_linear(tiny, tiny_predictors, tmp_path):
+    model, _, acts = tiny
+    glu = dejavu.train(acts, n_heads=4, rank=16, heads=False, kind="glu", weights=_glu_weights(model), progress=False)
+    assert glu.meta["kind"] == "glu" and glu.layers[0].glu and glu.layers[0].B.shape == (256, 16)
+    for a, b in zip(glu.meta["recall"], tiny_predictors.meta["recall"]):
+        assert a["mlp"]["0.5"]["recall"] > b["mlp"]["0.5"]["recall"]
+    back = dejavu.Predictors.load(glu.save(tmp_path / "glu.safetensors"))
+    assert back.layers[1].b is None and back.layers[1].glu
+    x = acts.layer("mlp_in", 1)[:5].float()
+    torch.testing.assert_close(back.layers[1].mlp_scores(x), glu.layers[1].mlp_scores(x), atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="kind 'glu' needs weights"):
+        dejavu.train(acts, n_heads=4, heads=False, kind="glu", progress=False)
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids[None], use_cache=False).logits[0]
@@ -200,8 +234,9 @@ def test_dejavu_lookahead_selects_what_the_predictor_selects(tiny, monkeypatch):
     from sparseinfer.contextual import lookahead
 
     model, ids, acts = tiny
-    pred = dejavu.train(acts, n_heads=4, rank=16, steps=60, source="attn_in", heads=False, progress=False)
-    assert pred.meta["mlp_input"] == "attn_in"
+    pred = dejavu.train(acts, n_heads=4, rank=16, source="attn_in", heads=False, kind="glu",
+                        weights=_glu_weights(model), progress=False)
+    assert pred.meta["mlp_input"] == "attn_in" and pred.layers[0].glu
     kw = dict(mlp="dejavu", mlp_sparsity=0.5, predictors=pred)
     attach(model, **kw, backend="reference")
     ref = _logits(model, ids[:1])
@@ -226,8 +261,9 @@ def test_dejavu_lookahead_selects_what_the_predictor_selects(tiny, monkeypatch):
     assert begun == []
     detach(model)
     x, A, B, b = torch.randn(1, 64), torch.randn(16, 64), torch.randn(128, 16), torch.randn(128)
-    torch.library.opcheck(torch.ops.sparseinfer.select_begin.default, (x, A, B, b, 40),
-                          test_utils=("test_schema", "test_faketensor"))
+    for bias in (b, None):  # linear / glu predictors
+        torch.library.opcheck(torch.ops.sparseinfer.select_begin.default, (x, A, B, bias, 40),
+                              test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(ValueError, match="select_begin: expected"):
         lookahead.select_begin(x, A, B[:, :8], b, 40)
 
@@ -330,3 +366,25 @@ def test_compiled_decode_step_matches_eager_without_recompiles(tiny, tiny_thresh
         sparseinfer.unpatch(model)
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_rows_for_extra_predictor_ranks(tiny, tmp_path):
+    """eval contextual's extra predictor sets (--extra-ranks): their own rows, labels, curves and
+    summary lines in the report."""
+    from types import SimpleNamespace
+
+    from sparseinfer.eval import contextual as ev
+
+    model, ids, acts = tiny
+    w = _glu_weights(model)
+    p16 = dejavu.train(acts, n_heads=4, rank=16, heads=False, kind="glu", weights=w, progress=False)
+    p4 = dejavu.train(acts, n_heads=4, rank=4, heads=False, kind="glu", weights=w, progress=False)
+    tok = lambda text, **kw: SimpleNamespace(input_ids=ids[None, :300])  # noqa: E731
+    settings = [ev.Setting("dense"), ev.Setting("dejavu", "dejavu", 0.5), ev.Setting("dejavu", "dejavu", 0.5, predictors="r=4")]
+    rows = ev.run(model, tok, settings, length=128, windows=2, progress=False, predictors=p16,
+                  extra_predictors={"r=4": p4})
+    assert [r["label"] for r in rows] == ["dense", "dejavu MLP 50%", "dejavu (r=4) MLP 50%"]
+    assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0 and rows[2]["kl"] != rows[1]["kl"]
+    path = ev.write_report(rows, tmp_path, "tiny", "cmd", p16.meta, {"n_tokens": 512}, 128, 2)
+    text = path.read_text()
+    assert "**dejavu (r=4)**" in text and 'kind "glu"' in text and (tmp_path / "contextual.png").exists()

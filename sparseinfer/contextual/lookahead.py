@@ -6,9 +6,10 @@ stream as soon as that input exists (the input_layernorm output) and runs the pr
 top-K selection there, overlapping q/k/v, the attention and o_proj; the MLP's kernel op waits
 for the side stream (the join) right before it reads the list.
 
-    sparseinfer::select_begin(x [R, H], A [r, H], B [I, r], b [I], k) -> idx [R, k] int32
-        the positions (ascending) of the k largest of (x A^T) B^T + b, per row, computed on the
-        device's side stream (CUDA); CPU tensors compute inline.
+    sparseinfer::select_begin(x [R, H], A [r, H], B, b, k) -> idx [R, k] int32
+        the positions (ascending) of the k largest predictor scores per row (B [I, r], b [I]:
+        (x A^T) B^T + b; B [2I, r], b None: |SiLU(g~) * u~| of [g~ | u~] = (x A^T) B^T), computed
+        on the device's side stream (CUDA); CPU tensors compute inline.
     sparseinfer::dejavu_mlp_joined(x [1, H], wg, wu, wd_t, idx) -> [1, H]
         the join, then `kernels.gemv.dejavu_mlp_rows` over the list.
 
@@ -36,14 +37,23 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 @torch.library.custom_op("sparseinfer::select_begin", mutates_args=())
-def select_begin(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+def select_begin(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: torch.Tensor | None, k: int) -> torch.Tensor:
     from ..kernels.topk import topk_indices_launch, topk_indices_reference
 
-    if x.dim() != 2 or A.shape[1] != x.shape[1] or B.shape[1] != A.shape[0] or b.shape != (B.shape[0],):
-        raise ValueError(f"select_begin: expected x [R, H], A [r, H], B [I, r], b [I], got {tuple(x.shape)}, "
-                         f"{tuple(A.shape)}, {tuple(B.shape)}, {tuple(b.shape)}")
+    if x.dim() != 2 or A.shape[1] != x.shape[1] or B.shape[1] != A.shape[0] or (
+            b is not None and b.shape != (B.shape[0],)) or (b is None and B.shape[0] % 2):
+        raise ValueError(f"select_begin: expected x [R, H], A [r, H], B [I, r] with b [I] (linear) or B [2I, r] "
+                         f"with b None (glu), got {tuple(x.shape)}, {tuple(A.shape)}, {tuple(B.shape)}, "
+                         f"{None if b is None else tuple(b.shape)}")
+
+    def scores(z):  # the predictor's MLP scores (dejavu.LayerPredictor.mlp_scores)
+        if b is None:
+            g, u = F.linear(F.linear(z, A), B).chunk(2, dim=-1)
+            return (F.silu(g) * u).abs()
+        return F.linear(F.linear(z, A), B, b)
+
     if not x.is_cuda:
-        return topk_indices_reference(F.linear(F.linear(x, A), B, b), k)
+        return topk_indices_reference(scores(x), k)
     out = torch.empty(x.shape[0], k, dtype=torch.int32, device=x.device)
     xc = x.clone()  # owned here until the join (the caller may reuse x's memory)
     main = torch.cuda.current_stream(x.device)
@@ -52,7 +62,7 @@ def select_begin(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: torch.Ten
     fork.record(main)
     side.wait_event(fork)
     with torch.cuda.stream(side):
-        topk_indices_launch(F.linear(F.linear(xc, A), B, b), k, out=out)
+        topk_indices_launch(scores(xc), k, out=out)
     _held.setdefault(side.device.index, []).extend((xc, out))
     return out
 

@@ -27,6 +27,7 @@ class Setting:
     heads: str | None = None
     head_sparsity: float = 0.0
     attn_sparsity: float | None = None
+    predictors: str | None = None  # a key of run(extra_predictors=...) instead of the main predictors
 
     @property
     def label(self) -> str:
@@ -34,7 +35,8 @@ class Setting:
             return "dense"
         parts = []
         if self.mlp:
-            parts.append(f"{self.mlp} MLP {self.mlp_sparsity:.0%}")
+            tag = f" ({self.predictors})" if self.predictors else ""
+            parts.append(f"{self.mlp}{tag} MLP {self.mlp_sparsity:.0%}")
         if self.attn_sparsity:
             parts.append(f"TEAL attn {self.attn_sparsity:.0%}")
         if self.heads:
@@ -54,9 +56,10 @@ def default_settings(mlp_sparsities=(0.25, 0.4, 0.5, 0.7), head_sparsities=(0.25
 
 @torch.no_grad()
 def run(model, tok, settings: list[Setting], length: int = 1024, windows: int = 2, progress: bool = True,
-        predictors=None, thresholds=None) -> list[dict]:
+        predictors=None, thresholds=None, extra_predictors: dict | None = None) -> list[dict]:
     """One row per setting: ppl, top-1 agreement and mean KL(dense || sparse) over all predicted
-    tokens of `windows` disjoint windows of `length` tokens; TEAL rows add the measured kept share."""
+    tokens of `windows` disjoint windows of `length` tokens; TEAL rows add the measured kept share.
+    Settings with `.predictors` set use extra_predictors[that key]."""
     from ..data import heldout_text
 
     ids = tok(heldout_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
@@ -72,7 +75,8 @@ def run(model, tok, settings: list[Setting], length: int = 1024, windows: int = 
         if s.name != "dense":
             handle = attach(model, mlp=s.mlp, mlp_sparsity=s.mlp_sparsity, heads=s.heads,
                             head_sparsity=s.head_sparsity, attn_sparsity=s.attn_sparsity, apply_to="all",
-                            predictors=predictors, thresholds=thresholds, record=True, backend="reference")
+                            predictors=(extra_predictors or {})[s.predictors] if s.predictors else predictors,
+                            thresholds=thresholds, record=True, backend="reference")
         nll = kl = agree = n = 0.0
         try:
             for c, dl in zip(chunks, dense_logp):
@@ -94,19 +98,29 @@ def run(model, tok, settings: list[Setting], length: int = 1024, windows: int = 
     return rows
 
 
+def _curves(rows: list[dict]) -> list[tuple]:
+    """(method, predictors tag) of the MLP-sparsity curves: teal, dejavu, then dejavu per extra predictor set."""
+    return [("teal", None), ("dejavu", None)] + sorted({(r["name"], r["predictors"]) for r in rows
+                                                        if r["name"] == "dejavu" and r.get("predictors")})
+
+
 def _plot(rows: list[dict], path: Path, title: str) -> Path:
     from .report import _plt
 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     dense = next(r for r in rows if r["name"] == "dense")
-    for name, color in (("teal", "#4c72b0"), ("dejavu", "#c44e52")):
-        pts = sorted((r["mlp_sparsity"], r["ppl"], r["kl"]) for r in rows if r["name"] == name)
+    curves = _curves(rows)
+    colors = ("#4c72b0", "#c44e52", "#dd8452", "#8172b3", "#937860")
+    for (name, tag), color in zip(curves, colors):
+        pts = sorted((r["mlp_sparsity"], r["ppl"], r["kl"]) for r in rows
+                     if r["name"] == name and r.get("predictors") == tag)
         if not pts:
             continue
         xs = [0.0] + [p[0] * 100 for p in pts]
-        axes[0].plot(xs, [dense["ppl"]] + [p[1] for p in pts], "o-", color=color, label=name)
-        axes[1].plot(xs, [0.0] + [p[2] for p in pts], "o-", color=color, label=name)
+        label = name + (f" ({tag})" if tag else "")
+        axes[0].plot(xs, [dense["ppl"]] + [p[1] for p in pts], "o-", color=color, label=label)
+        axes[1].plot(xs, [0.0] + [p[2] for p in pts], "o-", color=color, label=label)
     axes[0].axhline(dense["ppl"] * 1.03, ls="--", color="gray", lw=0.8, label="dense +3%")
     axes[0].set(xlabel="MLP sparsity (%)", ylabel="perplexity (log)", title="perplexity vs MLP sparsity", yscale="log")
     axes[1].set(xlabel="MLP sparsity (%)", ylabel="mean KL vs dense (nats)", title="KL vs MLP sparsity")
@@ -145,6 +159,34 @@ def _plot_recall(recall: list[dict], path: Path, title: str) -> Path:
     return path
 
 
+CEILING = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "contextual" / "dejavu_ceiling.json"
+
+
+def _ceiling_lines(dense_ppl: float) -> list[str]:
+    """The per-token selection's ceiling (benchmarks/dejavu_ceiling.py: the true top-K neurons by
+    |SiLU(gate)·up|, and the weights' plain SVD), when that result file is there and was measured
+    on the same dense perplexity."""
+    import json
+
+    if not CEILING.exists():
+        return []
+    data = json.loads(CEILING.read_text())
+    rows = data.get("rows", [])
+    dense = next((r for r in rows if r["how"] == "dense"), None)
+    if dense is None or abs(dense["ppl"] - dense_ppl) > 1e-2 * dense_ppl:
+        return []
+    by = {}
+    for r in rows:
+        if r["how"] != "dense":
+            by.setdefault(r["how"], []).append(f"{1 - r['keep']:.0%} {r['delta_pct']:+.1f}%")
+    return ["", f"The ceiling (`python benchmarks/dejavu_ceiling.py`, `benchmarks/results/contextual/dejavu_ceiling.md`, "
+            f"{data['meta'].get('tokens', '?')} tokens, {data['meta'].get('date', '?')[:10]}): perplexity vs dense at each "
+            "MLP sparsity when every token keeps " + "; ".join(
+                f"{'its true top-K neurons by |SiLU(gate)·up|' if how == 'oracle' else 'the top-K of a training-free ' + how + ' (plain SVD of the weights)'}: "
+                + ", ".join(v) for how, v in by.items()) + ". Per-token selection itself is sound on this model; "
+            "the predictor's ranking is what costs accuracy."]
+
+
 def write_report(rows: list[dict], out: Path, model_id: str, command: str, pred_meta: dict, teal_meta: dict,
                  length: int, windows: int) -> Path:
     from .report import environment, write_json
@@ -175,11 +217,19 @@ def write_report(rows: list[dict], out: Path, model_id: str, command: str, pred_
         f"- TEAL: thresholds on the inputs of gate/up_proj and down_proj (and q/k/v/o_proj for \"TEAL attn\"), "
         f"the {teal_meta.get('n_tokens', '?')}-token calibration's |x| quantile at the target sparsity, uniform over layers. "
         "`kept` = measured share of input channels kept on this text (mlp_in / down_in).",
-        f"- Deja Vu: per-layer predictor (rank {pred_meta.get('rank', '?')}, no nonlinearity) from the layer's "
-        f"{'MLP input' if pred_meta.get('mlp_input', 'mlp_in') == 'mlp_in' else 'attention input (look-ahead)'}, trained with weighted BCE on the top {pred_meta.get('label_frac', 0.5):.0%} neurons by |SiLU(gate)·up| "
-        f"({pred_meta.get('n_tokens', '?')} calibration tokens of `haystack_text`, {pred_meta.get('seconds_total', pred_meta.get('seconds', '?'))} s "
-        "on this CPU); fixed top-K neurons per token. Heads: a linear predictor of the per-head attention-output "
-        "norm; the top-K query heads are kept, the others' outputs zeroed before o_proj.",
+        (f"- Deja Vu: per-layer predictor of kind \"glu\" (rank {pred_meta.get('rank', '?')}) from the layer's "
+         f"{'MLP input' if pred_meta.get('mlp_input', 'mlp_in') == 'mlp_in' else 'attention input (look-ahead)'}: "
+         "a rank-r model of the gate and up projections fitted in closed form (reduced-rank ridge regression on the "
+         "calibration activations; `contextual.dejavu.fit_glu`), scored |SiLU(g~)·u~|"
+         if pred_meta.get("kind") == "glu" else
+         f"- Deja Vu: per-layer linear predictor (rank {pred_meta.get('rank', '?')}, no nonlinearity) from the layer's "
+         f"{'MLP input' if pred_meta.get('mlp_input', 'mlp_in') == 'mlp_in' else 'attention input (look-ahead)'}, "
+         f"trained with weighted BCE on the top {pred_meta.get('label_frac', 0.5):.0%} neurons by |SiLU(gate)·up|")
+        + f" ({pred_meta.get('n_tokens', '?')} calibration tokens of `haystack_text`, "
+        f"{pred_meta.get('seconds_total', pred_meta.get('seconds', '?'))} s on this CPU, heads included); fixed top-K "
+        "neurons per token. Rows marked (r=N) use predictors of the same kind at rank N, fitted by this command. "
+        "Heads: a linear predictor of the per-head attention-output norm; the top-K query heads are kept, the "
+        "others' outputs zeroed before o_proj.",
         "",
         "| setting | ppl | Δppl | top-1 vs dense | KL (nats) | kept (measured) |",
         "|---|---|---|---|---|---|",
@@ -189,14 +239,16 @@ def write_report(rows: list[dict], out: Path, model_id: str, command: str, pred_
         d = (r["ppl"] / dense["ppl"] - 1) * 100
         lines.append(f"| {r['label']} | {r['ppl']:.3f} | {d:+.1f}% | {r['top1']:.3f} | {r['kl']:.4f} | {kept} |")
     summary = []
-    for name in ("teal", "dejavu"):
-        pts = sorted((r["mlp_sparsity"], r) for r in rows if r["name"] == name)
+    for name, tag in _curves(rows):
+        pts = sorted(((r["mlp_sparsity"], r) for r in rows if r["name"] == name and r.get("predictors") == tag),
+                     key=lambda t: t[0])
         ok = [sp for sp, r in pts if r["ppl"] <= dense["ppl"] * 1.03]
         if pts:
-            summary.append(f"**{name}**: highest tested MLP sparsity within +3% ppl of dense: "
+            summary.append(f"**{name}{f' ({tag})' if tag else ''}**: highest tested MLP sparsity within +3% ppl of dense: "
                            + (f"{max(ok):.0%}" if ok else "none") + "; KL at "
                            + ", ".join(f"{sp:.0%} {r['kl']:.3f}" for sp, r in pts) + ".")
     lines += [""] + [f"- {x}" for x in summary]
+    lines += _ceiling_lines(dense["ppl"])
     lines += ["", f"![ppl and KL vs MLP sparsity]({png.name})", "",
               "GPU speed (sparse decode kernels, captured decode step, Llama-3.1-8B shapes): "
               "`python benchmarks/contextual.py --out benchmarks/results/contextual` -> "

@@ -318,10 +318,22 @@ def cmd_contextual(args) -> int:
         settings += [ev.Setting("dejavu", "dejavu", s, predictors=f"r={r}") for s in mlp_s]
     rows = ev.run(model, tok, settings, args.length, args.windows, predictors=pred, thresholds=th,
                   extra_predictors=extra)
+    niah = None
+    if args.niah_lengths:  # needle retrieval with the sparsity on the decode steps (pre-fill dense)
+        from .eval.needle import parse_length
+        from .eval.runner import as_dicts, run_niah
+
+        specs = ["dense"] + [f"dense:mlp={m}:mlp_sparsity={s}" for s in _csv(args.niah_sparsity)
+                             for m in ("teal", "dejavu")]
+        niah = as_dicts(run_niah(model, tok, specs, [parse_length(x) for x in _csv(args.niah_lengths)],
+                                 args.niah_depths))
     command = (f"sparseinfer eval contextual --model {args.model} --length {args.length} --windows {args.windows} "
                f"--mlp-sparsity {args.mlp_sparsity} --head-sparsity {args.head_sparsity}"
-               + (f" --extra-ranks {args.extra_ranks}" if args.extra_ranks else "") + f" --out {args.out}")
-    path = ev.write_report(rows, Path(args.out), args.model, command, pred.meta, th.meta, args.length, args.windows)
+               + (f" --extra-ranks {args.extra_ranks}" if args.extra_ranks else "")
+               + (f" --niah-lengths {args.niah_lengths} --niah-depths {args.niah_depths} --niah-sparsity "
+                  f"{args.niah_sparsity}" if args.niah_lengths else "") + f" --out {args.out}")
+    path = ev.write_report(rows, Path(args.out), args.model, command, pred.meta, th.meta, args.length, args.windows,
+                           niah=niah)
     for r in rows:
         print(f"{r['label']:<40} ppl {r['ppl']:.3f}  top1 {r['top1']:.3f}  KL {r['kl']:.4f}")
     print(f"wrote {path}, contextual.json and PNGs")
@@ -396,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     cx.add_argument("--thresholds", default=None, help="TEAL thresholds (default: the shipped ones)")
     cx.add_argument("--extra-ranks", default="", help="also Deja Vu predictors of the same kind at these ranks, "
                     "fitted on the same calibration text (comma list, e.g. 256)")
+    cx.add_argument("--niah-lengths", default="", help="also needle retrieval at these lengths with teal / dejavu "
+                    "on the decode steps (comma list, e.g. 1k,2k; default: none)")
+    cx.add_argument("--niah-depths", type=int, default=5, help="needle depths per length (default: %(default)s)")
+    cx.add_argument("--niah-sparsity", default="0.25,0.4", help="MLP sparsities for the needle rows (default: %(default)s)")
     cx.add_argument("--out", default="docs", help="folder for contextual.md/.json/.png (default: %(default)s)")
     cx.set_defaults(func=cmd_contextual)
     cm = sub.add_parser("calibrate-mlp", help="TEAL: |x| quantiles per layer and projection input -> thresholds file")
@@ -407,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("train-predictors", help="Deja Vu: train per-layer MLP / head predictors, report recall")
     tp.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")
     tp.add_argument("--out", required=True, help="predictor file to write (.safetensors)")
-    tp.add_argument("--tokens", type=int, default=4096, help="calibration tokens, last 25%% held out (default: %(default)s)")
+    tp.add_argument("--tokens", type=int, default=4096,
+                    help="calibration tokens, last 25%% held out; more help the glu kind (SmolLM2 at 40%% sparsity: "
+                         "+58%% ppl with 4096, +38%% with 16384, the shipped file) (default: %(default)s)")
     tp.add_argument("--window", type=int, default=1024, help="tokens per forward (default: %(default)s)")
     tp.add_argument("--rank", type=int, default=128, help="MLP predictor rank (default: %(default)s)")
     tp.add_argument("--source", default="mlp_in", choices=["mlp_in", "attn_in"],

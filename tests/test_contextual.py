@@ -385,6 +385,10 @@ def test_eval_rows_for_extra_predictor_ranks(tiny, tmp_path):
                   extra_predictors={"r=4": p4})
     assert [r["label"] for r in rows] == ["dense", "dejavu MLP 50%", "dejavu (r=4) MLP 50%"]
     assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0 and rows[2]["kl"] != rows[1]["kl"]
-    path = ev.write_report(rows, tmp_path, "tiny", "cmd", p16.meta, {"n_tokens": 512}, 128, 2)
+    niah = [{"method": m, "length": L, "depth": d, "correct": ok} for m, ok in (("dense", True), ("dense:mlp=dejavu", False))
+            for L in (128, 256) for d in (0.0, 1.0)]
+    path = ev.write_report(rows, tmp_path, "tiny", "cmd", p16.meta, {"n_tokens": 512}, 128, 2, niah=niah)
     text = path.read_text()
     assert "**dejavu (r=4)**" in text and 'kind "glu"' in text and (tmp_path / "contextual.png").exists()
+    assert "| dense | 100% | 100% | 100% |" in text and "| dense:mlp=dejavu | 0% | 0% | 0% |" in text
+    assert (tmp_path / "contextual-niah.png").exists()

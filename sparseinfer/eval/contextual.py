@@ -187,15 +187,38 @@ def _ceiling_lines(dense_ppl: float) -> list[str]:
             "the predictor's ranking is what costs accuracy."]
 
 
+def _niah_lines(niah: list[dict], out: Path) -> list[str]:
+    """Needle retrieval with the sparsity on the decode steps: accuracy per method and length + heatmap."""
+    from .report import niah_heatmap
+
+    lengths = sorted({r["length"] for r in niah})
+    methods = list(dict.fromkeys(r["method"] for r in niah))
+    lines = ["## Needle in a haystack with contextual sparsity on", "",
+             "The answer's decode steps run sparse (pre-filling dense, `apply_to=\"decode\"`, the default); "
+             f"{len({r['depth'] for r in niah})} needle depths per length, Paul Graham essays "
+             "(`sparseinfer eval niah`'s prompts).", "",
+             "| method | " + " | ".join(f"{L} tok" for L in lengths) + " | all |",
+             "|---" * (len(lengths) + 2) + "|"]
+    for m in methods:
+        rs = [r for r in niah if r["method"] == m]
+        cells = []
+        for L in lengths:
+            sub = [r["correct"] for r in rs if r["length"] == L]
+            cells.append(f"{100 * sum(sub) / len(sub):.0f}%")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {100 * sum(r['correct'] for r in rs) / len(rs):.0f}% |")
+    png = niah_heatmap(niah, out / "contextual-niah.png", "NIAH, contextual sparsity on the decode steps")
+    return lines + ["", f"![needle retrieval]({png.name})", ""]
+
+
 def write_report(rows: list[dict], out: Path, model_id: str, command: str, pred_meta: dict, teal_meta: dict,
-                 length: int, windows: int) -> Path:
+                 length: int, windows: int, niah: list[dict] | None = None) -> Path:
     from .report import environment, write_json
 
     out = Path(out)
     env = environment()
     write_json(out / "contextual.json", "contextual", {"model": model_id, "length": length, "windows": windows,
                                                        "command": command, "predictors": {k: v for k, v in pred_meta.items() if k != "recall"},
-                                                       "teal": teal_meta}, rows)
+                                                       "teal": teal_meta, "niah": niah}, rows)
     png = _plot(rows, out / "contextual.png", f"{model_id}: contextual sparsity, {windows}x{length} held-out tokens")
     recall = pred_meta.get("recall")
     rpng = _plot_recall(recall, out / "contextual-recall.png", "Deja Vu predictor recall per layer (held-out tokens)") \
@@ -249,7 +272,10 @@ def write_report(rows: list[dict], out: Path, model_id: str, command: str, pred_
                            + ", ".join(f"{sp:.0%} {r['kl']:.3f}" for sp, r in pts) + ".")
     lines += [""] + [f"- {x}" for x in summary]
     lines += _ceiling_lines(dense["ppl"])
-    lines += ["", f"![ppl and KL vs MLP sparsity]({png.name})", "",
+    lines += ["", f"![ppl and KL vs MLP sparsity]({png.name})", ""]
+    if niah:
+        lines += _niah_lines(niah, out)
+    lines += [
               "GPU speed (sparse decode kernels, captured decode step, Llama-3.1-8B shapes): "
               "`python benchmarks/contextual.py --out benchmarks/results/contextual` -> "
               "`benchmarks/results/contextual/contextual.md`.", ""]

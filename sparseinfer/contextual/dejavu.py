@@ -9,13 +9,15 @@
 pre-activations (W_gate m, W_up m for the MLP input m) on the predictor input x. For x = m this
 is the rank-r approximation of [W_gate; W_up] that is best on the calibration inputs (an SVD
 weighted by their covariance, not the weights' plain SVD). A linear score cannot rank
-|SiLU(gate) * up| (|up| is symmetric in its sign); on SmolLM2 at 50% kept, rank 128 finds
-0.65-0.74 of the true top-K neurons and keeps 0.80-0.95 of sum(h^2), the linear rank-128
-predictor 0.55-0.67 and 0.60-0.77.
+|SiLU(gate) * up| (|up| is symmetric in its sign); on SmolLM2 at 50% kept, rank 128 finds 0.72
+of the true top-K neurons (mean over layers) and keeps 0.92-0.99 of sum(h^2); the linear rank-128
+predictor ~0.58 and 0.60-0.77 (docs/contextual.md).
 
 x = the MLP input (post_attention_layernorm output; source="mlp_in", the default) or the
-layer's attention input (source="attn_in": look-ahead, the prediction could overlap attention,
-but recall on SmolLM2 is lower: ~0.65 vs ~0.8 at 50% kept); a = the attention input.
+layer's attention input (source="attn_in": look-ahead, the selection overlaps the attention,
+`contextual.lookahead`; on SmolLM2, glu rank 128, recall 0.70 vs 0.71 at 50% kept, the linear
+kind 0.65 vs 0.8); a = the attention input. `train` defaults to "linear" (it has no model to
+read W_gate / W_up from); `train_for_model` and `sparseinfer train-predictors` to "glu".
 
 "linear" and the head predictors are trained with weighted BCE on labels = the top `label_frac`
 share of neurons by |SiLU(gate) * up| (resp. of query heads by the norm of their attention
@@ -263,9 +265,7 @@ def train_for_model(model, tok, text: str | None = None, n_tokens: int = 4096, w
                     model_id: str = "", progress: bool = True, **kw) -> Predictors:
     """Collect activations on `text` (default: `sparseinfer.data.haystack_text`) and train."""
     from ..data import haystack_text
-    from .activations import collect
-
-    from .activations import decoder_layers
+    from .activations import collect, decoder_layers
 
     t0 = time.perf_counter()
     heads = kw.get("heads", True)

@@ -350,9 +350,8 @@ def build_model(shapes: dict, n_layers: int, dev, dt):
 
 
 def glu_scores(x, A, B):
-    """The glu predictor's MLP scores (dejavu.LayerPredictor.mlp_scores): |SiLU(g~) * u~|."""
-    g, u = F.linear(F.linear(x, A), B).chunk(2, dim=-1)
-    return (F.silu(g) * u).abs()
+    """The glu predictor's MLP scores |SiLU(g~) * u~| (the library's own)."""
+    return LayerPredictor(A, B, None).mlp_scores(x)
 
 
 def fake_files(model, dev):

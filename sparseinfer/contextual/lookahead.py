@@ -23,7 +23,8 @@ last use cannot race the side stream; the copy and the list stay referenced unti
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .dejavu import LayerPredictor
 
 _side: dict[int, torch.cuda.Stream] = {}
 _held: dict[int, list] = {}  # device -> tensors the side stream reads, kept until the join
@@ -46,11 +47,7 @@ def select_begin(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: torch.Ten
                          f"with b None (glu), got {tuple(x.shape)}, {tuple(A.shape)}, {tuple(B.shape)}, "
                          f"{None if b is None else tuple(b.shape)}")
 
-    def scores(z):  # the predictor's MLP scores (dejavu.LayerPredictor.mlp_scores)
-        if b is None:
-            g, u = F.linear(F.linear(z, A), B).chunk(2, dim=-1)
-            return (F.silu(g) * u).abs()
-        return F.linear(F.linear(z, A), B, b)
+    scores = LayerPredictor(A, B, b).mlp_scores  # b None: the glu kind
 
     if not x.is_cuda:
         return topk_indices_reference(scores(x), k)

@@ -266,13 +266,14 @@ def _dejavu_mlp_forward(mlp, ctx: _LayerCtx):
             return dejavu_mlp_joined(x.reshape(1, shp[-1]), mlp.gate_proj.weight, mlp.up_proj.weight,
                                      mlp.down_proj.weight.t(), idx).reshape(shp)
         scores = ctx.predictor.mlp_scores(src)  # [B, T, I]
-        # the keep_neurons largest scores, ascending positions (CUDA: one bisection launch, no sort)
-        idx = _select_top(scores, ctx.keep_neurons)
+        # the keep_neurons largest scores (CUDA: one bisection launch, no sort): ascending positions
+        # for the kernels, or directly the mask the reference path applies
         if _use_triton(ctx, x):
             from ..kernels.gemv import dejavu_mlp
 
-            return dejavu_mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, idx)
-        ctx.neuron_mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx.long(), True)
+            return dejavu_mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+                              _select_top(scores, ctx.keep_neurons))
+        ctx.neuron_mask = _select_top_mask(scores, ctx.keep_neurons)
         try:
             return orig(x)
         finally:

@@ -70,6 +70,24 @@ def check(dev, gen, log, n, block_size, backend):
         ok = err <= 1e-2 and bool(torch.isfinite(out).all())
         rows.append({"method": name, "N": n, "rel_err": err, "ok": ok})
         log(f"check N={n} {name}: rel err {err:.2e} {'ok' if ok else 'FAILED'}")
+    # the estimation's fused path (half-precision matmul with float32 output, scale in the
+    # kernels) against the torch path in float64 on the same inputs
+    from sparseinfer.kernels import lastq
+    from sparseinfer.patterns import flexprefill as fp
+    from sparseinfer.patterns import xattention as xa
+
+    q64, k64 = q.double(), k.double()
+    d_x = float((xa.antidiagonal_mass(q, k, 8, block_size, scale, fused=True)
+                 - xa.antidiagonal_mass(q64, k64, 8, block_size, scale, fused=False)).abs().max())
+    ef, ep = fp.estimate(q, k, 0.9, 0.1, block_size, scale, fused=True), fp.estimate(q64, k64, 0.9, 0.1, block_size,
+                                                                                     scale, fused=False)
+    d_f = float(max((ef.vertical_mass - ep.vertical_mass).abs().max(), (ef.slash_mass - ep.slash_mass).abs().max()))
+    ok = d_x < 1e-4 and d_f < 1e-4
+    rows.append({"method": "estimation fused vs float64 torch (max abs diff of masses)", "N": n,
+                 "rel_err": max(d_x, d_f), "ok": ok, "xattention": d_x, "flexprefill": d_f,
+                 "bmm_out_dtype": lastq._OUT_DTYPE[0]})
+    log(f"check N={n} estimation fused vs float64: xattention mass {d_x:.1e}, flexprefill masses {d_f:.1e} "
+        f"(bmm out_dtype {'used' if lastq._OUT_DTYPE[0] else 'unavailable: TF32'}) {'ok' if ok else 'FAILED'}")
     return rows
 
 
@@ -128,6 +146,41 @@ def run(sizes, dev, gen, log, block_size, backend, save):
     return rows
 
 
+def profile(n, dev, gen, log, block_size, backend, out_dir):
+    """Per-op GPU time of each method's estimation (select) and kernel (run_selections) at one size."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    q, k = base.structured_qk(1, n, dev, gen)
+    v = torch.randn(1, base.HKV, n, base.D, device=dev, generator=gen).to(q.dtype)
+    scale = base.D ** -0.5
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    lines = [f"# Per-op profile, N={n}, block {block_size}", ""]
+    for name, make in METHODS.items():
+        pat = make(block_size)
+        parts = pat.select(q, k, scale)
+        run_selections(parts, q, k, v, scale, backend)
+        for what, fn in (("estimation", lambda: pat.select(q, k, scale)),
+                         ("kernel", lambda: run_selections(parts, q, k, v, scale, backend))):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            with tprofile(activities=acts) as prof:
+                fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+            try:
+                table = prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60)
+            except Exception:  # older/newer key names
+                table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=18,
+                                                  max_name_column_width=60)
+            log(f"{name} {what}:\n{table}")
+            lines += [f"## {name}: {what}", "", "```", table, "```", ""]
+    with open(os.path.join(out_dir, "profile.md"), "w") as f:
+        f.write("\n".join(lines))
+    return 0
+
+
 def markdown(meta, checks, rows):
     out = [f"# XAttention / FlexPrefill vs dense SDPA, {meta['device']}", "",
            f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}; "
@@ -158,6 +211,8 @@ def main():
     ap.add_argument("--block-size", type=int, default=128, help="KV/query block (XAttention and FlexPrefill use 128)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes (torch reference ops), < 1 min")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--profile", action="store_true",
+                    help="only: GPU time per op of each method's estimation and kernel at the largest size (profile.md)")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if not args.smoke and dev.type != "cuda":
@@ -189,6 +244,8 @@ def main():
             f.write(markdown(meta, checks, rows))
 
     meta["hq"], meta["hkv"] = base.HQ, base.HKV
+    if args.profile:
+        return profile(sizes[-1], dev, gen, log, args.block_size, backend, args.out)
     log(f"device {meta['device']}, sizes {sizes}, block {args.block_size}")
     checks += check(dev, gen, log, 512 if args.smoke else 8192, args.block_size, backend if dev.type == "cuda" else "triton"
                     if os.environ.get("TRITON_INTERPRET") else "reference")

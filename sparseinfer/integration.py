@@ -160,6 +160,9 @@ def run_selections(parts: list[Selection], q, k, v, scale: float, backend: str =
         # heads a selection does not serve (or the guards sent dense) carry empty indices; the
         # three pre-filling ops also skip them (`heads=`), so they cost the kernel nothing
         extra = {"heads": sel.heads} if sel.heads is not None and sel.op in _HEAD_OPS else {}
+        if out is not None and extra:  # later selections write their heads into the first one's output
+            out = getattr(ops, sel.op)(q, k, v, **sel.kwargs, scale=scale, backend=backend, out=out, **extra)
+            continue
         o = getattr(ops, sel.op)(q, k, v, **sel.kwargs, scale=scale, backend=backend, **extra)
         out = o if out is None else torch.where(sel.heads[None, :, None, None], o, out)
     return out

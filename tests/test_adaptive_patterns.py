@@ -228,3 +228,24 @@ def test_flexprefill_fused_last_query_sums_match_the_torch_path():
     assert torch.allclose(got.js, want.js, atol=1e-5)
     for name in ("query_aware", "block_table", "vertical", "slash"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def test_table_to_index_and_row_cumsum_against_plain_references():
+    """table_to_index (prefix-sum slots, no sort): each row's members ascending, -1 padded,
+    truncated to kmax; row_cumsum's two-level scan equals a float64 cumsum."""
+    g = torch.Generator().manual_seed(5)
+    table = torch.rand(2, 3, 4, 37, generator=g) < 0.3
+    table[0, 0, 0] = False  # an empty row
+    table[1, 2, 3] = True  # a full row
+    for kmax in (None, 5):
+        idx = xa.table_to_index(table, kmax)
+        width = int(table.sum(-1).max()) if kmax is None else kmax
+        assert idx.shape == (2, 3, 4, width) and idx.dtype == torch.long
+        for r, row in zip(table.reshape(-1, 37), idx.reshape(-1, width)):
+            members = torch.nonzero(r).flatten()[:width].tolist()
+            assert row.tolist() == members + [-1] * (width - len(members))
+    x = torch.rand(3, 5, 64, generator=g, dtype=torch.float64).float()
+    want = x.double().cumsum(-1)
+    for chunk in (8, 16, 64):
+        got = xa.row_cumsum(x, chunk=chunk, two_level=True)
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)

@@ -190,6 +190,16 @@ def test_heads_option_computes_only_those_heads(backend):
     for bad in (torch.ones(3, dtype=torch.bool), torch.ones(4, dtype=torch.int64), [True] * 4):
         with pytest.raises(ValueError, match="heads"):
             ops.ashape_attention(q, k, v, 4, 30, backend=backend, heads=bad)
+    # out= with heads: two selections sharing one output, each writing only its heads
+    for dtype in (torch.float32, torch.float64):
+        q2, k2, v2 = (t.to(dtype) for t in (q, k, v))
+        first = ops.vertical_slash_attention(q2, k2, v2, vert, sl, backend=backend, heads=on)
+        got = ops.block_sparse_attention(q2, k2, v2, bi, 64, backend=backend, heads=~on, out=first)
+        assert got is first and got.dtype == dtype
+        assert rel_err(got[:, on], masked_attention_f64(q, k, v, vertical_slash_mask(n, vert, sl))[:, on]) < 1e-4
+        assert rel_err(got[:, ~on], masked_attention_f64(q, k, v, block_sparse_mask(n, bi, 64))[:, ~on]) < 1e-4
+    with pytest.raises(ValueError, match="out: expected a tensor like q"):
+        ops.ashape_attention(q, k, v, 4, 30, backend=backend, heads=on, out=torch.zeros(2, hq, n, 32))
 
 
 def test_tma_mode_choice():

@@ -233,7 +233,7 @@ def sparse_fwd_kernel(
     QROWS=None, stride_qrb=0, stride_qrh=0, MODS=None, stride_mb=0, SLOT=0,
     HAS_QROWS: tl.constexpr = False, HAS_MOD: tl.constexpr = False,
     ORDER: tl.constexpr = 0, KD=None, VD=None, TMA: tl.constexpr = False,
-    HEADS=None, HAS_HEADS: tl.constexpr = False,
+    HEADS=None, HAS_HEADS: tl.constexpr = 0,
 ):
     if ORDER == 1:
         # 1-D grid, (batch, KV head) slowest, then query blocks (longest rows first), then the
@@ -290,7 +290,8 @@ def sparse_fwd_kernel(
     acc = tl.full([BLOCK_M, HEAD_D], 0.0, dtype=tl.float32)
 
     row_end = tl.minimum(m_hi, N)
-    if HAS_HEADS:  # heads not computed: every list is empty, the output rows are zeros
+    if HAS_HEADS:  # heads not computed: every list is empty, their output rows are zeros (HAS_HEADS 1)
+        # or not written (2)
         on = tl.load(HEADS + h).to(tl.int32)
     else:
         on = 1
@@ -494,4 +495,6 @@ def sparse_fwd_kernel(
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    if HAS_HEADS == 2:  # heads not computed keep the caller's output rows
+        row_ok = row_ok & (on != 0)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])

@@ -17,8 +17,8 @@ from triton.language.standard import _sum_combine as _sum_fn  # noqa: E402
 def lastq_sums_kernel(
     S, LSE, POS, W, COL, DIAG,
     stride_sb, stride_sh, stride_st,
-    N, H, G, L,
-    BLOCK: tl.constexpr,
+    N, H, G, L, SCALE,
+    BLOCK: tl.constexpr, WITH_DIAG: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     g = pid % G
@@ -35,24 +35,26 @@ def lastq_sums_kernel(
         p_t = tl.load(POS + b * G * L + row)
         w = tl.load(W + b * G * L + row)
         x = tl.load(base + offs, mask=inb & (offs <= p_t), other=float("-inf"))
-        col += w * tl.exp(x - lse)
-        j = p_t - offs  # offset o = offs <-> key p_t - o
-        y = tl.load(base + j, mask=inb & (j >= 0), other=float("-inf"))
-        diag += w * tl.exp(y - lse)
+        col += w * tl.exp(x * SCALE - lse)
+        if WITH_DIAG:
+            j = p_t - offs  # offset o = offs <-> key p_t - o
+            y = tl.load(base + j, mask=inb & (j >= 0), other=float("-inf"))
+            diag += w * tl.exp(y * SCALE - lse)
     out = ((b * G + g) * H + h) * N
     tl.store(COL + out + offs, col, mask=inb)
-    tl.store(DIAG + out + offs, diag, mask=inb)
+    if WITH_DIAG:
+        tl.store(DIAG + out + offs, diag, mask=inb)
 
 
 @triton.jit
 def lastq_lse_kernel(
     S, POS, LSE,
     stride_sb, stride_sh, stride_st,
-    H, GL,
+    H, GL, SCALE,
     BLOCK: tl.constexpr,
 ):
     """logsumexp of one row of s over its causal keys 0..pos (one program per (b, h, row)):
-    an online max / sum per lane, combined at the end."""
+    an online max / sum per lane, combined at the end. Logits are s * SCALE."""
     pid = tl.program_id(0)
     row = pid % GL
     h = (pid // GL) % H
@@ -63,7 +65,7 @@ def lastq_lse_kernel(
     acc = tl.full([BLOCK], 0.0, dtype=tl.float32)
     for n0 in range(0, p_t + 1, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
-        x = tl.load(base + offs, mask=offs <= p_t, other=float("-inf"))
+        x = tl.load(base + offs, mask=offs <= p_t, other=float("-inf")) * SCALE
         m_new = tl.maximum(m, x)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         acc = acc * tl.exp(m - m_use) + tl.exp(x - m_use)

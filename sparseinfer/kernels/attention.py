@@ -118,18 +118,23 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
     per-block lists then refer to these tiles; only plain ranges and columns without a slash
     map). modality [B, N] + slot: only rows whose modality is ``slot`` are written. out: write
     into this tensor (like q; rows not written keep their values) instead of a new one.
-    heads: bool [Hq]: the other heads' programs visit nothing and write zeros."""
+    heads: bool [Hq]: the other heads' programs visit nothing and write zeros, or, when `out`
+    is given, leave out's rows of those heads as they are."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     if d not in (16, 32, 64, 128, 256):
         raise ValueError(f"head_dim {d} not supported by the Triton kernel (16..256, power of 2)")
     orig_dtype = q.dtype
+    user_out = None
     if q.dtype == torch.float64:
         q, k, v = q.float(), k.float(), v.float()
+        if out is not None and out.dtype == torch.float64 and out.shape == q.shape:
+            user_out, out = out, out.float()  # computed in float32, written back at the end
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1):
         raise ValueError(f"out: expected a tensor like q ({tuple(q.shape)}, {q.dtype}, last dim contiguous), "
                          f"got {tuple(out.shape)}, {out.dtype}")
+    keep_others = out is not None and heads is not None
     out = torch.empty_like(q) if out is None else out
     interpret = q.device.type != "cuda"
     mod = kernel_module(FLAGS["KERNEL"], interpret)
@@ -201,27 +206,30 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         QROWS=qr, stride_qrb=st(qr, 0) if q_rows is not None else 0, stride_qrh=st(qr, 1) if q_rows is not None else 0,
         MODS=mods, stride_mb=mods.stride(0) if modality is not None else 0, SLOT=int(slot),
         HAS_QROWS=q_rows is not None, HAS_MOD=modality is not None,
-        ORDER=order, KD=kd, VD=vd, TMA=tma, HEADS=hon, HAS_HEADS=heads is not None,
+        ORDER=order, KD=kd, VD=vd, TMA=tma, HEADS=hon, HAS_HEADS=0 if heads is None else (2 if keep_others else 1),
         num_warps=num_warps, num_stages=num_stages,
     )
+    if user_out is not None:
+        return user_out.copy_(out)
     return out if out.dtype == orig_dtype else out.to(orig_dtype)
 
 
-def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=None, heads=None):
+def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=None, heads=None, out=None):
     """config: optional (block_m, block_n, num_warps, num_stages, edge_stages, split) override;
-    heads: optional bool [Hq], the heads computed (the others' outputs are zeros)."""
+    heads: optional bool [Hq], the heads computed (the others' outputs are zeros, or out's rows
+    when out is given); out: see run_index."""
     bm, bn, *rest = _config("vs", q.shape[-1], q.device, config)
     idx = _index.from_vertical_slash(vertical_idx, slash_idx, q.shape[2], bm, block_n=bn if rest[3] == 4 else None)
-    return run_index(q, k, v, idx, scale, bn, *rest, heads=heads)
+    return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out)
 
 
-def ashape_attention(q, k, v, sink, window, scale, *, config=None, heads=None):
+def ashape_attention(q, k, v, sink, window, scale, *, config=None, heads=None, out=None):
     bm, bn, *rest = _config("ashape", q.shape[-1], q.device, config)
     idx = _index.from_ashape(q.shape[2], int(sink), int(window), q.shape[0], q.shape[1], bm, q.device)
-    return run_index(q, k, v, idx, scale, bn, *rest, heads=heads)
+    return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out)
 
 
-def block_sparse_attention(q, k, v, block_idx, block_size, scale, *, config=None, heads=None):
+def block_sparse_attention(q, k, v, block_idx, block_size, scale, *, config=None, heads=None, out=None):
     """Kernel row/column tiles are min(128, largest power of 2 dividing block_size) (64 on the
     CPU), so every kernel query block lies in one index block; block sizes with no power-of-2
     factor >= 16 run the torch reference."""
@@ -238,7 +246,7 @@ def block_sparse_attention(q, k, v, block_idx, block_size, scale, *, config=None
     if f < 16 or block_size % bm:
         from ..ops import reference as ref
 
-        out = ref.masked_attention(q, k, v, ref.block_sparse_rows(q.shape[2], block_idx, block_size), scale)
-        return out if heads is None else out * heads.view(1, -1, 1, 1).to(out.dtype)
+        o = ref.masked_attention(q, k, v, ref.block_sparse_rows(q.shape[2], block_idx, block_size), scale)
+        return ref.write_heads(o, heads, out)
     idx = _index.from_block_sparse(block_idx, block_size, q.shape[2], bm, bn)
-    return run_index(q, k, v, idx, scale, bn, *rest, heads=heads)
+    return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out)

@@ -65,13 +65,16 @@ def dense_attention(q, k, v, *, scale: float | None = None, backend: str = "auto
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s, enable_gqa=hq != hkv)
 
 
-def _only(out: torch.Tensor, heads: torch.Tensor | None) -> torch.Tensor:
-    """The reference path's `heads`: zeros for the heads not computed."""
-    return out if heads is None else out * heads.view(1, -1, 1, 1).to(out.dtype)
+def _check_out(out, q: torch.Tensor) -> None:
+    if out is not None and (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
+                            or out.device != q.device or out.stride(-1) != 1):
+        got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"out: expected a tensor like q ({tuple(q.shape)} {q.dtype} on {q.device}, last dim "
+                         f"contiguous), got {got}")
 
 
 def vertical_slash_attention(
-    q, k, v, vertical_idx, slash_idx, *, scale: float | None = None, backend: str = "auto", heads=None
+    q, k, v, vertical_idx, slash_idx, *, scale: float | None = None, backend: str = "auto", heads=None, out=None
 ) -> torch.Tensor:
     """Vertical-slash attention (MInference).
 
@@ -80,19 +83,25 @@ def vertical_slash_attention(
     Query i attends key j iff j <= i and (j in vertical_idx or i - j in slash_idx), and j == i.
     heads (every op): None, or bool [Hq]: only these heads are computed, the others' outputs are
     zeros (the kernel does no work for them).
+    out (every op): None, or a tensor like q to write the result into (returned); with heads,
+    the other heads' rows of out keep their values (how a pattern's per-head selections share
+    one output).
     """
     b, hq, hkv, n, d = check_qkv(q, k, v)
     check_index("vertical_idx", vertical_idx, (b, hq, None), n, q.device)
     check_index("slash_idx", slash_idx, (b, hq, None), n, q.device)
     check_heads(heads, hq, q.device)
+    _check_out(out, q)
     s = _scale(scale, d)
     if _use_triton(q, backend):
-        return _kernels().vertical_slash_attention(q, k, v, vertical_idx, slash_idx, s, heads=heads)
-    return _only(ref.masked_attention(q, k, v, ref.vertical_slash_rows(n, vertical_idx, slash_idx), s), heads)
+        return _kernels().vertical_slash_attention(q, k, v, vertical_idx, slash_idx, s, heads=heads, out=out)
+    return ref.write_heads(ref.masked_attention(q, k, v, ref.vertical_slash_rows(n, vertical_idx, slash_idx), s),
+                           heads, out)
 
 
 def block_sparse_attention(
-    q, k, v, block_idx, block_size: int = 64, *, scale: float | None = None, backend: str = "auto", heads=None
+    q, k, v, block_idx, block_size: int = 64, *, scale: float | None = None, backend: str = "auto", heads=None,
+    out=None
 ) -> torch.Tensor:
     """Block-sparse attention.
 
@@ -106,14 +115,16 @@ def block_sparse_attention(
     nb = math.ceil(n / block_size)
     check_index("block_idx", block_idx, (b, hq, nb, None), nb, q.device)
     check_heads(heads, hq, q.device)
+    _check_out(out, q)
     s = _scale(scale, d)
     if _use_triton(q, backend):
-        return _kernels().block_sparse_attention(q, k, v, block_idx, block_size, s, heads=heads)
-    return _only(ref.masked_attention(q, k, v, ref.block_sparse_rows(n, block_idx, block_size), s), heads)
+        return _kernels().block_sparse_attention(q, k, v, block_idx, block_size, s, heads=heads, out=out)
+    return ref.write_heads(ref.masked_attention(q, k, v, ref.block_sparse_rows(n, block_idx, block_size), s),
+                           heads, out)
 
 
 def ashape_attention(
-    q, k, v, sink: int, window: int, *, scale: float | None = None, backend: str = "auto", heads=None
+    q, k, v, sink: int, window: int, *, scale: float | None = None, backend: str = "auto", heads=None, out=None
 ) -> torch.Tensor:
     """A-shape (StreamingLLM-style) attention: query i attends key j iff j <= i and
     (j < sink or i - window < j), and j == i."""
@@ -121,7 +132,8 @@ def ashape_attention(
     check_budget("sink", sink)
     check_budget("window", window)
     check_heads(heads, hq, q.device)
+    _check_out(out, q)
     s = _scale(scale, d)
     if _use_triton(q, backend):
-        return _kernels().ashape_attention(q, k, v, sink, window, s, heads=heads)
-    return _only(ref.masked_attention(q, k, v, ref.ashape_rows(n, sink, window, q.device), s), heads)
+        return _kernels().ashape_attention(q, k, v, sink, window, s, heads=heads, out=out)
+    return ref.write_heads(ref.masked_attention(q, k, v, ref.ashape_rows(n, sink, window, q.device), s), heads, out)

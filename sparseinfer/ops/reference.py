@@ -110,3 +110,15 @@ def selection_rows(op: str, kwargs: dict, n: int, device) -> RowMask:
     if op == "dense_attention":
         return dense_rows(n, device)
     raise ValueError(f"selection_rows: unknown op {op!r}")
+
+
+def write_heads(o: torch.Tensor, heads: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+    """An op's full output o [B, Hq, N, D] as the ops return it: heads (bool [Hq]) only, the
+    other heads' rows zeros, or, given out (like o), written into out where the other heads'
+    rows keep their values."""
+    if out is None:
+        return o if heads is None else o * heads.view(1, -1, 1, 1).to(o.dtype)
+    if heads is None:
+        return out.copy_(o)
+    out[:, heads] = o[:, heads].to(out.dtype)
+    return out

@@ -32,14 +32,19 @@ from .vertical_slash import last_query_sums, vertical_slash_density
 from .xattention import _acc_dtype, check_fraction, check_int, head_values, table_to_index, threshold_rows
 
 
-def mean_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """x [B, H, N, D] -> [B, H, ceil(N / block_size), D]: each block's mean over its valid rows, in x's dtype."""
+def mean_pool(x: torch.Tensor, block_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [B, H, N, D] -> [B, H, ceil(N / block_size), D]: each block's mean over its valid rows,
+    in `dtype` (default x's). Sums accumulate in `dtype` straight from x (no converted or padded
+    copy of x: on CUDA a bf16 / fp16 x is read once)."""
     b, h, n, d = x.shape
-    nb = math.ceil(n / block_size)
-    sums = torch.nn.functional.pad(x, (0, 0, 0, nb * block_size - n)).reshape(b, h, nb, block_size, d).sum(3)
-    counts = torch.full((nb,), float(block_size), device=x.device, dtype=x.dtype)
-    counts[-1] = n - (nb - 1) * block_size
-    return sums / counts[:, None]
+    dtype = x.dtype if dtype is None else dtype
+    full = n // block_size
+    parts = []
+    if full:
+        parts.append(x[:, :, : full * block_size].reshape(b, h, full, block_size, d).sum(3, dtype=dtype) / block_size)
+    if n > full * block_size:  # the last, partial block
+        parts.append(x[:, :, full * block_size:].sum(2, keepdim=True, dtype=dtype) / (n - full * block_size))
+    return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
 
 
 def pooled_scores(q, k, block_size: int, scale: float) -> torch.Tensor:
@@ -47,7 +52,7 @@ def pooled_scores(q, k, block_size: int, scale: float) -> torch.Tensor:
     b, hq, n, d = q.shape
     acc = _acc_dtype(q)
     nb = math.ceil(n / block_size)
-    s = group_scores(mean_pool(q.to(acc), block_size), mean_pool(k.to(acc), block_size)) * scale
+    s = group_scores(mean_pool(q, block_size, acc), mean_pool(k, block_size, acc)) * scale
     r = torch.arange(nb, device=q.device)
     return s.masked_fill(r[None, :] > r[:, None], float("-inf"))
 

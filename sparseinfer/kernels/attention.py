@@ -10,6 +10,7 @@ import math
 import torch
 
 from .. import index as _index
+from . import graphed
 from ._loader import kernel_module
 
 
@@ -47,7 +48,9 @@ BREAK_EVEN = {
 # through tensor descriptors ("auto" = on for fp16 / bf16 on sm_90+ GPUs, and in the
 # interpreter; 1 = 2-D descriptors over [B * Hkv * N, D] (k / v must allow that view), 2 = 4-D
 # descriptors [B, Hkv, N, D] (any layout), 0 = pointer loads).
-FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py"}  # KERNEL: a kernel file (A/B runs)
+# GRAPH_INDEX: vertical-slash indices built by replaying a CUDA graph (`graphed`), not ~250 launches.
+FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py",  # KERNEL: a kernel file (A/B runs)
+         "GRAPH_INDEX": True}
 
 
 def _tma_mode(q, k, v, q_rows) -> int:
@@ -219,7 +222,15 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
     heads: optional bool [Hq], the heads computed (the others' outputs are zeros, or out's rows
     when out is given); out: see run_index."""
     bm, bn, *rest = _config("vs", q.shape[-1], q.device, config)
-    idx = _index.from_vertical_slash(vertical_idx, slash_idx, q.shape[2], bm, block_n=bn if rest[3] == 4 else None)
+    n, tiles_n = q.shape[2], bn if rest[3] == 4 else None
+
+    def build(vi, si):
+        return _index.from_vertical_slash(vi, si, n, bm, block_n=tiles_n)
+
+    if FLAGS["GRAPH_INDEX"] and q.is_cuda:
+        idx = graphed.build_graphed(("vertical_slash", n, bm, tiles_n), build, (vertical_idx, slash_idx))
+    else:
+        idx = build(vertical_idx, slash_idx)
     return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out)
 
 

@@ -1,0 +1,131 @@
+"""Where the index construction of the pre-filling ops spends its time (one GPU call).
+
+For the realistic vertical-slash (1000 / 6096) and block-sparse (top-100 of 64-blocks) indices of
+benchmarks/attention.py at each size: the construction alone timed with CUDA events (what a
+benchmark row pays when the GPU waits for the host), its host time (perf_counter around the
+launches, no sync), and the GPU time of its kernels (torch.profiler), then the op with and
+without the construction (the kernel on a prebuilt index).
+
+    python benchmarks/profile_index.py --sizes 131072,524288 [--out DIR]
+    python benchmarks/profile_index.py --smoke        # CPU, tiny shapes
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+import attention as base  # noqa: E402
+from sparseinfer import index as sidx  # noqa: E402
+from sparseinfer.kernels import attention as katt  # noqa: E402
+
+
+def host_ms(fn, reps=5):
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(1e3 * (time.perf_counter() - t))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return sorted(ts)[len(ts) // 2]
+
+
+def gpu_ms(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    evs = prof.key_averages()
+    tot = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in evs) / 1e3
+    top = sorted(evs, key=lambda e: -getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)))[:6]
+    return tot, [(e.key[:50], round(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 1e3, 3),
+                  e.count) for e in top]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="131072,524288")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    sizes = [2048] if args.smoke else [int(s) for s in args.sizes.split(",")]
+    lines = []
+
+    def log(s):
+        print(s, flush=True)
+        lines.append(s)
+
+    for n in sizes:
+        gen = torch.Generator(device=dev).manual_seed(0)
+        hq = 4 if args.smoke else base.HQ
+        vi, si = base.realistic_vs(1, hq, n, dev, gen)
+        bi = base.realistic_blocks(1, hq, n, dev, gen)
+        vs_cfg = katt._config("vs", base.D, dev, None)
+        bm, bn, *rest = vs_cfg
+        builds = {
+            "vertical-slash index": lambda: sidx.from_vertical_slash(vi, si, n, bm, block_n=bn if rest[3] == 4 else None),
+            "block-sparse index": lambda: sidx.from_block_sparse(bi, base.BS, n, 64, 64),
+        }
+        for name, fn in builds.items():
+            h = host_ms(fn)
+            if dev.type == "cuda":
+                ev = base.bench(fn, budget_s=0.5, max_reps=10)
+                g, top = gpu_ms(fn)
+                log(f"N={n} {name}: events {ev:.3f} ms, host {h:.3f} ms, GPU kernels {g:.3f} ms; top {top}")
+                try:  # the same construction captured once in a CUDA graph, then replayed
+                    s = torch.cuda.Stream()
+                    s.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(s):
+                        for _ in range(2):
+                            fn()
+                    torch.cuda.current_stream().wait_stream(s)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        static = fn()
+                    ref = fn()
+                    graph.replay()
+                    same = all(torch.equal(getattr(static, f), getattr(ref, f)) for f in vars(ref)
+                               if isinstance(getattr(ref, f), torch.Tensor))
+                    gr = base.bench(graph.replay, budget_s=0.5, max_reps=10)
+                    log(f"N={n} {name}: CUDA graph replay {gr:.3f} ms (outputs equal: {same})")
+                except Exception as e:  # noqa: BLE001
+                    log(f"N={n} {name}: CUDA graph capture failed: {type(e).__name__}: {str(e)[:300]}")
+            else:
+                log(f"N={n} {name}: host {h:.3f} ms")
+        # the library's graphed construction (kernels.graphed) on fresh indices of the same shapes
+        from sparseinfer.kernels import graphed
+
+        worst = 0
+        for t in range(3):
+            vi2, si2 = base.realistic_vs(1, hq, n, dev, gen)
+            got = graphed.build_graphed(("check", n), lambda a, b: sidx.from_vertical_slash(
+                a, b, n, bm, block_n=bn if rest[3] == 4 else None), (vi2, si2))
+            want = sidx.from_vertical_slash(vi2, si2, n, bm, block_n=bn if rest[3] == 4 else None)
+            diff = sum(int((getattr(got, f) != getattr(want, f)).sum()) for f in vars(want)
+                       if isinstance(getattr(want, f), torch.Tensor))
+            worst = max(worst, diff)
+        log(f"N={n} graphed vertical-slash index vs eager on 3 fresh index sets: {worst} entries differ")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "profile_index.md"), "w") as f:
+            f.write("# Index construction time\n\n" + (torch.cuda.get_device_name() if dev.type == "cuda" else "cpu")
+                    + f", torch {torch.__version__}\n\n" + "\n".join(f"- {s}" for s in lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,9 +3,9 @@ attention mass reaches `tau`, scored by strided antidiagonal sums (arXiv 2503.16
 
 Estimation, per head and input (no training, no fixed budget):
 1. Queries and keys are cut into groups of `stride` consecutive rows. A query group's rows are
-   concatenated in *reverse* order, a key group's in order, so the dot product of the two
+   concatenated in order, a key group's in *reverse* order, so the dot product of the two
    concatenations is the sum of one antidiagonal of the stride x stride score tile:
-   sum_t q[g*S + S-1-t] . k[h*S + t]. Antidiagonals cross every row and column of the tile,
+   sum_t q[g*S + t] . k[h*S + S-1-t]. Antidiagonals cross every row and column of the tile,
    so a vertical or a slash line inside it is always seen.
 2. Those sums, times scale / stride (a mean logit), go through a causal softmax over key
    groups (row per query group), and the probabilities are summed into
@@ -53,28 +53,43 @@ def _use_fused(q: torch.Tensor, fused) -> bool:
     return q.dtype in (torch.float16, torch.bfloat16) and fused_sums(q) is not None
 
 
-def _group_block_mass(qg, ks, qi, g_valid: int, gpb: int, scale: float, hq: int, fused: bool) -> torch.Tensor:
-    """Block mass of query groups: qg [B, Hkv, G * R, S*D] (a KV head's query heads stacked
-    along M; R rows per head), ks [B, Hkv, K, S*D] key groups, qi [R] the rows' query-group
-    positions (R a multiple of gpb) -> [B, Hq, R / gpb, K / gpb] (float32 / float64): per row the
-    causal softmax over key groups <= qi (scores times scale), rows qi >= g_valid weigh 0, summed
-    over gpb rows and gpb key groups."""
-    b = qg.shape[0]
-    r, kk = qi.shape[0], ks.shape[2]
+def _group_block_mass(qv, ks, qi, g_valid: int, gpb: int, scale: float, hq: int, fused: bool) -> torch.Tensor:
+    """Block mass of query groups: qv [B, Hkv, G, R, S*D] (query head hkv * G + g's R rows; a
+    view, strides free), ks [B, Hkv, K, S*D] key groups, qi [R] the rows' query-group positions
+    (R a multiple of gpb) -> [B, Hq, R / gpb, K / gpb] (float32 / float64): per row the causal
+    softmax over key groups <= qi (scores times scale), rows qi >= g_valid weigh 0, summed over
+    gpb rows and gpb key groups."""
+    b, hkv, grp, r, sd = qv.shape
+    kk = ks.shape[2]
     if fused:
         from ..kernels.lastq import lastq_sums, matmul_f32
 
-        s = matmul_f32(qg, ks.transpose(-1, -2), tf32=True).reshape(b, hq, r, kk)  # unscaled logits
         pos = qi.view(1, r).expand(b, r)
-        col, _ = lastq_sums(s, pos, (qi < g_valid).float().view(1, r).expand(b, r), r // gpb, scale,
-                            diag=False)  # [B, R/gpb, Hq, K]
+        w = (qi < g_valid).float().view(1, r).expand(b, r)
+        cols = []
+        for g in range(grp):  # one matmul per query head of the group: q rows read in place, no copy
+            s = matmul_f32(qv[:, :, g], ks.transpose(-1, -2), tf32=True)  # [B, Hkv, R, K] unscaled logits
+            cols.append(lastq_sums(s, pos, w, r // gpb, scale, diag=False)[0])  # [B, R/gpb, Hkv, K]
+        col = torch.stack(cols, 3).reshape(b, r // gpb, hq, kk)  # head hkv * G + g
         return col.reshape(b, r // gpb, hq, kk // gpb, gpb).sum(-1).transpose(1, 2)
+    # a KV head's query heads stacked along M: one [G * R, S*D] x [S*D, K] matmul per KV head
+    # (a broadcast batch dim would copy k once per query head of the group)
+    qg = qv.reshape(b, hkv, grp * r, sd)
     acc = _acc_dtype(qg)
     key_g = torch.arange(kk, device=qg.device)
     s = torch.matmul(qg, ks.transpose(-1, -2)).reshape(b, hq, r, kk).to(acc) * scale
     s = s.masked_fill((key_g[None, :] > qi[:, None]) | (key_g[None, :] >= g_valid), float("-inf"))
     p = torch.softmax(s, dim=-1) * (qi[:, None] < g_valid).to(acc)  # padded query groups carry no mass
     return p.reshape(b, hq, r // gpb, gpb, kk // gpb, gpb).sum((3, 5))
+
+
+def _key_groups(k: torch.Tensor, npad: int, stride: int, dtype) -> torch.Tensor:
+    """k [B, Hkv, N, D] -> [B, Hkv, npad / stride, stride * D]: each key group's rows concatenated
+    in reverse order (so that a query group's rows, concatenated in order, meet them along one
+    antidiagonal of the stride x stride tile). Reversing k, not q: k is the smaller (GQA)."""
+    b, hkv, n, d = k.shape
+    kp = k.to(dtype) if npad == n else torch.nn.functional.pad(k.to(dtype), (0, 0, 0, npad - n))
+    return kp.reshape(b, hkv, npad // stride, stride, d).flip(3).reshape(b, hkv, npad // stride, stride * d)
 
 
 def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int, scale: float,
@@ -91,11 +106,10 @@ def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, stride: int, block_size:
     ng = npad // stride  # groups (padded)
     gpb = block_size // stride  # groups per block
     mm = _mm_dtype(q)
-    qp = torch.nn.functional.pad(q.to(mm), (0, 0, 0, npad - n))
-    kp = torch.nn.functional.pad(k.to(mm), (0, 0, 0, npad - n))
-    qs = qp.reshape(b, hq, ng, stride, d).flip(3).reshape(b, hq, ng, stride * d)
+    qp = q.to(mm) if npad == n else torch.nn.functional.pad(q.to(mm), (0, 0, 0, npad - n))
     hkv = k.shape[1]
-    ks = kp.reshape(b, hkv, ng, stride, d).reshape(b, hkv, ng, stride * d)
+    qs = qp.reshape(b, hkv, hq // hkv, ng, stride * d)  # query groups: rows concatenated in order
+    ks = _key_groups(k, npad, stride, mm)
     g_valid = math.ceil(n / stride)  # groups holding at least one real token
     fused = _use_fused(q, fused)
     if fused and not (q.is_cuda and mm in (torch.float16, torch.bfloat16)):
@@ -105,12 +119,9 @@ def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, stride: int, block_size:
     rows_per_chunk = max(gpb, (elems // max(1, b * hq * ng)) // gpb * gpb)
     for r0 in range(0, ng, rows_per_chunk):
         r1 = min(ng, r0 + rows_per_chunk)  # a multiple of gpb; causal: key groups < r1 only
-        # a KV head's query heads stacked along M: one [G * rows, S*D] x [S*D, r1] matmul per KV
-        # head (a broadcast batch dim would copy k once per query head of the group)
-        qg = qs[:, :, r0:r1].reshape(b, hkv, (hq // hkv) * (r1 - r0), stride * d)
         qi = torch.arange(r0, r1, device=q.device)
         out[:, :, r0 // gpb : r1 // gpb, : r1 // gpb] = _group_block_mass(
-            qg, ks[:, :, :r1], qi, g_valid, gpb, scale / stride, hq, fused).to(acc)
+            qs[:, :, :, r0:r1], ks[:, :, :r1], qi, g_valid, gpb, scale / stride, hq, fused).to(acc)
     return out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
 
 
@@ -208,13 +219,12 @@ def probe_density(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: f
     qs = q.index_select(2, pos.clamp_max(n - 1)).to(mm)  # [B, Hq, S * block_size, D]
     if npad != n:  # query rows past the input are zero (as the padded full estimate has them)
         qs = qs * (pos < n).to(mm)[:, None]
-    qs = qs.reshape(b, hq, len(picked) * gpb, stride, d).flip(3).reshape(b, hq, len(picked) * gpb, stride * d)
-    kp = k if npad == n else torch.nn.functional.pad(k, (0, 0, 0, npad - n))
     hkv = k.shape[1]
-    ks = kp.to(mm).reshape(b, hkv, ng, stride * d)
+    qs = qs.reshape(b, hkv, hq // hkv, len(picked) * gpb, stride * d)
+    ks = _key_groups(k, npad, stride, mm)
     qi = (rows[:, None] * gpb + torch.arange(gpb, device=q.device)).reshape(-1)  # query group
     g_valid = math.ceil(n / stride)
-    mass = _group_block_mass(qs.reshape(b, hkv, -1, stride * d), ks, qi, g_valid, gpb, scale / stride, hq,
+    mass = _group_block_mass(qs, ks, qi, g_valid, gpb, scale / stride, hq,
                              _use_fused(q, fused)).to(acc)  # [B, Hq, S, nb]
     mass = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
     keep = threshold_rows(mass, head_values("tau", tau, hq, q.device, 0.0, 1.0).to(acc))

@@ -64,13 +64,19 @@ def _group_block_mass(qv, ks, qi, g_valid: int, gpb: int, scale: float, hq: int,
     if fused:
         from ..kernels.lastq import lastq_sums, matmul_f32
 
-        pos = qi.view(1, r).expand(b, r)
-        w = (qi < g_valid).float().view(1, r).expand(b, r)
-        cols = []
-        for g in range(grp):  # one matmul per query head of the group: q rows read in place, no copy
-            s = matmul_f32(qv[:, :, g], ks.transpose(-1, -2), tf32=True)  # [B, Hkv, R, K] unscaled logits
-            cols.append(lastq_sums(s, pos, w, r // gpb, scale, diag=False)[0])  # [B, R/gpb, Hkv, K]
-        col = torch.stack(cols, 3).reshape(b, r // gpb, hq, kk)  # head hkv * G + g
+        if qv.is_contiguous():  # the group's heads stacked along M (a view): one matmul per KV head
+            s = matmul_f32(qv.reshape(b, hkv, grp * r, sd), ks.transpose(-1, -2), tf32=True).reshape(b, hq, r, kk)
+            pos = qi.view(1, r).expand(b, r)
+            col = lastq_sums(s, pos, (qi < g_valid).float().view(1, r).expand(b, r), r // gpb, scale,
+                             diag=False)[0]  # [B, R/gpb, Hq, K]
+        else:  # a strided slice: one matmul per query head of the group, q rows read in place (no copy)
+            pos = qi.view(1, r).expand(b, r)
+            w = (qi < g_valid).float().view(1, r).expand(b, r)
+            cols = []
+            for g in range(grp):
+                s = matmul_f32(qv[:, :, g], ks.transpose(-1, -2), tf32=True)  # [B, Hkv, R, K] unscaled logits
+                cols.append(lastq_sums(s, pos, w, r // gpb, scale, diag=False)[0])  # [B, R/gpb, Hkv, K]
+            col = torch.stack(cols, 3).reshape(b, r // gpb, hq, kk)  # head hkv * G + g
         return col.reshape(b, r // gpb, hq, kk // gpb, gpb).sum(-1).transpose(1, 2)
     # a KV head's query heads stacked along M: one [G * R, S*D] x [S*D, K] matmul per KV head
     # (a broadcast batch dim would copy k once per query head of the group)
@@ -116,7 +122,8 @@ def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, stride: int, block_size:
         ks = ks.float()  # once (TF32 operands), not per chunk; CUDA half inputs stay half (matmul_f32)
     out = torch.zeros(b, hq, nb, nb, dtype=acc, device=q.device)
     elems = _CHUNK_ELEMS * (4 if q.is_cuda else 1)
-    rows_per_chunk = max(gpb, (elems // max(1, b * hq * ng)) // gpb * gpb)
+    heads_at_once = hkv if fused else hq  # the fused path scores one query head of each group at a time
+    rows_per_chunk = max(gpb, (elems // max(1, b * heads_at_once * ng)) // gpb * gpb)
     for r0 in range(0, ng, rows_per_chunk):
         r1 = min(ng, r0 + rows_per_chunk)  # a multiple of gpb; causal: key groups < r1 only
         qi = torch.arange(r0, r1, device=q.device)

@@ -264,19 +264,22 @@ def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m:
     b, h, nb, k = block_idx.shape
     dev = block_idx.device
     big = nb + 1
-    idx = block_idx.to(torch.int64)
-    qb = torch.arange(nb, device=dev).view(1, 1, nb, 1)
+    # int32 throughout (key offsets < 2^31 for any n the kernel takes): half the bytes of int64
+    idx = block_idx.to(torch.int32)
+    qb = torch.arange(nb, device=dev, dtype=torch.int32).view(1, 1, nb, 1)
     diag_listed = (idx == qb).any(-1)  # [B, H, nb]
-    idx = torch.where((idx >= 0) & (idx < qb), idx, torch.full_like(idx, big))
+    idx = torch.where((idx >= 0) & (idx < qb), idx, big)
     s = _sorted_unique(idx, big)  # strictly-causal blocks first, padding big
-    cnt = (s < big).sum(-1)
+    cnt = (s < big).sum(-1, dtype=torch.int32)
     tpb = block_size // block_n
-    tiles = (torch.where(s < big, s, 0)[..., None] * block_size
-             + torch.arange(tpb, device=dev) * block_n).reshape(b, h, nb, k * tpb)
-    # index blocks -> kernel query blocks
+    tiles = torch.where(s < big, s, 0) * block_size
+    if tpb > 1:
+        tiles = (tiles[..., None] + torch.arange(tpb, device=dev, dtype=torch.int32) * block_n).reshape(b, h, nb, k * tpb)
+    # index blocks -> kernel query blocks (the identity when they are the same blocks)
     nqb = math.ceil(n / block_m)
-    qmap = torch.arange(nqb, device=dev) * block_m // block_size
-    tiles, cnt, diag_listed = tiles[:, :, qmap], cnt[:, :, qmap], diag_listed[:, :, qmap]
+    if block_m != block_size:
+        qmap = torch.arange(nqb, device=dev) * block_m // block_size
+        tiles, cnt, diag_listed = tiles[:, :, qmap], cnt[:, :, qmap], diag_listed[:, :, qmap]
     m0 = (torch.arange(nqb, device=dev) * block_m).view(1, 1, nqb)
     own = (torch.arange(nqb, device=dev) * block_m // block_size * block_size).view(1, 1, nqb)
     ranges = torch.zeros(b, h, nqb, 1, 5, dtype=torch.int32, device=dev)
@@ -287,7 +290,7 @@ def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m:
     return SparseIndex(
         n=n, block_m=block_m, ranges=ranges,
         range_count=torch.ones(b, h, nqb, dtype=torch.int32, device=dev),
-        tiles=tiles.to(torch.int32).contiguous(), tile_count=(cnt * tpb).to(torch.int32), block_n=block_n,
+        tiles=tiles.contiguous(), tile_count=cnt * tpb, block_n=block_n,
     )
 
 

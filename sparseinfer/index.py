@@ -264,13 +264,6 @@ def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m:
     b, h, nb, k = block_idx.shape
     dev = block_idx.device
     big = nb + 1
-    tpb = block_size // block_n
-    if BLOCK_TILES_KERNEL[0] != "never" and (block_idx.is_cuda or BLOCK_TILES_KERNEL[0] == "always") \
-            and tpb == 1 and block_m == block_size and 0 < k <= 128:
-        from .kernels.blocklist import block_tiles  # one launch, no sort
-
-        tiles, cnt, diag_listed = block_tiles(block_idx, block_size)
-        return _block_sparse_index(tiles, cnt, diag_listed, n, block_size, block_m, block_n, tpb)
     # int32 throughout (key offsets < 2^31 for any n the kernel takes): half the bytes of int64
     idx = block_idx.to(torch.int32)
     qb = torch.arange(nb, device=dev, dtype=torch.int32).view(1, 1, nb, 1)
@@ -278,23 +271,10 @@ def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m:
     idx = torch.where((idx >= 0) & (idx < qb), idx, big)
     s = _sorted_unique(idx, big)  # strictly-causal blocks first, padding big
     cnt = (s < big).sum(-1, dtype=torch.int32)
+    tpb = block_size // block_n
     tiles = torch.where(s < big, s, 0) * block_size
     if tpb > 1:
         tiles = (tiles[..., None] + torch.arange(tpb, device=dev, dtype=torch.int32) * block_n).reshape(b, h, nb, k * tpb)
-    return _block_sparse_index(tiles, cnt, diag_listed, n, block_size, block_m, block_n, tpb)
-
-
-# kernels.blocklist for the tiles of from_block_sparse: "cuda" (CUDA tensors), "always" (CPU
-# tensors too, under the Triton interpreter: tests) or "never" (the torch ops)
-BLOCK_TILES_KERNEL = ["cuda"]
-
-
-def _block_sparse_index(tiles, cnt, diag_listed, n: int, block_size: int, block_m: int, block_n: int,
-                        tpb: int) -> SparseIndex:
-    """Per index block: tiles int32 [B, H, nb, T], their count int32 [B, H, nb] (in blocks),
-    diag_listed bool [B, H, nb] -> the SparseIndex of from_block_sparse."""
-    b, h = tiles.shape[:2]
-    dev = tiles.device
     # index blocks -> kernel query blocks (the identity when they are the same blocks)
     nqb = math.ceil(n / block_m)
     if block_m != block_size:

@@ -280,22 +280,6 @@ def test_index_block_sparse(bs, block_m, block_n):
     _cells_equal(idx, block_sparse_mask(n, bi, bs))
 
 
-def test_index_block_sparse_tiles_kernel(monkeypatch):
-    """kernels.blocklist (one launch, no sort) builds the same block-sparse index as the torch
-    ops: duplicates, padding, blocks on and above the diagonal, K up to 128."""
-    for n, bs, k, seed in ((170, 16, 4, 1), (333, 32, 13, 2), (2000, 16, 128, 3)):
-        nb = math.ceil(n / bs)
-        bi = torch.randint(-1, nb, (2, 3, nb, k), generator=torch.Generator().manual_seed(seed))
-        bi[0, 0, :, 1] = bi[0, 0, :, 0]  # duplicates
-        monkeypatch.setattr(sidx, "BLOCK_TILES_KERNEL", ["never"])
-        want = sidx.from_block_sparse(bi, bs, n, bs)
-        monkeypatch.setattr(sidx, "BLOCK_TILES_KERNEL", ["always"])
-        got = sidx.from_block_sparse(bi, bs, n, bs)
-        _cells_equal(got, block_sparse_mask(n, bi, bs))
-        for f in ("tiles", "tile_count", "ranges", "range_count"):
-            assert torch.equal(getattr(got, f), getattr(want, f)), f
-
-
 @pytest.mark.parametrize("sink,window", [(3, 17), (0, 0), (50, 200)])
 def test_index_ashape(sink, window):
     n = 150

@@ -30,8 +30,8 @@ _GRAPHS: "OrderedDict[tuple, tuple | None]" = OrderedDict()
 
 def build_graphed(key, build, inputs: tuple):
     """See the module docstring."""
-    if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs):
-        return build(*inputs)
+    if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) or torch.cuda.is_current_stream_capturing():
+        return build(*inputs)  # CPU tensors, or inside the caller's own graph capture: plain launches
     full = (key, tuple((tuple(t.shape), t.dtype, t.device) for t in inputs))
     with torch.cuda.device(inputs[0].device):
         entry = _GRAPHS.get(full, ())

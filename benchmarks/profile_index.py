@@ -25,6 +25,7 @@ sys.path.insert(0, HERE)
 import attention as base  # noqa: E402
 from sparseinfer import index as sidx  # noqa: E402
 from sparseinfer.kernels import attention as katt  # noqa: E402
+from sparseinfer.kernels import graphed  # noqa: E402
 
 
 def host_ms(fn, reps=5):
@@ -77,8 +78,9 @@ def main():
         bi = base.realistic_blocks(1, hq, n, dev, gen)
         vs_cfg = katt._config("vs", base.D, dev, None)
         bm, bn, *rest = vs_cfg
+        tiles_n = bn if rest[3] == 4 else None
         builds = {
-            "vertical-slash index": lambda: sidx.from_vertical_slash(vi, si, n, bm, block_n=bn if rest[3] == 4 else None),
+            "vertical-slash index": lambda: sidx.from_vertical_slash(vi, si, n, bm, block_n=tiles_n),
             "block-sparse index": lambda: sidx.from_block_sparse(bi, base.BS, n, 64, 64),
         }
         for name, fn in builds.items():
@@ -87,35 +89,25 @@ def main():
                 ev = base.bench(fn, budget_s=0.5, max_reps=10)
                 g, top = gpu_ms(fn)
                 log(f"N={n} {name}: events {ev:.3f} ms, host {h:.3f} ms, GPU kernels {g:.3f} ms; top {top}")
-                try:  # the same construction captured once in a CUDA graph, then replayed
-                    s = torch.cuda.Stream()
-                    s.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(s):
-                        for _ in range(2):
-                            fn()
-                    torch.cuda.current_stream().wait_stream(s)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        static = fn()
-                    ref = fn()
-                    graph.replay()
-                    same = all(torch.equal(getattr(static, f), getattr(ref, f)) for f in vars(ref)
-                               if isinstance(getattr(ref, f), torch.Tensor))
-                    gr = base.bench(graph.replay, budget_s=0.5, max_reps=10)
-                    log(f"N={n} {name}: CUDA graph replay {gr:.3f} ms (outputs equal: {same})")
-                except Exception as e:  # noqa: BLE001
-                    log(f"N={n} {name}: CUDA graph capture failed: {type(e).__name__}: {str(e)[:300]}")
+                # the same construction through kernels.graphed (inputs copied in, one graph replay)
+                gfn = {"vertical-slash index": lambda: graphed.build_graphed(
+                    ("profile vs", n), lambda a, b: sidx.from_vertical_slash(a, b, n, bm, block_n=tiles_n), (vi, si)),
+                       "block-sparse index": lambda: graphed.build_graphed(
+                    ("profile bs", n), lambda a: sidx.from_block_sparse(a, base.BS, n, 64, 64), (bi,))}[name]
+                got, ref = gfn(), fn()
+                same = all(torch.equal(getattr(got, f), getattr(ref, f)) for f in vars(ref)
+                           if isinstance(getattr(ref, f), torch.Tensor))
+                gr = base.bench(gfn, budget_s=0.5, max_reps=10)
+                log(f"N={n} {name}: CUDA graph replay {gr:.3f} ms (outputs equal: {same})")
             else:
                 log(f"N={n} {name}: host {h:.3f} ms")
         # the library's graphed construction (kernels.graphed) on fresh indices of the same shapes
-        from sparseinfer.kernels import graphed
-
         worst = 0
         for t in range(3):
             vi2, si2 = base.realistic_vs(1, hq, n, dev, gen)
             got = graphed.build_graphed(("check", n), lambda a, b: sidx.from_vertical_slash(
-                a, b, n, bm, block_n=bn if rest[3] == 4 else None), (vi2, si2))
-            want = sidx.from_vertical_slash(vi2, si2, n, bm, block_n=bn if rest[3] == 4 else None)
+                a, b, n, bm, block_n=tiles_n), (vi2, si2))
+            want = sidx.from_vertical_slash(vi2, si2, n, bm, block_n=tiles_n)
             diff = sum(int((getattr(got, f) != getattr(want, f)).sum()) for f in vars(want)
                        if isinstance(getattr(want, f), torch.Tensor))
             worst = max(worst, diff)

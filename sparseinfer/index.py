@@ -16,8 +16,8 @@ For each (batch, query head, query block of ``block_m`` rows) the kernel visits
 
 Vertical-slash ranges are the same for every query block (a band is a set of offsets
 ``i - j``), so their key tiles are the same *relative to the block's first row*: built with a
-``block_n``, the exact bands become a list of **relative tiles** (unmasked but for keys < 0,
-starting at each band's first key every row sees, shared by all query blocks) and a list of masked **edge tiles** ``(rel_start,
+``block_n``, the exact bands become a list of **relative tiles** (unmasked, aligned to
+``block_n``, shared by all query blocks) and a list of masked **edge tiles** ``(rel_start,
 rel_end, lo, hi)``, both sorted nearest-first so that a query block's share is a prefix (its
 length per query block is stored). The kernel then streams both lists in flat pipelined loops
 with no per-range bookkeeping; only bands with holes keep a loop per range, masked through a
@@ -58,8 +58,7 @@ class SparseIndex:
     slash_map: uint8 [B, H, n], 1 where the offset i - j is a slash; or None (no column pass
         and all ranges exact).
     tiles: int32 [B, H, nqb|1, T] key starts of unmasked tiles of ``block_n`` keys (relative
-        to the query block's first row when ``tiles_relative``, then shared: dim 2 is 1, sorted
-        descending, and a tile may start before key 0: its keys < 0 are masked); or None.
+        to the query block's first row when ``tiles_relative``, then shared: dim 2 is 1); or None.
     tile_count: int32 [B, H, nqb] tiles to visit per query block; or None.
     block_n: tile width the tiles / edges were built for (0 when there are none).
     tiles_relative: see ``tiles``.
@@ -148,9 +147,9 @@ class SparseIndex:
                 for t in range(int(self.tile_count[b, h, q])):
                     t0 = int(self.tiles[b, h, 0 if self.tiles_relative else q, t])
                     t0 += m0 if self.tiles_relative else 0
-                    if t0 < (1 - self.block_n if self.tiles_relative else 0) or t0 + self.block_n > n:
+                    if t0 < 0 or t0 + self.block_n > n:
                         raise AssertionError("unmasked tile outside the keys")
-                    out[rows, max(t0, 0):t0 + self.block_n] += 1  # relative tiles: keys < 0 masked
+                    out[rows, t0:t0 + self.block_n] += 1
             if self.edges is not None:
                 for t in range(int(self.edge_count[b, h, q])):
                     rs, re, lo, hi = (int(x) for x in self.edges[b, h, t])
@@ -327,7 +326,7 @@ def _relative_tiles(lo, hi, exact, n_slash: int, n: int, block_m: int, block_n: 
     [B, H, 1, TU] + counts [B, H, nqb] and edges [B, H, TE, 4] + counts [B, H, nqb] (see
     SparseIndex). For rows m0..m0+bm-1 a band needs keys m0 + [-hi, bm - lo); the aligned
     tiles every row sees whole are unmasked, the rest are edge tiles clipped to the band's
-    head [-hi, A) and tail [B, bm - lo). Unmasked tiles are not on a grid (see below)."""
+    head [-hi, A) and tail [B, bm - lo)."""
     bm, bn = block_m, block_n
     b, h, r = lo.shape
     dev = lo.device
@@ -335,11 +334,9 @@ def _relative_tiles(lo, hi, exact, n_slash: int, n: int, block_m: int, block_n: 
     valid = (lo < n) & (exact != 0)
     lo = torch.where(valid, lo, torch.zeros_like(lo))
     hi = torch.where(valid, hi, torch.zeros_like(hi))
-    # unmasked tiles start at the first key every row sees, not on a grid: a 200-offset run on
-    # 64-row blocks then takes 2 unmasked + 3 masked tiles instead of 1 + 4 or 5. Such a tile can
-    # start before key 0 in one query block; it is counted there and the kernel masks its keys < 0
-    u_lo = bm - 1 - hi
-    nu = torch.clamp(torch.div(-lo - bn + 1 - u_lo, bn, rounding_mode="floor") + 1, min=0) * valid
+    u_lo = -torch.div(-(bm - 1 - hi), bn, rounding_mode="floor") * bn  # ceil to the grid
+    u_hi = torch.div(-lo - bn + 1, bn, rounding_mode="floor") * bn
+    nu = torch.clamp(torch.div(u_hi - u_lo, bn, rounding_mode="floor") + 1, min=0) * valid
     a = torch.where(nu > 0, u_lo, bm - lo)
     bq = torch.where(nu > 0, u_lo + nu * bn, bm - lo)
     n_head = -torch.div(-(a + hi), bn, rounding_mode="floor") * valid
@@ -351,8 +348,7 @@ def _relative_tiles(lo, hi, exact, n_slash: int, n: int, block_m: int, block_n: 
     rel = torch.gather(u_lo, -1, item) + k * bn
     rel = torch.where(ok, rel, torch.full_like(rel, -_FAR))
     rel, _ = torch.sort(rel, dim=-1, descending=True)
-    # tiles with a key >= 0: m0 + rel > -bn (those starting before key 0 come last)
-    tcount = torch.searchsorted((-rel).reshape(b * h, tu).contiguous(), m0 + bn - 1, right=True).view(b, h, nqb)
+    tcount = torch.searchsorted((-rel).reshape(b * h, tu).contiguous(), m0, right=True).view(b, h, nqb)
     # edges: head [-hi, a) then tail [bq, bm - lo) of every band
     te = max(r * ((2 * bm + 3 * bn) // bn + 1), 1)
     ne = n_head + n_tail

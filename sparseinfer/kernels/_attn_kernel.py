@@ -302,24 +302,12 @@ def sparse_fwd_kernel(
         nt = tl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m) * on
         t_base = TILES + b * stride_tb + h * stride_th + pid_m * stride_tq
         t0 = m0 if TILES_REL else 0  # relative tiles (vertical-slash): shared by all query blocks
-        n_full = nt
-        if TILES_REL:  # tiles that start before key 0 (sorted last) take a key mask, below
-            while (n_full > 0) & (t0 + tl.load(t_base + tl.maximum(n_full - 1, 0)) < 0):
-                n_full -= 1
-        for t in tl.range(0, n_full, num_stages=STAGES):
+        for t in tl.range(0, nt, num_stages=STAGES):
             n0 = t0 + tl.load(t_base + t)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k, v = _kv(kt_base, vt_base, stride_kn, stride_vn, offs_n, offs_d, offs_n, row0, n0, False, TMA)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC)
             acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, False, PREC, qk_scale)
-        if TILES_REL:
-            for t in range(n_full, nt):
-                n0 = t0 + tl.load(t_base + t)
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                kmask = offs_n >= 0
-                k, v = _kv(kt_base, vt_base, stride_kn, stride_vn, offs_n, offs_d, kmask, row0, n0, True, TMA)
-                qk = tl.where(kmask[None, :], tl.dot(q, tl.trans(k), input_precision=PREC), float("-inf"))
-                acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True, PREC, qk_scale)
 
     # 0b. edge list (vertical-slash relative tiles): masked tiles of the exact bands, one flat
     #     pipelined loop whose per-tile parameters do not depend on the previous tile

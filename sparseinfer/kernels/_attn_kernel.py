@@ -310,7 +310,7 @@ def sparse_fwd_kernel(
             acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, False, PREC, qk_scale)
         if HAS_TC_ALL:  # relative tiles starting before key 0 (listed after the others): keys < 0 masked
             nt_all = tl.load(TCOUNT_ALL + b * stride_tcb + h * stride_tch + pid_m) * on
-            for t in tl.range(nt, nt_all, num_stages=1):  # at most one per band; own buffers cost occupancy
+            for t in range(nt, nt_all):
                 n0 = t0 + tl.load(t_base + t)
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 kmask = offs_n >= 0

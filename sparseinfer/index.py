@@ -16,8 +16,8 @@ For each (batch, query head, query block of ``block_m`` rows) the kernel visits
 
 Vertical-slash ranges are the same for every query block (a band is a set of offsets
 ``i - j``), so their key tiles are the same *relative to the block's first row*: built with a
-``block_n``, the exact bands become a list of **relative tiles** (unmasked but for keys < 0,
-starting at each band's first key every row sees, shared by all query blocks) and a list of masked **edge tiles** ``(rel_start,
+``block_n``, the exact bands become a list of **relative tiles** (unmasked, aligned to
+``block_n``, shared by all query blocks) and a list of masked **edge tiles** ``(rel_start,
 rel_end, lo, hi)``, both sorted nearest-first so that a query block's share is a prefix (its
 length per query block is stored). The kernel then streams both lists in flat pipelined loops
 with no per-range bookkeeping; only bands with holes keep a loop per range, masked through a
@@ -58,11 +58,8 @@ class SparseIndex:
     slash_map: uint8 [B, H, n], 1 where the offset i - j is a slash; or None (no column pass
         and all ranges exact).
     tiles: int32 [B, H, nqb|1, T] key starts of unmasked tiles of ``block_n`` keys (relative
-        to the query block's first row when ``tiles_relative``, then shared: dim 2 is 1, sorted
-        descending); or None.
+        to the query block's first row when ``tiles_relative``, then shared: dim 2 is 1); or None.
     tile_count: int32 [B, H, nqb] tiles to visit per query block; or None.
-    tile_count_all: int32 [B, H, nqb] (relative tiles): tile_count plus the next tiles, which
-        start before key 0 and are visited with keys < 0 masked; or None (= tile_count).
     block_n: tile width the tiles / edges were built for (0 when there are none).
     tiles_relative: see ``tiles``.
     edges: int32 [B, H, E, 4] masked tiles (rel_start, rel_end, lo, hi): keys
@@ -86,7 +83,6 @@ class SparseIndex:
     tile_count: Optional[torch.Tensor] = None
     block_n: int = 0
     tiles_relative: bool = False
-    tile_count_all: Optional[torch.Tensor] = None
     edges: Optional[torch.Tensor] = None
     edge_count: Optional[torch.Tensor] = None
     slash_bits: Optional[torch.Tensor] = None
@@ -121,8 +117,7 @@ class SparseIndex:
             valid = valid & (r[..., 4] == 0)
         tiles = (nt * valid).sum(-1)  # [B|1, H|1, S]
         if self.tiles is not None:
-            tc = self.tile_count if self.tile_count_all is None else self.tile_count_all
-            tiles = tiles + tc.long()[:, :, qs]
+            tiles = tiles + self.tile_count.long()[:, :, qs]
         if self.edges is not None:
             tiles = tiles + self.edge_count.long()[:, :, qs]
         if self.columns is not None:
@@ -149,14 +144,12 @@ class SparseIndex:
             rq = min(q, self.ranges.shape[2] - 1)
             m0 = q * bm
             if self.tiles is not None:
-                full = int(self.tile_count[b, h, q])
-                every = full if self.tile_count_all is None else int(self.tile_count_all[b, h, q])
-                for t in range(every):
+                for t in range(int(self.tile_count[b, h, q])):
                     t0 = int(self.tiles[b, h, 0 if self.tiles_relative else q, t])
                     t0 += m0 if self.tiles_relative else 0
-                    if (t0 < 0) != (t >= full) or t0 <= -self.block_n or t0 + self.block_n > n:
+                    if t0 < 0 or t0 + self.block_n > n:
                         raise AssertionError("unmasked tile outside the keys")
-                    out[rows, max(t0, 0):t0 + self.block_n] += 1  # tiles past tile_count: keys >= 0 only
+                    out[rows, t0:t0 + self.block_n] += 1
             if self.edges is not None:
                 for t in range(int(self.edge_count[b, h, q])):
                     rs, re, lo, hi = (int(x) for x in self.edges[b, h, t])
@@ -330,11 +323,10 @@ def _expand(counts: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tenso
 
 def _relative_tiles(lo, hi, exact, n_slash: int, n: int, block_m: int, block_n: int):
     """Exact bands (lo, hi, exact) [B, H, R] (padding lo >= n) -> relative unmasked tiles
-    [B, H, 1, TU] + counts [B, H, nqb], edges [B, H, TE, 4] + counts [B, H, nqb], and the tile
-    counts including tiles that start before key 0 [B, H, nqb] (see SparseIndex). For rows
-    m0..m0+bm-1 a band needs keys m0 + [-hi, bm - lo); as many whole tiles as fit from the
-    first key every row sees (m0 + bm - 1 - hi) are unmasked, the rest are edge tiles clipped
-    to the band's head [-hi, A) and tail [B, bm - lo)."""
+    [B, H, 1, TU] + counts [B, H, nqb] and edges [B, H, TE, 4] + counts [B, H, nqb] (see
+    SparseIndex). For rows m0..m0+bm-1 a band needs keys m0 + [-hi, bm - lo); the aligned
+    tiles every row sees whole are unmasked, the rest are edge tiles clipped to the band's
+    head [-hi, A) and tail [B, bm - lo)."""
     bm, bn = block_m, block_n
     b, h, r = lo.shape
     dev = lo.device
@@ -342,11 +334,9 @@ def _relative_tiles(lo, hi, exact, n_slash: int, n: int, block_m: int, block_n: 
     valid = (lo < n) & (exact != 0)
     lo = torch.where(valid, lo, torch.zeros_like(lo))
     hi = torch.where(valid, hi, torch.zeros_like(hi))
-    # unmasked tiles start at the first key every row sees, not on a grid: a 200-offset run on
-    # 64-row blocks then takes 2 unmasked + 3 masked tiles instead of 1 + 4 or 5. Such a tile can
-    # start before key 0 in one query block: counted there in tile_count_all, masked by the kernel
-    u_lo = bm - 1 - hi
-    nu = torch.clamp(torch.div(-lo - bn + 1 - u_lo, bn, rounding_mode="floor") + 1, min=0) * valid
+    u_lo = -torch.div(-(bm - 1 - hi), bn, rounding_mode="floor") * bn  # ceil to the grid
+    u_hi = torch.div(-lo - bn + 1, bn, rounding_mode="floor") * bn
+    nu = torch.clamp(torch.div(u_hi - u_lo, bn, rounding_mode="floor") + 1, min=0) * valid
     a = torch.where(nu > 0, u_lo, bm - lo)
     bq = torch.where(nu > 0, u_lo + nu * bn, bm - lo)
     n_head = -torch.div(-(a + hi), bn, rounding_mode="floor") * valid
@@ -358,9 +348,7 @@ def _relative_tiles(lo, hi, exact, n_slash: int, n: int, block_m: int, block_n: 
     rel = torch.gather(u_lo, -1, item) + k * bn
     rel = torch.where(ok, rel, torch.full_like(rel, -_FAR))
     rel, _ = torch.sort(rel, dim=-1, descending=True)
-    neg_rel = (-rel).reshape(b * h, tu).contiguous()
-    tcount = torch.searchsorted(neg_rel, m0, right=True).view(b, h, nqb)  # tiles starting at key >= 0
-    tcount_all = torch.searchsorted(neg_rel, m0 + bn - 1, right=True).view(b, h, nqb)  # ... with a key >= 0
+    tcount = torch.searchsorted((-rel).reshape(b * h, tu).contiguous(), m0, right=True).view(b, h, nqb)
     # edges: head [-hi, a) then tail [bq, bm - lo) of every band
     te = max(r * ((2 * bm + 3 * bn) // bn + 1), 1)
     ne = n_head + n_tail
@@ -376,7 +364,7 @@ def _relative_tiles(lo, hi, exact, n_slash: int, n: int, block_m: int, block_n: 
                          torch.gather(hi_e, -1, order)], -1)
     ecount = torch.searchsorted((-start).reshape(b * h, te).contiguous(), m0 + bn, right=False).view(b, h, nqb)
     return (rel.view(b, h, 1, tu).to(torch.int32).contiguous(), tcount.to(torch.int32),
-            edges.to(torch.int32).contiguous(), ecount.to(torch.int32), tcount_all.to(torch.int32))
+            edges.to(torch.int32).contiguous(), ecount.to(torch.int32))
 
 
 def slash_groups(slash_idx: torch.Tensor, n: int, merge_gap: int):
@@ -487,7 +475,7 @@ def from_vertical_slash(
         slash_bits=_slash_bits(s, n),
     )
     if block_n is not None:
-        idx.tiles, idx.tile_count, idx.edges, idx.edge_count, idx.tile_count_all = _relative_tiles(
+        idx.tiles, idx.tile_count, idx.edges, idx.edge_count = _relative_tiles(
             glo, torch.clamp(ghi, max=n), exact, s.shape[-1], n, block_m, block_n)
         idx.tiles_relative, idx.block_n = True, block_n
     return idx

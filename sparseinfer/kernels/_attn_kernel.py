@@ -233,7 +233,7 @@ def sparse_fwd_kernel(
     QROWS=None, stride_qrb=0, stride_qrh=0, MODS=None, stride_mb=0, SLOT=0,
     HAS_QROWS: tl.constexpr = False, HAS_MOD: tl.constexpr = False,
     ORDER: tl.constexpr = 0, KD=None, VD=None, TMA: tl.constexpr = False,
-    HEADS=None, HAS_HEADS: tl.constexpr = 0, TCOUNT_ALL=None, HAS_TC_ALL: tl.constexpr = False,
+    HEADS=None, HAS_HEADS: tl.constexpr = 0,
 ):
     if ORDER == 1:
         # 1-D grid, (batch, KV head) slowest, then query blocks (longest rows first), then the
@@ -308,15 +308,6 @@ def sparse_fwd_kernel(
             k, v = _kv(kt_base, vt_base, stride_kn, stride_vn, offs_n, offs_d, offs_n, row0, n0, False, TMA)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC)
             acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, False, PREC, qk_scale)
-        if HAS_TC_ALL:  # relative tiles starting before key 0 (listed after the others): keys < 0 masked
-            nt_all = tl.load(TCOUNT_ALL + b * stride_tcb + h * stride_tch + pid_m) * on
-            for t in range(nt, nt_all):
-                n0 = t0 + tl.load(t_base + t)
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                kmask = offs_n >= 0
-                k, v = _kv(kt_base, vt_base, stride_kn, stride_vn, offs_n, offs_d, kmask, row0, n0, True, TMA)
-                qk = tl.where(kmask[None, :], tl.dot(q, tl.trans(k), input_precision=PREC), float("-inf"))
-                acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True, PREC, qk_scale)
 
     # 0b. edge list (vertical-slash relative tiles): masked tiles of the exact bands, one flat
     #     pipelined loop whose per-tile parameters do not depend on the previous tile

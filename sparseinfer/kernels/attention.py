@@ -159,7 +159,6 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         raise ValueError(f"index tiles are {idx.block_n} wide, kernel block_n is {block_n}")
     tiles = idx.tiles if has_tiles else dummy
     tc = idx.tile_count if has_tiles else dummy
-    tc_all = idx.tile_count_all if has_tiles and idx.tile_count_all is not None else None
     has_edges = idx.edges is not None
     if has_edges and idx.block_n != block_n:
         raise ValueError(f"index edges are {idx.block_n} wide, kernel block_n is {block_n}")
@@ -211,7 +210,6 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         MODS=mods, stride_mb=mods.stride(0) if modality is not None else 0, SLOT=int(slot),
         HAS_QROWS=q_rows is not None, HAS_MOD=modality is not None,
         ORDER=order, KD=kd, VD=vd, TMA=tma, HEADS=hon, HAS_HEADS=0 if heads is None else (2 if keep_others else 1),
-        TCOUNT_ALL=tc_all if tc_all is not None else dummy, HAS_TC_ALL=tc_all is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if user_out is not None:

@@ -156,7 +156,7 @@ def _triton(q, k, v, modality, vertical_idx, slash_idx, dense_rows, scale, slots
         idx = _index.from_vertical_slash(vertical_idx[:, :, a], slash_idx[:, :, a], n, bm,
                                          block_n=bn if rest[3] == 4 else None)
         keep = has[a][:, None, :]  # [B, 1, nqb]
-        for name in ("range_count", "column_count", "tile_count", "tile_count_all", "edge_count"):
+        for name in ("range_count", "column_count", "tile_count", "edge_count"):
             if getattr(idx, name) is not None:
                 setattr(idx, name, torch.where(keep, getattr(idx, name), 0).to(torch.int32))
         _ka.run_index(q, k, v, idx, scale, bn, *rest, modality=mod, slot=a, out=out)

@@ -64,18 +64,14 @@ def _group_block_mass(qv, ks, qi, g_valid: int, gpb: int, scale: float, hq: int,
     if fused:
         from ..kernels.lastq import lastq_sums, matmul_f32
 
+        pos = qi.view(1, r).expand(b, r)
+        w = (qi < g_valid).float().view(1, r).expand(b, r)  # padded query groups carry no mass
         if qv.is_contiguous():  # the group's heads stacked along M (a view): one matmul per KV head
             s = matmul_f32(qv.reshape(b, hkv, grp * r, sd), ks.transpose(-1, -2), tf32=True).reshape(b, hq, r, kk)
-            pos = qi.view(1, r).expand(b, r)
-            col = lastq_sums(s, pos, (qi < g_valid).float().view(1, r).expand(b, r), r // gpb, scale,
-                             diag=False)[0]  # [B, R/gpb, Hq, K]
+            col = lastq_sums(s, pos, w, r // gpb, scale, diag=False)[0]  # [B, R/gpb, Hq, K]
         else:  # a strided slice: one matmul per query head of the group, q rows read in place (no copy)
-            pos = qi.view(1, r).expand(b, r)
-            w = (qi < g_valid).float().view(1, r).expand(b, r)
-            cols = []
-            for g in range(grp):
-                s = matmul_f32(qv[:, :, g], ks.transpose(-1, -2), tf32=True)  # [B, Hkv, R, K] unscaled logits
-                cols.append(lastq_sums(s, pos, w, r // gpb, scale, diag=False)[0])  # [B, R/gpb, Hkv, K]
+            cols = [lastq_sums(matmul_f32(qv[:, :, g], ks.transpose(-1, -2), tf32=True), pos, w, r // gpb, scale,
+                               diag=False)[0] for g in range(grp)]  # each [B, R/gpb, Hkv, K] from unscaled logits
             col = torch.stack(cols, 3).reshape(b, r // gpb, hq, kk)  # head hkv * G + g
         return col.reshape(b, r // gpb, hq, kk // gpb, gpb).sum(-1).transpose(1, 2)
     # a KV head's query heads stacked along M: one [G * R, S*D] x [S*D, K] matmul per KV head

@@ -338,6 +338,124 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
     out["mlp"] = rows
 
 
+def part_p(args, dev, dt, shapes, out: dict) -> None:
+    """P. The Deja Vu MLP of one row with its predictor run before it (no look-ahead): the fused
+    predictor + blocked selection (kernels.predict, two launches; a config sweep first) against
+    the library's earlier path (the predictor's two matmuls + elementwise, then kernels.topk's
+    global selection); a check of the fused lists against the float64 rule first."""
+    from sparseinfer.contextual.dejavu import SELECT_BLOCK, blocked_top_indices
+    from sparseinfer.kernels import predict
+
+    cuda = dev.type == "cuda"
+    h, inter = shapes["hidden_size"], shapes["intermediate_size"]
+    g = torch.Generator(device=dev).manual_seed(1)
+    wg = torch.randn(inter, h, device=dev, dtype=dt, generator=g) * 0.02
+    wu = torch.randn(inter, h, device=dev, dtype=dt, generator=g) * 0.02
+    wdT = (torch.randn(h, inter, device=dev, dtype=dt, generator=g) * 0.02).t().contiguous()
+    x = torch.randn(1, h, device=dev, dtype=dt, generator=g)
+    iters = args.iters
+    mlp_bytes = 3 * h * inter * wg.element_size()
+    bw = (out.get("copy_bandwidth_GBs") or 0) * 1e9 or copy_bandwidth(dev)
+    out["copy_bandwidth_GBs"] = round(bw / 1e9, 1)
+
+    def dense():
+        return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wdT.t())
+
+    t_dense = timed(dense, iters, cuda)
+    rows = [{"method": "dense MLP (cuBLAS)", "ms": t_dense, "bound_ms": mlp_bytes / bw * 1e3}]
+    checks, sweep = {}, []
+    lr_cfgs = [(1, 4096, 4), (1, 4096, 8), (2, 2048, 4)] if cuda else [predict.CONFIG["cpu"][0]]
+    sel_cfgs = [(0, 4), (0, 8)] if cuda else [predict.CONFIG["cpu"][1]]
+    blocks = (32, 64, 128) if cuda else (32,)
+    for r in ([args.rank, 128] if args.rank != 128 else [128]):
+        A = torch.randn(r, h, device=dev, dtype=dt, generator=g) * 0.02
+        B = torch.randn(2 * inter, r, device=dev, dtype=dt, generator=g) * 0.02
+        pbytes = r * (h + 2 * inter) * A.element_size()
+        sc64 = glu_scores(x.double(), A.double(), B.double())
+        for s in [s for s in args.sparsity if s >= 0.5]:
+            k = round((1 - s) * inter)
+            kept_bytes = (1 - s) * mlp_bytes
+            tag = f"{s:.0%}: "
+            for blk in blocks:  # the lists vs the float64 rule (bf16 inputs, fp32 sums: near-ties may differ)
+                got = predict.dejavu_select(x, A, B, None, k, blk)
+                want = blocked_top_indices(sc64, k, blk)
+                diff = int(k - torch.isin(got, want).sum())
+                checks[f"r{r} {s:.0%} block {blk}"] = diff
+                log(f"  fused selection r={r} {s:.0%} block {blk}: {diff} of {k} neurons differ from the float64 rule")
+            best = None
+            for blk in blocks:
+                for c1 in lr_cfgs:
+                    for c2 in sel_cfgs:
+                        for pdl in ((1, 0) if cuda else (0,)):
+                            cfg = (c1, c2)
+                            try:
+                                ms = timed(lambda: predict._launch(x, A, B, None, k, blk, config=cfg, pdl=pdl), iters, cuda)
+                            except Exception as e:
+                                log(f"  config {cfg} block {blk} pdl {pdl}: {type(e).__name__}: {str(e)[:120]}")
+                                continue
+                            sweep.append({"rank": r, "sparsity": s, "block": blk, "config": [list(c1), list(c2)],
+                                          "pdl": pdl, "ms": round(ms, 4)})
+                            if best is None or ms < best[0]:
+                                best = (ms, blk, cfg, pdl)
+            ms, blk, cfg, pdl = best
+            log(f"  fused predictor + selection r={r} {s:.0%}: best block {blk} config {cfg} pdl {pdl} {ms * 1e3:.1f} us")
+
+            def fastest(**kw):
+                return min(e["ms"] for e in sweep if e["rank"] == r and e["sparsity"] == s
+                           and all(e[a] == v for a, v in kw.items()))
+
+            for b2 in blocks:  # each block size at its best config
+                rows.append({"method": tag + f"fused predictor r={r} + blocked selection ({b2}) alone",
+                             "ms": fastest(block=b2), "bound_ms": pbytes / bw * 1e3})
+            for flag in ((1, 0) if cuda else ()):  # PDL on / off at the best config
+                rows.append({"method": tag + f"fused predictor r={r} + blocked selection ({blk}), PDL {flag} alone",
+                             "ms": fastest(block=blk, config=[list(cfg[0]), list(cfg[1])], pdl=flag),
+                             "bound_ms": pbytes / bw * 1e3})
+            rows.append({"method": tag + f"predictor r={r} (torch) + kernels.topk global selection alone",
+                         "ms": timed(lambda: select_top(glu_scores(x, A, B), k), iters, cuda), "bound_ms": pbytes / bw * 1e3})
+            idx = predict._launch(x, A, B, None, k, blk, config=cfg, pdl=pdl)[0]
+            rows.append({"method": tag + "listed-neurons MLP alone (library defaults)",
+                         "ms": timed(lambda: gemv.dejavu_mlp_rows_launch(x, wg, wu, wdT, idx), iters, cuda),
+                         "bound_ms": kept_bytes / bw * 1e3})
+            chain = [("best config", pdl, False), ("best config, no PDL", 0, False),
+                     ("best config, PDL into the MLP's gate/up launch", 2, True)] if cuda else [("best config", 0, False)]
+            for what, p_sel, p_mlp in chain:
+                rows.append({"method": tag + f"MLP + fused predictor r={r} + blocked selection ({blk}, {what})",
+                             "ms": timed(lambda: gemv.dejavu_mlp_rows_launch(
+                                 x, wg, wu, wdT, predict._launch(x, A, B, None, k, blk, config=cfg, pdl=p_sel)[0],
+                                 pdl=p_mlp), iters, cuda), "bound_ms": (kept_bytes + pbytes) / bw * 1e3})
+            if cuda:  # the library's chain (PDL between the launches) computes the fp32 reference, eager and replayed
+                want_idx = blocked_top_indices(glu_scores(x.float(), A.float(), B.float()), k, SELECT_BLOCK)[0]
+                mk = torch.zeros(1, inter, dtype=torch.bool, device=dev).scatter_(1, want_idx[None].long(), True)
+                ref = gemv.dejavu_gateup_reference(x.float(), wg.float(), wu.float(), mk) @ wdT.float()
+
+                def chain():
+                    return gemv.dejavu_mlp_rows_launch(x, wg, wu, wdT, predict.dejavu_select(x, A, B, None, k, SELECT_BLOCK)[0])
+
+                eager = chain().float()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    got_g = chain()
+                for _ in range(3):
+                    graph.replay()
+                torch.cuda.synchronize()
+                checks[f"r{r} {s:.0%} library chain rel. err vs fp32 (eager, graph)"] = [
+                    round(float((eager - ref).norm() / ref.norm()), 5), round(float((got_g.float() - ref).norm() / ref.norm()), 5)]
+                log(f"  library chain vs fp32 reference: {checks[f'r{r} {s:.0%} library chain rel. err vs fp32 (eager, graph)']}")
+            rows.append({"method": tag + f"MLP + fused predictor r={r} + blocked selection ({SELECT_BLOCK}, library defaults)",
+                         "ms": timed(lambda: gemv.dejavu_mlp_rows_launch(
+                             x, wg, wu, wdT, predict.dejavu_select(x, A, B, None, k, SELECT_BLOCK)[0]), iters, cuda),
+                         "bound_ms": (kept_bytes + pbytes) / bw * 1e3})
+            rows.append({"method": tag + f"MLP + predictor r={r} (torch) + global selection (earlier path)",
+                         "ms": timed(lambda: gemv.dejavu_mlp_rows_launch(x, wg, wu, wdT, select_top(glu_scores(x, A, B), k)[0]),
+                                     iters, cuda), "bound_ms": (kept_bytes + pbytes) / bw * 1e3})
+    for row in rows:
+        row["speedup_vs_dense"] = round(t_dense / row["ms"], 3)
+        row["ms"], row["bound_ms"] = round(row["ms"], 4), round(row["bound_ms"], 4)
+        log(f"  {row['method']:<80} {row['ms']:.4f} ms  x{row['speedup_vs_dense']:.2f}  bound {row['bound_ms']:.4f} ms")
+    out["predictor"] = {"rows": rows, "checks_neurons_differing": checks, "sweep": sweep}
+
+
 def build_model(shapes: dict, n_layers: int, dev, dt):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -393,6 +511,7 @@ def kernel_table(step, name: str, calls: int = 10, top: int = 14) -> list:
 
 
 COMPILED = ("dense", "dense (sparseinfer attention)", "teal mlp 50%", "teal all projections 50%", "dejavu mlp 50%",
+            "dejavu mlp 50% global top-k", "dejavu mlp 50% no PDL",
             "dejavu mlp 50% + heads 50%", "dejavu mlp 50% look-ahead", "dejavu mlp 50% look-ahead + heads 50%")
 
 
@@ -405,6 +524,10 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                 ("teal mlp 50%", dict(mlp="teal", mlp_sparsity=0.5)),
                 ("teal all projections 50%", dict(mlp="teal", mlp_sparsity=0.5, contextual_options={"attn_sparsity": 0.5})),
                 ("dejavu mlp 50%", dict(mlp="dejavu", mlp_sparsity=0.5)),
+                ("dejavu mlp 50% global top-k", dict(mlp="dejavu", mlp_sparsity=0.5,
+                                                     contextual_options={"select_block": None})),
+                ("dejavu mlp 50% no PDL", dict(mlp="dejavu", mlp_sparsity=0.5,
+                                               flags={"gemv.PDL_ROWS": False, "predict.PDL": 0})),
                 ("dejavu mlp 50% + heads 50%", dict(mlp="dejavu", mlp_sparsity=0.5, heads="dejavu", head_sparsity=0.5)),
                 # predictors on the attention input: the selection overlaps the attention (side stream)
                 ("dejavu mlp 50% look-ahead", dict(mlp="dejavu", mlp_sparsity=0.5, source="attn_in")),
@@ -419,7 +542,9 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
     if args.compile:  # the same settings with the step through torch.compile (fuses the
         # norms, RoPE and residual adds that otherwise cost ~0.2 ms per layer), then captured
         settings += [(f"{name} (compiled)", kw) for name, kw in settings if name in COMPILED]
-    rows = []
+    from sparseinfer.kernels import predict as predict_mod
+
+    rows, saved_flags = [], []
     for n_layers in (args.layers // 2, args.layers):
         model = build_model(shapes, n_layers, dev, dt)
         th, pred = fake_files(model, dev)
@@ -432,6 +557,12 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                 compiled = name.endswith("(compiled)")
                 fwd = torch.compile(model.forward, dynamic=False) if compiled else model.forward
                 kw = dict(kw)  # the settings are reused for the second model size
+                flags = kw.pop("flags", {})  # module switches (PDL): "module.NAME" -> value, restored below
+                for f, v in flags.items():
+                    mod_name, attr = f.split(".")
+                    mod = {"gemv": gemv, "predict": predict_mod}[mod_name]
+                    saved_flags.append((mod, attr, getattr(mod, attr)))
+                    setattr(mod, attr, v)
                 co = dict(kw.pop("contextual_options", {}), thresholds=th)
                 p_used = pred_la if kw.pop("source", "mlp_in") == "attn_in" else pred
                 handle = sparseinfer.patch(model, "dense", predictors=p_used, contextual_options=co, **kw) if kw else None
@@ -500,6 +631,9 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
             finally:
                 if hasattr(model, "_sparseinfer_patch"):
                     sparseinfer.unpatch(model)
+                while saved_flags:
+                    mod, attr, v = saved_flags.pop()
+                    setattr(mod, attr, v)
         del model
         if cuda:
             torch.cuda.empty_cache()
@@ -548,6 +682,13 @@ def write(out_dir: str, res: dict) -> None:
     for r in res.get("mlp", []):
         lines.append(f"| {r['batch']} | {r['method']} | {r['kept']} | {r['ms']} | {r['speedup']} | {r['bound_ms']} |")
     lines += ["", f"Best kernel configs (sweep at 50%, batch 1): {res.get('best_config')}", ""]
+    pr = res.get("predictor")
+    if pr:
+        lines += ["## P. Deja Vu MLP (batch 1) with its predictor run in front (glu kind, no look-ahead)", "",
+                  "| method | ms | speedup vs dense MLP | bound ms |", "|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['ms']} | {r['speedup_vs_dense']} | {r['bound_ms']} |" for r in pr["rows"]]
+        lines += ["", f"Checks (fused lists vs the float64 rule: neurons differing, of k; the library's chain vs the fp32 "
+                  f"reference): {pr['checks_neurons_differing']}", ""]
     ds = res.get("decode_step")
     if ds:
         lines += [f"## B. Decode step, {ds['context']} context, CUDA graph (transformers model + sparseinfer.patch)", "",
@@ -614,7 +755,7 @@ def main() -> int:
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--profile", action="store_true", help="part b: GPU time per kernel of each --layers step")
     p.add_argument("--compile", action="store_true", help="part b: also each step through torch.compile, then captured")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: a, b")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: a, p, b")
     p.add_argument("--only", default="", help="part b: only the settings whose names contain one of these (comma list)")
     p.add_argument("--no-reorder", action="store_true", help="part b: torch._inductor.config.reorder_for_locality = False")
     p.add_argument("--compact-sweep", action="store_true", help="only: configs of the compacted-rows path (CUDA)")
@@ -647,6 +788,10 @@ def main() -> int:
     if "a" not in skip:
         log("A. MLP layer")
         part_a(args, dev, dt, shapes, res)
+        write(args.out, res)
+    if "p" not in skip:
+        log("P. MLP with its predictor in front (fused predictor + blocked selection)")
+        part_p(args, dev, dt, shapes, res)
         write(args.out, res)
     if "b" not in skip:
         log("B. decode step")

@@ -172,15 +172,17 @@ def test_predictors_beat_chance_and_roundtrip(tmp_path, tiny_predictors):
     torch.testing.assert_close(back.layers[0].Wh, tiny_predictors.layers[0].Wh, atol=1e-3, rtol=1e-3)
 
 
-def test_dejavu_keeps_predicted_top_k(tiny, tiny_predictors):
-    """Each decode token keeps exactly the predictor's top-K neurons (scored from the MLP input)
-    and top-K heads (scored from the attention input, the input_layernorm output)."""
+@pytest.mark.parametrize("block", [256, 32])
+def test_dejavu_keeps_predicted_top_k(tiny, tiny_predictors, block):
+    """Each decode token keeps exactly the predictor's top-K neurons (scored from the MLP input;
+    block 32 < I = 128: each block of 32 its 8 best) and top-K heads (scored from the attention
+    input, the input_layernorm output)."""
     model, ids, _ = tiny
     layer = model.model.layers[1]
     seen = {}
     hooks = []
     attach(model, mlp="dejavu", mlp_sparsity=0.75, heads="dejavu", head_sparsity=0.5, predictors=tiny_predictors,
-           backend="reference")
+           backend="reference", select_block=block)
     try:  # registered after attach's hooks: they see the masked tensors
         hooks.append(layer.input_layernorm.register_forward_hook(lambda m, a, o: seen.__setitem__("attn_in", o)))
         hooks.append(layer.post_attention_layernorm.register_forward_hook(lambda m, a, o: seen.__setitem__("mlp_in", o)))
@@ -190,6 +192,9 @@ def test_dejavu_keeps_predicted_top_k(tiny, tiny_predictors):
         p = tiny_predictors.layers[1]
         scores = F.linear(F.linear(seen["mlp_in"].double(), p.A.double()), p.B.double(), p.b.double())
         want = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(32, dim=-1).indices, True)
+        if block < 128:
+            top8 = scores.reshape(1, 3, 4, 32).topk(8, dim=-1).indices
+            want = torch.zeros(1, 3, 4, 32, dtype=torch.bool).scatter_(-1, top8, True).reshape(1, 3, 128)
         assert ((seen["h"] != 0) == want).all()
         hs = F.linear(seen["attn_in"].double(), p.Wh.double(), p.bh.double())
         keep_h = torch.zeros_like(hs, dtype=torch.bool).scatter_(-1, hs.topk(2, dim=-1).indices, True)
@@ -204,14 +209,16 @@ def test_dejavu_keeps_predicted_top_k(tiny, tiny_predictors):
         detach(model)
 
 
-@pytest.mark.parametrize("heads", [None, "dejavu"])
-def test_dejavu_triton_backend_matches_reference(tiny, tiny_predictors, heads, monkeypatch):
+@pytest.mark.parametrize("heads,block", [(None, 256), ("dejavu", 256), (None, 32)])
+def test_dejavu_triton_backend_matches_reference(tiny, tiny_predictors, heads, block, monkeypatch):
     """The kernels (listed neurons; with heads, o_proj through the zero-skipping TEAL kernel over
-    its column-major weight) compute what the masked reference computes."""
+    its column-major weight; block 32: the fused predictor + blocked selection) compute what the
+    masked reference computes."""
     from sparseinfer.kernels import gemv
 
     model, ids, _ = tiny
-    kw = dict(mlp="dejavu", mlp_sparsity=0.5, heads=heads, head_sparsity=0.5, predictors=tiny_predictors)
+    kw = dict(mlp="dejavu", mlp_sparsity=0.5, heads=heads, head_sparsity=0.5, predictors=tiny_predictors,
+              select_block=block)
     attach(model, **kw, backend="reference")
     ref = _logits(model, ids[:2])
     attach(model, **kw, backend="triton")
@@ -247,7 +254,7 @@ def test_dejavu_lookahead_selects_what_the_predictor_selects(tiny, monkeypatch):
     assert icfg.reorder_for_locality is False  # torch.compile keeps the fork early
     begun, joined = [], []
     sb, mj = lookahead.select_begin, lookahead.dejavu_mlp_joined
-    monkeypatch.setattr(lookahead, "select_begin", lambda *a: begun.append(a[-1]) or sb(*a))
+    monkeypatch.setattr(lookahead, "select_begin", lambda *a: begun.append(a[-2]) or sb(*a))
     monkeypatch.setattr(lookahead, "dejavu_mlp_joined", lambda *a: joined.append(a[-1].shape) or mj(*a))
     out = _logits(model, ids[:1])
     assert begun == [64, 64] and joined == [(1, 64)] * 2 and lookahead.pending() == 0
@@ -262,10 +269,13 @@ def test_dejavu_lookahead_selects_what_the_predictor_selects(tiny, monkeypatch):
     detach(model)
     x, A, B, b = torch.randn(1, 64), torch.randn(16, 64), torch.randn(128, 16), torch.randn(128)
     for bias in (b, None):  # linear / glu predictors
-        torch.library.opcheck(torch.ops.sparseinfer.select_begin.default, (x, A, B, bias, 40),
-                              test_utils=("test_schema", "test_faketensor"))
+        for block in (0, 32):  # global / blocked selection
+            torch.library.opcheck(torch.ops.sparseinfer.select_begin.default, (x, A, B, bias, 40, block),
+                                  test_utils=("test_schema", "test_faketensor"))
+    s = F.linear(F.linear(x.double(), A.double()), B.double(), b.double())
+    assert torch.equal(lookahead.select_begin(x, A, B, b, 40, 32), dejavu.blocked_top_indices(s, 40, 32))
     with pytest.raises(ValueError, match="select_begin: expected"):
-        lookahead.select_begin(x, A, B[:, :8], b, 40)
+        lookahead.select_begin(x, A, B[:, :8], b, 40, 0)
 
 
 def test_patch_combines_with_kv_policy_and_unpatches(tiny, tiny_thresholds):
@@ -297,6 +307,8 @@ def test_bad_arguments(tiny, tiny_thresholds, tiny_predictors):
         attach(model, mlp="teal", mlp_sparsity=1.0, thresholds=tiny_thresholds)
     with pytest.raises(ValueError, match="none shipped"):
         attach(model, mlp="dejavu")
+    with pytest.raises(ValueError, match="select_block: expected None .* power of two"):
+        attach(model, mlp="dejavu", predictors=tiny_predictors, select_block=48)
     other = dejavu.Predictors(tiny_predictors.layers[:1])
     with pytest.raises(ValueError, match="predictors for 1 layers"):
         attach(model, mlp="dejavu", predictors=other)

@@ -117,6 +117,39 @@ class Predictors:
                              f"{inter * (2 if p.glu else 1)}")
 
 
+SELECT_BLOCK = 32  # neurons per selection block (blocked_top_mask); None = one global top-k
+
+
+def blocked_top_mask(scores: torch.Tensor, k: int, block: int | None) -> torch.Tensor:
+    """The Deja Vu selection rule: bool [.., I], k kept neurons per row. block None (or >= I):
+    the k largest scores. Otherwise the I neurons are cut into blocks of `block` and block j keeps
+    its kb_j largest, kb_j = floor(k * end_j / I) - floor(k * start_j / I) (k in total, in
+    proportion to the block's size); ties go to the lower position, NaN ranks last. The blocked
+    rule needs no global top-k (kernels.predict picks each block's neurons in the program that
+    scores it); on SmolLM2 it costs no accuracy (benchmarks/results/contextual/blocked_select_quality.md)."""
+    n = scores.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"blocked_top_mask: expected an int k in [1, {n}], got {k!r}")
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise ValueError(f"blocked_top_mask: expected block None or a positive int, got {block!r}")
+    block = n if block is None else min(block, n)
+    nb = -(-n // block)
+    edges = torch.arange(nb + 1, device=scores.device) * block
+    edges[-1] = n
+    kb = torch.div(k * edges, n, rounding_mode="floor").diff().repeat_interleave(block)[:n]
+    s = F.pad(scores.nan_to_num(nan=float("-inf")), (0, nb * block - n), value=float("-inf"))
+    s = s.reshape(*scores.shape[:-1], nb, block)
+    rank = s.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # rank inside the block
+    return rank.reshape(*scores.shape[:-1], nb * block)[..., :n] < kb
+
+
+def blocked_top_indices(scores: torch.Tensor, k: int, block: int | None) -> torch.Tensor:
+    """[.., I] -> [.., k] int32 ascending positions kept by `blocked_top_mask`."""
+    keep = blocked_top_mask(scores, k, block)
+    pos = torch.arange(scores.shape[-1], device=scores.device).expand_as(keep)
+    return pos[keep].reshape(*scores.shape[:-1], k).to(torch.int32)
+
+
 def top_labels(mag: torch.Tensor, frac: float) -> torch.Tensor:
     """mag [N, M] -> bool [N, M]: the top ceil(frac * M) entries of each row."""
     k = max(1, round(frac * mag.shape[1]))

@@ -6,10 +6,12 @@ stream as soon as that input exists (the input_layernorm output) and runs the pr
 top-K selection there, overlapping q/k/v, the attention and o_proj; the MLP's kernel op waits
 for the side stream (the join) right before it reads the list.
 
-    sparseinfer::select_begin(x [R, H], A [r, H], B, b, k) -> idx [R, k] int32
-        the positions (ascending) of the k largest predictor scores per row (B [I, r], b [I]:
-        (x A^T) B^T + b; B [2I, r], b None: |SiLU(g~) * u~| of [g~ | u~] = (x A^T) B^T), computed
-        on the device's side stream (CUDA); CPU tensors compute inline.
+    sparseinfer::select_begin(x [R, H], A [r, H], B, b, k, block) -> idx [R, k] int32
+        the positions (ascending) of the k neurons the predictor keeps per row (B [I, r], b [I]:
+        scores (x A^T) B^T + b; B [2I, r], b None: |SiLU(g~) * u~| of [g~ | u~] = (x A^T) B^T) by
+        `dejavu.blocked_top_mask` (block 0: one global top-k), computed on the device's side
+        stream (CUDA: kernels.predict, or the scores + kernels.topk for block 0); CPU tensors
+        compute inline.
     sparseinfer::dejavu_mlp_joined(x [1, H], wg, wu, wd_t, idx) -> [1, H]
         the join, then `kernels.gemv.dejavu_mlp_rows` over the list.
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .dejavu import LayerPredictor
+from .dejavu import LayerPredictor, blocked_top_indices
 
 _side: dict[int, torch.cuda.Stream] = {}
 _held: dict[int, list] = {}  # device -> tensors the side stream reads, kept until the join
@@ -38,8 +40,10 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 @torch.library.custom_op("sparseinfer::select_begin", mutates_args=())
-def select_begin(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: torch.Tensor | None, k: int) -> torch.Tensor:
-    from ..kernels.topk import topk_indices_launch, topk_indices_reference
+def select_begin(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: torch.Tensor | None, k: int,
+                 block: int) -> torch.Tensor:
+    from ..kernels.predict import _launch as fused_select
+    from ..kernels.topk import topk_indices_launch
 
     if x.dim() != 2 or A.shape[1] != x.shape[1] or B.shape[1] != A.shape[0] or (
             b is not None and b.shape != (B.shape[0],)) or (b is None and B.shape[0] % 2):
@@ -50,7 +54,7 @@ def select_begin(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: torch.Ten
     scores = LayerPredictor(A, B, b).mlp_scores  # b None: the glu kind
 
     if not x.is_cuda:
-        return topk_indices_reference(scores(x), k)
+        return blocked_top_indices(scores(x), k, block or None)
     out = torch.empty(x.shape[0], k, dtype=torch.int32, device=x.device)
     xc = x.clone()  # owned here until the join (the caller may reuse x's memory)
     main = torch.cuda.current_stream(x.device)
@@ -59,13 +63,16 @@ def select_begin(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: torch.Ten
     fork.record(main)
     side.wait_event(fork)
     with torch.cuda.stream(side):
-        topk_indices_launch(scores(xc), k, out=out)
+        if block:
+            fused_select(xc, A, B, b, k, block, out=out)
+        else:
+            topk_indices_launch(scores(xc), k, out=out)
     _held.setdefault(side.device.index, []).extend((xc, out))
     return out
 
 
 @select_begin.register_fake
-def _select_begin_fake(x, A, B, b, k):
+def _select_begin_fake(x, A, B, b, k, block):
     return x.new_empty(x.shape[0], k, dtype=torch.int32)
 
 

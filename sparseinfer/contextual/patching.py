@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import decoder_layers
-from .dejavu import LayerPredictor, Predictors
+from .dejavu import SELECT_BLOCK, LayerPredictor, Predictors, blocked_top_mask
 from .teal import Thresholds
 
 MLP_METHODS = ("teal", "dejavu")
@@ -129,6 +129,7 @@ class _LayerCtx:
     mlp_source: str = "mlp_in"
     neuron_mask: torch.Tensor | None = None
     lookahead: bool = False  # attn_in predictors on CUDA: the selection runs on a side stream
+    select_block: int | None = SELECT_BLOCK  # Deja Vu selection rule (dejavu.blocked_top_mask)
     pending_idx: torch.Tensor | None = None  # its list, until the MLP joins it
 
 
@@ -265,15 +266,28 @@ def _dejavu_mlp_forward(mlp, ctx: _LayerCtx):
             shp = x.shape
             return dejavu_mlp_joined(x.reshape(1, shp[-1]), mlp.gate_proj.weight, mlp.up_proj.weight,
                                      mlp.down_proj.weight.t(), idx).reshape(shp)
-        scores = ctx.predictor.mlp_scores(src)  # [B, T, I]
-        # the keep_neurons largest scores (CUDA: one bisection launch, no sort): ascending positions
-        # for the kernels, or directly the mask the reference path applies
+        p, k, blk = ctx.predictor, ctx.keep_neurons, ctx.select_block
         if _use_triton(ctx, x):
             from ..kernels.gemv import dejavu_mlp
 
-            return dejavu_mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
-                              _select_top(scores, ctx.keep_neurons))
-        ctx.neuron_mask = _select_top_mask(scores, ctx.keep_neurons)
+            if blk is None:  # one global top-k (CUDA: one bisection launch, no sort): ascending positions
+                idx = _select_top(p.mlp_scores(src), k)
+            else:  # predictor + blocked selection fused (kernels.predict, two launches)
+                from ..kernels.predict import dejavu_select
+
+                idx = dejavu_select(src.reshape(-1, src.shape[-1]), p.A, p.B, p.b, k, blk).reshape(*src.shape[:-1], k)
+            return dejavu_mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, idx)
+        if blk is not None and src.is_cuda and ctx.backend != "reference":  # several rows on CUDA: the
+            # fused selection, its lists as the mask the masked cuBLAS path applies
+            from ..kernels.predict import dejavu_select
+
+            idx = dejavu_select(src.reshape(-1, src.shape[-1]), p.A, p.B, p.b, k, blk)
+            mask = torch.zeros(idx.shape[0], p.B.shape[0] // (2 if p.glu else 1), dtype=torch.bool, device=src.device)
+            ctx.neuron_mask = mask.scatter_(1, idx.long(), True).reshape(*src.shape[:-1], -1)
+        elif blk is None:
+            ctx.neuron_mask = _select_top_mask(p.mlp_scores(src), k)
+        else:
+            ctx.neuron_mask = blocked_top_mask(p.mlp_scores(src), k, blk)
         try:
             return orig(x)
         finally:
@@ -331,7 +345,8 @@ def _capture_hook(ctx: _LayerCtx):
             from .lookahead import select_begin
 
             p = ctx.predictor
-            ctx.pending_idx = select_begin(out.reshape(1, out.shape[-1]), p.A, p.B, p.b, ctx.keep_neurons)
+            ctx.pending_idx = select_begin(out.reshape(1, out.shape[-1]), p.A, p.B, p.b, ctx.keep_neurons,
+                                           ctx.select_block or 0)
 
     return hook
 
@@ -347,7 +362,8 @@ def _transpose_storage(p: torch.nn.Parameter, handle: ContextualHandle) -> None:
 
 def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None = None, head_sparsity=0.5,
            attn_sparsity=None, predictors=None, thresholds=None, apply_to: str = "decode", max_len: int = 4,
-           backend: str = "auto", record: bool = False, lookahead: bool = True) -> ContextualHandle:
+           backend: str = "auto", record: bool = False, lookahead: bool = True,
+           select_block: int | None = SELECT_BLOCK) -> ContextualHandle:
     """Contextual sparsity for decoding steps of a Llama-family model.
 
     mlp: "teal" (thresholds on the inputs of gate/up_proj and of down_proj, each dropping an
@@ -365,6 +381,9 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
     lookahead: with Deja Vu predictors trained on the attention input ("attn_in") and the Triton
     path, select the MLP's neurons on a side CUDA stream during the attention (CPU: inline);
     while attached, torch._inductor.config.reorder_for_locality is off (see contextual.lookahead).
+    select_block: Deja Vu's selection rule (`dejavu.blocked_top_mask`): a power of two <= 256 =
+    each block of that many neurons keeps its share of the K (the predictor and the selection then
+    run fused in two launches on the Triton path, `kernels.predict`); None = one global top-K.
     """
     if mlp not in (None,) + MLP_METHODS:
         raise ValueError(f"mlp: expected one of {[None, *MLP_METHODS]}, got {mlp!r}")
@@ -376,6 +395,9 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
         raise ValueError(f"max_len: expected a positive int, got {max_len!r}")
+    if select_block is not None and (isinstance(select_block, bool) or not isinstance(select_block, int)
+                                     or not 1 <= select_block <= 256 or select_block & (select_block - 1)):
+        raise ValueError(f"select_block: expected None (one global top-K) or a power of two <= 256, got {select_block!r}")
     cfg = model.config
     layers = decoder_layers(model)
     n = len(layers)
@@ -411,7 +433,7 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
     n_heads = cfg.num_attention_heads
     try:
         for i, layer in enumerate(layers):
-            ctx = _LayerCtx(i, apply_to == "all", max_len, backend, stats, n_heads=n_heads)
+            ctx = _LayerCtx(i, apply_to == "all", max_len, backend, stats, n_heads=n_heads, select_block=select_block)
             m, a = layer.mlp, layer.self_attn
             wants_triton = backend == "triton" or (backend == "auto" and dev.type == "cuda")
 

@@ -17,6 +17,8 @@ dejavu_gateup_kernel:  Hout[m, i] = SiLU(X[m] . WG[i]) * (X[m] . WU[i]) if MASK[
     WG / WU [I, H] row-major: neuron i is one contiguous row, loaded only if some row keeps i.
 dejavu_rows_kernel:  HC[j] = SiLU(X . WG[IDX[j]]) * (X . WU[IDX[j]]) (fp32), one row X [H]: the
     listed neurons' rows gathered, BLOCK_I of them per program, no mask, no unused lanes.
+    PDL (programmatic dependent launch, Hopper): the kernel may start before the previous one (the
+    selection) ends and waits for its writes (griddepcontrol.wait) before reading anything.
 """
 import triton
 import triton.language as tl
@@ -26,6 +28,11 @@ import triton.language as tl
 # this module also runs under the interpreter when triton was imported in compiled mode.
 from triton.language.standard import _elementwise_max as _max_fn  # noqa: E402
 from triton.language.standard import _sum_combine as _sum_fn  # noqa: E402
+
+try:  # grid dependency control (Hopper programmatic dependent launch; PDL=True launches only)
+    from triton.language.extra.cuda import gdc_wait
+except ImportError:  # pragma: no cover - older triton
+    gdc_wait = None
 
 
 @triton.jit
@@ -195,7 +202,9 @@ def dejavu_gateup_kernel(X, WG, WU, MASK, H_OUT, M, I, HID, stride_xm, stride_wi
 
 @triton.jit
 def dejavu_rows_kernel(X, WG, WU, IDX, HC, KN, HID, stride_wi,
-                       BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr):
+                       BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # launched early: wait for the list (the previous kernel's writes) before reading anything
+        gdc_wait()
     offs_j = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     ok = offs_j < KN
     rows = tl.load(IDX + offs_j, mask=ok, other=0).to(tl.int64)

@@ -22,6 +22,7 @@ References (any dtype, float64 included): `teal_gemv_reference`, `teal_mlp_refer
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,18 @@ TEAL_CONFIG = {"cuda": (64, 128, 1024, 4, 1), "cpu": (16, 32, 32, 1, 1)}
 TEAL_MLP_CONFIG = {"cuda": (32, 128, 1024, 4, 1), "cpu": (16, 32, 32, 1, 1)}
 # (BLOCK_I, BLOCK_H, num_warps) for dejavu_gateup (benchmarks/contextual.py sweeps them).
 GATEUP_CONFIG = {"cuda": (16, 128, 4), "cpu": (16, 32, 1)}
+
+
+# programmatic dependent launch of the listed-neurons MLP's gate/up launch (Hopper+): it starts while
+# the selection ends (8B MLP + fused predictor, H100: 79.5 vs 80.7 us; the down launch too: 99 us,
+# its early programs hold SMs the multi-wave gate/up launch needs; the same for the TEAL launches:
+# no change, 1.50 vs 1.52x step; benchmarks/results/contextual/contextual_predictor.md)
+PDL_ROWS = True
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _block_m(m: int) -> int:
@@ -236,12 +249,14 @@ DEJAVU_ROWS_CONFIG = {"cuda": ((16, 256, 4, 2), (32, 128, 1024, 4, 4)),
 
 
 def dejavu_mlp_rows_launch(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd_t: torch.Tensor,
-                           idx: torch.Tensor, config=None) -> torch.Tensor:
+                           idx: torch.Tensor, config=None, pdl: bool | None = None) -> torch.Tensor:
     """Deja Vu SwiGLU MLP of one row over the listed neurons: x [1, H], wg / wu [I, H]
     row-major, wd_t [I, H] row-major (down_proj.weight.t()), idx [Kn] (any order, no repeats)
     -> [1, H] = sum_j SiLU(x . wg[idx_j]) * (x . wu[idx_j]) * wd_t[idx_j]. Two launches: the
     gathered gate/up rows -> fp32 h of the listed neurons; the down rows of the same list
-    (split over the list, summed by the last split program). config = (gate/up, down)."""
+    (split over the list, summed by the last split program). config = (gate/up, down); pdl: the
+    gate/up launch starts while the kernel before it (the selection) ends (programmatic dependent
+    launch, Hopper+; None: `PDL_ROWS`)."""
     _check_2d("dejavu_mlp_rows: x", x)
     if x.shape[0] != 1:
         raise ValueError(f"dejavu_mlp_rows: expected one row x [1, H], got shape {tuple(x.shape)}")
@@ -261,8 +276,10 @@ def dejavu_mlp_rows_launch(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, 
     key = ("cuda_small" if kn * 8 <= 3 * wg.shape[0] else "cuda") if x.is_cuda else "cpu"
     (bi, bh, warps, stages), cfg_d = config or DEJAVU_ROWS_CONFIG[key]
     hc = torch.empty(kn, dtype=torch.float32, device=x.device)
+    pdl = bool(PDL_ROWS if pdl is None else pdl) and x.is_cuda and _hopper(x.device)
     kernel_module("_gemv_kernel.py", not x.is_cuda).dejavu_rows_kernel[(max(1, triton_cdiv(kn, bi)),)](
-        x, wg, wu, idx, hc, kn, hid, wg.stride(0), BLOCK_I=bi, BLOCK_H=bh, STAGES=stages, num_warps=warps)
+        x, wg, wu, idx, hc, kn, hid, wg.stride(0), BLOCK_I=bi, BLOCK_H=bh, STAGES=stages, num_warps=warps,
+        PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     out = torch.empty(1, hid, dtype=x.dtype, device=x.device)
     # the list launch reads no threshold: hc stands in for it (no zero-fill launch per call)
     _teal_partials(x, wd_t, None, hc, cfg_d, out=out, rows_list=(idx, hc))

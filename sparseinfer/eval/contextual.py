@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..contextual import attach, detach
+from ..contextual.dejavu import SELECT_BLOCK
 
 
 @dataclass
@@ -249,8 +250,10 @@ def write_report(rows: list[dict], out: Path, model_id: str, command: str, pred_
          f"{'MLP input' if pred_meta.get('mlp_input', 'mlp_in') == 'mlp_in' else 'attention input (look-ahead)'}, "
          f"trained with weighted BCE on the top {pred_meta.get('label_frac', 0.5):.0%} neurons by |SiLU(gate)·up|")
         + f" ({pred_meta.get('n_tokens', '?')} calibration tokens of `haystack_text`, "
-        f"{pred_meta.get('seconds_total', pred_meta.get('seconds', '?'))} s on this CPU, heads included); fixed top-K "
-        "neurons per token. Rows marked (r=N) use predictors of the same kind at rank N, fitted by this command. "
+        f"{pred_meta.get('seconds_total', pred_meta.get('seconds', '?'))} s on this CPU, heads included); a fixed K "
+        f"neurons per token, chosen per block of {SELECT_BLOCK} neurons (each block keeps its share of the K, "
+        "`contextual.dejavu.blocked_top_mask`). Rows marked (r=N) use predictors of the same kind at rank N, "
+        "fitted by this command. "
         "Heads: a linear predictor of the per-head attention-output norm; the top-K query heads are kept, the "
         "others' outputs zeroed before o_proj.",
         "",

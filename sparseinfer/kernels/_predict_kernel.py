@@ -6,8 +6,12 @@ lowrank_kernel: H [R, r] fp32 = X [R, Hd] @ A[r, Hd]^T, one program per BLOCK_R 
 blocked_select_kernel: one program per block of NB neurons: the block's scores from H and its
     rows of B (glu: |SiLU(h B_g^T) * (h B_u^T)|, B = [B_g; B_u] [2I, r]; linear: h B^T + b), then
     the block's share of the k kept neurons by rank inside the block (score descending, ties to the
-    lower position; NaN ranks last; ranks from one NB x NB comparison count): OUT[row, off_j : off_j + kb_j] = the kept positions, ascending,
-    with off_j = floor(k * start_j / I). No global synchronisation: every block writes its own slice.
+    lower position; NaN ranks last; ranks from one NB x NB comparison count):
+    OUT[row, off_j : off_j + kb_j] = the kept positions, ascending, off_j = floor(k * start_j / I).
+    No global synchronisation: every block writes its own slice.
+PDL (programmatic dependent launch, Hopper): lowrank_kernel lets the score launch start at once;
+    blocked_select_kernel loads its B rows, then waits for H (griddepcontrol.wait); PDL == 2 also
+    lets the next launch (the MLP's, launched with PDL) start.
 """
 import triton
 import triton.language as tl

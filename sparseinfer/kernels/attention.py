@@ -12,6 +12,7 @@ import torch
 from .. import index as _index
 from . import graphed
 from ._loader import kernel_module
+from .decode import _hopper
 
 
 
@@ -75,7 +76,7 @@ def _tma_mode(q, k, v, q_rows) -> int:
         return mode
     if q_rows is not None:  # query-side indirection: pointer loads only
         return 0
-    if q.device.type == "cuda" and (torch.cuda.get_device_capability(q.device)[0] < 9 or k.element_size() != 2):
+    if q.device.type == "cuda" and (not _hopper(q.device) or k.element_size() != 2):
         return 0  # descriptors measured for fp16 / bf16 on Hopper only
     if flat(k) and flat(v):
         return 1

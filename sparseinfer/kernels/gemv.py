@@ -22,13 +22,11 @@ References (any dtype, float64 included): `teal_gemv_reference`, `teal_mlp_refer
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from ._loader import kernel_module
-from .decode import _sm_count
+from .decode import _hopper, _sm_count
 
 
 # teal_gemv: (BLOCK_K, BLOCK_N, ROWS per program, num_warps, num_stages); TEAL_MLP_CONFIG is the
@@ -45,11 +43,6 @@ GATEUP_CONFIG = {"cuda": (16, 128, 4), "cpu": (16, 32, 1)}
 # its early programs hold SMs the multi-wave gate/up launch needs; the same for the TEAL launches:
 # no change, 1.50 vs 1.52x step; benchmarks/results/contextual/contextual_predictor.md)
 PDL_ROWS = True
-
-
-@functools.lru_cache(maxsize=None)
-def _hopper(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _block_m(m: int) -> int:

@@ -209,11 +209,11 @@ def test_dejavu_keeps_predicted_top_k(tiny, tiny_predictors, block):
         detach(model)
 
 
-@pytest.mark.parametrize("heads,block", [(None, 256), ("dejavu", 256), (None, 32)])
+@pytest.mark.parametrize("heads,block", [(None, 256), ("dejavu", 256), (None, 32), (None, None)])
 def test_dejavu_triton_backend_matches_reference(tiny, tiny_predictors, heads, block, monkeypatch):
     """The kernels (listed neurons; with heads, o_proj through the zero-skipping TEAL kernel over
-    its column-major weight; block 32: the fused predictor + blocked selection) compute what the
-    masked reference computes."""
+    its column-major weight; block 32: the fused predictor + blocked selection; None: the scores
+    + one global top-k) compute what the masked reference computes."""
     from sparseinfer.kernels import gemv
 
     model, ids, _ = tiny

@@ -233,22 +233,13 @@ def _fusable_swiglu(mlp, cfg) -> bool:
 
 
 def _select_top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[.., n] -> bool [.., n]: True at the k largest (kernels.topk on CUDA)."""
+    """[.., n] -> bool [.., n]: True at the k largest (kernels.topk on CUDA; the torch rule,
+    `dejavu.blocked_top_mask` with one block, where triton is missing)."""
     try:
         from ..kernels.topk import select_top_mask
     except ImportError:
-        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(k, dim=-1).indices, True)
+        return blocked_top_mask(scores, k, None)
     return select_top_mask(scores, k)
-
-
-def _select_top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[.., n] -> [.., k] int32 positions of the k largest (kernels.topk: no sort on CUDA;
-    torch.topk where triton is missing)."""
-    try:
-        from ..kernels.topk import select_top
-    except ImportError:
-        return scores.topk(k, dim=-1).indices.to(torch.int32)
-    return select_top(scores, k)
 
 
 def _dejavu_mlp_forward(mlp, ctx: _LayerCtx):
@@ -271,7 +262,9 @@ def _dejavu_mlp_forward(mlp, ctx: _LayerCtx):
             from ..kernels.gemv import dejavu_mlp
 
             if blk is None:  # one global top-k (CUDA: one bisection launch, no sort): ascending positions
-                idx = _select_top(p.mlp_scores(src), k)
+                from ..kernels.topk import select_top
+
+                idx = select_top(p.mlp_scores(src), k)
             else:  # predictor + blocked selection fused (kernels.predict, two launches)
                 from ..kernels.predict import dejavu_select
 

@@ -195,21 +195,72 @@ def test_xattention_chunking_does_not_change_the_mass(monkeypatch):
     assert torch.allclose(xa.antidiagonal_mass(q, k, 4, 16, 0.3), whole, atol=1e-12)
 
 
-def test_xattention_fused_scores_path_matches_the_torch_path(monkeypatch):
-    """The GPU path (one float32 matmul, then the causal logsumexp and block sums of
-    kernels.lastq, here under the Triton interpreter) gives the torch path's block mass, whole
-    and chunked, and the probe's densities."""
+@pytest.mark.parametrize("kernel", ["scores", "lastq"])
+def test_xattention_fused_scores_path_matches_the_torch_path(monkeypatch, kernel):
+    """The GPU paths (here under the Triton interpreter): scores by one matmul per head, then
+    kernels.xattn's one-pass block mass; or float32 scores, then kernels.lastq's logsumexp and
+    block sums) give the torch path's block mass, whole and chunked (also with bf16 scores, to
+    their rounding), and the probe's densities."""
+    monkeypatch.setattr(xa, "MASS_KERNEL", kernel)
     q, k, _ = _qkv(333)
     q, k = q.float(), k.float()
     want = xa.antidiagonal_mass(q, k, 4, 16, 0.3, fused=False)
     got = xa.antidiagonal_mass(q, k, 4, 16, 0.3, fused=True)
     assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    if kernel != "lastq":  # bf16 inputs: bf16 scores (relative rounding 2^-9 of each logit)
+        qb, kb = q.bfloat16(), k.bfloat16()
+        want_b = xa.antidiagonal_mass(qb.double(), kb.double(), 4, 16, 0.3, fused=False)
+        got_b = xa.antidiagonal_mass(qb, kb, 4, 16, 0.3, fused=True)
+        assert (got_b.double() - want_b).abs().max() < 2e-3
     monkeypatch.setattr(xa, "_CHUNK_ELEMS", 4 * 84 * 8)
     assert torch.allclose(xa.antidiagonal_mass(q, k, 4, 16, 0.3, fused=True), want, atol=1e-5)
     p_want = xa.probe_density(q, k, 0.9, 4, 16, 0.3, samples=5, fused=False)
     p_got = xa.probe_density(q, k, 0.9, 4, 16, 0.3, samples=5, fused=True)
     assert torch.allclose(p_got, p_want, atol=1e-6)
     assert xa._use_fused(q, None) is False  # CPU float32: the torch path unless asked
+
+
+@pytest.mark.parametrize("n,stride,bs,tau", [(200, 4, 32, 0.9), (128, 8, 32, [0.5, 0.8, 0.95, 1.0])])
+def test_xattention_fused_estimate_matches_brute_force(n, stride, bs, tau):
+    """The GPU estimate (kernels.xattn's block mass and row selection, Triton interpreter here)
+    keeps the brute-force sets of blocks."""
+    q, k, _ = _qkv(n)
+    idx, mass = xa.estimate(q.float(), k.float(), tau, stride, bs, 8 ** -0.5, fused=True)
+    kept, ref_mass = brute_xattention(q, k, tau, stride, bs, 8 ** -0.5)
+    assert idx.dtype == torch.int64 and mass.dtype == torch.float32
+    np.testing.assert_allclose(mass.numpy(), ref_mass, atol=1e-5)
+    assert _sets(idx) == kept
+    assert (idx[..., :-1] < idx[..., 1:]).logical_or(idx[..., 1:] < 0).all()  # ascending, -1 after
+
+
+def test_xattention_select_blocks_matches_threshold_rows():
+    """kernels.xattn.select_blocks (bisection on the float bits, no sort) against
+    threshold_rows + sink / diagonal + table_to_index: rows with ties (equal masses are kept in
+    index order), zero masses, tau below the top block, one row; bad input refused."""
+    from sparseinfer.kernels import xattn
+
+    gen = torch.Generator().manual_seed(3)
+    for nb in (1, 7, 40):
+        m = torch.rand(2, 3, nb, nb, generator=gen) ** 4
+        m = torch.tril(m)
+        m[..., 1::3, :] = torch.tril(torch.ones(nb, nb))[1::3]  # all-equal rows: ties
+        m[..., 2::5, 1::2] = 0.0  # zero masses are never kept (unless sink / diagonal)
+        m = m / m.sum(-1, keepdim=True)
+        taus = torch.tensor([0.05, 0.9, 0.97])
+        keep = xa.threshold_rows(m, taus)
+        r = torch.arange(nb)
+        keep = (keep | (r[None, :] == r[:, None]) | (r[None, :] == 0)) & (r[None, :] <= r[:, None])
+        want = xa.table_to_index(keep)
+        got = xattn.select_blocks(m, taus)
+        assert got.shape == want.shape and torch.equal(got, want), nb
+        # tau = 1 keeps every block with mass
+        full = xattn.select_blocks(m, torch.ones(3))
+        assert _sets(full) == [[[{c for c in range(nb) if m[b, h, i, c] > 0 or c in (0, i)} for i in range(nb)]
+                                for h in range(3)] for b in range(2)]
+    with pytest.raises(ValueError, match="float32 mass"):
+        xattn.select_blocks(m.double(), taus)
+    with pytest.raises(ValueError, match="tau"):
+        xattn.select_blocks(m, taus[:2])
 
 
 def test_flexprefill_fused_last_query_sums_match_the_torch_path():

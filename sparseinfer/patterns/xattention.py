@@ -30,6 +30,11 @@ from ..index import _compact, device_tensor
 from .base import Pattern, Selection
 from .block_sparse import block_sparse_density
 
+# the fused path: "scores" = half-precision scores (one cuBLAS matmul per query head and chunk of
+# query groups), then one Triton pass to the block mass (kernels.xattn.scores_block_mass);
+# "lastq" = float32 scores, then kernels.lastq's two passes (benchmarks/results/adaptive_mass.md)
+MASS_KERNEL = "scores"
+MIN_CHUNKS = 8
 _CHUNK_ELEMS = 1 << 26  # strided scores per chunk (B * Hq * rows * key groups); 256 MB in float32
 
 
@@ -103,6 +108,7 @@ def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, stride: int, block_size:
         raise ValueError(f"xattention: block_size must be a multiple of stride, got {block_size} and {stride}")
     b, hq, n, d = q.shape
     acc = _acc_dtype(q)
+    fused = _use_fused(q, fused)
     nb = math.ceil(n / block_size)
     npad = nb * block_size
     ng = npad // stride  # groups (padded)
@@ -113,17 +119,25 @@ def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, stride: int, block_size:
     qs = qp.reshape(b, hkv, hq // hkv, ng, stride * d)  # query groups: rows concatenated in order
     ks = _key_groups(k, npad, stride, mm)
     g_valid = math.ceil(n / stride)  # groups holding at least one real token
-    fused = _use_fused(q, fused)
-    if fused and not (q.is_cuda and mm in (torch.float16, torch.bfloat16)):
+    scores = fused and MASS_KERNEL == "scores" and gpb & (gpb - 1) == 0 and acc == torch.float32
+    if fused and not scores and not (q.is_cuda and mm in (torch.float16, torch.bfloat16)):
         ks = ks.float()  # once (TF32 operands), not per chunk; CUDA half inputs stay half (matmul_f32)
     out = torch.zeros(b, hq, nb, nb, dtype=acc, device=q.device)
     elems = _CHUNK_ELEMS * (4 if q.is_cuda else 1)
     heads_at_once = hkv if fused else hq  # the fused path scores one query head of each group at a time
-    # at least 8 chunks: a chunk of rows [r0, r1) scores keys [0, r1), so its upper triangle is
-    # wasted work (1/2 for one chunk, 1/16 for 8)
-    rows_per_chunk = max(gpb, min(elems // max(1, b * heads_at_once * ng), ng // 8) // gpb * gpb)
+    # at least MIN_CHUNKS chunks: a chunk of rows [r0, r1) scores keys [0, r1), so its upper
+    # triangle is wasted work (1/2 for one chunk, 1/16 for 8)
+    rows_per_chunk = max(gpb, min(elems // max(1, b * heads_at_once * ng), ng // MIN_CHUNKS) // gpb * gpb)
     for r0 in range(0, ng, rows_per_chunk):
         r1 = min(ng, r0 + rows_per_chunk)  # a multiple of gpb; causal: key groups < r1 only
+        if scores:  # half-precision scores of the chunk, then one reduction pass (kernels.xattn)
+            from ..kernels import xattn
+
+            s = torch.empty(hq // hkv, b, hkv, r1 - r0, r1, dtype=mm, device=q.device)
+            for g in range(hq // hkv):  # one matmul per query head of the group, q rows read in place
+                torch.matmul(qs[:, :, g, r0:r1], ks[:, :, :r1].transpose(-1, -2), out=s[g])
+            xattn.scores_block_mass(s, out, r0, g_valid, gpb, scale / stride)
+            continue
         qi = torch.arange(r0, r1, device=q.device)
         out[:, :, r0 // gpb : r1 // gpb, : r1 // gpb] = _group_block_mass(
             qs[:, :, :, r0:r1], ks[:, :, :r1], qi, g_valid, gpb, scale / stride, hq, fused).to(acc)
@@ -186,14 +200,20 @@ def check_int(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
 
 
-def estimate(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: float | None = None):
+def estimate(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: float | None = None, fused=None):
     """q [B, Hq, N, D], k [B, Hkv, N, D] -> (block_idx [B, Hq, nb, K] int64 with -1 padding,
-    mass [B, Hq, nb, nb] the estimated row-normalised block mass)."""
+    mass [B, Hq, nb, nb] the estimated row-normalised block mass). fused (None = on CUDA
+    half-precision inputs): the Triton kernels of `kernels.xattn` for the mass and the selection."""
     b, hq, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
-    mass = antidiagonal_mass(q, k, stride, block_size, scale)
+    fused = _use_fused(q, fused)
+    mass = antidiagonal_mass(q, k, stride, block_size, scale, fused)
     nb = mass.shape[-1]
     taus = head_values("tau", tau, hq, q.device, 0.0, 1.0).to(mass.dtype)
+    if fused and mass.dtype == torch.float32 and nb <= 16384:
+        from ..kernels import xattn
+
+        return xattn.select_blocks(mass, taus), mass
     keep = threshold_rows(mass, taus)
     r = torch.arange(nb, device=q.device)
     forced = (r[None, :] == r[:, None]) | (r[None, :] == 0)

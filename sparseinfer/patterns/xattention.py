@@ -48,9 +48,10 @@ def _mm_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _use_fused(q: torch.Tensor, fused) -> bool:
-    """The fused scores path (`kernels.lastq`: a TF32 matmul, then a causal logsumexp pass and
-    one pass of block sums over the scores instead of ~10 torch passes): CUDA half-precision
-    inputs by default; fused=True forces it (CPU: Triton interpreter), False the torch path."""
+    """The fused path (MASS_KERNEL: half-precision scores reduced to the block mass in one
+    Triton pass, `kernels.xattn`, or `kernels.lastq`'s two passes; the selection by
+    `kernels.xattn.select_blocks`) instead of ~10 torch passes: CUDA half-precision inputs by
+    default; fused=True forces it (CPU: Triton interpreter), False the torch path."""
     from .vertical_slash import fused_sums
 
     if fused is not None:

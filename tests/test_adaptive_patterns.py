@@ -233,10 +233,11 @@ def test_xattention_fused_estimate_matches_brute_force(n, stride, bs, tau):
     assert (idx[..., :-1] < idx[..., 1:]).logical_or(idx[..., 1:] < 0).all()  # ascending, -1 after
 
 
-def test_xattention_select_blocks_matches_threshold_rows():
+def test_xattention_select_blocks_matches_threshold_rows(monkeypatch):
     """kernels.xattn.select_blocks (bisection on the float bits, no sort) against
     threshold_rows + sink / diagonal + table_to_index: rows with ties (equal masses are kept in
-    index order), zero masses, tau below the top block, one row; bad input refused."""
+    index order), zero masses, tau below the top block, one row; one and two launches; bad input
+    refused."""
     from sparseinfer.kernels import xattn
 
     gen = torch.Generator().manual_seed(3)
@@ -253,6 +254,10 @@ def test_xattention_select_blocks_matches_threshold_rows():
         want = xa.table_to_index(keep)
         got = xattn.select_blocks(m, taus)
         assert got.shape == want.shape and torch.equal(got, want), nb
+        # the two-pass path (a counting launch sizes the output): the same indices
+        monkeypatch.setattr(xattn, "ONE_PASS_BYTES", 0)
+        assert torch.equal(xattn.select_blocks(m, taus), want)
+        monkeypatch.undo()
         # tau = 1 keeps every block with mass
         full = xattn.select_blocks(m, torch.ones(3))
         assert _sets(full) == [[[{c for c in range(nb) if m[b, h, i, c] > 0 or c in (0, i)} for i in range(nb)]

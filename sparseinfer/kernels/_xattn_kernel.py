@@ -68,7 +68,7 @@ def xattn_scores_mass_kernel(
 
 
 @triton.jit
-def xattn_select_kernel(MASS, TAU, IDX, CNT, NB, HQ, W, NBP: tl.constexpr):
+def xattn_select_kernel(MASS, TAU, IDX, CNT, NB, HQ, W, NBP: tl.constexpr, WRITE: tl.constexpr = True):
     """One row r of one (batch, head) of the row-normalised block mass [.., NB]: the smallest
     prefix of its blocks sorted by mass (descending, ties by lower index) reaching TAU[h], plus
     the sink block 0 and the diagonal block r, none past r; written as ascending block
@@ -76,7 +76,8 @@ def xattn_select_kernel(MASS, TAU, IDX, CNT, NB, HQ, W, NBP: tl.constexpr):
     cut value is found by bisection over the float bit patterns (non-negative floats order
     as their int32 bits): the smallest b with sum(mass > b) < tau; blocks above b are kept, blocks
     equal to b in index order while the mass before them stays below tau. tau >= 1 keeps every
-    block with mass (a float sum may round to 1 before the smallest ones)."""
+    block with mass (a float sum may round to 1 before the smallest ones). WRITE=False: the
+    counts only."""
     pid = tl.program_id(0)
     r = pid % NB
     h = (pid // NB) % HQ
@@ -99,7 +100,8 @@ def xattn_select_kernel(MASS, TAU, IDX, CNT, NB, HQ, W, NBP: tl.constexpr):
     keep = (keep | (j == 0) | (j == r)) & (j <= r)
     pos = tl.associative_scan(keep.to(tl.int32), 0, _sum_fn) - 1
     cnt = tl.reduce(keep.to(tl.int32), 0, _sum_fn)
-    out = IDX + pid.to(tl.int64) * W
-    tl.store(out + pos, j.to(tl.int64), mask=keep & (pos < W))
-    tl.store(out + j, tl.full([NBP], -1, tl.int64), mask=(j >= cnt) & (j < W))
+    if WRITE:
+        out = IDX + pid.to(tl.int64) * W
+        tl.store(out + pos, j.to(tl.int64), mask=keep & (pos < W))
+        tl.store(out + j, tl.full([NBP], -1, tl.int64), mask=(j >= cnt) & (j < W))
     tl.store(CNT + pid, cnt)

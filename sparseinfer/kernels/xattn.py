@@ -24,6 +24,10 @@ from ._loader import kernel_module
 
 # xattn_scores_mass_kernel on CUDA: (key groups per step, query blocks per program, num_warps, stages)
 SCORES_CONFIG = (256, 1, 4, 1)
+# select_blocks writes full-width rows (then slices) up to this size; larger outputs take a
+# counting pass first and are written at the widest row's width
+ONE_PASS_BYTES = 1 << 30
+
 
 def scores_block_mass(s: torch.Tensor, out: torch.Tensor, r0: int, g_valid: int, gpb: int, scale: float) -> None:
     """The block mass of a chunk of query groups from their strided scores in memory:
@@ -58,16 +62,25 @@ def select_blocks(mass: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """mass [B, Hq, nb, nb] float32 row-normalised (zero above the diagonal), tau [Hq] ->
     block_idx [B, Hq, nb, K] int64, -1 padding, K = the widest row (one host synchronisation):
     per row the blocks of `patterns.xattention.threshold_rows` plus the sink and the diagonal,
-    ascending (one Triton program per row, `xattn_select_kernel`)."""
+    ascending (one Triton program per row, `xattn_select_kernel`). Up to ONE_PASS_BYTES the rows
+    are written nb wide and sliced to K; beyond, a counting launch sizes them first."""
     b, hq, nb, nb2 = mass.shape
     if mass.dtype != torch.float32 or nb != nb2 or tuple(tau.shape) != (hq,):
         raise ValueError(f"select_blocks: expected float32 mass [B, Hq, nb, nb] and tau [Hq]; got mass {mass.dtype} "
                          f"{tuple(mass.shape)}, tau {tuple(tau.shape)}")
     mass = mass.contiguous()
-    idx = torch.empty(b, hq, nb, nb, dtype=torch.int64, device=mass.device)
+    tau = tau.float().contiguous()
     cnt = torch.empty(b, hq, nb, dtype=torch.int32, device=mass.device)
     nbp = triton.next_power_of_2(nb)
     mod = kernel_module("_xattn_kernel.py", not mass.is_cuda)
-    mod.xattn_select_kernel[(b * hq * nb,)](mass, tau.float().contiguous(), idx, cnt, nb, hq, nb, NBP=nbp,
-                                            num_warps=4 if nbp <= 1024 else 8 if nbp <= 4096 else 16)
-    return idx[..., :max(1, int(cnt.max()))]
+    launch = mod.xattn_select_kernel[(b * hq * nb,)]
+    warps = 4 if nbp <= 1024 else 8 if nbp <= 4096 else 16
+    if b * hq * nb * nb * 8 <= ONE_PASS_BYTES:
+        idx = torch.empty(b, hq, nb, nb, dtype=torch.int64, device=mass.device)
+        launch(mass, tau, idx, cnt, nb, hq, nb, NBP=nbp, num_warps=warps)
+        return idx[..., :max(1, int(cnt.max()))]
+    launch(mass, tau, cnt, cnt, nb, hq, 1, NBP=nbp, WRITE=False, num_warps=warps)
+    width = max(1, int(cnt.max()))
+    idx = torch.empty(b, hq, nb, width, dtype=torch.int64, device=mass.device)
+    launch(mass, tau, idx, cnt, nb, hq, width, NBP=nbp, num_warps=warps)
+    return idx

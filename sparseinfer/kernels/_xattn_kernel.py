@@ -44,11 +44,11 @@ def xattn_scores_mass_kernel(
         cols = n0 + tl.arange(0, BN)
         ok = (cols[None, :] <= rows[:, None]) & (cols[None, :] < GV) & (rin[:, None] < R)
         s = tl.load(base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32) * SCALE_LOG2
+        kb = n0 // GPB + tl.arange(0, BN // GPB)
         s3 = tl.reshape(s, [ROWS, BN // GPB, GPB])
         mb = tl.reduce(s3, 2, _max_fn)
         mb_use = tl.where(mb == float("-inf"), 0.0, mb)
         eb = tl.reduce(tl.exp2(s3 - mb_use[:, :, None]), 2, _sum_fn)
-        kb = n0 // GPB + tl.arange(0, BN // GPB)
         tl.store(scr + rloc[:, None] * SCR_W + kb[None, :], mb_use + tl.log2(eb))
         m_new = tl.maximum(m_i, tl.reduce(mb, 1, _max_fn))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)

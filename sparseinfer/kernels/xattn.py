@@ -23,7 +23,8 @@ import triton
 from ._loader import kernel_module
 
 # xattn_scores_mass_kernel on CUDA: (key groups per step, query blocks per program, num_warps, stages)
-SCORES_CONFIG = (256, 1, 4, 1)
+# (benchmarks/NOTES_kernels.md: 1.08 ms vs 1.12 ms for (256, 1, 4, 1) on a 128K chunk's 2 GB of scores)
+SCORES_CONFIG = (128, 1, 2, 1)
 # select_blocks writes full-width rows (then slices) up to this size; larger outputs take a
 # counting pass first and are written at the widest row's width
 ONE_PASS_BYTES = 1 << 30

@@ -36,7 +36,6 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import sparseinfer  # noqa: E402
 from sparseinfer.contextual.dejavu import LayerPredictor, Predictors  # noqa: E402
 from sparseinfer.kernels.topk import select_top, topk_indices_launch  # noqa: E402
-from sparseinfer.contextual.teal import LEVELS, Thresholds  # noqa: E402
 from sparseinfer.kernels import gemv  # noqa: E402
 
 LLAMA_31_8B = dict(

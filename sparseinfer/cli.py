@@ -267,7 +267,7 @@ def cmd_train_predictors(args) -> int:
     model, tok = load_model(args.model)
     pred = dejavu.train_for_model(model, tok, n_tokens=args.tokens, window=args.window, model_id=args.model,
                                   rank=args.rank, steps=args.steps, label_frac=args.label_frac, heads=not args.no_heads,
-                                  source=args.source, kind=args.kind)
+                                  source=args.source, kind=args.kind, finetune_steps=args.finetune_steps)
     pred.meta["fingerprint"] = fingerprint(model.config)
     path = pred.save(args.out)
     rec = pred.meta["recall"]
@@ -423,16 +423,20 @@ def build_parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("train-predictors", help="Deja Vu: train per-layer MLP / head predictors, report recall")
     tp.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")
     tp.add_argument("--out", required=True, help="predictor file to write (.safetensors)")
-    tp.add_argument("--tokens", type=int, default=4096,
-                    help="calibration tokens, last 25%% held out; more help the glu kind (SmolLM2 at 40%% sparsity: "
-                         "+58%% ppl with 4096, +38%% with 16384, the shipped file) (default: %(default)s)")
+    tp.add_argument("--tokens", type=int, default=16384,
+                    help="calibration tokens, last 25%% held out; more help the glu kind (SmolLM2 at 40%% sparsity, "
+                         "closed form: +58%% ppl with 4096, +38%% with 16384) (default: %(default)s)")
     tp.add_argument("--window", type=int, default=1024, help="tokens per forward (default: %(default)s)")
     tp.add_argument("--rank", type=int, default=128, help="MLP predictor rank (default: %(default)s)")
     tp.add_argument("--source", default="mlp_in", choices=["mlp_in", "attn_in"],
                     help="MLP predictor input: the MLP input, or the attention input (look-ahead) (default: %(default)s)")
     tp.add_argument("--kind", default="glu", choices=["glu", "linear"],
-                    help="MLP predictor: glu = rank-r gate/up model scored |SiLU(g)*u| (closed form), linear = "
+                    help="MLP predictor: glu = rank-r gate/up model scored |SiLU(g)*u| (closed form, then fine-tuned: "
+                         "--finetune-steps), linear = "
                          "Deja Vu's linear scores trained with BCE (default: %(default)s)")
+    tp.add_argument("--finetune-steps", type=int, default=200,
+                    help="glu: Adam steps per layer fine-tuning the closed-form fit for the top-K selection at 60%% "
+                         "and 50%% kept (contextual.dejavu.finetune_glu); 0 = closed form only (default: %(default)s)")
     tp.add_argument("--steps", type=int, default=60, help="Adam steps per predictor (linear and heads) (default: %(default)s)")
     tp.add_argument("--label-frac", type=float, default=0.5, help="share of neurons / heads labelled 1 (default: %(default)s)")
     tp.add_argument("--no-heads", action="store_true", help="train MLP predictors only")

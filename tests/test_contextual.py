@@ -69,6 +69,57 @@ def _logits(model, ids):
         return model(input_ids=ids[None], use_cache=False).logits[0]
 
 
+def _blocked_kept(p, x, mag, keep):
+    """Share of sum(h^2) kept by the inference rule (blocked top-K of the predictor's scores)."""
+    e = mag ** 2
+    m = dejavu.blocked_top_mask(p.mlp_scores(x), round(keep * mag.shape[1]), dejavu.SELECT_BLOCK)
+    return float(((e * m).sum(1) / e.sum(1)).mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_finetune_glu_keeps_more_energy_than_the_closed_form_on_held_out_tokens(seed):
+    """Synthetic SwiGLU layer (anisotropic inputs, rank-8 predictor of a rank-48 gate/up): the
+    fine-tuned predictor keeps more of sum(h^2) on held-out tokens at both trained kept shares
+    (closed form 0.78-0.79 / 0.71-0.72 vs fine-tuned ~0.01 / ~0.015 more), with the same shapes and
+    score form (no bias)."""
+    g = torch.Generator().manual_seed(seed)
+    H, I, N = 48, 128, 6000
+    x = torch.randn(N, H, generator=g) * torch.logspace(0, -0.5, H)
+    wg, wu = (torch.randn(I, H, generator=g) / H ** 0.5 for _ in range(2))
+    mag = (F.silu(x @ wg.T) * (x @ wu.T)).abs()
+    tr, va = slice(0, 4000), slice(4000, N)
+    A, B = dejavu.fit_glu(x[tr], torch.cat([x[tr] @ wg.T, x[tr] @ wu.T], 1), rank=8)
+    A2, B2 = dejavu.finetune_glu(x[tr], mag[tr], A, B, steps=300, lr=1e-3, batch=512,
+                                 gen=torch.Generator().manual_seed(0))
+    assert A2.shape == A.shape == (8, H) and B2.shape == B.shape == (2 * I, 8)
+    closed, tuned = dejavu.LayerPredictor(A, B, None), dejavu.LayerPredictor(A2, B2, None)
+    assert tuned.glu
+    for keep in (0.6, 0.5):
+        assert _blocked_kept(tuned, x[va], mag[va], keep) > _blocked_kept(closed, x[va], mag[va], keep) + 0.005
+    lab, t = dejavu._block_thresholds(mag[:50], 0.6, 32)  # labels = the selection rule; t between kept and dropped
+    assert torch.equal(lab, dejavu.blocked_top_mask(mag[:50], round(0.6 * I), 32))
+    assert bool((mag[:50][lab] >= t[lab]).all()) and bool((mag[:50][~lab] <= t[~lab]).all())
+
+
+def test_train_glu_finetunes_by_default_and_zero_steps_is_the_closed_form(tiny):
+    model, _, acts = tiny
+    kw = dict(n_heads=4, rank=16, heads=False, kind="glu", weights=_glu_weights(model), progress=False)
+    closed = dejavu.train(acts, finetune_steps=0, **kw)
+    tuned = dejavu.train(acts, finetune_steps=20, **kw)
+    assert closed.meta["finetune_steps"] == 0 and tuned.meta["finetune_steps"] == 20
+    assert tuned.meta["finetune_keeps"] == [0.6, 0.5]
+    n = acts.n_tokens - int(acts.n_tokens * 0.25)
+    x = acts.layer("mlp_in", 0)[:n]
+    wg, wu = _glu_weights(model)[0]
+    A, B = dejavu.fit_glu(x, torch.cat([x.double() @ wg.double().T, x.double() @ wu.double().T], 1), 16)
+    torch.testing.assert_close(closed.layers[0].A, A)
+    for c, t in zip(closed.layers, tuned.layers):
+        assert t.b is None and t.A.shape == c.A.shape and t.B.shape == c.B.shape
+        assert not torch.equal(t.A, c.A)
+    import inspect
+    assert inspect.signature(dejavu.train).parameters["finetune_steps"].default > 0
+
+
 def test_thresholds_are_quantiles(tiny, tiny_thresholds):
     x = tiny[2].layer("down_in", 1).float().abs().flatten()
     t = tiny_thresholds.threshold(1, "down_in", 0.4)

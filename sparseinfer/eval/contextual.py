@@ -244,7 +244,11 @@ def write_report(rows: list[dict], out: Path, model_id: str, command: str, pred_
         (f"- Deja Vu: per-layer predictor of kind \"glu\" (rank {pred_meta.get('rank', '?')}) from the layer's "
          f"{'MLP input' if pred_meta.get('mlp_input', 'mlp_in') == 'mlp_in' else 'attention input (look-ahead)'}: "
          "a rank-r model of the gate and up projections fitted in closed form (reduced-rank ridge regression on the "
-         "calibration activations; `contextual.dejavu.fit_glu`), scored |SiLU(g~)·u~|"
+         "calibration activations; `contextual.dejavu.fit_glu`)"
+         + (f", then fine-tuned for the selection ({pred_meta['finetune_steps']} Adam steps per layer at "
+            f"{' / '.join(f'{k:.0%}' for k in pred_meta.get('finetune_keeps', []))} kept; `contextual.dejavu.finetune_glu`)"
+            if pred_meta.get("finetune_steps") else "")
+         + ", scored |SiLU(g~)·u~|"
          if pred_meta.get("kind") == "glu" else
          f"- Deja Vu: per-layer linear predictor (rank {pred_meta.get('rank', '?')}, no nonlinearity) from the layer's "
          f"{'MLP input' if pred_meta.get('mlp_input', 'mlp_in') == 'mlp_in' else 'attention input (look-ahead)'}, "

@@ -228,14 +228,9 @@ def mass_variants(n, dev, gen, log, block_size, out_dir, meta):
             f"kept blocks changed (tau 0.9) {100 * flips:.3f}%")
         del m
     m = xa.antidiagonal_mass(q, k, 8, block_size, scale)
-    r = torch.arange(m.shape[-1], device=m.device)
-
-    def torch_select():
-        keep = xa.threshold_rows(m, taus)
-        return xa.table_to_index((keep | (r[None, :] == r[:, None]) | (r[None, :] == 0)) & (r[None, :] <= r[:, None]))
-
-    sel = {"torch": timed(torch_select, dev), "kernel": timed(lambda: xattn.select_blocks(m, taus), dev)}
-    a, b = torch_select(), xattn.select_blocks(m, taus)
+    sel = {"torch": timed(lambda: xa.select_rows(m, taus), dev),
+           "kernel": timed(lambda: xa.select_rows(m, taus, fused=True), dev)}
+    a, b = xa.select_rows(m, taus), xa.select_rows(m, taus, fused=True)
     same = bool(torch.equal(a, b))
     if not same:  # which rows differ, and by how much kept mass (float rounding at the tau boundary?)
         w = max(a.shape[-1], b.shape[-1])

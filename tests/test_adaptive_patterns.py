@@ -234,10 +234,10 @@ def test_xattention_fused_estimate_matches_brute_force(n, stride, bs, tau):
 
 
 def test_xattention_select_blocks_matches_threshold_rows(monkeypatch):
-    """kernels.xattn.select_blocks (bisection on the float bits, no sort) against
-    threshold_rows + sink / diagonal + table_to_index: rows with ties (equal masses are kept in
-    index order), zero masses, tau below the top block, one row; one and two launches; bad input
-    refused."""
+    """kernels.xattn.select_blocks (bisection on the float bits, no sort) against the torch
+    path of select_rows (threshold_rows + sink / diagonal + table_to_index): rows with ties
+    (equal masses are kept in index order), zero masses, tau below the top block, one row; one
+    and two launches; bad input refused."""
     from sparseinfer.kernels import xattn
 
     gen = torch.Generator().manual_seed(3)
@@ -248,11 +248,9 @@ def test_xattention_select_blocks_matches_threshold_rows(monkeypatch):
         m[..., 2::5, 1::2] = 0.0  # zero masses are never kept (unless sink / diagonal)
         m = m / m.sum(-1, keepdim=True)
         taus = torch.tensor([0.05, 0.9, 0.97])
-        keep = xa.threshold_rows(m, taus)
-        r = torch.arange(nb)
-        keep = (keep | (r[None, :] == r[:, None]) | (r[None, :] == 0)) & (r[None, :] <= r[:, None])
-        want = xa.table_to_index(keep)
+        want = xa.select_rows(m, taus)  # the torch path: threshold_rows, sink + diagonal, table_to_index
         got = xattn.select_blocks(m, taus)
+        assert torch.equal(xa.select_rows(m, taus, fused=True), got)
         assert got.shape == want.shape and torch.equal(got, want), nb
         # the two-pass path (a counting launch sizes the output): the same indices
         monkeypatch.setattr(xattn, "ONE_PASS_BYTES", 0)

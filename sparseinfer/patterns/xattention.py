@@ -211,15 +211,22 @@ def estimate(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: float 
     mass = antidiagonal_mass(q, k, stride, block_size, scale, fused)
     nb = mass.shape[-1]
     taus = head_values("tau", tau, hq, q.device, 0.0, 1.0).to(mass.dtype)
+    return select_rows(mass, taus, fused), mass
+
+
+def select_rows(mass: torch.Tensor, tau: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """mass [B, Hq, nb, nb] row-normalised, tau [Hq] -> block_idx [B, Hq, nb, K] int64 (-1
+    padding): per row `threshold_rows` plus the sink block 0 and the diagonal block, none past
+    the diagonal. fused: `kernels.xattn.select_blocks` (float32 mass, no sort), else torch."""
+    nb = mass.shape[-1]
     if fused and mass.dtype == torch.float32 and nb <= 16384:
         from ..kernels import xattn
 
-        return xattn.select_blocks(mass, taus), mass
-    keep = threshold_rows(mass, taus)
-    r = torch.arange(nb, device=q.device)
+        return xattn.select_blocks(mass, tau)
+    keep = threshold_rows(mass, tau)
+    r = torch.arange(nb, device=mass.device)
     forced = (r[None, :] == r[:, None]) | (r[None, :] == 0)
-    keep = (keep | forced) & (r[None, :] <= r[:, None])
-    return table_to_index(keep), mass
+    return table_to_index((keep | forced) & (r[None, :] <= r[:, None]))
 
 
 def probe_density(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: float | None = None,

@@ -256,8 +256,9 @@ def test_xattention_select_blocks_matches_threshold_rows(monkeypatch):
         monkeypatch.setattr(xattn, "ONE_PASS_BYTES", 0)
         assert torch.equal(xattn.select_blocks(m, taus), want)
         monkeypatch.undo()
-        # tau = 1 keeps every block with mass
+        # tau = 1 keeps every block with mass, on both paths
         full = xattn.select_blocks(m, torch.ones(3))
+        assert torch.equal(full, xa.select_rows(m, torch.ones(3)))
         assert _sets(full) == [[[{c for c in range(nb) if m[b, h, i, c] > 0 or c in (0, i)} for i in range(nb)]
                                 for h in range(3)] for b in range(2)]
     with pytest.raises(ValueError, match="float32 mass"):

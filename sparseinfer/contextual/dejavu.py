@@ -143,10 +143,16 @@ def blocked_top_mask(scores: torch.Tensor, k: int, block: int | None) -> torch.T
     edges = torch.arange(nb + 1, device=scores.device) * block
     edges[-1] = n
     kb = torch.div(k * edges, n, rounding_mode="floor").diff().repeat_interleave(block)[:n]
-    s = F.pad(scores.nan_to_num(nan=float("-inf")), (0, nb * block - n), value=float("-inf"))
-    s = s.reshape(*scores.shape[:-1], nb, block)
+    s = _as_blocks(scores.nan_to_num(nan=float("-inf")), block, float("-inf"))
     rank = s.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # rank inside the block
     return rank.reshape(*scores.shape[:-1], nb * block)[..., :n] < kb
+
+
+def _as_blocks(x: torch.Tensor, block: int, fill: float) -> torch.Tensor:
+    """x [.., I] -> [.., ceil(I / block), block], the last block padded with `fill`."""
+    n = x.shape[-1]
+    nb = -(-n // block)
+    return F.pad(x, (0, nb * block - n), value=fill).reshape(*x.shape[:-1], nb, block)
 
 
 def blocked_top_indices(scores: torch.Tensor, k: int, block: int | None) -> torch.Tensor:
@@ -227,14 +233,11 @@ def _block_thresholds(mag: torch.Tensor, keep: float, block: int | None) -> tupl
     """mag [N, M] >= 0 -> (labels bool [N, M]: the neurons `blocked_top_mask` keeps at this kept share,
     t [N, M]: per neuron, its block's threshold, the geometric mean of the smallest kept and the
     largest dropped magnitude of that block)."""
-    n, m = mag.shape
+    m = mag.shape[1]
     lab = blocked_top_mask(mag, max(1, round(keep * m)), block)
     blk = m if block is None else min(block, m)
-    nb = -(-m // blk)
-    pad = (0, nb * blk - m)
-    inf = float("inf")
-    hi = F.pad(mag.masked_fill(~lab, inf), pad, value=inf).reshape(n, nb, blk).amin(-1)
-    lo = F.pad(mag.masked_fill(lab, 0.0), pad, value=0.0).reshape(n, nb, blk).amax(-1)
+    hi = _as_blocks(mag.masked_fill(~lab, float("inf")), blk, float("inf")).amin(-1)
+    lo = _as_blocks(mag.masked_fill(lab, 0.0), blk, 0.0).amax(-1)
     hi = torch.where(torch.isinf(hi), 2 * lo + 1e-6, hi)  # a block that keeps nothing
     lo = torch.where(lo <= 0, hi / 2, lo)  # a block that keeps everything
     t = (hi * lo).sqrt().clamp_min(1e-8).repeat_interleave(blk, dim=1)[:, :m]

@@ -147,10 +147,12 @@ def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, stride: int, block_size:
 
 def threshold_rows(mass: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """mass [B, H, R, M] (rows sum to 1; non-candidates 0), tau [H] -> bool [B, H, R, M]: per row
-    the smallest prefix of entries sorted by mass (descending, ties by index) reaching tau."""
+    the smallest prefix of entries sorted by mass (descending, ties by index) reaching tau.
+    tau >= 1 keeps every entry with mass (a float cumsum may reach 1 before the smallest ones)."""
     vals, order = torch.sort(mass, dim=-1, descending=True, stable=True)
     before = row_cumsum(vals) - vals  # mass of the entries ranked before each one
-    keep_sorted = (before < tau[None, :, None, None]) & (vals > 0)
+    t = tau[None, :, None, None]
+    keep_sorted = ((before < t) | (t >= 1)) & (vals > 0)
     keep_sorted[..., 0] = True
     keep = torch.zeros_like(keep_sorted)
     return keep.scatter_(-1, order, keep_sorted)

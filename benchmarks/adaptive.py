@@ -1,14 +1,18 @@
-"""Training-free adaptive sparse attention (XAttention, FlexPrefill) vs dense SDPA on one GPU.
+"""Adaptive sparse attention (XAttention, FlexPrefill, the learned gate) vs dense SDPA on one GPU.
 
 One Llama-3-8B layer: B=1, 32 query heads, 8 KV heads, D=128, bf16, causal, on the structured
 q/k of benchmarks/attention.py (sinks, a local band, distant diagonals, heavy columns) and
-random v. For each method and size: index estimation alone, the kernel on those indices, and
+random v. The learned gate (`patch(model, "adaptive")`) has no trained weights for this shape:
+it is distilled first, for one layer, on structured q/k of the same length drawn with another seed
+(the library's self-distillation: dense attention max-pooled to blocks, KL; `distilled_gate`), as
+training on a real model would fit it to that model's heads. For each method and size: index estimation alone, the kernel on those indices, and
 both together (what a patched model pays), the kept density, speed-up vs the faster of cuDNN /
 flash SDPA, % of the density limit (speed-up x density) and whether the density guard
 (`sparseinfer.guards.BREAK_EVEN_DENSITY`) would route heads dense.
 
     python benchmarks/adaptive.py --out benchmarks/results            # 32K and 128K (< 4 min on an H100)
     python benchmarks/adaptive.py --smoke --out /tmp/adaptive-smoke   # CPU, tiny shapes, < 1 min
+    python benchmarks/adaptive.py --methods gate --sizes 131072       # only the methods matching "gate"
 
 First a check: the Triton kernel on the estimated indices vs the float32 torch reference at
 8K (rel. err <= 1e-2, no NaN). Writes adaptive.json + adaptive.md to --out.
@@ -34,7 +38,9 @@ import attention as base  # noqa: E402  (benchmarks/attention.py: structured inp
 from sparseinfer import guards  # noqa: E402
 from sparseinfer.integration import run_selections  # noqa: E402
 from sparseinfer.patterns import FlexPrefill, XAttention  # noqa: E402
+from sparseinfer.patterns.adaptive import AdaptiveLayer  # noqa: E402
 from sparseinfer.patterns.base import combined_density  # noqa: E402
+from sparseinfer.recall import RecallProbe, row_blocks  # noqa: E402
 
 METHODS = {
     "xattention tau=0.9": lambda bs: XAttention(tau=0.9, stride=8, block_size=bs),
@@ -42,7 +48,49 @@ METHODS = {
     "xattention tau=0.9 stride=16": lambda bs: XAttention(tau=0.9, stride=16, block_size=bs),
     "flexprefill gamma=0.9": lambda bs: FlexPrefill(gamma=0.9, tau=0.1, block_size=bs),
     "flexprefill gamma=0.95": lambda bs: FlexPrefill(gamma=0.95, tau=0.1, block_size=bs),
+    # the learned gate, threshold mode (patch's default 1e-3) and top-k mode, on its own block size
+    "adaptive gate threshold=1e-3 block 64": lambda bs: AdaptiveLayer(distilled_gate(64), 0, threshold=1e-3),
+    "adaptive gate threshold=1e-3 block 128": lambda bs: AdaptiveLayer(distilled_gate(128), 0, threshold=1e-3),
+    "adaptive gate density=0.3 block 128": lambda bs: AdaptiveLayer(distilled_gate(128), 0, density=0.3),
 }
+GATE_STEPS, GATE_LR = 300, 1e-2  # as `sparseinfer train-gate`
+_GATES: dict = {}  # (block size, length) -> (Gates, first loss, last loss)
+_CTX: dict = {"dev": torch.device("cpu"), "log": print, "n": 1024}  # n: the length being measured
+
+
+def distilled_gate(block_size: int):
+    """Gates of the Llama-3.1-8B shape (block `block_size`, default pooling and width) whose
+    layer 0 is distilled on structured q/k of the length being measured (another seed) with
+    `gate_training.train_layer` (targets from `block_targets` on every other query block);
+    cached per (block size, length)."""
+    key = (block_size, _CTX["n"])
+    if key not in _GATES:
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        from gate_overhead import llama8b_config
+        from sparseinfer.gate import Gates
+        from sparseinfer.gate_training import LayerCache, block_targets, train_layer
+
+        dev, t0 = _CTX["dev"], time.perf_counter()
+        cfg = llama8b_config()
+        if base.HQ != cfg.num_attention_heads:  # the smoke run's fewer heads
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size = base.HQ, base.HKV, base.HQ * base.D
+        gates = Gates.new(cfg, block_size=block_size, model="llama-3.1-8b shape, distilled on structured q/k").to(dev)
+        gates.rotary = LlamaRotaryEmbedding(cfg).to(dev)
+        n = _CTX["n"]
+        q, k = base.structured_qk(1, n, dev, torch.Generator(device=dev).manual_seed(1))
+        with torch.no_grad():
+            qf, kf = gates.features(q, k)
+            rows = torch.arange(0, qf.shape[2], 2)
+            target, _ = block_targets(q, k, base.D ** -0.5, block_size, rows)
+        losses = train_layer(gates.layers[0], LayerCache(qf=[qf], kf=[kf], rows=[rows], target=[target]),
+                             GATE_STEPS if dev.type == "cuda" else 20, GATE_LR)
+        _CTX.setdefault("kl", []).append((n, block_size, losses[0], losses[-1]))
+        _GATES.clear()  # one length at a time (GPU memory)
+        _GATES[key] = (gates, losses[0], losses[-1])
+        _CTX["log"](f"gate block {block_size}: distilled at N={n}, KL {losses[0]:.3f} -> {losses[-1]:.3f} "
+                    f"({time.perf_counter() - t0:.1f} s)")
+    return _GATES[key][0]
 
 
 def timed(fn, dev, budget_s=1.0, max_reps=10):
@@ -60,6 +108,7 @@ def timed(fn, dev, budget_s=1.0, max_reps=10):
 
 def check(dev, gen, log, n, block_size, backend):
     rows = []
+    _CTX["n"] = n
     q, k = base.structured_qk(1, n, dev, gen)
     v = torch.randn(1, base.HKV, n, base.D, device=dev, generator=gen).to(q.dtype)
     scale = base.D ** -0.5
@@ -96,6 +145,7 @@ def run(sizes, dev, gen, log, block_size, backend, save):
     rows = []
     scale = base.D ** -0.5
     for n in sizes:
+        _CTX["n"] = n
         torch.cuda.empty_cache() if dev.type == "cuda" else None
         q, k = base.structured_qk(1, n, dev, gen)
         v = torch.randn(1, base.HKV, n, base.D, device=dev, generator=gen).to(q.dtype)
@@ -107,6 +157,7 @@ def run(sizes, dev, gen, log, block_size, backend, save):
             dense = {"sdpa": timed(lambda: ops.dense_attention(q, k, v, scale=scale), dev)}
         dms = min(dense.values())
         log(f"N={n} dense " + ", ".join(f"{k_} {v_:.2f} ms" for k_, v_ in dense.items()))
+        recall_probe = RecallProbe(q, k, scale, row_blocks(n, count=4))  # dense softmax of 4 x 64 sampled rows
         rows.append({"N": n, "method": "dense", "variant": "/".join(dense), "est_ms": 0.0, "kernel_ms": dms,
                      "total_ms": dms, "dense_ms": dms, "ratio": 1.0, "density": 1.0, "pct_limit": 100.0,
                      "dense_cudnn_ms": dense.get("cudnn"), "dense_flash_ms": dense.get("flash")})
@@ -122,6 +173,7 @@ def run(sizes, dev, gen, log, block_size, backend, save):
                 torch.cuda.empty_cache()
                 continue
             probe_ms = timed(lambda: pat.probe(q, k, scale), dev) if hasattr(pat, "probe") else None
+            recall = float(recall_probe.recall(parts).mean())
             dens_h = combined_density(parts)[0].float()
             dens = float(dens_h.mean())
             if q.is_cuda:  # the integration's guard after the estimation
@@ -132,17 +184,17 @@ def run(sizes, dev, gen, log, block_size, backend, save):
             qa = int(parts[0].heads.sum()) if parts[0].heads is not None else None
             ratio = dms / total
             r = {"N": n, "method": name, "variant": f"block {block_size}", "est_ms": est, "kernel_ms": kern,
-                 "total_ms": total, "dense_ms": dms, "ratio": ratio, "density": dens,
+                 "total_ms": total, "dense_ms": dms, "ratio": ratio, "density": dens, "recall": recall,
                  "density_min": float(dens_h.min()), "density_max": float(dens_h.max()), "pct_limit": 100 * ratio * dens,
                  "heads_over_break_even": n_over, "query_aware_heads": qa, "probe_ms": probe_ms,
                  "probe_density": float(pat.probe(q, k, scale).mean()) if probe_ms is not None else None}
             rows.append(r)
             log(f"N={n:7d} {name:24s} est {est:8.2f} ms kernel {kern:8.2f} ms total {total:8.2f} ms {ratio:6.2f}x "
                 f"density {100 * dens:5.1f}% (heads {100 * r['density_min']:.1f}-{100 * r['density_max']:.1f}%) "
-                f"limit {r['pct_limit']:4.0f}% guard->dense {n_over}/{base.HQ}" + (f" query-aware {qa}" if qa is not None else "")
+                f"limit {r['pct_limit']:4.0f}% recall {recall:.3f} guard->dense {n_over}/{base.HQ}" + (f" query-aware {qa}" if qa is not None else "")
                 + (f" probe {probe_ms:.2f} ms density {100 * r['probe_density']:.1f}%" if probe_ms is not None else ""))
             del parts
-        del q, k, v
+        del q, k, v, recall_probe
         save(rows)
     return rows
 
@@ -265,23 +317,35 @@ def mass_variants(n, dev, gen, log, block_size, out_dir, meta):
 
 
 def markdown(meta, checks, rows):
-    out = [f"# XAttention / FlexPrefill vs dense SDPA, {meta['device']}", "",
+    out = [f"# XAttention / FlexPrefill / learned gate vs dense SDPA, {meta['device']}", "",
            f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}; "
            f"one Llama-3-8B layer (B=1, Hq={meta['hq']}, Hkv={meta['hkv']}, D=128, bf16), structured q/k (benchmarks/attention.py), "
            f"block size {meta['block_size']}. Command: `{meta['command']}`.", "",
            "est = index estimation alone; kernel = the ops on those indices; total = both (what a patched layer "
            "pays). ratio = dense / total (dense = the faster of cuDNN and flash SDPA); % limit = ratio x density. "
-           "guard->dense: heads whose density is above the kernel's break-even density (they would run dense).", "",
-           "probe = the density guard's pre-check (the estimate on 16 query blocks) and the density it predicts.", "",
-           "| N | method | est ms | kernel ms | total ms | dense ms | ratio | density (heads min-max) | % limit | guard->dense "
-           "| probe ms (density) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "guard->dense: heads whose density is above the kernel's break-even density (they would run dense). "
+           "recall: the share of the dense softmax mass the kept indices cover, mean over heads and 4 x 64 sampled "
+           "query rows (`sparseinfer.recall`).", "",
+           "probe = the density guard's pre-check (the estimate on 16 query blocks) and the density it predicts.", ""]
+    if meta.get("gate_kl"):
+        out += ["learned gate (`AdaptiveLayer`, default pooling avg/max/min and width): distilled for one layer on "
+                f"structured q/k of each measured length, another seed ({GATE_STEPS} Adam steps, lr {GATE_LR}; KL to "
+                "the max-pooled dense targets: " + ", ".join(f"N={n} block {b} {l0:.3f} -> {l1:.3f}" for n, b, l0, l1 in
+                                                           meta.get("gate_kl", [])) +
+                "); its est ms = pooled features + gate scores + selection + index.", ""]
+    out += [
+           "| N | method | est ms | kernel ms | total ms | dense ms | ratio | density (heads min-max) | % limit | recall "
+           "| guard->dense | probe ms (density) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def fmt(x):
+        return "-" if x is None else f"{x:.3f}"
+
     for r in rows:
         if r["method"] == "dense":
             continue
         out.append(f"| {r['N']} | {r['method']} | {r['est_ms']:.2f} | {r['kernel_ms']:.2f} | {r['total_ms']:.2f} | "
                    f"{r['dense_ms']:.2f} | {r['ratio']:.2f}x | {100 * r['density']:.1f}% ({100 * r['density_min']:.0f}-"
-                   f"{100 * r['density_max']:.0f}%) | {r['pct_limit']:.0f}% | {r['heads_over_break_even']}/{meta['hq']} | "
+                   f"{100 * r['density_max']:.0f}%) | {r['pct_limit']:.0f}% | {fmt(r.get('recall'))} | {r['heads_over_break_even']}/{meta['hq']} | "
                    + (f"{r['probe_ms']:.2f} ({100 * r['probe_density']:.1f}%) |" if r.get("probe_ms") is not None else "- |"))
     out += ["", "Check (Triton vs float32 reference on the same estimated indices): " +
             ", ".join(f"{c['method']} N={c['N']} {c['rel_err']:.1e}{'' if c['ok'] else ' FAILED'}" for c in checks)]
@@ -296,6 +360,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--profile", action="store_true",
                     help="only: GPU time per op of each method's estimation and kernel at the largest size (profile.md)")
+    ap.add_argument("--methods", default="",
+                    help="comma-separated substrings: only the methods whose name contains one (default: all)")
     ap.add_argument("--mass", action="store_true",
                     help="first: XAttention's block mass kernels side by side at the largest size (adaptive_mass.md)")
     args = ap.parse_args()
@@ -306,6 +372,12 @@ def main():
     if args.smoke:  # fewer heads on the CPU (structured_qk needs D = 128)
         base.HQ, base.HKV = 8, 2
     backend = "reference" if args.smoke else "auto"
+    if args.methods:
+        want = [w.strip() for w in args.methods.split(",") if w.strip()]
+        for name in [m for m in METHODS if not any(w in m for w in want)]:
+            del METHODS[name]
+        if not METHODS:
+            ap.error(f"--methods {args.methods!r} matches none of the methods")
     gen = torch.Generator(device=dev).manual_seed(0)
     os.makedirs(args.out, exist_ok=True)
     import triton
@@ -320,9 +392,12 @@ def main():
     def log(s):
         print(f"[{time.perf_counter() - t0:6.1f}s] {s}", flush=True)
 
+    _CTX.update(dev=dev, log=log)
+
     checks = []
 
     def save(rows):
+        meta["gate_kl"] = _CTX.get("kl", [])
         with open(os.path.join(args.out, "adaptive.json"), "w") as f:
             json.dump({"meta": meta, "check": checks, "rows": rows}, f, indent=1)
         with open(os.path.join(args.out, "adaptive.md"), "w") as f:

@@ -13,7 +13,8 @@ Timed (CUDA events, median of --reps after warm-up):
       with the cuDNN / flash backend; dense_cudnn_rep: cuDNN on K/V repeated to 32 heads
       beforehand (a backend that fails is reported, not fatal); dense_best: the fastest;
   gate_features: undo RoPE + pool q and k to blocks; gate_scores: projections, block RoPE,
-      causal softmax over key blocks; gate_select: threshold -> kept blocks -> block_idx;
+      causal softmax over key blocks; gate_select: threshold -> kept blocks -> block_idx
+      (`select_index`; in brackets torch's path, and whether both give the same indices);
   gate_total: all three (what `patch(model, "adaptive")` adds before the kernel);
   kernel (optional, --kernel): the block-sparse op on the gate's indices (density as kept).
 Writes gate_overhead.json + gate_overhead.md to --out.
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from sparseinfer.gate import Gates  # noqa: E402
-from sparseinfer.patterns.adaptive import keep_blocks, keep_to_index  # noqa: E402
+from sparseinfer.patterns.adaptive import keep_blocks, keep_to_index, select_index  # noqa: E402
 
 
 def llama8b_config(layers: int = 1):
@@ -148,10 +149,15 @@ def main(argv=None) -> int:
             row["gate_features_torch_ms"] = timer(torch_features, reps, warmup, cuda)
             del ref
             row["gate_scores_ms"] = timer(lambda: layer(*feats).exp(), reps, warmup, cuda)
-            row["gate_select_ms"] = timer(lambda: keep_to_index(keep_blocks(probs, threshold=args.threshold)),
-                                          reps, warmup, cuda)
+            # the selection the library runs (`select_index`: one Triton program per row on CUDA)
+            # and torch's masks + cumsum + scatter, which must give the same indices
+            row["gate_select_ms"] = timer(lambda: select_index(probs, threshold=args.threshold), reps, warmup, cuda)
+            row["gate_select_torch_ms"] = timer(lambda: keep_to_index(keep_blocks(probs, threshold=args.threshold)),
+                                                reps, warmup, cuda)
+            row["select_same_as_torch"] = bool(torch.equal(select_index(probs, threshold=args.threshold),
+                                                           keep_to_index(keep_blocks(probs, threshold=args.threshold))))
             row["gate_total_ms"] = timer(
-                lambda: keep_to_index(keep_blocks(gates.probs(0, q, k), threshold=args.threshold)), reps, warmup, cuda)
+                lambda: select_index(gates.probs(0, q, k), threshold=args.threshold), reps, warmup, cuda)
             nb = keep.shape[-1]
             row["kept_block_density"] = float(keep.sum() / (32 * nb * (nb + 1) / 2))
             if args.kernel:
@@ -176,14 +182,15 @@ def main(argv=None) -> int:
         json.dump({"info": info, "rows": rows}, f, indent=1)
     lines = [f"# Learned-gate overhead vs dense attention ({info['device']})", "",
              ", ".join(f"{k}: {v}" for k, v in info.items()), "",
-             "| N | dense best ms | gate features ms (torch path) | gate scores ms | gate select ms | gate total ms | overhead % "
-             "| features: max abs diff fused vs torch (max abs) |",
+             "| N | dense best ms | gate features ms (torch path) | gate scores ms | gate select ms (torch path, same) "
+             "| gate total ms | overhead % | features: max abs diff fused vs torch (max abs) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
         lines.append(f"| {r['n']} | {fmt(r['dense_best_ms'])} | {fmt(r['gate_features_ms'])} "
                      f"({fmt(r.get('gate_features_torch_ms'))}) | {fmt(r['gate_scores_ms'])} | "
-                     f"{fmt(r['gate_select_ms'])} | {fmt(r['gate_total_ms'])} | {fmt(r['gate_overhead_pct'])} | "
+                     f"{fmt(r['gate_select_ms'])} ({fmt(r.get('gate_select_torch_ms'))}, {r.get('select_same_as_torch')}) | "
+                     f"{fmt(r['gate_total_ms'])} | {fmt(r['gate_overhead_pct'])} | "
                      f"{r.get('features_max_abs_diff_vs_torch', float('nan')):.1e} ({r.get('features_max_abs', float('nan')):.1f}) |")
     with open(os.path.join(args.out, "gate_overhead.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -14,7 +14,7 @@ import sparseinfer
 from masks import block_sparse_mask, masked_attention_f64, rel_err
 from sparseinfer.gate import GateError, Gates, pool_blocks, unrotate
 from sparseinfer.gate_training import block_targets, capture, train_layer
-from sparseinfer.patterns.adaptive import keep_blocks, keep_to_index
+from sparseinfer.patterns.adaptive import keep_blocks, keep_to_index, select_index
 
 BS = 16
 
@@ -116,6 +116,30 @@ def test_keep_blocks_and_index_equal_brute_force(mode):
     assert from_idx == want
     if mode.get("threshold") == 0.0:
         assert keep.equal(causal.expand_as(keep))
+
+
+@pytest.mark.parametrize("mode", [{"threshold": 0.08}, {"threshold": 0.0}, {"density": 0.25}, {"density": 0.6},
+                                  {"density": 1.0}])
+@pytest.mark.parametrize("tail", [0, 3])
+def test_fused_selection_equals_brute_force_with_ties(mode, tail, monkeypatch):
+    """select_index's Triton path (threshold compare, or top-k by bisection over the float bits
+    without a sort; interpreter here) gives exactly keep_to_index(keep_blocks(...)) and the
+    brute-force sets: probabilities with many ties (kept in index order), rows of one block,
+    the last `tail` rows dense; one and two launches."""
+    from sparseinfer.kernels import xattn
+
+    gen = torch.Generator().manual_seed(5)
+    nb = 13
+    causal = torch.ones(nb, nb, dtype=torch.bool).tril()
+    p = torch.softmax(torch.randint(0, 3, (2, 3, nb, nb), generator=gen).float().masked_fill(~causal, float("-inf")), -1)
+    want = keep_to_index(keep_blocks(p, **mode, tail_blocks=tail))
+    got = select_index(p, **mode, tail_blocks=tail, fused=True)
+    assert got.shape == want.shape and torch.equal(got, want)
+    brute = _brute_keep(p, **mode)
+    sets = [{int(j) for j in got[b, h, i] if j >= 0} for b in range(2) for h in range(3) for i in range(nb)]
+    assert sets == [set(range(i % nb + 1)) if i % nb >= nb - tail else s for i, s in enumerate(brute)]
+    monkeypatch.setattr(xattn, "ONE_PASS_BYTES", 0)  # a counting launch sizes the output first
+    assert torch.equal(select_index(p, **mode, tail_blocks=tail, fused=True), want)
 
 
 def test_keep_blocks_needs_one_mode():

@@ -1,5 +1,6 @@
 """Triton kernels of XAttention's estimation: the block mass from strided scores in one pass,
-and the per-row threshold selection of blocks.
+and the per-row selection of blocks (XAttention's tau, also a threshold or a top-k: the
+learned gate's rules).
 
 Only @triton.jit code; ``sparseinfer.kernels.xattn`` loads it compiled (CUDA tensors) or under
 the Triton interpreter (CPU tensors).
@@ -68,36 +69,54 @@ def xattn_scores_mass_kernel(
 
 
 @triton.jit
-def xattn_select_kernel(MASS, TAU, IDX, CNT, NB, HQ, W, NBP: tl.constexpr, WRITE: tl.constexpr = True):
-    """One row r of one (batch, head) of the row-normalised block mass [.., NB]: the smallest
-    prefix of its blocks sorted by mass (descending, ties by lower index) reaching TAU[h], plus
-    the sink block 0 and the diagonal block r, none past r; written as ascending block
-    indices to IDX[row, :W] (-1 after the last) and their count to CNT[row]. No sort: the
-    cut value is found by bisection over the float bit patterns (non-negative floats order
-    as their int32 bits): the smallest b with sum(mass > b) < tau; blocks above b are kept, blocks
-    equal to b in index order while the mass before them stays below tau. tau >= 1 keeps every
-    block with mass (a float sum may round to 1 before the smallest ones). WRITE=False: the
-    counts only."""
+def xattn_select_kernel(MASS, TAU, IDX, CNT, NB, HQ, W, TAIL, COUNTS, NBP: tl.constexpr, WRITE: tl.constexpr = True,
+                        RULE: tl.constexpr = 0):
+    """One row r of one (batch, head) of block scores [.., NB] (non-negative, zero past r),
+    selected by RULE:
+    0 (XAttention's tau): the smallest prefix of its blocks sorted by mass (descending, ties
+      by lower index) reaching TAU[h]; tau >= 1 keeps every block with mass (a float sum may
+      round to 1 before the smallest ones);
+    1 (a threshold): the blocks with score >= TAU[h];
+    2 (top-k): the COUNTS[r] highest blocks (ties by lower index) among blocks 0..r;
+    plus the sink block 0 and the diagonal block r, every block of rows r >= NB - TAIL, none
+    past r; written as ascending block indices to IDX[row, :W] (-1 after the last) and their
+    count to CNT[row]. No sort (rules 0 and 2): the cut value is found by bisection over the
+    float bit patterns (non-negative floats order as their int32 bits): the smallest b with
+    sum(mass > b) < tau (rule 0) or count(score > b) < k (rule 2); blocks above b are kept,
+    blocks equal to b in index order while the mass (count) before them stays below tau (k).
+    WRITE=False: the counts only."""
     pid = tl.program_id(0)
     r = pid % NB
     h = (pid // NB) % HQ
     j = tl.arange(0, NBP)
     x = tl.load(MASS + pid.to(tl.int64) * NB + j, mask=j < NB, other=0.0)
     tau = tl.load(TAU + h)
-    bits = x.to(tl.int32, bitcast=True)
-    lo = -1  # P(lo) false (by convention), P(hi) true: P(b) = sum(x[bits > b]) < tau
-    hi = tl.reduce(bits, 0, _max_fn)
-    for _ in range(31):
-        mid = lo + (hi - lo) // 2
-        p = tl.reduce(tl.where(bits > mid, x, 0.0), 0, _sum_fn) < tau
-        go = hi - lo > 1
-        hi = tl.where(go & p, mid, hi)
-        lo = tl.where(go & (not p), mid, lo)
-    above = tl.reduce(tl.where(bits > hi, x, 0.0), 0, _sum_fn)
-    tie = (bits == hi) & (j < NB)
-    before = tl.associative_scan(tie.to(tl.int32), 0, _sum_fn) - tie.to(tl.int32)  # tied blocks before this one
-    keep = tl.where(tau >= 1.0, x > 0, ((bits > hi) | (tie & (above + before.to(tl.float32) * x < tau))) & (x > 0))
-    keep = (keep | (j == 0) | (j == r)) & (j <= r)
+    if RULE == 1:
+        keep = x >= tau
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        if RULE == 2:
+            bits = tl.where(j <= r, bits, -1)  # candidates: blocks 0..r
+            want = tl.load(COUNTS + r)
+            x = tl.where(j <= r, 1.0, 0.0)  # each candidate weighs 1: the sums below count
+            goal = want.to(tl.float32)
+        else:
+            goal = tau
+        lo = -1  # P(lo) false (by convention), P(hi) true: P(b) = sum(x[bits > b]) < goal
+        hi = tl.reduce(bits, 0, _max_fn)
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            p = tl.reduce(tl.where(bits > mid, x, 0.0), 0, _sum_fn) < goal
+            go = hi - lo > 1
+            hi = tl.where(go & p, mid, hi)
+            lo = tl.where(go & (not p), mid, lo)
+        above = tl.reduce(tl.where(bits > hi, x, 0.0), 0, _sum_fn)
+        tie = (bits == hi) & (j < NB)
+        before = tl.associative_scan(tie.to(tl.int32), 0, _sum_fn) - tie.to(tl.int32)  # tied blocks before this one
+        keep = ((bits > hi) | (tie & (above + before.to(tl.float32) * x < goal))) & (x > 0)
+        if RULE == 0:
+            keep = tl.where(tau >= 1.0, x > 0, keep)
+    keep = (keep | (j == 0) | (j == r) | (r >= NB - TAIL)) & (j <= r)
     pos = tl.associative_scan(keep.to(tl.int32), 0, _sum_fn) - 1
     cnt = tl.reduce(keep.to(tl.int32), 0, _sum_fn)
     if WRITE:

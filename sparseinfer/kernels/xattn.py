@@ -6,9 +6,9 @@
         scale * s over key groups j <= query group, j < g_valid (groups past the input weigh 0;
         rows not normalised); one read of the (half-precision) scores instead of the float32
         scores and two passes of `kernels.lastq`;
-    select_blocks(mass [B, Hq, nb, nb], tau [Hq]) -> block_idx [B, Hq, nb, K]: the per-row
-        threshold of `patterns.xattention.threshold_rows` plus the sink and diagonal blocks,
-        compacted (no sort, one program per row).
+    select_blocks(mass [B, Hq, nb, nb], tau [Hq], rule) -> block_idx [B, Hq, nb, K]: the per-row
+        threshold of `patterns.xattention.threshold_rows` (or the learned gate's threshold /
+        top-k rules) plus the sink and diagonal blocks, compacted (no sort, one program per row).
 
 CUDA tensors run the compiled kernels, CPU tensors the same kernels under the Triton
 interpreter (tests).
@@ -59,29 +59,42 @@ def scores_block_mass(s: torch.Tensor, out: torch.Tensor, r0: int, g_valid: int,
     )
 
 
-def select_blocks(mass: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """mass [B, Hq, nb, nb] float32 row-normalised (zero above the diagonal), tau [Hq] ->
-    block_idx [B, Hq, nb, K] int64, -1 padding, K = the widest row (one host synchronisation):
-    per row the blocks of `patterns.xattention.threshold_rows` plus the sink and the diagonal,
-    ascending (one Triton program per row, `xattn_select_kernel`). Up to ONE_PASS_BYTES the rows
-    are written nb wide and sliced to K; beyond, a counting launch sizes them first."""
+_RULES = {"mass": 0, "threshold": 1, "count": 2}
+
+
+def select_blocks(mass: torch.Tensor, tau: torch.Tensor, rule: str = "mass", counts: torch.Tensor | None = None,
+                  tail: int = 0) -> torch.Tensor:
+    """mass [B, Hq, nb, nb] float32 block scores (non-negative, zero above the diagonal), tau [Hq]
+    -> block_idx [B, Hq, nb, K] int64, -1 padding, K = the widest row (one host synchronisation):
+    per row the blocks of a rule plus the sink and the diagonal (and every causal block of the
+    last `tail` rows), ascending (one Triton program per row, `xattn_select_kernel`):
+    "mass": `patterns.xattention.threshold_rows` (mass row-normalised; tau = the share to keep);
+    "threshold": scores >= tau (the learned gate's threshold mode);
+    "count": the counts[r] (int [nb]) highest blocks of row r, ties by lower index (its top-k mode).
+    Up to ONE_PASS_BYTES the rows are written nb wide and sliced to K; beyond, a counting launch
+    sizes them first."""
     b, hq, nb, nb2 = mass.shape
-    if mass.dtype != torch.float32 or nb != nb2 or tuple(tau.shape) != (hq,):
-        raise ValueError(f"select_blocks: expected float32 mass [B, Hq, nb, nb] and tau [Hq]; got mass {mass.dtype} "
-                         f"{tuple(mass.shape)}, tau {tuple(tau.shape)}")
+    if mass.dtype != torch.float32 or nb != nb2 or tuple(tau.shape) != (hq,) or rule not in _RULES \
+            or (rule == "count") != (counts is not None) or (counts is not None and tuple(counts.shape) != (nb,)):
+        raise ValueError(f"select_blocks: expected float32 mass [B, Hq, nb, nb], tau [Hq], a rule of {list(_RULES)} and "
+                         f"counts [nb] exactly for rule 'count'; got mass {mass.dtype} {tuple(mass.shape)}, tau "
+                         f"{tuple(tau.shape)}, rule {rule!r}, counts {None if counts is None else tuple(counts.shape)}")
     mass = mass.contiguous()
     tau = tau.float().contiguous()
+    counts = (torch.zeros(1, dtype=torch.int32, device=mass.device) if counts is None
+              else counts.to(device=mass.device, dtype=torch.int32).contiguous())
     cnt = torch.empty(b, hq, nb, dtype=torch.int32, device=mass.device)
     nbp = triton.next_power_of_2(nb)
     mod = kernel_module("_xattn_kernel.py", not mass.is_cuda)
     launch = mod.xattn_select_kernel[(b * hq * nb,)]
     warps = 4 if nbp <= 1024 else 8 if nbp <= 4096 else 16
+    opts = dict(NBP=nbp, RULE=_RULES[rule], num_warps=warps)
     if b * hq * nb * nb * 8 <= ONE_PASS_BYTES:
         idx = torch.empty(b, hq, nb, nb, dtype=torch.int64, device=mass.device)
-        launch(mass, tau, idx, cnt, nb, hq, nb, NBP=nbp, num_warps=warps)
+        launch(mass, tau, idx, cnt, nb, hq, nb, int(tail), counts, **opts)
         return idx[..., :max(1, int(cnt.max()))]
-    launch(mass, tau, cnt, cnt, nb, hq, 1, NBP=nbp, WRITE=False, num_warps=warps)
+    launch(mass, tau, cnt, cnt, nb, hq, 1, int(tail), counts, WRITE=False, **opts)
     width = max(1, int(cnt.max()))
     idx = torch.empty(b, hq, nb, width, dtype=torch.int64, device=mass.device)
-    launch(mass, tau, idx, cnt, nb, hq, width, NBP=nbp, num_warps=warps)
+    launch(mass, tau, idx, cnt, nb, hq, width, int(tail), counts, **opts)
     return idx

@@ -66,6 +66,26 @@ def keep_to_index(keep: torch.Tensor) -> torch.Tensor:
     return idx[..., :k].contiguous()
 
 
+def select_index(probs: torch.Tensor, threshold: float | None = None, density: float | None = None,
+                 tail_blocks: int = 0, fused: bool | None = None) -> torch.Tensor:
+    """keep_to_index(keep_blocks(probs, threshold, density, tail_blocks)): probs [B, H, nb, nb]
+    -> block_idx [B, H, nb, K] int64 (ascending, -1 padding). fused (default: on CUDA): one
+    Triton program per row (`kernels.xattn.select_blocks`: threshold, or top-k without a sort)
+    instead of torch's masks, argsort (top-k mode), cumsum and scatter; the same blocks."""
+    if (threshold is None) == (density is None):
+        raise ValueError(f"select_index: expected exactly one of threshold / density, got {threshold!r} / {density!r}")
+    if not (probs.is_cuda if fused is None else fused):
+        return keep_to_index(keep_blocks(probs, threshold, density, tail_blocks))
+    from ..kernels import xattn
+
+    b, h, nb, _ = probs.shape
+    if threshold is not None:
+        return xattn.select_blocks(probs.float(), torch.full((h,), float(threshold), device=probs.device),
+                                   "threshold", tail=tail_blocks)
+    counts = torch.ceil(density * torch.arange(1, nb + 1, dtype=torch.float64)).to(torch.int32)  # as keep_blocks
+    return xattn.select_blocks(probs.float(), torch.zeros(h, device=probs.device), "count", counts, tail=tail_blocks)
+
+
 @dataclass
 class AdaptiveLayer(Pattern):
     """One layer: gates (the model's `Gates`), layer index, threshold or density."""
@@ -94,8 +114,7 @@ class AdaptiveLayer(Pattern):
                 probs = self.local.to(q.device)(qf, kf).exp()
         bs = self.gates.block_size
         tail = 0 if self.dense_tail <= 0 else probs.shape[-1] - (max(n - self.dense_tail, 0) // bs)
-        keep = keep_blocks(probs, self.threshold, self.density, tail)
-        idx = keep_to_index(keep)
+        idx = select_index(probs, self.threshold, self.density, tail)
         return [Selection("block_sparse_attention", {"block_idx": idx, "block_size": bs},
                           block_sparse_density(n, idx, bs))]
 

@@ -20,6 +20,7 @@ First a check: the Triton kernel on the estimated indices vs the float32 torch r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -141,6 +142,34 @@ def check(dev, gen, log, n, block_size, backend):
     return rows
 
 
+class _Attn(torch.nn.Module):
+    """What the registered attention function reads of a transformers attention module."""
+
+    def __init__(self, groups, plan):
+        super().__init__()
+        self.is_causal, self.num_key_value_groups, self.layer_idx = True, groups, 0
+        self._sparseinfer = plan
+
+
+def patched(pattern, q, k, v, scale, dev, backend):
+    """The registered attention function of a patched model (`integration.sparse_attention_forward`:
+    break-even length, probe, estimation, density guard, kernel, dense fallback, output layout)
+    on q / k / v, with cuDNN as SDPA's backend -> (ms, route of the last call: the method or
+    the reason it ran dense, dense heads). pattern None: the dense path of the same function."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sparseinfer import integration as integ
+
+    mod = _Attn(q.shape[1] // k.shape[1], integ.LayerPlan(0, pattern, 0, integ.PatchStats(), backend, set())).eval()
+    fn = lambda: integ.sparse_attention_forward(mod, q, k, v, None, scaling=scale)  # noqa: E731
+    ctx = sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if dev.type == "cuda" else contextlib.nullcontext()
+    with ctx:
+        ms = timed(fn, dev)
+    rec = mod._sparseinfer.stats.records[-1]
+    heads = int(rec.dense_heads.sum()) if rec.dense_heads is not None else None
+    return ms, (rec.reason or rec.method), heads
+
+
 def run(sizes, dev, gen, log, block_size, backend, save):
     rows = []
     scale = base.D ** -0.5
@@ -158,6 +187,8 @@ def run(sizes, dev, gen, log, block_size, backend, save):
         dms = min(dense.values())
         log(f"N={n} dense " + ", ".join(f"{k_} {v_:.2f} ms" for k_, v_ in dense.items()))
         recall_probe = RecallProbe(q, k, scale, row_blocks(n, count=4))  # dense softmax of 4 x 64 sampled rows
+        patched_dense, _, _ = patched(None, q, k, v, scale, dev, backend)
+        log(f"N={n} patched model's dense path {patched_dense:.2f} ms")
         rows.append({"N": n, "method": "dense", "variant": "/".join(dense), "est_ms": 0.0, "kernel_ms": dms,
                      "total_ms": dms, "dense_ms": dms, "ratio": 1.0, "density": 1.0, "pct_limit": 100.0,
                      "dense_cudnn_ms": dense.get("cudnn"), "dense_flash_ms": dense.get("flash")})
@@ -174,6 +205,7 @@ def run(sizes, dev, gen, log, block_size, backend, save):
                 continue
             probe_ms = timed(lambda: pat.probe(q, k, scale), dev) if hasattr(pat, "probe") else None
             recall = float(recall_probe.recall(parts).mean())
+            p_ms, route, p_heads = patched(pat, q, k, v, scale, dev, backend)
             dens_h = combined_density(parts)[0].float()
             dens = float(dens_h.mean())
             if q.is_cuda:  # the integration's guard after the estimation
@@ -185,13 +217,15 @@ def run(sizes, dev, gen, log, block_size, backend, save):
             ratio = dms / total
             r = {"N": n, "method": name, "variant": f"block {block_size}", "est_ms": est, "kernel_ms": kern,
                  "total_ms": total, "dense_ms": dms, "ratio": ratio, "density": dens, "recall": recall,
+                 "patched_ms": p_ms, "patched_dense_ms": patched_dense, "patched_ratio": patched_dense / p_ms,
+                 "patched_route": route, "patched_dense_heads": p_heads,
                  "density_min": float(dens_h.min()), "density_max": float(dens_h.max()), "pct_limit": 100 * ratio * dens,
                  "heads_over_break_even": n_over, "query_aware_heads": qa, "probe_ms": probe_ms,
                  "probe_density": float(pat.probe(q, k, scale).mean()) if probe_ms is not None else None}
             rows.append(r)
             log(f"N={n:7d} {name:24s} est {est:8.2f} ms kernel {kern:8.2f} ms total {total:8.2f} ms {ratio:6.2f}x "
                 f"density {100 * dens:5.1f}% (heads {100 * r['density_min']:.1f}-{100 * r['density_max']:.1f}%) "
-                f"limit {r['pct_limit']:4.0f}% recall {recall:.3f} guard->dense {n_over}/{base.HQ}" + (f" query-aware {qa}" if qa is not None else "")
+                f"limit {r['pct_limit']:4.0f}% recall {recall:.3f} patched {p_ms:.2f} ms {r['patched_ratio']:.2f}x ({route}) guard->dense {n_over}/{base.HQ}" + (f" query-aware {qa}" if qa is not None else "")
                 + (f" probe {probe_ms:.2f} ms density {100 * r['probe_density']:.1f}%" if probe_ms is not None else ""))
             del parts
         del q, k, v, recall_probe
@@ -325,7 +359,10 @@ def markdown(meta, checks, rows):
            "pays). ratio = dense / total (dense = the faster of cuDNN and flash SDPA); % limit = ratio x density. "
            "guard->dense: heads whose density is above the kernel's break-even density (they would run dense). "
            "recall: the share of the dense softmax mass the kept indices cover, mean over heads and 4 x 64 sampled "
-           "query rows (`sparseinfer.recall`).", "",
+           "query rows (`sparseinfer.recall`). patched: the registered attention function of a patched model "
+           "(`integration.sparse_attention_forward`: break-even length, probe, estimation, density guard, kernel, "
+           "dense fallback, output layout; cuDNN SDPA) against its own dense path; route: how the call ran "
+           "(the method, or why dense: break-even, density).", "",
            "probe = the density guard's pre-check (the estimate on 16 query blocks) and the density it predicts.", ""]
     if meta.get("gate_kl"):
         out += ["learned gate (`AdaptiveLayer`, default pooling avg/max/min and width): distilled for one layer on "
@@ -335,10 +372,17 @@ def markdown(meta, checks, rows):
                 "); its est ms = pooled features + gate scores + selection + index.", ""]
     out += [
            "| N | method | est ms | kernel ms | total ms | dense ms | ratio | density (heads min-max) | % limit | recall "
-           "| guard->dense | probe ms (density) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| guard->dense | probe ms (density) | patched ms (its dense path) | patched ratio | patched route |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def fmt(x):
         return "-" if x is None else f"{x:.3f}"
+
+    def patched_cells(r):
+        if r.get("patched_ms") is None:
+            return " - | - | - |"
+        heads = f" ({r['patched_dense_heads']} heads dense)" if r.get("patched_dense_heads") else ""
+        return (f" {r['patched_ms']:.2f} ({r['patched_dense_ms']:.2f}) | {r['patched_ratio']:.2f}x | "
+                f"{r['patched_route']}{heads} |")
 
     for r in rows:
         if r["method"] == "dense":
@@ -346,7 +390,8 @@ def markdown(meta, checks, rows):
         out.append(f"| {r['N']} | {r['method']} | {r['est_ms']:.2f} | {r['kernel_ms']:.2f} | {r['total_ms']:.2f} | "
                    f"{r['dense_ms']:.2f} | {r['ratio']:.2f}x | {100 * r['density']:.1f}% ({100 * r['density_min']:.0f}-"
                    f"{100 * r['density_max']:.0f}%) | {r['pct_limit']:.0f}% | {fmt(r.get('recall'))} | {r['heads_over_break_even']}/{meta['hq']} | "
-                   + (f"{r['probe_ms']:.2f} ({100 * r['probe_density']:.1f}%) |" if r.get("probe_ms") is not None else "- |"))
+                   + (f"{r['probe_ms']:.2f} ({100 * r['probe_density']:.1f}%) |" if r.get("probe_ms") is not None else "- |")
+                   + patched_cells(r))
     out += ["", "Check (Triton vs float32 reference on the same estimated indices): " +
             ", ".join(f"{c['method']} N={c['N']} {c['rel_err']:.1e}{'' if c['ok'] else ' FAILED'}" for c in checks)]
     return "\n".join(out) + "\n"

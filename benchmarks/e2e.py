@@ -130,7 +130,7 @@ def main():
                     help="also dense cuDNN and vertical_slash realistic with every decoder layer torch.compile'd")
     ap.add_argument("--skip-vs", action="store_true", help="no vertical_slash rows (with --adaptive)")
     ap.add_argument("--adaptive", action="store_true",
-                    help="also time xattention (tau=0.9, block 128) with the default density guard")
+                    help="also time xattention (tau=0.9) and flexprefill (gamma=0.9), block 128, with the default guards")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -196,9 +196,11 @@ def main():
                     if handle is not None:
                         sparseinfer.unpatch(model)
                     torch.cuda.empty_cache()
-        if args.adaptive:  # random weights: near-uniform attention, so the guard should route heads dense
-            label = "xattention 0.9, guarded"
-            handle = sparseinfer.patch(model, "xattention", tau=0.9, stride=8, block_size=128, min_len=4096)
+        # random weights: near-uniform attention, so the guards should route every head dense
+        for label, method, opts in (() if not args.adaptive else (
+                ("xattention 0.9, guarded", "xattention", dict(tau=0.9, stride=8, block_size=128)),
+                ("flexprefill 0.9, guarded", "flexprefill", dict(gamma=0.9, tau=0.1, block_size=128)))):
+            handle = sparseinfer.patch(model, method, min_len=4096, **opts)
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 res[label] = ttft(model, ids, 1)
             res[label + " density"] = handle.stats.density()

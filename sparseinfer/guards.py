@@ -26,18 +26,25 @@ from .patterns.base import Selection
 # q/k with estimation, 32K; 40-63% elsewhere), A-shape 79% (32K). Above it, dense is faster.
 # (Before the program-order / TMA kernel: 0.43 / 0.35 / 0.73.)
 BREAK_EVEN_DENSITY = {"block_sparse_attention": 0.61, "vertical_slash_attention": 0.32, "ashape_attention": 0.79}
-# Block-sparse on 128-blocks (XAttention / FlexPrefill, benchmarks/results/adaptive.md, 2026-11-26):
-# the kernel alone reached 58-69% of its density limit at 32K and 79-81% at 128K (densities
-# 55-83%); between and beyond, interpolated in log N and clamped. This is the break-even *after*
-# the estimation (its cost is spent either way); a probe deciding before the estimation keeps
-# the plain table, which leaves room for the estimation's cost.
-BREAK_EVEN_DENSITY_BLOCK128 = ((32768, 0.58), (131072, 0.79))
+# Block-sparse on 128-blocks (XAttention / FlexPrefill / 128-block gates): the kernel alone, on
+# their estimated lists, took (density x dense time) / kernel time = 0.66-0.73 of cuDNN's time
+# per kept cell at 32K, 0.75-0.79 at 48K, 0.78-0.81 at 64K, 0.83-0.85 at 96K and 0.85-0.88 at 128K
+# (H100, one 8B layer, densities 30-83%; benchmarks/results/adaptive_recall.md and
+# adaptive_breakeven.md, 2026-11-26): the lowest of each length is the break-even density *after*
+# the estimation (its cost is spent either way); interpolated in log N, clamped outside. A probe
+# deciding before the estimation lowers it by the estimation's share of dense time (`probe_limit`).
+BREAK_EVEN_DENSITY_BLOCK128 = ((32768, 0.66), (49152, 0.75), (65536, 0.78), (98304, 0.83), (131072, 0.85))
 
 
 def _block128_limit(n: int) -> float:
-    (n0, d0), (n1, d1) = BREAK_EVEN_DENSITY_BLOCK128
-    t = min(1.0, max(0.0, (math.log2(max(n, 1)) - math.log2(n0)) / (math.log2(n1) - math.log2(n0))))
-    return d0 + t * (d1 - d0)
+    pts = BREAK_EVEN_DENSITY_BLOCK128
+    x = math.log2(max(n, 1))
+    if x <= math.log2(pts[0][0]):
+        return pts[0][1]
+    for (n0, d0), (n1, d1) in zip(pts, pts[1:]):
+        if x <= math.log2(n1):
+            return d0 + (x - math.log2(n0)) / (math.log2(n1) - math.log2(n0)) * (d1 - d0)
+    return pts[-1][1]
 
 
 # Break-even visited area (share of the causal cells in the tiles the kernel visits,
@@ -69,6 +76,16 @@ def density_limit(op: str, max_density: float | None, q: torch.Tensor, backend: 
             return _block128_limit(q.shape[2])
         return BREAK_EVEN_DENSITY.get(op, 1.0)
     return 1.0
+
+
+def probe_limit(op: str, max_density: float | None, q: torch.Tensor, backend: str, block_size: int | None,
+                est_share: float) -> float:
+    """The limit a density probe compares with, before the estimation: the caller's max_density
+    as given, else `density_limit` x (1 - est_share), est_share = the estimation's cost as a
+    share of dense attention (a head of density d pays est + d / eff x dense, which beats dense
+    only while d < eff x (1 - est_share))."""
+    lim = density_limit(op, max_density, q, backend, block_size)
+    return lim if max_density is not None or lim >= 1.0 else lim * (1.0 - est_share)
 
 
 def over_limit(parts: list[Selection], limits: list[float]) -> torch.Tensor | None:

@@ -136,8 +136,8 @@ def gqa_decode_attention(query, key, value, attention_mask, scaling=None) -> tor
 
 # which measured break-even length (sparseinfer.kernels.attention.BREAK_EVEN) applies to a pattern
 _BREAK_EVEN_KEY = {"ashape": "ashape", "block_sparse": "block_sparse", "vertical_slash": "vertical_slash_estimated",
-                   "minference": "vertical_slash_estimated", "adaptive": "block_sparse", "xattention": "block_sparse",
-                   "flexprefill": "block_sparse",
+                   "minference": "vertical_slash_estimated", "adaptive": "adaptive", "xattention": "xattention",
+                   "flexprefill": "flexprefill",
                    # not measured on its own; its kernel is the vertical-slash one (grid lines as columns)
                    "mminference": "vertical_slash_estimated"}
 
@@ -242,7 +242,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     # estimated on a few query blocks is above the break-even, run dense without the estimation
     probe = getattr(plan.pattern, "probe", None)
     if probe is not None:
-        lim = guards.density_limit(plan.pattern.probe_op(), plan.max_density, query, plan.backend)
+        lim = guards.probe_limit(plan.pattern.probe_op(), plan.max_density, query, plan.backend,
+                                 plan.pattern.block_size, plan.pattern.est_share)
         if lim < 1.0 and bool((probe(query, key, scale) > lim).any(0).all()):
             plan.stats.add(CallRecord(plan.layer, nq, "dense", None, "density"))
             if rec is not None:

@@ -3,6 +3,7 @@ direct attention calls, against float64 references."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -202,6 +203,35 @@ def test_density_probe_skips_the_estimation_when_every_head_goes_dense(monkeypat
     assert rel_err(out, masked_attention_f64(q, k, v, torch.ones(512, 512, dtype=torch.bool).tril(), 0.25)) < 1e-5
 
 
+def test_flexprefill_probe_tracks_the_query_aware_density_and_skips_the_estimation(monkeypatch):
+    """FlexPrefill's probe (the pooled map on a few query blocks, the gamma set over them) tracks
+    the full estimate's query-aware density; exact when every block is sampled; a call whose
+    every head is over the limit runs dense without the full estimation."""
+    from sparseinfer.patterns import FlexPrefill
+    from sparseinfer.patterns import flexprefill as fp
+    from sparseinfer.patterns.block_sparse import block_sparse_density
+    from sparseinfer.patterns.xattention import table_to_index
+
+    n, bs = 500, 25  # a partial last block
+    q, k, v = _qkv(n=n)
+    for gamma in (0.5, 0.9):
+        est = fp.estimate(q, k, gamma, 0.1, bs, 0.25)
+        nb = est.block_table.shape[-1]
+        blocks = est.block_table.sum((-1, -2)).float() / (nb * (nb + 1) / 2)  # kept / causal blocks, all heads
+        exact = fp.probe_density(q, k, gamma, bs, 0.25, samples=nb)
+        assert torch.allclose(exact, blocks, atol=1e-6), (exact, blocks)
+        probe = fp.probe_density(q, k, gamma, bs, 0.25, samples=8)
+        assert probe.shape == blocks.shape and (probe - blocks).abs().max() < 0.08, (gamma, probe, blocks)
+        pairs = block_sparse_density(n, table_to_index(est.block_table), bs)  # what the guard compares later
+        assert ((probe - pairs).abs() < 0.1).all() and pairs.min() < 0.5, (probe, pairs)
+    pat = FlexPrefill(gamma=0.9, tau=0.1, block_size=bs)
+    monkeypatch.setattr(pat, "select", lambda *a: (_ for _ in ()).throw(AssertionError("estimated")))
+    plan = _plan(pat, max_density=float(probe.min()) / 2)
+    out = _call(plan, q, k, v)
+    assert plan.stats.records[-1].reason == "density"
+    assert rel_err(out, masked_attention_f64(q, k, v, torch.ones(n, n, dtype=torch.bool).tril(), 0.25)) < 1e-5
+
+
 def test_recorder_audit_is_the_true_mass_kept_on_the_last_queries(tmp_path):
     q, k, v = _qkv()
     pat = XAttention(tau=0.7, stride=4, block_size=32)
@@ -322,17 +352,50 @@ def test_adaptive_report_from_cached_cells(tmp_path):
 
 
 def test_block128_break_even_density_follows_the_length():
-    """Block-sparse on 128-blocks: the measured break-even density (0.58 at 32K, 0.79 at 128K,
-    log-interpolated, clamped); 64-blocks keep the table; the caller's max_density wins; no
-    guard on the CPU reference."""
+    """Block-sparse on 128-blocks: the measured break-even density (0.66 at 32K ... 0.85 at 128K,
+    log-interpolated between the measured lengths, clamped); 64-blocks keep the table; the
+    caller's max_density wins; no guard on the CPU reference. A probe's limit is lower by the
+    estimation's share of dense time, unless the caller set max_density."""
     from sparseinfer import guards
 
-    q32, q64, q128 = (torch.empty(1, 1, n, 8, device="meta") for n in (32768, 65536, 131072))
+    q16, q32, q40, q64, q128, q512 = (torch.empty(1, 1, n, 8, device="meta")
+                                      for n in (16384, 32768, 40132, 65536, 131072, 524288))
     op = "block_sparse_attention"
-    assert guards.density_limit(op, None, q32, "triton", 128) == pytest.approx(0.58)
-    assert guards.density_limit(op, None, q64, "triton", 128) == pytest.approx(0.685)
-    assert guards.density_limit(op, None, q128, "triton", 256) == pytest.approx(0.79)
+    assert guards.density_limit(op, None, q16, "triton", 128) == pytest.approx(0.66)
+    assert guards.density_limit(op, None, q32, "triton", 128) == pytest.approx(0.66)
+    t = math.log2(40132 / 32768) / math.log2(49152 / 32768)
+    assert guards.density_limit(op, None, q40, "triton", 128) == pytest.approx(0.66 + t * 0.09)
+    assert guards.density_limit(op, None, q64, "triton", 128) == pytest.approx(0.78)
+    assert guards.density_limit(op, None, q128, "triton", 256) == pytest.approx(0.85)
+    assert guards.density_limit(op, None, q512, "triton", 128) == pytest.approx(0.85)
     assert guards.density_limit(op, None, q128, "triton", 64) == guards.BREAK_EVEN_DENSITY[op]
     assert guards.density_limit(op, None, q128, "triton") == guards.BREAK_EVEN_DENSITY[op]
     assert guards.density_limit(op, 0.3, q128, "triton", 128) == 0.3
     assert guards.density_limit(op, None, q128, "reference", 128) == 1.0
+    assert guards.probe_limit(op, None, q128, "triton", 128, 0.12) == pytest.approx(0.85 * 0.88)
+    assert guards.probe_limit(op, 0.3, q128, "triton", 128, 0.12) == 0.3
+    assert guards.probe_limit(op, None, q128, "reference", 128, 0.12) == 1.0
+
+
+def test_every_sparse_method_has_a_measured_break_even_length(monkeypatch):
+    """Each pre-filling method maps to a measured break-even length (`kernels.attention.BREAK_EVEN`);
+    the adaptive methods have their own (64K: estimation, probe and guard costs included), not
+    block_sparse's 0; nothing on a forced backend or off CUDA."""
+    from types import SimpleNamespace
+
+    from sparseinfer import integration, ops
+    from sparseinfer.kernels.attention import BREAK_EVEN
+
+    monkeypatch.setattr(ops, "_use_triton", lambda q, backend: True)
+    cuda_q = SimpleNamespace(is_cuda=True)
+
+    def length(name, backend="auto", q=cuda_q):
+        return integration._break_even(SimpleNamespace(backend=backend, pattern=SimpleNamespace(name=name)), q)
+
+    for name in integration.METHODS:
+        if name != "dense":
+            assert integration._BREAK_EVEN_KEY[name] in BREAK_EVEN, name
+    assert (length("flexprefill"), length("adaptive"), length("xattention")) == (64 * 1024,) * 3
+    assert length("block_sparse") == 0 and length("vertical_slash") == 40 * 1024
+    assert length("xattention", backend="triton") == 0
+    assert length("xattention", q=SimpleNamespace(is_cuda=False)) == 0

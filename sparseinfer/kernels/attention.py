@@ -40,6 +40,15 @@ BREAK_EVEN = {
     # 0.92x: the estimation and index construction a dense-routed call still pays (~3.7 ms per
     # layer) outweigh the gain there (realistic indices: 1.06x TTFT), so 32K stays dense
     "vertical_slash_estimated": 40 * 1024,
+    # adaptive methods (estimation + kernel, structured q/k; results/adaptive_breakeven.md, adaptive_recall.md,
+    # adaptive_guarded.md, 2026-11-26): below 64K a call the density guard sends dense still pays the
+    # probe (~1-1.7 ms: xattention, flexprefill) or the estimation (the gate: 2.3 ms at 48K) plus one
+    # host synchronisation (~1-2 ms more of exposed launches): 5-10% of dense attention at 48K, 5-6% at
+    # 64K, ~1% at 128K; and even where they run sparse they barely win below 64K (flexprefill gamma 0.9
+    # 0.81x / 1.07x at 32K / 48K, xattention tau 0.9 0.83x / 0.98x, the learned gate 0.83x / 1.12x)
+    "flexprefill": 64 * 1024,
+    "adaptive": 64 * 1024,
+    "xattention": 64 * 1024,
 }
 
 

@@ -231,6 +231,13 @@ def select_rows(mass: torch.Tensor, tau: torch.Tensor, fused: bool = False) -> t
     return table_to_index((keep | forced) & (r[None, :] <= r[:, None]))
 
 
+def sampled_blocks(nb: int, samples: int, device) -> tuple[list[int], torch.Tensor]:
+    """`samples` evenly spaced query blocks of nb (first and last included), chosen on the host
+    (no device sync): (their indices, the same as a long tensor on `device`)."""
+    picked = sorted({round(i * (nb - 1) / max(min(samples, nb) - 1, 1)) for i in range(min(samples, nb))})
+    return picked, device_tensor(picked, device, torch.long)
+
+
 def probe_density(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: float | None = None,
                   samples: int = 16, fused=None) -> torch.Tensor:
     """A cheap estimate of `estimate`'s kept density: the same scoring and threshold on
@@ -243,9 +250,7 @@ def probe_density(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: f
     nb = math.ceil(n / block_size)
     if block_size % stride:
         raise ValueError(f"xattention: block_size must be a multiple of stride, got {block_size} and {stride}")
-    # the sampled query blocks, chosen on the host (no device sync, no copy of the whole q)
-    picked = sorted({round(i * (nb - 1) / max(min(samples, nb) - 1, 1)) for i in range(min(samples, nb))})
-    rows = device_tensor(picked, q.device, torch.long)
+    picked, rows = sampled_blocks(nb, samples, q.device)
     gpb = block_size // stride
     npad = nb * block_size
     ng = npad // stride
@@ -294,6 +299,13 @@ class XAttention(Pattern):
     def probe(self, q, k, scale) -> torch.Tensor:
         """[B, Hq] kept density estimated on a few query blocks (see probe_density)."""
         return probe_density(q, k, self.tau, self.stride, self.block_size, scale)
+
+    @property
+    def est_share(self) -> float:
+        """The estimation's cost as a share of cuDNN dense attention (H100, one 8B layer,
+        structured q/k, the largest at 48K-128K: stride 8 0.09-0.12, stride 16 0.05-0.08;
+        benchmarks/results/adaptive_breakeven.md): the probe's margin (`guards.probe_limit`)."""
+        return 0.12 if self.stride <= 8 else 0.08
 
     def probe_op(self) -> str:
         return "block_sparse_attention"

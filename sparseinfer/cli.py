@@ -176,12 +176,16 @@ def cmd_search(args) -> int:
 
 
 def cmd_train_gate(args) -> int:
+    import torch
+
     from .eval.needle import parse_length
     from .gate_training import train_gates
     from .models import load_model
 
-    print(f"loading {args.model} ...", flush=True)
-    model, tok = load_model(args.model, device=args.device)
+    dtype = args.dtype if args.dtype != "auto" else (
+        "bfloat16" if args.device and torch.device(args.device).type == "cuda" else "float32")
+    print(f"loading {args.model} ({dtype}) ...", flush=True)
+    model, tok = load_model(args.model, dtype=getattr(torch, dtype), device=args.device)
     gates, rep = train_gates(model, tok, out=args.out, length=parse_length(args.length) if args.length else None,
                              sequences=args.sequences, row_stride=args.row_stride, block_size=args.block_size,
                              pooling=args.pooling, width=args.width, steps=args.steps, lr=args.lr, model_id=args.model)
@@ -460,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")
     tg.add_argument("--out", required=True, help="gate file to write (.safetensors; loss PNG + JSON beside it)")
     tg.add_argument("--device", default=None, help="e.g. cuda (default: CPU)")
+    tg.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="the frozen model's weights (default auto: bfloat16 on CUDA, float32 on the CPU)")
     tg.add_argument("--length", default=None, help="tokens per calibration sequence (default: min(model max, 8k))")
     tg.add_argument("--sequences", type=int, default=1, help="calibration sequences (default: %(default)s)")
     tg.add_argument("--row-stride", type=int, default=4, help="targets for every n-th query block (default: %(default)s)")

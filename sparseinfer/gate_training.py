@@ -156,14 +156,17 @@ def kl_loss(logq: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None 
 
 
 def train_layer(gate, cache: LayerCache, steps: int, lr: float) -> list[float]:
-    """Adam on the summed KL of all cached sequences; -> the loss per step."""
+    """Adam on the summed KL of all cached sequences (moved to the gate's device once: the
+    cache lives on the CPU); -> the loss per step."""
+    dev = gate.q_proj.device
+    seqs = [tuple(x.to(dev) for x in item) for item in zip(cache.qf, cache.kf, cache.target, cache.rows)]
     opt = torch.optim.Adam(gate.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.05)
     losses = []
     gate.requires_grad_(True)
     for _ in range(steps):
         opt.zero_grad()
-        loss = sum(kl_loss(gate(qf, kf), t, r) for qf, kf, t, r in zip(cache.qf, cache.kf, cache.target, cache.rows))
+        loss = sum(kl_loss(gate(qf, kf), t, r) for qf, kf, t, r in seqs)
         loss = loss / len(cache.qf)
         loss.backward()
         opt.step()
@@ -178,12 +181,13 @@ def block_recall(gates: Gates, caches: list[LayerCache]) -> dict:
     """Held-out block recall (share of the dense mass the kept blocks cover, mean over rows,
     heads, layers) and kept block density, of the gate and the mean-pool baseline."""
     out: dict = {}
+    dev = gates.layers[0].q_proj.device
     modes = [("density", d) for d in RECALL_DENSITIES] + [("threshold", t) for t in RECALL_THRESHOLDS]
     for mode, val in modes:
         rec, dens, brec = [], [], []
         for li, c in enumerate(caches):
             for qf, kf, tsum, base in zip(c.qf, c.kf, c.tsum, c.baseline):
-                p = gates.layers[li](qf, kf).exp()
+                p = gates.layers[li](qf.to(dev), kf.to(dev)).exp().cpu()  # the cache is on the CPU
                 keep = keep_blocks(p, **{mode: val})
                 rec.append(float((tsum * keep).sum(-1).mean()))
                 nb = keep.shape[-1]

@@ -308,3 +308,28 @@ def test_real_model_shipped_gates(smol, essay_ids):
     assert len(handle.stats.records) == model.config.num_hidden_layers
     assert 0.2 < handle.stats.density() <= sum(64 * 64 * c for c in rows) / (n * (n + 1) / 2) + 1e-6
     assert 0 < kl < 0.3
+
+
+@pytest.mark.parametrize("argv,want", [([], torch.float32), (["--device", "cuda"], torch.bfloat16),
+                                       (["--device", "cuda:1", "--dtype", "float16"], torch.float16),
+                                       (["--dtype", "bfloat16"], torch.bfloat16)])
+def test_train_gate_cli_loads_the_model_in_the_asked_dtype(monkeypatch, argv, want):
+    """`sparseinfer train-gate --dtype auto` (default): bfloat16 on CUDA (an 8B model's weights),
+    float32 on the CPU; an explicit --dtype wins."""
+    from sparseinfer import cli, models
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_load(name, dtype, device):
+        seen.update(name=name, dtype=dtype, device=device)
+        raise Stop
+
+    monkeypatch.setattr(models, "load_model", fake_load)
+    with pytest.raises(Stop):
+        cli.main(["train-gate", "--model", "some/model", "--out", "g.safetensors"] + argv)
+    assert seen["dtype"] == want and seen["name"] == "some/model"
+    with pytest.raises(SystemExit):
+        cli.main(["train-gate", "--out", "g.safetensors", "--dtype", "int8"])

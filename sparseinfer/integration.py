@@ -243,7 +243,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     probe = getattr(plan.pattern, "probe", None)
     if probe is not None:
         lim = guards.probe_limit(plan.pattern.probe_op(), plan.max_density, query, plan.backend,
-                                 plan.pattern.block_size, plan.pattern.est_share)
+                                 getattr(plan.pattern, "block_size", None), getattr(plan.pattern, "est_share", 0.0))
         if lim < 1.0 and bool((probe(query, key, scale) > lim).any(0).all()):
             plan.stats.add(CallRecord(plan.layer, nq, "dense", None, "density"))
             if rec is not None:

@@ -27,13 +27,15 @@ from .patterns.base import Selection
 # (Before the program-order / TMA kernel: 0.43 / 0.35 / 0.73.)
 BREAK_EVEN_DENSITY = {"block_sparse_attention": 0.61, "vertical_slash_attention": 0.32, "ashape_attention": 0.79}
 # Block-sparse on 128-blocks (XAttention / FlexPrefill / 128-block gates): the kernel alone, on
-# their estimated lists, took (density x dense time) / kernel time = 0.66-0.73 of cuDNN's time
-# per kept cell at 32K, 0.75-0.79 at 48K, 0.78-0.81 at 64K, 0.83-0.85 at 96K and 0.85-0.88 at 128K
-# (H100, one 8B layer, densities 30-83%; benchmarks/results/adaptive_recall.md and
-# adaptive_breakeven.md, 2026-11-26): the lowest of each length is the break-even density *after*
-# the estimation (its cost is spent either way); interpolated in log N, clamped outside. A probe
-# deciding before the estimation lowers it by the estimation's share of dense time (`probe_limit`).
-BREAK_EVEN_DENSITY_BLOCK128 = ((32768, 0.66), (49152, 0.75), (65536, 0.78), (98304, 0.83), (131072, 0.85))
+# their estimated lists, reached (density x dense time) / kernel time = 0.66-0.73 at 32K,
+# 0.75-0.79 at 48K, 0.78-0.81 at 64K, 0.83-0.85 at 96K, 0.85-0.88 at 128K, 0.91-0.94 at 256K and
+# 0.97-0.98 at 512K (H100, one 8B layer, densities 22-85%; benchmarks/results/adaptive_recall.md,
+# adaptive_breakeven.md, adaptive_guarded*.md, adaptive_long.md, 2026-11-26): the lowest of each
+# length is the break-even density *after* the estimation (its cost is spent either way);
+# interpolated in log N, clamped outside. A probe deciding before the estimation lowers it by
+# the estimation's share of dense time (`probe_limit`).
+BREAK_EVEN_DENSITY_BLOCK128 = ((32768, 0.66), (49152, 0.75), (65536, 0.78), (98304, 0.83), (131072, 0.85),
+                               (262144, 0.91), (524288, 0.97))
 
 
 def _block128_limit(n: int) -> float:

@@ -242,8 +242,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     # estimated on a few query blocks is above the break-even, run dense without the estimation
     probe = getattr(plan.pattern, "probe", None)
     if probe is not None:
+        est_share = getattr(plan.pattern, "est_share", None)
         lim = guards.probe_limit(plan.pattern.probe_op(), plan.max_density, query, plan.backend,
-                                 getattr(plan.pattern, "block_size", None), getattr(plan.pattern, "est_share", 0.0))
+                                 getattr(plan.pattern, "block_size", None), est_share(nq) if est_share else 0.0)
         if lim < 1.0 and bool((probe(query, key, scale) > lim).any(0).all()):
             plan.stats.add(CallRecord(plan.layer, nq, "dense", None, "density"))
             if rec is not None:

@@ -352,14 +352,14 @@ def test_adaptive_report_from_cached_cells(tmp_path):
 
 
 def test_block128_break_even_density_follows_the_length():
-    """Block-sparse on 128-blocks: the measured break-even density (0.66 at 32K ... 0.85 at 128K,
+    """Block-sparse on 128-blocks: the measured break-even density (0.66 at 32K ... 0.97 at 512K,
     log-interpolated between the measured lengths, clamped); 64-blocks keep the table; the
     caller's max_density wins; no guard on the CPU reference. A probe's limit is lower by the
     estimation's share of dense time, unless the caller set max_density."""
     from sparseinfer import guards
 
-    q16, q32, q40, q64, q128, q512 = (torch.empty(1, 1, n, 8, device="meta")
-                                      for n in (16384, 32768, 40132, 65536, 131072, 524288))
+    q16, q32, q40, q64, q128, q512, q1m = (torch.empty(1, 1, n, 8, device="meta")
+                                           for n in (16384, 32768, 40132, 65536, 131072, 524288, 1 << 20))
     op = "block_sparse_attention"
     assert guards.density_limit(op, None, q16, "triton", 128) == pytest.approx(0.66)
     assert guards.density_limit(op, None, q32, "triton", 128) == pytest.approx(0.66)
@@ -367,7 +367,8 @@ def test_block128_break_even_density_follows_the_length():
     assert guards.density_limit(op, None, q40, "triton", 128) == pytest.approx(0.66 + t * 0.09)
     assert guards.density_limit(op, None, q64, "triton", 128) == pytest.approx(0.78)
     assert guards.density_limit(op, None, q128, "triton", 256) == pytest.approx(0.85)
-    assert guards.density_limit(op, None, q512, "triton", 128) == pytest.approx(0.85)
+    assert guards.density_limit(op, None, q512, "triton", 128) == pytest.approx(0.97)
+    assert guards.density_limit(op, None, q1m, "triton", 128) == pytest.approx(0.97)
     assert guards.density_limit(op, None, q128, "triton", 64) == guards.BREAK_EVEN_DENSITY[op]
     assert guards.density_limit(op, None, q128, "triton") == guards.BREAK_EVEN_DENSITY[op]
     assert guards.density_limit(op, 0.3, q128, "triton", 128) == 0.3
@@ -375,6 +376,13 @@ def test_block128_break_even_density_follows_the_length():
     assert guards.probe_limit(op, None, q128, "triton", 128, 0.12) == pytest.approx(0.85 * 0.88)
     assert guards.probe_limit(op, 0.3, q128, "triton", 128, 0.12) == 0.3
     assert guards.probe_limit(op, None, q128, "reference", 128, 0.12) == 1.0
+    # the patterns' estimation shares: xattention's constant (N^2 / stride, like dense), FlexPrefill's
+    # falling with N (its estimation grows about linearly)
+    from sparseinfer.patterns import FlexPrefill
+
+    assert XAttention(stride=8).est_share(131072) == 0.12 and XAttention(stride=16).est_share(524288) == 0.08
+    fp = FlexPrefill()
+    assert fp.est_share(32768) == pytest.approx(0.15) and fp.est_share(65536) > fp.est_share(131072) > 0.06
 
 
 def test_every_sparse_method_has_a_measured_break_even_length(monkeypatch):

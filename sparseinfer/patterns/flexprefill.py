@@ -167,12 +167,14 @@ class FlexPrefill(Pattern):
     def probe_op(self) -> str:
         return "block_sparse_attention"
 
-    @property
-    def est_share(self) -> float:
-        """The estimation's cost as a share of cuDNN dense attention (H100, one 8B layer,
-        structured q/k: 0.15 at 48K, 0.10 at 64K, 0.06 at 128K; the largest is used;
-        benchmarks/results/adaptive_breakeven.md): the probe's margin (`guards.probe_limit`)."""
-        return 0.15
+    def est_share(self, n: int) -> float:
+        """The estimation's cost as a share of cuDNN dense attention at length n, the probe's
+        margin (`guards.probe_limit`): measured 0.151 / 0.104 / 0.070 / 0.060 / 0.036 / 0.026
+        at 48K / 64K / 96K / 128K / 256K / 512K (H100, one 8B layer, structured q/k;
+        benchmarks/results/adaptive_breakeven.md, adaptive_guarded*.md, adaptive_long.md): the
+        estimation grows about linearly, dense attention as N^2; 0.15 (48K / n)^0.7 stays above
+        every measured point."""
+        return 0.15 * min(1.0, 49152 / max(n, 1)) ** 0.7
 
     def select(self, q, k, scale):
         n = q.shape[2]

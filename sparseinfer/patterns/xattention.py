@@ -300,11 +300,11 @@ class XAttention(Pattern):
         """[B, Hq] kept density estimated on a few query blocks (see probe_density)."""
         return probe_density(q, k, self.tau, self.stride, self.block_size, scale)
 
-    @property
-    def est_share(self) -> float:
-        """The estimation's cost as a share of cuDNN dense attention (H100, one 8B layer,
-        structured q/k, the largest at 48K-128K: stride 8 0.09-0.12, stride 16 0.05-0.08;
-        benchmarks/results/adaptive_breakeven.md): the probe's margin (`guards.probe_limit`)."""
+    def est_share(self, n: int) -> float:
+        """The estimation's cost as a share of cuDNN dense attention at length n, the probe's
+        margin (`guards.probe_limit`). Both grow as N^2 / stride: measured (H100, one 8B layer,
+        structured q/k, 48K-512K; benchmarks/results/adaptive_breakeven.md, adaptive_long.md)
+        0.08-0.12 at stride 8 and 0.04-0.08 at stride 16; the largest is used."""
         return 0.12 if self.stride <= 8 else 0.08
 
     def probe_op(self) -> str:

@@ -32,8 +32,8 @@ BREAK_EVEN_DENSITY = {"block_sparse_attention": 0.61, "vertical_slash_attention"
 # 0.97-0.98 at 512K (H100, one 8B layer, densities 22-85%; benchmarks/results/adaptive_recall.md,
 # adaptive_breakeven.md, adaptive_guarded*.md, adaptive_long.md, 2026-11-26): the lowest of each
 # length is the break-even density *after* the estimation (its cost is spent either way);
-# interpolated in log N, clamped outside. A probe deciding before the estimation lowers it by
-# the estimation's share of dense time (`probe_limit`).
+# interpolated in log N, clamped outside. A probe deciding before the estimation weighs the
+# estimation's cost against what the heads would save (`probe_says_dense`).
 BREAK_EVEN_DENSITY_BLOCK128 = ((32768, 0.66), (49152, 0.75), (65536, 0.78), (98304, 0.83), (131072, 0.85),
                                (262144, 0.91), (524288, 0.97))
 
@@ -80,14 +80,28 @@ def density_limit(op: str, max_density: float | None, q: torch.Tensor, backend: 
     return 1.0
 
 
-def probe_limit(op: str, max_density: float | None, q: torch.Tensor, backend: str, block_size: int | None,
-                est_share: float) -> float:
-    """The limit a density probe compares with, before the estimation: the caller's max_density
-    as given, else `density_limit` x (1 - est_share), est_share = the estimation's cost as a
-    share of dense attention (a head of density d pays est + d / eff x dense, which beats dense
-    only while d < eff x (1 - est_share))."""
+# A probed call runs sparse only when its predicted cost is below this share of dense attention
+# (the cost model leaves out the probe itself, one host sync and the index construction: 2-4% of
+# dense at 64K-128K on the H100, benchmarks/results/adaptive_guarded_long.md)
+PROBE_MARGIN = 0.97
+
+
+def probe_says_dense(density: torch.Tensor, op: str, max_density: float | None, q: torch.Tensor, backend: str,
+                     block_size: int | None, est_share: float) -> bool:
+    """The density probe's decision, before the estimation (one host sync). density [B, Hq]:
+    the probe's kept density per head. With the caller's max_density: dense when every head is
+    above it. Otherwise a cost model in units of dense attention: the estimation (est_share)
+    plus, per head, d / eff (eff = `density_limit`, the kernel's break-even density after the
+    estimation; heads above it would run dense, cost 1), averaged over heads (worst input of the
+    batch): dense when that reaches PROBE_MARGIN. No guard when the limit is 1 (CPU reference)."""
     lim = density_limit(op, max_density, q, backend, block_size)
-    return lim if max_density is not None or lim >= 1.0 else lim * (1.0 - est_share)
+    if lim >= 1.0:
+        return False
+    worst = density.amax(0)  # [Hq]
+    if max_density is not None:
+        return bool((worst > lim).all())
+    cost = est_share + (worst / lim).clamp_max(1.0).mean()
+    return bool(cost >= PROBE_MARGIN)
 
 
 def over_limit(parts: list[Selection], limits: list[float]) -> torch.Tensor | None:

@@ -238,14 +238,15 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     rec = plan.recorder
     t0 = rec.start(query) if rec is not None else 0.0
-    # density guard, first a cheap probe (patterns that have one): when every head's density
-    # estimated on a few query blocks is above the break-even, run dense without the estimation
+    # density guard, first a cheap probe (patterns that have one): when the densities estimated
+    # on a few query blocks predict no gain over dense once the estimation is paid
+    # (`guards.probe_says_dense`), run dense without the estimation
     probe = getattr(plan.pattern, "probe", None)
-    if probe is not None:
+    op, bsz = (plan.pattern.probe_op(), getattr(plan.pattern, "block_size", None)) if probe is not None else (None, None)
+    if probe is not None and guards.density_limit(op, plan.max_density, query, plan.backend, bsz) < 1.0:
         est_share = getattr(plan.pattern, "est_share", None)
-        lim = guards.probe_limit(plan.pattern.probe_op(), plan.max_density, query, plan.backend,
-                                 getattr(plan.pattern, "block_size", None), est_share(nq) if est_share else 0.0)
-        if lim < 1.0 and bool((probe(query, key, scale) > lim).any(0).all()):
+        if guards.probe_says_dense(probe(query, key, scale), op, plan.max_density, query, plan.backend, bsz,
+                                   est_share(nq) if est_share else 0.0):
             plan.stats.add(CallRecord(plan.layer, nq, "dense", None, "density"))
             if rec is not None:
                 rec.dense(plan.layer, nq, "density")

@@ -373,9 +373,16 @@ def test_block128_break_even_density_follows_the_length():
     assert guards.density_limit(op, None, q128, "triton") == guards.BREAK_EVEN_DENSITY[op]
     assert guards.density_limit(op, 0.3, q128, "triton", 128) == 0.3
     assert guards.density_limit(op, None, q128, "reference", 128) == 1.0
-    assert guards.probe_limit(op, None, q128, "triton", 128, 0.12) == pytest.approx(0.85 * 0.88)
-    assert guards.probe_limit(op, 0.3, q128, "triton", 128, 0.12) == 0.3
-    assert guards.probe_limit(op, None, q128, "reference", 128, 0.12) == 1.0
+    # the probe's decision: a cost model in units of dense attention (estimation + per head
+    # min(1, d / limit)), or every head over the caller's max_density
+    d = torch.tensor([[0.9, 0.9, 0.9, 0.5]])  # one sparse-worthy head cannot pay the estimation
+    assert guards.probe_says_dense(d, op, None, q128, "triton", 128, 0.12)  # 0.12 + (3 + 0.5 / 0.85) / 4 = 1.02
+    d = torch.tensor([[0.6, 0.6, 0.6, 0.6]])  # 0.12 + 0.6 / 0.85 = 0.83
+    assert not guards.probe_says_dense(d, op, None, q128, "triton", 128, 0.12)
+    assert guards.probe_says_dense(d, op, None, q128, "triton", 128, 0.27)  # a costlier estimation
+    assert not guards.probe_says_dense(torch.tensor([[0.6, 0.6], [0.9, 0.2]]), op, 0.7, q128, "triton", 128, 0.12)
+    assert guards.probe_says_dense(torch.tensor([[0.6, 0.8], [0.9, 0.2]]), op, 0.7, q128, "triton", 128, 0.12)
+    assert not guards.probe_says_dense(torch.ones(1, 4), op, None, q128, "reference", 128, 0.12)
     # the patterns' estimation shares: xattention's constant (N^2 / stride, like dense), FlexPrefill's
     # falling with N (its estimation grows about linearly)
     from sparseinfer.patterns import FlexPrefill

@@ -169,7 +169,7 @@ class FlexPrefill(Pattern):
 
     def est_share(self, n: int) -> float:
         """The estimation's cost as a share of cuDNN dense attention at length n, the probe's
-        margin (`guards.probe_limit`): measured 0.151 / 0.104 / 0.070 / 0.060 / 0.036 / 0.026
+        cost in `guards.probe_says_dense`: measured 0.151 / 0.104 / 0.070 / 0.060 / 0.036 / 0.026
         at 48K / 64K / 96K / 128K / 256K / 512K (H100, one 8B layer, structured q/k;
         benchmarks/results/adaptive_breakeven.md, adaptive_guarded*.md, adaptive_long.md): the
         estimation grows about linearly, dense attention as N^2; 0.15 (48K / n)^0.7 stays above

@@ -302,7 +302,7 @@ class XAttention(Pattern):
 
     def est_share(self, n: int) -> float:
         """The estimation's cost as a share of cuDNN dense attention at length n, the probe's
-        margin (`guards.probe_limit`). Both grow as N^2 / stride: measured (H100, one 8B layer,
+        cost in `guards.probe_says_dense`. Both grow as N^2 / stride: measured (H100, one 8B layer,
         structured q/k, 48K-512K; benchmarks/results/adaptive_breakeven.md, adaptive_long.md)
         0.08-0.12 at stride 8 and 0.04-0.08 at stride 16; the largest is used."""
         return 0.12 if self.stride <= 8 else 0.08

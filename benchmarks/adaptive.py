@@ -3,12 +3,13 @@
 One Llama-3-8B layer: B=1, 32 query heads, 8 KV heads, D=128, bf16, causal, on the structured
 q/k of benchmarks/attention.py (sinks, a local band, distant diagonals, heavy columns) and
 random v. The learned gate (`patch(model, "adaptive")`) has no trained weights for this shape:
-it is distilled first, for one layer, on structured q/k of the same length drawn with another seed
-(the library's self-distillation: dense attention max-pooled to blocks, KL; `distilled_gate`), as
-training on a real model would fit it to that model's heads. For each method and size: index estimation alone, the kernel on those indices, and
-both together (what a patched model pays), the kept density, speed-up vs the faster of cuDNN /
-flash SDPA, % of the density limit (speed-up x density) and whether the density guard
-(`sparseinfer.guards.BREAK_EVEN_DENSITY`) would route heads dense.
+it is distilled first, for one layer, on structured q/k of the same length drawn with another
+seed (the library's self-distillation: dense attention max-pooled to blocks, KL;
+`distilled_gate`), as training on a real model would fit it to that model's heads. For each
+method and size: index estimation alone, the kernel on those indices, and both together, the
+kept density, speed-up vs the faster of cuDNN / flash SDPA, % of the density limit (speed-up x
+density), the recall of the dense attention mass, whether the density guard would route heads
+dense, and the patched attention function itself (guards included) against its dense path.
 
     python benchmarks/adaptive.py --out benchmarks/results            # 32K and 128K (< 4 min on an H100)
     python benchmarks/adaptive.py --smoke --out /tmp/adaptive-smoke   # CPU, tiny shapes, < 1 min
@@ -397,6 +398,7 @@ def markdown(meta, checks, rows):
            "| N | method | est ms | kernel ms | total ms | dense ms | ratio | density (heads min-max) | % limit | recall "
            "| guard->dense | probe ms (density) | patched ms (its dense path) | patched ratio | patched route |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
     def fmt(x):
         return "-" if x is None else f"{x:.3f}"
 

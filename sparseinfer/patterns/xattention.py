@@ -211,7 +211,6 @@ def estimate(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: float 
     scale = d ** -0.5 if scale is None else scale
     fused = _use_fused(q, fused)
     mass = antidiagonal_mass(q, k, stride, block_size, scale, fused)
-    nb = mass.shape[-1]
     taus = head_values("tau", tau, hq, q.device, 0.0, 1.0).to(mass.dtype)
     return select_rows(mass, taus, fused), mass
 
@@ -253,7 +252,6 @@ def probe_density(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: f
     picked, rows = sampled_blocks(nb, samples, q.device)
     gpb = block_size // stride
     npad = nb * block_size
-    ng = npad // stride
     mm, acc = _mm_dtype(q), _acc_dtype(q)
     pos = (rows[:, None] * block_size + torch.arange(block_size, device=q.device)).reshape(-1)
     qs = q.index_select(2, pos.clamp_max(n - 1)).to(mm)  # [B, Hq, S * block_size, D]

@@ -203,6 +203,22 @@ def test_density_probe_skips_the_estimation_when_every_head_goes_dense(monkeypat
     assert rel_err(out, masked_attention_f64(q, k, v, torch.ones(512, 512, dtype=torch.bool).tril(), 0.25)) < 1e-5
 
 
+def test_xattention_probe_is_the_estimate_on_the_sampled_rows():
+    """The probe (its sampled query groups reversed, k in order) keeps the full estimate's blocks
+    when every query block is sampled: the same antidiagonal sums, in float64."""
+    from sparseinfer.patterns import xattention as xa
+
+    n, bs = 500, 20  # a partial last block
+    q, k, _ = _qkv(n=n)
+    q, k = q.double(), k.double()
+    for tau in (0.5, 0.9):
+        idx, _ = xa.estimate(q, k, tau, 4, bs, 0.25, fused=False)
+        nb = idx.shape[2]
+        blocks = (idx >= 0).sum((-1, -2)).double() / (nb * (nb + 1) / 2)
+        probe = xa.probe_density(q, k, tau, 4, bs, 0.25, samples=nb, fused=False)
+        assert torch.allclose(probe.double(), blocks, atol=1e-6), (tau, probe, blocks)
+
+
 def test_flexprefill_probe_tracks_the_query_aware_density_and_skips_the_estimation(monkeypatch):
     """FlexPrefill's probe (the pooled map on a few query blocks, the gamma set over them) tracks
     the full estimate's query-aware density; exact when every block is sampled; a call whose

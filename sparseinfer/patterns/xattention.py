@@ -91,12 +91,16 @@ def _group_block_mass(qv, ks, qi, g_valid: int, gpb: int, scale: float, hq: int,
     return p.reshape(b, hq, r // gpb, gpb, kk // gpb, gpb).sum((3, 5))
 
 
-def _key_groups(k: torch.Tensor, npad: int, stride: int, dtype) -> torch.Tensor:
+def _key_groups(k: torch.Tensor, npad: int, stride: int, dtype, reverse: bool = True) -> torch.Tensor:
     """k [B, Hkv, N, D] -> [B, Hkv, npad / stride, stride * D]: each key group's rows concatenated
     in reverse order (so that a query group's rows, concatenated in order, meet them along one
-    antidiagonal of the stride x stride tile). Reversing k, not q: k is the smaller (GQA)."""
+    antidiagonal of the stride x stride tile). Reversing k, not q: k is the smaller (GQA).
+    reverse=False: in order (a view when no padding or conversion is needed; the caller then
+    reverses its query groups instead, as the probe does with its few sampled rows)."""
     b, hkv, n, d = k.shape
     kp = k.to(dtype) if npad == n else torch.nn.functional.pad(k.to(dtype), (0, 0, 0, npad - n))
+    if not reverse:
+        return kp.reshape(b, hkv, npad // stride, stride * d)
     return kp.reshape(b, hkv, npad // stride, stride, d).flip(3).reshape(b, hkv, npad // stride, stride * d)
 
 
@@ -258,8 +262,10 @@ def probe_density(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: f
     if npad != n:  # query rows past the input are zero (as the padded full estimate has them)
         qs = qs * (pos < n).to(mm)[:, None]
     hkv = k.shape[1]
+    # the same antidiagonal sums with the sampled query groups reversed and k in order: no copy of k
+    qs = qs.reshape(b, hkv, hq // hkv, len(picked) * gpb, stride, d).flip(4)
     qs = qs.reshape(b, hkv, hq // hkv, len(picked) * gpb, stride * d)
-    ks = _key_groups(k, npad, stride, mm)
+    ks = _key_groups(k, npad, stride, mm, reverse=False)
     qi = (rows[:, None] * gpb + torch.arange(gpb, device=q.device)).reshape(-1)  # query group
     g_valid = math.ceil(n / stride)
     mass = _group_block_mass(qs, ks, qi, g_valid, gpb, scale / stride, hq,

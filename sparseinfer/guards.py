@@ -86,22 +86,18 @@ def density_limit(op: str, max_density: float | None, q: torch.Tensor, backend: 
 PROBE_MARGIN = 0.97
 
 
-def probe_says_dense(density: torch.Tensor, op: str, max_density: float | None, q: torch.Tensor, backend: str,
-                     block_size: int | None, est_share: float) -> bool:
+def probe_says_dense(density: torch.Tensor, limit: float, caller_limit: bool, est_share: float) -> bool:
     """The density probe's decision, before the estimation (one host sync). density [B, Hq]:
-    the probe's kept density per head. With the caller's max_density: dense when every head is
-    above it. Otherwise a cost model in units of dense attention: the estimation (est_share)
-    plus, per head, d / eff (eff = `density_limit`, the kernel's break-even density after the
-    estimation; heads above it would run dense, cost 1), averaged over heads (worst input of the
-    batch): dense when that reaches PROBE_MARGIN. No guard when the limit is 1 (CPU reference)."""
-    lim = density_limit(op, max_density, q, backend, block_size)
-    if lim >= 1.0:
-        return False
+    the probe's kept density per head; limit: `density_limit` for the call (< 1). caller_limit
+    (the caller set max_density): dense when every head is above it. Otherwise a cost model in
+    units of dense attention: the estimation (est_share) plus, per head, d / limit (the limit
+    is the kernel's break-even density after the estimation; heads above it would run dense,
+    cost 1), averaged over heads (worst input of the batch): dense when that reaches
+    PROBE_MARGIN."""
     worst = density.amax(0)  # [Hq]
-    if max_density is not None:
-        return bool((worst > lim).all())
-    cost = est_share + (worst / lim).clamp_max(1.0).mean()
-    return bool(cost >= PROBE_MARGIN)
+    if caller_limit:
+        return bool((worst > limit).all())
+    return bool(est_share + (worst / limit).clamp_max(1.0).mean() >= PROBE_MARGIN)
 
 
 def over_limit(parts: list[Selection], limits: list[float]) -> torch.Tensor | None:

@@ -242,10 +242,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     # on a few query blocks predict no gain over dense once the estimation is paid
     # (`guards.probe_says_dense`), run dense without the estimation
     probe = getattr(plan.pattern, "probe", None)
-    op, bsz = (plan.pattern.probe_op(), getattr(plan.pattern, "block_size", None)) if probe is not None else (None, None)
-    if probe is not None and guards.density_limit(op, plan.max_density, query, plan.backend, bsz) < 1.0:
+    lim = 1.0 if probe is None else guards.density_limit(plan.pattern.probe_op(), plan.max_density, query,
+                                                         plan.backend, getattr(plan.pattern, "block_size", None))
+    if lim < 1.0:
         est_share = getattr(plan.pattern, "est_share", None)
-        if guards.probe_says_dense(probe(query, key, scale), op, plan.max_density, query, plan.backend, bsz,
+        if guards.probe_says_dense(probe(query, key, scale), lim, plan.max_density is not None,
                                    est_share(nq) if est_share else 0.0):
             plan.stats.add(CallRecord(plan.layer, nq, "dense", None, "density"))
             if rec is not None:

@@ -208,7 +208,7 @@ def test_xattention_probe_is_the_estimate_on_the_sampled_rows():
     when every query block is sampled: the same antidiagonal sums, in float64."""
     from sparseinfer.patterns import xattention as xa
 
-    n, bs = 500, 20  # a partial last block
+    n, bs = 510, 20  # a partial last block
     q, k, _ = _qkv(n=n)
     q, k = q.double(), k.double()
     for tau in (0.5, 0.9):
@@ -228,7 +228,7 @@ def test_flexprefill_probe_tracks_the_query_aware_density_and_skips_the_estimati
     from sparseinfer.patterns.block_sparse import block_sparse_density
     from sparseinfer.patterns.xattention import table_to_index
 
-    n, bs = 500, 25  # a partial last block
+    n, bs = 510, 25  # a partial last block
     q, k, v = _qkv(n=n)
     for gamma in (0.5, 0.9):
         est = fp.estimate(q, k, gamma, 0.1, bs, 0.25)
@@ -239,7 +239,7 @@ def test_flexprefill_probe_tracks_the_query_aware_density_and_skips_the_estimati
         probe = fp.probe_density(q, k, gamma, bs, 0.25, samples=8)
         assert probe.shape == blocks.shape and (probe - blocks).abs().max() < 0.08, (gamma, probe, blocks)
         pairs = block_sparse_density(n, table_to_index(est.block_table), bs)  # what the guard compares later
-        assert ((probe - pairs).abs() < 0.1).all() and pairs.min() < 0.5, (probe, pairs)
+        assert ((probe - pairs).abs() < 0.1).all() and pairs.min() < 0.7, (probe, pairs)  # not all kept
     pat = FlexPrefill(gamma=0.9, tau=0.1, block_size=bs)
     monkeypatch.setattr(pat, "select", lambda *a: (_ for _ in ()).throw(AssertionError("estimated")))
     plan = _plan(pat, max_density=float(probe.min()) / 2)
@@ -391,14 +391,14 @@ def test_block128_break_even_density_follows_the_length():
     assert guards.density_limit(op, None, q128, "reference", 128) == 1.0
     # the probe's decision: a cost model in units of dense attention (estimation + per head
     # min(1, d / limit)), or every head over the caller's max_density
+    lim = guards.density_limit(op, None, q128, "triton", 128)
     d = torch.tensor([[0.9, 0.9, 0.9, 0.5]])  # one sparse-worthy head cannot pay the estimation
-    assert guards.probe_says_dense(d, op, None, q128, "triton", 128, 0.12)  # 0.12 + (3 + 0.5 / 0.85) / 4 = 1.02
+    assert guards.probe_says_dense(d, lim, False, 0.12)  # 0.12 + (3 + 0.5 / 0.85) / 4 = 1.02
     d = torch.tensor([[0.6, 0.6, 0.6, 0.6]])  # 0.12 + 0.6 / 0.85 = 0.83
-    assert not guards.probe_says_dense(d, op, None, q128, "triton", 128, 0.12)
-    assert guards.probe_says_dense(d, op, None, q128, "triton", 128, 0.27)  # a costlier estimation
-    assert not guards.probe_says_dense(torch.tensor([[0.6, 0.6], [0.9, 0.2]]), op, 0.7, q128, "triton", 128, 0.12)
-    assert guards.probe_says_dense(torch.tensor([[0.6, 0.8], [0.9, 0.2]]), op, 0.7, q128, "triton", 128, 0.12)
-    assert not guards.probe_says_dense(torch.ones(1, 4), op, None, q128, "reference", 128, 0.12)
+    assert not guards.probe_says_dense(d, lim, False, 0.12)
+    assert guards.probe_says_dense(d, lim, False, 0.27)  # a costlier estimation
+    assert not guards.probe_says_dense(torch.tensor([[0.6, 0.6], [0.9, 0.2]]), 0.7, True, 0.12)
+    assert guards.probe_says_dense(torch.tensor([[0.6, 0.8], [0.9, 0.2]]), 0.7, True, 0.12)
     # the patterns' estimation shares: xattention's constant (N^2 / stride, like dense), FlexPrefill's
     # falling with N (its estimation grows about linearly)
     from sparseinfer.patterns import FlexPrefill

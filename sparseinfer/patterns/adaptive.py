@@ -82,7 +82,8 @@ def select_index(probs: torch.Tensor, threshold: float | None = None, density: f
     if threshold is not None:
         return xattn.select_blocks(probs.float(), torch.full((h,), float(threshold), device=probs.device),
                                    "threshold", tail=tail_blocks)
-    counts = torch.ceil(density * torch.arange(1, nb + 1, dtype=torch.float64)).to(torch.int32)  # as keep_blocks
+    # as keep_blocks (float64), built on the device: no host-to-device copy per call
+    counts = torch.ceil(density * torch.arange(1, nb + 1, dtype=torch.float64, device=probs.device)).to(torch.int32)
     return xattn.select_blocks(probs.float(), torch.zeros(h, device=probs.device), "count", counts, tail=tail_blocks)
 
 

@@ -29,7 +29,8 @@ import torch
 from .base import Pattern, Selection, group_scores
 from .block_sparse import block_sparse_density
 from .vertical_slash import last_query_sums, vertical_slash_density
-from .xattention import _acc_dtype, check_fraction, check_int, head_values, sampled_blocks, table_to_index, threshold_rows
+from .xattention import (_acc_dtype, check_fraction, check_int, head_values, sampled_blocks, sampled_query_rows,
+                         table_to_index, threshold_rows)
 
 
 def mean_pool(x: torch.Tensor, block_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -130,10 +131,8 @@ def probe_density(q, k, gamma=0.95, block_size: int = 64, scale: float | None = 
     nb = math.ceil(n / block_size)
     acc = _acc_dtype(q)
     picked, rows = sampled_blocks(nb, samples, q.device)
-    pos = (rows[:, None] * block_size + torch.arange(block_size, device=q.device)).reshape(-1)
-    valid = (pos < n).to(acc).reshape(len(picked), block_size)
-    qs = q.index_select(2, pos.clamp_max(n - 1)).reshape(b, hq, len(picked), block_size, d)
-    qp = (qs.to(acc) * valid[:, :, None]).sum(3) / valid.sum(1)[:, None]  # [B, Hq, S, D]
+    qs = sampled_query_rows(q, rows, block_size, acc).reshape(b, hq, len(picked), block_size, d)
+    qp = qs.sum(3) / (n - rows * block_size).clamp_max(block_size)[:, None].to(acc)  # block means [B, Hq, S, D]
     s = group_scores(qp, mean_pool(k, block_size, acc)) * scale  # [B, Hq, S, nb]
     r = torch.arange(nb, device=q.device)
     causal = r <= rows[:, None]

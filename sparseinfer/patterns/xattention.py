@@ -241,6 +241,15 @@ def sampled_blocks(nb: int, samples: int, device) -> tuple[list[int], torch.Tens
     return picked, device_tensor(picked, device, torch.long)
 
 
+def sampled_query_rows(q: torch.Tensor, rows: torch.Tensor, block_size: int, dtype) -> torch.Tensor:
+    """q [B, Hq, N, D], query blocks rows [S] -> their rows [B, Hq, S * block_size, D] in dtype,
+    rows past N zero (as a padded q has them)."""
+    n = q.shape[2]
+    pos = (rows[:, None] * block_size + torch.arange(block_size, device=q.device)).reshape(-1)
+    qs = q.index_select(2, pos.clamp_max(n - 1)).to(dtype)
+    return qs * (pos < n).to(dtype)[:, None] if n % block_size else qs
+
+
 def probe_density(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: float | None = None,
                   samples: int = 16, fused=None) -> torch.Tensor:
     """A cheap estimate of `estimate`'s kept density: the same scoring and threshold on
@@ -257,10 +266,7 @@ def probe_density(q, k, tau=0.9, stride: int = 8, block_size: int = 64, scale: f
     gpb = block_size // stride
     npad = nb * block_size
     mm, acc = _mm_dtype(q), _acc_dtype(q)
-    pos = (rows[:, None] * block_size + torch.arange(block_size, device=q.device)).reshape(-1)
-    qs = q.index_select(2, pos.clamp_max(n - 1)).to(mm)  # [B, Hq, S * block_size, D]
-    if npad != n:  # query rows past the input are zero (as the padded full estimate has them)
-        qs = qs * (pos < n).to(mm)[:, None]
+    qs = sampled_query_rows(q, rows, block_size, mm)  # [B, Hq, S * block_size, D]
     hkv = k.shape[1]
     # the same antidiagonal sums with the sampled query groups reversed and k in order: no copy of k
     qs = qs.reshape(b, hkv, hq // hkv, len(picked) * gpb, stride, d).flip(4)

@@ -52,9 +52,6 @@ METHODS = {
     "flexprefill gamma=0.95": lambda bs: FlexPrefill(gamma=0.95, tau=0.1, block_size=bs),
     # the learned gate, threshold mode (patch's default 1e-3) and top-k mode, on its own block size
     "adaptive gate threshold=1e-3 block 64": lambda bs: AdaptiveLayer(distilled_gate(64), 0, threshold=1e-3),
-    "adaptive gate threshold=1e-3 block 64 unpacked": lambda bs: AdaptiveLayer(distilled_gate(64), 0, threshold=1e-3,
-                                                                               pack_heads=False),
-    "adaptive gate density=0.2 block 64": lambda bs: AdaptiveLayer(distilled_gate(64), 0, density=0.2),
     "adaptive gate threshold=1e-3 block 128": lambda bs: AdaptiveLayer(distilled_gate(128), 0, threshold=1e-3),
     "adaptive gate density=0.3 block 128": lambda bs: AdaptiveLayer(distilled_gate(128), 0, density=0.3),
 }
@@ -258,98 +255,6 @@ def run(sizes, dev, gen, log, block_size, backend, save):
     return rows
 
 
-def pairs(sizes, dev, gen, log, out_dir, meta):
-    """The block-sparse kernel with query heads paired (`pack_heads`) vs one head per program,
-    on 64-block lists: the distilled gate's (threshold 1e-3, top-k 20%) and issue 3's realistic
-    top-100 with the pair's lists drawn independently (the worst case: ~2x the tiles) or shared.
-    Per list set: the pair overlap (per-head tiles / (2 x the pair's union)), density, time of
-    each kernel config, ratio vs dense and % of the density limit; outputs compared (the same
-    cells: rel. diff ~ bf16 rounding). -> pairs.json / pairs.md"""
-    from sparseinfer.index import from_block_sparse, from_block_sparse_pairs
-    from sparseinfer.kernels import attention as katt
-    from sparseinfer.patterns.block_sparse import block_sparse_density
-
-    scale = base.D ** -0.5
-    rows = []
-    # (warps, stages[, stages of the loop over tiles one head lists]), split: those both list first, unmasked
-    configs = [(None, False), ((None, None, 8, 2), False), ((None, None, 4, 3), False), ((None, None, 4, 2), False),
-               ((None, None, 8, 3, 1), True), ((None, None, 8, 3, 2), True), ((None, None, 8, 2, 2), True),
-               ((None, None, 4, 3, 2), True)]
-    for n in sizes:
-        _CTX["n"] = n
-        q, k = base.structured_qk(1, n, dev, gen)
-        v = torch.randn(1, base.HKV, n, base.D, device=dev, generator=gen).to(q.dtype)
-        dense = {name: timed(fn, dev) for name, fn in base.dense_fns(q, k, v).items()} if dev.type == "cuda" else {}
-        dms = min(dense.values()) if dense else float("nan")
-        sets = {}
-        for label, pat in (("gate threshold=1e-3", AdaptiveLayer(distilled_gate(64), 0, threshold=1e-3)),
-                           ("gate density=0.2", AdaptiveLayer(distilled_gate(64), 0, density=0.2))):
-            sets[label] = pat.select(q, k, scale)[0].kwargs["block_idx"]
-        rb = base.realistic_blocks(1, base.HQ, n, dev, gen)
-        sets["realistic top-100, independent"] = rb
-        sets["realistic top-100, shared by the pair"] = rb.view(1, base.HQ // 2, 2, *rb.shape[2:])[:, :, :1].expand(
-            1, base.HQ // 2, 2, *rb.shape[2:]).reshape(rb.shape)
-        for label, bi in sets.items():
-            per = from_block_sparse(bi, 64, n, 64).tile_count.sum()
-            union = from_block_sparse_pairs(bi, 64, n).tile_count.sum()
-            overlap = float(per) / (2 * float(union))
-            dens = float(block_sparse_density(n, bi, 64).mean())
-
-            def run_(pack, cfg=None, split=False):
-                katt.FLAGS["PACK_SPLIT"] = split
-                try:
-                    return katt.block_sparse_attention(q, k, v, bi, 64, scale, pack_heads=pack, config=cfg)
-                finally:
-                    katt.FLAGS["PACK_SPLIT"] = False
-
-            ref = run_(False)
-            diff = base.rel(run_(True), ref)
-            t_un = timed(lambda: run_(False), dev)
-            r = {"N": n, "lists": label, "overlap": overlap, "density": dens, "unpacked_ms": t_un, "dense_ms": dms,
-                 "rel_diff": diff, "packed": {}}
-            for cfg, split in configs:
-                name = ("default " + str(katt.PACK_CONFIG) if cfg is None else str(cfg[2:])) + (" split" if split else "")
-                try:
-                    d_ = base.rel(run_(True, cfg, split), ref)
-                    r["packed"][name] = timed(lambda: run_(True, cfg, split), dev)
-                    r["rel_diff"] = max(r["rel_diff"], d_)
-                except Exception as e:  # e.g. a config out of shared memory
-                    log(f"pairs N={n} {label} {name}: {type(e).__name__}: {str(e)[:200]}")
-            best = min(r["packed"], key=r["packed"].get)
-            r["best"] = best
-            for key, ms in [("unpacked", t_un), ("packed", r["packed"][best])]:
-                r[f"{key}_ratio"] = dms / ms
-                r[f"{key}_pct_limit"] = 100 * dms / ms * dens
-            rows.append(r)
-            log(f"pairs N={n} {label:38s} overlap {overlap:.2f} density {100 * dens:5.1f}% unpacked {t_un:7.2f} ms "
-                f"({r['unpacked_ratio']:.2f}x, {r['unpacked_pct_limit']:.0f}% of limit) packed "
-                + ", ".join(f"{k_} {v_:.2f}" for k_, v_ in r["packed"].items())
-                + f" best {r['packed_ratio']:.2f}x ({r['packed_pct_limit']:.0f}%), rel diff {diff:.1e}")
-        del q, k, v, sets
-        torch.cuda.empty_cache() if dev.type == "cuda" else None
-    with open(os.path.join(out_dir, "pairs.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"# Block-sparse kernel, query heads paired vs one per program (64-blocks)", "",
-             f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; "
-             f"`{meta['command']} `; one Llama-3-8B layer (32 q / 8 KV heads, D 128, bf16), structured q/k. "
-             "overlap = per-head tiles / (2 x the pair's union): 1 = the two heads list the same blocks, "
-             "0.5 = disjoint lists. Ratio vs the faster dense SDPA of the same run; % of the density limit = "
-             "ratio x density.", "",
-             "| N | lists | overlap | density | unpacked ms | packed ms (best config) | unpacked x / % limit | "
-             "packed x / % limit | rel. diff |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['N'] // 1024}K | {r['lists']} | {r['overlap']:.2f} | {100 * r['density']:.1f}% | "
-                     f"{r['unpacked_ms']:.2f} | {r['packed'][r['best']]:.2f} ({r['best']}) | "
-                     f"{r['unpacked_ratio']:.2f}x / {r['unpacked_pct_limit']:.0f}% | "
-                     f"{r['packed_ratio']:.2f}x / {r['packed_pct_limit']:.0f}% | {r['rel_diff']:.1e} |")
-    lines += ["", "Packed configs (warps, stages): " + "; ".join(
-        f"{r['N'] // 1024}K {r['lists']}: " + ", ".join(f"{k_} {v_:.2f} ms" for k_, v_ in r["packed"].items())
-        for r in rows)]
-    with open(os.path.join(out_dir, "pairs.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return rows
-
-
 def profile(n, dev, gen, log, block_size, backend, out_dir):
     """Per-op GPU time of each method's estimation (select) and kernel (run_selections) at one size."""
     from torch.profiler import ProfilerActivity
@@ -527,8 +432,6 @@ def main():
                     help="only: GPU time per op of each method's estimation and kernel at the largest size (profile.md)")
     ap.add_argument("--methods", default="",
                     help="comma-separated substrings: only the methods whose name contains one (default: all)")
-    ap.add_argument("--pairs", action="store_true",
-                    help="first: the block-sparse kernel with query heads paired vs not on 64-block lists (pairs.md)")
     ap.add_argument("--mass", action="store_true",
                     help="first: XAttention's block mass kernels side by side at the largest size (adaptive_mass.md)")
     args = ap.parse_args()
@@ -574,8 +477,6 @@ def main():
     if args.profile:
         return profile(sizes[-1], dev, gen, log, args.block_size, backend, args.out)
     log(f"device {meta['device']}, sizes {sizes}, block {args.block_size}")
-    if args.pairs:
-        pairs(sizes, dev, gen, log, args.out, meta)
     if args.mass:
         mass_variants(sizes[-1], dev, gen, log, args.block_size, args.out, meta)
     checks += check(dev, gen, log, 512 if args.smoke else 8192, args.block_size, backend if dev.type == "cuda" else "triton"

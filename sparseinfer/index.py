@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["SparseIndex", "from_vertical_slash", "from_block_sparse", "from_block_sparse_pairs", "from_ashape"]
+__all__ = ["SparseIndex", "from_vertical_slash", "from_block_sparse", "from_ashape"]
 
 # zero bits in front of offset 0 in ``slash_bits`` (the kernel reads up to block_m + 63 bits
 # before a row's offset window; block_m <= 448) and words after the last offset
@@ -70,10 +70,6 @@ class SparseIndex:
     edge_count: int32 [B, H, nqb] edges to visit per query block; or None.
     slash_bits: int32 [B, H, W]: bit ``BITS_PAD + o`` (word ``>> 5``, bit ``& 31``) is 1 where
         offset o is a slash (zero for o < 0); or None.
-    pack: 1, or 2 for a head-pair index (`from_block_sparse_pairs`): dim H counts pairs of query
-        heads (2p, 2p + 1); ``tiles`` carry in bits 29 / 30 which of the two lists the tile;
-        ``diag`` int32 [B, H / 2, nqb] the same bits for the own (diagonal) block; ``ranges`` unused;
-        ``shared_count`` int32 [B, H / 2, nqb] or None: the first tiles of each list are listed by both.
     """
 
     n: int
@@ -90,9 +86,6 @@ class SparseIndex:
     edges: Optional[torch.Tensor] = None
     edge_count: Optional[torch.Tensor] = None
     slash_bits: Optional[torch.Tensor] = None
-    pack: int = 1
-    diag: Optional[torch.Tensor] = None
-    shared_count: Optional[torch.Tensor] = None
 
     @property
     def nqb(self) -> int:
@@ -298,64 +291,6 @@ def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m:
         n=n, block_m=block_m, ranges=ranges,
         range_count=torch.ones(b, h, nqb, dtype=torch.int32, device=dev),
         tiles=tiles.contiguous(), tile_count=cnt * tpb, block_n=block_n,
-    )
-
-
-PAIR_BITS = 29  # head-pair tiles: bit 29 (first head) / 30 (second head) above the key offset
-
-
-def from_block_sparse_pairs(block_idx: torch.Tensor, block_size: int, n: int, shared_first: bool = False) -> SparseIndex:
-    """block_idx [B, H, nb, K] as `from_block_sparse` (H even) -> a head-pair index (pack 2) for
-    query heads (2p, 2p + 1), query blocks = key tiles = index blocks of ``block_size`` rows:
-    tiles [B, H / 2, nb, 2K]: the union of the two heads' blocks strictly below the diagonal,
-    sorted, each key start | (listed by head 2p) << 29 | (listed by head 2p + 1) << 30;
-    tile_count [B, H / 2, nb]; diag [B, H / 2, nb]: the same two bits for the own block (a head
-    that does not list it keeps only its cells i == j). The kernel runs both heads' rows of a
-    query block in one program (each tile's K / V loaded once) and masks each row by its
-    head's bit: the same cells as `from_block_sparse` per head. shared_first: the tiles both
-    heads list come first (each group in key order), their number in ``shared_count``, so the
-    kernel can run them without a mask."""
-    b, h, nb, k = block_idx.shape
-    if h % 2:
-        raise ValueError(f"head-pair index: expected an even number of heads, got {h}")
-    if n >= 1 << PAIR_BITS:
-        raise ValueError(f"head-pair index: n must be < 2^{PAIR_BITS}, got {n}")
-    dev = block_idx.device
-    big = 4 * (nb + 1)
-    idx = block_idx.to(torch.int32)
-    qb = torch.arange(nb, device=dev, dtype=torch.int32).view(1, 1, nb, 1)
-    bit = torch.tensor([1, 2], device=dev, dtype=torch.int32).repeat(h // 2).view(1, h, 1)
-    diag = ((idx == qb).any(-1).to(torch.int32) * bit).view(b, h // 2, 2, nb).sum(2, dtype=torch.int32)
-    # key 4 * block + head bit; the pair's two lists side by side, sorted, duplicates dropped
-    keyed = torch.where((idx >= 0) & (idx < qb), idx * 4 + bit[..., None], big)
-    keyed = keyed.view(b, h // 2, 2, nb, k).transpose(2, 3).reshape(b, h // 2, nb, 2 * k)
-    s = _sorted_unique(keyed, big)
-    valid = s < big
-    blk = s >> 2
-    same_next = torch.zeros_like(valid)
-    same_next[..., :-1] = valid[..., 1:] & (blk[..., 1:] == blk[..., :-1])
-    nxt_bits = torch.zeros_like(s)
-    nxt_bits[..., :-1] = s[..., 1:] & 3
-    bits = (s & 3) | torch.where(same_next, nxt_bits, 0)
-    first = valid.clone()
-    first[..., 1:] &= ~same_next[..., :-1]  # an entry whose block equals the previous one's is dropped
-    tiles = ((blk * block_size) | (bits.to(torch.int32) << PAIR_BITS)).to(torch.int32)
-    shared = None
-    if shared_first:
-        both = first & (bits == 3)
-        shared = both.sum(-1, dtype=torch.int32)
-        t_both, t_one = _compact(tiles, both, 0), _compact(tiles, first & ~both, 0)
-        p = torch.arange(tiles.shape[-1], device=dev).view(1, 1, 1, -1)
-        later = (p - shared[..., None]).clamp(min=0)
-        tiles = torch.where(p < shared[..., None], t_both, torch.gather(t_one, -1, later))
-    else:
-        tiles = _compact(tiles, first, 0)
-    return SparseIndex(
-        n=n, block_m=block_size,
-        ranges=torch.zeros(1, 1, 1, 1, 5, dtype=torch.int32, device=dev),
-        range_count=torch.zeros(1, 1, 1, dtype=torch.int32, device=dev),
-        tiles=tiles.contiguous(), tile_count=first.sum(-1, dtype=torch.int32), block_n=block_size,
-        pack=2, diag=diag.contiguous(), shared_count=shared,
     )
 
 

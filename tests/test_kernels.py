@@ -79,67 +79,6 @@ def test_block_sparse(bs, n, hq, hkv, d, dtype):
     check(out, masked_attention_f64(q, k, v, block_sparse_mask(n, bi, bs)), dtype)
 
 
-@pytest.mark.parametrize("bs,n,hq,hkv,d,dtype,overlap", [(64, 300, 4, 1, 64, torch.float32, 0.0),
-                                                          (32, 200, 8, 2, 128, torch.float16, 0.7),
-                                                          (16, 150, 4, 2, 64, torch.float16, 1.0)])
-@pytest.mark.parametrize("split", [False, True])
-def test_block_sparse_head_pairs(bs, n, hq, hkv, d, dtype, overlap, split, monkeypatch):
-    """pack_heads: two query heads of a KV head in one program over the union of their lists,
-    masked per head: the same cells as per-head programs. Lists with duplicates, padding, blocks
-    above the diagonal, diagonals listed by one head of a pair only, pairs sharing part
-    (overlap) or all of their blocks; B = 2; N not a multiple of the block. split: the tiles
-    both heads list first, in an unmasked loop."""
-    from sparseinfer.kernels import attention as katt
-
-    monkeypatch.setitem(katt.FLAGS, "PACK_SPLIT", split)
-    q, k, v = qkv(2, hq, hkv, n, d, dtype, seed=bs + 3)
-    nb = math.ceil(n / bs)
-    g = torch.Generator().manual_seed(bs + 11)
-    bi = torch.randint(-1, nb, (2, hq, nb, 4), generator=g)
-    shared = torch.rand(2, hq // 2, nb, 4, generator=g) < overlap
-    bi = bi.view(2, hq // 2, 2, nb, 4)
-    bi[:, :, 1] = torch.where(shared, bi[:, :, 0], bi[:, :, 1])
-    bi = bi.reshape(2, hq, nb, 4)
-    bi[0, 0, :, 0] = torch.arange(nb)  # head 0 lists every own block, its pair partner not always
-    bi[1, 1, ::2, 1] = torch.arange(0, nb, 2)
-    ref = masked_attention_f64(q, k, v, block_sparse_mask(n, bi, bs))
-    check(ops.block_sparse_attention(q, k, v, bi, bs, backend="triton", pack_heads=True), ref, dtype)
-    # heads= (the integration's dense-routed heads): the others are zeros, or out's rows kept
-    on = torch.tensor([True, False] * (hq // 2))
-    out = ops.block_sparse_attention(q, k, v, bi, bs, backend="triton", pack_heads=True, heads=on)
-    check(out[:, on], ref[:, on], dtype)
-    assert out[:, ~on].abs().max() == 0
-    base = torch.full_like(q, 7.0)
-    out = ops.block_sparse_attention(q, k, v, bi, bs, backend="triton", pack_heads=True, heads=~on, out=base)
-    check(out[:, ~on], ref[:, ~on], dtype)
-    assert (out[:, on] == 7.0).all()
-
-
-def test_head_pair_index_tiles():
-    """from_block_sparse_pairs: the union of a pair's strictly causal blocks, each with the bits
-    of the heads listing it; the diagonal's bits apart."""
-    from sparseinfer.index import PAIR_BITS, from_block_sparse_pairs
-
-    bi = torch.tensor([[[[-1, -1, -1], [0, 0, 1], [2, 0, -1]],
-                        [[0, -1, -1], [-1, -1, -1], [1, 0, 2]]]])  # [1, 2 heads, 3 blocks, 3]
-    idx = from_block_sparse_pairs(bi, 16, 40)
-    assert idx.tile_count.tolist() == [[[0, 1, 2]]]
-    t = idx.tiles[0, 0]
-    assert (t[1, 0] & ((1 << PAIR_BITS) - 1)) == 0 and (t[1, 0] >> PAIR_BITS) == 1  # block 0, head 0 only
-    assert [(int(x) & 0xFFFF, int(x) >> PAIR_BITS) for x in t[2, :2]] == [(0, 3), (16, 2)]
-    assert idx.diag.tolist() == [[[2, 1, 3]]]  # own block listed by: head 1; head 0; both
-    idx = from_block_sparse_pairs(bi, 16, 40, shared_first=True)  # the tile both list first
-    assert idx.shared_count.tolist() == [[[0, 0, 1]]]
-    assert [(int(x) & 0xFFFF, int(x) >> PAIR_BITS) for x in idx.tiles[0, 0, 2, :2]] == [(0, 3), (16, 2)]
-    bi2 = bi.clone()
-    bi2[0, 0, 2] = torch.tensor([2, 0, 1])
-    bi2[0, 1, 2] = torch.tensor([1, 1, -1])  # block 1 listed by both, block 0 by head 0 only
-    idx = from_block_sparse_pairs(bi2, 16, 40, shared_first=True)
-    assert [(int(x) & 0xFFFF, int(x) >> PAIR_BITS) for x in idx.tiles[0, 0, 2, :2]] == [(16, 3), (0, 1)]
-    with pytest.raises(ValueError, match="even number of heads"):
-        from_block_sparse_pairs(bi[:, :1], 16, 40)
-
-
 @pytest.mark.parametrize("sink,window,n", [(4, 30, 201), (0, 1, 150), (0, 0, 150), (10, 500, 170), (200, 64, 257)])
 def test_ashape(sink, window, n):
     q, k, v = qkv(2, 4, 1, n, 64, torch.float16, seed=window)

@@ -234,41 +234,29 @@ def sparse_fwd_kernel(
     HAS_QROWS: tl.constexpr = False, HAS_MOD: tl.constexpr = False,
     ORDER: tl.constexpr = 0, KD=None, VD=None, TMA: tl.constexpr = False,
     HEADS=None, HAS_HEADS: tl.constexpr = 0,
-    PACK: tl.constexpr = 1, DIAG=None, stride_db=0, stride_dh=0, SCOUNT=None, PACK_SPLIT: tl.constexpr = False,
 ):
-    # PACK 2: a program's BLOCK_M rows are SPAN query positions of two query heads h, h + 1 of
-    # one KV head (rows r -> head h + r // SPAN, position m0 + r % SPAN), so each key tile is
-    # loaded once for both; the index is per head pair (see index.from_block_sparse_pairs)
-    SPAN: tl.constexpr = BLOCK_M // PACK
     if ORDER == 1:
         # 1-D grid, (batch, KV head) slowest, then query blocks (longest rows first), then the
         # GROUP query heads sharing the KV head: programs running at the same time read the
         # keys of one KV head (L2 reuse for scattered key blocks)
         pid = tl.program_id(0)
-        g = pid % (GROUP // PACK)
-        rest = pid // (GROUP // PACK)
+        g = pid % GROUP
+        rest = pid // GROUP
         pid_m = NQB - 1 - rest % NQB
         bhk = rest // NQB
         HKV = H // GROUP
         b = bhk // HKV
         hk = bhk % HKV
-        h = hk * GROUP + g * PACK
+        h = hk * GROUP + g
     else:
         pid_bh = tl.program_id(0)
         pid_m = NQB - 1 - tl.program_id(1)  # longest rows first
-        b = pid_bh // (H // PACK)
-        h = (pid_bh % (H // PACK)) * PACK
+        b = pid_bh // H
+        h = pid_bh % H
         hk = h // GROUP
-    hi_ = h // PACK  # the index's head (the pair's for PACK 2)
-    m0 = pid_m * SPAN
+    m0 = pid_m * BLOCK_M
     offs_d = tl.arange(0, HEAD_D)
-    if PACK > 1:
-        row_h = h + tl.arange(0, BLOCK_M) // SPAN  # each row's query head
-        half = tl.arange(0, BLOCK_M) // SPAN
-        offs_m = m0 + tl.arange(0, BLOCK_M) % SPAN
-        row_ok = offs_m < N
-        m_hi = m0 + SPAN
-    elif HAS_QROWS:
+    if HAS_QROWS:
         # gathered rows (original positions, -1 = padding): keys are clipped to the rows' span
         offs_m = tl.load(QROWS + b * stride_qrb + h * stride_qrh + m0 + tl.arange(0, BLOCK_M))
         row_ok = offs_m >= 0
@@ -280,14 +268,11 @@ def sparse_fwd_kernel(
         m_hi = m0 + BLOCK_M
     if HAS_MOD:
         row_ok = row_ok & (tl.load(MODS + b * stride_mb + offs_m, mask=row_ok, other=-1) == SLOT)
-    if PACK > 1:
-        q_ptrs = Q + b * stride_qb + row_h[:, None] * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    else:
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    sbits_base = SBITS + b * stride_sbb + hi_ * stride_sbh
+    sbits_base = SBITS + b * stride_sbb + h * stride_sbh
     if TMA:  # contiguous key tiles through TMA descriptors over [B * HKV * N, D]
         kt_base = KD
         vt_base = VD
@@ -307,62 +292,28 @@ def sparse_fwd_kernel(
     row_end = tl.minimum(m_hi, N)
     if HAS_HEADS:  # heads not computed: every list is empty, their output rows are zeros (HAS_HEADS 1)
         # or not written (2)
-        if PACK > 1:
-            on_row = tl.load(HEADS + row_h).to(tl.int32)
-            on = tl.reduce(on_row, 0, _max_fn)
-        else:
-            on = tl.load(HEADS + h).to(tl.int32)
+        on = tl.load(HEADS + h).to(tl.int32)
     else:
         on = 1
 
     # 0. tile list: BLOCK_N-wide key tiles every row of the block sees entirely (no mask);
     #    one flat loop, so loads of the next tile overlap the current one (block-sparse)
     if HAS_TILES:
-        nt = tl.load(TCOUNT + b * stride_tcb + hi_ * stride_tch + pid_m) * on
-        t_base = TILES + b * stride_tb + hi_ * stride_th + pid_m * stride_tq
+        nt = tl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m) * on
+        t_base = TILES + b * stride_tb + h * stride_th + pid_m * stride_tq
         t0 = m0 if TILES_REL else 0  # relative tiles (vertical-slash): shared by all query blocks
-        t_first = 0
-        if PACK_SPLIT:  # tiles both heads list come first: unmasked loop, then the rest below
-            t_first = tl.load(SCOUNT + b * stride_tcb + hi_ * stride_tch + pid_m) * on
-            for t in tl.range(0, t_first, num_stages=STAGES):
-                n0 = t0 + (tl.load(t_base + t) & 0x1FFFFFFF)
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                k, v = _kv(kt_base, vt_base, stride_kn, stride_vn, offs_n, offs_d, offs_n, row0, n0, False, TMA)
-                qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-                acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, False, PREC, qk_scale)
-        for t in tl.range(t_first, nt, num_stages=EDGE_STAGES if PACK_SPLIT else STAGES):
-            raw = tl.load(t_base + t)
-            if PACK > 1:  # bits 29 / 30: the tile is listed by the pair's first / second head
-                n0 = t0 + (raw & 0x1FFFFFFF)
-            else:
-                n0 = t0 + raw
+        for t in tl.range(0, nt, num_stages=STAGES):
+            n0 = t0 + tl.load(t_base + t)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k, v = _kv(kt_base, vt_base, stride_kn, stride_vn, offs_n, offs_d, offs_n, row0, n0, False, TMA)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-            if PACK > 1:
-                listed = ((raw >> (29 + half)) & 1) != 0
-                qk = tl.where(listed[:, None], qk, float("-inf"))
-            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, PACK > 1, PREC, qk_scale)
-
-    # 0c. PACK 2: the diagonal block (block-sparse, block = SPAN = BLOCK_N): one masked tile,
-    #     the own block's causal part for a head that lists it, else the cell i == j only
-    if PACK > 1:
-        dbits = tl.load(DIAG + b * stride_db + hi_ * stride_dh + pid_m)
-        own = ((dbits >> half) & 1) != 0
-        offs_n = m0 + tl.arange(0, BLOCK_N)
-        kmask = offs_n < N
-        k, v = _kv(kt_base, vt_base, stride_kn, stride_vn, offs_n, offs_d, kmask, row0, m0, True, TMA)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        diff = offs_m[:, None] - offs_n[None, :]
-        mask = kmask[None, :] & ((diff == 0) | (own[:, None] & (diff > 0)))
-        qk = tl.where(mask, qk, float("-inf"))
-        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True, PREC, qk_scale)
+            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, False, PREC, qk_scale)
 
     # 0b. edge list (vertical-slash relative tiles): masked tiles of the exact bands, one flat
     #     pipelined loop whose per-tile parameters do not depend on the previous tile
     if HAS_EDGES:
-        ne = tl.load(ECOUNT + b * stride_ecb + hi_ * stride_ech + pid_m) * on
-        e_base = EDG + b * stride_eb + hi_ * stride_eh
+        ne = tl.load(ECOUNT + b * stride_ecb + h * stride_ech + pid_m) * on
+        e_base = EDG + b * stride_eb + h * stride_eh
         for t in tl.range(0, ne, num_stages=EDGE_STAGES):
             ep = e_base + t * 4
             n0 = m0 + tl.load(ep)
@@ -375,10 +326,8 @@ def sparse_fwd_kernel(
                                        offs_n, kmask, lo, hi, qk_scale, PREC, row0=row0, n0=n0, TMA=TMA)
 
     # 1. ranges
-    nr = tl.load(RCOUNT + b * stride_cb + hi_ * stride_ch + pid_m * stride_cq) * on
-    if PACK > 1:
-        nr = 0  # the diagonal ran above
-    r_base = RANGES + b * stride_rb + hi_ * stride_rh + pid_m * stride_rq
+    nr = tl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq) * on
+    r_base = RANGES + b * stride_rb + h * stride_rh + pid_m * stride_rq
     if FLAT:
         # exact ranges as one flat pipelined loop over all their tiles (loads of the next range
         # overlap the current one); a holey or empty range costs one fully masked tile here and
@@ -519,8 +468,8 @@ def sparse_fwd_kernel(
     #    column one window of the slash bitmap over its offsets m0 - c .. m0 + BLOCK_M - 1 - c
     #    (bit r <-> row m0 + r), negative offsets set too, then one shift per cell
     if HAS_COLS:
-        nc = tl.load(CCOUNT + b * stride_ccb + hi_ * stride_cch + pid_m) * on
-        col_base = COLS + b * stride_colb + hi_ * stride_colh
+        nc = tl.load(CCOUNT + b * stride_ccb + h * stride_cch + pid_m) * on
+        col_base = COLS + b * stride_colb + h * stride_colh
         rr = tl.arange(0, BLOCK_M)
         for c0 in tl.range(0, nc, BLOCK_N, num_stages=EDGE_STAGES):
             offs_c = c0 + tl.arange(0, BLOCK_N)
@@ -545,14 +494,7 @@ def sparse_fwd_kernel(
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
-    if PACK > 1:
-        o_ptrs = O + b * stride_ob + row_h[:, None] * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
-        if HAS_HEADS == 1:
-            out = tl.where(on_row[:, None] != 0, out, 0.0)
-        elif HAS_HEADS == 2:
-            row_ok = row_ok & (on_row != 0)
-    else:
-        o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
-        if HAS_HEADS == 2:  # heads not computed keep the caller's output rows
-            row_ok = row_ok & (on != 0)
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    if HAS_HEADS == 2:  # heads not computed keep the caller's output rows
+        row_ok = row_ok & (on != 0)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])

@@ -24,8 +24,6 @@ CONFIGS = {
     "ashape": {128: (128, 128, 8, 3, 1, 1), 64: (64, 64, 4, 3, 1, 1)},
     "blocks": {128: (64, 64, 4, 3, 1, 0), 64: (64, 64, 4, 3, 1, 0)},
 }
-# head-pair block-sparse programs (128 rows = 64 positions of two heads, 64-key tiles): warps, stages
-PACK_CONFIG = (8, 3)
 # interpreter (CPU tensors): larger, fewer programs run faster; same loop structure as on GPU
 _CPU_CONFIGS = {"vs": (64, 64, 4, 1, 1, 4), "ashape": (64, 64, 4, 1, 1, 1), "blocks": (64, 64, 4, 1, 1, 0)}
 
@@ -61,9 +59,8 @@ BREAK_EVEN = {
 # interpreter; 1 = 2-D descriptors over [B * Hkv * N, D] (k / v must allow that view), 2 = 4-D
 # descriptors [B, Hkv, N, D] (any layout), 0 = pointer loads).
 # GRAPH_INDEX: vertical-slash indices built by replaying a CUDA graph (`graphed`), not ~250 launches.
-# PACK_SPLIT: head-pair block-sparse programs run the tiles both heads list in an unmasked loop first.
 FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py",  # KERNEL: a kernel file (A/B runs)
-         "GRAPH_INDEX": True, "PACK_SPLIT": False}
+         "GRAPH_INDEX": True}
 
 
 def _tma_mode(q, k, v, q_rows) -> int:
@@ -155,14 +152,6 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
     interpret = q.device.type != "cuda"
     mod = kernel_module(FLAGS["KERNEL"], interpret)
     nqb = math.ceil(n / idx.block_m)
-    pack = idx.pack
-    if pack > 1:
-        if (hq // hkv) % pack or split != 0 or q_rows is not None or idx.columns is not None or idx.edges is not None:
-            raise ValueError(f"a head-pair index needs query heads per KV head divisible by {pack} (got "
-                             f"{hq} / {hkv}), split=0, no q_rows, columns or edges")
-        if idx.block_m != block_n or idx.tiles is None or idx.tiles.shape[1] * pack != hq:
-            raise ValueError(f"head-pair index: expected tiles of block_n={block_n} rows and keys for {hq} heads, "
-                             f"got block {idx.block_m}, tiles {None if idx.tiles is None else tuple(idx.tiles.shape)}")
     if q_rows is not None:
         if q_rows.dim() != 3 or q_rows.shape[-1] % idx.block_m or q_rows.dtype != torch.int32:
             raise ValueError(f"q_rows: expected int32 [B|1, Hq|1, T * block_m={idx.block_m}], got "
@@ -201,9 +190,7 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
     order = FLAGS["ORDER"]
     tma = _tma_mode(q, k, v, q_rows)
     kd, vd = _descriptors(k, v, block_n, tma) if tma else (None, None)
-    grid = (b * hq // pack * nqb,) if order == 1 else (b * hq // pack, nqb)
-    diag = idx.diag if pack > 1 else dummy
-    scount = idx.shared_count if pack > 1 and idx.shared_count is not None else dummy
+    grid = (b * hq * nqb,) if order == 1 else (b * hq, nqb)
     qr = q_rows if q_rows is not None else dummy
     hon = heads.to(torch.int8).contiguous() if heads is not None else dummy
     mods = modality.contiguous() if modality is not None else dummy  # [B, N]: rows read with stride 1
@@ -224,7 +211,7 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         st(ec, 0) if has_edges else 0, st(ec, 1) if has_edges else 0,
         st(sbits, 0) if has_smap else 0, st(sbits, 1) if has_smap else 0,
         n, hq, hq // hkv, nqb, float(scale) * 1.4426950408889634,
-        BLOCK_M=idx.block_m * pack, BLOCK_N=block_n, HEAD_D=d,
+        BLOCK_M=idx.block_m, BLOCK_N=block_n, HEAD_D=d,
         HAS_TILES=has_tiles, HAS_COLS=has_cols, HAS_SMAP=has_smap, PREC=prec,
         STAGES=num_stages, EDGE_STAGES=edge_stages, SPLIT=split == 1, FLAT=split == 2, EDGES=split == 3,  # 4: edges
         HOLEY_STAGES=holey_stages, TILES_REL=has_tiles and idx.tiles_relative, HAS_EDGES=has_edges,
@@ -233,8 +220,6 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         MODS=mods, stride_mb=mods.stride(0) if modality is not None else 0, SLOT=int(slot),
         HAS_QROWS=q_rows is not None, HAS_MOD=modality is not None,
         ORDER=order, KD=kd, VD=vd, TMA=tma, HEADS=hon, HAS_HEADS=0 if heads is None else (2 if keep_others else 1),
-        PACK=pack, DIAG=diag, stride_db=st(diag, 0) if pack > 1 else 0, stride_dh=st(diag, 1) if pack > 1 else 0,
-        SCOUNT=scount, PACK_SPLIT=pack > 1 and idx.shared_count is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if user_out is not None:
@@ -265,27 +250,15 @@ def ashape_attention(q, k, v, sink, window, scale, *, config=None, heads=None, o
     return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out)
 
 
-def block_sparse_attention(q, k, v, block_idx, block_size, scale, *, config=None, heads=None, out=None,
-                           pack_heads: bool = False):
+def block_sparse_attention(q, k, v, block_idx, block_size, scale, *, config=None, heads=None, out=None):
     """Kernel row/column tiles are min(128, largest power of 2 dividing block_size) (64 on the
     CPU), so every kernel query block lies in one index block; block sizes with no power-of-2
-    factor >= 16 run the torch reference.
-
-    pack_heads: run the two query heads 2p, 2p + 1 (same KV head) of a query block in one
-    program over the union of their lists, each K / V tile loaded once and masked per head
-    (`index.from_block_sparse_pairs`; the same cells). It pays where paired heads' lists
-    overlap (a learned gate's, on GQA models) and costs up to twice the tiles where they do not.
-    Used when the block is a power of 2 <= 64 and the query heads per KV head are even; else
-    ignored."""
+    factor >= 16 run the torch reference."""
     block_size = int(block_size)
     f = _pow2_factor(block_size)
     _, _, *rest = _config("blocks", q.shape[-1], q.device, None)
     cap = 128 if q.device.type == "cuda" else 64
     bm, bn = min(f, cap), min(f, cap)
-    group = q.shape[1] // k.shape[1]
-    pack = pack_heads and f == block_size and 16 <= block_size <= 64 and group % 2 == 0
-    if pack and q.device.type == "cuda":
-        rest = list(PACK_CONFIG) + list(rest[2:])
     if bm == 128 and q.device.type == "cuda":  # 8 warps, 3 stages: 128.5 vs 133.5 ms (2 stages) for 128-blocks
         rest = [8, 3] + list(rest[2:])  # keeping ~60% at 128K (H100, results/attention_tune10.md)
     if config is not None:
@@ -296,8 +269,5 @@ def block_sparse_attention(q, k, v, block_idx, block_size, scale, *, config=None
 
         o = ref.masked_attention(q, k, v, ref.block_sparse_rows(q.shape[2], block_idx, block_size), scale)
         return ref.write_heads(o, heads, out)
-    if pack:
-        idx = _index.from_block_sparse_pairs(block_idx, block_size, q.shape[2], shared_first=FLAGS["PACK_SPLIT"])
-        return run_index(q, k, v, idx, scale, block_size, *rest, heads=heads, out=out)
     idx = _index.from_block_sparse(block_idx, block_size, q.shape[2], bm, bn)
     return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out)

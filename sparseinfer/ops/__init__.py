@@ -101,19 +101,14 @@ def vertical_slash_attention(
 
 def block_sparse_attention(
     q, k, v, block_idx, block_size: int = 64, *, scale: float | None = None, backend: str = "auto", heads=None,
-    out=None, pack_heads: bool = False
+    out=None
 ) -> torch.Tensor:
     """Block-sparse attention.
 
     block_idx [B, Hq, ceil(N / block_size), K]: the KV blocks each query block sees.
     Query i attends key j iff j <= i and j // block_size in block_idx[.., i // block_size, :],
     and j == i.
-    pack_heads: a kernel choice, not a change of result: query heads 2p and 2p + 1 of one KV
-    head run in one program over the union of their lists (see
-    `sparseinfer.kernels.attention.block_sparse_attention`); faster when their lists overlap.
     """
-    if not isinstance(pack_heads, bool):
-        raise ValueError(f"pack_heads: expected a bool, got {pack_heads!r}")
     b, hq, hkv, n, d = check_qkv(q, k, v)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
@@ -123,8 +118,7 @@ def block_sparse_attention(
     _check_out(out, q)
     s = _scale(scale, d)
     if _use_triton(q, backend):
-        return _kernels().block_sparse_attention(q, k, v, block_idx, block_size, s, heads=heads, out=out,
-                                                 pack_heads=pack_heads)
+        return _kernels().block_sparse_attention(q, k, v, block_idx, block_size, s, heads=heads, out=out)
     return ref.write_heads(ref.masked_attention(q, k, v, ref.block_sparse_rows(n, block_idx, block_size), s),
                            heads, out)
 

@@ -21,7 +21,7 @@ from ..gate import Gates, GateError, causal_blocks
 from .base import Pattern, Selection
 from .block_sparse import block_sparse_density
 
-OPTIONS = ("threshold", "density", "gates", "block_size", "dense_tail", "pack_heads")
+OPTIONS = ("threshold", "density", "gates", "block_size", "dense_tail")
 # patch's default dense_tail: the last query block (where a prompt's question sits) sees every
 # causal key. SmolLM2-135M NIAH at 8K, 10 depths: density=0.28 without it 2/10 at 28.8% kept,
 # density=0.27 with it 3/10 at 28.9% = dense's 3/10 (docs/gates-smollm2-135m.md)
@@ -99,9 +99,6 @@ class AdaptiveLayer(Pattern):
     density: float | None = None
     dense_tail: int = 0  # the query blocks holding the last dense_tail positions run dense (patch default 64)
     local: object = None  # a LayerGate sliced to a tensor-parallel rank's heads (see `shard`)
-    # the kernel runs query heads 2p, 2p + 1 of a KV head in one program over their lists' union
-    # (`ops.block_sparse_attention(pack_heads=)`: same result; where the group size is even)
-    pack_heads: bool = True
 
     def shard(self, shard) -> "AdaptiveLayer":
         """This layer for the heads `shard` (sparseinfer.parallel.HeadShard) holds: the gate's
@@ -119,13 +116,13 @@ class AdaptiveLayer(Pattern):
         bs = self.gates.block_size
         tail = 0 if self.dense_tail <= 0 else probs.shape[-1] - (max(n - self.dense_tail, 0) // bs)
         idx = select_index(probs, self.threshold, self.density, tail)
-        return [Selection("block_sparse_attention", {"block_idx": idx, "block_size": bs, "pack_heads": self.pack_heads},
+        return [Selection("block_sparse_attention", {"block_idx": idx, "block_size": bs},
                           block_sparse_density(n, idx, bs))]
 
 
 def make_layers(model, options: dict) -> list[AdaptiveLayer]:
     """patch(model, "adaptive", threshold= | density=, gates=path | Gates | None, block_size=,
-    dense_tail=, pack_heads=)."""
+    dense_tail=)."""
     from ..gate import resolve
 
     bad = sorted(set(options) - set(OPTIONS))
@@ -148,13 +145,9 @@ def make_layers(model, options: dict) -> list[AdaptiveLayer]:
     tail = options.get("dense_tail", DENSE_TAIL)
     if isinstance(tail, bool) or not isinstance(tail, int) or tail < 0:
         raise ValueError(f"adaptive: dense_tail expected a token count >= 0, got {tail!r}")
-    pack = options.get("pack_heads", True)
-    if not isinstance(pack, bool):
-        raise ValueError(f"adaptive: pack_heads expected a bool, got {pack!r}")
     gates = resolve(options.get("gates"), model)
     bs = options.get("block_size")
     if bs is not None and bs != gates.block_size:
         raise GateError(f"adaptive: block_size={bs!r} but the gates were trained with block_size {gates.block_size}")
-    return [AdaptiveLayer(gates, i, threshold, density, tail, pack_heads=pack)
-            for i in range(model.config.num_hidden_layers)]
+    return [AdaptiveLayer(gates, i, threshold, density, tail) for i in range(model.config.num_hidden_layers)]
 

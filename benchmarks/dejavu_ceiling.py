@@ -5,10 +5,13 @@ of its SwiGLU hidden state h = SiLU(gate) * up ranked by
 - oracle: the true |h| (the ceiling any predictor can reach),
 - svd r: |SiLU(g~) * u~| with g~, u~ from rank-r truncated SVDs of W_gate and W_up (a
   training-free low-rank predictor),
+- int b: |SiLU(g~) * u~| with g~, u~ from b-bit copies of W_gate and W_up (symmetric, one
+  scale per 64 input channels: b/16 of their bf16 bytes); "int b gate": |SiLU(g~)| alone
+  (CATS's score on a b-bit gate copy: half those bytes),
 
 against the trained Deja Vu predictors in docs/contextual.md (same text, same protocol).
 
-    python benchmarks/dejavu_ceiling.py --out benchmarks/results/contextual     # ~3 min, 2 CPU cores
+    python benchmarks/dejavu_ceiling.py --out benchmarks/results/contextual --bits 4,3   # ~4 min, 2 CPU cores
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--keep", default="0.75,0.6,0.5")
     ap.add_argument("--ranks", default="128,256")
+    ap.add_argument("--bits", default="", help="e.g. '4,3,2': b-bit copies of W_gate / W_up as the predictor")
     args = ap.parse_args()
     model, tok = load_model()
     ids = tok(heldout_text(), return_tensors="pt").input_ids[:, : args.tokens]
@@ -64,7 +68,31 @@ def main() -> int:
             keep = torch.zeros_like(h).scatter_(-1, score.topk(k, dim=-1).indices, 1.0)
             return mlp.down_proj(h * keep)
 
-        mlp.forward = forward
+        def quant(w, b, group=64):  # symmetric round-to-nearest, one scale per `group` input channels
+            wg = w.float().reshape(w.shape[0], -1, group)
+            qmax = 2 ** (b - 1) - 1
+            sc = wg.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax
+            return ((wg / sc).round().clamp(-qmax - 1, qmax) * sc).reshape(w.shape)
+
+        qcache: dict = {}
+
+        def qscore(x, b, gate_only):
+            if b not in qcache:
+                qcache[b] = (quant(mlp.gate_proj.weight, b), quant(mlp.up_proj.weight, b))
+            wg, wu = qcache[b]
+            g = F.silu(x.float() @ wg.T)
+            return g.abs() if gate_only else (g * (x.float() @ wu.T)).abs()
+
+        def forward2(x):
+            if state and state["how"].startswith("int"):
+                h = F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
+                score = qscore(x, state["bits"], state["how"].endswith("gate"))
+                k = round(state["keep"] * h.shape[-1])
+                keep = torch.zeros_like(h).scatter_(-1, score.topk(k, dim=-1).indices, 1.0)
+                return mlp.down_proj(h * keep)
+            return forward(x)
+
+        mlp.forward = forward2
 
     for layer in model.model.layers:
         wrap(layer.mlp)
@@ -72,10 +100,14 @@ def main() -> int:
     rows = [{"how": "dense", "keep": 1.0, "ppl": round(dense, 3), "delta_pct": 0.0}]
     print(f"dense ppl {dense:.3f}", flush=True)
     for keep in (float(x) for x in args.keep.split(",")):
-        for how, rank in [("oracle", None)] + [("svd", int(r)) for r in args.ranks.split(",")]:
-            state.update(how=how, keep=keep, rank=rank)
+        kinds = [("oracle", None)] + [("svd", int(r)) for r in args.ranks.split(",") if r]
+        kinds += [(f"int{b}{g}", int(b)) for b in args.bits.split(",") if b for g in ("", " gate")]
+        for how, rank in kinds:
+            state.update(how=how, keep=keep, rank=rank, bits=rank)
             p = ppl()
-            rows.append({"how": how if rank is None else f"svd r={rank}", "keep": keep, "ppl": round(p, 3),
+            label = how if rank is None or how.startswith("int") else f"svd r={rank}"
+            label = label.replace("int", "int ").replace(" gate", " gate only") if how.startswith("int") else label
+            rows.append({"how": label, "keep": keep, "ppl": round(p, 3),
                          "delta_pct": round(100 * (p / dense - 1), 1)})
             print(f"keep {keep:.2f} {rows[-1]['how']:<10} ppl {p:.3f} ({rows[-1]['delta_pct']:+.1f}%)", flush=True)
         state.clear()
@@ -87,8 +119,8 @@ def main() -> int:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = ["# Per-token MLP neuron selection on SmolLM2-135M: the ceiling", "",
              f"{meta['date']}, CPU, torch {meta['torch']}; {meta['tokens']} held-out tokens, every token sparse. "
-             "MLP sparsity = 1 - keep. Trained Deja Vu predictors (rank 128) on the same text: "
-             "+896.7% at keep 0.75, +7010.9% at keep 0.6, +32759% at keep 0.5 (`docs/contextual.md`).", "",
+             "MLP sparsity = 1 - keep; global top-K per token. The trained Deja Vu predictors on the same text: "
+             "`docs/contextual.md`.", "",
              "| ranking | keep | ppl | vs dense |", "|---|---|---|---|"]
     lines += [f"| {r['how']} | {r['keep']} | {r['ppl']} | {r['delta_pct']:+.1f}% |" for r in rows]
     with open(os.path.join(args.out, "dejavu_ceiling.md"), "w") as f:

@@ -183,9 +183,19 @@ def _ceiling_lines(dense_ppl: float) -> list[str]:
     return ["", f"The ceiling (`python benchmarks/dejavu_ceiling.py`, `benchmarks/results/contextual/dejavu_ceiling.md`, "
             f"{data['meta'].get('tokens', '?')} tokens, {data['meta'].get('date', '?')[:10]}): perplexity vs dense at each "
             "MLP sparsity when every token keeps " + "; ".join(
-                f"{'its true top-K neurons by |SiLU(gate)·up|' if how == 'oracle' else 'the top-K of a training-free ' + how + ' (plain SVD of the weights)'}: "
-                + ", ".join(v) for how, v in by.items()) + ". Per-token selection itself is sound on this model; "
-            "the predictor's ranking is what costs accuracy."]
+                f"{_ceiling_label(how)}: " + ", ".join(v) for how, v in by.items())
+            + ". Per-token selection itself is sound on this model; the predictor's ranking is what costs accuracy."]
+
+
+def _ceiling_label(how: str) -> str:
+    if how == "oracle":
+        return "its true top-K neurons by |SiLU(gate)·up|"
+    if how.startswith("int "):  # "int 4" / "int 4 gate only": b-bit copies of the weights as the predictor
+        bits = how.split()[1]
+        if how.endswith("gate only"):
+            return f"the top-K of |SiLU(g~)| from a {bits}-bit copy of W_gate (CATS's score)"
+        return f"the top-K of |SiLU(g~)·u~| from {bits}-bit copies of W_gate / W_up (one scale per 64 inputs)"
+    return f"the top-K of a training-free {how} (plain SVD of the weights)"
 
 
 def _niah_lines(niah: list[dict], out: Path) -> list[str]:

@@ -53,12 +53,26 @@ def main() -> int:
         (ug, sg, vg), (uu, su, vu) = (torch.linalg.svd(w.weight.float(), full_matrices=False)
                                       for w in (mlp.gate_proj, mlp.up_proj))
 
+        qcache: dict = {}  # bits -> (W_gate, W_up) rounded to b bits, symmetric, one scale per 64 inputs
+
+        def quant(w, b, group=64):
+            wg = w.float().reshape(w.shape[0], -1, group)
+            qmax = 2 ** (b - 1) - 1
+            sc = wg.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax
+            return ((wg / sc).round().clamp(-qmax - 1, qmax) * sc).reshape(w.shape)
+
         def forward(x):
             if not state:
                 return orig(x)
             h = F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
             if state["how"] == "oracle":
                 score = h.abs()
+            elif state["how"] in ("int", "int gate"):
+                b = state["rank"]
+                if b not in qcache:
+                    qcache[b] = (quant(mlp.gate_proj.weight, b), quant(mlp.up_proj.weight, b))
+                g = F.silu(x.float() @ qcache[b][0].T)
+                score = g.abs() if state["how"] == "int gate" else (g * (x.float() @ qcache[b][1].T)).abs()
             else:
                 r = state["rank"]
                 g = (x.float() @ vg[:r].T * sg[:r]) @ ug[:, :r].T
@@ -68,31 +82,7 @@ def main() -> int:
             keep = torch.zeros_like(h).scatter_(-1, score.topk(k, dim=-1).indices, 1.0)
             return mlp.down_proj(h * keep)
 
-        def quant(w, b, group=64):  # symmetric round-to-nearest, one scale per `group` input channels
-            wg = w.float().reshape(w.shape[0], -1, group)
-            qmax = 2 ** (b - 1) - 1
-            sc = wg.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax
-            return ((wg / sc).round().clamp(-qmax - 1, qmax) * sc).reshape(w.shape)
-
-        qcache: dict = {}
-
-        def qscore(x, b, gate_only):
-            if b not in qcache:
-                qcache[b] = (quant(mlp.gate_proj.weight, b), quant(mlp.up_proj.weight, b))
-            wg, wu = qcache[b]
-            g = F.silu(x.float() @ wg.T)
-            return g.abs() if gate_only else (g * (x.float() @ wu.T)).abs()
-
-        def forward2(x):
-            if state and state["how"].startswith("int"):
-                h = F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
-                score = qscore(x, state["bits"], state["how"].endswith("gate"))
-                k = round(state["keep"] * h.shape[-1])
-                keep = torch.zeros_like(h).scatter_(-1, score.topk(k, dim=-1).indices, 1.0)
-                return mlp.down_proj(h * keep)
-            return forward(x)
-
-        mlp.forward = forward2
+        mlp.forward = forward
 
     for layer in model.model.layers:
         wrap(layer.mlp)
@@ -100,13 +90,12 @@ def main() -> int:
     rows = [{"how": "dense", "keep": 1.0, "ppl": round(dense, 3), "delta_pct": 0.0}]
     print(f"dense ppl {dense:.3f}", flush=True)
     for keep in (float(x) for x in args.keep.split(",")):
-        kinds = [("oracle", None)] + [("svd", int(r)) for r in args.ranks.split(",") if r]
-        kinds += [(f"int{b}{g}", int(b)) for b in args.bits.split(",") if b for g in ("", " gate")]
-        for how, rank in kinds:
-            state.update(how=how, keep=keep, rank=rank, bits=rank)
+        kinds = [("oracle", None, "oracle")] + [("svd", int(r), f"svd r={r}") for r in args.ranks.split(",") if r]
+        kinds += [(how, int(b), f"int {b}{tail}") for b in args.bits.split(",") if b
+                  for how, tail in (("int", ""), ("int gate", " gate only"))]
+        for how, rank, label in kinds:  # rank: the SVD rank, or the bits of the int copies
+            state.update(how=how, keep=keep, rank=rank)
             p = ppl()
-            label = how if rank is None or how.startswith("int") else f"svd r={rank}"
-            label = label.replace("int", "int ").replace(" gate", " gate only") if how.startswith("int") else label
             rows.append({"how": label, "keep": keep, "ppl": round(p, 3),
                          "delta_pct": round(100 * (p / dense - 1), 1)})
             print(f"keep {keep:.2f} {rows[-1]['how']:<10} ppl {p:.3f} ({rows[-1]['delta_pct']:+.1f}%)", flush=True)

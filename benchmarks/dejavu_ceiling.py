@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from sparseinfer.contextual.dejavu import blocked_top_mask  # noqa: E402
 from sparseinfer.data import heldout_text  # noqa: E402
 from sparseinfer.models import load_model  # noqa: E402
 
@@ -39,6 +40,9 @@ def main() -> int:
     ap.add_argument("--keep", default="0.75,0.6,0.5")
     ap.add_argument("--ranks", default="128,256")
     ap.add_argument("--bits", default="", help="e.g. '4,3,2': b-bit copies of W_gate / W_up as the predictor")
+    ap.add_argument("--block", type=int, default=None,
+                    help="the package's blocked rule (each block of this many neurons keeps its share of K; "
+                         "contextual.dejavu.blocked_top_mask) instead of one global top-K per token")
     args = ap.parse_args()
     model, tok = load_model()
     ids = tok(heldout_text(), return_tensors="pt").input_ids[:, : args.tokens]
@@ -79,8 +83,7 @@ def main() -> int:
                 u = (x.float() @ vu[:r].T * su[:r]) @ uu[:, :r].T
                 score = (F.silu(g) * u).abs()
             k = round(state["keep"] * h.shape[-1])
-            keep = torch.zeros_like(h).scatter_(-1, score.topk(k, dim=-1).indices, 1.0)
-            return mlp.down_proj(h * keep)
+            return mlp.down_proj(h * blocked_top_mask(score, k, args.block))
 
         mlp.forward = forward
 
@@ -102,17 +105,20 @@ def main() -> int:
         state.clear()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
-            "model": "smollm2-135m (float32)", "tokens": int(ids.shape[1])}
+            "model": "smollm2-135m (float32)", "tokens": int(ids.shape[1]), "block": args.block}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "dejavu_ceiling.json"), "w") as f:
+    name = "dejavu_ceiling" + ("" if args.block is None else f"_block{args.block}")
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = ["# Per-token MLP neuron selection on SmolLM2-135M: the ceiling", "",
              f"{meta['date']}, CPU, torch {meta['torch']}; {meta['tokens']} held-out tokens, every token sparse. "
-             "MLP sparsity = 1 - keep; global top-K per token. The trained Deja Vu predictors on the same text: "
+             "MLP sparsity = 1 - keep; " + ("global top-K per token" if args.block is None else
+                                            f"blocks of {args.block} neurons each keep their share of K") +
+             ". The trained Deja Vu predictors on the same text: "
              "`docs/contextual.md`.", "",
              "| ranking | keep | ppl | vs dense |", "|---|---|---|---|"]
     lines += [f"| {r['how']} | {r['keep']} | {r['ppl']} | {r['delta_pct']:+.1f}% |" for r in rows]
-    with open(os.path.join(args.out, "dejavu_ceiling.md"), "w") as f:
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return 0
 

@@ -259,6 +259,13 @@ def cmd_calibrate_mlp(args) -> int:
     return 0
 
 
+def _gate_up_weights(model) -> list:
+    from .contextual.activations import decoder_layers
+
+    return [(lay.mlp.gate_proj.weight.detach().float().cpu(), lay.mlp.up_proj.weight.detach().float().cpu())
+            for lay in decoder_layers(model)]
+
+
 def cmd_train_predictors(args) -> int:
     from rich.table import Table
 
@@ -269,6 +276,11 @@ def cmd_train_predictors(args) -> int:
 
     print(f"loading {args.model} ...", flush=True)
     model, tok = load_model(args.model)
+    if args.kind == "int4":  # training-free: the MLP's own gate / up weights at --bits bits
+        pred = dejavu.quantized(_gate_up_weights(model), args.bits, meta={"model": args.model})
+        pred.meta["fingerprint"] = fingerprint(model.config)
+        print(f"wrote {pred.save(args.out)} ({args.bits}-bit gate / up copies, no head predictors)")
+        return 0
     pred = dejavu.train_for_model(model, tok, n_tokens=args.tokens, window=args.window, model_id=args.model,
                                   rank=args.rank, steps=args.steps, label_frac=args.label_frac, heads=not args.no_heads,
                                   source=args.source, kind=args.kind, finetune_steps=args.finetune_steps)
@@ -320,6 +332,9 @@ def cmd_contextual(args) -> int:
                                                  heads=False, kind=pred.meta.get("kind", "linear"),
                                                  source=pred.meta.get("mlp_input", "mlp_in"), progress=False)
         settings += [ev.Setting("dejavu", "dejavu", s, predictors=f"r={r}") for s in mlp_s]
+    for b in (int(x) for x in _csv(args.extra_bits)):  # training-free b-bit gate / up copies (kind "int4")
+        extra[f"int{b}"] = dejavu.quantized(_gate_up_weights(model), b)
+        settings += [ev.Setting("dejavu", "dejavu", s, predictors=f"int{b}") for s in mlp_s]
     rows = ev.run(model, tok, settings, args.length, args.windows, predictors=pred, thresholds=th,
                   extra_predictors=extra)
     niah = None
@@ -334,6 +349,7 @@ def cmd_contextual(args) -> int:
     command = (f"sparseinfer eval contextual --model {args.model} --length {args.length} --windows {args.windows} "
                f"--mlp-sparsity {args.mlp_sparsity} --head-sparsity {args.head_sparsity}"
                + (f" --extra-ranks {args.extra_ranks}" if args.extra_ranks else "")
+               + (f" --extra-bits {args.extra_bits}" if args.extra_bits else "")
                + (f" --niah-lengths {args.niah_lengths} --niah-depths {args.niah_depths} --niah-sparsity "
                   f"{args.niah_sparsity}" if args.niah_lengths else "") + f" --out {args.out}")
     path = ev.write_report(rows, Path(args.out), args.model, command, pred.meta, th.meta, args.length, args.windows,
@@ -412,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     cx.add_argument("--thresholds", default=None, help="TEAL thresholds (default: the shipped ones)")
     cx.add_argument("--extra-ranks", default="", help="also Deja Vu predictors of the same kind at these ranks, "
                     "fitted on the same calibration text (comma list, e.g. 256)")
+    cx.add_argument("--extra-bits", default="", help="also Deja Vu predictors of kind int4 at these bits "
+                    "(training-free copies of W_gate / W_up; comma list, e.g. 4)")
     cx.add_argument("--niah-lengths", default="", help="also needle retrieval at these lengths with teal / dejavu "
                     "on the decode steps (comma list, e.g. 1k,2k; default: none)")
     cx.add_argument("--niah-depths", type=int, default=5, help="needle depths per length (default: %(default)s)")
@@ -434,10 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--rank", type=int, default=128, help="MLP predictor rank (default: %(default)s)")
     tp.add_argument("--source", default="mlp_in", choices=["mlp_in", "attn_in"],
                     help="MLP predictor input: the MLP input, or the attention input (look-ahead) (default: %(default)s)")
-    tp.add_argument("--kind", default="glu", choices=["glu", "linear"],
+    tp.add_argument("--kind", default="glu", choices=["glu", "linear", "int4"],
                     help="MLP predictor: glu = rank-r gate/up model scored |SiLU(g)*u| (closed form, then fine-tuned: "
                          "--finetune-steps), linear = "
-                         "Deja Vu's linear scores trained with BCE (default: %(default)s)")
+                         "Deja Vu's linear scores trained with BCE, int4 = the gate/up weights at --bits bits, "
+                         "training-free, no head predictors, CPU / reference path only for now (default: %(default)s)")
+    tp.add_argument("--bits", type=int, default=4, help="with --kind int4: bits per weight, 2..8 (default: %(default)s)")
     tp.add_argument("--finetune-steps", type=int, default=200,
                     help="glu: Adam steps per layer fine-tuning the closed-form fit for the top-K selection at 60%% "
                          "and 50%% kept (contextual.dejavu.finetune_glu); 0 = closed form only (default: %(default)s)")

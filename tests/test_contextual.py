@@ -455,3 +455,41 @@ def test_eval_rows_for_extra_predictor_ranks(tiny, tmp_path):
     assert "**dejavu (r=4)**" in text and 'kind "glu"' in text and (tmp_path / "contextual.png").exists()
     assert "| dense | 100% | 100% | 100% |" in text and "| dense:mlp=dejavu | 0% | 0% | 0% |" in text
     assert (tmp_path / "contextual-niah.png").exists()
+
+
+def test_int4_predictors_quantize_roundtrip_and_select(tiny, tmp_path):
+    """Kind "int4": B = [W_gate; W_up] rounded to b bits with one scale per 64 inputs (float64
+    reference of the rounding), stored as codes + scales and read back to the same values; the
+    patched MLP keeps each token's top-K of |SiLU(x Wg~) * (x Wu~)| (blocks of 32); on a GPU
+    path it is refused (no kernel)."""
+    model, ids, _ = tiny
+    w = _glu_weights(model)
+    pred = dejavu.quantized(w, bits=4)
+    wg = torch.cat(w[1]).double().reshape(256, 1, 64)
+    sc = (wg.abs().amax(-1, keepdim=True) / 7).half().double()  # stored as float16
+    ref = ((wg / sc).round().clamp(-8, 7) * sc).reshape(256, 64)
+    assert torch.allclose(pred.layers[1].B.double(), ref, atol=1e-6)
+    assert (ref - torch.cat(w[1]).double()).abs().max() > 0  # it is rounded
+    back = dejavu.Predictors.load(pred.save(tmp_path / "q.safetensors"))
+    assert back.meta["kind"] == "int4" and back.layers[1].A is None
+    assert torch.equal(back.layers[1].B, pred.layers[1].B)
+    seen = {}
+    layer = model.model.layers[1]
+    attach(model, mlp="dejavu", mlp_sparsity=0.5, predictors=back, backend="reference")
+    try:
+        hooks = [layer.post_attention_layernorm.register_forward_hook(lambda m, a, o: seen.__setitem__("x", o)),
+                 layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0]))]
+        _logits(model, ids[:3])
+        for h in hooks:
+            h.remove()
+    finally:
+        detach(model)
+    g, u = (seen["x"].double() @ ref.T).chunk(2, dim=-1)
+    scores = (F.silu(g) * u).abs()  # [1, 3, 128]: each block of 32 keeps its 16 best
+    top = scores.reshape(1, 3, 4, 32).topk(16, dim=-1).indices
+    want = torch.zeros(1, 3, 4, 32, dtype=torch.bool).scatter_(-1, top, True).reshape(1, 3, 128)
+    assert ((seen["h"] != 0) == want).all()
+    with pytest.raises(ValueError, match="no GPU kernel"):
+        attach(model, mlp="dejavu", mlp_sparsity=0.5, predictors=back, backend="triton")
+    with pytest.raises(ValueError, match="bits in 2..8"):
+        dejavu.quantized(w, bits=1)

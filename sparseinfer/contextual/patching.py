@@ -423,6 +423,11 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
                                                attn_sparsity=attn_sparsity, apply_to=apply_to, max_len=max_len,
                                                backend=backend), stats)
     dev = next(model.parameters()).device
+    if (mlp == "dejavu" and pred.layers[0].A is None
+            and (backend == "triton" or (dev.type == "cuda" and backend != "reference"))):
+        raise ValueError("Deja Vu: int4 predictors (kind 'int4') have no GPU kernel yet (their selection would read "
+                         "the dequantized gate / up weights: slower than dense); on a GPU use glu predictors "
+                         "(`sparseinfer train-predictors`), or backend='reference' to check their accuracy")
     n_heads = cfg.num_attention_heads
     try:
         for i, layer in enumerate(layers):

@@ -260,6 +260,8 @@ def write_report(rows: list[dict], out: Path, model_id: str, command: str, pred_
             if pred_meta.get("finetune_steps") else "")
          + ", scored |SiLU(g~)·u~|"
          if pred_meta.get("kind") == "glu" else
+         f"- Deja Vu: kind \"int4\": W_gate / W_up rounded to {pred_meta.get('bits', '?')} bits, scored |SiLU(g~)·u~|"
+         if pred_meta.get("kind") == "int4" else
          f"- Deja Vu: per-layer linear predictor (rank {pred_meta.get('rank', '?')}, no nonlinearity) from the layer's "
          f"{'MLP input' if pred_meta.get('mlp_input', 'mlp_in') == 'mlp_in' else 'attention input (look-ahead)'}, "
          f"trained with weighted BCE on the top {pred_meta.get('label_frac', 0.5):.0%} neurons by |SiLU(gate)·up|")
@@ -267,7 +269,9 @@ def write_report(rows: list[dict], out: Path, model_id: str, command: str, pred_
         f"{pred_meta.get('seconds_total', pred_meta.get('seconds', '?'))} s on this CPU, heads included); a fixed K "
         f"neurons per token, chosen per block of {SELECT_BLOCK} neurons (each block keeps its share of the K, "
         "`contextual.dejavu.blocked_top_mask`). Rows marked (r=N) use predictors of the same kind at rank N, "
-        "fitted by this command. "
+        "fitted by this command; rows marked (intB) use kind \"int4\" predictors: W_gate / W_up rounded to B bits "
+        "(one scale per 64 inputs), training-free, scored |SiLU(g~)·u~| (`contextual.dejavu.quantized`; reference "
+        "path only: no GPU kernel yet). "
         "Heads: a linear predictor of the per-head attention-output norm; the top-K query heads are kept, the "
         "others' outputs zeroed before o_proj.",
         "",

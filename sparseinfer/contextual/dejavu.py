@@ -95,7 +95,8 @@ class Predictors:
                 t = getattr(p, name)
                 if t is None:
                     continue
-                if name == "B" and quant:  # b-bit codes (int8) + one float16 scale per group
+                if name == "B" and quant:  # b-bit codes (int8) + one float16 scale per group (B holds
+                    # dequantized codes whose group maxima are +-qmax: quantizing again gives the same codes)
                     tensors[f"{i}.Bq"], tensors[f"{i}.Bs"] = _quantize(t, self.meta["bits"], self.meta["group"])
                 else:
                     tensors[f"{i}.{name}"] = t.to(dtype).contiguous()
@@ -118,9 +119,7 @@ class Predictors:
                                        for k in ("A", "B", "b", "Wh", "bh"))) for i in range(n)]
             for i, p in enumerate(layers):
                 if f"{i}.Bq" in keys:  # kind "int4": dequantize the codes
-                    codes, scales = f.get_tensor(f"{i}.Bq"), f.get_tensor(f"{i}.Bs")
-                    p.B = (codes.float().view(codes.shape[0], -1, meta["group"]) * scales.float()[..., None]
-                           ).reshape(codes.shape)
+                    p.B = _dequantize(f.get_tensor(f"{i}.Bq"), f.get_tensor(f"{i}.Bs"))
         return cls(layers, meta)
 
     def check_matches(self, model_config, source: str, heads: bool) -> None:
@@ -152,6 +151,12 @@ def _quantize(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, tor
     return codes.contiguous(), scale.contiguous()
 
 
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`_quantize`'s output -> float32 [O, H]."""
+    o, h = codes.shape
+    return (codes.float().view(o, scale.shape[1], -1) * scale.float()[..., None]).reshape(o, h)
+
+
 def quantized(weights: list, bits: int = 4, group: int = 64, meta: dict | None = None) -> Predictors:
     """Kind "int4" (any `bits` in 2..8): per layer (W_gate [I, H], W_up [I, H]) -> a predictor
     whose B is [W_gate; W_up] rounded to `bits` bits (what `save` stores: int8 codes + float16
@@ -165,9 +170,7 @@ def quantized(weights: list, bits: int = 4, group: int = 64, meta: dict | None =
         raise ValueError(f"quantized: expected bits in 2..8, got {bits!r}")
     layers = []
     for wg, wu in weights:
-        codes, scale = _quantize(torch.cat([wg, wu]).float(), bits, group)
-        b = (codes.float().view(codes.shape[0], -1, group) * scale.float()[..., None]).reshape(codes.shape)
-        layers.append(LayerPredictor(None, b, None))
+        layers.append(LayerPredictor(None, _dequantize(*_quantize(torch.cat([wg, wu]).float(), bits, group)), None))
     return Predictors(layers, dict(meta or {}, kind="int4", bits=bits, group=group, mlp_input="mlp_in", rank=None))
 
 

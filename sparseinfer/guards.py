@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from . import ops
@@ -39,14 +40,8 @@ BREAK_EVEN_DENSITY_BLOCK128 = ((32768, 0.66), (49152, 0.75), (65536, 0.78), (983
 
 
 def _block128_limit(n: int) -> float:
-    pts = BREAK_EVEN_DENSITY_BLOCK128
-    x = math.log2(max(n, 1))
-    if x <= math.log2(pts[0][0]):
-        return pts[0][1]
-    for (n0, d0), (n1, d1) in zip(pts, pts[1:]):
-        if x <= math.log2(n1):
-            return d0 + (x - math.log2(n0)) / (math.log2(n1) - math.log2(n0)) * (d1 - d0)
-    return pts[-1][1]
+    ns, ds = zip(*BREAK_EVEN_DENSITY_BLOCK128)
+    return float(np.interp(math.log2(max(n, 1)), np.log2(ns), ds))  # clamped outside the table
 
 
 # Break-even visited area (share of the causal cells in the tiles the kernel visits,

@@ -7,10 +7,11 @@ A. per-layer MLP (4096 -> 14336 -> 4096): dense cuBLAS (3 GEMVs + SiLU*up) vs th
    predictor (rank --rank), each captured in a CUDA graph (launch overhead out), vs the bytes
    bound (weight bytes read / measured device-to-device copy bandwidth). Also each projection
    alone. A small config sweep of the kernels runs first (best config used).
+Q. the same MLP behind the int4 kind's one-launch selection (packed 4-bit gate / up copies).
 B. the decode step of the transformers model (--layers decoder layers, 4K context, StaticCache)
    captured in a CUDA graph: dense vs teal MLP 50% vs teal 50% on all projections vs dejavu
    MLP 50% (+ heads 50%), through `sparseinfer.patch`; per-layer time from --layers vs
-   --layers/2 and the 32-layer extrapolation. --compile adds the same steps through torch.compile
+   --layers/2 and the 32-layer extrapolation (dejavu int4: the int4 kind from the model's weights). --compile adds the same steps through torch.compile
    (then captured): the fastest dense step, and the sparse ones without the elementwise overhead.
 
     python benchmarks/contextual.py --out benchmarks/results/contextual     # H100: ~2-3 min
@@ -34,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 import sparseinfer  # noqa: E402
-from sparseinfer.contextual.dejavu import LayerPredictor, Predictors  # noqa: E402
+from sparseinfer.contextual.dejavu import LayerPredictor, Predictors, quantized  # noqa: E402
 from sparseinfer.kernels.topk import select_top, topk_indices_launch  # noqa: E402
 from sparseinfer.kernels import gemv  # noqa: E402
 
@@ -455,6 +456,101 @@ def part_p(args, dev, dt, shapes, out: dict) -> None:
     out["predictor"] = {"rows": rows, "checks_neurons_differing": checks, "sweep": sweep}
 
 
+def part_q(args, dev, dt, shapes, out: dict) -> None:
+    """Q. The Deja Vu MLP of one row behind the int4 kind's selection (kernels.predict.
+    dejavu_select_int4: packed 4-bit copies of W_gate / W_up, one launch): its lists against
+    the float64 rule on the dequantized weights, a config sweep, the selection alone and the
+    MLP behind it at each --sparsity >= 25% vs cuBLAS's dense MLP, and the library chain vs fp32."""
+    from sparseinfer.contextual.dejavu import SELECT_BLOCK, blocked_top_indices, quantized
+    from sparseinfer.kernels import predict
+
+    cuda = dev.type == "cuda"
+    h, inter = shapes["hidden_size"], shapes["intermediate_size"]
+    g = torch.Generator(device=dev).manual_seed(1)
+    wg = torch.randn(inter, h, device=dev, dtype=dt, generator=g) * 0.02
+    wu = torch.randn(inter, h, device=dev, dtype=dt, generator=g) * 0.02
+    wdT = (torch.randn(h, inter, device=dev, dtype=dt, generator=g) * 0.02).t().contiguous()
+    x = torch.randn(1, h, device=dev, dtype=dt, generator=g)
+    q = quantized([(wg, wu)], bits=4, group=64).layers[0].B
+    iters = args.iters
+    mlp_bytes = 3 * h * inter * wg.element_size()
+    qbytes = q.codes.numel() + q.scales.numel() * 2
+    bw = (out.get("copy_bandwidth_GBs") or 0) * 1e9 or copy_bandwidth(dev)
+    out["copy_bandwidth_GBs"] = round(bw / 1e9, 1)
+
+    def dense():
+        return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wdT.t())
+
+    t_dense = timed(dense, iters, cuda)
+    rows = [{"method": "dense MLP (cuBLAS)", "ms": t_dense, "bound_ms": mlp_bytes / bw * 1e3}]
+    gs, us = (x.double() @ q.dequantize().double().T).chunk(2, dim=-1)
+    sc64 = (F.silu(gs) * us).abs()
+    cfgs = [(ng, w, st) for ng in (1, 2, 4, 8) for w in (4, 8) for st in (1, 2)] if cuda \
+        else [predict.INT4_CONFIG["cpu"]]
+    blocks = (16, 32, 64) if cuda else (32,)
+    checks, sweep = {}, []
+    for s in [s for s in args.sparsity if s >= 0.25]:
+        k = round((1 - s) * inter)
+        kept_bytes = (1 - s) * mlp_bytes
+        tag = f"{s:.0%}: "
+        for blk in blocks:
+            got = predict.dejavu_select_int4(x, q.codes, q.scales, k, blk)
+            diff = int(k - torch.isin(got, blocked_top_indices(sc64, k, blk)).sum())
+            checks[f"int4 {s:.0%} block {blk}"] = diff
+            log(f"  int4 selection {s:.0%} block {blk}: {diff} of {k} neurons differ from the float64 rule")
+        x4 = torch.randn(4, h, device=dev, dtype=dt, generator=g)  # a batch of 4 rows (the multi-row path)
+        g4, u4 = (x4.double() @ q.dequantize().double().T).chunk(2, dim=-1)
+        want4 = blocked_top_indices((F.silu(g4) * u4).abs(), k, SELECT_BLOCK)
+        got4 = predict.dejavu_select_int4(x4, q.codes, q.scales, k, SELECT_BLOCK)
+        checks[f"int4 {s:.0%} 4 rows"] = [int(k - torch.isin(a, b).sum()) for a, b in zip(got4, want4)]
+        best = None
+        for blk in blocks:
+            for c in cfgs:
+                for pdl in ((1, 0) if cuda else (0,)):
+                    try:
+                        ms = timed(lambda: predict._launch_int4(x, q.codes, q.scales, k, blk, config=c, pdl=pdl),
+                                   iters, cuda)
+                    except Exception as e:  # noqa: BLE001
+                        log(f"  int4 config {c} block {blk}: {type(e).__name__}: {str(e)[:120]}")
+                        continue
+                    sweep.append({"sparsity": s, "block": blk, "config": list(c), "pdl": pdl, "ms": round(ms, 4)})
+                    if best is None or ms < best[0]:
+                        best = (ms, blk, c, pdl)
+        ms, blk, c, pdl = best
+        log(f"  int4 selection {s:.0%}: best block {blk} config {c} pdl {pdl} {ms * 1e3:.1f} us")
+        rows.append({"method": tag + f"int4 selection ({blk}, best config {list(c)}) alone", "ms": ms,
+                     "bound_ms": qbytes / bw * 1e3})
+        rows.append({"method": tag + f"int4 selection ({SELECT_BLOCK}, library defaults) alone",
+                     "ms": timed(lambda: predict.dejavu_select_int4(x, q.codes, q.scales, k, SELECT_BLOCK), iters, cuda),
+                     "bound_ms": qbytes / bw * 1e3})
+        idx = predict.dejavu_select_int4(x, q.codes, q.scales, k, SELECT_BLOCK)[0]
+        rows.append({"method": tag + "listed-neurons MLP alone (library defaults)",
+                     "ms": timed(lambda: gemv.dejavu_mlp_rows_launch(x, wg, wu, wdT, idx), iters, cuda),
+                     "bound_ms": kept_bytes / bw * 1e3})
+        for what, p_sel, p_mlp in ([("best config", pdl, False), ("best config, PDL into the MLP", 1, True)]
+                                   if cuda else [("best config", 0, False)]):
+            rows.append({"method": tag + f"MLP + int4 selection ({blk}, {what})",
+                         "ms": timed(lambda: gemv.dejavu_mlp_rows_launch(
+                             x, wg, wu, wdT, predict._launch_int4(x, q.codes, q.scales, k, blk, config=c, pdl=p_sel)[0],
+                             pdl=p_mlp), iters, cuda), "bound_ms": (kept_bytes + qbytes) / bw * 1e3})
+
+        def chain():
+            return gemv.dejavu_mlp_rows_launch(x, wg, wu, wdT,
+                                               predict.dejavu_select_int4(x, q.codes, q.scales, k, SELECT_BLOCK)[0])
+
+        rows.append({"method": tag + f"MLP + int4 selection ({SELECT_BLOCK}, library defaults)",
+                     "ms": timed(chain, iters, cuda), "bound_ms": (kept_bytes + qbytes) / bw * 1e3})
+        want_idx = blocked_top_indices(sc64, k, SELECT_BLOCK)[0]
+        mk = torch.zeros(1, inter, dtype=torch.bool, device=dev).scatter_(1, want_idx[None].long(), True)
+        ref = gemv.dejavu_gateup_reference(x.float(), wg.float(), wu.float(), mk) @ wdT.float()
+        checks[f"int4 {s:.0%} library chain rel. err vs fp32"] = round(float((chain().float() - ref).norm() / ref.norm()), 5)
+    for row in rows:
+        row["speedup_vs_dense"] = round(t_dense / row["ms"], 3)
+        row["ms"], row["bound_ms"] = round(row["ms"], 4), round(row["bound_ms"], 4)
+        log(f"  {row['method']:<80} {row['ms']:.4f} ms  x{row['speedup_vs_dense']:.2f}  bound {row['bound_ms']:.4f} ms")
+    out["int4"] = {"rows": rows, "checks": checks, "sweep": sweep, "selection_bytes": qbytes, "mlp_bytes": mlp_bytes}
+
+
 def build_model(shapes: dict, n_layers: int, dev, dt):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -510,6 +606,7 @@ def kernel_table(step, name: str, calls: int = 10, top: int = 14) -> list:
 
 
 COMPILED = ("dense", "dense (sparseinfer attention)", "teal mlp 50%", "teal all projections 50%", "dejavu mlp 50%",
+            "dejavu int4 mlp 50%",
             "dejavu mlp 50% global top-k", "dejavu mlp 50% no PDL",
             "dejavu mlp 50% + heads 50%", "dejavu mlp 50% look-ahead", "dejavu mlp 50% look-ahead + heads 50%")
 
@@ -523,6 +620,7 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                 ("teal mlp 50%", dict(mlp="teal", mlp_sparsity=0.5)),
                 ("teal all projections 50%", dict(mlp="teal", mlp_sparsity=0.5, contextual_options={"attn_sparsity": 0.5})),
                 ("dejavu mlp 50%", dict(mlp="dejavu", mlp_sparsity=0.5)),
+                ("dejavu int4 mlp 50%", dict(mlp="dejavu", mlp_sparsity=0.5, source="int4")),
                 ("dejavu mlp 50% global top-k", dict(mlp="dejavu", mlp_sparsity=0.5,
                                                      contextual_options={"select_block": None})),
                 ("dejavu mlp 50% no PDL", dict(mlp="dejavu", mlp_sparsity=0.5,
@@ -548,6 +646,8 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
         model = build_model(shapes, n_layers, dev, dt)
         th, pred = fake_files(model, dev)
         pred_la = Predictors(pred.layers, dict(pred.meta, mlp_input="attn_in"))
+        pred_q = quantized([(lay.mlp.gate_proj.weight.detach(), lay.mlp.up_proj.weight.detach())
+                            for lay in model.model.layers])  # kind "int4" from the model's own weights
         cfg = model.config
         dense_ref = None
         for name, kw in settings:
@@ -563,7 +663,7 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                     saved_flags.append((mod, attr, getattr(mod, attr)))
                     setattr(mod, attr, v)
                 co = dict(kw.pop("contextual_options", {}), thresholds=th)
-                p_used = pred_la if kw.pop("source", "mlp_in") == "attn_in" else pred
+                p_used = {"attn_in": pred_la, "int4": pred_q, "mlp_in": pred}[kw.pop("source", "mlp_in")]
                 handle = sparseinfer.patch(model, "dense", predictors=p_used, contextual_options=co, **kw) if kw else None
                 if name.startswith("dense (sparseinfer attention)"):  # the patched model's decode attention
                     # (KV heads shared inside SDPA), without contextual sparsity: the dense step of the sparse ones
@@ -688,6 +788,14 @@ def write(out_dir: str, res: dict) -> None:
         lines += [f"| {r['method']} | {r['ms']} | {r['speedup_vs_dense']} | {r['bound_ms']} |" for r in pr["rows"]]
         lines += ["", f"Checks (fused lists vs the float64 rule: neurons differing, of k; the library's chain vs the fp32 "
                   f"reference): {pr['checks_neurons_differing']}", ""]
+    q4 = res.get("int4")
+    if q4:
+        lines += ["## Q. Deja Vu MLP (batch 1) behind the int4 kind's selection (packed 4-bit W_gate / W_up copies, "
+                  f"{q4['selection_bytes'] / q4['mlp_bytes']:.1%} of the MLP's bytes)", "",
+                  "| method | ms | speedup vs dense MLP | bound ms |", "|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['ms']} | {r['speedup_vs_dense']} | {r['bound_ms']} |" for r in q4["rows"]]
+        lines += ["", f"Checks (int4 lists vs the float64 rule on the dequantized weights: neurons differing; the "
+                  f"library's chain vs the fp32 reference): {q4['checks']}", ""]
     ds = res.get("decode_step")
     if ds:
         lines += [f"## B. Decode step, {ds['context']} context, CUDA graph (transformers model + sparseinfer.patch)", "",
@@ -754,7 +862,7 @@ def main() -> int:
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--profile", action="store_true", help="part b: GPU time per kernel of each --layers step")
     p.add_argument("--compile", action="store_true", help="part b: also each step through torch.compile, then captured")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: a, p, b")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: a, p, q, b")
     p.add_argument("--only", default="", help="part b: only the settings whose names contain one of these (comma list)")
     p.add_argument("--no-reorder", action="store_true", help="part b: torch._inductor.config.reorder_for_locality = False")
     p.add_argument("--compact-sweep", action="store_true", help="only: configs of the compacted-rows path (CUDA)")
@@ -791,6 +899,10 @@ def main() -> int:
     if "p" not in skip:
         log("P. MLP with its predictor in front (fused predictor + blocked selection)")
         part_p(args, dev, dt, shapes, res)
+        write(args.out, res)
+    if "q" not in skip:
+        log("Q. MLP behind the int4 kind's selection")
+        part_q(args, dev, dt, shapes, res)
         write(args.out, res)
     if "b" not in skip:
         log("B. decode step")

@@ -459,27 +459,34 @@ def test_eval_rows_for_extra_predictor_ranks(tiny, tmp_path):
 
 def test_int4_predictors_quantize_roundtrip_and_select(tiny, tmp_path):
     """Kind "int4": B = [W_gate; W_up] rounded to b bits with one scale per 64 inputs (float64
-    reference of the rounding), stored as codes + scales and read back to the same values; the
-    patched MLP keeps each token's top-K of |SiLU(x Wg~) * (x Wu~)| (blocks of 32); on a GPU
-    path it is refused (no kernel)."""
+    reference of the rounding), packed two codes per byte, stored and read back to the same
+    codes; the patched MLP keeps each token's top-K of |SiLU(x Wg~) * (x Wu~)| (blocks of 32)
+    on the reference path, and the Triton path (the packed-code selection kernel, then the
+    listed-neurons MLP) computes the same logits."""
     model, ids, _ = tiny
     w = _glu_weights(model)
     pred = dejavu.quantized(w, bits=4)
     wg = torch.cat(w[1]).double().reshape(256, 1, 64)
     sc = (wg.abs().amax(-1, keepdim=True) / 7).half().double()  # stored as float16
-    ref = ((wg / sc).round().clamp(-8, 7) * sc).reshape(256, 64)
-    assert torch.allclose(pred.layers[1].B.double(), ref, atol=1e-6)
+    codes = (wg / sc).round().clamp(-8, 7)
+    ref = (codes * sc).reshape(256, 64)
+    q = pred.layers[1].B
+    assert q.codes.dtype == torch.uint8 and q.codes.shape == (256, 32) and q.shape == (256, 64) and q.group == 64
+    lo, hi = (q.codes.long() & 15), (q.codes.long() >> 4)  # two's complement nibbles: byte t = inputs t, t + 32
+    c = codes.reshape(256, 64).long()
+    assert torch.equal(lo, c[:, :32] & 15) and torch.equal(hi, c[:, 32:] & 15)
+    assert torch.allclose(q.dequantize().double(), ref, atol=1e-6)
     assert (ref - torch.cat(w[1]).double()).abs().max() > 0  # it is rounded
     back = dejavu.Predictors.load(pred.save(tmp_path / "q.safetensors"))
     assert back.meta["kind"] == "int4" and back.layers[1].A is None
-    assert torch.equal(back.layers[1].B, pred.layers[1].B)
+    assert torch.equal(back.layers[1].B.codes, q.codes) and torch.equal(back.layers[1].B.scales, q.scales)
     seen = {}
     layer = model.model.layers[1]
     attach(model, mlp="dejavu", mlp_sparsity=0.5, predictors=back, backend="reference")
     try:
         hooks = [layer.post_attention_layernorm.register_forward_hook(lambda m, a, o: seen.__setitem__("x", o)),
                  layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0]))]
-        _logits(model, ids[:3])
+        out_ref = _logits(model, ids[:3])
         for h in hooks:
             h.remove()
     finally:
@@ -489,7 +496,18 @@ def test_int4_predictors_quantize_roundtrip_and_select(tiny, tmp_path):
     top = scores.reshape(1, 3, 4, 32).topk(16, dim=-1).indices
     want = torch.zeros(1, 3, 4, 32, dtype=torch.bool).scatter_(-1, top, True).reshape(1, 3, 128)
     assert ((seen["h"] != 0) == want).all()
-    with pytest.raises(ValueError, match="no GPU kernel"):
-        attach(model, mlp="dejavu", mlp_sparsity=0.5, predictors=back, backend="triton")
+    attach(model, mlp="dejavu", mlp_sparsity=0.5, predictors=back, backend="triton")
+    try:
+        out = _logits(model, ids[:3])
+    finally:
+        detach(model)
+    torch.testing.assert_close(out, out_ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="4-bit codes, these predictors have 5 bits"):
+        attach(model, mlp="dejavu", mlp_sparsity=0.5, predictors=dejavu.quantized(w, bits=5), backend="triton")
+    la = dejavu.Predictors(back.layers, dict(back.meta, mlp_input="attn_in"))
+    with pytest.raises(ValueError, match="score the MLP input"):
+        attach(model, mlp="dejavu", mlp_sparsity=0.5, predictors=la, backend="reference")
     with pytest.raises(ValueError, match="bits in 2..8"):
         dejavu.quantized(w, bits=1)
+    with pytest.raises(ValueError, match="even group"):
+        dejavu.quantized(w, group=3)

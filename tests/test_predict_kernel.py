@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparseinfer.contextual.dejavu import blocked_top_indices, blocked_top_mask
-from sparseinfer.kernels.predict import dejavu_select
+from sparseinfer.contextual.dejavu import _unpack, blocked_top_indices, blocked_top_mask, quantized
+from sparseinfer.kernels.predict import dejavu_select, dejavu_select_int4
 
 
 def _brute_force(scores: torch.Tensor, k: int, block: int) -> torch.Tensor:
@@ -95,3 +95,26 @@ def test_fused_selection_op_and_bad_arguments():
         dejavu_select(x, A, B, b, 20, 24)
     with pytest.raises(ValueError, match="at most 256"):
         dejavu_select(torch.randn(1, 32), A, torch.randn(600, 8), torch.randn(600), 20, 1024)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int4_selection_kernel_matches_the_float64_rule(rows):
+    """kernels.predict.dejavu_select_int4 (Triton interpreter): per row the blocked top-K of
+    |SiLU(g~) * u~| from the packed codes and scales (odd I, a partial last block, a global
+    block, a k smaller than the blocks), against the rule on float64 scores of the dequantized
+    weights; bad inputs are refused with what was expected."""
+    g = torch.Generator().manual_seed(5)
+    h, n = 256, 100
+    q = quantized([(torch.randn(n, h, generator=g), torch.randn(n, h, generator=g))], bits=4, group=32).layers[0].B
+    x = torch.randn(rows, h, generator=g)
+    gs, us = (x.double() @ q.dequantize().double().T).chunk(2, dim=-1)
+    sc = (F.silu(gs) * us).abs()
+    for k, block in ((50, 32), (7, 32), (30, 128), (60, 16)):
+        got = dejavu_select_int4(x, q.codes, q.scales, k, block)
+        assert got.shape == (rows, k) and got.dtype == torch.int32
+        assert (got[:, 1:] > got[:, :-1]).all()  # ascending
+        assert torch.equal(got.long(), blocked_top_indices(sc, k, block).long()), (k, block)
+    with pytest.raises(ValueError, match="codes uint8"):
+        dejavu_select_int4(x, _unpack(q.codes, 32), q.scales, 10, 32)
+    with pytest.raises(ValueError, match="an int k in"):
+        dejavu_select_int4(x, q.codes, q.scales, 0, 32)

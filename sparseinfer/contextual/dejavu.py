@@ -47,9 +47,43 @@ from .activations import Activations
 
 
 @dataclass
+class QuantRows:
+    """B of the int4 kind: an [O, H] matrix as b-bit codes with one float16 scale per `group` inputs.
+
+    codes: uint8 [O, H / 2] for bits <= 4 (two codes per byte: in each group, byte t holds input t
+    in the low nibble and input t + group / 2 in the high one, two's complement), else int8 [O, H]; scales: float16 [O, H / group];
+    value = code * scale. The GPU selection (`kernels.predict.dejavu_select_int4`) reads the packed
+    codes; the reference path dequantizes them per call (`dequantize`)."""
+    codes: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        o, c = self.codes.shape
+        return (o, 2 * c if self.packed else c)
+
+    @property
+    def packed(self) -> bool:
+        return self.codes.dtype == torch.uint8
+
+    @property
+    def group(self) -> int:
+        return self.shape[1] // self.scales.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        """-> float32 [O, H]"""
+        return _dequantize(_unpack(self.codes, self.group) if self.packed else self.codes, self.scales)
+
+    def to(self, device=None, dtype=None) -> "QuantRows":
+        """Moves the codes and scales (dtype is ignored: codes stay codes)."""
+        return QuantRows(self.codes.to(device), self.scales.to(device), self.bits)
+
+
+@dataclass
 class LayerPredictor:
     A: torch.Tensor | None  # [r, H]; None (kind "int4"): the identity, B reads x itself
-    B: torch.Tensor  # [I, r] (linear) or [2I, r] (glu: gate rows, then up rows)
+    B: "torch.Tensor | QuantRows"  # [I, r] (linear) or [2I, r] (glu: gate rows, then up rows); int4: QuantRows [2I, H]
     b: torch.Tensor | None  # [I] (linear); None (glu)
     Wh: torch.Tensor | None = None  # [Hq, H]
     bh: torch.Tensor | None = None  # [Hq]
@@ -60,11 +94,12 @@ class LayerPredictor:
 
     def mlp_scores(self, x: torch.Tensor) -> torch.Tensor:
         """x [.., H] -> [.., I]"""
+        B = self.B.dequantize() if isinstance(self.B, QuantRows) else self.B
         if self.glu:
             z = x if self.A is None else F.linear(x, self.A.to(x.dtype))
-            g, u = F.linear(z, self.B.to(x.dtype)).chunk(2, dim=-1)
+            g, u = F.linear(z, B.to(x.dtype)).chunk(2, dim=-1)
             return (F.silu(g) * u).abs()
-        return F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype), self.b.to(x.dtype))
+        return F.linear(F.linear(x, self.A.to(x.dtype)), B.to(x.dtype), self.b.to(x.dtype))
 
     def head_scores(self, x: torch.Tensor) -> torch.Tensor:
         """x [.., H] -> [.., Hq]"""
@@ -73,7 +108,7 @@ class LayerPredictor:
         return F.linear(x, self.Wh.to(x.dtype), self.bh.to(x.dtype))
 
     def to(self, device, dtype: torch.dtype | None = None) -> "LayerPredictor":
-        return LayerPredictor(*(None if t is None else t.to(device=device, dtype=dtype or t.dtype)
+        return LayerPredictor(*(None if t is None else t.to(device=device, dtype=dtype or getattr(t, "dtype", None))
                                 for t in (self.A, self.B, self.b, self.Wh, self.bh)))
 
 
@@ -95,9 +130,8 @@ class Predictors:
                 t = getattr(p, name)
                 if t is None:
                     continue
-                if name == "B" and quant:  # b-bit codes (int8) + one float16 scale per group (B holds
-                    # dequantized codes whose group maxima are +-qmax: quantizing again gives the same codes)
-                    tensors[f"{i}.Bq"], tensors[f"{i}.Bs"] = _quantize(t, self.meta["bits"], self.meta["group"])
+                if name == "B" and quant:  # the codes (packed two per byte at <= 4 bits) + the float16 scales
+                    tensors[f"{i}.Bq"], tensors[f"{i}.Bs"] = t.codes.contiguous(), t.scales.contiguous()
                 else:
                     tensors[f"{i}.{name}"] = t.to(dtype).contiguous()
         save_file(tensors, str(path), metadata={"kind": "dejavu-predictors", "meta": json.dumps(self.meta)})
@@ -118,8 +152,11 @@ class Predictors:
             layers = [LayerPredictor(*(f.get_tensor(f"{i}.{k}").float() if f"{i}.{k}" in keys else None
                                        for k in ("A", "B", "b", "Wh", "bh"))) for i in range(n)]
             for i, p in enumerate(layers):
-                if f"{i}.Bq" in keys:  # kind "int4": dequantize the codes
-                    p.B = _dequantize(f.get_tensor(f"{i}.Bq"), f.get_tensor(f"{i}.Bs"))
+                if f"{i}.Bq" in keys:  # kind "int4": the codes (int8 unpacked in files of <= 4 bits: packed here)
+                    codes, bits = f.get_tensor(f"{i}.Bq"), int(meta.get("bits", 4))
+                    scales = f.get_tensor(f"{i}.Bs")
+                    p.B = QuantRows(_pack(codes, codes.shape[1] // scales.shape[1])
+                                    if codes.dtype == torch.int8 and bits <= 4 else codes, scales, bits)
         return cls(layers, meta)
 
     def check_matches(self, model_config, source: str, heads: bool) -> None:
@@ -151,6 +188,24 @@ def _quantize(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, tor
     return codes.contiguous(), scale.contiguous()
 
 
+def _pack(codes: torch.Tensor, group: int) -> torch.Tensor:
+    """int8 codes [O, H] in [-8, 7] -> uint8 [O, H / 2]: in each group of `group` inputs, byte t
+    holds input t (low nibble) and input t + group / 2 (high nibble), two's complement (the
+    kernel then reads x's two halves of a group as contiguous slices)."""
+    o, h = codes.shape
+    if h % group or group % 2:
+        raise ValueError(f"int4 predictors: packing needs an even group dividing the hidden size, got {group} for {h}")
+    c = (codes.to(torch.int16) & 15).reshape(o, h // group, 2, group // 2)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(o, h // 2).to(torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, group: int) -> torch.Tensor:
+    """`_pack`'s output -> int8 codes [O, H] (nibbles sign-extended)."""
+    p = packed.to(torch.int16).reshape(packed.shape[0], -1, 1, group // 2)
+    lo, hi = ((p & 15) ^ 8) - 8, (((p >> 4) & 15) ^ 8) - 8
+    return torch.cat([lo, hi], dim=2).reshape(packed.shape[0], -1).to(torch.int8)
+
+
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`_quantize`'s output -> float32 [O, H]."""
     o, h = codes.shape
@@ -159,18 +214,21 @@ def _dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def quantized(weights: list, bits: int = 4, group: int = 64, meta: dict | None = None) -> Predictors:
     """Kind "int4" (any `bits` in 2..8): per layer (W_gate [I, H], W_up [I, H]) -> a predictor
-    whose B is [W_gate; W_up] rounded to `bits` bits (what `save` stores: int8 codes + float16
-    scales, and `load` reads back), no A (the predictor input is the MLP input itself), no head
-    predictors. Training-free; on SmolLM2 at 40% MLP sparsity +2.5% perplexity vs dense, KL 0.028,
+    whose B is [W_gate; W_up] rounded to `bits` bits (a `QuantRows`: codes packed two per byte at
+    <= 4 bits, float16 scales; what `save` stores and `load` reads back), no A (the predictor
+    input is the MLP input itself), no head predictors. Training-free; on SmolLM2 at 40% MLP sparsity +2.5% perplexity vs dense, KL 0.028,
     with the blocked selection (the true top-K: +1.1%; rank-256 glu: +13.4%; docs/contextual.md,
     benchmarks/results/contextual/dejavu_ceiling_block32.md). Bytes read per token: bits/16 of
     the gate and up weights' bf16 (1/6 of the MLP at 4 bits; a rank-r glu reads
     r (H + 2I) / (3 H I) of it: 35% at rank 256 on SmolLM2, 4.8% on Llama-3-8B)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"quantized: expected bits in 2..8, got {bits!r}")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 2 or group % 2:
+        raise ValueError(f"quantized: expected an even group >= 2 (two codes per byte share a scale), got {group!r}")
     layers = []
     for wg, wu in weights:
-        layers.append(LayerPredictor(None, _dequantize(*_quantize(torch.cat([wg, wu]).float(), bits, group)), None))
+        codes, scales = _quantize(torch.cat([wg, wu]).float(), bits, group)
+        layers.append(LayerPredictor(None, QuantRows(_pack(codes, group) if bits <= 4 else codes, scales, bits), None))
     return Predictors(layers, dict(meta or {}, kind="int4", bits=bits, group=group, mlp_input="mlp_in", rank=None))
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import decoder_layers
-from .dejavu import SELECT_BLOCK, LayerPredictor, Predictors, blocked_top_mask
+from .dejavu import SELECT_BLOCK, LayerPredictor, Predictors, QuantRows, blocked_top_mask
 from .teal import Thresholds
 
 MLP_METHODS = ("teal", "dejavu")
@@ -242,6 +242,16 @@ def _select_top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return select_top_mask(scores, k)
 
 
+def _fused_select(x: torch.Tensor, p: LayerPredictor, k: int, block: int) -> torch.Tensor:
+    """x [R, H] -> idx [R, k] int32: the predictor's blocked selection in the kernels (kernels.predict):
+    the int4 kind's one launch over its packed codes, else the low-rank kind's two."""
+    from ..kernels.predict import dejavu_select, dejavu_select_int4
+
+    if isinstance(p.B, QuantRows):
+        return dejavu_select_int4(x, p.B.codes, p.B.scales, k, block)
+    return dejavu_select(x, p.A, p.B, p.b, k, block)
+
+
 def _dejavu_mlp_forward(mlp, ctx: _LayerCtx):
     orig = mlp.forward
 
@@ -265,16 +275,12 @@ def _dejavu_mlp_forward(mlp, ctx: _LayerCtx):
                 from ..kernels.topk import select_top
 
                 idx = select_top(p.mlp_scores(src), k)
-            else:  # predictor + blocked selection fused (kernels.predict, two launches)
-                from ..kernels.predict import dejavu_select
-
-                idx = dejavu_select(src.reshape(-1, src.shape[-1]), p.A, p.B, p.b, k, blk).reshape(*src.shape[:-1], k)
+            else:  # predictor + blocked selection fused (kernels.predict)
+                idx = _fused_select(src.reshape(-1, src.shape[-1]), p, k, blk).reshape(*src.shape[:-1], k)
             return dejavu_mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, idx)
         if blk is not None and src.is_cuda and ctx.backend != "reference":  # several rows on CUDA: the
             # fused selection, its lists as the mask the masked cuBLAS path applies
-            from ..kernels.predict import dejavu_select
-
-            idx = dejavu_select(src.reshape(-1, src.shape[-1]), p.A, p.B, p.b, k, blk)
+            idx = _fused_select(src.reshape(-1, src.shape[-1]), p, k, blk)
             mask = torch.zeros(idx.shape[0], p.B.shape[0] // (2 if p.glu else 1), dtype=torch.bool, device=src.device)
             ctx.neuron_mask = mask.scatter_(1, idx.long(), True).reshape(*src.shape[:-1], -1)
         elif blk is None:
@@ -423,11 +429,14 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
                                                attn_sparsity=attn_sparsity, apply_to=apply_to, max_len=max_len,
                                                backend=backend), stats)
     dev = next(model.parameters()).device
-    if (mlp == "dejavu" and pred.layers[0].A is None
-            and (backend == "triton" or (dev.type == "cuda" and backend != "reference"))):
-        raise ValueError("Deja Vu: int4 predictors (kind 'int4') have no GPU kernel yet (their selection would read "
-                         "the dequantized gate / up weights: slower than dense); on a GPU use glu predictors "
-                         "(`sparseinfer train-predictors`), or backend='reference' to check their accuracy")
+    q = pred.layers[0].B if mlp == "dejavu" else None
+    if isinstance(q, QuantRows):  # kind "int4": the kernel reads packed 4-bit codes of the MLP input's weights
+        if pred.meta.get("mlp_input", "mlp_in") != "mlp_in":
+            raise ValueError(f"Deja Vu: int4 predictors are the MLP's own gate / up weights and score the MLP input; "
+                             f"this file says mlp_input={pred.meta.get('mlp_input')!r}")
+        if not q.packed and backend != "reference" and (backend == "triton" or dev.type == "cuda"):
+            raise ValueError(f"Deja Vu: the int4 kind's kernel reads 4-bit codes, these predictors have {q.bits} bits; "
+                             f"use bits <= 4, or backend='reference' to check their accuracy")
     n_heads = cfg.num_attention_heads
     try:
         for i, layer in enumerate(layers):

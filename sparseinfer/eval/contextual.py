@@ -270,8 +270,8 @@ def write_report(rows: list[dict], out: Path, model_id: str, command: str, pred_
         f"neurons per token, chosen per block of {SELECT_BLOCK} neurons (each block keeps its share of the K, "
         "`contextual.dejavu.blocked_top_mask`). Rows marked (r=N) use predictors of the same kind at rank N, "
         "fitted by this command; rows marked (intB) use kind \"int4\" predictors: W_gate / W_up rounded to B bits "
-        "(one scale per 64 inputs), training-free, scored |SiLU(g~)·u~| (`contextual.dejavu.quantized`; reference "
-        "path only: no GPU kernel yet). "
+        "(one scale per 64 inputs), training-free, scored |SiLU(g~)·u~| (`contextual.dejavu.quantized`; on a GPU "
+        "one Triton launch scores and selects from the packed 4-bit codes, `kernels.predict.dejavu_select_int4`). "
         "Heads: a linear predictor of the per-head attention-output norm; the top-K query heads are kept, the "
         "others' outputs zeroed before o_proj.",
         "",

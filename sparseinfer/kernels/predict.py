@@ -24,6 +24,15 @@ H100, Llama-3.1-8B MLP (14336 neurons), glu predictor, blocks of 32: 10.0 us at 
 at rank 256, against 35-37 us for the torch predictor + kernels.topk; the MLP with its predictor
 in front 1.67x / 1.61x of cuBLAS's dense MLP at 50% kept (benchmarks/results/contextual/
 contextual_predictor.md).
+
+    sparseinfer::dejavu_select_int4(x [R, Hd], codes [2I, Hd / 2] uint8, scales [2I, Hd / g], k, block)
+        -> idx [R, k] int32: the same rule on the int4 kind's scores |SiLU(g~) * u~|, [g~ | u~] =
+        x [W_gate; W_up]~^T with the weights as 4-bit codes (two per byte, `dejavu.QuantRows`;
+        g = a power of two),
+        one launch: each program reads its block's packed gate and up rows and x, scores, selects.
+        Bytes: Hd / 2 per neuron and matrix + the scales, 1/6 of the MLP's bf16 weights (plus
+        1/96 for the scales at g = 64).
+
 CUDA tensors run the compiled kernels, CPU tensors the same kernels under the Triton interpreter.
 The rule on given scores (any dtype, the reference): `sparseinfer.contextual.dejavu.blocked_top_mask`.
 """
@@ -41,6 +50,8 @@ CONFIG = {"cuda": ((1, 4096, 4), (0, 4)), "cpu": ((4, 64, 1), (16, 1))}
 # programmatic dependent launch on Hopper+: 1 = the score launch starts during x A^T and prefetches
 # its B rows; 2 = and lets the next launch (the MLP's, if launched with PDL) start early too
 PDL = 2
+# (groups per step, warps, stages) of the int4 launch (its neurons per program are the caller's block)
+INT4_CONFIG = {"cuda": (2, 4, 1), "cpu": (2, 1, 1)}
 MAX_ROWS = 8  # rows per launch (decode batches); more rows run in several launches
 MAX_BLOCK = 256
 
@@ -118,4 +129,69 @@ def dejavu_select(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: torch.Te
 
 @dejavu_select.register_fake
 def _dejavu_select_fake(x, A, B, b, k, block):
+    return x.new_empty(x.shape[0], k, dtype=torch.int32)
+
+
+def _launch_int4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, k: int, block: int,
+                 out: torch.Tensor | None = None, config=None, pdl: int | None = None) -> torch.Tensor:
+    """The int4 kind's one launch; out / pdl as in `_launch` (pdl >= 1: the next launch, the MLP's
+    when launched with PDL, may start during this one)."""
+    if x.dim() != 2 or codes.dim() != 2 or scales.dim() != 2 or codes.dtype != torch.uint8 \
+            or codes.shape[1] * 2 != x.shape[1] or codes.shape[0] % 2 or scales.shape[0] != codes.shape[0]:
+        raise ValueError(f"dejavu_select_int4: expected x [R, H], codes uint8 [2I, H / 2] (two 4-bit codes per byte), "
+                         f"scales [2I, H / group], got x {tuple(x.shape)}, codes {codes.dtype} {tuple(codes.shape)}, "
+                         f"scales {tuple(scales.shape)}")
+    hd, n = x.shape[1], codes.shape[0] // 2
+    group = hd // max(scales.shape[1], 1)
+    if scales.shape[1] < 1 or hd % scales.shape[1] or group < 2 or group & (group - 1):
+        raise ValueError(f"dejavu_select_int4: scales [2I, {scales.shape[1]}] do not cut H = {hd} into groups of a "
+                         f"power of two >= 2 inputs")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"dejavu_select_int4: expected an int k in [1, {n}] (the neurons), got {k!r}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"dejavu_select_int4: expected a positive int block, got {block!r}")
+    if not x.is_floating_point() or not scales.is_floating_point() or codes.device != x.device \
+            or scales.device != x.device:
+        raise ValueError(f"dejavu_select_int4: x and scales must be floating and every tensor on {x.device}, got x "
+                         f"{x.dtype} on {x.device}, codes on {codes.device}, scales {scales.dtype} on {scales.device}")
+    r_rows = x.shape[0]
+    if out is None:
+        out = torch.empty(r_rows, k, dtype=torch.int32, device=x.device)
+    elif out.shape != (r_rows, k) or out.dtype != torch.int32 or not out.is_contiguous() or out.device != x.device:
+        raise ValueError(f"dejavu_select_int4: out must be a contiguous int32 [{r_rows}, {k}] tensor on {x.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if r_rows == 0:
+        return out
+    eff = min(block, n)
+    if eff < n and block & (block - 1):
+        raise ValueError(f"dejavu_select_int4: block must be a power of two (or >= I = {n} for a global top-k), "
+                         f"got {block}")
+    nb = _next_pow2(eff)
+    if nb > MAX_BLOCK:
+        raise ValueError(f"dejavu_select_int4: blocks of at most {MAX_BLOCK} neurons (one program ranks a block), got "
+                         f"{eff} (block {block}, I = {n})")
+    ng, warps, stages = config or INT4_CONFIG["cuda" if x.is_cuda else "cpu"]
+    pdl = int(PDL if pdl is None else pdl) if x.is_cuda and _hopper(x.device) else 0
+    extra = {"launch_pdl": True} if pdl else {}
+    mod = kernel_module("_predict_kernel.py", not x.is_cuda)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    codes = codes if codes.stride(1) == 1 else codes.contiguous()
+    scales = scales if scales.stride(1) == 1 else scales.contiguous()
+    for r0 in range(0, r_rows, MAX_ROWS):
+        xr, o = x[r0:r0 + MAX_ROWS], out[r0:r0 + MAX_ROWS]
+        rows = xr.shape[0]
+        mod.int4_select_kernel[(-(-n // nb),)](xr, codes, scales, o, rows, n, hd, k, xr.stride(0), codes.stride(0),
+                                              scales.stride(0), o.stride(0), ROWS=_next_pow2(rows), NB=nb,
+                                              NG=ng, GROUP=group, PDL=min(pdl, 1), num_warps=warps,
+                                              num_stages=stages, **extra)
+    return out
+
+
+@torch.library.custom_op("sparseinfer::dejavu_select_int4", mutates_args=())
+def dejavu_select_int4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, k: int, block: int) -> torch.Tensor:
+    return _launch_int4(x, codes, scales, k, block)
+
+
+@dejavu_select_int4.register_fake
+def _dejavu_select_int4_fake(x, codes, scales, k, block):
     return x.new_empty(x.shape[0], k, dtype=torch.int32)

@@ -259,13 +259,6 @@ def cmd_calibrate_mlp(args) -> int:
     return 0
 
 
-def _gate_up_weights(model) -> list:
-    from .contextual.activations import decoder_layers
-
-    return [(lay.mlp.gate_proj.weight.detach().float().cpu(), lay.mlp.up_proj.weight.detach().float().cpu())
-            for lay in decoder_layers(model)]
-
-
 def cmd_train_predictors(args) -> int:
     from rich.table import Table
 
@@ -277,7 +270,7 @@ def cmd_train_predictors(args) -> int:
     print(f"loading {args.model} ...", flush=True)
     model, tok = load_model(args.model)
     if args.kind == "int4":  # training-free: the MLP's own gate / up weights at --bits bits
-        pred = dejavu.quantized(_gate_up_weights(model), args.bits, meta={"model": args.model})
+        pred = dejavu.quantized(dejavu.gate_up_weights(model), args.bits, meta={"model": args.model})
         pred.meta["fingerprint"] = fingerprint(model.config)
         print(f"wrote {pred.save(args.out)} ({args.bits}-bit gate / up copies, no head predictors)")
         return 0
@@ -333,7 +326,7 @@ def cmd_contextual(args) -> int:
                                                  source=pred.meta.get("mlp_input", "mlp_in"), progress=False)
         settings += [ev.Setting("dejavu", "dejavu", s, predictors=f"r={r}") for s in mlp_s]
     for b in (int(x) for x in _csv(args.extra_bits)):  # training-free b-bit gate / up copies (kind "int4")
-        extra[f"int{b}"] = dejavu.quantized(_gate_up_weights(model), b)
+        extra[f"int{b}"] = dejavu.quantized(dejavu.gate_up_weights(model), b)
         settings += [ev.Setting("dejavu", "dejavu", s, predictors=f"int{b}") for s in mlp_s]
     rows = ev.run(model, tok, settings, args.length, args.windows, predictors=pred, thresholds=th,
                   extra_predictors=extra)

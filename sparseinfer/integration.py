@@ -355,7 +355,8 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     `generate` that starts with the default empty cache then gets a fresh policy cache.
     mlp / heads: contextual sparsity in decoding steps (`sparseinfer.contextual.attach`):
     mlp="teal" | "dejavu" with mlp_sparsity (float or per-layer list), heads="dejavu" with
-    head_sparsity, predictors = a Deja Vu predictor file (None = the shipped one); more
+    head_sparsity, predictors = a Deja Vu predictor file (None = the shipped one; "int4" = 4-bit
+    copies of the model's own gate / up weights, made at patch time, no file); more
     options (thresholds, attn_sparsity, apply_to, max_len, backend) in contextual_options.
     Patching an already patched model replaces the previous patch.
 

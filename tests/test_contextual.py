@@ -502,6 +502,13 @@ def test_int4_predictors_quantize_roundtrip_and_select(tiny, tmp_path):
     finally:
         detach(model)
     torch.testing.assert_close(out, out_ref, atol=1e-4, rtol=1e-4)
+    attach(model, mlp="dejavu", mlp_sparsity=0.5, predictors="int4", backend="reference")  # built at attach
+    try:
+        torch.testing.assert_close(_logits(model, ids[:3]), out_ref, atol=0, rtol=0)
+    finally:
+        detach(model)
+    with pytest.raises(ValueError, match="no head predictors"):
+        attach(model, mlp="dejavu", heads="dejavu", predictors="int4")
     with pytest.raises(ValueError, match="4-bit codes, these predictors have 5 bits"):
         attach(model, mlp="dejavu", mlp_sparsity=0.5, predictors=dejavu.quantized(w, bits=5), backend="triton")
     la = dejavu.Predictors(back.layers, dict(back.meta, mlp_input="attn_in"))

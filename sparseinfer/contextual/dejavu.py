@@ -232,6 +232,14 @@ def quantized(weights: list, bits: int = 4, group: int = 64, meta: dict | None =
     return Predictors(layers, dict(meta or {}, kind="int4", bits=bits, group=group, mlp_input="mlp_in", rank=None))
 
 
+def gate_up_weights(model) -> list:
+    """[(W_gate [I, H], W_up [I, H]) per decoder layer], float32 on the CPU (`quantized`'s input)."""
+    from .activations import decoder_layers
+
+    return [(lay.mlp.gate_proj.weight.detach().float().cpu(), lay.mlp.up_proj.weight.detach().float().cpu())
+            for lay in decoder_layers(model)]
+
+
 SELECT_BLOCK = 32  # neurons per selection block (blocked_top_mask); None = one global top-k
 
 

@@ -337,6 +337,8 @@ def cmd_contextual(args) -> int:
 
         specs = ["dense"] + [f"dense:mlp={m}:mlp_sparsity={s}" for s in _csv(args.niah_sparsity)
                              for m in ("teal", "dejavu")]
+        specs += [f"dense:mlp=dejavu:mlp_sparsity={s}:predictors=int{b}" for s in _csv(args.niah_sparsity)
+                  for b in _csv(args.extra_bits)]  # kind int4, built from the model's weights at patch time
         niah = as_dicts(run_niah(model, tok, specs, [parse_length(x) for x in _csv(args.niah_lengths)],
                                  args.niah_depths))
     command = (f"sparseinfer eval contextual --model {args.model} --length {args.length} --windows {args.windows} "

@@ -356,8 +356,16 @@ def test_bad_arguments(tiny, tiny_thresholds, tiny_predictors):
         attach(model, mlp="teal", mlp_sparsity=[0.5], thresholds=tiny_thresholds)
     with pytest.raises(ValueError, match="sparsities in"):
         attach(model, mlp="teal", mlp_sparsity=1.0, thresholds=tiny_thresholds)
-    with pytest.raises(ValueError, match="none shipped"):
-        attach(model, mlp="dejavu")
+    with pytest.raises(ValueError, match="none are shipped"):
+        attach(model, mlp="dejavu", heads="dejavu")
+    ids = tiny[1][:8]
+    attach(model, mlp="dejavu", predictors="int4", backend="reference", apply_to="all")
+    want = _logits(model, ids)
+    with pytest.warns(UserWarning, match="using predictors='int4'"):  # training-free fallback, MLP only
+        attach(model, mlp="dejavu", backend="reference", apply_to="all")
+    got = _logits(model, ids)
+    detach(model)
+    assert torch.equal(got, want) and not torch.equal(got, _logits(model, ids))
     with pytest.raises(ValueError, match="select_block: expected None .* power of two"):
         attach(model, mlp="dejavu", predictors=tiny_predictors, select_block=48)
     other = dejavu.Predictors(tiny_predictors.layers[:1])

@@ -20,6 +20,7 @@ Calls with more than `max_len` tokens (pre-filling) run dense unless apply_to="a
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -373,7 +374,8 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
     attn_sparsity: TEAL on q/k/v_proj and o_proj inputs too (needs thresholds; any mlp method).
     *_sparsity: a float or one float per layer.
     predictors / thresholds: a path or a loaded `Predictors` / `Thresholds`; None = the file
-    shipped for this architecture (`sparseinfer/configs/*-dejavu|teal.safetensors`);
+    shipped for this architecture (`sparseinfer/configs/*-dejavu|teal.safetensors`; for mlp="dejavu"
+    without heads and no shipped file: "int4", with a warning);
     predictors="int4" (or "intB", B in 2..8): Deja Vu's kind "int4" built here from the model's
     own W_gate / W_up rounded to B bits (training-free, no file, no head predictors;
     `dejavu.quantized`: on SmolLM2 +2.5% perplexity at 40% MLP sparsity).
@@ -427,8 +429,13 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
                                       meta={"source": "the model's own gate / up weights, at attach"})
     if mlp == "dejavu" or heads == "dejavu":
         src = predictors if predictors is not None else shipped(cfg, "dejavu")
+        if src is None and heads != "dejavu":  # training-free: the model's own weights at 4 bits
+            warnings.warn("Deja Vu: no predictors given and none shipped for this model: using predictors='int4' "
+                          "(the MLP's gate / up weights rounded to 4 bits, built now); pass a file from "
+                          "`sparseinfer train-predictors` for low-rank ones", stacklevel=3)
+            src = dejavu.quantized(gate_up_weights(model), 4, meta={"source": "the model's own gate / up weights"})
         if src is None:
-            raise ValueError("Deja Vu: no predictors given and none shipped for this model; run "
+            raise ValueError("Deja Vu: heads='dejavu' needs head predictors and none are shipped for this model; run "
                              "`sparseinfer train-predictors --model M --out predictors.safetensors` and pass predictors=path")
         pred = src if isinstance(src, Predictors) else Predictors.load(src)
         pred.check_matches(cfg, str(src), heads == "dejavu")

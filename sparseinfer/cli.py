@@ -269,14 +269,12 @@ def cmd_train_predictors(args) -> int:
 
     print(f"loading {args.model} ...", flush=True)
     model, tok = load_model(args.model)
-    if args.kind == "int4":  # training-free: the MLP's own gate / up weights at --bits bits
-        pred = dejavu.quantized(dejavu.gate_up_weights(model), args.bits, meta={"model": args.model})
-        pred.meta["fingerprint"] = fingerprint(model.config)
-        print(f"wrote {pred.save(args.out)} ({args.bits}-bit gate / up copies, no head predictors)")
-        return 0
+    # kind int4: the MLP's own gate / up weights at --bits bits (nothing fitted); the activations
+    # still give the recall report and the head predictors
     pred = dejavu.train_for_model(model, tok, n_tokens=args.tokens, window=args.window, model_id=args.model,
                                   rank=args.rank, steps=args.steps, label_frac=args.label_frac, heads=not args.no_heads,
-                                  source=args.source, kind=args.kind, finetune_steps=args.finetune_steps)
+                                  source=args.source, kind=args.kind, finetune_steps=args.finetune_steps,
+                                  bits=args.bits)
     pred.meta["fingerprint"] = fingerprint(model.config)
     path = pred.save(args.out)
     rec = pred.meta["recall"]
@@ -318,11 +316,13 @@ def cmd_contextual(args) -> int:
     head_s = [float(x) for x in _csv(args.head_sparsity)]
     settings = ev.default_settings(mlp_s, head_s)
     extra = {}
-    for r in (int(x) for x in _csv(args.extra_ranks)):  # same kind, other ranks: fitted here (closed form for glu)
-        print(f"fitting {pred.meta.get('kind', 'linear')} predictors at rank {r} ...", flush=True)
+    low_rank = pred.meta.get("kind", "linear") if pred.meta.get("kind") != "int4" else "glu"
+    for r in (int(x) for x in _csv(args.extra_ranks)):  # low-rank predictors at other ranks, fitted here (the
+        # shipped kind, or glu when the shipped predictors are int4)
+        print(f"fitting {low_rank} predictors at rank {r} ...", flush=True)
         extra[f"r={r}"] = dejavu.train_for_model(model, tok, n_tokens=pred.meta.get("n_tokens", 4096),
                                                  window=pred.meta.get("window", 1024), model_id=args.model, rank=r,
-                                                 heads=False, kind=pred.meta.get("kind", "linear"),
+                                                 heads=False, kind=low_rank,
                                                  source=pred.meta.get("mlp_input", "mlp_in"), progress=False)
         settings += [ev.Setting("dejavu", "dejavu", s, predictors=f"r={r}") for s in mlp_s]
     for b in (int(x) for x in _csv(args.extra_bits)):  # training-free b-bit gate / up copies (kind "int4")
@@ -450,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--kind", default="glu", choices=["glu", "linear", "int4"],
                     help="MLP predictor: glu = rank-r gate/up model scored |SiLU(g)*u| (closed form, then fine-tuned: "
                          "--finetune-steps), linear = "
-                         "Deja Vu's linear scores trained with BCE, int4 = the gate/up weights at --bits bits, "
-                         "training-free, no head predictors, CPU / reference path only for now (default: %(default)s)")
+                         "Deja Vu's linear scores trained with BCE, int4 = the gate/up weights at --bits bits (nothing "
+                         "fitted; heads still trained unless --no-heads) (default: %(default)s)")
     tp.add_argument("--bits", type=int, default=4, help="with --kind int4: bits per weight, 2..8 (default: %(default)s)")
     tp.add_argument("--finetune-steps", type=int, default=200,
                     help="glu: Adam steps per layer fine-tuning the closed-form fit for the top-K selection at 60%% "

@@ -415,19 +415,23 @@ def train(acts: Activations, n_heads: int, rank: int = 128, label_frac: float = 
           lr: float = 3e-3, batch: int = 256, source: str = "mlp_in", val_frac: float = 0.25, heads: bool = True,
           report_keep: tuple[float, ...] = (0.75, 0.6, 0.5), progress: bool = True, meta: dict | None = None,
           kind: str = "linear", weights: list | None = None, finetune_steps: int = 200,
-          finetune_keeps: tuple[float, ...] = (0.6, 0.5)) -> Predictors:
+          finetune_keeps: tuple[float, ...] = (0.6, 0.5), bits: int = 4) -> Predictors:
     """Train one MLP (and head) predictor per layer on `acts` (sites attn_in, down_in, o_in;
     mlp_in for kind "glu"); the last `val_frac` of the tokens are held out for the recall report
     in `.meta["recall"]`: per layer and kept share, recall of the true top-K and share of |h|^2
     kept (and the oracle's). kind "glu" needs `weights`: per layer (W_gate [I, H], W_up [I, H]); its
     closed-form fit (`fit_glu`) is then fine-tuned for the selection at the kept shares
-    `finetune_keeps` for `finetune_steps` Adam steps (`finetune_glu`; 0 = the closed form only)."""
+    `finetune_keeps` for `finetune_steps` Adam steps (`finetune_glu`; 0 = the closed form only).
+    kind "int4" needs `weights` too: the MLP predictor is `quantized` (`bits` bits, nothing fitted;
+    source must be "mlp_in"); the activations give its recall report and the head predictors."""
     if source not in ("mlp_in", "attn_in"):
         raise ValueError(f"train: expected source 'mlp_in' or 'attn_in', got {source!r}")
-    if kind not in ("glu", "linear"):
-        raise ValueError(f"train: expected kind 'glu' or 'linear', got {kind!r}")
-    if kind == "glu" and (weights is None or len(weights) != len(acts.sites[source])):
-        raise ValueError(f"train: kind 'glu' needs weights=[(W_gate, W_up)] for each of the "
+    if kind not in ("glu", "linear", "int4"):
+        raise ValueError(f"train: expected kind 'glu', 'linear' or 'int4', got {kind!r}")
+    if kind == "int4" and source != "mlp_in":
+        raise ValueError("train: kind 'int4' scores the MLP input with the MLP's own weights: source must be 'mlp_in'")
+    if kind in ("glu", "int4") and (weights is None or len(weights) != len(acts.sites[source])):
+        raise ValueError(f"train: kind {kind!r} needs weights=[(W_gate, W_up)] for each of the "
                          f"{len(acts.sites[source])} layers, got {None if weights is None else len(weights)}")
     need = [source, "down_in"] + (["mlp_in"] if kind == "glu" else []) + (["attn_in", "o_in"] if heads else [])
     missing = [s for s in need if s not in acts.sites]
@@ -453,6 +457,8 @@ def train(acts: Activations, n_heads: int, rank: int = 128, label_frac: float = 
                 A, B = finetune_glu(x[tr], mag[tr], A, B, finetune_steps, tuple(finetune_keeps),
                                     gen=torch.Generator().manual_seed(i))
             p = LayerPredictor(A, B, None)
+        elif kind == "int4":
+            p = quantized([weights[i]], bits).layers[0]
         else:
             A, B, b = _fit(x[tr], top_labels(mag[tr], label_frac), rank, steps, lr, batch, gen)
             p = LayerPredictor(A, B, b)
@@ -476,11 +482,14 @@ def train(acts: Activations, n_heads: int, rank: int = 128, label_frac: float = 
         layers.append(p)
         report.append(row)
         bar.set_postfix(recall=row["mlp"][str(report_keep[-1])]["recall"])
-    meta = dict(meta or {}, kind=kind, rank=rank, label_frac=label_frac, steps=steps, n_tokens=n, val_tokens=n_val,
+    meta = dict(meta or {}, kind=kind, rank=None if kind == "int4" else rank, label_frac=label_frac, steps=steps,
+                n_tokens=n, val_tokens=n_val,
                 mlp_input=source, head_input="attn_in", recall=report,
                 finetune_steps=finetune_steps if kind == "glu" else 0,
                 finetune_keeps=list(finetune_keeps) if kind == "glu" and finetune_steps > 0 else [],
                 seconds=round(time.perf_counter() - t0, 1))
+    if kind == "int4":
+        meta.update(bits=bits, group=64)
     return Predictors(layers, meta)
 
 
@@ -495,6 +504,8 @@ def train_for_model(model, tok, text: str | None = None, n_tokens: int = 4096, w
     source = kw.get("source", "mlp_in")
     kw.setdefault("kind", "glu")
     glu = kw["kind"] == "glu"
+    if kw["kind"] == "int4":
+        kw["weights"] = gate_up_weights(model)
     sites = tuple(dict.fromkeys((source, "down_in") + (("mlp_in",) if glu else ()) + (("attn_in", "o_in") if heads else ())))
     acts = collect(model, tok, text if text is not None else haystack_text(), n_tokens, window, progress, sites)
     if glu:

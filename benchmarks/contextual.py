@@ -338,6 +338,21 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
     out["mlp"] = rows
 
 
+def _mlp_case(args, dev, dt, shapes, out: dict):
+    """One random 8B-shaped MLP and a row: (generator, (W_gate, W_up, W_down^T contiguous, x [1, H]),
+    MLP bytes, copy bandwidth (bytes/s, also stored in out), cuBLAS dense MLP ms)."""
+    h, inter = shapes["hidden_size"], shapes["intermediate_size"]
+    g = torch.Generator(device=dev).manual_seed(1)
+    wg = torch.randn(inter, h, device=dev, dtype=dt, generator=g) * 0.02
+    wu = torch.randn(inter, h, device=dev, dtype=dt, generator=g) * 0.02
+    wdT = (torch.randn(h, inter, device=dev, dtype=dt, generator=g) * 0.02).t().contiguous()
+    x = torch.randn(1, h, device=dev, dtype=dt, generator=g)
+    bw = (out.get("copy_bandwidth_GBs") or 0) * 1e9 or copy_bandwidth(dev)
+    out["copy_bandwidth_GBs"] = round(bw / 1e9, 1)
+    t_dense = timed(lambda: F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wdT.t()), args.iters, dev.type == "cuda")
+    return g, (wg, wu, wdT, x), 3 * h * inter * wg.element_size(), bw, t_dense
+
+
 def part_p(args, dev, dt, shapes, out: dict) -> None:
     """P. The Deja Vu MLP of one row with its predictor run before it (no look-ahead): the fused
     predictor + blocked selection (kernels.predict, two launches; a config sweep first) against
@@ -348,20 +363,8 @@ def part_p(args, dev, dt, shapes, out: dict) -> None:
 
     cuda = dev.type == "cuda"
     h, inter = shapes["hidden_size"], shapes["intermediate_size"]
-    g = torch.Generator(device=dev).manual_seed(1)
-    wg = torch.randn(inter, h, device=dev, dtype=dt, generator=g) * 0.02
-    wu = torch.randn(inter, h, device=dev, dtype=dt, generator=g) * 0.02
-    wdT = (torch.randn(h, inter, device=dev, dtype=dt, generator=g) * 0.02).t().contiguous()
-    x = torch.randn(1, h, device=dev, dtype=dt, generator=g)
+    g, (wg, wu, wdT, x), mlp_bytes, bw, t_dense = _mlp_case(args, dev, dt, shapes, out)
     iters = args.iters
-    mlp_bytes = 3 * h * inter * wg.element_size()
-    bw = (out.get("copy_bandwidth_GBs") or 0) * 1e9 or copy_bandwidth(dev)
-    out["copy_bandwidth_GBs"] = round(bw / 1e9, 1)
-
-    def dense():
-        return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wdT.t())
-
-    t_dense = timed(dense, iters, cuda)
     rows = [{"method": "dense MLP (cuBLAS)", "ms": t_dense, "bound_ms": mlp_bytes / bw * 1e3}]
     checks, sweep = {}, []
     lr_cfgs = [(1, 4096, 4), (1, 4096, 8), (2, 2048, 4)] if cuda else [predict.CONFIG["cpu"][0]]
@@ -466,22 +469,10 @@ def part_q(args, dev, dt, shapes, out: dict) -> None:
 
     cuda = dev.type == "cuda"
     h, inter = shapes["hidden_size"], shapes["intermediate_size"]
-    g = torch.Generator(device=dev).manual_seed(1)
-    wg = torch.randn(inter, h, device=dev, dtype=dt, generator=g) * 0.02
-    wu = torch.randn(inter, h, device=dev, dtype=dt, generator=g) * 0.02
-    wdT = (torch.randn(h, inter, device=dev, dtype=dt, generator=g) * 0.02).t().contiguous()
-    x = torch.randn(1, h, device=dev, dtype=dt, generator=g)
+    g, (wg, wu, wdT, x), mlp_bytes, bw, t_dense = _mlp_case(args, dev, dt, shapes, out)
     q = quantized([(wg, wu)], bits=4, group=64).layers[0].B
     iters = args.iters
-    mlp_bytes = 3 * h * inter * wg.element_size()
     qbytes = q.codes.numel() + q.scales.numel() * 2
-    bw = (out.get("copy_bandwidth_GBs") or 0) * 1e9 or copy_bandwidth(dev)
-    out["copy_bandwidth_GBs"] = round(bw / 1e9, 1)
-
-    def dense():
-        return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wdT.t())
-
-    t_dense = timed(dense, iters, cuda)
     rows = [{"method": "dense MLP (cuBLAS)", "ms": t_dense, "bound_ms": mlp_bytes / bw * 1e3}]
     gs, us = (x.double() @ q.dequantize().double().T).chunk(2, dim=-1)
     sc64 = (F.silu(gs) * us).abs()

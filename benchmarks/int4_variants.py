@@ -11,7 +11,7 @@ one group, 2 no scales, 3 codes only (no x: the load floor), 4 whole groups per 
 the library's layout since), 6 as 5 in offset binary with the offset folded into per-group x sums,
 7 as 5 with nibbles turned into floats by a magic number (OR into 2^23's mantissa, one subtract:
 no int -> float conversion instructions), 8 as 7 reading the codes as int32 words (8 nibbles).
-(The script's later runs time only the modes its loops list now.)
+(--modes picks them: runs 1 / 2 / 3 timed 0-3 / 1, 3-6 / 5, 7, 8.)
 """
 from __future__ import annotations
 
@@ -209,6 +209,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out")
     p.add_argument("--md", nargs="+", metavar=("OUT.md", "RUN.json"))
+    p.add_argument("--modes", default="5,7,8", help="comma list of the modes to time (default: %(default)s)")
     args = p.parse_args()
     if args.md:
         write_md(args.md[0], args.md[1:])
@@ -236,63 +237,44 @@ def main() -> int:
             print(res[-1], flush=True)
     from sparseinfer.contextual.dejavu import _unpack
     raw = _unpack(q.codes, 64)
-    for mode in (5, 7, 8):
-        codes = repack(raw, mode)
-        for nb in (16, 32):
-            for ng in (1, 2, 4, 8):
-                for split in (1,):
-                    for warps in (4, 8):
-                        G = torch.empty(split, n, device=dev, dtype=torch.float32)
-                        U = torch.empty_like(G)
+    for mode in (int(m) for m in args.modes.split(",")):
+        codes = repack(raw, 4 if mode < 4 else mode)  # modes 0-3: bytes = inputs 2t, 2t + 1
+        if mode < 4:
+            grid = [dict(NB=nb, BLOCK_B=bb, split=sp, warps=w) for nb in (16, 32)
+                    for bb in ((32,) if mode == 1 else (64, 128)) for sp in (1, 4) for w in (4, 8)]
+        else:
+            grid = [dict(NB=nb, NG=ng, split=1, warps=w) for nb in (16, 32) for ng in (1, 2, 4, 8) for w in (4, 8)]
+        for cfg in grid:
+            G = torch.empty(cfg["split"], n, device=dev, dtype=torch.float32)
+            U = torch.empty_like(G)
+            common = (x, codes, q.scales, G, U, n, h, codes.stride(0), q.scales.stride(0))
 
-                        def run():
-                            return scores3_kernel[(triton.cdiv(n, nb), split)](
-                                x, codes, q.scales, G, U, n, h, codes.stride(0), q.scales.stride(0), NB=nb,
-                                NG=ng, GROUP=64, MODE=mode, SPLIT=split, num_warps=warps)
-                        try:
-                            kern = run()
-                            ms = timed(run, 200, True)
-                        except Exception as e:  # noqa: BLE001
-                            print("fail", mode, nb, ng, split, warps, type(e).__name__, str(e)[:300], flush=True)
-                            continue
-                        got = torch.cat([G.sum(0), U.sum(0)]).double()
-                        r = {"mode": mode, "NB": nb, "NG": ng, "split": split, "warps": warps, "ms": round(ms, 4),
-                             "GBs": round(bw_bytes / ms / 1e6, 1), "regs": kern.n_regs, "spills": kern.n_spills,
-                             "rel_err": float((got - ref).norm() / ref.norm())}
-                        res.append(r)
-                        print(r, flush=True)
-    for mode in ():
-        for nb in (16, 32):
-            for bb in ((32,) if mode == 1 else (64, 128)):
-                for split in (1, 4):
-                    for warps in (4, 8):
-                        G = torch.empty(split, n, device=dev, dtype=torch.float32)
-                        U = torch.empty_like(G)
-
-                        def run():
-                            return scores_kernel[(triton.cdiv(n, nb), split)](
-                                x, q.codes, q.scales, G, U, n, h, q.codes.stride(0), q.scales.stride(0), NB=nb,
-                                BLOCK_B=bb, GROUP=64, MODE=mode, SPLIT=split, num_warps=warps)
-                        try:
-                            kern = run()
-                            ms = timed(run, 200, True)
-                        except Exception as e:  # noqa: BLE001
-                            print("fail", mode, nb, bb, split, warps, type(e).__name__, str(e)[:100], flush=True)
-                            continue
-                        err = None
-                        if mode < 2:
-                            got = torch.cat([G.sum(0), U.sum(0)]).double()
-                            err = float((got - ref).norm() / ref.norm())
-                        r = {"mode": mode, "NB": nb, "BLOCK_B": bb, "split": split, "warps": warps, "ms": round(ms, 4),
-                             "GBs": round(bw_bytes / ms / 1e6, 1), "regs": kern.n_regs, "spills": kern.n_spills,
-                             "rel_err": err}
-                        res.append(r)
-                        print(r, flush=True)
+            def run():
+                if mode < 4:
+                    return scores_kernel[(triton.cdiv(n, cfg["NB"]), cfg["split"])](
+                        *common, NB=cfg["NB"], BLOCK_B=cfg["BLOCK_B"], GROUP=64, MODE=mode, SPLIT=cfg["split"],
+                        num_warps=cfg["warps"])
+                return scores3_kernel[(triton.cdiv(n, cfg["NB"]), 1)](
+                    *common, NB=cfg["NB"], NG=cfg["NG"], GROUP=64, MODE=mode, SPLIT=1, num_warps=cfg["warps"])
+            try:
+                kern = run()
+                ms = timed(run, 200, True)
+            except Exception as e:  # noqa: BLE001
+                print("fail", mode, cfg, type(e).__name__, str(e)[:300], flush=True)
+                continue
+            err = None
+            if mode not in (2, 3):  # 2, 3 skip work: timing only
+                got = torch.cat([G.sum(0), U.sum(0)]).double()
+                err = float((got - ref).norm() / ref.norm())
+            r = {"mode": mode, **cfg, "ms": round(ms, 4), "GBs": round(bw_bytes / ms / 1e6, 1), "regs": kern.n_regs,
+                 "spills": kern.n_spills, "rel_err": err}
+            res.append(r)
+            print(r, flush=True)
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                    "rows": res}, f, indent=1)
     best = sorted([r for r in res if "mode" in r], key=lambda r: (r["mode"], r["ms"]))
-    for m in (5, 7, 8):
+    for m in sorted({r["mode"] for r in best}):
         print("best mode", m, [r for r in best if r["mode"] == m][:3])
     return 0
 

@@ -56,7 +56,40 @@ MAX_ROWS = 8  # rows per launch (decode batches); more rows run in several launc
 MAX_BLOCK = 256
 
 
-def _check(x, A, B, b, k, block) -> tuple[int, bool]:
+def _list_args(op: str, x: torch.Tensor, n: int, k, block, out: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """Checks k (kept neurons of n) and block, and the output list [R, k] (allocated when None);
+    -> (out, NB: the neurons per program, a power of two)."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"{op}: expected an int k in [1, {n}] (the neurons), got {k!r}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"{op}: expected a positive int block, got {block!r}")
+    eff = min(block, n)  # block >= I: one block, the global top-k
+    if eff < n and block & (block - 1):
+        raise ValueError(f"{op}: block must be a power of two (or >= I = {n} for a global top-k), got {block}")
+    nb = _next_pow2(eff)
+    if nb > MAX_BLOCK:
+        raise ValueError(f"{op}: blocks of at most {MAX_BLOCK} neurons (one program ranks a block), got "
+                         f"{eff} (block {block}, I = {n}); a global top-k of many neurons is kernels.topk's job")
+    r_rows = x.shape[0]
+    if out is None:
+        out = torch.empty(r_rows, k, dtype=torch.int32, device=x.device)
+    elif out.shape != (r_rows, k) or out.dtype != torch.int32 or not out.is_contiguous() or out.device != x.device:
+        raise ValueError(f"{op}: out must be a contiguous int32 [{r_rows}, {k}] tensor on {x.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    return out, nb
+
+
+def _pdl(x: torch.Tensor, pdl: int | None) -> tuple[int, dict]:
+    """The programmatic dependent launch level (None: `PDL`; 0 off the Hopper+ GPUs) and its launch kwargs."""
+    level = int(PDL if pdl is None else pdl) if x.is_cuda and _hopper(x.device) else 0
+    return level, ({"launch_pdl": True} if level else {})
+
+
+def _rows_contiguous(*ts: torch.Tensor) -> list[torch.Tensor]:
+    return [t if t.stride(1) == 1 else t.contiguous() for t in ts]
+
+
+def _check(x, A, B, b) -> tuple[int, bool]:
     if x.dim() != 2 or A.dim() != 2 or B.dim() != 2 or A.shape[1] != x.shape[1] or B.shape[1] != A.shape[0]:
         raise ValueError(f"dejavu_select: expected x [R, H], A [r, H], B [I or 2I, r], got {tuple(x.shape)}, "
                          f"{tuple(A.shape)}, {tuple(B.shape)}")
@@ -67,10 +100,6 @@ def _check(x, A, B, b, k, block) -> tuple[int, bool]:
     n = B.shape[0] // 2 if glu else B.shape[0]
     if not glu and (b.dim() != 1 or b.shape[0] != n):
         raise ValueError(f"dejavu_select: expected b [{n}] for B {tuple(B.shape)}, got {tuple(b.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise ValueError(f"dejavu_select: expected an int k in [1, {n}] (the neurons), got {k!r}")
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"dejavu_select: expected a positive int block, got {block!r}")
     for name, t in (("A", A), ("B", B)) + ((("b", b),) if b is not None else ()):
         if t.device != x.device or not t.is_floating_point():
             raise ValueError(f"dejavu_select: {name} must be a floating tensor on {x.device}, got {t.dtype} on {t.device}")
@@ -81,30 +110,16 @@ def _launch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: torch.Tensor |
             out: torch.Tensor | None = None, config=None, pdl: int | None = None) -> torch.Tensor:
     """The two launches; out: a contiguous int32 [R, k] tensor to write into; pdl: programmatic
     dependent launch level (None: `PDL`; Hopper and later only)."""
-    n, glu = _check(x, A, B, b, k, block)
+    n, glu = _check(x, A, B, b)
+    out, nb = _list_args("dejavu_select", x, n, k, block, out)
     r_rows = x.shape[0]
-    if out is None:
-        out = torch.empty(r_rows, k, dtype=torch.int32, device=x.device)
-    elif out.shape != (r_rows, k) or out.dtype != torch.int32 or not out.is_contiguous() or out.device != x.device:
-        raise ValueError(f"dejavu_select: out must be a contiguous int32 [{r_rows}, {k}] tensor on {x.device}, got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
     if r_rows == 0:
         return out
     (br, bh, w1), (bk, w2) = config or CONFIG["cuda" if x.is_cuda else "cpu"]
     bk = bk or min(_next_pow2(A.shape[0]), 256)
-    pdl = int(PDL if pdl is None else pdl) if x.is_cuda and _hopper(x.device) else 0
-    extra = {"launch_pdl": True} if pdl else {}
-    eff = min(block, n)  # block >= I: one block, the global top-k
-    if eff < n and block & (block - 1):
-        raise ValueError(f"dejavu_select: block must be a power of two (or >= I = {n} for a global top-k), got {block}")
-    nb = _next_pow2(eff)
-    if nb > MAX_BLOCK:
-        raise ValueError(f"dejavu_select: blocks of at most {MAX_BLOCK} neurons (one program ranks a block), got "
-                         f"{eff} (block {block}, I = {n}); a global top-k of many neurons is kernels.topk's job")
+    pdl, extra = _pdl(x, pdl)
     mod = kernel_module("_predict_kernel.py", not x.is_cuda)
-    x = x if x.stride(1) == 1 else x.contiguous()
-    A = A if A.stride(1) == 1 else A.contiguous()
-    B = B if B.stride(1) == 1 else B.contiguous()
+    x, A, B = _rows_contiguous(x, A, B)
     rank = A.shape[0]
     for r0 in range(0, r_rows, MAX_ROWS):
         xr = x[r0:r0 + MAX_ROWS]
@@ -146,37 +161,18 @@ def _launch_int4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, k: 
     if scales.shape[1] < 1 or hd % scales.shape[1] or group < 2 or group & (group - 1):
         raise ValueError(f"dejavu_select_int4: scales [2I, {scales.shape[1]}] do not cut H = {hd} into groups of a "
                          f"power of two >= 2 inputs")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise ValueError(f"dejavu_select_int4: expected an int k in [1, {n}] (the neurons), got {k!r}")
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"dejavu_select_int4: expected a positive int block, got {block!r}")
     if not x.is_floating_point() or not scales.is_floating_point() or codes.device != x.device \
             or scales.device != x.device:
         raise ValueError(f"dejavu_select_int4: x and scales must be floating and every tensor on {x.device}, got x "
                          f"{x.dtype} on {x.device}, codes on {codes.device}, scales {scales.dtype} on {scales.device}")
+    out, nb = _list_args("dejavu_select_int4", x, n, k, block, out)
     r_rows = x.shape[0]
-    if out is None:
-        out = torch.empty(r_rows, k, dtype=torch.int32, device=x.device)
-    elif out.shape != (r_rows, k) or out.dtype != torch.int32 or not out.is_contiguous() or out.device != x.device:
-        raise ValueError(f"dejavu_select_int4: out must be a contiguous int32 [{r_rows}, {k}] tensor on {x.device}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     if r_rows == 0:
         return out
-    eff = min(block, n)
-    if eff < n and block & (block - 1):
-        raise ValueError(f"dejavu_select_int4: block must be a power of two (or >= I = {n} for a global top-k), "
-                         f"got {block}")
-    nb = _next_pow2(eff)
-    if nb > MAX_BLOCK:
-        raise ValueError(f"dejavu_select_int4: blocks of at most {MAX_BLOCK} neurons (one program ranks a block), got "
-                         f"{eff} (block {block}, I = {n})")
     ng, warps, stages = config or INT4_CONFIG["cuda" if x.is_cuda else "cpu"]
-    pdl = int(PDL if pdl is None else pdl) if x.is_cuda and _hopper(x.device) else 0
-    extra = {"launch_pdl": True} if pdl else {}
+    pdl, extra = _pdl(x, pdl)
     mod = kernel_module("_predict_kernel.py", not x.is_cuda)
-    x = x if x.stride(1) == 1 else x.contiguous()
-    codes = codes if codes.stride(1) == 1 else codes.contiguous()
-    scales = scales if scales.stride(1) == 1 else scales.contiguous()
+    x, codes, scales = _rows_contiguous(x, codes, scales)
     for r0 in range(0, r_rows, MAX_ROWS):
         xr, o = x[r0:r0 + MAX_ROWS], out[r0:r0 + MAX_ROWS]
         rows = xr.shape[0]

@@ -7,6 +7,7 @@ A. per-layer MLP (4096 -> 14336 -> 4096): dense cuBLAS (3 GEMVs + SiLU*up) vs th
    predictor (rank --rank), each captured in a CUDA graph (launch overhead out), vs the bytes
    bound (weight bytes read / measured device-to-device copy bandwidth). Also each projection
    alone. A small config sweep of the kernels runs first (best config used).
+T. TEAL on the attention projections (fused q/k/v, o_proj) at 50%: the library's call vs a config sweep.
 Q. the same MLP behind the int4 kind's one-launch selection (packed 4-bit gate / up copies).
 B. the decode step of the transformers model (--layers decoder layers, 4K context, StaticCache)
    captured in a CUDA graph: dense vs teal MLP 50% vs teal 50% on all projections vs dejavu
@@ -459,6 +460,58 @@ def part_p(args, dev, dt, shapes, out: dict) -> None:
     out["predictor"] = {"rows": rows, "checks_neurons_differing": checks, "sweep": sweep}
 
 
+def part_t(args, dev, dt, shapes, out: dict) -> None:
+    """T. TEAL on the attention projections at 50%, batch 1: the fused q/k/v launch (one [H, Oq +
+    Ok + Ov] transposed storage, as the patching runs it) and o_proj, the library's default call
+    (config None: K splits raised to >= 2 programs per SM) against a config sweep, cuBLAS and the
+    bytes bound; each result checked against the float64 reference."""
+    cuda = dev.type == "cuda"
+    h, hq, hkv = shapes["hidden_size"], shapes["num_attention_heads"], shapes["num_key_value_heads"]
+    d = h // hq
+    g = torch.Generator(device=dev).manual_seed(3)
+    x = torch.randn(1, h, device=dev, dtype=dt, generator=g)
+    t50 = torch.quantile(x.float().abs().flatten(), 0.5)
+    bw = (out.get("copy_bandwidth_GBs") or 0) * 1e9 or copy_bandwidth(dev)
+    out["copy_bandwidth_GBs"] = round(bw / 1e9, 1)
+    cfgs = [(bk, bn, rows, w, 1) for bk in (32, 64) for bn in (64, 128, 256) for rows in (64, 128, 256, 512)
+            for w in (2, 4, 8) if rows >= bk] if cuda else [gemv.TEAL_CONFIG["cpu"]]
+    rows, sweep = [], []
+    for name, n_out in (("q/k/v fused", (hq + 2 * hkv) * d), ("o_proj", h)):
+        w = torch.randn(n_out, h, device=dev, dtype=dt, generator=g) * 0.02
+        wt = w.t().contiguous()
+        ref = (torch.where(x.double().abs() > t50.double(), x.double(), 0) @ w.double().T)
+        err = lambda y: float((y.double() - ref).norm() / ref.norm())  # noqa: E731
+        parts = [w[:hq * d], w[hq * d:(hq + hkv) * d], w[(hq + hkv) * d:]] if name.startswith("q") else [w]
+        t_dense = timed(lambda: [F.linear(x, p) for p in parts], args.iters, cuda)
+        bound = n_out * h * w.element_size() / bw * 1e3
+        rows.append({"shape": name, "method": f"dense cuBLAS ({len(parts)} GEMV)", "ms": t_dense, "bound_ms": bound})
+        t_lib = timed(lambda: gemv.teal_gemv_launch(x, wt, t50), args.iters, cuda)
+        rows.append({"shape": name, "method": "teal 50%, library default", "ms": t_lib, "bound_ms": bound / 2,
+                     "rel_err": err(gemv.teal_gemv_launch(x, wt, t50))})
+        t_cmp = timed(lambda: gemv.teal_gemv_launch(x, wt, t50, compact=True), args.iters, cuda)
+        rows.append({"shape": name, "method": "teal 50%, compacted rows, default config", "ms": t_cmp,
+                     "bound_ms": bound / 2, "rel_err": err(gemv.teal_gemv_launch(x, wt, t50, compact=True))})
+        best = None
+        for c in cfgs:
+            try:
+                ms = timed(lambda: gemv.teal_gemv_launch(x, wt, t50, c), args.iters, cuda)
+            except Exception as e:  # noqa: BLE001
+                log(f"  teal {name} config {c}: {type(e).__name__}: {str(e)[:100]}")
+                continue
+            sweep.append({"shape": name, "config": list(c), "ms": round(ms, 4)})
+            if best is None or ms < best[0]:
+                best = (ms, c)
+        rows.append({"shape": name, "method": f"teal 50%, best config {list(best[1])}", "ms": best[0],
+                     "bound_ms": bound / 2, "rel_err": err(gemv.teal_gemv_launch(x, wt, t50, best[1]))})
+        for r in rows[-4:]:
+            r["speedup_vs_dense"] = round(t_dense / r["ms"], 3)
+    for r in rows:
+        r["ms"], r["bound_ms"] = round(r["ms"], 4), round(r["bound_ms"], 4)
+        log(f"  {r['shape']:<12} {r['method']:<52} {r['ms']:.4f} ms  x{r['speedup_vs_dense']:.2f}  bound "
+            f"{r['bound_ms']:.4f} ms  {r.get('rel_err', '')}")
+    out["attn_proj"] = {"rows": rows, "sweep": sweep}
+
+
 def part_q(args, dev, dt, shapes, out: dict) -> None:
     """Q. The Deja Vu MLP of one row behind the int4 kind's selection (kernels.predict.
     dejavu_select_int4: packed 4-bit copies of W_gate / W_up, one launch): its lists against
@@ -779,6 +832,13 @@ def write(out_dir: str, res: dict) -> None:
         lines += [f"| {r['method']} | {r['ms']} | {r['speedup_vs_dense']} | {r['bound_ms']} |" for r in pr["rows"]]
         lines += ["", f"Checks (fused lists vs the float64 rule: neurons differing, of k; the library's chain vs the fp32 "
                   f"reference): {pr['checks_neurons_differing']}", ""]
+    ap = res.get("attn_proj")
+    if ap:
+        lines += ["## T. TEAL on the attention projections (batch 1, 50%)", "",
+                  "| projection | method | ms | speedup vs dense | bound ms | rel. err vs float64 |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['method']} | {r['ms']} | {r['speedup_vs_dense']} | {r['bound_ms']} | "
+                  f"{r.get('rel_err', '')} |" for r in ap["rows"]]
+        lines.append("")
     q4 = res.get("int4")
     if q4:
         lines += ["## Q. Deja Vu MLP (batch 1) behind the int4 kind's selection (packed 4-bit W_gate / W_up copies, "
@@ -853,7 +913,7 @@ def main() -> int:
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--profile", action="store_true", help="part b: GPU time per kernel of each --layers step")
     p.add_argument("--compile", action="store_true", help="part b: also each step through torch.compile, then captured")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: a, p, q, b")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: a, p, t, q, b")
     p.add_argument("--only", default="", help="part b: only the settings whose names contain one of these (comma list)")
     p.add_argument("--no-reorder", action="store_true", help="part b: torch._inductor.config.reorder_for_locality = False")
     p.add_argument("--compact-sweep", action="store_true", help="only: configs of the compacted-rows path (CUDA)")
@@ -890,6 +950,10 @@ def main() -> int:
     if "p" not in skip:
         log("P. MLP with its predictor in front (fused predictor + blocked selection)")
         part_p(args, dev, dt, shapes, res)
+        write(args.out, res)
+    if "t" not in skip:
+        log("T. TEAL on the attention projections")
+        part_t(args, dev, dt, shapes, res)
         write(args.out, res)
     if "q" not in skip:
         log("Q. MLP behind the int4 kind's selection")

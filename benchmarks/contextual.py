@@ -943,22 +943,14 @@ def main() -> int:
         with open(os.path.join(args.out, "compact_sweep.json"), "w") as f:
             json.dump(res, f, indent=1)
         return 0
-    if "a" not in skip:
-        log("A. MLP layer")
-        part_a(args, dev, dt, shapes, res)
-        write(args.out, res)
-    if "p" not in skip:
-        log("P. MLP with its predictor in front (fused predictor + blocked selection)")
-        part_p(args, dev, dt, shapes, res)
-        write(args.out, res)
-    if "t" not in skip:
-        log("T. TEAL on the attention projections")
-        part_t(args, dev, dt, shapes, res)
-        write(args.out, res)
-    if "q" not in skip:
-        log("Q. MLP behind the int4 kind's selection")
-        part_q(args, dev, dt, shapes, res)
-        write(args.out, res)
+    for key, title, part in (("a", "A. MLP layer", part_a),
+                             ("p", "P. MLP with its predictor in front (fused predictor + blocked selection)", part_p),
+                             ("t", "T. TEAL on the attention projections", part_t),
+                             ("q", "Q. MLP behind the int4 kind's selection", part_q)):
+        if key not in skip:
+            log(title)
+            part(args, dev, dt, shapes, res)
+            write(args.out, res)
     if "b" not in skip:
         log("B. decode step")
         part_b(args, dev, dt, shapes, res)

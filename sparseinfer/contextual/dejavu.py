@@ -51,8 +51,8 @@ class QuantRows:
     """B of the int4 kind: an [O, H] matrix as b-bit codes with one float16 scale per `group` inputs.
 
     codes: uint8 [O, H / 2] for bits <= 4 (two codes per byte: in each group, byte t holds input t
-    in the low nibble and input t + group / 2 in the high one, two's complement), else int8 [O, H]; scales: float16 [O, H / group];
-    value = code * scale. The GPU selection (`kernels.predict.dejavu_select_int4`) reads the packed
+    in the low nibble and input t + group / 2 in the high one, two's complement), else int8 [O, H];
+    scales: float16 [O, H / group]; value = code * scale. The GPU selection (`kernels.predict.dejavu_select_int4`) reads the packed
     codes; the reference path dequantizes them per call (`dequantize`)."""
     codes: torch.Tensor
     scales: torch.Tensor
@@ -216,8 +216,9 @@ def quantized(weights: list, bits: int = 4, group: int = 64, meta: dict | None =
     """Kind "int4" (any `bits` in 2..8): per layer (W_gate [I, H], W_up [I, H]) -> a predictor
     whose B is [W_gate; W_up] rounded to `bits` bits (a `QuantRows`: codes packed two per byte at
     <= 4 bits, float16 scales; what `save` stores and `load` reads back), no A (the predictor
-    input is the MLP input itself), no head predictors. Training-free; on SmolLM2 at 40% MLP sparsity +2.5% perplexity vs dense, KL 0.028,
-    with the blocked selection (the true top-K: +1.1%; rank-256 glu: +13.4%; docs/contextual.md,
+    input is the MLP input itself), no head predictors (`train(kind="int4")` adds them).
+    Training-free; on SmolLM2 at 40% MLP sparsity +2.5% perplexity vs dense, KL 0.028, with the
+    blocked selection (the true top-K: +1.1%; rank-256 glu: +13.4%; docs/contextual.md,
     benchmarks/results/contextual/dejavu_ceiling_block32.md). Bytes read per token: bits/16 of
     the gate and up weights' bf16 (1/6 of the MLP at 4 bits; a rank-r glu reads
     r (H + 2I) / (3 H I) of it: 35% at rank 256 on SmolLM2, 4.8% on Llama-3-8B)."""
@@ -489,7 +490,7 @@ def train(acts: Activations, n_heads: int, rank: int = 128, label_frac: float = 
                 finetune_keeps=list(finetune_keeps) if kind == "glu" and finetune_steps > 0 else [],
                 seconds=round(time.perf_counter() - t0, 1))
     if kind == "int4":
-        meta.update(bits=bits, group=64)
+        meta.update(bits=bits, group=layers[0].B.group)
     return Predictors(layers, meta)
 
 
@@ -497,20 +498,17 @@ def train_for_model(model, tok, text: str | None = None, n_tokens: int = 4096, w
                     model_id: str = "", progress: bool = True, **kw) -> Predictors:
     """Collect activations on `text` (default: `sparseinfer.data.haystack_text`) and train."""
     from ..data import haystack_text
-    from .activations import collect, decoder_layers
+    from .activations import collect
 
     t0 = time.perf_counter()
     heads = kw.get("heads", True)
     source = kw.get("source", "mlp_in")
     kw.setdefault("kind", "glu")
     glu = kw["kind"] == "glu"
-    if kw["kind"] == "int4":
-        kw["weights"] = gate_up_weights(model)
     sites = tuple(dict.fromkeys((source, "down_in") + (("mlp_in",) if glu else ()) + (("attn_in", "o_in") if heads else ())))
     acts = collect(model, tok, text if text is not None else haystack_text(), n_tokens, window, progress, sites)
-    if glu:
-        kw["weights"] = [(lay.mlp.gate_proj.weight.detach().float().cpu(), lay.mlp.up_proj.weight.detach().float().cpu())
-                         for lay in decoder_layers(model)]
+    if kw["kind"] in ("glu", "int4"):
+        kw["weights"] = gate_up_weights(model)
     pred = train(acts, model.config.num_attention_heads, progress=progress,
                  meta={"model": model_id or getattr(model.config, "_name_or_path", ""), "window": window}, **kw)
     pred.meta["seconds_total"] = round(time.perf_counter() - t0, 1)

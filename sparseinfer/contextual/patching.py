@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from .activations import decoder_layers
-from . import dejavu
-from .dejavu import SELECT_BLOCK, LayerPredictor, Predictors, QuantRows, blocked_top_mask, gate_up_weights
+from .dejavu import (SELECT_BLOCK, LayerPredictor, Predictors, QuantRows, blocked_top_mask, gate_up_weights,
+                     quantized)
 from .teal import Thresholds
 
 MLP_METHODS = ("teal", "dejavu")
@@ -425,7 +425,7 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
         if heads == "dejavu":
             raise ValueError(f"predictors={predictors!r} (the MLP's own weights rounded) has no head predictors; "
                              f"heads='dejavu' needs a predictor file")
-        predictors = dejavu.quantized(gate_up_weights(model), int(predictors[3:]),
+        predictors = quantized(gate_up_weights(model), int(predictors[3:]),
                                       meta={"source": "the model's own gate / up weights, at attach"})
     if mlp == "dejavu" or heads == "dejavu":
         src = predictors if predictors is not None else shipped(cfg, "dejavu")
@@ -433,7 +433,7 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
             warnings.warn("Deja Vu: no predictors given and none shipped for this model: using predictors='int4' "
                           "(the MLP's gate / up weights rounded to 4 bits, built now); pass a file from "
                           "`sparseinfer train-predictors` for low-rank ones", stacklevel=3)
-            src = dejavu.quantized(gate_up_weights(model), 4, meta={"source": "the model's own gate / up weights"})
+            src = quantized(gate_up_weights(model), 4, meta={"source": "the model's own gate / up weights"})
         if src is None:
             raise ValueError("Deja Vu: heads='dejavu' needs head predictors and none are shipped for this model; run "
                              "`sparseinfer train-predictors --model M --out predictors.safetensors` and pass predictors=path")

@@ -6,15 +6,21 @@ import torch
 from sparseinfer.kernels import gemv
 
 
+# the one-row loop with weight rows loaded one step ahead (config entry 6 = 1, the GPU default);
+# ROWS 32 over K = 45: a split of 2 steps and a split of 1 (+ tail); batches ignore the flag
+PREFETCH_CFG = (16, 32, 32, 1, 1, 1)
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_teal_gemv_matches_float64(m, dtype):
+@pytest.mark.parametrize("config", [None, PREFETCH_CFG])
+def test_teal_gemv_matches_float64(m, dtype, config):
     g = torch.Generator().manual_seed(m)
     k, n = 45, 70  # not multiples of the blocks
     x = torch.randn(m, k, generator=g).to(dtype)
     wt = torch.randn(k, n, generator=g).to(dtype)
     t = torch.tensor(0.6)
-    y = gemv.teal_gemv(x, wt, t)
+    y = gemv.teal_gemv(x, wt, t) if config is None else gemv.teal_gemv_launch(x, wt, t, config)
     ref = gemv.teal_gemv_reference(x.double(), wt.double(), 0.6)
     assert y.dtype == dtype and y.shape == (m, n)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
@@ -22,14 +28,15 @@ def test_teal_gemv_matches_float64(m, dtype):
     assert (ref - x.double() @ wt.double()).abs().max() > 0.1  # the threshold changed the result
 
 
-def test_teal_gemv_skips_dropped_rows():
+@pytest.mark.parametrize("m, config", [(2, None), (1, PREFETCH_CFG)])
+def test_teal_gemv_skips_dropped_rows(m, config):
     """Rows of dropped channels (|x| <= t for every row of x) are never read: NaN there stays out."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 40, generator=g)
-    x[:, ::3] = 0.01  # dropped in both rows
+    x = torch.randn(m, 40, generator=g)
+    x[:, ::3] = 0.01  # dropped in every row
     wt = torch.randn(40, 33, generator=g)
     wt[::3] = float("nan")
-    y = gemv.teal_gemv(x, wt, torch.tensor(0.05))
+    y = gemv.teal_gemv_launch(x, wt, torch.tensor(0.05), config)
     assert torch.isfinite(y).all()
     ref = gemv.teal_gemv_reference(x.double(), torch.nan_to_num(wt.double()), 0.05)
     torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
@@ -53,9 +60,11 @@ def test_teal_gemv_bad_input():
         gemv.teal_gemv_launch(x, torch.randn(8, 6), torch.zeros(2))
 
 
-@pytest.mark.parametrize("m", [1, 3, 5])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_teal_mlp_matches_float64(m, dtype):
+@pytest.mark.parametrize("m, dtype, config", [(1, torch.float32, None), (3, torch.float32, None), (5, torch.float32, None),
+                                              (1, torch.float16, None), (3, torch.float16, None), (5, torch.float16, None),
+                                              (1, torch.float32, ((8, 32, 32, 1, 1, 1), PREFETCH_CFG)),
+                                              (1, torch.float16, ((8, 32, 32, 1, 1, 1), (16, 32, 64, 1, 1, 1)))])
+def test_teal_mlp_matches_float64(m, dtype, config):
     """The fused TEAL SwiGLU MLP (gate+up in one launch, SiLU(gate)*up computed inside down's)
     against the float64 reference; odd sizes, several K splits and unrolled iterations."""
     g = torch.Generator().manual_seed(10 + m)
@@ -64,7 +73,8 @@ def test_teal_mlp_matches_float64(m, dtype):
     wg, wu = (torch.randn(hid, inter, generator=g) * 0.3).to(dtype), (torch.randn(hid, inter, generator=g) * 0.3).to(dtype)
     wd = (torch.randn(inter, hid, generator=g) * 0.3).to(dtype)
     t_in, t_down = torch.tensor(0.5), torch.tensor(0.2)
-    y = gemv.teal_mlp(x, wg, wu, wd, t_in, t_down)
+    y = gemv.teal_mlp(x, wg, wu, wd, t_in, t_down) if config is None else \
+        gemv.teal_mlp_launch(x, wg, wu, wd, t_in, t_down, config)
     ref = gemv.teal_mlp_reference(x.double(), wg.double(), wu.double(), wd.double(), 0.5, 0.2)
     assert y.dtype == dtype and y.shape == (m, hid)
     tol = 1e-4 if dtype == torch.float32 else 3e-2

@@ -59,13 +59,26 @@ def _finish_block(P, OUT, CNT, offs_m, offs_n, m_ok, n_ok, N, SPLITS, stride_ps,
 
 
 @triton.jit
+def _rows_load(WT, WT2, rows, ok, offs_n, n_ok, stride_wk, TWO: tl.constexpr):
+    """Weight rows `rows` where ok ([BLOCK_K, BLOCK_N], storage dtype) of WT and (TWO) WT2; without
+    TWO the second is the first (a placeholder)."""
+    wp = rows[:, None] * stride_wk + offs_n[None, :]
+    wmask = ok[:, None] & n_ok[None, :]
+    w = tl.load(WT + wp, mask=wmask, other=0.0)
+    if TWO:
+        w2 = tl.load(WT2 + wp, mask=wmask, other=0.0)
+    else:
+        w2 = w
+    return w, w2
+
+
+@triton.jit
 def _rows_fma(acc, acc2, WT, WT2, rows, xv, ok, offs_n, n_ok, stride_wk, TWO: tl.constexpr):
     """acc (+ acc2 with TWO) += xv[:, None] * W[rows] (weight rows where ok; [BLOCK_K, BLOCK_N])."""
-    wmask = ok[:, None] & n_ok[None, :]
-    wp = rows[:, None] * stride_wk + offs_n[None, :]
-    acc += xv[:, None] * tl.load(WT + wp, mask=wmask, other=0.0).to(tl.float32)
+    w, w2 = _rows_load(WT, WT2, rows, ok, offs_n, n_ok, stride_wk, TWO)
+    acc += xv[:, None] * w.to(tl.float32)
     if TWO:
-        acc2 += xv[:, None] * tl.load(WT2 + wp, mask=wmask, other=0.0).to(tl.float32)
+        acc2 += xv[:, None] * w2.to(tl.float32)
     return acc, acc2
 
 
@@ -75,7 +88,7 @@ def teal_gemv_kernel(X, WT, WT2, T, P, M, K, N, stride_xm, stride_wk, stride_ps,
                      STAGES: tl.constexpr, TWO: tl.constexpr,
                      OUT=None, CNT=None, SPLITS=1, stride_om=0, FUSED: tl.constexpr = False,
                      GLU: tl.constexpr = False, SIDX=None, SX=None, COMPACT: tl.constexpr = False,
-                     LIST: tl.constexpr = False):
+                     LIST: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -115,6 +128,30 @@ def teal_gemv_kernel(X, WT, WT2, T, P, M, K, N, stride_xm, stride_wk, stride_ps,
                 rows = tl.load(SIDX + sb + j, mask=jm, other=0)
                 xv = tl.load(SX + sb + j, mask=jm, other=0.0)
                 acc, acc2 = _rows_fma(acc, acc2, WT, WT2, rows, xv, jm, offs_n, n_ok, stride_wk, TWO)
+        elif PREFETCH:
+            # register double buffering: step s's weight rows are loaded one step ahead and its
+            # x two steps ahead, so a weight load never waits behind an x load and two steps'
+            # rows are in flight per program (the plain loop below chains x -> mask -> rows)
+            nsteps: tl.constexpr = ROWS // BLOCK_K
+            xb = X + pid_m * stride_xm
+            offs_k = pid_k * ROWS + tl.arange(0, BLOCK_K)
+            x0 = tl.load(xb + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            keep = (tl.abs(x0) > t) & (offs_k < K)
+            x0 = tl.where(keep, x0, 0.0)
+            w0, v0 = _rows_load(WT, WT2, offs_k, keep, offs_n, n_ok, stride_wk, TWO)
+            offs_k += BLOCK_K
+            x1 = tl.load(xb + offs_k, mask=(offs_k < K) & (nsteps > 1), other=0.0).to(tl.float32)
+            for it in tl.range(1, nsteps + 1, num_stages=1):
+                keep = (tl.abs(x1) > t) & (offs_k < K) & (it < nsteps)
+                x1 = tl.where(keep, x1, 0.0)
+                w1, v1 = _rows_load(WT, WT2, offs_k, keep, offs_n, n_ok, stride_wk, TWO)
+                x2 = tl.load(xb + offs_k + BLOCK_K, mask=(offs_k + BLOCK_K < K) & (it + 1 < nsteps),
+                             other=0.0).to(tl.float32)
+                acc += x0[:, None] * w0.to(tl.float32)
+                if TWO:
+                    acc2 += x0[:, None] * v0.to(tl.float32)
+                x0, w0, v0, x1 = x1, w1, v1, x2
+                offs_k += BLOCK_K
         else:
             for it in tl.range(0, ROWS // BLOCK_K, num_stages=STAGES):
                 offs_k = pid_k * ROWS + it * BLOCK_K + tl.arange(0, BLOCK_K)

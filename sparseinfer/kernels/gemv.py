@@ -29,11 +29,14 @@ from ._loader import kernel_module
 from .decode import _hopper, _sm_count
 
 
-# teal_gemv: (BLOCK_K, BLOCK_N, ROWS per program, num_warps, num_stages); TEAL_MLP_CONFIG is the
-# gate+up launch of teal_mlp (two weights: two accumulators). GPU defaults from the sweeps in
-# benchmarks/teal_sweep.py and benchmarks/contextual.py (H100), overridable per call.
-TEAL_CONFIG = {"cuda": (64, 128, 1024, 4, 1), "cpu": (16, 32, 32, 1, 1)}
-TEAL_MLP_CONFIG = {"cuda": (32, 128, 1024, 4, 1), "cpu": (16, 32, 32, 1, 1)}
+# teal_gemv: (BLOCK_K, BLOCK_N, ROWS per program, num_warps, num_stages[, prefetch]); prefetch 1:
+# one-row calls load each step's weight rows one step ahead (register double buffering). TEAL_MLP_CONFIG
+# is the gate+up launch of teal_mlp (two weights: two accumulators). GPU defaults from the sweeps in
+# benchmarks/teal_sweep.py, contextual.py and teal_prefetch.py (H100, 8B shapes, 50%: MLP 77.7 vs
+# 79.4 us for the best plain configs, o_proj 9.1 vs 10.3 us; captured step 1.524x vs 1.512x;
+# benchmarks/results/contextual/teal_prefetch.md), overridable per call.
+TEAL_CONFIG = {"cuda": (64, 64, 2048, 8, 1, 1), "cpu": (16, 32, 32, 1, 1)}
+TEAL_MLP_CONFIG = {"cuda": (32, 64, 1024, 4, 1, 1), "cpu": (16, 32, 32, 1, 1)}
 # (BLOCK_I, BLOCK_H, num_warps) for dejavu_gateup (benchmarks/contextual.py sweeps them).
 GATEUP_CONFIG = {"cuda": (16, 128, 4), "cpu": (16, 32, 1)}
 
@@ -118,7 +121,8 @@ def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, c
     if rows_list is not None:
         m, k, compact = 1, rows_list[0].numel(), True
     n = wt.shape[1]
-    bk, bn, rows, warps, stages = config or TEAL_CONFIG["cuda" if x.is_cuda else "cpu"]
+    bk, bn, rows, warps, stages, *more = config or TEAL_CONFIG["cuda" if x.is_cuda else "cpu"]
+    prefetch = bool(more and more[0])
     if rows % bk:
         raise ValueError(f"teal_gemv config: ROWS {rows} must be a multiple of BLOCK_K {bk}")
     if config is None and x.is_cuda:  # small projections (k/v_proj): more K splits, >= 2 programs per SM
@@ -143,7 +147,8 @@ def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, c
         m, k, n, x.stride(0), wt.stride(0), p.stride(0), p.stride(1) if wt2 is not None else 0,
         ROWS=rows, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, STAGES=stages, TWO=wt2 is not None, num_warps=warps,
         OUT=out if fused else p, CNT=cnt, SPLITS=splits, stride_om=out.stride(0) if fused else 0,
-        FUSED=fused, GLU=glu, SIDX=sidx, SX=sx, COMPACT=compact, LIST=rows_list is not None)
+        FUSED=fused, GLU=glu, SIDX=sidx, SX=sx, COMPACT=compact, LIST=rows_list is not None,
+        PREFETCH=prefetch and bm == 1 and not compact)
     return p
 
 

@@ -8,6 +8,8 @@ teal_gemv_kernel:  P[s, m, n] = sum_{k in split s} X[m, k] * [|X[m, k]| > T] * W
     TWO: a second weight WT2 [K, N] on the same input, its partials at P + stride_pw (gate, up).
     FUSED: the last split program of each output block (an atomic counter per block) sums the
     splits into OUT itself (with GLU: SiLU(gate) * up), so no second launch.
+    PREFETCH (one row): each step's weight rows are loaded one step ahead and its x two steps
+    ahead (register double buffering) instead of the x -> mask -> rows chain per step.
 teal_finish_kernel:  OUT[m, n] = sum_s P[s, m, n] in OUT's dtype; with GLU, P holds gate and
     up partials and OUT = SiLU(gate) * up (the SwiGLU hidden state). (FUSED = False path.)
     LIST (with COMPACT, one row): the kept rows are given: SIDX [K] (row numbers) and SX [K]

@@ -35,8 +35,15 @@ from .decode import _hopper, _sm_count
 # benchmarks/teal_sweep.py, contextual.py and teal_prefetch.py (H100, 8B shapes, 50%: MLP 77.7 vs
 # 79.4 us for the best plain configs, o_proj 9.1 vs 10.3 us; captured step 1.524x vs 1.512x;
 # benchmarks/results/contextual/teal_prefetch.md), overridable per call.
-TEAL_CONFIG = {"cuda": (64, 64, 2048, 8, 1, 1), "cpu": (16, 32, 32, 1, 1)}
-TEAL_MLP_CONFIG = {"cuda": (32, 64, 1024, 4, 1, 1), "cpu": (16, 32, 32, 1, 1)}
+# "cuda batch": calls of 2-4 rows keep the plain loop's configs (H100, 8B MLP at 50%: 215 / 362 us at
+# 2 / 4 rows vs 307 / 678 us with the one-row configs; cuBLAS 135 us, so the patching sends batches there).
+TEAL_CONFIG = {"cuda": (64, 64, 2048, 8, 1, 1), "cuda batch": (64, 128, 1024, 4, 1), "cpu": (16, 32, 32, 1, 1)}
+TEAL_MLP_CONFIG = {"cuda": (32, 64, 1024, 4, 1, 1), "cuda batch": (32, 128, 1024, 4, 1), "cpu": (16, 32, 32, 1, 1)}
+
+
+def _config_key(x: torch.Tensor) -> str:
+    """The default-config key of a call on x [M, K]: "cpu", "cuda" (one row) or "cuda batch"."""
+    return "cpu" if not x.is_cuda else ("cuda" if x.shape[0] == 1 else "cuda batch")
 # (BLOCK_I, BLOCK_H, num_warps) for dejavu_gateup (benchmarks/contextual.py sweeps them).
 GATEUP_CONFIG = {"cuda": (16, 128, 4), "cpu": (16, 32, 1)}
 
@@ -121,7 +128,7 @@ def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, c
     if rows_list is not None:
         m, k, compact = 1, rows_list[0].numel(), True
     n = wt.shape[1]
-    bk, bn, rows, warps, stages, *more = config or TEAL_CONFIG["cuda" if x.is_cuda else "cpu"]
+    bk, bn, rows, warps, stages, *more = config or TEAL_CONFIG[_config_key(x)]
     prefetch = bool(more and more[0])
     if rows % bk:
         raise ValueError(f"teal_gemv config: ROWS {rows} must be a multiple of BLOCK_K {bk}")
@@ -205,8 +212,8 @@ def teal_mlp_launch(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_
     _check_threshold("teal_mlp: t_in", t_in)
     _check_threshold("teal_mlp: t_down", t_down)
     x = x if x.stride(1) == 1 else x.contiguous()
-    key = "cuda" if x.is_cuda else "cpu"
     compact = compact and x.shape[0] == 1
+    key = _config_key(x)
     cfg_gu, cfg_d = config or (TEAL_COMPACT_MLP_CONFIG[key] if compact else (TEAL_MLP_CONFIG[key], TEAL_CONFIG[key]))
     h = _teal(x, wg_t, wu_t, t_in, cfg_gu, True, compact)
     return _teal(h, wd_t, None, t_down, cfg_d, False, compact)

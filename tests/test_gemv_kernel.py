@@ -7,7 +7,7 @@ from sparseinfer.kernels import gemv
 
 
 # the one-row loop with weight rows loaded one step ahead (config entry 6 = 1, the GPU default);
-# ROWS 32 over K = 45: a split of 2 steps and a split of 1 (+ tail); batches ignore the flag
+# ROWS 32 over K = 45: two splits of 2 steps, the last step of the second past K; batches ignore the flag
 PREFETCH_CFG = (16, 32, 32, 1, 1, 1)
 
 
@@ -63,10 +63,11 @@ def test_teal_gemv_bad_input():
 @pytest.mark.parametrize("m, dtype, config", [(1, torch.float32, None), (3, torch.float32, None), (5, torch.float32, None),
                                               (1, torch.float16, None), (3, torch.float16, None), (5, torch.float16, None),
                                               (1, torch.float32, ((8, 32, 32, 1, 1, 1), PREFETCH_CFG)),
-                                              (1, torch.float16, ((8, 32, 32, 1, 1, 1), (16, 32, 64, 1, 1, 1)))])
+                                              (1, torch.float16, ((16, 32, 16, 1, 1, 1), (16, 32, 64, 1, 1, 1)))])
 def test_teal_mlp_matches_float64(m, dtype, config):
     """The fused TEAL SwiGLU MLP (gate+up in one launch, SiLU(gate)*up computed inside down's)
-    against the float64 reference; odd sizes, several K splits and unrolled iterations."""
+    against the float64 reference; odd sizes, several K splits and unrolled iterations (prefetch
+    configs: 4 steps per split, and one step per split)."""
     g = torch.Generator().manual_seed(10 + m)
     hid, inter = 37, 150
     x = torch.randn(m, hid, generator=g).to(dtype)

@@ -58,6 +58,8 @@ def test_teal_gemv_bad_input():
         gemv.teal_gemv_launch(x, torch.randn(9, 6), torch.tensor(0.0))
     with pytest.raises(ValueError, match="one-element"):
         gemv.teal_gemv_launch(x, torch.randn(8, 6), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"num_stages\[, prefetch\]\), got \(16, 32, 32, 1\)"):
+        gemv.teal_gemv_launch(x, torch.randn(8, 6), torch.tensor(0.0), (16, 32, 32, 1))
 
 
 @pytest.mark.parametrize("m, dtype, config", [(1, torch.float32, None), (3, torch.float32, None), (5, torch.float32, None),

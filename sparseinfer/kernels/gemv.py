@@ -128,6 +128,9 @@ def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, c
     if rows_list is not None:
         m, k, compact = 1, rows_list[0].numel(), True
     n = wt.shape[1]
+    if config is not None and len(config) not in (5, 6):
+        raise ValueError("teal_gemv config: expected (BLOCK_K, BLOCK_N, ROWS, num_warps, num_stages[, prefetch]), "
+                         f"got {tuple(config)}")
     bk, bn, rows, warps, stages, *more = config or TEAL_CONFIG[_config_key(x)]
     prefetch = bool(more and more[0])
     if rows % bk:
@@ -183,7 +186,7 @@ def teal_gemv_launch(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor,
                      compact: bool = False) -> torch.Tensor:
     """The kernel call behind the op (no custom-op wrapper): one launch (split-K partials, summed
     by the last split program of each output block); config = (BLOCK_K, BLOCK_N, ROWS per
-    program, num_warps, num_stages)."""
+    program, num_warps, num_stages[, prefetch]); None: the defaults for the row count (`_config_key`)."""
     _check_2d("teal_gemv: x", x)
     _check_teal_weight("teal_gemv: wt", wt, x.shape[1], x.device)
     _check_threshold("teal_gemv", threshold)

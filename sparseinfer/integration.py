@@ -124,11 +124,29 @@ def _dense(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def gqa_decode_attention(query, key, value, attention_mask, scaling=None) -> torch.Tensor:
-    """One decode step with the KV heads shared inside SDPA (`enable_gqa`): query [B, Hq, 1, D],
-    key/value [B, Hkv, L, D], attention_mask None or [B|1, 1, 1, L] (bool or additive) ->
-    [B, 1, Hq, D]. transformers' SDPA path copies K/V once per query head when a mask is given
-    (StaticCache): H100, 32/8 heads, D 128, 4K cache: 17 us instead of 111 us (32K: 61 vs 746)."""
+# the patched model's dense decode steps on CUDA: "triton" = `ops.dense_decode_attention` (no K/V copy
+# per query head, split over the cache, merge in the same launch) where the mask is a plain bool
+# mask; "sdpa" = SDPA with the KV heads shared (`enable_gqa`). H100 figures: benchmarks/decode_attention.py.
+DECODE_KERNEL = "triton"
+
+
+def gqa_decode_attention(query, key, value, attention_mask, scaling=None, backend: str = "auto") -> torch.Tensor:
+    """One decode step with the KV heads shared: query [B, Hq, 1, D], key/value [B, Hkv, L, D],
+    attention_mask None or [B|1, 1, 1, L] (bool or additive) -> [B, 1, Hq, D]. transformers' SDPA
+    path copies K/V once per query head when a mask is given (StaticCache): H100, 32/8 heads,
+    D 128, 4K cache: 17 us with `enable_gqa` instead of 111 us (32K: 61 vs 746). A bool mask (or
+    none) runs the dense decode kernel instead on CUDA (`DECODE_KERNEL`; backend="triton" forces
+    it, on a CPU under the interpreter); additive masks stay on SDPA."""
+    b, _, _, d = query.shape
+    m = attention_mask
+    plain = m is None or (m.dtype == torch.bool and m.dim() == 4 and m.shape[1] == 1 and m.shape[2] == 1
+                          and m.shape[0] in (1, b) and m.shape[3] == key.shape[2])
+    if plain and (backend == "triton" or (backend == "auto" and DECODE_KERNEL == "triton" and query.is_cuda
+                                          and ops.decode._triton_reason(query, "auto") is None)):
+        valid = None if m is None else m[:, 0, 0, :].expand(b, -1)
+        out = ops.dense_decode_attention(query, key, value, valid=valid, scale=d ** -0.5 if scaling is None else scaling,
+                                         backend=backend)
+        return out.transpose(1, 2).contiguous()
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                            scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous()

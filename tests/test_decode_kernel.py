@@ -207,3 +207,85 @@ def test_raas_select_picks_the_top_scores_exactly():
                 assert set(x for x in got if x >= 0) == want and got.count(-1) == n_sel - len(want)
                 refreshed = set(torch.nonzero(ts[i, j] == 10.0).flatten().tolist())
                 assert refreshed == set(row.topk(min(n_ref, finite)).indices.tolist())
+
+
+def _all_pages(b, hkv, n):
+    return torch.arange(n).expand(b, hkv, n)
+
+
+@pytest.mark.parametrize("hq,hkv,d,dtype,n", [(8, 2, 64, torch.float16, 150), (4, 4, 128, torch.bfloat16, 37),
+                                               (8, 1, 64, torch.float32, 300)])
+@pytest.mark.parametrize("early_v,skip", [(False, False), (True, True)])
+def test_dense_decode_kernel_matches_f64(hq, hkv, d, dtype, n, early_v, skip):
+    """kernels.decode.dense_decode: every valid slot; splits of one and of several tiles, more
+    splits than tiles; V loaded with K or after the scores; tiles with no valid slot skipped or
+    computed; a row with no valid slot is zeros."""
+    g = torch.Generator().manual_seed(n + hq)
+    b = 2
+    q, k, v = (torch.randn(b, h, m, d, generator=g).to(dtype) for h, m in ((hq, 1), (hkv, n), (hkv, n)))
+    valid = torch.rand(b, n, generator=g) > 0.3
+    valid[0, 16:48] = False  # whole 16-slot tiles with no valid slot
+    valid[1] = False
+    for vm in (None, valid):
+        ref, _ = f64_decode(q, k, v, _all_pages(b, hkv, n), 1, None if vm is None else vm[:, None].expand(b, hkv, n))
+        for bn, sp in ((16, None), (16, 1), (16, 3), (32, 50)):
+            out = kd.dense_decode(q, k, v, vm, d ** -0.5, config=(bn, 4, 1, sp, early_v, skip))
+            assert out.dtype == dtype and out.shape == q.shape
+            err = (out.double() - ref).abs().max() / ref.abs().max()
+            assert err < TOL[dtype], (bn, sp, float(err))
+        if vm is not None:
+            assert out[1].abs().max() == 0
+
+
+def test_dense_decode_op_and_the_patched_models_decode_path():
+    """ops.dense_decode_attention (kernel and reference) and integration.gqa_decode_attention with
+    backend="triton" (what a patched model's dense decode step runs on CUDA) equal float64
+    attention over the mask's slots: a [1, 1, 1, L] and a [B, 1, 1, L] bool mask, no mask, a
+    transposed q; an additive mask stays on SDPA (same result)."""
+    from sparseinfer.integration import gqa_decode_attention
+    from sparseinfer.ops import dense_decode_attention
+
+    g = torch.Generator().manual_seed(11)
+    b, hq, hkv, n, d = 2, 8, 2, 70, 64
+    q = torch.randn(b, 1, hq, d, generator=g).transpose(1, 2)
+    k, v = torch.randn(2, b, hkv, n, d, generator=g)
+    mask = torch.zeros(b, 1, 1, n, dtype=torch.bool)
+    mask[0, ..., :61] = True
+    mask[1, ..., :9] = True
+    for m in (mask, mask[:1], None):
+        vm = None if m is None else m[:, 0, 0].expand(b, n)
+        ref, _ = f64_decode(q, k, v, _all_pages(b, hkv, n), 1, None if vm is None else vm[:, None].expand(b, hkv, n))
+        for backend in ("triton", "reference"):
+            torch.testing.assert_close(dense_decode_attention(q, k, v, valid=vm, backend=backend).double(), ref,
+                                       rtol=1e-5, atol=1e-5)
+        got = gqa_decode_attention(q, k, v, m, d ** -0.5, backend="triton")
+        torch.testing.assert_close(got.double(), ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    add = torch.where(mask, 0.0, float("-inf"))
+    ref, _ = f64_decode(q, k, v, _all_pages(b, hkv, n), 1, mask[:, 0, 0, None].expand(b, hkv, n))
+    torch.testing.assert_close(gqa_decode_attention(q, k, v, add, d ** -0.5, backend="triton").double(),
+                               ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_decode_errors():
+    from sparseinfer.ops import dense_decode_attention
+
+    q, k, v = torch.randn(2, 4, 1, 64), torch.randn(2, 2, 32, 64), torch.randn(2, 2, 32, 64)
+    with pytest.raises(ValueError, match=r"valid: expected shape \[B=2, N=32\], got \(2, 2, 32\)"):
+        dense_decode_attention(q, k, v, valid=torch.ones(2, 2, 32, dtype=torch.bool))
+    with pytest.raises(ValueError, match="valid: expected a bool torch.Tensor, got torch.float32"):
+        dense_decode_attention(q, k, v, valid=torch.ones(2, 32))
+    with pytest.raises(ValueError, match=r"q: expected one decode step"):
+        dense_decode_attention(torch.randn(2, 4, 3, 64), k, v)
+    with pytest.raises(ValueError, match=r"backend='triton': expected .* got head_dim 48"):
+        dense_decode_attention(torch.randn(2, 4, 1, 48), k[..., :48], v[..., :48], backend="triton")
+
+
+def test_dense_decode_more_splits_than_one_merge_chunk():
+    """69 splits: the merge kernel walks its 64-split chunks."""
+    g = torch.Generator().manual_seed(2)
+    b, hq, hkv, n, d = 1, 4, 1, 1100, 64
+    q, k, v = (torch.randn(b, h, m, d, generator=g) for h, m in ((hq, 1), (hkv, n), (hkv, n)))
+    valid = torch.rand(b, n, generator=g) > 0.5
+    ref, _ = f64_decode(q, k, v, _all_pages(b, hkv, n), 1, valid[:, None].expand(b, hkv, n))
+    out = kd.dense_decode(q, k, v, valid, d ** -0.5, config=(16, 4, 1, 100, False, False))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,9 @@ decode_partial_kernel: one program = one (batch, KV head) x one split of its sel
   split column of this launch; SPLITS: all columns) and one merge kernel combines them all; TWO:
   one launch serves two buffers (its splits >= SPLITS1 read the *2 arguments). DOT_F32 upcasts the
   tiles before tl.dot (the interpreter's tl.dot mishandles bfloat16).
+  DENSE: every slot of the buffer in order (no index row: page p = tokens p*PS .., PS = BLOCK_N),
+  masked by VALID (e.g. a static cache's filled slots) and N. EARLY_V: V's tile is loaded with
+  K's (both in flight at once). SKIP: a tile with no visible key is skipped (no loads, no math).
 decode_merge_kernel: one program = one (batch, query head): merges the splits (flash-decoding).
 quest_score_kernel: one program = one (batch, KV head) x BLOCK_P pages:
   sum over the group's heads g and dims d of max(q_gd * kmax_pd, q_gd * kmin_pd);
@@ -45,6 +48,7 @@ def decode_partial_kernel(
     PS: tl.constexpr, PS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_VALID: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
     TWO: tl.constexpr,
+    DENSE: tl.constexpr = False, EARLY_V: tl.constexpr = False, SKIP: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -92,28 +96,23 @@ def decode_partial_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     for p0 in tl.range(p_lo, p_hi, PAGES, num_stages=STAGES):
         pm = (p0 + jp) < p_hi
-        page = tl.load(idx_base + p0 + jp, mask=pm, other=-1)
+        if DENSE:
+            page = tl.where(pm, p0 + jp, -1)
+        else:
+            page = tl.load(idx_base + p0 + jp, mask=pm, other=-1)
         tok = page * PS + jo
         ok = (page >= 0) & (jo < PS) & (tok < N)
         if HAS_VALID:
             vm = tl.load(VALID + b * stride_mb + h * stride_mh + tok, mask=ok, other=0)
             ok = ok & (vm != 0)
         tok = tl.where(ok, tok, 0)
-        k = tl.load(k_base + tok[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None], other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        qk = tl.where(ok[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
-        v = tl.load(v_base + tok[:, None] * stride_vn + offs_d[None, :], mask=ok[:, None], other=0.0)
-        if DOT_F32:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        if SKIP:
+            if tl.reduce(ok.to(tl.int32), 0, _max_fn) > 0:
+                m_i, l_i, acc = _tile(q, k_base, v_base, tok, ok, offs_d, stride_kn, stride_vn, qk_scale, m_i, l_i, acc,
+                                      PREC, DOT_F32, EARLY_V)
+        else:
+            m_i, l_i, acc = _tile(q, k_base, v_base, tok, ok, offs_d, stride_kn, stride_vn, qk_scale, m_i, l_i, acc,
+                                  PREC, DOT_F32, EARLY_V)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -123,24 +122,55 @@ def decode_partial_kernel(
 
 
 @triton.jit
+def _tile(q, k_base, v_base, tok, ok, offs_d, stride_kn, stride_vn, qk_scale, m_i, l_i, acc,
+          PREC: tl.constexpr, DOT_F32: tl.constexpr, EARLY_V: tl.constexpr):
+    """One BLOCK_N tile of keys `tok` (visible where ok) into the online softmax state (m_i, l_i, acc)."""
+    k = tl.load(k_base + tok[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None], other=0.0)
+    if EARLY_V:
+        v = tl.load(v_base + tok[:, None] * stride_vn + offs_d[None, :], mask=ok[:, None], other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    qk = tl.where(ok[None, :], qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_fn))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.reduce(p, 1, _sum_fn)
+    if not EARLY_V:
+        v = tl.load(v_base + tok[:, None] * stride_vn + offs_d[None, :], mask=ok[:, None], other=0.0)
+    if DOT_F32:
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def decode_merge_kernel(OP, LP, O, LSE, stride_ob, stride_oh, SPLITS, HQ: tl.constexpr,
                         BLOCK_S: tl.constexpr, HEAD_D: tl.constexpr):
-    pid = tl.program_id(0)  # b * HQ + h
+    pid = tl.program_id(0)  # b * HQ + h; its partials: OP [pid, SPLITS, D], LP [pid, SPLITS]
     b = (pid // HQ).to(tl.int64)
     h = pid % HQ
+    row = pid.to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_D)
-    smask = offs_s < SPLITS
-    pid = pid.to(tl.int64)
-    lse = tl.load(LP + pid * SPLITS + offs_s, mask=smask, other=float("-inf"))
-    m = tl.reduce(lse, 0, _max_fn)
+    mv = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):  # BLOCK_S splits at a time
+        mv = tl.maximum(mv, tl.load(LP + row * SPLITS + s0 + offs_s, mask=s0 + offs_s < SPLITS, other=float("-inf")))
+    m = tl.reduce(mv, 0, _max_fn)
     m_use = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m_use)
-    den = tl.reduce(w, 0, _sum_fn)
-    part = tl.load(OP + (pid * SPLITS + offs_s)[:, None] * HEAD_D + offs_d[None, :], mask=smask[:, None], other=0.0)
-    out = tl.reduce(part * w[:, None], 0, _sum_fn) / tl.where(den > 0, den, 1.0)
-    tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty))
-    tl.store(LSE + pid, tl.where(den > 0, m_use + tl.log(tl.where(den > 0, den, 1.0)), float("-inf")))
+    den = tl.full([BLOCK_S], 0.0, tl.float32)
+    acc = tl.full([HEAD_D], 0.0, tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        smask = s0 + offs_s < SPLITS
+        w = tl.exp(tl.load(LP + row * SPLITS + s0 + offs_s, mask=smask, other=float("-inf")) - m_use)
+        den += w
+        part = tl.load(OP + (row * SPLITS + s0 + offs_s)[:, None] * HEAD_D + offs_d[None, :], mask=smask[:, None],
+                       other=0.0)
+        acc += tl.reduce(part * w[:, None], 0, _sum_fn)
+    dsum = tl.reduce(den, 0, _sum_fn)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d, (acc / tl.where(dsum > 0, dsum, 1.0)).to(O.dtype.element_ty))
+    tl.store(LSE + row, tl.where(dsum > 0, m_use + tl.log(tl.where(dsum > 0, dsum, 1.0)), float("-inf")))
 
 
 @triton.jit

@@ -1,6 +1,7 @@
 """Launchers of the sparse decode kernels (``_decode_kernel.py``).
 
     sparse_decode(q, k, v, indices, page_size, valid, scale) -> (out like q, lse [B, Hq] fp32)
+    dense_decode(q, k, v, valid, scale) -> out like q   (every slot; torch op sparseinfer::dense_decode)
     quest_scores(q, kmin, kmax) -> [B, Hkv, P] fp32
 
 Shapes and semantics are those of ``sparseinfer.ops.decode`` (callers validate). Static shapes
@@ -131,8 +132,74 @@ def sparse_decode_multi(q, parts, scale: float, *, splits: int | None = None, bl
     out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
     mod.decode_merge_kernel[(b * hq,)](op, lp, out, lse, out.stride(0), out.stride(1), total, HQ=hq,
-                                       BLOCK_S=_next_pow2(total), HEAD_D=d, num_warps=4 if d >= 128 else 2)
+                                       BLOCK_S=min(64, _next_pow2(total)), HEAD_D=d, num_warps=4 if d >= 128 else 2)
     return out, lse
+
+
+# dense decode: (block_n, num_warps, num_stages, splits per (batch, KV head) or None = ~SPLIT_WAVES
+# programs per SM, V loaded with K, skip tiles with no valid slot). H100, 32/8 heads, D 128, bf16,
+# L2-cold (benchmarks/results/decode/decode_attention_cold.md): caches of <= SHORT_CACHE slots take
+# "cuda short" (4104 slots: 12.7 us, one 128-slot tile per program; SDPA + mask 20.8, SDPA on the
+# filled slots only 14.0), longer ones "cuda" (32K: 53.5 vs 60.8 us; 128K: 187 vs 190). Skipping
+# empty tiles pays only in a mostly empty buffer (32K slots, 4K filled: 20.7 vs 30.7 us, with V
+# early) and costs 20-40% in a full one (sweep2.md): off.
+DENSE_CONFIG = {"cuda": (64, 4, 2, 64, False, False), "cuda short": (128, 8, 1, None, False, False),
+                "cpu": (16, 4, 1, None, False, False)}
+SHORT_CACHE = 8192
+SPLIT_WAVES = 4
+
+
+def dense_decode(q, k, v, valid, scale: float, *, config=None):
+    """q [B, Hq, 1, D]; k/v [B, Hkv, N, D]; valid [B, N] bool (slots every head sees) or None ->
+    out [B, Hq, 1, D] in q's dtype: attention over every valid slot (no index row; the KV head's
+    query heads share each K/V tile), split over N, merged by a second launch. config: a
+    DENSE_CONFIG entry; None: the default for the device and N."""
+    b, hq, _, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    interpret = q.device.type != "cuda"
+    mod = kernel_module("_decode_kernel.py", interpret)
+    key = "cpu" if interpret else "cuda short" if n <= SHORT_CACHE else "cuda"
+    bn, warps, stages, sp, early_v, skip = config or DENSE_CONFIG[key]
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    npages = max(1, -(-n // bn))
+    if sp is None:
+        target = SPLIT_WAVES * (_sm_count(q.device.index or 0) if not interpret else 1)
+        sp = math.ceil(target / max(1, b * hkv))
+    sp = max(1, min(int(sp), npages))
+    pps = -(-npages // sp)
+    sp = -(-npages // pps)
+    op = torch.empty(b, hq, sp, d, dtype=torch.float32, device=q.device)
+    lp = torch.empty(b, hq, sp, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
+    vm, smb = (valid.view(torch.uint8), valid.stride(0)) if valid is not None else (q, 0)
+    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), 0, 0, smb, 0)
+    sizes = (n, npages, pps)
+    mod.decode_partial_kernel[(b * hkv, sp)](
+        q, k, v, k, vm, op, lp, q.stride(0), q.stride(1), *strides, *sizes, sp, 0, float(scale) * 1.4426950408889634,
+        k, v, k, vm, *strides, *sizes, sp,
+        HKV=hkv, G=hq // hkv, BLOCK_G=max(16, _next_pow2(hq // hkv)), HEAD_D=d, PS=bn, PS_P2=bn, BLOCK_N=bn,
+        HAS_VALID=valid is not None, PREC="ieee" if (q.dtype == torch.float32 or interpret) else "tf32",
+        STAGES=stages, DOT_F32=interpret, TWO=False, num_warps=warps, num_stages=stages,
+        DENSE=True, EARLY_V=bool(early_v), SKIP=bool(skip),
+    )
+    mod.decode_merge_kernel[(b * hq,)](op, lp, out, lse, out.stride(0), out.stride(1), sp, HQ=hq,
+                                       BLOCK_S=64, HEAD_D=d, num_warps=4 if d >= 128 else 2)
+    return out
+
+
+@torch.library.custom_op("sparseinfer::dense_decode", mutates_args=())
+def dense_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                    scale: float) -> torch.Tensor:
+    """`dense_decode` as a torch op (torch.compile captures it; the fake gives the shape)."""
+    return dense_decode(q, k, v, valid, scale)
+
+
+@dense_decode_op.register_fake
+def _dense_decode_fake(q, k, v, valid, scale):
+    return q.new_empty(q.shape)  # contiguous, as the kernel's output
 
 
 def quest_scores(q, kmin, kmax, *, cur=None, block_p: int | None = None):

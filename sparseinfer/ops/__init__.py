@@ -18,11 +18,11 @@ import torch.nn.functional as F
 
 from . import reference as ref
 from ._validate import check_backend, check_budget, check_heads, check_index, check_qkv
-from .decode import sparse_decode_attention
+from .decode import dense_decode_attention, sparse_decode_attention
 from .mm import mm_attention
 
 __all__ = ["dense_attention", "vertical_slash_attention", "block_sparse_attention", "ashape_attention",
-           "sparse_decode_attention", "mm_attention"]
+           "sparse_decode_attention", "dense_decode_attention", "mm_attention"]
 
 
 def _scale(scale, d):

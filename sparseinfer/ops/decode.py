@@ -21,7 +21,7 @@ import torch
 
 from ._validate import check_backend, check_index, check_qkv
 
-__all__ = ["sparse_decode_attention", "merge_partials", "page_bounds", "quest_scores"]
+__all__ = ["sparse_decode_attention", "dense_decode_attention", "merge_partials", "page_bounds", "quest_scores"]
 
 
 def _check_decode(q, k, v, indices, page_size, valid):
@@ -78,6 +78,37 @@ def sparse_decode_attention(q, k, v, indices, *, page_size: int = 1, valid=None,
     check_backend(backend)
     _check_decode(q, k, v, indices, page_size, valid)
     return _decode(q, k, v, indices, page_size, valid, scale, return_lse, backend, unique)
+
+
+def dense_decode_attention(q, k, v, *, valid=None, scale: float | None = None, backend: str = "auto"):
+    """One decode step over every slot: q [B, Hq, 1, D]; k/v [B, Hkv, N, D]; valid [B, N] bool
+    (the slots every head sees, e.g. a static cache's filled ones) or None -> [B, Hq, 1, D].
+    A row with no valid slot returns zeros. backend "auto": CUDA tensors the kernel takes run
+    `sparseinfer::dense_decode` (`kernels.decode.dense_decode`: no index row, the GQA group's
+    query heads share each K/V tile, split over N with the merge in the same launch), else the
+    torch reference; "triton" forces the kernel (the interpreter on a CPU)."""
+    check_backend(backend)
+    b, _, _, n, d = check_qkv(q, k, v, decode=True)
+    if valid is not None:
+        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+            raise ValueError(f"valid: expected a bool torch.Tensor, got "
+                             f"{valid.dtype if isinstance(valid, torch.Tensor) else type(valid).__name__}")
+        if tuple(valid.shape) != (b, n):
+            raise ValueError(f"valid: expected shape [B={b}, N={n}], got {tuple(valid.shape)}")
+        if valid.device != q.device:
+            raise ValueError(f"valid: expected device {q.device} (that of q), got {valid.device}")
+    s = d ** -0.5 if scale is None else float(scale)
+    why = _triton_reason(q, backend)
+    if why is None:
+        from ..kernels import decode as kd
+
+        return kd.dense_decode_op(q, k, v, valid, s)
+    if backend == "triton":
+        raise ValueError(f"backend='triton': expected a call the decode kernel takes, got {why}")
+    hkv, ps = k.shape[1], 64
+    pages = torch.arange(-(-n // ps), device=q.device).expand(b, hkv, -1)
+    vm = None if valid is None else valid[:, None, :].expand(b, hkv, n)
+    return _decode(q, k, v, pages, ps, vm, s, backend="reference", unique=True)
 
 
 def _decode(q, k, v, indices, page_size, valid, scale, return_lse=False, backend="auto", unique=False):

@@ -182,6 +182,8 @@ def main() -> int:
     p.add_argument("--config", default=None, help="with --no-micro: JSON [block_n, warps, stages, splits|null, "
                    "early_v, skip] as the kernel default of --step")
     p.add_argument("--warm", dest="cold", action="store_false", help="time on one K/V buffer (L2-warm below 50 MB)")
+    p.add_argument("--only", default="sparseinfer attention,teal all", help="--step: the settings of "
+                   "benchmarks/contextual.py part B to run (names containing one of these)")
     p.add_argument("--flex", action="store_true", help="also FlexAttention (compiled; 10-40x slower here)")
     p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args()
@@ -221,7 +223,7 @@ def main() -> int:
         for label in ("sdpa", "triton"):
             integration.DECODE_KERNEL = label
             ns = argparse.Namespace(context=4096, layers=args.layers, iters=args.iters, compile=True, compiled_only=True,
-                                    profile=args.profile, only="sparseinfer attention,teal all", no_reorder=False)
+                                    profile=args.profile, only=args.only, no_reorder=False)
             out = {}
             t0 = time.time()
             ctx.part_b(ns, dev, dt, sh, out)

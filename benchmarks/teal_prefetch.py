@@ -44,16 +44,22 @@ def sweep(args, res, x, w, wt, hid, tx, th, bw) -> None:
         return xs @ w[name].double().T
 
     def call_of(name, cfg):
-        if name == "gate+up":
-            return lambda: gemv._teal(x, wt["gate"], wt["up"], tx, cfg, True)
+        if name == "gate+up":  # None: the MLP's gate+up default (what teal_mlp runs)
+            return lambda: gemv._teal(x, wt["gate"], wt["up"], tx, cfg or gemv.TEAL_MLP_CONFIG["cuda"], True)
         xi, t = (hid, th) if name == "down" else (x, tx)
         return lambda: gemv.teal_gemv_launch(xi, wt[name], t, cfg)
 
     plain = [(bk, bn, rows, 4, 1, 0) for bk in (32, 64) for bn in (64, 128) for rows in (512, 1024, 2048)]
     pref = [(bk, bn, rows, wa, 1, 1) for bk in (16, 32, 64) for bn in (64, 128) for rows in (512, 1024, 2048)
             for wa in (4, 8)]
+    kinds = (("plain", plain), ("prefetch", pref))
+    names = ("up", "gate+up", "down", "qkv", "o")
+    if args.wide:  # wide tiles: few rows per step, long row segments (>= 256 B) per program
+        kinds = (("default", [None]), ("wide", [(bk, bn, rows, wa, 1, 1) for bk in (8, 16, 32) for bn in (128, 256, 512)
+                                                for rows in (256, 512, 1024, 2048) for wa in (4, 8)]))
+        names = ("gate+up", "down", "qkv", "o")
     best = {}
-    for name in ("up", "gate+up", "down", "qkv", "o"):
+    for name in names:
         nbytes = (2 if name == "gate+up" else 1) * (w["up" if name == "gate+up" else name].numel()) * 2
         bound = nbytes / 2 / bw * 1e3
         ref = ref_of(name)
@@ -61,7 +67,7 @@ def sweep(args, res, x, w, wt, hid, tx, th, bw) -> None:
         t_lib = ctx.timed(call_of(name, None), args.iters, True)
         res["rows"].append({"launch": name, "method": "library default", "ms": round(t_lib, 4),
                             "bound_ms": round(bound, 4), "rel_err": err(call_of(name, None)())})
-        for kind, cfgs in (("plain", plain), ("prefetch", pref)):
+        for kind, cfgs in kinds:
             times = []
             for c in cfgs:
                 try:
@@ -70,10 +76,10 @@ def sweep(args, res, x, w, wt, hid, tx, th, bw) -> None:
                     ctx.log(f"  {name} {c}: {type(e).__name__}: {str(e)[:120]}")
                     continue
                 times.append((ms, c))
-                res["sweep"].append({"launch": name, "config": list(c), "ms": round(ms, 4)})
-            ms, c = min(times)
+                res["sweep"].append({"launch": name, "config": c and list(c), "ms": round(ms, 4)})
+            ms, c = min(times, key=lambda t: t[0])
             best[(name, kind)] = c
-            res["rows"].append({"launch": name, "method": f"best {kind} {list(c)}", "ms": round(ms, 4),
+            res["rows"].append({"launch": name, "method": f"best {kind} {c and list(c)}", "ms": round(ms, 4),
                                 "bound_ms": round(bound, 4), "rel_err": err(call_of(name, c)())})
         for r in res["rows"][-3:]:
             ctx.log(f"  {name:<8} {r['method']:<34} {r['ms']:.4f} ms  bound {r['bound_ms']:.4f}  "
@@ -83,20 +89,20 @@ def sweep(args, res, x, w, wt, hid, tx, th, bw) -> None:
                         args.iters, True)
     mref = ref_of("gate+up")
     mref = torch.where(mref.abs() > th.double(), mref, 0) @ w["down"].double().T
-    mlp = [("dense cuBLAS", None)] + [(f"teal {k}", (best[("gate+up", k)], best[("down", k)])) for k in ("plain", "prefetch")]
+    mlp = [("dense cuBLAS", None)] + [(f"teal {k}", (best[("gate+up", k)], best[("down", k)])) for k, _ in kinds]
     mlp.insert(1, ("teal library default", "default"))
     for label, cm in mlp:
         if cm is None:
             ms, e = t_dense, 0.0
         else:
-            cfg = None if cm == "default" else cm
+            cfg = None if cm == "default" or cm == (None, None) else cm
             fn = lambda: gemv.teal_mlp_launch(x, wt["gate"], wt["up"], wt["down"], tx, th, cfg)  # noqa: E731
             ms = ctx.timed(fn, args.iters, True)
             e = float((fn().double() - mref).norm() / mref.norm())
-        res["rows"].append({"launch": "mlp", "method": label + ("" if cm in (None, "default") else f" {[list(c) for c in cm]}"),
+        res["rows"].append({"launch": "mlp", "method": label + ("" if cm in (None, "default") else f" {[c and list(c) for c in cm]}"),
                             "ms": round(ms, 4), "speedup_vs_dense": round(t_dense / ms, 3), "rel_err": e})
         ctx.log(f"  mlp {label:<24} {ms:.4f} ms  x{t_dense / ms:.2f}  rel err {e:.1e}")
-    res["best"] = {f"{n}/{k}": list(c) for (n, k), c in best.items()}
+    res["best"] = {f"{n}/{k}": c and list(c) for (n, k), c in best.items()}
 
 
 def markdown(res: dict) -> str:
@@ -128,6 +134,8 @@ def main() -> int:
     p.add_argument("--step", action="store_true", help="also the captured compiled decode step, old vs new defaults")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--profile", action="store_true", help="with --step: GPU time per kernel of each step")
+    p.add_argument("--wide", action="store_true", help="sweep wide tiles (BLOCK_K 8-32, BLOCK_N 128-512) against the "
+                   "library defaults instead of plain vs prefetch")
     p.add_argument("--configs", default=None, help="skip the sweep: JSON {'gate+up': [...], 'down': [...]} as the "
                    "prefetch defaults of --step")
     args = p.parse_args()
@@ -156,9 +164,10 @@ def main() -> int:
         best = {(k, "prefetch"): tuple(v) for k, v in json.loads(args.configs).items()}
     else:
         sweep(args, res, x, w, wt, hid, tx, th, bw)
-        best = {tuple(k.split("/")): tuple(v) for k, v in res["best"].items()}
+        best = {tuple(k.split("/")): v and tuple(v) for k, v in res["best"].items()}
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "teal_prefetch.json")
+    stem = "teal_wide" if args.wide else "teal_prefetch"
+    path = os.path.join(args.out, stem + ".json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     if args.step:  # the decode step, library defaults vs the best prefetch configs as defaults
@@ -183,9 +192,9 @@ def main() -> int:
         res["step"] = steps
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
-    with open(os.path.join(args.out, "teal_prefetch.md"), "w") as f:
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(markdown(res))
-    ctx.log(f"wrote {path} and teal_prefetch.md")
+    ctx.log(f"wrote {path} and {stem}.md")
     return 0
 
 

@@ -93,7 +93,7 @@ def micro(args, res, dev, dt, hq, hkv, d, bw) -> dict:
             record("flex_attention (compiled)", lambda k, v: flex(q, k, v, score_mod=score_mod, enable_gqa=True,
                                                                    scale=scale))
         times = {}
-        for cfg in CONFIGS:
+        for cfg in args.configs or CONFIGS:
             bn, w, st, sp, early_v, skip = cfg
             us = record(f"kernel bn{bn} w{w} st{st} splits {sp or 'auto'}{' early V' if early_v else ''}"
                         f"{' skip' if skip else ''}", lambda k, v: kd.dense_decode(q, k, v, valid, scale, config=cfg),
@@ -182,6 +182,8 @@ def main() -> int:
     p.add_argument("--config", default=None, help="with --no-micro: JSON [block_n, warps, stages, splits|null, "
                    "early_v, skip] as the kernel default of --step")
     p.add_argument("--warm", dest="cold", action="store_false", help="time on one K/V buffer (L2-warm below 50 MB)")
+    p.add_argument("--configs", type=lambda t: [tuple(c) for c in json.loads(t)], default=None,
+                   help="JSON list of kernel configs to sweep instead of CONFIGS")
     p.add_argument("--only", default="sparseinfer attention,teal all", help="--step: the settings of "
                    "benchmarks/contextual.py part B to run (names containing one of these)")
     p.add_argument("--flex", action="store_true", help="also FlexAttention (compiled; 10-40x slower here)")

@@ -218,7 +218,7 @@ def _all_pages(b, hkv, n):
 @pytest.mark.parametrize("early_v,skip", [(False, False), (True, True)])
 def test_dense_decode_kernel_matches_f64(hq, hkv, d, dtype, n, early_v, skip):
     """kernels.decode.dense_decode: every valid slot; splits of one and of several tiles, more
-    splits than tiles; V loaded with K or after the scores; tiles with no valid slot skipped or
+    splits than tiles; V loaded with K or after the scores; splits with no valid slot skipped or
     computed; a row with no valid slot is zeros."""
     g = torch.Generator().manual_seed(n + hq)
     b = 2
@@ -228,7 +228,7 @@ def test_dense_decode_kernel_matches_f64(hq, hkv, d, dtype, n, early_v, skip):
     valid[1] = False
     for vm in (None, valid):
         ref, _ = f64_decode(q, k, v, _all_pages(b, hkv, n), 1, None if vm is None else vm[:, None].expand(b, hkv, n))
-        for bn, sp in ((16, None), (16, 1), (16, 3), (32, 50)):
+        for bn, sp in ((16, None), (16, 1), (16, 3), (32, 50), (16, 50)):  # (16, 50): splits 1, 2 of row 0 empty
             out = kd.dense_decode(q, k, v, vm, d ** -0.5, config=(bn, 4, 1, sp, early_v, skip))
             assert out.dtype == dtype and out.shape == q.shape
             err = (out.double() - ref).abs().max() / ref.abs().max()

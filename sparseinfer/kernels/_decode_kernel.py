@@ -15,7 +15,8 @@ decode_partial_kernel: one program = one (batch, KV head) x one split of its sel
   tiles before tl.dot (the interpreter's tl.dot mishandles bfloat16).
   DENSE: every slot of the buffer in order (no index row: page p = tokens p*PS .., PS = BLOCK_N),
   masked by VALID (e.g. a static cache's filled slots) and N. EARLY_V: V's tile is loaded with
-  K's (both in flight at once). SKIP: a tile with no visible key is skipped (no loads, no math).
+  K's (both in flight at once). SKIP (with DENSE and VALID): a program whose whole split has no
+  valid slot (a static cache's unfilled tail) scans the split's VALID bytes once and exits.
 decode_merge_kernel: one program = one (batch, query head): merges the splits (flash-decoding).
 quest_score_kernel: one program = one (batch, KV head) x BLOCK_P pages:
   sum over the group's heads g and dims d of max(q_gd * kmax_pd, q_gd * kmin_pd);
@@ -91,6 +92,14 @@ def decode_partial_kernel(
     jo = j % PS_P2
     p_lo = split * PAGES_PER_SPLIT
     p_hi = tl.minimum(p_lo + PAGES_PER_SPLIT, NPAGES)
+    if SKIP:  # DENSE + HAS_VALID: an empty split runs no tile
+        seen_any = tl.full([1024], 0, tl.int32)
+        t_hi = tl.minimum(p_hi * PS, N)
+        for t0 in range(p_lo * PS, t_hi, 1024):
+            t = t0 + tl.arange(0, 1024)
+            seen_any = tl.maximum(seen_any, tl.load(VALID + b * stride_mb + h * stride_mh + t, mask=t < t_hi,
+                                                    other=0).to(tl.int32))
+        p_hi = tl.where(tl.reduce(seen_any, 0, _max_fn) > 0, p_hi, p_lo)
     idx_base = IDX + b * stride_ib + h * stride_ih
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -106,13 +115,8 @@ def decode_partial_kernel(
             vm = tl.load(VALID + b * stride_mb + h * stride_mh + tok, mask=ok, other=0)
             ok = ok & (vm != 0)
         tok = tl.where(ok, tok, 0)
-        if SKIP:
-            if tl.reduce(ok.to(tl.int32), 0, _max_fn) > 0:
-                m_i, l_i, acc = _tile(q, k_base, v_base, tok, ok, offs_d, stride_kn, stride_vn, qk_scale, m_i, l_i, acc,
-                                      PREC, DOT_F32, EARLY_V)
-        else:
-            m_i, l_i, acc = _tile(q, k_base, v_base, tok, ok, offs_d, stride_kn, stride_vn, qk_scale, m_i, l_i, acc,
-                                  PREC, DOT_F32, EARLY_V)
+        m_i, l_i, acc = _tile(q, k_base, v_base, tok, ok, offs_d, stride_kn, stride_vn, qk_scale, m_i, l_i, acc,
+                              PREC, DOT_F32, EARLY_V)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))

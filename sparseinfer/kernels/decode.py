@@ -183,7 +183,7 @@ def dense_decode(q, k, v, valid, scale: float, *, config=None):
         HKV=hkv, G=hq // hkv, BLOCK_G=max(16, _next_pow2(hq // hkv)), HEAD_D=d, PS=bn, PS_P2=bn, BLOCK_N=bn,
         HAS_VALID=valid is not None, PREC="ieee" if (q.dtype == torch.float32 or interpret) else "tf32",
         STAGES=stages, DOT_F32=interpret, TWO=False, num_warps=warps, num_stages=stages,
-        DENSE=True, EARLY_V=bool(early_v), SKIP=bool(skip),
+        DENSE=True, EARLY_V=bool(early_v), SKIP=bool(skip) and valid is not None,
     )
     mod.decode_merge_kernel[(b * hq,)](op, lp, out, lse, out.stride(0), out.stride(1), sp, HQ=hq,
                                        BLOCK_S=64, HEAD_D=d, num_warps=4 if d >= 128 else 2)

@@ -137,13 +137,13 @@ def sparse_decode_multi(q, parts, scale: float, *, splits: int | None = None, bl
 
 
 # dense decode: (block_n, num_warps, num_stages, splits per (batch, KV head) or None = ~SPLIT_WAVES
-# programs per SM, V loaded with K, skip tiles with no valid slot). H100, 32/8 heads, D 128, bf16,
-# L2-cold (benchmarks/results/decode/decode_attention_cold.md): caches of <= SHORT_CACHE slots take
-# "cuda short" (4104 slots: 12.7 us, one 128-slot tile per program; SDPA + mask 20.8, SDPA on the
-# filled slots only 14.0), longer ones "cuda" (32K: 53.5 vs 60.8 us; 128K: 187 vs 190). Skipping
-# empty tiles pays only in a mostly empty buffer (32K slots, 4K filled: 20.7 vs 30.7 us, with V
-# early) and costs 20-40% in a full one (sweep2.md): off.
-DENSE_CONFIG = {"cuda": (64, 4, 2, 64, False, False), "cuda short": (128, 8, 1, None, False, False),
+# programs per SM, V loaded with K, skip splits with no valid slot). H100, 32/8 heads, D 128, bf16,
+# L2-cold (benchmarks/results/decode/decode_attention_cold.md, decode_attention_skip.md): caches of
+# <= SHORT_CACHE slots take "cuda short" (4104 slots: 12.6-12.7 us, one 128-slot tile per program; SDPA
+# + mask 20.4-20.8, SDPA on the filled slots only 14.0), longer ones "cuda" (full 32K: 54.1-54.8 vs 60.2
+# us; 128K: 188 vs 190; a 32K cache holding 4K tokens: 22.7 us with the empty splits skipped, 31.1
+# without, SDPA + mask 58.6). The skip check costs <= 1% in full long caches, 3.6% at 4K: off there.
+DENSE_CONFIG = {"cuda": (64, 4, 2, 64, False, True), "cuda short": (128, 8, 1, None, False, False),
                 "cpu": (16, 4, 1, None, False, False)}
 SHORT_CACHE = 8192
 SPLIT_WAVES = 4

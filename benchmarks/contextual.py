@@ -817,6 +817,37 @@ def extrapolate(rows: list, names: list, layers: int) -> list:
     return ext
 
 
+def gpu_args(p, step_help: str) -> None:
+    """The arguments every one-device-call GPU script here shares."""
+    p.add_argument("--out", required=True)
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--step", action="store_true", help=step_help)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--profile", action="store_true", help="with --step: GPU time per kernel of each step")
+
+
+def run_header(dev) -> tuple[dict, float]:
+    """(the result dict's header: device, versions, UTC date, copy bandwidth in GB/s; the bandwidth in B/s)."""
+    import transformers
+    import triton
+
+    bw = copy_bandwidth(dev)
+    return {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
+            "transformers": transformers.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "copy_bandwidth_GBs": round(bw / 1e9, 1)}, bw
+
+
+def save(out_dir: str, stem: str, res: dict, markdown) -> None:
+    """res as out_dir/stem.json and markdown(res) as out_dir/stem.md (other scripts' results)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
+        f.write(markdown(res))
+    log(f"wrote {stem}.json and {stem}.md in {out_dir}")
+
+
 def write(out_dir: str, res: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "contextual.json"), "w") as f:

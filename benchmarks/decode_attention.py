@@ -17,7 +17,6 @@ best config of the 4K case as the default.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import os
@@ -172,12 +171,8 @@ def markdown(res) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--iters", type=int, default=200)
-    p.add_argument("--step", action="store_true", help="also the captured compiled decode step, SDPA vs the kernel")
+    ctx.gpu_args(p, "also the captured compiled decode step, SDPA vs the kernel")
     p.add_argument("--no-micro", action="store_true", help="skip the sweep (with --step: the library defaults)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--profile", action="store_true", help="with --step: GPU time per kernel of each step")
     p.add_argument("--check", action="store_true", help="the model-level logits check (also run by --step)")
     p.add_argument("--config", default=None, help="with --no-micro: JSON [block_n, warps, stages, splits|null, "
                    "early_v, skip] as the kernel default of --step")
@@ -189,18 +184,11 @@ def main() -> int:
     p.add_argument("--flex", action="store_true", help="also FlexAttention (compiled; 10-40x slower here)")
     p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args()
-    import transformers
-    import triton
-
     dev, dt, sh = torch.device("cuda"), torch.bfloat16, ctx.LLAMA_31_8B
     hq, hkv = sh["num_attention_heads"], sh["num_key_value_heads"]
     d = sh["hidden_size"] // hq
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "transformers": transformers.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": []}
-    bw = ctx.copy_bandwidth(dev)
-    res["copy_bandwidth_GBs"] = round(bw / 1e9, 1)
-    res["cold"] = args.cold
+    res, bw = ctx.run_header(dev)
+    res.update(rows=[], cold=args.cold)
     os.makedirs(args.out, exist_ok=True)
     name = "decode_attention" + ("_step" if args.no_micro else "") + args.tag
     path = os.path.join(args.out, name + ".json")
@@ -242,11 +230,7 @@ def main() -> int:
                 ctx.log(f"  step {lab:<7} {e['setting']:<44} {e['est_32_layers_ms']:.3f} ms  "
                         f"{ratio[lab + '/' + e['setting']]} vs the fastest dense step")
         res["step_ratio"] = ratio
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
-    with open(os.path.join(args.out, name + ".md"), "w") as f:
-        f.write(markdown(res))
-    ctx.log(f"wrote {path} and {name}.md")
+    ctx.save(args.out, name, res, markdown)
     return 0
 
 

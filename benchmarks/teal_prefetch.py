@@ -13,7 +13,6 @@ part B, 4K context) with the library defaults, then with the best prefetch confi
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -129,28 +128,18 @@ def markdown(res: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--iters", type=int, default=200)
-    p.add_argument("--step", action="store_true", help="also the captured compiled decode step, old vs new defaults")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--profile", action="store_true", help="with --step: GPU time per kernel of each step")
+    ctx.gpu_args(p, "also the captured compiled decode step, old vs new defaults")
     p.add_argument("--wide", action="store_true", help="sweep wide tiles (BLOCK_K 8-32, BLOCK_N 128-512) against the "
                    "library defaults instead of plain vs prefetch")
     p.add_argument("--configs", default=None, help="skip the sweep: JSON {'gate+up': [...], 'down': [...]} as the "
                    "prefetch defaults of --step")
     args = p.parse_args()
-    import transformers
-    import triton
-
     dev, dt, sh = torch.device("cuda"), torch.bfloat16, ctx.LLAMA_31_8B
     h, inter = sh["hidden_size"], sh["intermediate_size"]
     hq, hkv = sh["num_attention_heads"], sh["num_key_value_heads"]
     d = h // hq
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "transformers": transformers.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": [], "sweep": []}
-    bw = ctx.copy_bandwidth(dev)
-    res["copy_bandwidth_GBs"] = round(bw / 1e9, 1)
+    res, bw = ctx.run_header(dev)
+    res.update(rows=[], sweep=[])
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(1, h, device=dev, dtype=dt, generator=g)
     w = {n: torch.randn(o, i, device=dev, dtype=dt, generator=g) * 0.02 for n, (o, i) in
@@ -190,11 +179,7 @@ def main() -> int:
             ctx.log(f"  step {lab:<17} {name:<42} est. 32 layers {ms:.3f} ms"
                     + (f"  x{fastest / ms:.3f} vs the fastest dense step" if fastest else ""))
         res["step"] = steps
-        with open(path, "w") as f:
-            json.dump(res, f, indent=1)
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(markdown(res))
-    ctx.log(f"wrote {path} and {stem}.md")
+    ctx.save(args.out, stem, res, markdown)
     return 0
 
 

@@ -46,7 +46,7 @@ def micro(args, res, dev, dt, hq, hkv, d, bw) -> dict:
 
     flex = torch.compile(flex_attention, dynamic=False)
     best = {}
-    for b, slots, filled in CASES:
+    for b, slots, filled in args.cases or CASES:
         g = torch.Generator(device=dev).manual_seed(slots)
         q = torch.randn(b, hq, 1, d, device=dev, dtype=dt, generator=g)
         k, v = (torch.randn(b, hkv, slots, d, device=dev, dtype=dt, generator=g) for _ in range(2))
@@ -136,7 +136,7 @@ def model_check(dev, dt, sh) -> dict:
 def markdown(res) -> str:
     out = [f"# Dense decode attention, {res['device']}", "",
            f"{res['date']}; torch {res['torch']}, triton {res['triton']}, transformers {res['transformers']}; "
-           f"32 query / 8 KV heads, D 128, bf16, one query row; us = median of CUDA-graph replays (per call; "
+           f"{res.get('heads', [32, 8])[0]} query / {res.get('heads', [32, 8])[1]} KV heads, D 128, bf16, one query row; us = median of CUDA-graph replays (per call; "
            f"{'each replay walks enough K/V copies for >= 96 MB of filled slots: L2-cold' if res.get('cold') else 'one K/V buffer'}); bound = K/V bytes "
            f"of the filled slots at the copy bandwidth ({res['copy_bandwidth_GBs']} GB/s). Every variant checked vs "
            "float32 attention (rel. err < 1e-2) before timing.", "",
@@ -179,16 +179,20 @@ def main() -> int:
     p.add_argument("--warm", dest="cold", action="store_false", help="time on one K/V buffer (L2-warm below 50 MB)")
     p.add_argument("--configs", type=lambda t: [tuple(c) for c in json.loads(t)], default=None,
                    help="JSON list of kernel configs to sweep instead of CONFIGS")
+    p.add_argument("--heads", type=lambda t: tuple(int(x) for x in t.split("/")), default=None,
+                   help="query / KV heads of the sweep (default 32/8, Llama-3.1-8B; e.g. 32/32 for an MHA model)")
+    p.add_argument("--cases", type=lambda t: [tuple(c) for c in json.loads(t)], default=None,
+                   help="JSON list of [batch, slots, filled] instead of CASES")
     p.add_argument("--only", default="sparseinfer attention,teal all", help="--step: the settings of "
                    "benchmarks/contextual.py part B to run (names containing one of these)")
     p.add_argument("--flex", action="store_true", help="also FlexAttention (compiled; 10-40x slower here)")
     p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args()
     dev, dt, sh = torch.device("cuda"), torch.bfloat16, ctx.LLAMA_31_8B
-    hq, hkv = sh["num_attention_heads"], sh["num_key_value_heads"]
-    d = sh["hidden_size"] // hq
+    d = sh["hidden_size"] // sh["num_attention_heads"]
+    hq, hkv = args.heads or (sh["num_attention_heads"], sh["num_key_value_heads"])
     res, bw = ctx.run_header(dev)
-    res.update(rows=[], cold=args.cold)
+    res.update(rows=[], cold=args.cold, heads=[hq, hkv])
     os.makedirs(args.out, exist_ok=True)
     name = "decode_attention" + ("_step" if args.no_micro else "") + args.tag
     path = os.path.join(args.out, name + ".json")

@@ -118,7 +118,7 @@ class PatchHandle:
 
 
 def _dense(module, query, key, value, attention_mask, **kwargs):
-    if (query.shape[2] == 1 and query.is_cuda and key.shape[1] != query.shape[1] and not kwargs.get("dropout")
+    if (query.shape[2] == 1 and query.is_cuda and not kwargs.get("dropout")
             and kwargs.get("softcap") is None and kwargs.get("position_bias") is None):
         return gqa_decode_attention(query, key, value, attention_mask, kwargs.get("scaling")), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -139,6 +139,8 @@ def gqa_decode_attention(query, key, value, attention_mask, scaling=None, backen
     it, on a CPU under the interpreter); additive masks stay on SDPA."""
     b, _, _, d = query.shape
     m = attention_mask
+    if m is not None and m.dim() == 4 and m.shape[-1] > key.shape[-2]:  # as transformers' SDPA path slices it
+        m = attention_mask = m[..., : key.shape[-2]]
     plain = m is None or (m.dtype == torch.bool and m.dim() == 4 and m.shape[1] == 1 and m.shape[2] == 1
                           and m.shape[0] in (1, b) and m.shape[3] == key.shape[2])
     if plain and (backend == "triton" or (backend == "auto" and DECODE_KERNEL == "triton" and query.is_cuda

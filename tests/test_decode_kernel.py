@@ -260,6 +260,11 @@ def test_dense_decode_op_and_the_patched_models_decode_path():
                                        rtol=1e-5, atol=1e-5)
         got = gqa_decode_attention(q, k, v, m, d ** -0.5, backend="triton")
         torch.testing.assert_close(got.double(), ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    # a mask longer than the keys is cut to them (as transformers' SDPA path does)
+    longer = torch.cat([mask, torch.ones(b, 1, 1, 5, dtype=torch.bool)], -1)
+    ref, _ = f64_decode(q, k, v, _all_pages(b, hkv, n), 1, mask[:, 0, 0, None].expand(b, hkv, n))
+    torch.testing.assert_close(gqa_decode_attention(q, k, v, longer, d ** -0.5, backend="triton").double(),
+                               ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
     add = torch.where(mask, 0.0, float("-inf"))
     ref, _ = f64_decode(q, k, v, _all_pages(b, hkv, n), 1, mask[:, 0, 0, None].expand(b, hkv, n))
     torch.testing.assert_close(gqa_decode_attention(q, k, v, add, d ** -0.5, backend="triton").double(),

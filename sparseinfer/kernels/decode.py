@@ -137,15 +137,16 @@ def sparse_decode_multi(q, parts, scale: float, *, splits: int | None = None, bl
 
 
 # dense decode: (block_n, num_warps, num_stages, splits per (batch, KV head) or None = ~SPLIT_WAVES
-# programs per SM, V loaded with K, skip splits with no valid slot). H100, 32/8 heads, D 128, bf16,
-# L2-cold (benchmarks/results/decode/decode_attention_cold.md, decode_attention_skip.md): caches of
-# <= SHORT_CACHE slots take "cuda short" (4104 slots: 12.6-12.7 us, one 128-slot tile per program; SDPA
-# + mask 20.4-20.8, SDPA on the filled slots only 14.0), longer ones "cuda" (full 32K: 54.1-54.8 vs 60.2
-# us; 128K: 188 vs 190; a 32K cache holding 4K tokens: 22.7 us with the empty splits skipped, 31.1
-# without, SDPA + mask 58.6). The skip check costs <= 1% in full long caches, 3.6% at 4K: off there.
+# programs per SM, V loaded with K, skip splits with no valid slot). H100, D 128, bf16, L2-cold
+# (benchmarks/results/decode/decode_attention_cold.md, _skip.md, _mha.md). "cuda short" (one 128-slot
+# tile per program) when the cache has at most SPLIT_WAVES x SMs such tiles over all (batch, KV head)
+# rows: 32/8 heads, 4104 slots, B1: 12.6-12.7 us (SDPA + mask 20.4-20.8; SDPA on the filled slots
+# only 14.0). Else "cuda": full 32K 54.1-54.8 vs 60.2 us; 128K 188 vs 190; a 32K cache holding 4K
+# tokens 22.7 us with the empty splits skipped (31.1 without; SDPA + mask 58.6); 32/32 heads (MHA),
+# 4K: B1 32.1 vs 37.5, B4 100.6 vs 101.1 (the short config: 33.4 / 112.7). The skip check costs <= 1%
+# in full caches, 3.6% with one tile per program: off there.
 DENSE_CONFIG = {"cuda": (64, 4, 2, 64, False, True), "cuda short": (128, 8, 1, None, False, False),
                 "cpu": (16, 4, 1, None, False, False)}
-SHORT_CACHE = 8192
 SPLIT_WAVES = 4
 
 
@@ -153,12 +154,15 @@ def dense_decode(q, k, v, valid, scale: float, *, config=None):
     """q [B, Hq, 1, D]; k/v [B, Hkv, N, D]; valid [B, N] bool (slots every head sees) or None ->
     out [B, Hq, 1, D] in q's dtype: attention over every valid slot (no index row; the KV head's
     query heads share each K/V tile), split over N, merged by a second launch. config: a
-    DENSE_CONFIG entry; None: the default for the device and N."""
+    DENSE_CONFIG entry; None: the default for the device and the shapes."""
     b, hq, _, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
     interpret = q.device.type != "cuda"
     mod = kernel_module("_decode_kernel.py", interpret)
-    key = "cpu" if interpret else "cuda short" if n <= SHORT_CACHE else "cuda"
+    if interpret:
+        key = "cpu"
+    else:
+        key = "cuda short" if b * hkv * -(-n // 128) <= SPLIT_WAVES * _sm_count(q.device.index or 0) else "cuda"
     bn, warps, stages, sp, early_v, skip = config or DENSE_CONFIG[key]
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()

@@ -138,16 +138,18 @@ def sparse_decode_multi(q, parts, scale: float, *, splits: int | None = None, bl
 
 # dense decode: (block_n, num_warps, num_stages, splits per (batch, KV head) or None = ~SPLIT_WAVES
 # programs per SM, V loaded with K, skip splits with no valid slot). H100, D 128, bf16, L2-cold
-# (benchmarks/results/decode/decode_attention_cold.md, _skip.md, _mha.md). "cuda short" (one 128-slot
-# tile per program) when the cache has at most SPLIT_WAVES x SMs such tiles over all (batch, KV head)
-# rows: 32/8 heads, 4104 slots, B1: 12.6-12.7 us (SDPA + mask 20.4-20.8; SDPA on the filled slots
-# only 14.0). Else "cuda": full 32K 54.1-54.8 vs 60.2 us; 128K 188 vs 190; a 32K cache holding 4K
+# (benchmarks/results/decode/decode_attention_cold.md, _skip.md, _mha.md, _rule.md). "cuda short" (one
+# 128-slot tile per program) when the cache has at most SHORT_WAVES x SMs such tiles over all (batch,
+# KV head) rows: 32/8 heads, 4104 slots, B1: 12.6-12.7 us (SDPA + mask 20.4-20.8; SDPA on the filled
+# slots only 14.0; 8200 slots: 20.7 vs 19.4 with the long config, B4 4104: 34.0 vs 33.3). Else "cuda":
+# full 32K 54.1-54.8 vs 60.2 us; 128K 188 vs 190; a 32K cache holding 4K
 # tokens 22.7 us with the empty splits skipped (31.1 without; SDPA + mask 58.6); 32/32 heads (MHA),
 # 4K: B1 32.1 vs 37.5, B4 100.6 vs 101.1 (the short config: 33.4 / 112.7). The skip check costs <= 1%
 # in full caches, 3.6% with one tile per program: off there.
 DENSE_CONFIG = {"cuda": (64, 4, 2, 64, False, True), "cuda short": (128, 8, 1, None, False, False),
                 "cpu": (16, 4, 1, None, False, False)}
 SPLIT_WAVES = 4
+SHORT_WAVES = 2
 
 
 def dense_decode(q, k, v, valid, scale: float, *, config=None):
@@ -162,7 +164,7 @@ def dense_decode(q, k, v, valid, scale: float, *, config=None):
     if interpret:
         key = "cpu"
     else:
-        key = "cuda short" if b * hkv * -(-n // 128) <= SPLIT_WAVES * _sm_count(q.device.index or 0) else "cuda"
+        key = "cuda short" if b * hkv * -(-n // 128) <= SHORT_WAVES * _sm_count(q.device.index or 0) else "cuda"
     bn, warps, stages, sp, early_v, skip = config or DENSE_CONFIG[key]
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()

@@ -115,7 +115,7 @@ def sparse_decode_multi(q, parts, scale: float, *, splits: int | None = None, bl
     groups = [(0, 1)] if same else [(i,) for i in range(len(plans))]
     base = 0
     for grp in groups:
-        first, second = plans[grp[0]], plans[grp[-1]]
+        first = plans[grp[0]]
         (bufs, strides, sizes), (bufs2, strides2, sizes2) = args[grp[0]], args[grp[-1]]
         _, _, _, page_size, valid, hkv, _, ps_p2, bn, _, sp1 = first
         sp = sum(plans[i][-1] for i in grp)

@@ -129,10 +129,17 @@ def sparse_decode_multi(q, parts, scale: float, *, splits: int | None = None, bl
             TWO=len(grp) == 2, num_warps=warps, num_stages=stages,
         )
         base += sp
+    return _merge(mod, q, op, lp)
+
+
+def _merge(mod, q, op, lp):
+    """The merge launch: partials op [B, Hq, S, D] / lp [B, Hq, S] -> (out like q, lse [B, Hq] float32)."""
+    b, hq, _, d = q.shape
     out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
-    mod.decode_merge_kernel[(b * hq,)](op, lp, out, lse, out.stride(0), out.stride(1), total, HQ=hq,
-                                       BLOCK_S=min(64, _next_pow2(total)), HEAD_D=d, num_warps=4 if d >= 128 else 2)
+    mod.decode_merge_kernel[(b * hq,)](op, lp, out, lse, out.stride(0), out.stride(1), op.shape[2], HQ=hq,
+                                       BLOCK_S=min(64, _next_pow2(op.shape[2])), HEAD_D=d,
+                                       num_warps=4 if d >= 128 else 2)
     return out, lse
 
 
@@ -178,8 +185,6 @@ def dense_decode(q, k, v, valid, scale: float, *, config=None):
     sp = -(-npages // pps)
     op = torch.empty(b, hq, sp, d, dtype=torch.float32, device=q.device)
     lp = torch.empty(b, hq, sp, dtype=torch.float32, device=q.device)
-    out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
     vm, smb = (valid.view(torch.uint8), valid.stride(0)) if valid is not None else (q, 0)
     strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), 0, 0, smb, 0)
     sizes = (n, npages, pps)
@@ -191,9 +196,7 @@ def dense_decode(q, k, v, valid, scale: float, *, config=None):
         STAGES=stages, DOT_F32=interpret, TWO=False, num_warps=warps, num_stages=stages,
         DENSE=True, EARLY_V=bool(early_v), SKIP=bool(skip) and valid is not None,
     )
-    mod.decode_merge_kernel[(b * hq,)](op, lp, out, lse, out.stride(0), out.stride(1), sp, HQ=hq,
-                                       BLOCK_S=64, HEAD_D=d, num_warps=4 if d >= 128 else 2)
-    return out
+    return _merge(mod, q, op, lp)[0]
 
 
 @torch.library.custom_op("sparseinfer::dense_decode", mutates_args=())

@@ -29,15 +29,21 @@ def _check_decode(q, k, v, indices, page_size, valid):
     if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"page_size: expected a positive int, got {page_size!r}")
     check_index("indices", indices, (b, hkv, None), -(-n // page_size), q.device)
-    if valid is not None:
-        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
-            raise ValueError(f"valid: expected a bool torch.Tensor, got "
-                             f"{valid.dtype if isinstance(valid, torch.Tensor) else type(valid).__name__}")
-        if tuple(valid.shape) != (b, hkv, n):
-            raise ValueError(f"valid: expected shape [B={b}, Hkv={hkv}, N={n}], got {tuple(valid.shape)}")
-        if valid.device != q.device:
-            raise ValueError(f"valid: expected device {q.device} (that of q), got {valid.device}")
+    _check_valid(valid, (b, hkv, n), "[B={}, Hkv={}, N={}]", q.device)
     return b, hq, hkv, n, d
+
+
+def _check_valid(valid, shape: tuple, names: str, device) -> None:
+    """valid: None or a bool tensor of `shape` (described by `names`, formatted with it) on `device`."""
+    if valid is None:
+        return
+    if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+        raise ValueError(f"valid: expected a bool torch.Tensor, got "
+                         f"{valid.dtype if isinstance(valid, torch.Tensor) else type(valid).__name__}")
+    if tuple(valid.shape) != shape:
+        raise ValueError(f"valid: expected shape {names.format(*shape)}, got {tuple(valid.shape)}")
+    if valid.device != device:
+        raise ValueError(f"valid: expected device {device} (that of q), got {valid.device}")
 
 
 def _dedup(indices: torch.Tensor) -> torch.Tensor:
@@ -89,14 +95,7 @@ def dense_decode_attention(q, k, v, *, valid=None, scale: float | None = None, b
     torch reference; "triton" forces the kernel (the interpreter on a CPU)."""
     check_backend(backend)
     b, _, _, n, d = check_qkv(q, k, v, decode=True)
-    if valid is not None:
-        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
-            raise ValueError(f"valid: expected a bool torch.Tensor, got "
-                             f"{valid.dtype if isinstance(valid, torch.Tensor) else type(valid).__name__}")
-        if tuple(valid.shape) != (b, n):
-            raise ValueError(f"valid: expected shape [B={b}, N={n}], got {tuple(valid.shape)}")
-        if valid.device != q.device:
-            raise ValueError(f"valid: expected device {q.device} (that of q), got {valid.device}")
+    _check_valid(valid, (b, n), "[B={}, N={}]", q.device)
     s = d ** -0.5 if scale is None else float(scale)
     why = _triton_reason(q, backend)
     if why is None:

@@ -57,7 +57,7 @@ def check(out, ref, dtype):
 @pytest.mark.parametrize(
     "hq,hkv,d,n,dtype",
     [(2, 2, 64, 150, torch.float32), (4, 1, 128, 203, torch.float16), (8, 1, 64, 257, torch.float16),
-     (8, 2, 128, 131, torch.float32)],
+     (8, 2, 128, 131, torch.float32), (4, 2, 64, 190, torch.bfloat16)],
 )
 def test_vertical_slash(hq, hkv, d, n, dtype):
     q, k, v = qkv(2, hq, hkv, n, d, dtype, seed=n)
@@ -68,7 +68,8 @@ def test_vertical_slash(hq, hkv, d, n, dtype):
 
 @pytest.mark.parametrize("bs,n,hq,hkv,d,dtype", [(64, 300, 4, 1, 64, torch.float32), (32, 200, 8, 1, 128, torch.float16),
                                                   (16, 150, 2, 2, 64, torch.float16), (48, 170, 4, 4, 64, torch.float32),
-                                                  (128, 290, 4, 2, 64, torch.float16), (20, 90, 2, 1, 64, torch.float32)])
+                                                  (128, 290, 4, 2, 64, torch.float16), (20, 90, 2, 1, 64, torch.float32),
+                                                  (64, 140, 4, 2, 128, torch.bfloat16)])
 def test_block_sparse(bs, n, hq, hkv, d, dtype):
     q, k, v = qkv(2, hq, hkv, n, d, dtype, seed=bs)
     nb = math.ceil(n / bs)

@@ -139,9 +139,13 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         raise ValueError(f"head_dim {d} not supported by the Triton kernel (16..256, power of 2)")
     orig_dtype = q.dtype
     user_out = None
-    if q.dtype == torch.float64:
+    interpret = q.device.type != "cuda"
+    # float64, and bfloat16 under the interpreter (triton 3.6's interpreted tl.dot mishandles
+    # bfloat16 operands): computed in float32, cast back at the end
+    if q.dtype == torch.float64 or (interpret and q.dtype == torch.bfloat16):
+        wide = q.dtype
         q, k, v = q.float(), k.float(), v.float()
-        if out is not None and out.dtype == torch.float64 and out.shape == q.shape:
+        if out is not None and out.dtype == wide and out.shape == q.shape:
             user_out, out = out, out.float()  # computed in float32, written back at the end
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1):
@@ -149,7 +153,6 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
                          f"got {tuple(out.shape)}, {out.dtype}")
     keep_others = out is not None and heads is not None
     out = torch.empty_like(q) if out is None else out
-    interpret = q.device.type != "cuda"
     mod = kernel_module(FLAGS["KERNEL"], interpret)
     nqb = math.ceil(n / idx.block_m)
     if q_rows is not None:

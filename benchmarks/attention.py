@@ -331,6 +331,7 @@ def variants(dev, gen, log, sizes=(131072, 524288), combos=None):
     holes; estimation not timed)."""
     rows = []
     scale = D ** -0.5
+    defaults = {k: katt.FLAGS[k] for c in (combos or []) for k in (c[3] if len(c) > 3 else {})}
     combos = combos or [("_attn_kernel.py", 0, 0), ("_attn_kernel.py", 1, 0), ("_attn_kernel.py", 1, 1),
                         ("_attn_kernel.py", 1, 2)]
     q, k, v = random_qkv(1, HQ, HKV, 16384, D, dev, gen, torch.bfloat16)
@@ -340,8 +341,8 @@ def variants(dev, gen, log, sizes=(131072, 524288), combos=None):
             "bs": ops.block_sparse_attention(q, k, v, bi, BS, backend="reference"),
             "ashape": ops.ashape_attention(q, k, v, SINK, WINDOW, backend="reference")}
     knc16, vnc16 = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
-    for kern, order, tma in combos:
-        katt.FLAGS.update(KERNEL=kern, ORDER=order, TMA=tma)
+    for kern, order, tma, *extra in combos:
+        katt.FLAGS.update(KERNEL=kern, ORDER=order, TMA=tma, **(extra[0] if extra else {}))
         outs = {"vs": kernels.vertical_slash_attention(q, k, v, vert, sl, scale),
                 "bs": kernels.block_sparse_attention(q, k, v, bi, BS, scale),
                 "ashape": kernels.ashape_attention(q, k, v, SINK, WINDOW, scale)}
@@ -349,7 +350,7 @@ def variants(dev, gen, log, sizes=(131072, 524288), combos=None):
             outs["vs-nc"] = kernels.vertical_slash_attention(q, knc16, vnc16, vert, sl, scale)
         refs["vs-nc"] = refs["vs"]
         for name, o in outs.items():
-            log(f"variant check {kern} order={order} tma={tma} {name}: rel err {rel(o, refs[name]):.2e} "
+            log(f"variant check {kern} order={order} tma={tma} {extra} {name}: rel err {rel(o, refs[name]):.2e} "
                 f"nan {bool(torch.isnan(o).any())}")
     del q, k, v, refs, outs, knc16, vnc16
     for n in sizes:
@@ -371,8 +372,8 @@ def variants(dev, gen, log, sizes=(131072, 524288), combos=None):
                  "bs": lambda: kernels.block_sparse_attention(q, k, v, bi, BS, scale),
                  "vs-nc": lambda: kernels.vertical_slash_attention(q, knc, vnc, vert, sl, scale),
                  "vs-structured": lambda: kernels.vertical_slash_attention(q, k, v, vi, si, scale)}
-        for kern, order, tma in combos:
-            katt.FLAGS.update(KERNEL=kern, ORDER=order, TMA=tma)
+        for kern, order, tma, *extra in combos:
+            katt.FLAGS.update(KERNEL=kern, ORDER=order, TMA=tma, **(extra[0] if extra else {}))
             for name, fn in cases.items():
                 if (name == "vs-nc" and tma == 1) or (name == "vs-structured" and vi is None):
                     continue
@@ -382,10 +383,10 @@ def variants(dev, gen, log, sizes=(131072, 524288), combos=None):
                     t = float("nan")
                     log(f"variant {name} failed: {type(e).__name__}: {str(e)[:300]}")
                 rows.append({"N": n, "pattern": name, "kernel": kern, "order": order, "tma": tma, "config": None,
-                             "ms": t, "dense_ms": dense})
-                log(f"variant N={n} {name:13s} {kern} order={order} tma={tma} {t:8.2f} ms {dense / t:6.2f}x")
+                             "flags": extra[0] if extra else {}, "ms": t, "dense_ms": dense})
+                log(f"variant N={n} {name:13s} {kern} order={order} tma={tma} {extra} {t:8.2f} ms {dense / t:6.2f}x")
         del q, k, v, vert, sl, bi, knc, vnc, vi, si
-    katt.FLAGS.update(KERNEL="_attn_kernel.py", ORDER=1, TMA="auto")
+    katt.FLAGS.update(KERNEL="_attn_kernel.py", ORDER=1, TMA="auto", **defaults)
     return rows
 
 
@@ -573,7 +574,7 @@ def markdown(meta, checks, rows, tune_rows):
                 "| N | pattern | variant | config | ms | ratio |", "|---|---|---|---|---|---|"]
         for r in tune_rows:
             var = (f"{r['kernel']}, " if "kernel" in r else "") + f"order {r['order']}, tma {r['tma']}" + (
-                f", fma {int(r['fma'])}" if "fma" in r else "")
+                f", fma {int(r['fma'])}" if "fma" in r else "") + "".join(f", {k} {v}" for k, v in r.get("flags", {}).items())
             out.append(f"| {r['N'] // 1024}K | {r['pattern']} | {var} | {r['config'] or 'default'} | {r['ms']:.2f} | "
                        f"{r['dense_ms'] / r['ms']:.2f}x |")
     elif tune_rows:
@@ -591,6 +592,7 @@ def main():
     ap.add_argument("--holey", action="store_true", help="only: bands with holes, 1 vs 2 pipeline stages, 128K")
     ap.add_argument("--variants", action="store_true", help="only: kernel variants (katt.FLAGS), 128K + 512K")
     ap.add_argument("--ab", default=None, help="with --variants: compare kernel files, e.g. '_attn_kernel_prev.py,_attn_kernel.py'")
+    ap.add_argument("--flag-ab", default=None, help="with --variants: a boolean katt.FLAGS entry on / off, e.g. VS_BAND")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--tag", default="attention")
@@ -635,6 +637,8 @@ def main():
             return
         if args.variants:
             combos = [(f, 1, "auto") for f in args.ab.split(",")] if args.ab else None
+            if args.flag_ab:  # a boolean katt.FLAGS entry on / off, twice
+                combos = [("_attn_kernel.py", 1, "auto", {args.flag_ab: v}) for v in (True, False, True, False)]
             tune_rows = variants(dev, gen, log, [int(s) for s in args.sizes.split(",") if s], combos)
             return
         if args.tune or args.autotune:

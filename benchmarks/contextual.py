@@ -950,6 +950,7 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="part b: also each step through torch.compile, then captured")
     p.add_argument("--skip", default="", help="comma list of parts to skip: a, p, t, q, b")
     p.add_argument("--only", default="", help="part b: only the settings whose names contain one of these (comma list)")
+    p.add_argument("--compiled-only", action="store_true", help="part b: only the compiled steps")
     p.add_argument("--no-reorder", action="store_true", help="part b: torch._inductor.config.reorder_for_locality = False")
     p.add_argument("--compact-sweep", action="store_true", help="only: configs of the compacted-rows path (CUDA)")
     args = p.parse_args()

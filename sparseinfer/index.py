@@ -422,8 +422,8 @@ def vertical_slash_work(n: int, vertical_idx: torch.Tensor, slash_idx: torch.Ten
 
 def from_vertical_slash(
     vertical_idx: torch.Tensor, slash_idx: torch.Tensor, n: int, block_m: int, merge_gap: Optional[int] = None,
-    block_n: Optional[int] = None,
-) -> SparseIndex:
+    block_n: Optional[int] = None, band_block_m: Optional[int] = None, band_min: int = 1,
+):
     """vertical_idx [B, H, Nv] key positions, slash_idx [B, H, Ns] offsets i - j (-1 = padding,
     duplicates allowed, any order) -> SparseIndex with
     ranges [B, H, 1, Ns + 1, 5] (the same for every query block, sorted by lo),
@@ -434,6 +434,12 @@ def from_vertical_slash(
     is at most ``merge_gap`` (default block_m: their key spans per query block would overlap) merge into one range with holes (exact = 0, masked through slash_bits).
     With ``block_n`` (a divisor of block_m), the exact bands also become relative tiles + edges
     (tiles [B, H, 1, TU], edges [B, H, TE, 4], see SparseIndex) and slash_bits is built.
+    With ``band_block_m``: returns (index, band index). A head's local band (its first range,
+    offsets 0..w, when exact) is left out of the index's ranges / tiles / edges (slash_bits keep
+    it: columns still skip its cells) and is the band index's one range (query blocks of
+    band_block_m rows), for a launch of its own (wider tiles) whose result is merged with the
+    index's; heads whose first range has holes or fewer than ``band_min`` offsets keep it
+    (band range_count 0).
     """
     if block_n is not None and (block_n <= 0 or block_m % block_n or block_n > 64):
         raise ValueError(f"block_n must divide block_m and be <= 64, got block_m={block_m}, block_n={block_n}")
@@ -445,6 +451,15 @@ def from_vertical_slash(
     nqb = math.ceil(n / block_m)
     big = n
     s, lo, glo, ghi, exact = slash_groups(slash_idx, n, merge_gap)
+    band = None
+    if band_block_m is not None:  # the first range starts at offset 0 (always a slash)
+        own = (exact[..., :1] != 0) & (ghi[..., :1] + 1 >= band_min)
+        band = from_band(torch.where(own[..., 0], torch.clamp(ghi[..., 0], max=n - 1), -1), n, band_block_m)
+
+        def drop_first(x, fill):
+            return torch.where(own, torch.cat([x[..., 1:], torch.full_like(x[..., :1], fill)], -1), x)
+
+        glo, ghi, exact = drop_first(glo, big), drop_first(ghi, big), drop_first(exact, 1)
     smap = torch.zeros(b, h, n + 1, dtype=torch.uint8, device=dev)
     smap.scatter_(-1, s, 1)
     smap = smap[..., :n].contiguous()
@@ -478,4 +493,19 @@ def from_vertical_slash(
         idx.tiles, idx.tile_count, idx.edges, idx.edge_count = _relative_tiles(
             glo, torch.clamp(ghi, max=n), exact, s.shape[-1], n, block_m, block_n)
         idx.tiles_relative, idx.block_n = True, block_n
-    return idx
+    return idx if band is None else (idx, band)
+
+
+def from_band(width: torch.Tensor, n: int, block_m: int) -> SparseIndex:
+    """width [B, H]: per head the local band of offsets 0..width (-1: none) -> SparseIndex with
+    one exact range per head (ranges [B, H, 1, 1, 5], range_count [B, H, nqb]: 1, or 0 without
+    a band). Fixed shapes, no host sync."""
+    b, h = width.shape
+    nqb = math.ceil(n / block_m)
+    w = width.to(torch.int64)
+    has = w >= 0
+    zero = torch.zeros_like(w)
+    ranges = torch.stack([zero, torch.full_like(w, n), zero, torch.where(has, w, zero), torch.ones_like(w)], -1)
+    rc = has.to(torch.int32)[..., None].expand(b, h, nqb).contiguous()
+    return SparseIndex(n=n, block_m=block_m, ranges=ranges.view(b, h, 1, 1, 5).to(torch.int32).contiguous(),
+                       range_count=rc)

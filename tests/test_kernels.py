@@ -135,6 +135,51 @@ def test_vertical_slash_band_and_runs():
         kernels.vertical_slash_attention(q, k, v, vert, sl, 64 ** -0.5, config=(256, 64, 4, 1, 1, 3))
 
 
+def test_vertical_slash_local_band_launch(monkeypatch):
+    """The local band of offsets 0..w as a launch of its own (wider tiles), merged into the
+    launch over the rest: the index pair covers every cell once; heads whose first range has
+    holes or is short keep it; the result equals the one-launch result and the float64
+    reference, heads= / out= included."""
+    from sparseinfer.kernels import attention as katt
+
+    n, h = 300, 4
+    q, k, v = qkv(2, h, 2, n, 64, torch.float16, seed=21)
+    g = torch.Generator().manual_seed(22)
+    vert = torch.randint(-1, n, (2, h, 10), generator=g)
+    wide = torch.cat([torch.arange(100), torch.tensor([180, 181, 182])])  # band 0..99 + a distant run
+    holey = torch.cat([torch.arange(100), torch.tensor([105, 106])])  # merges with 0..99 (gap < 64)
+    short = torch.cat([torch.arange(10), torch.tensor([200])])  # band 0..9
+    pad = lambda t: torch.cat([t, torch.full((120 - t.numel(),), -1)])  # noqa: E731
+    sl = torch.stack([pad(wide), pad(holey), pad(short), pad(torch.randint(0, n, (40,), generator=g))])
+    sl = sl.expand(2, h, 120).clone()
+    mask = vertical_slash_mask(n, vert, sl)
+    idx, band = sidx.from_vertical_slash(vert, sl, n, 64, block_n=32, band_block_m=32, band_min=16)
+    widths = band.ranges[..., 0, 0, 3].tolist()
+    own = band.range_count[..., 0].tolist()
+    assert own[0][:3] == [1, 0, 0] and widths[0][0] == 99  # only the wide, exact band leaves the index
+    for b in range(2):
+        for hh in range(h):
+            a, c = idx.cells(b, hh), band.cells(b, hh)
+            assert not (a & c).any() and torch.equal(a | c, mask[b, hh]), (b, hh)
+    ref = masked_attention_f64(q, k, v, mask)
+    for flag in (True, False):
+        monkeypatch.setitem(katt.FLAGS, "VS_BAND", flag)
+        out = ops.vertical_slash_attention(q, k, v, vert, sl, backend="triton")
+        check(out, ref, torch.float16)
+        # query blocks of 32 rows against the band launch's 64
+        check(kernels.vertical_slash_attention(q, k, v, vert, sl, 0.125, config=(32, 32, 4, 1, 1, 4)), ref, torch.float16)
+        heads = torch.tensor([True, False, True, False])
+        base = torch.randn_like(q)
+        got = ops.vertical_slash_attention(q, k, v, vert, sl, backend="triton", heads=heads, out=base.clone())
+        check(got[:, heads], ref[:, heads], torch.float16)
+        assert torch.equal(got[:, ~heads], base[:, ~heads])
+    lse = torch.empty(2, h, n)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        katt.run_index(q, k, v, band, 0.125, 32, lse_out=lse, prior=(q, lse, band.range_count[..., 0]))
+    with pytest.raises(ValueError, match="lse_out: expected a contiguous float32"):
+        katt.run_index(q, k, v, band, 0.125, 32, lse_out=lse[:, :, :10])
+
+
 def test_noncontiguous_and_batch1():
     n = 140
     base = torch.randn(1, n, 3, 4, 64, dtype=torch.float16)  # fused-projection style views

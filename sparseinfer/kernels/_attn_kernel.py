@@ -234,6 +234,9 @@ def sparse_fwd_kernel(
     HAS_QROWS: tl.constexpr = False, HAS_MOD: tl.constexpr = False,
     ORDER: tl.constexpr = 0, KD=None, VD=None, TMA: tl.constexpr = False,
     HEADS=None, HAS_HEADS: tl.constexpr = 0,
+    LSE=None, PRIOR_O=None, PRIOR_LSE=None, stride_lb=0, stride_lh=0, stride_pb=0, stride_ph=0, stride_pn=0,
+    PRIOR_CNT=None, stride_pcb=0, stride_pch=0,
+    LSE_OUT: tl.constexpr = False, PRIOR: tl.constexpr = False,
 ):
     if ORDER == 1:
         # 1-D grid, (batch, KV head) slowest, then query blocks (longest rows first), then the
@@ -492,9 +495,29 @@ def sparse_fwd_kernel(
             qk = tl.where(mask, qk, float("-inf"))
             acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True, PREC, qk_scale)
 
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_i[:, None]
+    if LSE_OUT:
+        # log2-sum-exp2 of each row's scaled logits (-inf: no key) for a later launch's merge; a
+        # program with no range stores nothing (that launch reads PRIOR_CNT = these counts first)
+        row_ok = row_ok & (nr > 0)
+        lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=row_ok)
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if PRIOR:
+        # merge with an earlier launch's normalised output and log2-sum-exp2 over other keys of the
+        # same rows (heads where PRIOR_CNT[b, h] is not 0): weights 2^(lse - m) and 2^(m_i - m)
+        if tl.load(PRIOR_CNT + b * stride_pcb + h * stride_pch) * on != 0:
+            o1 = tl.load(PRIOR_O + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pn + offs_d[None, :],
+                         mask=row_ok[:, None], other=0.0).to(tl.float32)
+            s1 = tl.load(PRIOR_LSE + b * stride_lb + h * stride_lh + offs_m, mask=row_ok, other=float("-inf"))
+            m_new = tl.maximum(m_i, s1)
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+            w1 = tl.math.exp2(s1 - m_new)
+            w2 = tl.math.exp2(m_i - m_new)
+            den = l_i * w2 + w1
+            den = tl.where(den == 0.0, 1.0, den)
+            out = (acc * w2[:, None] + o1 * w1[:, None]) / den[:, None]
     if HAS_HEADS == 2:  # heads not computed keep the caller's output rows
         row_ok = row_ok & (on != 0)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])

@@ -59,8 +59,14 @@ BREAK_EVEN = {
 # interpreter; 1 = 2-D descriptors over [B * Hkv * N, D] (k / v must allow that view), 2 = 4-D
 # descriptors [B, Hkv, N, D] (any layout), 0 = pointer loads).
 # GRAPH_INDEX: vertical-slash indices built by replaying a CUDA graph (`graphed`), not ~250 launches.
+# VS_BAND: vertical-slash's local band (offsets 0..w of a head, w + 1 >= VS_BAND_MIN) runs as a
+# launch of its own with the A-shape config (128 x 128 tiles on the GPU); the second launch (the
+# rest: 64 x 64 tiles) merges it in.
 FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py",  # KERNEL: a kernel file (A/B runs)
-         "GRAPH_INDEX": True}
+         "GRAPH_INDEX": True, "VS_BAND": True}
+
+
+VS_BAND_MIN = 2048
 
 
 def _tma_mode(q, k, v, q_rows) -> int:
@@ -122,7 +128,8 @@ def _config(kind: str, d: int, device: torch.device, config=None):
 def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_warps: int = 8,
               num_stages: int = 2, edge_stages: int = 1, split: int = 0, holey_stages: int = 1, *,
               q_rows: torch.Tensor | None = None, modality: torch.Tensor | None = None, slot: int = 0,
-              out: torch.Tensor | None = None, heads: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, heads: torch.Tensor | None = None,
+              lse_out: torch.Tensor | None = None, prior: tuple | None = None) -> torch.Tensor:
     """Attention of q [B, Hq, N, D] over k/v [B, Hkv, N, D] restricted to the cells of ``idx``
     (built with block_m = idx.block_m). Returns a tensor like q.
 
@@ -132,7 +139,13 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
     map). modality [B, N] + slot: only rows whose modality is ``slot`` are written. out: write
     into this tensor (like q; rows not written keep their values) instead of a new one.
     heads: bool [Hq]: the other heads' programs visit nothing and write zeros, or, when `out`
-    is given, leave out's rows of those heads as they are."""
+    is given, leave out's rows of those heads as they are.
+    lse_out: float32 [B, Hq, N] contiguous: receives each row's log2-sum-exp2 of its scaled
+    logits (-inf for a row with no key); query blocks with no range (range_count 0) write
+    neither it nor their output rows. prior = (o [B, Hq, N, D] like q, lse float32 [B, Hq, N]
+    contiguous, written int32 [B, Hq]): another launch's result over other keys of the same
+    rows (disjoint cells), with the heads it wrote (!= 0: every row); merged in for those
+    heads: the output is attention over the union."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     if d not in (16, 32, 64, 128, 256):
@@ -197,6 +210,20 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
     qr = q_rows if q_rows is not None else dummy
     hon = heads.to(torch.int8).contiguous() if heads is not None else dummy
     mods = modality.contiguous() if modality is not None else dummy  # [B, N]: rows read with stride 1
+    if lse_out is not None and prior is not None:
+        raise ValueError("run_index: lse_out and prior cannot be combined in one launch")
+    for name, t in (("lse_out", lse_out), ("prior lse", prior[1] if prior is not None else None)):
+        if t is not None and (t.shape != (b, hq, n) or t.dtype != torch.float32 or not t.is_contiguous()):
+            raise ValueError(f"{name}: expected a contiguous float32 tensor of shape {(b, hq, n)}, got "
+                             f"{t.dtype} {tuple(t.shape)}")
+    if prior is not None and (prior[0].shape != q.shape or prior[0].stride(-1) != 1):
+        raise ValueError(f"prior output: expected shape {tuple(q.shape)} with a contiguous last dim, got "
+                         f"{tuple(prior[0].shape)} strides {prior[0].stride()}")
+    lse_t = lse_out if lse_out is not None else (prior[1] if prior is not None else dummy)
+    prior_o = prior[0] if prior is not None else dummy
+    prior_c = prior[2] if prior is not None else dummy
+    if prior is not None and (prior_c.shape != (b, hq) or prior_c.dtype != torch.int32):
+        raise ValueError(f"prior heads written: expected int32 {(b, hq)}, got {prior_c.dtype} {tuple(prior_c.shape)}")
     mod.sparse_fwd_kernel[grid](
         q, k, v, out,
         tiles, tc, ranges, rc, cols, cc, edges, ec, sbits,
@@ -223,6 +250,12 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         MODS=mods, stride_mb=mods.stride(0) if modality is not None else 0, SLOT=int(slot),
         HAS_QROWS=q_rows is not None, HAS_MOD=modality is not None,
         ORDER=order, KD=kd, VD=vd, TMA=tma, HEADS=hon, HAS_HEADS=0 if heads is None else (2 if keep_others else 1),
+        LSE=lse_t, PRIOR_O=prior_o, PRIOR_LSE=lse_t, stride_lb=hq * n, stride_lh=n,
+        stride_pb=prior_o.stride(0) if prior is not None else 0, stride_ph=prior_o.stride(1) if prior is not None else 0,
+        stride_pn=prior_o.stride(2) if prior is not None else 0,
+        PRIOR_CNT=prior_c, stride_pcb=st(prior_c, 0) if prior is not None else 0,
+        stride_pch=st(prior_c, 1) if prior is not None else 0,
+        LSE_OUT=lse_out is not None, PRIOR=prior is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if user_out is not None:
@@ -236,15 +269,24 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
     when out is given); out: see run_index."""
     bm, bn, *rest = _config("vs", q.shape[-1], q.device, config)
     n, tiles_n = q.shape[2], bn if rest[3] == 4 else None
+    # the local band in a launch of its own with the A-shape config (FLAGS["VS_BAND"])
+    band_cfg = _config("ashape", q.shape[-1], q.device) if FLAGS["VS_BAND"] and tiles_n is not None else None
+    band_bm = band_cfg[0] if band_cfg is not None else None
+    band_min = VS_BAND_MIN if q.is_cuda else 16
 
     def build(vi, si):
-        return _index.from_vertical_slash(vi, si, n, bm, block_n=tiles_n)
+        return _index.from_vertical_slash(vi, si, n, bm, block_n=tiles_n, band_block_m=band_bm, band_min=band_min)
 
     if FLAGS["GRAPH_INDEX"] and q.is_cuda:
-        idx = graphed.build_graphed(("vertical_slash", n, bm, tiles_n), build, (vertical_idx, slash_idx))
+        idx = graphed.build_graphed(("vertical_slash", n, bm, tiles_n, band_bm), build, (vertical_idx, slash_idx))
     else:
         idx = build(vertical_idx, slash_idx)
-    return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out)
+    if band_cfg is None:
+        return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out)
+    idx, band = idx
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    o_band = run_index(q, k, v, band, scale, band_cfg[1], *band_cfg[2:], heads=heads, lse_out=lse)
+    return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out, prior=(o_band, lse, band.range_count[..., 0]))
 
 
 def ashape_attention(q, k, v, sink, window, scale, *, config=None, heads=None, out=None):

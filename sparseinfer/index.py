@@ -381,6 +381,15 @@ def slash_groups(slash_idx: torch.Tensor, n: int, merge_gap: int):
     s = torch.cat([torch.zeros(b, h, 1, dtype=torch.int64, device=dev), s], dim=-1)
     s = _sorted_unique(s, big)
     lo, hi, _ = _runs(s, big)
+    glo, ghi, exact = _group_runs(lo, hi, merge_gap, big)
+    return s, lo, glo, ghi, exact
+
+
+def _group_runs(lo: torch.Tensor, hi: torch.Tensor, merge_gap: int, big: int):
+    """Runs [lo, hi] [B, H, R] (sorted, padding lo = big) -> (glo, ghi, exact) [B, H, R]: runs
+    whose gap is at most merge_gap merged into one range (exact = 0: it has holes), padded with big."""
+    b, h, _ = lo.shape
+    dev = lo.device
     valid = lo < big
     prev_hi = torch.full_like(hi, -(1 << 40))
     prev_hi[..., 1:] = hi[..., :-1]
@@ -396,7 +405,7 @@ def slash_groups(slash_idx: torch.Tensor, n: int, merge_gap: int):
     runs_per = torch.zeros(b, h, lo.shape[-1] + 1, dtype=torch.int64, device=dev)
     runs_per.scatter_add_(-1, gid, valid.to(torch.int64))
     exact = (runs_per[..., :-1] <= 1).to(torch.int64)
-    return s, lo, glo, ghi, exact
+    return glo, ghi, exact
 
 
 def vertical_slash_work(n: int, vertical_idx: torch.Tensor, slash_idx: torch.Tensor, block_m: int = 64) -> torch.Tensor:
@@ -434,12 +443,12 @@ def from_vertical_slash(
     is at most ``merge_gap`` (default block_m: their key spans per query block would overlap) merge into one range with holes (exact = 0, masked through slash_bits).
     With ``block_n`` (a divisor of block_m), the exact bands also become relative tiles + edges
     (tiles [B, H, 1, TU], edges [B, H, TE, 4], see SparseIndex) and slash_bits is built.
-    With ``band_block_m``: returns (index, band index). A head's local band (its first range,
-    offsets 0..w, when exact) is left out of the index's ranges / tiles / edges (slash_bits keep
-    it: columns still skip its cells) and is the band index's one range (query blocks of
-    band_block_m rows), for a launch of its own (wider tiles) whose result is merged with the
-    index's; heads whose first range has holes or fewer than ``band_min`` offsets keep it
-    (band range_count 0).
+    With ``band_block_m``: returns (index, band index). A head's local band (its first run of
+    consecutive offsets 0..w, w + 1 >= ``band_min``) is left out of the index's ranges / tiles /
+    edges (the other runs are grouped without it; slash_bits keep it: columns still skip its
+    cells) and is the band index's one range (query blocks of band_block_m rows), for a launch
+    of its own (wider tiles) whose result is merged with the index's; heads with a shorter first
+    run keep it (band range_count 0).
     """
     if block_n is not None and (block_n <= 0 or block_m % block_n or block_n > 64):
         raise ValueError(f"block_n must divide block_m and be <= 64, got block_m={block_m}, block_n={block_n}")
@@ -452,14 +461,15 @@ def from_vertical_slash(
     big = n
     s, lo, glo, ghi, exact = slash_groups(slash_idx, n, merge_gap)
     band = None
-    if band_block_m is not None:  # the first range starts at offset 0 (always a slash)
-        own = (exact[..., :1] != 0) & (ghi[..., :1] + 1 >= band_min)
-        band = from_band(torch.where(own[..., 0], torch.clamp(ghi[..., 0], max=n - 1), -1), n, band_block_m)
+    if band_block_m is not None:  # the first run starts at offset 0 (always a slash)
+        rlo, rhi, _ = _runs(s, big)
+        own = rhi[..., :1] + 1 >= band_min
+        band = from_band(torch.where(own[..., 0], torch.clamp(rhi[..., 0], max=n - 1), -1), n, band_block_m)
 
-        def drop_first(x, fill):
-            return torch.where(own, torch.cat([x[..., 1:], torch.full_like(x[..., :1], fill)], -1), x)
+        def drop_first(x):
+            return torch.where(own, torch.cat([x[..., 1:], torch.full_like(x[..., :1], big)], -1), x)
 
-        glo, ghi, exact = drop_first(glo, big), drop_first(ghi, big), drop_first(exact, 1)
+        glo, ghi, exact = _group_runs(drop_first(rlo), drop_first(rhi), merge_gap, big)
     smap = torch.zeros(b, h, n + 1, dtype=torch.uint8, device=dev)
     smap.scatter_(-1, s, 1)
     smap = smap[..., :n].contiguous()

@@ -137,9 +137,10 @@ def test_vertical_slash_band_and_runs():
 
 def test_vertical_slash_local_band_launch(monkeypatch):
     """The local band of offsets 0..w as a launch of its own (wider tiles), merged into the
-    launch over the rest: the index pair covers every cell once; heads whose first range has
-    holes or is short keep it; the result equals the one-launch result and the float64
-    reference, heads= / out= included."""
+    launch over the rest: the index pair covers every cell once; a band that the one-launch
+    index merges with a nearby run (a range with holes) leaves alone, the run stays; a short
+    band stays; the result equals the one-launch result and the float64 reference, heads= /
+    out= included."""
     from sparseinfer.kernels import attention as katt
 
     n, h = 300, 4
@@ -156,7 +157,9 @@ def test_vertical_slash_local_band_launch(monkeypatch):
     idx, band = sidx.from_vertical_slash(vert, sl, n, 64, block_n=32, band_block_m=32, band_min=16)
     widths = band.ranges[..., 0, 0, 3].tolist()
     own = band.range_count[..., 0].tolist()
-    assert own[0][:3] == [1, 0, 0] and widths[0][0] == 99  # only the wide, exact band leaves the index
+    assert own[0][:3] == [1, 1, 0] and widths[0][:2] == [99, 99]  # the short band stays
+    assert sidx.from_vertical_slash(vert, sl, n, 64).ranges[0, 1, 0, 0, 4] == 0  # one launch: 0..106 with holes
+    assert idx.ranges[0, 1, 0, 0, 2:].tolist() == [105, 106, 1]  # the run left of the band: exact
     for b in range(2):
         for hh in range(h):
             a, c = idx.cells(b, hh), band.cells(b, hh)

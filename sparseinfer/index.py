@@ -373,16 +373,21 @@ def slash_groups(slash_idx: torch.Tensor, n: int, merge_gap: int):
     the runs of consecutive offsets; glo / ghi / exact [B, H, R]: the ranges the kernel visits
     (runs whose gap is at most merge_gap merged; exact = 1 for a single run, 0 for a band with
     holes), padded with n."""
-    b, h, _ = slash_idx.shape
-    dev = slash_idx.device
-    big = n
-    s = slash_idx.to(torch.int64)
-    s = torch.where((s >= 0) & (s < n), s, torch.full_like(s, big))
-    s = torch.cat([torch.zeros(b, h, 1, dtype=torch.int64, device=dev), s], dim=-1)
-    s = _sorted_unique(s, big)
-    lo, hi, _ = _runs(s, big)
-    glo, ghi, exact = _group_runs(lo, hi, merge_gap, big)
+    s, lo, hi = _slash_runs(slash_idx, n)
+    glo, ghi, exact = _group_runs(lo, hi, merge_gap, n)
     return s, lo, glo, ghi, exact
+
+
+def _slash_runs(slash_idx: torch.Tensor, n: int):
+    """slash_idx [B, H, Ns] -> (s, lo, hi): s [B, H, Ns + 1] sorted unique offsets with 0 added (n =
+    padding); lo / hi [B, H, Ns + 1] the runs of consecutive offsets (padding n)."""
+    b, h, _ = slash_idx.shape
+    s = slash_idx.to(torch.int64)
+    s = torch.where((s >= 0) & (s < n), s, torch.full_like(s, n))
+    s = torch.cat([torch.zeros(b, h, 1, dtype=torch.int64, device=slash_idx.device), s], dim=-1)
+    s = _sorted_unique(s, n)
+    lo, hi, _ = _runs(s, n)
+    return s, lo, hi
 
 
 def _group_runs(lo: torch.Tensor, hi: torch.Tensor, merge_gap: int, big: int):
@@ -459,17 +464,17 @@ def from_vertical_slash(
     merge_gap = block_m if merge_gap is None else merge_gap
     nqb = math.ceil(n / block_m)
     big = n
-    s, lo, glo, ghi, exact = slash_groups(slash_idx, n, merge_gap)
+    s, lo, hi = _slash_runs(slash_idx, n)
     band = None
     if band_block_m is not None:  # the first run starts at offset 0 (always a slash)
-        rlo, rhi, _ = _runs(s, big)
-        own = rhi[..., :1] + 1 >= band_min
-        band = from_band(torch.where(own[..., 0], torch.clamp(rhi[..., 0], max=n - 1), -1), n, band_block_m)
+        own = hi[..., :1] + 1 >= band_min
+        band = from_band(torch.where(own[..., 0], torch.clamp(hi[..., 0], max=n - 1), -1), n, band_block_m)
 
         def drop_first(x):
             return torch.where(own, torch.cat([x[..., 1:], torch.full_like(x[..., :1], big)], -1), x)
 
-        glo, ghi, exact = _group_runs(drop_first(rlo), drop_first(rhi), merge_gap, big)
+        lo, hi = drop_first(lo), drop_first(hi)
+    glo, ghi, exact = _group_runs(lo, hi, merge_gap, big)
     smap = torch.zeros(b, h, n + 1, dtype=torch.uint8, device=dev)
     smap.scatter_(-1, s, 1)
     smap = smap[..., :n].contiguous()

@@ -272,7 +272,7 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
     # the local band in a launch of its own with the A-shape config (FLAGS["VS_BAND"])
     band_cfg = _config("ashape", q.shape[-1], q.device) if FLAGS["VS_BAND"] and tiles_n is not None else None
     band_bm = band_cfg[0] if band_cfg is not None else None
-    band_min = VS_BAND_MIN if q.is_cuda else 16
+    band_min = VS_BAND_MIN if q.is_cuda else 16  # interpreter: small shapes take the two-launch path too (tests)
 
     def build(vi, si):
         return _index.from_vertical_slash(vi, si, n, bm, block_n=tiles_n, band_block_m=band_bm, band_min=band_min)

@@ -284,9 +284,14 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
     if band_cfg is None:
         return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out)
     idx, band = idx
+    # both launches write the one output: the band launch its heads' rows, the second launch reads
+    # them back (each program its own rows) and overwrites them merged (no second q-sized buffer);
+    # heads not computed stay as `out` had them (zeros when there was no `out`)
+    if out is None:
+        out = torch.zeros_like(q) if heads is not None else torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    o_band = run_index(q, k, v, band, scale, band_cfg[1], *band_cfg[2:], heads=heads, lse_out=lse)
-    return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out, prior=(o_band, lse, band.range_count[..., 0]))
+    out = run_index(q, k, v, band, scale, band_cfg[1], *band_cfg[2:], heads=heads, out=out, lse_out=lse)
+    return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out, prior=(out, lse, band.range_count[..., 0]))
 
 
 def ashape_attention(q, k, v, sink, window, scale, *, config=None, heads=None, out=None):

@@ -22,6 +22,12 @@ loop and the column pass (causal mask, no slash bitmap) serve such rows. HAS_MOD
 modality (MODS[b, i]) is not SLOT are computed but not stored (one launch per query modality
 writes its own rows into a shared output).
 
+Two launches over disjoint cells of the same rows (vertical-slash's local band with wide tiles,
+then the rest): LSE_OUT stores each row's log2-sum-exp2 (LSE [B, H, N]; programs with no range
+store nothing); PRIOR merges such a launch's normalised rows (PRIOR_O, PRIOR_LSE, for the heads
+where PRIOR_CNT[b, h] != 0) into this one's in the epilogue; PRIOR_O may be O itself (each
+program reads its own rows before writing them).
+
 Program order (ORDER 1): the GROUP query heads of a KV head and its query blocks run side by
 side, so programs in flight read the keys of one KV head (L2 reuse of scattered key blocks).
 Contiguous key tiles load through TMA descriptors (TMA 1 / 2, see _kv) on Hopper; gathered

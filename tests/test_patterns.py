@@ -78,6 +78,26 @@ def test_block_sparse_estimate_is_causal_and_keeps_diagonal():
 def test_pool_blocks_tail_mean():
     x = torch.arange(10.0).reshape(1, 1, 10, 1)
     assert bs.pool_blocks(x, 4).flatten().tolist() == [1.5, 5.5, 8.5]
+    # a strided bf16 view (heads transposed out of [B, N, H, D]): float32 means of the same values
+    y = torch.randn(2, 70, 3, 8).bfloat16().transpose(1, 2)
+    got = bs.pool_blocks(y, 16)
+    want = torch.stack([y[:, :, i:i + 16].double().mean(2) for i in range(0, 70, 16)], 2)
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), want, atol=1e-6)
+
+
+def test_block_sparse_estimate_triton_topk_matches_torch(monkeypatch):
+    """The sort-free Triton top-k (what CUDA scores take) keeps the same blocks as torch.topk,
+    padding included (rows with fewer causal blocks than topk)."""
+    torch.manual_seed(2)
+    q, k = torch.randn(1, 4, 700, 32), torch.randn(1, 2, 700, 32)
+    sets = []
+    for mode in (False, True):
+        monkeypatch.setattr(bs, "TOPK_KERNEL", mode)
+        idx = bs.estimate(q, k, topk=5, block_size=32)
+        assert idx.shape == (1, 4, 22, 5) and idx.dtype == torch.int64
+        sets.append(idx.sort(-1).values)
+    assert torch.equal(sets[0], sets[1])
+    assert (sets[1][0, 0, 0] == torch.tensor([-1, -1, -1, -1, 0])).all()
 
 
 @pytest.mark.parametrize("value,n,want", [(10, 100, 10), (500, 100, 100), (0.05, 1000, 50), (1.0, 7, 7)])

@@ -14,27 +14,43 @@ from .base import Budget, Pattern, Selection, causal_pairs, check_budget_option,
 
 
 def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """x [B, H, N, D] -> [B, H, ceil(N / block_size), D], the mean of each block (tail: its valid rows)."""
+    """x [B, H, N, D] -> float32 [B, H, ceil(N / block_size), D], the mean of each block (tail: its
+    valid rows). Summed in float32 from x as it is (a view of its blocks: no float32 copy of x)."""
     b, h, n, d = x.shape
-    nb = math.ceil(n / block_size)
-    xp = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block_size - n))
-    sums = xp.reshape(b, h, nb, block_size, d).sum(3)
-    counts = torch.full((nb,), float(block_size), device=x.device)
-    counts[-1] = n - (nb - 1) * block_size
+    full = n // block_size
+    sums = x[:, :, :full * block_size].unflatten(2, (full, block_size)).sum(3, dtype=torch.float32)
+    if full * block_size < n:
+        sums = torch.cat([sums, x[:, :, full * block_size:].sum(2, keepdim=True, dtype=torch.float32)], 2)
+    counts = torch.full((sums.shape[2],), float(block_size), device=x.device)
+    counts[-1] = n - (sums.shape[2] - 1) * block_size
     return sums / counts[:, None]
+
+
+# Row selection of `estimate`: "auto" = the sort-free Triton top-k (`kernels.topk`) for CUDA scores,
+# torch.topk otherwise; True = the Triton kernel everywhere (CPU: interpreter); False = torch.topk.
+TOPK_KERNEL = "auto"
 
 
 def estimate(q, k, topk: int, block_size: int = 64, scale: float | None = None) -> torch.Tensor:
     """q [B, Hq, N, D], k [B, Hkv, N, D] -> block_idx [B, Hq, nb, min(topk, nb)] int64, -1 padding
-    (query blocks near the start have fewer causal blocks than topk)."""
+    (query blocks near the start have fewer causal blocks than topk). The score matrix
+    [B, Hq, nb, nb] float32 is masked in place; ties at the k-th score may resolve differently
+    between the Triton top-k (lower block first) and torch.topk."""
     b, hq, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     nb = math.ceil(n / block_size)
-    s = group_scores(pool_blocks(q, block_size), pool_blocks(k, block_size)) * scale
+    s = group_scores(pool_blocks(q, block_size), pool_blocks(k, block_size)).mul_(scale)
     r = torch.arange(nb, device=q.device)
-    s = s.masked_fill(r[None, :] > r[:, None], float("-inf"))
-    s = s.masked_fill(torch.eye(nb, dtype=torch.bool, device=q.device), float("inf"))
-    vals, idx = torch.topk(s, min(topk, nb), dim=-1)
+    s.masked_fill_(r[None, :] > r[:, None], float("-inf"))
+    torch.diagonal(s, dim1=-2, dim2=-1).fill_(float("inf"))
+    kk = min(topk, nb)
+    if TOPK_KERNEL is True or (TOPK_KERNEL == "auto" and s.is_cuda):
+        from ..kernels.topk import topk_indices
+
+        idx = topk_indices(s.view(-1, nb), kk).view(b, hq, nb, kk).long()
+        vals = torch.gather(s, -1, idx)
+    else:
+        vals, idx = torch.topk(s, kk, dim=-1)
     return torch.where(vals == float("-inf"), -1, idx)
 
 

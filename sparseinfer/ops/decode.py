@@ -91,7 +91,7 @@ def dense_decode_attention(q, k, v, *, valid=None, scale: float | None = None, b
     (the slots every head sees, e.g. a static cache's filled ones) or None -> [B, Hq, 1, D].
     A row with no valid slot returns zeros. backend "auto": CUDA tensors the kernel takes run
     `sparseinfer::dense_decode` (`kernels.decode.dense_decode`: no index row, the GQA group's
-    query heads share each K/V tile, split over N with the merge in the same launch), else the
+    query heads share each K/V tile, split over N, the splits merged by a second launch), else the
     torch reference; "triton" forces the kernel (the interpreter on a CPU)."""
     check_backend(backend)
     b, _, _, n, d = check_qkv(q, k, v, decode=True)

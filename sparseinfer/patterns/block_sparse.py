@@ -47,7 +47,7 @@ def estimate(q, k, topk: int, block_size: int = 64, scale: float | None = None) 
     if TOPK_KERNEL is True or (TOPK_KERNEL == "auto" and s.is_cuda):
         from ..kernels.topk import topk_indices
 
-        idx = topk_indices(s.view(-1, nb), kk).view(b, hq, nb, kk).long()
+        idx = topk_indices(s.reshape(-1, nb), kk).view(b, hq, nb, kk).long()
         vals = torch.gather(s, -1, idx)
     else:
         vals, idx = torch.topk(s, kk, dim=-1)

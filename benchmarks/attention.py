@@ -323,7 +323,7 @@ def holey(dev, gen, log, n=131072):
     return rows
 
 
-def variants(dev, gen, log, sizes=(131072, 524288), combos=None):
+def variants(dev, gen, log, sizes=(131072, 524288), combos=None, only=None):
     """Kernel variants (katt.FLAGS: KERNEL = kernel file, ORDER = program order, TMA = key
     tiles through tensor descriptors), each checked at 16K against the float32 reference, then
     timed on A-shape, realistic vertical-slash and block-sparse, vertical-slash on keys laid out
@@ -375,7 +375,8 @@ def variants(dev, gen, log, sizes=(131072, 524288), combos=None):
         for kern, order, tma, *extra in combos:
             katt.FLAGS.update(KERNEL=kern, ORDER=order, TMA=tma, **(extra[0] if extra else {}))
             for name, fn in cases.items():
-                if (name == "vs-nc" and tma == 1) or (name == "vs-structured" and vi is None):
+                if (name == "vs-nc" and tma == 1) or (name == "vs-structured" and vi is None) or (
+                        only and name not in only):
                     continue
                 try:
                     t = bench(fn, budget_s=0.4)
@@ -387,6 +388,60 @@ def variants(dev, gen, log, sizes=(131072, 524288), combos=None):
                 log(f"variant N={n} {name:13s} {kern} order={order} tma={tma} {extra} {t:8.2f} ms {dense / t:6.2f}x")
         del q, k, v, vert, sl, bi, knc, vnc, vi, si
     katt.FLAGS.update(KERNEL="_attn_kernel.py", ORDER=1, TMA="auto", **defaults)
+    return rows
+
+
+def vs_parts(dev, gen, log, sizes):
+    """Time the parts of one vertical-slash call (realistic indices, default config): the index
+    construction (graphed), the band launch, the second launch (merge included) and that launch
+    without its columns / without its runs / without the merge (timing only: those outputs are
+    not the attention), and the whole call."""
+    import dataclasses
+
+    from sparseinfer import index as sidx
+    from sparseinfer.kernels import graphed
+
+    rows = []
+    scale = D ** -0.5
+    bm, bn, *rest = katt._config("vs", D, dev)
+    band_cfg = katt._config("ashape", D, dev)
+    for n in sizes:
+        torch.cuda.empty_cache()
+        q, k, v = random_qkv(1, HQ, HKV, n, D, dev, gen, torch.bfloat16)
+        dense = bench(dense_fns(q, k, v)["cudnn"], budget_s=0.5, min_reps=2)
+        vert, sl = realistic_vs(1, HQ, n, dev, gen)
+
+        def build(vi, si):
+            return sidx.from_vertical_slash(vi, si, n, bm, block_n=bn, band_block_m=band_cfg[0],
+                                            band_min=katt.VS_BAND_MIN)
+
+        idx, band = build(vert, sl)
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=dev)
+        katt.run_index(q, k, v, band, scale, band_cfg[1], *band_cfg[2:], out=out, lse_out=lse)
+        prior = (out.clone(), lse, band.range_count[..., 0])
+        zero = torch.zeros_like(idx.tile_count)
+        no_cols = dataclasses.replace(idx, columns=None, column_count=None)
+        no_runs = dataclasses.replace(idx, tile_count=zero, edge_count=zero, range_count=torch.zeros_like(idx.range_count))
+        parts = {
+            "index (graphed)": lambda: graphed.build_graphed(("parts", n), build, (vert, sl)),
+            "index (eager)": lambda: build(vert, sl),
+            "band launch": lambda: katt.run_index(q, k, v, band, scale, band_cfg[1], *band_cfg[2:], out=out, lse_out=lse),
+            "second launch": lambda: katt.run_index(q, k, v, idx, scale, bn, *rest, out=out, prior=prior),
+            "second, no merge": lambda: katt.run_index(q, k, v, idx, scale, bn, *rest, out=out),
+            "second, no columns": lambda: katt.run_index(q, k, v, no_cols, scale, bn, *rest, out=out, prior=prior),
+            "second, no runs": lambda: katt.run_index(q, k, v, no_runs, scale, bn, *rest, out=out, prior=prior),
+            "whole call": lambda: kernels.vertical_slash_attention(q, k, v, vert, sl, scale),
+        }
+        tiles = {"tiles": int(idx.tile_count.sum()), "edges": int(idx.edge_count.sum()),
+                 "column tiles": int(((idx.column_count + bn - 1) // bn).sum()), "query blocks": idx.tile_count.numel()}
+        log(f"parts N={n}: dense cudnn {dense:.2f} ms; per query block: " +
+            ", ".join(f"{k} {v / tiles['query blocks']:.1f}" for k, v in tiles.items() if k != "query blocks"))
+        for name, fn in parts.items():
+            t = bench(fn, budget_s=0.4)
+            rows.append({"N": n, "pattern": "vs-parts", "variant": name, "ms": t, "dense_ms": dense, **tiles})
+            log(f"parts N={n} {name:20s} {t:8.2f} ms")
+        del q, k, v, vert, sl, idx, band, out, lse, prior, no_cols, no_runs
     return rows
 
 
@@ -577,6 +632,15 @@ def markdown(meta, checks, rows, tune_rows):
                 f", fma {int(r['fma'])}" if "fma" in r else "") + "".join(f", {k} {v}" for k, v in r.get("flags", {}).items())
             out.append(f"| {r['N'] // 1024}K | {r['pattern']} | {var} | {r['config'] or 'default'} | {r['ms']:.2f} | "
                        f"{r['dense_ms'] / r['ms']:.2f}x |")
+    elif tune_rows and tune_rows[0].get("pattern") == "vs-parts":
+        out += ["## Parts of a vertical-slash call (realistic indices; per query block: relative tiles, edge tiles, "
+                "column tiles)", "", "| N | part | ms | share of the whole call | tiles / edges / column tiles per block |",
+                "|---|---|---|---|---|"]
+        for r in tune_rows:
+            whole = next(x["ms"] for x in tune_rows if x["N"] == r["N"] and x["variant"] == "whole call")
+            qb = r["query blocks"]
+            out.append(f"| {r['N'] // 1024}K | {r['variant']} | {r['ms']:.2f} | {100 * r['ms'] / whole:.0f}% | "
+                       f"{r['tiles'] / qb:.1f} / {r['edges'] / qb:.1f} / {r['column tiles'] / qb:.1f} |")
     elif tune_rows:
         out += ["## Config sweep (128K)", "", "| pattern | (block_m, block_n, warps, stages) | ms |", "|---|---|---|"]
         out += [f"| {r['pattern']} | {r['config']} | {r['ms']:.2f} |" for r in tune_rows]
@@ -592,7 +656,12 @@ def main():
     ap.add_argument("--holey", action="store_true", help="only: bands with holes, 1 vs 2 pipeline stages, 128K")
     ap.add_argument("--variants", action="store_true", help="only: kernel variants (katt.FLAGS), 128K + 512K")
     ap.add_argument("--ab", default=None, help="with --variants: compare kernel files, e.g. '_attn_kernel_prev.py,_attn_kernel.py'")
-    ap.add_argument("--flag-ab", default=None, help="with --variants: a boolean katt.FLAGS entry on / off, e.g. VS_BAND")
+    ap.add_argument("--flag-ab", default=None,
+                    help="with --variants: boolean katt.FLAGS entries, the defaults vs each flipped ('A+B' flips both), "
+                         "twice, e.g. VS_BAND,VS_OVERLAP")
+    ap.add_argument("--vs-parts", action="store_true",
+                    help="only: the parts of a vertical-slash call on realistic indices (index, band launch, second "
+                         "launch with / without columns, runs, merge), timed apart")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--tag", default="attention")
@@ -601,7 +670,15 @@ def main():
                          "'64:64,64,4,3,1,0;128:128,128,8,3,1,0' (128: lists keeping ~60%% of the blocks)")
     ap.add_argument("--vs-configs", default=None,
                     help="with --tune: only these vertical-slash configs, e.g. '64,64,4,3,3,4,2;64,64,8,3,3,4,2'")
+    ap.add_argument("--cases", default=None, help="with --variants: only these cases, e.g. 'vs,vs-structured'")
+    ap.add_argument("--flags", default=None,
+                    help="katt.FLAGS entries set before anything runs, e.g. 'VS_COL_TMA=1,VS_OVERLAP=0' (integers)")
     args = ap.parse_args()
+    for kv in (args.flags.split(",") if args.flags else []):
+        name, val = kv.split("=")
+        if name not in katt.FLAGS:
+            raise SystemExit(f"--flags: unknown katt.FLAGS entry {name!r}; known: {sorted(katt.FLAGS)}")
+        katt.FLAGS[name] = type(katt.FLAGS[name])(int(val)) if isinstance(katt.FLAGS[name], (bool, int)) else val
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)
@@ -617,6 +694,7 @@ def main():
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "flags": {k: v for k, v in katt.FLAGS.items()},
             "configs": {k: {str(d): c for d, c in v.items()} for k, v in katt.CONFIGS.items()}}
     log(json.dumps(meta))
     checks, rows, tune_rows = [], [], []
@@ -635,11 +713,19 @@ def main():
         if args.holey:
             tune_rows = holey(dev, gen, log)
             return
+        if args.vs_parts:
+            tune_rows = vs_parts(dev, gen, log, [int(s) for s in args.sizes.split(",") if s])
+            return
         if args.variants:
             combos = [(f, 1, "auto") for f in args.ab.split(",")] if args.ab else None
-            if args.flag_ab:  # a boolean katt.FLAGS entry on / off, twice
-                combos = [("_attn_kernel.py", 1, "auto", {args.flag_ab: v}) for v in (True, False, True, False)]
-            tune_rows = variants(dev, gen, log, [int(s) for s in args.sizes.split(",") if s], combos)
+            if args.flag_ab:  # boolean katt.FLAGS entries: the defaults, then each one flipped; twice
+                sets = [c.split("+") for c in args.flag_ab.split(",")]  # "A+B": flip A and B together
+                flags = sorted({f for fs in sets for f in fs})
+                one = [{}] + [{f: not katt.FLAGS[f] for f in fs} for fs in sets]
+                combos = [("_attn_kernel.py", 1, "auto", {**{f: katt.FLAGS[f] for f in flags}, **c})
+                          for c in one + one]
+            tune_rows = variants(dev, gen, log, [int(s) for s in args.sizes.split(",") if s], combos,
+                                 args.cases.split(",") if args.cases else None)
             return
         if args.tune or args.autotune:
             only = ([tuple(int(x) for x in c.split(",")) for c in args.vs_configs.split(";")]

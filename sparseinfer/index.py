@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["SparseIndex", "from_vertical_slash", "from_block_sparse", "from_ashape"]
+__all__ = ["SparseIndex", "from_vertical_slash", "from_block_sparse", "from_ashape", "from_band", "local_band_width"]
 
 # zero bits in front of offset 0 in ``slash_bits`` (the kernel reads up to block_m + 63 bits
 # before a row's offset window; block_m <= 448) and words after the last offset
@@ -509,6 +509,20 @@ def from_vertical_slash(
             glo, torch.clamp(ghi, max=n), exact, s.shape[-1], n, block_m, block_n)
         idx.tiles_relative, idx.block_n = True, block_n
     return idx if band is None else (idx, band)
+
+
+def local_band_width(slash_idx: torch.Tensor, n: int) -> torch.Tensor:
+    """slash_idx [B, H, Ns] offsets (-1 / >= n = padding) -> int64 [B, H]: the largest w such that
+    every offset 0..w is a slash (offset 0 always counts), i.e. the end of the first run of
+    ``from_vertical_slash`` (hi[..., 0] of its runs). A presence map and one argmin, no sort: a
+    few launches, so the local band's launch can start before the rest of the index is built."""
+    b, h, _ = slash_idx.shape
+    s = slash_idx.to(torch.int64)
+    s = torch.where((s >= 0) & (s < n), s, torch.full_like(s, n + 1))
+    pres = torch.zeros(b, h, n + 2, dtype=torch.uint8, device=slash_idx.device)
+    pres.scatter_(-1, s, 1)
+    pres[..., 0] = 1
+    return torch.argmin(pres[..., : n + 1], dim=-1) - 1  # pres[n] is 0: the first absent offset
 
 
 def from_band(width: torch.Tensor, n: int, block_m: int) -> SparseIndex:

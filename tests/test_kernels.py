@@ -111,9 +111,12 @@ def test_small_tiles_loop_structures(split):
     check(out, masked_attention_f64(q, k, v, block_sparse_mask(n, bi, 32)), torch.float32)
 
 
-def test_vertical_slash_band_and_runs():
+def test_vertical_slash_band_and_runs(monkeypatch):
     """The benchmark's shape of indices, small: sinks + scattered columns, a local band and
-    distant runs of consecutive offsets (exact bands with unmasked middles)."""
+    distant runs of consecutive offsets (exact bands with unmasked middles); the column pass
+    with its keys through TMA or gathered, its skip words tabulated or built per tile."""
+    from sparseinfer.kernels import attention as katt
+
     n = 700
     q, k, v = qkv(1, 4, 1, n, 64, torch.float16, seed=11)
     g = torch.Generator().manual_seed(12)
@@ -128,6 +131,19 @@ def test_vertical_slash_band_and_runs():
         assert int(idx.tile_count.max()) > 0 and int(idx.edge_count.max()) > 0
         out = kernels.vertical_slash_attention(q, k, v, vert, sl, 64 ** -0.5, config=(bm, bn, 4, 1, 1, 4))
         check(out, ref, torch.float16)
+    # the column pass's keys through TMA over per-head copies (heads with fewer distinct columns,
+    # duplicates or padding, than others read the next head's rows, masked) or gathered; its skip
+    # words from the table per distance or from the bitmap; 128-row blocks read two words per column
+    vert2 = vert.clone()
+    vert2[0, 1, 10:] = -1
+    vert2[0, 2, 5:] = vert2[0, 2, 4]
+    ref2 = masked_attention_f64(q, k, v, vertical_slash_mask(n, vert2, sl))
+    for col_tma, words in ((True, True), (True, False), (False, True), (False, False)):
+        monkeypatch.setitem(katt.FLAGS, "VS_COL_TMA", col_tma)
+        monkeypatch.setitem(katt.FLAGS, "VS_COL_WORDS", words)
+        check(ops.vertical_slash_attention(q, k, v, vert2, sl, backend="triton"), ref2, torch.float16)
+        for cfg in ((32, 32, 4, 1, 1, 4), (128, 64, 4, 1, 1, 3)):
+            check(kernels.vertical_slash_attention(q, k, v, vert2, sl, 64 ** -0.5, config=cfg), ref2, torch.float16)
     for split in (3, 4):  # 128-row blocks: two 64-bit slash windows per gathered column
         out = kernels.vertical_slash_attention(q, k, v, vert, sl, 64 ** -0.5, config=(128, 64, 4, 1, 1, split))
         check(out, ref, torch.float16)
@@ -158,6 +174,12 @@ def test_vertical_slash_local_band_launch(monkeypatch):
     widths = band.ranges[..., 0, 0, 3].tolist()
     own = band.range_count[..., 0].tolist()
     assert own[0][:3] == [1, 1, 0] and widths[0][:2] == [99, 99]  # the short band stays
+    # the sort-free band width (the GPU launcher's band index, built before the rest) agrees
+    w = sidx.local_band_width(sl, n)
+    assert w[0].tolist() == [99, 99, 9, int(sidx._slash_runs(sl, n)[2][0, 3, 0])]
+    for t in (sl[:1, :2], torch.arange(n).view(1, 1, n), torch.full((1, 1, 5), -1), torch.tensor([[[1, 2, n, n + 5]]])):
+        assert torch.equal(sidx.local_band_width(t, n), sidx._slash_runs(t, n)[2][..., 0].clamp(max=n - 1)), t
+    assert sidx.local_band_width(torch.arange(n).view(1, 1, n), n).item() == n - 1
     assert sidx.from_vertical_slash(vert, sl, n, 64).ranges[0, 1, 0, 0, 4] == 0  # one launch: 0..106 with holes
     assert idx.ranges[0, 1, 0, 0, 2:].tolist() == [105, 106, 1]  # the run left of the band: exact
     for b in range(2):

@@ -28,6 +28,13 @@ store nothing); PRIOR merges such a launch's normalised rows (PRIOR_O, PRIOR_LSE
 where PRIOR_CNT[b, h] != 0) into this one's in the epilogue; PRIOR_O may be O itself (each
 program reads its own rows before writing them).
 
+COL_WORDS: the column pass reads each column's skip word from a table per distance m0 - c
+(CW [B, H, n + 192], col_words_kernel) instead of building it from three bitmap words.
+
+COL_TMA: the column pass reads K / V rows copied per (batch, query head) in column order
+(KCD / VCD: TMA descriptors over [B * H * NCOL, D]) instead of gathering them with pointer loads;
+rows past a head's columns belong to the next head or are zeros, and the column mask removes them.
+
 Program order (ORDER 1): the GROUP query heads of a KV head and its query blocks run side by
 side, so programs in flight read the keys of one KV head (L2 reuse of scattered key blocks).
 Contiguous key tiles load through TMA descriptors (TMA 1 / 2, see _kv) on Hopper; gathered
@@ -217,6 +224,21 @@ def _geom(rp, m0, row_end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def col_words_kernel(SB, CWO, stride_sbb, stride_sbh, stride_cwb, stride_cwh, NE, H,
+                     PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """CWO [B, H, NE] int64: entry e is the column pass's 64-bit skip word for a column at
+    distance d = m0 - c = e - 127 from the query block's first row: bit r set iff d + r < 0 (not
+    causal) or d + r is a slash (bit PAD + d + r of the bitmap SB)."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.minimum(e, NE - 1) - 127
+    win = _window64(SB + b * stride_sbb + h * stride_sbh, d + PAD) | _ones(d * 0, -d - 1)
+    tl.store(CWO + b * stride_cwb + h * stride_cwh + e, win.to(tl.int64, bitcast=True), mask=e < NE)
+
+
+@triton.jit
 def sparse_fwd_kernel(
     Q, K, V, O,
     TILES, TCOUNT, RANGES, RCOUNT, COLS, CCOUNT, EDG, ECOUNT, SBITS,
@@ -243,6 +265,8 @@ def sparse_fwd_kernel(
     LSE=None, PRIOR_O=None, PRIOR_LSE=None, stride_lb=0, stride_lh=0, stride_pb=0, stride_ph=0, stride_pn=0,
     PRIOR_CNT=None, stride_pcb=0, stride_pch=0,
     LSE_OUT: tl.constexpr = False, PRIOR: tl.constexpr = False,
+    KCD=None, VCD=None, NCOL=0, COL_TMA: tl.constexpr = False,
+    CW=None, stride_cwb=0, stride_cwh=0, COL_WORDS: tl.constexpr = False,
 ):
     if ORDER == 1:
         # 1-D grid, (batch, KV head) slowest, then query blocks (longest rows first), then the
@@ -486,17 +510,29 @@ def sparse_fwd_kernel(
             cols = tl.load(col_base + offs_c, mask=cmask, other=0)
             if HAS_SMAP:
                 o_lo = m0 - cols
-                skip = _window64(sbits_base, o_lo + PAD) | _ones(o_lo * 0, -o_lo - 1)
+                if COL_WORDS:  # the words precomputed per distance m0 - c (col_words_kernel): one load
+                    cw_base = CW + b * stride_cwb + h * stride_cwh + 127
+                    skip = tl.load(cw_base + o_lo).to(tl.uint64, bitcast=True)
+                else:
+                    skip = _window64(sbits_base, o_lo + PAD) | _ones(o_lo * 0, -o_lo - 1)
                 if BLOCK_M > 64:
-                    skip_hi = _window64(sbits_base, o_lo + 64 + PAD) | _ones(o_lo * 0, -o_lo - 65)
+                    if COL_WORDS:
+                        skip_hi = tl.load(cw_base + o_lo + 64).to(tl.uint64, bitcast=True)
+                    else:
+                        skip_hi = _window64(sbits_base, o_lo + 64 + PAD) | _ones(o_lo * 0, -o_lo - 65)
                     bits = tl.where(rr[:, None] >= 64, skip_hi[None, :], skip[None, :]) >> (rr & 63).to(tl.uint64)[:, None]
                 else:
                     bits = skip[None, :] >> rr.to(tl.uint64)[:, None]
                 mask = ((bits & 1) == 0) & cmask[None, :]
             else:  # no slashes: a plain causal mask (gathered rows included)
                 mask = (cols[None, :] <= offs_m[:, None]) & cmask[None, :]
-            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=cmask[:, None], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cmask[:, None], other=0.0)
+            if COL_TMA:  # the head's column keys copied in order beforehand: contiguous tiles through TMA
+                crow = (b * H + h) * NCOL + c0
+                k = KCD.load([crow, 0])
+                v = VCD.load([crow, 0])
+            else:
+                k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=cmask[:, None], other=0.0)
+                v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cmask[:, None], other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC)
             qk = tl.where(mask, qk, float("-inf"))
             acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, v, True, PREC, qk_scale)

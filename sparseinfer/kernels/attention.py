@@ -61,12 +61,27 @@ BREAK_EVEN = {
 # GRAPH_INDEX: vertical-slash indices built by replaying a CUDA graph (`graphed`), not ~250 launches.
 # VS_BAND: vertical-slash's local band (offsets 0..w of a head, w + 1 >= VS_BAND_MIN) runs as a
 # launch of its own with the A-shape config (128 x 128 tiles on the GPU); the second launch (the
-# rest: 64 x 64 tiles) merges it in.
+# rest: 64 x 64 tiles) merges it in. VS_OVERLAP: with VS_BAND on a GPU, the band's index is built
+# first (no sort) and the rest of the index on a side stream while the band launch runs.
+# VS_COL_TMA: gathered columns' K / V rows copied per query head in column order before the
+# launch (on TMA-capable devices), the column pass then loads them through TMA. VS_COL_WORDS: the
+# column pass's 64-bit skip words tabulated per distance m0 - c before the launch (one load per
+# column instead of three bitmap words and shifts).
 FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py",  # KERNEL: a kernel file (A/B runs)
-         "GRAPH_INDEX": True, "VS_BAND": True}
+         "GRAPH_INDEX": True, "VS_BAND": True, "VS_OVERLAP": True,
+         "VS_COL_TMA": True, "VS_COL_WORDS": True}
 
 
 VS_BAND_MIN = 2048
+_SIDE: dict = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """A high-priority stream per device for index construction that overlaps a kernel."""
+    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    if key not in _SIDE:
+        _SIDE[key] = torch.cuda.Stream(device=key, priority=-1)
+    return _SIDE[key]
 
 
 def _tma_mode(q, k, v, q_rows) -> int:
@@ -224,6 +239,25 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
     prior_c = prior[2] if prior is not None else dummy
     if prior is not None and (prior_c.shape != (b, hq) or prior_c.dtype != torch.int32):
         raise ValueError(f"prior heads written: expected int32 {(b, hq)}, got {prior_c.dtype} {tuple(prior_c.shape)}")
+    # the column pass through TMA: each head's column keys / values copied in column order first
+    col_tma = bool(FLAGS["VS_COL_TMA"]) and bool(tma) and has_cols and q_rows is None
+    kcd = vcd = None
+    ncol = 0
+    if col_tma:
+        ncol = cols.shape[-1]
+        cidx = cols.long().clamp(max=n - 1)
+        kvh = (torch.arange(hq, device=q.device) // (hq // hkv)).view(1, hq, 1)
+        bi = torch.arange(b, device=q.device).view(b, 1, 1)
+        kcd, vcd = _descriptors(k[bi, kvh, cidx], v[bi, kvh, cidx], block_n, 1)
+    # the column pass's skip words per distance m0 - c, built once per call (one small launch)
+    col_words = bool(FLAGS["VS_COL_WORDS"]) and has_cols and has_smap
+    cw = dummy
+    if col_words:
+        ne = n + 192  # distances m0 - c from -127 (128-row blocks) to n + 64
+        cw = torch.empty(b, hq, ne, dtype=torch.int64, device=q.device)
+        mod.col_words_kernel[(b * hq, math.ceil(ne / 1024))](
+            sbits, cw, st(sbits, 0), st(sbits, 1), cw.stride(0), cw.stride(1), ne, hq,
+            PAD=_index.BITS_PAD, BLOCK=1024)
     mod.sparse_fwd_kernel[grid](
         q, k, v, out,
         tiles, tc, ranges, rc, cols, cc, edges, ec, sbits,
@@ -256,6 +290,9 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         PRIOR_CNT=prior_c, stride_pcb=st(prior_c, 0) if prior is not None else 0,
         stride_pch=st(prior_c, 1) if prior is not None else 0,
         LSE_OUT=lse_out is not None, PRIOR=prior is not None,
+        KCD=kcd, VCD=vcd, NCOL=ncol, COL_TMA=col_tma,
+        CW=cw, stride_cwb=cw.stride(0) if col_words else 0, stride_cwh=cw.stride(1) if col_words else 0,
+        COL_WORDS=col_words,
         num_warps=num_warps, num_stages=num_stages,
     )
     if user_out is not None:
@@ -277,13 +314,34 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
     def build(vi, si):
         return _index.from_vertical_slash(vi, si, n, bm, block_n=tiles_n, band_block_m=band_bm, band_min=band_min)
 
-    if FLAGS["GRAPH_INDEX"] and q.is_cuda:
+    graph = FLAGS["GRAPH_INDEX"] and q.is_cuda
+    side = _side_stream(q.device) if (band_cfg is not None and FLAGS["VS_OVERLAP"] and q.is_cuda
+                                      and not torch.cuda.is_current_stream_capturing()) else None
+    band = None
+    if side is not None:
+        # the band's index first (a presence map and an argmin), then the full index on a side
+        # stream: it is built while the band launch runs instead of before it
+        def build_band(si):
+            w = _index.local_band_width(si, n)
+            return _index.from_band(torch.where(w + 1 >= band_min, w, -1), n, band_bm)
+
+        band = graphed.build_graphed(("vs_band", n, band_bm, band_min), build_band, (slash_idx,)) if graph \
+            else build_band(slash_idx)
+        main = torch.cuda.current_stream(q.device)
+        side.wait_stream(main)
+        for t in (vertical_idx, slash_idx):
+            t.record_stream(side)
+        with torch.cuda.stream(side):
+            idx = graphed.build_graphed(("vertical_slash", n, bm, tiles_n, band_bm), build, (vertical_idx, slash_idx)) \
+                if graph else build(vertical_idx, slash_idx)
+    elif graph:
         idx = graphed.build_graphed(("vertical_slash", n, bm, tiles_n, band_bm), build, (vertical_idx, slash_idx))
     else:
         idx = build(vertical_idx, slash_idx)
     if band_cfg is None:
         return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out)
-    idx, band = idx
+    idx, band_full = idx
+    band = band_full if band is None else band
     # both launches write the one output: the band launch its heads' rows, the second launch reads
     # them back (each program its own rows) and overwrites them merged (no second q-sized buffer);
     # heads not computed stay as `out` had them (zeros when there was no `out`)
@@ -291,6 +349,13 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
         out = torch.zeros_like(q) if heads is not None else torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     out = run_index(q, k, v, band, scale, band_cfg[1], *band_cfg[2:], heads=heads, out=out, lse_out=lse)
+    if side is not None:
+        torch.cuda.current_stream(q.device).wait_stream(side)
+        if not graph:  # eager index tensors were allocated on the side stream
+            for t in (idx.ranges, idx.range_count, idx.columns, idx.column_count, idx.tiles, idx.tile_count,
+                      idx.edges, idx.edge_count, idx.slash_bits):
+                if t is not None:
+                    t.record_stream(torch.cuda.current_stream(q.device))
     return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out, prior=(out, lse, band.range_count[..., 0]))
 
 

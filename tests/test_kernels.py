@@ -241,6 +241,26 @@ def test_program_order_and_tma(monkeypatch, order, tma):
     check(out, masked_attention_f64(q, k, v, block_sparse_mask(n, bi, 32)), torch.float32)
 
 
+@pytest.mark.parametrize("tma", [0, "auto"])
+def test_block_list_one_step_ahead(monkeypatch, tma):
+    """FLAGS["PF"]: the block-sparse tile loop loads the next tile's start one step ahead (the
+    last step's look-ahead masked), below PF_MAX_N only: lists with padding and duplicates (tile
+    counts 0..3) against the float64 reference, on and off."""
+    from sparseinfer.kernels import attention as katt
+
+    monkeypatch.setitem(katt.FLAGS, "TMA", tma)
+    n, hq, hkv = 420, 4, 2
+    q, k, v = qkv(2, hq, hkv, n, 64, torch.float16, seed=31)
+    bi = torch.randint(-1, 14, (2, hq, 14, 3), generator=torch.Generator().manual_seed(32))
+    bi[0, 0, 5] = -1  # a query block with no listed block
+    bi[1, 1, 9] = 4  # the same block three times
+    ref = masked_attention_f64(q, k, v, block_sparse_mask(n, bi, 32))
+    for pf, limit in ((True, katt.PF_MAX_N), (True, 100), (False, katt.PF_MAX_N)):
+        monkeypatch.setitem(katt.FLAGS, "PF", pf)
+        monkeypatch.setattr(katt, "PF_MAX_N", limit)
+        check(kernels.block_sparse_attention(q, k, v, bi, 32, 0.125), ref, torch.float16)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_heads_option_computes_only_those_heads(backend):
     """heads=: the listed heads equal the reference, the others are zeros (the kernel visits

@@ -31,6 +31,9 @@ program reads its own rows before writing them).
 COL_WORDS: the column pass reads each column's skip word from a table per distance m0 - c
 (CW [B, H, n + 192], col_words_kernel) instead of building it from three bitmap words.
 
+PF: the tile loop loads the next tile's start one step ahead, so a step's key loads do not wait
+on a dependent index load (block-sparse lists; see attention.FLAGS["PF"]).
+
 COL_TMA: the column pass reads K / V rows copied per (batch, query head) in column order
 (KCD / VCD: TMA descriptors over [B * H * NCOL, D]) instead of gathering them with pointer loads;
 rows past a head's columns belong to the next head or are zeros, and the column mask removes them.
@@ -266,7 +269,7 @@ def sparse_fwd_kernel(
     PRIOR_CNT=None, stride_pcb=0, stride_pch=0,
     LSE_OUT: tl.constexpr = False, PRIOR: tl.constexpr = False,
     KCD=None, VCD=None, NCOL=0, COL_TMA: tl.constexpr = False,
-    CW=None, stride_cwb=0, stride_cwh=0, COL_WORDS: tl.constexpr = False,
+    CW=None, stride_cwb=0, stride_cwh=0, COL_WORDS: tl.constexpr = False, PF: tl.constexpr = False,
 ):
     if ORDER == 1:
         # 1-D grid, (batch, KV head) slowest, then query blocks (longest rows first), then the
@@ -335,8 +338,14 @@ def sparse_fwd_kernel(
         nt = tl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m) * on
         t_base = TILES + b * stride_tb + h * stride_th + pid_m * stride_tq
         t0 = m0 if TILES_REL else 0  # relative tiles (vertical-slash): shared by all query blocks
+        if PF:  # each step loads the next tile's start (the key loads need not wait for it)
+            nxt = tl.load(t_base, mask=nt > 0, other=0)
         for t in tl.range(0, nt, num_stages=STAGES):
-            n0 = t0 + tl.load(t_base + t)
+            if PF:
+                n0 = t0 + nxt
+                nxt = tl.load(t_base + t + 1, mask=t + 1 < nt, other=0)
+            else:
+                n0 = t0 + tl.load(t_base + t)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k, v = _kv(kt_base, vt_base, stride_kn, stride_vn, offs_n, offs_d, offs_n, row0, n0, False, TMA)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC)
@@ -504,6 +513,7 @@ def sparse_fwd_kernel(
         nc = tl.load(CCOUNT + b * stride_ccb + h * stride_cch + pid_m) * on
         col_base = COLS + b * stride_colb + h * stride_colh
         rr = tl.arange(0, BLOCK_M)
+        cw_base = CW + b * stride_cwb + h * stride_cwh + 127
         for c0 in tl.range(0, nc, BLOCK_N, num_stages=EDGE_STAGES):
             offs_c = c0 + tl.arange(0, BLOCK_N)
             cmask = offs_c < nc
@@ -511,7 +521,6 @@ def sparse_fwd_kernel(
             if HAS_SMAP:
                 o_lo = m0 - cols
                 if COL_WORDS:  # the words precomputed per distance m0 - c (col_words_kernel): one load
-                    cw_base = CW + b * stride_cwb + h * stride_cwh + 127
                     skip = tl.load(cw_base + o_lo).to(tl.uint64, bitcast=True)
                 else:
                     skip = _window64(sbits_base, o_lo + PAD) | _ones(o_lo * 0, -o_lo - 1)

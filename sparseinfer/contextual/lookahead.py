@@ -26,17 +26,10 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.streams import existing_side_stream, side_stream
 from .dejavu import LayerPredictor, blocked_top_indices
 
-_side: dict[int, torch.cuda.Stream] = {}
 _held: dict[int, list] = {}  # device -> tensors the side stream reads, kept until the join
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _side:
-        _side[i] = torch.cuda.Stream(device=torch.device("cuda", i))
-    return _side[i]
 
 
 @torch.library.custom_op("sparseinfer::select_begin", mutates_args=())
@@ -58,7 +51,7 @@ def select_begin(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: torch.Ten
     out = torch.empty(x.shape[0], k, dtype=torch.int32, device=x.device)
     xc = x.clone()  # owned here until the join (the caller may reuse x's memory)
     main = torch.cuda.current_stream(x.device)
-    side = _side_stream(x.device)
+    side = side_stream(x.device)
     fork = torch.cuda.Event()
     fork.record(main)
     side.wait_event(fork)
@@ -85,8 +78,9 @@ def dejavu_mlp_joined(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd_t:
 
     if x.is_cuda:
         dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        if dev in _side:
-            torch.cuda.current_stream(x.device).wait_stream(_side[dev])
+        side = existing_side_stream(x.device)
+        if side is not None:
+            torch.cuda.current_stream(x.device).wait_stream(side)
         _held.pop(dev, None)
     return dejavu_mlp_rows_launch(x, wg, wu, wd_t, idx.reshape(-1))
 

@@ -13,6 +13,7 @@ from .. import index as _index
 from . import graphed
 from ._loader import kernel_module
 from .decode import _hopper
+from .streams import side_stream
 
 
 
@@ -77,15 +78,6 @@ FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py",  # KERNEL: a ke
 
 VS_BAND_MIN = 2048
 PF_MAX_N = 256 * 1024
-_SIDE: dict = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """A high-priority stream per device for index construction that overlaps a kernel."""
-    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
-    if key not in _SIDE:
-        _SIDE[key] = torch.cuda.Stream(device=key, priority=-1)
-    return _SIDE[key]
 
 
 def _tma_mode(q, k, v, q_rows) -> int:
@@ -321,7 +313,7 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
         return _index.from_vertical_slash(vi, si, n, bm, block_n=tiles_n, band_block_m=band_bm, band_min=band_min)
 
     graph = FLAGS["GRAPH_INDEX"] and q.is_cuda
-    side = _side_stream(q.device) if (band_cfg is not None and FLAGS["VS_OVERLAP"] and q.is_cuda
+    side = side_stream(q.device, -1) if (band_cfg is not None and FLAGS["VS_OVERLAP"] and q.is_cuda
                                       and not torch.cuda.is_current_stream_capturing()) else None
     band = None
     if side is not None:

@@ -132,15 +132,14 @@ def test_vertical_slash_band_and_runs(monkeypatch):
         out = kernels.vertical_slash_attention(q, k, v, vert, sl, 64 ** -0.5, config=(bm, bn, 4, 1, 1, 4))
         check(out, ref, torch.float16)
     # the column pass's keys through TMA over per-head copies (heads with fewer distinct columns,
-    # duplicates or padding, than others read the next head's rows, masked) or gathered; its skip
-    # words from the table per distance or from the bitmap; 128-row blocks read two words per column
+    # duplicates or padding, than others read the next head's rows, masked) or gathered; the skip
+    # words from the table per distance (128-row blocks read two words per column)
     vert2 = vert.clone()
     vert2[0, 1, 10:] = -1
     vert2[0, 2, 5:] = vert2[0, 2, 4]
     ref2 = masked_attention_f64(q, k, v, vertical_slash_mask(n, vert2, sl))
-    for col_tma, words in ((True, True), (True, False), (False, True), (False, False)):
+    for col_tma in (True, False):
         monkeypatch.setitem(katt.FLAGS, "VS_COL_TMA", col_tma)
-        monkeypatch.setitem(katt.FLAGS, "VS_COL_WORDS", words)
         check(ops.vertical_slash_attention(q, k, v, vert2, sl, backend="triton"), ref2, torch.float16)
         for cfg in ((32, 32, 4, 1, 1, 4), (128, 64, 4, 1, 1, 3)):
             check(kernels.vertical_slash_attention(q, k, v, vert2, sl, 64 ** -0.5, config=cfg), ref2, torch.float16)

@@ -28,8 +28,8 @@ store nothing); PRIOR merges such a launch's normalised rows (PRIOR_O, PRIOR_LSE
 where PRIOR_CNT[b, h] != 0) into this one's in the epilogue; PRIOR_O may be O itself (each
 program reads its own rows before writing them).
 
-COL_WORDS: the column pass reads each column's skip word from a table per distance m0 - c
-(CW [B, H, n + 192], col_words_kernel) instead of building it from three bitmap words.
+The column pass (with a slash map) reads each column's 64-bit skip word from a table per
+distance m0 - c (CW [B, H, n + 192], col_words_kernel): one load per column.
 
 PF: the tile loop loads the next tile's start one step ahead, so a step's key loads do not wait
 on a dependent index load (block-sparse lists; see attention.FLAGS["PF"]).
@@ -269,7 +269,7 @@ def sparse_fwd_kernel(
     PRIOR_CNT=None, stride_pcb=0, stride_pch=0,
     LSE_OUT: tl.constexpr = False, PRIOR: tl.constexpr = False,
     KCD=None, VCD=None, NCOL=0, COL_TMA: tl.constexpr = False,
-    CW=None, stride_cwb=0, stride_cwh=0, COL_WORDS: tl.constexpr = False, PF: tl.constexpr = False,
+    CW=None, stride_cwb=0, stride_cwh=0, PF: tl.constexpr = False,
 ):
     if ORDER == 1:
         # 1-D grid, (batch, KV head) slowest, then query blocks (longest rows first), then the
@@ -520,15 +520,9 @@ def sparse_fwd_kernel(
             cols = tl.load(col_base + offs_c, mask=cmask, other=0)
             if HAS_SMAP:
                 o_lo = m0 - cols
-                if COL_WORDS:  # the words precomputed per distance m0 - c (col_words_kernel): one load
-                    skip = tl.load(cw_base + o_lo).to(tl.uint64, bitcast=True)
-                else:
-                    skip = _window64(sbits_base, o_lo + PAD) | _ones(o_lo * 0, -o_lo - 1)
+                skip = tl.load(cw_base + o_lo).to(tl.uint64, bitcast=True)  # words per distance m0 - c
                 if BLOCK_M > 64:
-                    if COL_WORDS:
-                        skip_hi = tl.load(cw_base + o_lo + 64).to(tl.uint64, bitcast=True)
-                    else:
-                        skip_hi = _window64(sbits_base, o_lo + 64 + PAD) | _ones(o_lo * 0, -o_lo - 65)
+                    skip_hi = tl.load(cw_base + o_lo + 64).to(tl.uint64, bitcast=True)
                     bits = tl.where(rr[:, None] >= 64, skip_hi[None, :], skip[None, :]) >> (rr & 63).to(tl.uint64)[:, None]
                 else:
                     bits = skip[None, :] >> rr.to(tl.uint64)[:, None]

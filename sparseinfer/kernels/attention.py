@@ -65,15 +65,13 @@ BREAK_EVEN = {
 # rest: 64 x 64 tiles) merges it in. VS_OVERLAP: with VS_BAND on a GPU, the band's index is built
 # first (no sort) and the rest of the index on a side stream while the band launch runs.
 # VS_COL_TMA: gathered columns' K / V rows copied per query head in column order before the
-# launch (on TMA-capable devices), the column pass then loads them through TMA. VS_COL_WORDS: the
-# column pass's 64-bit skip words tabulated per distance m0 - c before the launch (one load per
-# column instead of three bitmap words and shifts). PF: block-sparse tile lists (not
+# launch (on TMA-capable devices), the column pass then loads them through TMA. PF: block-sparse tile lists (not
 # vertical-slash's relative tiles) load the next tile's start one step ahead, for n <= PF_MAX_N
 # (H100, realistic top-100 lists, A/B alternated twice, results/attention_pf_ab.md: 128K 28.5-28.6
 # vs 31.1-33.1 ms, 256K 65.5-66.0 vs 70.8-73.6; slower at 512K: 160.8-163.9 vs 153.3-153.7).
 FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py",  # KERNEL: a kernel file (A/B runs)
          "GRAPH_INDEX": True, "VS_BAND": True, "VS_OVERLAP": True,
-         "VS_COL_TMA": True, "VS_COL_WORDS": True, "PF": True}
+         "VS_COL_TMA": True, "PF": True}
 
 
 VS_BAND_MIN = 2048
@@ -247,8 +245,10 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         kcd, vcd = _descriptors(k[bi, kvh, cidx], v[bi, kvh, cidx], block_n, 1)
     # block-sparse tile lists: the next tile's start loaded one step ahead (FLAGS["PF"])
     pf = bool(FLAGS["PF"]) and has_tiles and not idx.tiles_relative and n <= PF_MAX_N
-    # the column pass's skip words per distance m0 - c, built once per call (one small launch)
-    col_words = bool(FLAGS["VS_COL_WORDS"]) and has_cols and has_smap
+    # the column pass's skip words per distance m0 - c, built once per call (one small launch; was
+    # three bitmap words and shifts per column per tile: H100 128K 34.7 vs 34.7-36.1 ms, 256K 69.3-70.8
+    # vs 71.1-73.6, results/attention_colwords_ab.md)
+    col_words = has_cols and has_smap
     cw = dummy
     if col_words:
         ne = n + 192  # distances m0 - c from -127 (128-row blocks) to n + 64
@@ -290,7 +290,7 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         LSE_OUT=lse_out is not None, PRIOR=prior is not None,
         KCD=kcd, VCD=vcd, NCOL=ncol, COL_TMA=col_tma,
         CW=cw, stride_cwb=cw.stride(0) if col_words else 0, stride_cwh=cw.stride(1) if col_words else 0,
-        COL_WORDS=col_words, PF=pf,
+        PF=pf,
         num_warps=num_warps, num_stages=num_stages,
     )
     if user_out is not None:

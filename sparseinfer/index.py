@@ -35,7 +35,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["SparseIndex", "from_vertical_slash", "from_block_sparse", "from_ashape", "from_band", "local_band_width"]
+__all__ = ["SparseIndex", "from_vertical_slash", "from_block_sparse", "from_ashape", "from_band", "band_index",
+           "local_band_width"]
 
 # zero bits in front of offset 0 in ``slash_bits`` (the kernel reads up to block_m + 63 bits
 # before a row's offset window; block_m <= 448) and words after the last offset
@@ -466,9 +467,9 @@ def from_vertical_slash(
     big = n
     s, lo, hi = _slash_runs(slash_idx, n)
     band = None
-    if band_block_m is not None:  # the first run starts at offset 0 (always a slash)
-        own = hi[..., :1] + 1 >= band_min
-        band = from_band(torch.where(own[..., 0], torch.clamp(hi[..., 0], max=n - 1), -1), n, band_block_m)
+    if band_block_m is not None:  # the band is the first run (it starts at offset 0, always a slash)
+        band = band_index(slash_idx, n, band_block_m, band_min)
+        own = band.range_count[..., :1] > 0
 
         def drop_first(x):
             return torch.where(own, torch.cat([x[..., 1:], torch.full_like(x[..., :1], big)], -1), x)
@@ -523,6 +524,13 @@ def local_band_width(slash_idx: torch.Tensor, n: int) -> torch.Tensor:
     pres.scatter_(-1, s, 1)
     pres[..., 0] = 1
     return torch.argmin(pres[..., : n + 1], dim=-1) - 1  # pres[n] is 0: the first absent offset
+
+
+def band_index(slash_idx: torch.Tensor, n: int, block_m: int, band_min: int = 1) -> SparseIndex:
+    """The local-band index of ``from_vertical_slash(..., band_block_m=block_m, band_min=)``: per
+    head the band 0..w of ``local_band_width`` when w + 1 >= band_min, else none (``from_band``)."""
+    w = local_band_width(slash_idx, n)
+    return from_band(torch.where(w + 1 >= band_min, w, -1), n, block_m)
 
 
 def from_band(width: torch.Tensor, n: int, block_m: int) -> SparseIndex:

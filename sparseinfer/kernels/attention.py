@@ -5,6 +5,7 @@ interpreter (a second copy of the kernel module, loaded with TRITON_INTERPRET=1)
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -312,30 +313,22 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
     def build(vi, si):
         return _index.from_vertical_slash(vi, si, n, bm, block_n=tiles_n, band_block_m=band_bm, band_min=band_min)
 
-    graph = FLAGS["GRAPH_INDEX"] and q.is_cuda
+    def built(key, fn, inputs):  # replayed from a CUDA graph (FLAGS["GRAPH_INDEX"]) or eager
+        return graphed.build_graphed(key, fn, inputs) if FLAGS["GRAPH_INDEX"] and q.is_cuda else fn(*inputs)
+
     side = side_stream(q.device, -1) if (band_cfg is not None and FLAGS["VS_OVERLAP"] and q.is_cuda
                                       and not torch.cuda.is_current_stream_capturing()) else None
     band = None
     if side is not None:
-        # the band's index first (a presence map and an argmin), then the full index on a side
-        # stream: it is built while the band launch runs instead of before it
-        def build_band(si):
-            w = _index.local_band_width(si, n)
-            return _index.from_band(torch.where(w + 1 >= band_min, w, -1), n, band_bm)
-
-        band = graphed.build_graphed(("vs_band", n, band_bm, band_min), build_band, (slash_idx,)) if graph \
-            else build_band(slash_idx)
-        main = torch.cuda.current_stream(q.device)
-        side.wait_stream(main)
+        # the band's index first (a presence map and an argmin, no sort), then the full index on a
+        # side stream: it is built while the band launch runs instead of before it
+        band = built(("vs_band", n, band_bm, band_min),
+                     lambda si: _index.band_index(si, n, band_bm, band_min), (slash_idx,))
+        side.wait_stream(torch.cuda.current_stream(q.device))
         for t in (vertical_idx, slash_idx):
             t.record_stream(side)
-        with torch.cuda.stream(side):
-            idx = graphed.build_graphed(("vertical_slash", n, bm, tiles_n, band_bm), build, (vertical_idx, slash_idx)) \
-                if graph else build(vertical_idx, slash_idx)
-    elif graph:
-        idx = graphed.build_graphed(("vertical_slash", n, bm, tiles_n, band_bm), build, (vertical_idx, slash_idx))
-    else:
-        idx = build(vertical_idx, slash_idx)
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        idx = built(("vertical_slash", n, bm, tiles_n, band_bm), build, (vertical_idx, slash_idx))
     if band_cfg is None:
         return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out)
     idx, band_full = idx
@@ -349,7 +342,7 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
     out = run_index(q, k, v, band, scale, band_cfg[1], *band_cfg[2:], heads=heads, out=out, lse_out=lse)
     if side is not None:
         torch.cuda.current_stream(q.device).wait_stream(side)
-        if not graph:  # eager index tensors were allocated on the side stream
+        if not (FLAGS["GRAPH_INDEX"] and q.is_cuda):  # eager index tensors were allocated on the side stream
             for t in (idx.ranges, idx.range_count, idx.columns, idx.column_count, idx.tiles, idx.tile_count,
                       idx.edges, idx.edge_count, idx.slash_bits):
                 if t is not None:

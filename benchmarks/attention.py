@@ -657,8 +657,8 @@ def main():
     ap.add_argument("--variants", action="store_true", help="only: kernel variants (katt.FLAGS), 128K + 512K")
     ap.add_argument("--ab", default=None, help="with --variants: compare kernel files, e.g. '_attn_kernel_prev.py,_attn_kernel.py'")
     ap.add_argument("--flag-ab", default=None,
-                    help="with --variants: boolean katt.FLAGS entries, the defaults vs each flipped ('A+B' flips both), "
-                         "twice, e.g. VS_BAND,VS_OVERLAP")
+                    help="with --variants: katt.FLAGS changes, the defaults vs each (a boolean name flips it, "
+                         "NAME=int sets it, 'A+B' both), twice, e.g. VS_BAND,VS_OVERLAP,PF_MAX_N=1048576+PF_DEPTH=2")
     ap.add_argument("--vs-parts", action="store_true",
                     help="only: the parts of a vertical-slash call on realistic indices (index, band launch, second "
                          "launch with / without columns, runs, merge), timed apart")
@@ -718,10 +718,18 @@ def main():
             return
         if args.variants:
             combos = [(f, 1, "auto") for f in args.ab.split(",")] if args.ab else None
-            if args.flag_ab:  # boolean katt.FLAGS entries: the defaults, then each one flipped; twice
-                sets = [c.split("+") for c in args.flag_ab.split(",")]  # "A+B": flip A and B together
-                flags = sorted({f for fs in sets for f in fs})
-                one = [{}] + [{f: not katt.FLAGS[f] for f in fs} for fs in sets]
+            if args.flag_ab:  # katt.FLAGS entries: the defaults, then each set changed; twice
+                # "A+B": flip booleans A and B together; "N=int": set N
+                sets = [c.split("+") for c in args.flag_ab.split(",")]
+
+                def changed(item):
+                    name, _, val = item.partition("=")
+                    if name not in katt.FLAGS:
+                        raise SystemExit(f"--flag-ab: unknown katt.FLAGS entry {name!r}; known: {sorted(katt.FLAGS)}")
+                    return name, (int(val) if val else not katt.FLAGS[name])
+
+                flags = sorted({changed(f)[0] for fs in sets for f in fs})
+                one = [{}] + [dict(changed(f) for f in fs) for fs in sets]
                 combos = [("_attn_kernel.py", 1, "auto", {**{f: katt.FLAGS[f] for f in flags}, **c})
                           for c in one + one]
             tune_rows = variants(dev, gen, log, [int(s) for s in args.sizes.split(",") if s], combos,

@@ -243,7 +243,7 @@ def test_program_order_and_tma(monkeypatch, order, tma):
 @pytest.mark.parametrize("tma", [0, "auto"])
 def test_block_list_one_step_ahead(monkeypatch, tma):
     """FLAGS["PF"]: the block-sparse tile loop loads the next tile's start one step ahead (the
-    last step's look-ahead masked), below PF_MAX_N only: lists with padding and duplicates (tile
+    last step's look-ahead masked), up to FLAGS["PF_MAX_N"] only: lists with padding and duplicates (tile
     counts 0..3) against the float64 reference, on and off."""
     from sparseinfer.kernels import attention as katt
 
@@ -254,9 +254,9 @@ def test_block_list_one_step_ahead(monkeypatch, tma):
     bi[0, 0, 5] = -1  # a query block with no listed block
     bi[1, 1, 9] = 4  # the same block three times
     ref = masked_attention_f64(q, k, v, block_sparse_mask(n, bi, 32))
-    for pf, limit in ((True, katt.PF_MAX_N), (True, 100), (False, katt.PF_MAX_N)):
+    for pf, limit in ((True, 1 << 20), (True, 100), (False, 1 << 20)):
         monkeypatch.setitem(katt.FLAGS, "PF", pf)
-        monkeypatch.setattr(katt, "PF_MAX_N", limit)
+        monkeypatch.setitem(katt.FLAGS, "PF_MAX_N", limit)
         check(kernels.block_sparse_attention(q, k, v, bi, 32, 0.125), ref, torch.float16)
 
 

@@ -69,14 +69,16 @@ BREAK_EVEN = {
 # launch (on TMA-capable devices), the column pass then loads them through TMA. PF: block-sparse tile lists (not
 # vertical-slash's relative tiles) load the next tile's start one step ahead, for n <= PF_MAX_N
 # (H100, realistic top-100 lists, A/B alternated twice, results/attention_pf_ab.md: 128K 28.5-28.6
-# vs 31.1-33.1 ms, 256K 65.5-66.0 vs 70.8-73.6; slower at 512K: 160.8-163.9 vs 153.3-153.7).
+# vs 31.1-33.1 ms, 256K 65.5-66.0 vs 70.8-73.6; slower at 512K: 160.8-163.9 vs 153.3-153.7, again in
+# attention_pf512_ab.md: 159.7-165.1 vs 152.4-153.1). Measured and not kept (attention_pf512_ab.md,
+# attention_pfrel_ab.md): two tiles ahead (128K 37.7 vs 27.6-29.2 ms), vertical-slash's relative
+# tiles one step ahead (128K 39.3-39.4 vs 32.5-32.7 ms).
 FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py",  # KERNEL: a kernel file (A/B runs)
          "GRAPH_INDEX": True, "VS_BAND": True, "VS_OVERLAP": True,
-         "VS_COL_TMA": True, "PF": True}
+         "VS_COL_TMA": True, "PF": True, "PF_MAX_N": 256 * 1024}
 
 
 VS_BAND_MIN = 2048
-PF_MAX_N = 256 * 1024
 
 
 def _tma_mode(q, k, v, q_rows) -> int:
@@ -245,7 +247,7 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         bi = torch.arange(b, device=q.device).view(b, 1, 1)
         kcd, vcd = _descriptors(k[bi, kvh, cidx], v[bi, kvh, cidx], block_n, 1)
     # block-sparse tile lists: the next tile's start loaded one step ahead (FLAGS["PF"])
-    pf = bool(FLAGS["PF"]) and has_tiles and not idx.tiles_relative and n <= PF_MAX_N
+    pf = bool(FLAGS["PF"]) and has_tiles and not idx.tiles_relative and n <= FLAGS["PF_MAX_N"]
     # the column pass's skip words per distance m0 - c, built once per call (one small launch; was
     # three bitmap words and shifts per column per tile: H100 128K 34.7 vs 34.7-36.1 ms, 256K 69.3-70.8
     # vs 71.1-73.6, results/attention_colwords_ab.md)

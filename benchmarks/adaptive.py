@@ -52,6 +52,9 @@ METHODS = {
     "flexprefill gamma=0.95": lambda bs: FlexPrefill(gamma=0.95, tau=0.1, block_size=bs),
     # the learned gate, threshold mode (patch's default 1e-3) and top-k mode, on its own block size
     "adaptive gate threshold=1e-3 block 64": lambda bs: AdaptiveLayer(distilled_gate(64), 0, threshold=1e-3),
+    # patch's default dense tail (the last query block sees every causal key)
+    "adaptive gate threshold=1e-3 block 64 tail 64": lambda bs: AdaptiveLayer(distilled_gate(64), 0, threshold=1e-3,
+                                                                               dense_tail=64),
     "adaptive gate threshold=1e-3 block 128": lambda bs: AdaptiveLayer(distilled_gate(128), 0, threshold=1e-3),
     "adaptive gate density=0.3 block 128": lambda bs: AdaptiveLayer(distilled_gate(128), 0, density=0.3),
 }
@@ -143,6 +146,18 @@ def check(dev, gen, log, n, block_size, backend):
         ok = err <= 1e-2 and bool(torch.isfinite(out).all())
         rows.append({"method": name, "N": n, "rel_err": err, "ok": ok})
         log(f"check N={n} {name}: rel err {err:.2e} {'ok' if ok else 'FAILED'}")
+        pat = make(block_size)
+        if isinstance(pat, AdaptiveLayer) and pat.threshold is not None:  # fused selection vs the probabilities path
+            a, b = (pat.select(q, k, scale, fused=f)[0].kwargs["block_idx"] for f in (True, False))
+            nb = a.shape[2]
+            keep = [torch.zeros(*t.shape[:3], nb + 1, dtype=torch.bool, device=dev).scatter_(
+                -1, torch.where(t >= 0, t, nb).long(), True) for t in (a, b)]
+            diff = int((keep[0] ^ keep[1]).sum())
+            ok = diff <= 1e-5 * int(keep[1].sum())  # near-threshold blocks only (float32 softmax vs log-softmax)
+            rows.append({"method": f"{name}: fused selection vs probabilities (blocks that differ)", "N": n,
+                         "rel_err": diff / max(1, int(keep[1].sum())), "ok": ok})
+            log(f"check N={n} {name}: fused selection differs in {diff} of {int(keep[1].sum())} kept blocks "
+                f"{'ok' if ok else 'FAILED'}")
     # the estimation's fused path (half-precision matmul with float32 output, scale in the
     # kernels) against the torch path in float64 on the same inputs
     from sparseinfer.kernels import lastq

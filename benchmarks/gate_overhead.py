@@ -88,6 +88,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--kernel", action="store_true", help="also time the block-sparse kernel on the gate's indices")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, float32")
+    ap.add_argument("--pool-configs", default=None,
+                    help="also time the features with these `kernels.pool.CONFIG`s, e.g. '8,4,1;8,8,2;1,4,1' "
+                         "(heads per program, warps, stages)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
@@ -148,6 +151,17 @@ def main(argv=None) -> int:
             row["features_max_abs"] = max(float(r.abs().max()) for r in ref)
             row["gate_features_torch_ms"] = timer(torch_features, reps, warmup, cuda)
             del ref
+            if args.pool_configs:  # the fused pooling kernel's configs, each checked against the default's output
+                from sparseinfer.kernels import pool
+
+                saved, row["pool_configs"] = pool.CONFIG, {}
+                for c in args.pool_configs.split(";"):
+                    pool.CONFIG = tuple(int(x) for x in c.split(","))
+                    diff = max(float((a - r).abs().max()) for a, r in zip(gates.features(q, k), feats))
+                    row["pool_configs"][c] = {"ms": timer(lambda: gates.features(q, k), reps, warmup, cuda),
+                                              "max_abs_diff": diff}
+                    print(f"N={n} features with pool config {c}: {row['pool_configs'][c]}", flush=True)
+                pool.CONFIG = saved
             row["gate_scores_ms"] = timer(lambda: layer(*feats).exp(), reps, warmup, cuda)
             # the selection the library runs (`select_index`: one Triton program per row on CUDA)
             # and torch's masks + cumsum + scatter, which must give the same indices
@@ -158,6 +172,15 @@ def main(argv=None) -> int:
                                                            keep_to_index(keep_blocks(probs, threshold=args.threshold))))
             row["gate_total_ms"] = timer(
                 lambda: select_index(gates.probs(0, q, k), threshold=args.threshold), reps, warmup, cuda)
+            # what the patched layer runs: the adaptive pattern's selection (fused threshold kernel on CUDA,
+            # the block density from its counts), without and with patch's dense tail
+            from sparseinfer.patterns.adaptive import DENSE_TAIL, AdaptiveLayer
+
+            for tail in (0, DENSE_TAIL):
+                pat = AdaptiveLayer(gates, 0, threshold=args.threshold, dense_tail=tail)
+                row[f"gate_library_tail{tail}_ms"] = timer(lambda: pat.select(q, k, 128 ** -0.5), reps, warmup, cuda)
+                print(f"N={n} library selection, dense_tail {tail}: {row[f'gate_library_tail{tail}_ms']:.3f} ms",
+                      flush=True)
             nb = keep.shape[-1]
             row["kept_block_density"] = float(keep.sum() / (32 * nb * (nb + 1) / 2))
             if args.kernel:
@@ -183,15 +206,21 @@ def main(argv=None) -> int:
     lines = [f"# Learned-gate overhead vs dense attention ({info['device']})", "",
              ", ".join(f"{k}: {v}" for k, v in info.items()), "",
              "| N | dense best ms | gate features ms (torch path) | gate scores ms | gate select ms (torch path, same) "
-             "| gate total ms | overhead % | features: max abs diff fused vs torch (max abs) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| gate total ms | overhead % | features: max abs diff fused vs torch (max abs) "
+             "| library selection ms (dense tail 0 / 64) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
         lines.append(f"| {r['n']} | {fmt(r['dense_best_ms'])} | {fmt(r['gate_features_ms'])} "
                      f"({fmt(r.get('gate_features_torch_ms'))}) | {fmt(r['gate_scores_ms'])} | "
                      f"{fmt(r['gate_select_ms'])} ({fmt(r.get('gate_select_torch_ms'))}, {r.get('select_same_as_torch')}) | "
                      f"{fmt(r['gate_total_ms'])} | {fmt(r['gate_overhead_pct'])} | "
-                     f"{r.get('features_max_abs_diff_vs_torch', float('nan')):.1e} ({r.get('features_max_abs', float('nan')):.1f}) |")
+                     f"{r.get('features_max_abs_diff_vs_torch', float('nan')):.1e} ({r.get('features_max_abs', float('nan')):.1f}) | "
+                     f"{fmt(r.get('gate_library_tail0_ms'))} / {fmt(r.get('gate_library_tail64_ms'))} |")
+    for r in rows:
+        for c, v in (r.get("pool_configs") or {}).items():
+            lines.append(f"\nN={r['n']}: features with `kernels.pool.CONFIG` = ({c}): {v['ms']:.3f} ms "
+                         f"(max abs diff vs the default {v['max_abs_diff']:.1e})")
     with open(os.path.join(args.out, "gate_overhead.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[4:]), flush=True)

@@ -132,13 +132,19 @@ class LayerGate(nn.Module):
     def logits(self, qf: torch.Tensor, kf: torch.Tensor) -> torch.Tensor:
         """qf [B, Hq, nb, F], kf [B, Hkv, nb, F] pooled pre-RoPE features -> [B, Hq, nb, nb]
         scores, -inf above the block diagonal (non-causal)."""
-        b, hq, nb, _ = qf.shape
-        gq = block_rope(torch.einsum("bhnf,hfw->bhnw", qf, self.q_proj.float()), self.block_size, self.theta)
-        gk = block_rope(torch.einsum("bhnf,hfw->bhnw", kf, self.k_proj.float()), self.block_size, self.theta)
+        nb = qf.shape[2]
+        gq, gk = self.project(qf, kf)
         from .patterns.base import group_scores  # (patterns imports this module)
 
         s = group_scores(gq, gk) / math.sqrt(self.width)
         return s.masked_fill(~causal_blocks(nb, s.device), float("-inf"))
+
+    def project(self, qf: torch.Tensor, kf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """qf [B, Hq, nb, F], kf [B, Hkv, nb, F] -> the gate's query / key vectors gq [B, Hq, nb, W],
+        gk [B, Hkv, nb, W] (float32, RoPE at each block's first position); scores = gq . gk / sqrt(W)."""
+        gq = block_rope(torch.einsum("bhnf,hfw->bhnw", qf, self.q_proj.float()), self.block_size, self.theta)
+        gk = block_rope(torch.einsum("bhnf,hfw->bhnw", kf, self.k_proj.float()), self.block_size, self.theta)
+        return gq, gk
 
     def sliced(self, q: range, kv: range) -> "LayerGate":
         """This gate for query heads q and KV heads kv only (a tensor-parallel rank's heads;

@@ -142,6 +142,79 @@ def test_fused_selection_equals_brute_force_with_ties(mode, tail, monkeypatch):
     assert torch.equal(select_index(p, **mode, tail_blocks=tail, fused=True), want)
 
 
+@pytest.mark.parametrize("threshold,tail", [(0.05, 0), (0.0, 0), (0.02, 3), (1.0, 0)])
+def test_gate_select_kernel_equals_float64_selection(threshold, tail, monkeypatch):
+    """kernels.gate.gate_select (scores, softmax and threshold selection of a row in one program;
+    interpreter here) keeps the blocks of the float64 probabilities (a block whose probability
+    is within 1e-6 of the threshold may go either way), plus sink, diagonal and the dense tail;
+    rows ascending, -1 after them, the width of the widest row; GQA (4 query / 2 KV heads),
+    a width padded inside the kernel (W = 6), rows longer than one key chunk and a last row group
+    past nb (nb = 70), scratch memory that starts dirty."""
+    from sparseinfer.kernels.gate import gate_select
+
+    gen = torch.Generator().manual_seed(11)
+    b, hq, hkv, nb, w = 2, 4, 2, 70, 6
+    gq, gk = torch.randn(b, hq, nb, w, generator=gen) * 2, torch.randn(b, hkv, nb, w, generator=gen) * 2
+    scale = w ** -0.5
+    real_empty = torch.empty  # scratch and output start dirty: nothing may rely on fresh memory
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(0x55555555))
+    idx, counts = gate_select(gq, gk, threshold, scale, tail)
+    monkeypatch.undo()
+    assert torch.equal(counts, (idx >= 0).sum(-1, dtype=torch.int32))
+    causal = torch.ones(nb, nb, dtype=torch.bool).tril()
+    logits = torch.einsum("bhnw,bhmw->bhnm", gq.double(), gk.double().repeat_interleave(hq // hkv, 1)) * scale
+    p = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
+    want = _brute_keep(p, threshold=threshold)
+    assert idx.dtype == torch.int32 and idx.shape[:3] == (b, hq, nb)
+    widest = 0
+    for r, (row, s) in enumerate(zip(idx.reshape(-1, idx.shape[-1]).tolist(), want)):
+        i, cnt = r % nb, sum(v >= 0 for v in row)
+        assert row[:cnt] == sorted(set(row[:cnt])) and all(v == -1 for v in row[cnt:])
+        s = set(range(i + 1)) if i >= nb - tail else s
+        near = {j for j in range(i + 1) if abs(float(p.reshape(-1, nb, nb)[r // nb, i, j]) - threshold) <= 1e-6}
+        assert set(row[:cnt]) ^ s <= near, (r, set(row[:cnt]) ^ s)
+        widest = max(widest, cnt)
+    assert idx.shape[-1] == widest
+    with pytest.raises(ValueError, match="gate_select"):
+        gate_select(gq, gk[:, :, :5], threshold, scale)
+
+
+def test_adaptive_fused_selection_and_sorted_index_build(tiny):
+    """The adaptive pattern's fused threshold path (gate_select) keeps the same blocks as its
+    probabilities path on the tiny model; its rows promise `sorted_blocks`, and the index built
+    without the sort equals the sorted build; a broken promise is refused (CPU check)."""
+    from sparseinfer import index as sidx
+
+    gates = _gates(tiny)
+    q, k = _qk(tiny, 150, seed=8)
+    v = torch.randn_like(k)
+    layer = sparseinfer.patterns.adaptive.AdaptiveLayer(gates, 1, threshold=0.03, dense_tail=20)
+    (fused,) = layer.select(q, k, 0.25, fused=True)
+    (plain,) = layer.select(q, k, 0.25, fused=False)
+    assert fused.kwargs["sorted_blocks"] and plain.kwargs["sorted_blocks"]
+    a, b = fused.kwargs["block_idx"], plain.kwargs["block_idx"]
+    assert a.shape == b.shape and torch.equal(a.long(), b)
+    # the density from the kernel's counts and from the sorted rows vs the block table and the mask
+    from sparseinfer.patterns.block_sparse import block_sparse_density
+
+    mask = block_sparse_mask(150, b, BS)
+    want = (mask.sum((-1, -2)).double() / (150 * 151 / 2)).float()
+    for dens in (fused.density, plain.density, block_sparse_density(150, b, BS)):
+        assert torch.allclose(dens, want, rtol=1e-6, atol=0)
+    for bm, bn in ((16, 16), (8, 16), (16, 8)):  # the no-sort build, its short path when blocks are tiles
+        one, two = (sidx.from_block_sparse(a, BS, 150, bm, bn, sorted_blocks=srt) for srt in (True, False))
+        for f in ("tile_count", "ranges", "range_count"):
+            assert torch.equal(getattr(one, f), getattr(two, f)), f
+        for h in range(a.shape[1]):  # the cells each index visits (tiles past tile_count are never read)
+            assert torch.equal(one.cells(0, h), two.cells(0, h))
+    out = sparseinfer.ops.block_sparse_attention(q, k, v, **fused.kwargs, scale=0.25, backend="triton")
+    assert rel_err(out, masked_attention_f64(q, k, v, block_sparse_mask(150, b, BS), 0.25)) < 1e-5
+    bad = a.clone()
+    bad[0, 1, 5, :2] = torch.tensor([3, 1], dtype=bad.dtype)
+    with pytest.raises(ValueError, match=r"sorted_blocks=True expects each row ascending.*\(0, 1, 5\) has 3, 1"):
+        sparseinfer.ops.block_sparse_attention(q, k, v, bad, BS, scale=0.25, sorted_blocks=True)
+
+
 def test_keep_blocks_needs_one_mode():
     with pytest.raises(ValueError, match="exactly one"):
         keep_blocks(torch.ones(1, 1, 2, 2), threshold=0.1, density=0.1)

@@ -33,6 +33,7 @@ def pooled(x, bs, pooling):
     (2, 3, 150, 64, 64, torch.bfloat16, ("avg", "max", "min"), 1.0),
     (1, 2, 100, 32, 48, torch.float32, ("max", "avg"), 1.3),  # block not a power of 2, scaled rotary
     (2, 1, 64, 16, 16, torch.float16, ("min",), 1.0),
+    (2, 10, 70, 16, 32, torch.float32, ("avg", "max", "min"), 1.0),  # 8 heads per program, then 2
 ])
 def test_unrotate_pool_matches_pre_rope_pooling(b, h, n, d, bs, dtype, pooling, scale):
     g = torch.Generator().manual_seed(n)

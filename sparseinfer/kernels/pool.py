@@ -19,6 +19,8 @@ import triton
 from ._loader import kernel_module
 
 _NAMES = ("avg", "max", "min")
+# (heads per program (cos / sin loaded once for them), num_warps, pipeline stages of the head loop)
+CONFIG = (8, 4, 1)
 
 
 def supported(x: torch.Tensor, cos: torch.Tensor, block_size: int) -> bool:
@@ -47,14 +49,16 @@ def unrotate_pool(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_s
     out = torch.empty(b, h, nb, len(pooling) * d, dtype=torch.float32, device=x.device)
     at = {p: (pooling.index(p) if p in pooling else -1) for p in _NAMES}
     mod = kernel_module("_pool_kernel.py", x.device.type != "cuda")
-    mod.unrotate_pool_kernel[(b * h, nb)](
+    hp, warps, stages = CONFIG
+    hp = min(h, hp)
+    mod.unrotate_pool_kernel[(b * triton.cdiv(h, hp), nb)](
         x, cos, sin, out,
         x.stride(0), x.stride(1), x.stride(2),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         n, h, block_size,
-        BLOCK=triton.next_power_of_2(block_size), HALF=d // 2,
+        BLOCK=triton.next_power_of_2(block_size), HALF=d // 2, HP=hp, STAGES=stages,
         AVG_AT=at["avg"], MAX_AT=at["max"], MIN_AT=at["min"],
-        num_warps=4,
+        num_warps=warps,
     )
     return out

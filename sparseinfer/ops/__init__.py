@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference as ref
-from ._validate import check_backend, check_budget, check_heads, check_index, check_qkv
+from ._validate import check_backend, check_budget, check_heads, check_index, check_qkv, check_sorted_rows
 from .decode import dense_decode_attention, sparse_decode_attention
 from .mm import mm_attention
 
@@ -101,24 +101,31 @@ def vertical_slash_attention(
 
 def block_sparse_attention(
     q, k, v, block_idx, block_size: int = 64, *, scale: float | None = None, backend: str = "auto", heads=None,
-    out=None
+    out=None, sorted_blocks: bool = False
 ) -> torch.Tensor:
     """Block-sparse attention.
 
     block_idx [B, Hq, ceil(N / block_size), K]: the KV blocks each query block sees.
     Query i attends key j iff j <= i and j // block_size in block_idx[.., i // block_size, :],
     and j == i.
+    sorted_blocks=True promises every row ascending without repeats, its -1 padding after the
+    listed blocks (as the learned gate's selection writes them): the kernel's index build then
+    skips its sort. Checked on CPU tensors (like the index values); on a GPU a row breaking the
+    promise is not detected.
     """
     b, hq, hkv, n, d = check_qkv(q, k, v)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
     nb = math.ceil(n / block_size)
     check_index("block_idx", block_idx, (b, hq, nb, None), nb, q.device)
+    if sorted_blocks:
+        check_sorted_rows("block_idx", block_idx)
     check_heads(heads, hq, q.device)
     _check_out(out, q)
     s = _scale(scale, d)
     if _use_triton(q, backend):
-        return _kernels().block_sparse_attention(q, k, v, block_idx, block_size, s, heads=heads, out=out)
+        return _kernels().block_sparse_attention(q, k, v, block_idx, block_size, s, heads=heads, out=out,
+                                                 sorted_blocks=sorted_blocks)
     return ref.write_heads(ref.masked_attention(q, k, v, ref.block_sparse_rows(n, block_idx, block_size), s),
                            heads, out)
 

@@ -58,6 +58,19 @@ def check_index(name: str, idx: torch.Tensor, shape: tuple, upper: int, device: 
             raise ValueError(f"{name}: expected values in [0, {upper}) or -1 for padding, got range [{lo}, {hi}]")
 
 
+def check_sorted_rows(name: str, idx: torch.Tensor) -> None:
+    """CPU tensors: each row of idx [..., K] ascending without repeats, -1 padding after its entries
+    (a device check would sync the host: CPU only, as `check_index`'s values)."""
+    if idx.device.type != "cpu" or idx.shape[-1] < 2:
+        return
+    a, b = idx[..., :-1], idx[..., 1:]
+    bad = (b >= 0) & ((a < 0) | (b <= a))
+    if bad.any():
+        at = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}: sorted_blocks=True expects each row ascending without repeats and its -1 padding "
+                         f"last; row {at[:-1]} has {int(a[at])}, {int(b[at])} at positions {at[-1]}, {at[-1] + 1}")
+
+
 def check_heads(heads, hq: int, device: torch.device) -> None:
     """heads: None or a bool tensor [Hq] on q's device (the heads an op computes)."""
     if heads is None:

@@ -19,7 +19,7 @@ import torch
 
 from ..gate import Gates, GateError, causal_blocks
 from .base import Pattern, Selection
-from .block_sparse import block_sparse_density
+from .block_sparse import block_rows_density, block_sparse_density
 
 OPTIONS = ("threshold", "density", "gates", "block_size", "dense_tail")
 # patch's default dense_tail: the last query block (where a prompt's question sits) sees every
@@ -105,19 +105,31 @@ class AdaptiveLayer(Pattern):
         per-head projections sliced to them."""
         return dataclasses.replace(self, local=self.gates.layers[self.layer].sliced(shard.q, shard.kv))
 
-    def select(self, q, k, scale):
+    def select(self, q, k, scale, fused: bool | None = None):
+        """fused (default: on CUDA): threshold mode scores, normalises and selects each row in one
+        kernel (`kernels.gate.gate_select`: no [B, H, nb, nb] probabilities in memory); otherwise the
+        gate's probabilities and `select_index`. Either way the rows come ascending and unique, so
+        the index build skips its sort (`sorted_blocks`)."""
         n = q.shape[2]
-        if self.local is None:
-            probs = self.gates.probs(self.layer, q, k)
-        else:
-            with torch.no_grad():
-                qf, kf = self.gates.features(q, k)
-                probs = self.local.to(q.device)(qf, kf).exp()
         bs = self.gates.block_size
-        tail = 0 if self.dense_tail <= 0 else probs.shape[-1] - (max(n - self.dense_tail, 0) // bs)
-        idx = select_index(probs, self.threshold, self.density, tail)
-        return [Selection("block_sparse_attention", {"block_idx": idx, "block_size": bs},
-                          block_sparse_density(n, idx, bs))]
+        gate = self.gates.layers[self.layer] if self.local is None else self.local.to(q.device)
+        with torch.no_grad():
+            qf, kf = self.gates.features(q, k)
+            nb = qf.shape[2]
+            tail = 0 if self.dense_tail <= 0 else nb - (max(n - self.dense_tail, 0) // bs)
+            if self.threshold is not None and (q.is_cuda if fused is None else fused):
+                from ..kernels.gate import gate_select
+
+                gq, gk = gate.project(qf, kf)
+                idx, counts = gate_select(gq, gk, self.threshold, gate.width ** -0.5, tail)
+                # every row keeps its diagonal block: counts - 1 blocks below it (no [nb, nb] table)
+                density = block_rows_density(n, counts - 1, torch.ones_like(counts), bs)
+                return [Selection("block_sparse_attention", {"block_idx": idx, "block_size": bs, "sorted_blocks": True},
+                                  density)]
+            probs = gate(qf, kf).exp()
+        idx = select_index(probs, self.threshold, self.density, tail)  # rows ascending without repeats too
+        return [Selection("block_sparse_attention", {"block_idx": idx, "block_size": bs, "sorted_blocks": True},
+                          block_sparse_density(n, idx, bs, sorted_blocks=True))]
 
 
 def make_layers(model, options: dict) -> list[AdaptiveLayer]:

@@ -54,20 +54,34 @@ def estimate(q, k, topk: int, block_size: int = 64, scale: float | None = None) 
     return torch.where(vals == float("-inf"), -1, idx)
 
 
-def block_sparse_density(n: int, block_idx: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Exact share of causal pairs `ops.block_sparse_attention` computes -> [B, H] float32."""
+def block_sparse_density(n: int, block_idx: torch.Tensor, block_size: int, sorted_blocks: bool = False) -> torch.Tensor:
+    """Exact share of causal pairs `ops.block_sparse_attention` computes -> [B, H] float32.
+    sorted_blocks: rows ascending without repeats (see the op): counted in place, no [nb, nb] table."""
     b, h, nb, _ = block_idx.shape
     dev = block_idx.device
+    if sorted_blocks:
+        r = torch.arange(nb, device=dev).view(nb, 1)
+        return block_rows_density(n, ((block_idx >= 0) & (block_idx < r)).sum(-1), (block_idx == r).any(-1),
+                                  block_size)
     table = torch.zeros(b, h, nb, nb + 1, device=dev, dtype=torch.float64)
     table.scatter_(3, torch.where(block_idx < 0, nb, block_idx), 1.0)
     table = table[..., :nb]
-    size = torch.full((nb,), float(block_size), device=dev, dtype=torch.float64)
-    size[-1] = n - (nb - 1) * block_size
     r = torch.arange(nb, device=dev)
-    full = size[:, None] * size[None, :] * (r[None, :] < r[:, None])  # below-diagonal blocks
+    strict = (table * (r[None, :] < r[:, None])).sum(-1)  # distinct listed blocks below the diagonal
+    return block_rows_density(n, strict, torch.diagonal(table, dim1=-2, dim2=-1), block_size)
+
+
+def block_rows_density(n: int, strict: torch.Tensor, diag: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The share of causal pairs a block-sparse selection computes, from its rows: strict [B, H, nb]
+    = distinct kept blocks j < i of row i, diag [B, H, nb] = 1 where row i keeps its own block
+    (else only the diagonal itself) -> [B, H] float32."""
+    nb = strict.shape[-1]
+    size = torch.full((nb,), float(block_size), device=strict.device, dtype=torch.float64)
+    size[-1] = n - (nb - 1) * block_size
     tri = size * (size + 1) / 2
-    diag = torch.diagonal(table, dim1=-2, dim2=-1)
-    cells = (table * full).sum((-1, -2)) + (diag * tri + (1 - diag) * size).sum(-1)
+    diag = diag.double()
+    # blocks below the diagonal are full ones (only the last block can be short)
+    cells = (strict.double() * block_size * size + diag * tri + (1 - diag) * size).sum(-1)
     return (cells / causal_pairs(n)).float()
 
 

@@ -322,5 +322,7 @@ class XAttention(Pattern):
 
     def select(self, q, k, scale):
         idx, _ = estimate(q, k, self.tau, self.stride, self.block_size, scale)
-        dens = block_sparse_density(q.shape[2], idx, self.block_size)
-        return [Selection("block_sparse_attention", {"block_idx": idx, "block_size": self.block_size}, dens)]
+        # the selection's rows are ascending without repeats: no sort in the index build, no table here
+        dens = block_sparse_density(q.shape[2], idx, self.block_size, sorted_blocks=True)
+        return [Selection("block_sparse_attention", {"block_idx": idx, "block_size": self.block_size,
+                                                     "sorted_blocks": True}, dens)]

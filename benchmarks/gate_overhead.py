@@ -88,9 +88,6 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--kernel", action="store_true", help="also time the block-sparse kernel on the gate's indices")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, float32")
-    ap.add_argument("--pool-configs", default=None,
-                    help="also time the features with these `kernels.pool.CONFIG`s, e.g. '8,4,1;8,8,2;1,4,1' "
-                         "(heads per program, warps, stages)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
@@ -151,17 +148,6 @@ def main(argv=None) -> int:
             row["features_max_abs"] = max(float(r.abs().max()) for r in ref)
             row["gate_features_torch_ms"] = timer(torch_features, reps, warmup, cuda)
             del ref
-            if args.pool_configs:  # the fused pooling kernel's configs, each checked against the default's output
-                from sparseinfer.kernels import pool
-
-                saved, row["pool_configs"] = pool.CONFIG, {}
-                for c in args.pool_configs.split(";"):
-                    pool.CONFIG = tuple(int(x) for x in c.split(","))
-                    diff = max(float((a - r).abs().max()) for a, r in zip(gates.features(q, k), feats))
-                    row["pool_configs"][c] = {"ms": timer(lambda: gates.features(q, k), reps, warmup, cuda),
-                                              "max_abs_diff": diff}
-                    print(f"N={n} features with pool config {c}: {row['pool_configs'][c]}", flush=True)
-                pool.CONFIG = saved
             row["gate_scores_ms"] = timer(lambda: layer(*feats).exp(), reps, warmup, cuda)
             # the selection the library runs (`select_index`: one Triton program per row on CUDA)
             # and torch's masks + cumsum + scatter, which must give the same indices
@@ -217,10 +203,6 @@ def main(argv=None) -> int:
                      f"{fmt(r['gate_total_ms'])} | {fmt(r['gate_overhead_pct'])} | "
                      f"{r.get('features_max_abs_diff_vs_torch', float('nan')):.1e} ({r.get('features_max_abs', float('nan')):.1f}) | "
                      f"{fmt(r.get('gate_library_tail0_ms'))} / {fmt(r.get('gate_library_tail64_ms'))} |")
-    for r in rows:
-        for c, v in (r.get("pool_configs") or {}).items():
-            lines.append(f"\nN={r['n']}: features with `kernels.pool.CONFIG` = ({c}): {v['ms']:.3f} ms "
-                         f"(max abs diff vs the default {v['max_abs_diff']:.1e})")
     with open(os.path.join(args.out, "gate_overhead.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[4:]), flush=True)

@@ -8,7 +8,8 @@ Triton interpreter. Callers (sparseinfer.ops) validate the arguments first.
     block_sparse_attention(q, k, v, block_idx, block_size, scale) -> like q
     ashape_attention(q, k, v, sink, window, scale) -> like q
 Other kernels live in their own modules: ``decode`` (sparse decoding), ``gemv`` (contextual
-sparsity), ``pool`` (the learned gate's RoPE-undo + block pooling), ``lastq`` (MInference / MMInference
+sparsity), ``pool`` (the learned gate's RoPE-undo + block pooling), ``gate`` (the learned gate's
+threshold selection: scores, softmax and kept blocks in one launch), ``lastq`` (MInference / MMInference
 estimation: column and diagonal sums of the last queries' softmax).
 """
 try:

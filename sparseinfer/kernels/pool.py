@@ -19,8 +19,6 @@ import triton
 from ._loader import kernel_module
 
 _NAMES = ("avg", "max", "min")
-# (heads per program (cos / sin loaded once for them), num_warps, pipeline stages of the head loop)
-CONFIG = (8, 4, 1)
 
 
 def supported(x: torch.Tensor, cos: torch.Tensor, block_size: int) -> bool:
@@ -49,16 +47,14 @@ def unrotate_pool(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_s
     out = torch.empty(b, h, nb, len(pooling) * d, dtype=torch.float32, device=x.device)
     at = {p: (pooling.index(p) if p in pooling else -1) for p in _NAMES}
     mod = kernel_module("_pool_kernel.py", x.device.type != "cuda")
-    hp, warps, stages = CONFIG
-    hp = min(h, hp)
-    mod.unrotate_pool_kernel[(b * triton.cdiv(h, hp), nb)](
+    mod.unrotate_pool_kernel[(b * h, nb)](
         x, cos, sin, out,
         x.stride(0), x.stride(1), x.stride(2),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         n, h, block_size,
-        BLOCK=triton.next_power_of_2(block_size), HALF=d // 2, HP=hp, STAGES=stages,
+        BLOCK=triton.next_power_of_2(block_size), HALF=d // 2,
         AVG_AT=at["avg"], MAX_AT=at["max"], MIN_AT=at["min"],
-        num_warps=warps,
+        num_warps=4,
     )
     return out

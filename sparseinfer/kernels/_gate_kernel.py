@@ -61,7 +61,7 @@ def gate_keep_kernel(GQ, GK, WORDS, CNT, NB, HQ, GROUP, WID, NW, TAIL, THR, SCAL
         lg = _logits(gq, kbase, j, NB, stride_kn, offs_w, w_ok, rows, PREC)
         keep = (tl.exp2(lg - m[:, None]) >= cut[:, None]) | (j[None, :] == 0) | (j[None, :] == rows[:, None]) | \
             dense[:, None]
-        keep = keep & (j[None, :] <= rows[:, None]) & (j[None, :] < NB)
+        keep = keep & (j[None, :] <= rows[:, None])
         ki = keep.to(tl.int32)
         cnt += tl.reduce(ki, 1, _sum_fn)
         words = tl.reduce(tl.reshape(ki, [RB, BK // 32, 32]) << bit[None, None, :], 2, _sum_fn)  # distinct bits

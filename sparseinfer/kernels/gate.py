@@ -9,8 +9,8 @@ without the [B, Hq, nb, nb] scores, log-softmax and probabilities in memory: a p
 computes their scores twice from gq / gk (W is small: the gate's width), once for the softmax
 statistics and once to decide, and writes the kept sets as bits (nb / 8 bytes per row) and their
 counts; a second launch turns the bits into index rows at the widest row's width (one host
-synchronisation, as `select_blocks`, unless a dense tail makes that nb). CUDA tensors run the compiled kernels, CPU tensors the same
-kernels under the Triton interpreter (tests).
+synchronisation, as `select_blocks`, unless a dense tail makes that nb). CUDA tensors run the
+compiled kernels, CPU tensors the same kernels under the Triton interpreter (tests).
 """
 from __future__ import annotations
 

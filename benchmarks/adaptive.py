@@ -148,10 +148,13 @@ def check(dev, gen, log, n, block_size, backend):
         log(f"check N={n} {name}: rel err {err:.2e} {'ok' if ok else 'FAILED'}")
         pat = make(block_size)
         if isinstance(pat, AdaptiveLayer) and pat.threshold is not None:  # fused selection vs the probabilities path
-            a, b = (pat.select(q, k, scale, fused=f)[0].kwargs["block_idx"] for f in (True, False))
-            nb = a.shape[2]
-            keep = [torch.zeros(*t.shape[:3], nb + 1, dtype=torch.bool, device=dev).scatter_(
-                -1, torch.where(t >= 0, t, nb).long(), True) for t in (a, b)]
+            sels = [pat.select(q, k, scale, fused=f)[0].kwargs for f in (True, False)]
+            nb = sels[0]["block_idx"].shape[2]
+            keep = [torch.zeros(*kw["block_idx"].shape[:3], nb + 1, dtype=torch.bool, device=dev).scatter_(
+                -1, torch.where(kw["block_idx"] >= 0, kw["block_idx"], nb).long(), True)[..., :nb] for kw in sels]
+            for kp, kw in zip(keep, sels):  # rows from dense_from on keep every causal block
+                if kw.get("dense_from") is not None:
+                    kp[:, :, kw["dense_from"]:] = torch.ones(nb, nb, dtype=torch.bool, device=dev).tril()[kw["dense_from"]:]
             diff = int((keep[0] ^ keep[1]).sum())
             ok = diff <= 1e-5 * int(keep[1].sum())  # near-threshold blocks only (float32 softmax vs log-softmax)
             rows.append({"method": f"{name}: fused selection vs probabilities (blocks that differ)", "N": n,

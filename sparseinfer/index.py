@@ -249,7 +249,8 @@ def from_ashape(n: int, sink: int, window: int, batch: int, heads: int, block_m:
 
 
 def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m: int,
-                      block_n: Optional[int] = None, sorted_blocks: bool = False) -> SparseIndex:
+                      block_n: Optional[int] = None, sorted_blocks: bool = False,
+                      dense_from: Optional[int] = None) -> SparseIndex:
     """block_idx [B, H, nb = ceil(n / block_size), K] (-1 = padding, duplicates allowed, any
     order; sorted_blocks: each row ascending without repeats, padding last, so no sort) ->
     SparseIndex; ``block_size`` must be a multiple of block_m and of block_n (default block_m).
@@ -257,7 +258,8 @@ def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m:
     tiles [B, H, nqb, K * block_size / block_n]: listed blocks strictly below the query's own
     index block (sorted, deduplicated), each cut into block_n-wide tiles (no mask needed);
     tile_count [B, H, nqb]; ranges [B, H, nqb, 1, 5]: the diagonal, either the own block with
-    band [0, n) when listed, or the self band [0, 0] over the query block's rows.
+    band [0, n) when listed, or the self band [0, 0] over the query block's rows; query blocks
+    in index blocks >= dense_from: no tiles, one range over every causal key.
     """
     block_n = block_m if block_n is None else block_n
     if block_size % block_m or block_size % block_n:
@@ -273,7 +275,7 @@ def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m:
         # an ascending row lists its strictly-causal blocks first: they are the tiles, the rest of
         # the row is never read (fewer passes over [B, H, nb, K] than below)
         return _block_index(n, block_m, block_size, (idx * block_size).contiguous(),
-                            ((idx >= 0) & (idx < qb)).sum(-1, dtype=torch.int32), diag_listed)
+                            ((idx >= 0) & (idx < qb)).sum(-1, dtype=torch.int32), diag_listed, dense_from=dense_from)
     idx = torch.where((idx >= 0) & (idx < qb), idx, big)
     # strictly-causal blocks first, padding big (an ascending row keeps that order: its own
     # block, the only one dropped here besides padding, comes after the causal ones)
@@ -288,20 +290,28 @@ def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m:
     if block_m != block_size:
         qmap = torch.arange(nqb, device=dev) * block_m // block_size
         tiles, cnt, diag_listed = tiles[:, :, qmap], cnt[:, :, qmap], diag_listed[:, :, qmap]
-    return _block_index(n, block_m, block_size, tiles.contiguous(), cnt * tpb, diag_listed, block_n)
+    return _block_index(n, block_m, block_size, tiles.contiguous(), cnt * tpb, diag_listed, block_n, dense_from)
 
 
 def _block_index(n: int, block_m: int, block_size: int, tiles: torch.Tensor, tile_count: torch.Tensor,
-                 diag_listed: torch.Tensor, block_n: Optional[int] = None) -> SparseIndex:
+                 diag_listed: torch.Tensor, block_n: Optional[int] = None,
+                 dense_from: Optional[int] = None) -> SparseIndex:
     """SparseIndex of block lists: tiles [B, H, nqb, T] key starts (the first tile_count [B, H, nqb]
     are read), the diagonal range per query block: the own index block with band [0, n) when
-    listed (diag_listed [B, H, nqb]), else the self band [0, 0] over the query block's rows."""
+    listed (diag_listed [B, H, nqb]), else the self band [0, 0] over the query block's rows;
+    query blocks in index blocks >= dense_from: no tiles, the range [0, own block end) with band [0, n)."""
     b, h, nqb = tile_count.shape
     dev = tile_count.device
     m0 = (torch.arange(nqb, device=dev) * block_m).view(1, 1, nqb)
     own = (torch.arange(nqb, device=dev) * block_m // block_size * block_size).view(1, 1, nqb)
+    start = own
+    if dense_from is not None:
+        dense = own >= dense_from * block_size
+        tile_count = torch.where(dense, 0, tile_count)
+        diag_listed = diag_listed | dense
+        start = torch.where(dense, 0, own)  # the range starts at key 0
     ranges = torch.zeros(b, h, nqb, 1, 5, dtype=torch.int32, device=dev)
-    ranges[..., 0, 0] = torch.where(diag_listed, own, m0)
+    ranges[..., 0, 0] = torch.where(diag_listed, start, m0)
     ranges[..., 0, 1] = torch.where(diag_listed, torch.clamp(own + block_size, max=n), torch.clamp(m0 + block_m, max=n))
     ranges[..., 0, 3] = torch.where(diag_listed, n, 0)
     ranges[..., 0, 4] = 1

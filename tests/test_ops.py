@@ -44,6 +44,24 @@ def test_block_sparse_matches_mask(hq, hkv, d, bs):
     assert rel_err(out, masked_attention_f64(q, k, v, block_sparse_mask(n, bi, bs))) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("bs,dense_from", [(32, 3), (32, 0), (64, 2), (32, 5)])
+def test_block_sparse_dense_from_sees_every_causal_key(backend, bs, dense_from):
+    """dense_from: query blocks >= dense_from attend every causal key whatever their rows list (the
+    kernel: one range, no tiles; 32-blocks on 64-row kernel blocks included); bad values refused."""
+    b, n, hq, hkv = 2, 150, 4, 2
+    q, k, v = qkv(b, hq, hkv, n, 64, seed=5)
+    nb = math.ceil(n / bs)
+    bi = torch.randint(-1, nb, (b, hq, nb, 2), generator=torch.Generator().manual_seed(6))
+    mask = block_sparse_mask(n, bi, bs)
+    mask[:, :, dense_from * bs:] = torch.ones(n, n, dtype=torch.bool).tril()[dense_from * bs:]
+    out = ops.block_sparse_attention(q, k, v, bi, bs, backend=backend, dense_from=dense_from)
+    assert rel_err(out, masked_attention_f64(q, k, v, mask)) < 1e-5
+    for bad in (-1, nb + 1, 1.5, True):
+        with pytest.raises(ValueError, match="dense_from"):
+            ops.block_sparse_attention(q, k, v, bi, bs, dense_from=bad)
+
+
 @pytest.mark.parametrize("hq,hkv", HEADS)
 @pytest.mark.parametrize("sink,window", [(4, 16), (0, 1), (0, 0), (20, 3), (200, 200)])
 def test_ashape_matches_mask(hq, hkv, sink, window):

@@ -359,10 +359,11 @@ def ashape_attention(q, k, v, sink, window, scale, *, config=None, heads=None, o
 
 
 def block_sparse_attention(q, k, v, block_idx, block_size, scale, *, config=None, heads=None, out=None,
-                           sorted_blocks: bool = False):
+                           sorted_blocks: bool = False, dense_from: int | None = None):
     """Kernel row/column tiles are min(128, largest power of 2 dividing block_size) (64 on the
     CPU), so every kernel query block lies in one index block; block sizes with no power-of-2
-    factor >= 16 run the torch reference. sorted_blocks: rows ascending and unique (no sort)."""
+    factor >= 16 run the torch reference. sorted_blocks: rows ascending and unique (no sort);
+    dense_from: query blocks from there on see every causal key (one range each)."""
     block_size = int(block_size)
     f = _pow2_factor(block_size)
     _, _, *rest = _config("blocks", q.shape[-1], q.device, None)
@@ -376,7 +377,8 @@ def block_sparse_attention(q, k, v, block_idx, block_size, scale, *, config=None
     if f < 16 or block_size % bm:
         from ..ops import reference as ref
 
-        o = ref.masked_attention(q, k, v, ref.block_sparse_rows(q.shape[2], block_idx, block_size), scale)
+        o = ref.masked_attention(q, k, v, ref.block_sparse_rows(q.shape[2], block_idx, block_size, dense_from), scale)
         return ref.write_heads(o, heads, out)
-    idx = _index.from_block_sparse(block_idx, block_size, q.shape[2], bm, bn, sorted_blocks=sorted_blocks)
+    idx = _index.from_block_sparse(block_idx, block_size, q.shape[2], bm, bn, sorted_blocks=sorted_blocks,
+                                   dense_from=dense_from)
     return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out)

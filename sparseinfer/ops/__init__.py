@@ -101,7 +101,7 @@ def vertical_slash_attention(
 
 def block_sparse_attention(
     q, k, v, block_idx, block_size: int = 64, *, scale: float | None = None, backend: str = "auto", heads=None,
-    out=None, sorted_blocks: bool = False
+    out=None, sorted_blocks: bool = False, dense_from: int | None = None
 ) -> torch.Tensor:
     """Block-sparse attention.
 
@@ -112,6 +112,9 @@ def block_sparse_attention(
     listed blocks (as the learned gate's selection writes them): the kernel's index build then
     skips its sort. Checked on CPU tensors (like the index values); on a GPU a row breaking the
     promise is not detected.
+    dense_from: query blocks >= dense_from attend every causal key whatever their rows list (a
+    prompt's last blocks, e.g., without listing all their blocks: the index stays as wide as the
+    widest sparse row).
     """
     b, hq, hkv, n, d = check_qkv(q, k, v)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -120,14 +123,17 @@ def block_sparse_attention(
     check_index("block_idx", block_idx, (b, hq, nb, None), nb, q.device)
     if sorted_blocks:
         check_sorted_rows("block_idx", block_idx)
+    if dense_from is not None and (isinstance(dense_from, bool) or not isinstance(dense_from, int)
+                                   or not 0 <= dense_from <= nb):
+        raise ValueError(f"dense_from: expected None or a query-block index in [0, {nb}], got {dense_from!r}")
     check_heads(heads, hq, q.device)
     _check_out(out, q)
     s = _scale(scale, d)
     if _use_triton(q, backend):
         return _kernels().block_sparse_attention(q, k, v, block_idx, block_size, s, heads=heads, out=out,
-                                                 sorted_blocks=sorted_blocks)
-    return ref.write_heads(ref.masked_attention(q, k, v, ref.block_sparse_rows(n, block_idx, block_size), s),
-                           heads, out)
+                                                 sorted_blocks=sorted_blocks, dense_from=dense_from)
+    return ref.write_heads(ref.masked_attention(q, k, v, ref.block_sparse_rows(n, block_idx, block_size, dense_from),
+                                                s), heads, out)
 
 
 def ashape_attention(

@@ -71,8 +71,9 @@ def vertical_slash_rows(n: int, vertical_idx: torch.Tensor, slash_idx: torch.Ten
     return rows
 
 
-def block_sparse_rows(n: int, block_idx: torch.Tensor, block_size: int) -> RowMask:
-    """block_idx [B, H, ceil(N / block_size), K] KV-block indices per query block; -1 = padding."""
+def block_sparse_rows(n: int, block_idx: torch.Tensor, block_size: int, dense_from: int | None = None) -> RowMask:
+    """block_idx [B, H, ceil(N / block_size), K] KV-block indices per query block; -1 = padding;
+    query blocks >= dense_from see every key (causality applied by the caller)."""
     b, h, nqb, _ = block_idx.shape
     dev = block_idx.device
     nkb = nqb
@@ -83,7 +84,8 @@ def block_sparse_rows(n: int, block_idx: torch.Tensor, block_size: int) -> RowMa
     def rows(i0, i1):
         qb = torch.arange(i0, i1, device=dev) // block_size
         kb = torch.arange(i1, device=dev) // block_size
-        return table[:, :, qb][:, :, :, kb] | _diag(i0, i1, dev)
+        m = table[:, :, qb][:, :, :, kb] | _diag(i0, i1, dev)
+        return m if dense_from is None else m | (qb >= dense_from)[None, None, :, None]
 
     return rows
 
@@ -104,7 +106,7 @@ def selection_rows(op: str, kwargs: dict, n: int, device) -> RowMask:
     if op == "vertical_slash_attention":
         return vertical_slash_rows(n, kwargs["vertical_idx"], kwargs["slash_idx"])
     if op == "block_sparse_attention":
-        return block_sparse_rows(n, kwargs["block_idx"], kwargs["block_size"])
+        return block_sparse_rows(n, kwargs["block_idx"], kwargs["block_size"], kwargs.get("dense_from"))
     if op == "ashape_attention":
         return ashape_rows(n, kwargs["sink"], kwargs["window"], device)
     if op == "dense_attention":

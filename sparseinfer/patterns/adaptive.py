@@ -109,7 +109,8 @@ class AdaptiveLayer(Pattern):
         """fused (default: on CUDA): threshold mode scores, normalises and selects each row in one
         kernel (`kernels.gate.gate_select`: no [B, H, nb, nb] probabilities in memory); otherwise the
         gate's probabilities and `select_index`. Either way the rows come ascending and unique, so
-        the index build skips its sort (`sorted_blocks`)."""
+        the index build skips its sort (`sorted_blocks`); the fused path gives the dense tail's rows
+        to the op as `dense_from` instead of listing every block."""
         n = q.shape[2]
         bs = self.gates.block_size
         gate = self.gates.layers[self.layer] if self.local is None else self.local.to(q.device)
@@ -121,11 +122,17 @@ class AdaptiveLayer(Pattern):
                 from ..kernels.gate import gate_select
 
                 gq, gk = gate.project(qf, kf)
-                idx, counts = gate_select(gq, gk, self.threshold, gate.width ** -0.5, tail)
-                # every row keeps its diagonal block: counts - 1 blocks below it (no [nb, nb] table)
-                density = block_rows_density(n, counts - 1, torch.ones_like(counts), bs)
-                return [Selection("block_sparse_attention", {"block_idx": idx, "block_size": bs, "sorted_blocks": True},
-                                  density)]
+                idx, counts = gate_select(gq, gk, self.threshold, gate.width ** -0.5)
+                kw = {"block_idx": idx, "block_size": bs, "sorted_blocks": True}
+                # every row keeps its diagonal block: counts - 1 blocks below it (no [nb, nb] table); the
+                # dense tail's rows are not listed (the index stays as wide as the widest sparse row)
+                strict = counts - 1
+                if tail > 0:
+                    kw["dense_from"] = nb - tail
+                    r = torch.arange(nb, device=counts.device, dtype=counts.dtype)
+                    strict = torch.where(r >= nb - tail, r, strict)
+                return [Selection("block_sparse_attention", kw,
+                                  block_rows_density(n, strict, torch.ones_like(counts), bs))]
             probs = gate(qf, kf).exp()
         idx = select_index(probs, self.threshold, self.density, tail)  # rows ascending without repeats too
         return [Selection("block_sparse_attention", {"block_idx": idx, "block_size": bs, "sorted_blocks": True},

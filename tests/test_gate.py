@@ -120,33 +120,32 @@ def test_keep_blocks_and_index_equal_brute_force(mode):
 
 @pytest.mark.parametrize("mode", [{"threshold": 0.08}, {"threshold": 0.0}, {"density": 0.25}, {"density": 0.6},
                                   {"density": 1.0}])
-@pytest.mark.parametrize("tail", [0, 3])
-def test_fused_selection_equals_brute_force_with_ties(mode, tail, monkeypatch):
+def test_fused_selection_equals_brute_force_with_ties(mode, monkeypatch):
     """select_index's Triton path (threshold compare, or top-k by bisection over the float bits
     without a sort; interpreter here) gives exactly keep_to_index(keep_blocks(...)) and the
-    brute-force sets: probabilities with many ties (kept in index order), rows of one block,
-    the last `tail` rows dense; one and two launches."""
+    brute-force sets: probabilities with many ties (kept in index order), rows of one block;
+    one and two launches."""
     from sparseinfer.kernels import xattn
 
     gen = torch.Generator().manual_seed(5)
     nb = 13
     causal = torch.ones(nb, nb, dtype=torch.bool).tril()
     p = torch.softmax(torch.randint(0, 3, (2, 3, nb, nb), generator=gen).float().masked_fill(~causal, float("-inf")), -1)
-    want = keep_to_index(keep_blocks(p, **mode, tail_blocks=tail))
-    got = select_index(p, **mode, tail_blocks=tail, fused=True)
+    want = keep_to_index(keep_blocks(p, **mode))
+    got = select_index(p, **mode, fused=True)
     assert got.shape == want.shape and torch.equal(got, want)
     brute = _brute_keep(p, **mode)
     sets = [{int(j) for j in got[b, h, i] if j >= 0} for b in range(2) for h in range(3) for i in range(nb)]
-    assert sets == [set(range(i % nb + 1)) if i % nb >= nb - tail else s for i, s in enumerate(brute)]
+    assert sets == brute
     monkeypatch.setattr(xattn, "ONE_PASS_BYTES", 0)  # a counting launch sizes the output first
-    assert torch.equal(select_index(p, **mode, tail_blocks=tail, fused=True), want)
+    assert torch.equal(select_index(p, **mode, fused=True), want)
 
 
-@pytest.mark.parametrize("threshold,tail", [(0.05, 0), (0.0, 0), (0.02, 3), (1.0, 0)])
-def test_gate_select_kernel_equals_float64_selection(threshold, tail, monkeypatch):
+@pytest.mark.parametrize("threshold", [0.05, 0.0, 0.02, 1.0])
+def test_gate_select_kernel_equals_float64_selection(threshold, monkeypatch):
     """kernels.gate.gate_select (scores, softmax and threshold selection of a row in one program;
     interpreter here) keeps the blocks of the float64 probabilities (a block whose probability
-    is within 1e-6 of the threshold may go either way), plus sink, diagonal and the dense tail;
+    is within 1e-6 of the threshold may go either way), plus sink and diagonal;
     rows ascending, -1 after them, the width of the widest row; GQA (4 query / 2 KV heads),
     a width padded inside the kernel (W = 6), rows longer than one key chunk and a last row group
     past nb (nb = 70), scratch memory that starts dirty."""
@@ -158,7 +157,7 @@ def test_gate_select_kernel_equals_float64_selection(threshold, tail, monkeypatc
     scale = w ** -0.5
     real_empty = torch.empty  # scratch and output start dirty: nothing may rely on fresh memory
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(0x55555555))
-    idx, counts = gate_select(gq, gk, threshold, scale, tail)
+    idx, counts = gate_select(gq, gk, threshold, scale)
     monkeypatch.undo()
     assert torch.equal(counts, (idx >= 0).sum(-1, dtype=torch.int32))
     causal = torch.ones(nb, nb, dtype=torch.bool).tril()
@@ -170,7 +169,6 @@ def test_gate_select_kernel_equals_float64_selection(threshold, tail, monkeypatc
     for r, (row, s) in enumerate(zip(idx.reshape(-1, idx.shape[-1]).tolist(), want)):
         i, cnt = r % nb, sum(v >= 0 for v in row)
         assert row[:cnt] == sorted(set(row[:cnt])) and all(v == -1 for v in row[cnt:])
-        s = set(range(i + 1)) if i >= nb - tail else s
         near = {j for j in range(i + 1) if abs(float(p.reshape(-1, nb, nb)[r // nb, i, j]) - threshold) <= 1e-6}
         assert set(row[:cnt]) ^ s <= near, (r, set(row[:cnt]) ^ s)
         widest = max(widest, cnt)
@@ -193,18 +191,21 @@ def test_adaptive_fused_selection_and_sorted_index_build(tiny):
     (plain,) = layer.select(q, k, 0.25, fused=False)
     assert fused.kwargs["sorted_blocks"] and plain.kwargs["sorted_blocks"]
     a, b = fused.kwargs["block_idx"], plain.kwargs["block_idx"]
-    # the fused path leaves the dense tail's rows (the blocks of the last 20 positions) to dense_from
+    assert a.shape == b.shape and torch.equal(a.long(), b.long())
+    # both leave the dense tail's rows (the blocks of the last 20 positions) to dense_from
     first = fused.kwargs["dense_from"]
-    assert first == (150 - 20) // BS and "dense_from" not in plain.kwargs
-    sets = [[{int(j) for j in t[0, h, i] if j >= 0} for h in range(4) for i in range(first)] for t in (a, b)]
-    assert sets[0] == sets[1]
+    assert first == plain.kwargs["dense_from"] == (150 - 20) // BS
     # the density from the kernel's counts and from the sorted rows vs the block table and the mask
     from sparseinfer.patterns.block_sparse import block_sparse_density
 
     mask = block_sparse_mask(150, b, BS)
+    mask[0, :, first * BS:] = torch.ones(150, 150, dtype=torch.bool).tril()[first * BS:]
     want = (mask.sum((-1, -2)).double() / (150 * 151 / 2)).float()
-    for dens in (fused.density, plain.density, block_sparse_density(150, b, BS)):
-        assert torch.allclose(dens, want, rtol=1e-6, atol=0)
+    assert torch.allclose(fused.density, want, rtol=1e-6, atol=0) and torch.allclose(plain.density, want, rtol=1e-6)
+    nodense = block_sparse_mask(150, b, BS)  # the table path and the sorted counting, without dense rows
+    want = (nodense.sum((-1, -2)).double() / (150 * 151 / 2)).float()
+    for srt in (False, True):
+        assert torch.allclose(block_sparse_density(150, b, BS, sorted_blocks=srt), want, rtol=1e-6, atol=0)
     for bm, bn in ((16, 16), (8, 16), (16, 8)):  # the no-sort build, its short path when blocks are tiles
         one, two = (sidx.from_block_sparse(a, BS, 150, bm, bn, sorted_blocks=srt, dense_from=first)
                     for srt in (True, False))
@@ -228,8 +229,9 @@ def test_keep_blocks_needs_one_mode():
 
 @pytest.mark.parametrize("n,tail", [(90, 1), (90, 26), (90, 27), (96, 64), (40, 500)])
 def test_dense_tail_rows_keep_every_causal_block(tiny, n, tail):
-    """The query blocks holding the last `tail` positions keep all their causal blocks; the other
-    rows are the plain density-mode sets (brute force), and the op equals the float64 mask."""
+    """The query blocks holding the last `tail` positions keep all their causal blocks (given to the
+    op as dense_from, not listed); the other rows are the plain density-mode sets (brute force), the
+    density counts the dense rows, and the op equals the float64 mask."""
     gates = _gates(tiny)
     q, k = _qk(tiny, n, seed=7)
     v = torch.randn_like(k)
@@ -238,13 +240,15 @@ def test_dense_tail_rows_keep_every_causal_block(tiny, n, tail):
     idx = sel.kwargs["block_idx"]
     nb = math.ceil(n / BS)
     first_dense = max(n - tail, 0) // BS  # the block of position n - tail
+    assert sel.kwargs["dense_from"] == first_dense
     plain = _brute_keep(gates.probs(0, q, k), density=0.2)
     for h in range(idx.shape[1]):
-        for i in range(nb):
-            got = {int(j) for j in idx[0, h, i] if j >= 0}
-            assert got == (set(range(i + 1)) if i >= first_dense else plain[h * nb + i])
+        for i in range(first_dense):
+            assert {int(j) for j in idx[0, h, i] if j >= 0} == plain[h * nb + i]
     out = sparseinfer.ops.block_sparse_attention(q, k, v, **sel.kwargs, scale=0.25, backend="reference")
     mask = block_sparse_mask(n, idx, BS)
+    mask[0, :, first_dense * BS:] = torch.ones(n, n, dtype=torch.bool).tril()[first_dense * BS:]
+    assert torch.allclose(sel.density, (mask.sum((-1, -2)).double() / (n * (n + 1) / 2)).float(), rtol=1e-6, atol=0)
     assert mask[0, :, max(n - tail, 0):].equal(torch.ones(n, n, dtype=torch.bool).tril()[max(n - tail, 0):].expand_as(mask[0, :, max(n - tail, 0):]))
     assert rel_err(out, masked_attention_f64(q, k, v, mask, 0.25)) < 1e-5
 

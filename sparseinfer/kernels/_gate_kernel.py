@@ -22,12 +22,12 @@ def _logits(gq, kbase, j, NB, stride_kn, offs_w, w_ok, rows, PREC: tl.constexpr)
 
 
 @triton.jit
-def gate_keep_kernel(GQ, GK, WORDS, CNT, NB, HQ, GROUP, WID, NW, TAIL, THR, SCALE_LOG2,
+def gate_keep_kernel(GQ, GK, WORDS, CNT, NB, HQ, GROUP, WID, NW, THR, SCALE_LOG2,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      WP: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """Rows r0 .. r0 + RB of (batch b, query head h): logits l_j = SCALE * gq[r] . gk[j] over key
     blocks j <= r (gk of the head's KV head), p = softmax(l); kept: p_j >= THR, the sink j = 0,
-    the diagonal j = r, every j <= r in rows r >= NB - TAIL. Two passes over the key blocks (the
+    the diagonal j = r. Two passes over the key blocks (the
     rows' max and sum, then the decisions); each row's kept set as bits (bit j % 32 of word
     j // 32 of WORDS[row, :NW]; the words past the group's last row's diagonal are not written)
     and its count in CNT[row]: one decision per block, so counts and bits always agree."""
@@ -52,15 +52,13 @@ def gate_keep_kernel(GQ, GK, WORDS, CNT, NB, HQ, GROUP, WID, NW, TAIL, THR, SCAL
         s = s * tl.exp2(m - mn) + tl.reduce(tl.exp2(lg - mn[:, None]), 1, _sum_fn)
         m = mn
     cut = THR * s  # p_j >= THR  <=>  exp2(l_j - m) >= THR * sum
-    dense = rows >= NB - TAIL
     row_base = ((b * HQ + h) * NB + rows).to(tl.int64) * NW
     cnt = tl.full([RB], 0, dtype=tl.int32)
     bit = tl.arange(0, 32)
     for j0 in range(0, last, BK):
         j = j0 + tl.arange(0, BK)
         lg = _logits(gq, kbase, j, NB, stride_kn, offs_w, w_ok, rows, PREC)
-        keep = (tl.exp2(lg - m[:, None]) >= cut[:, None]) | (j[None, :] == 0) | (j[None, :] == rows[:, None]) | \
-            dense[:, None]
+        keep = (tl.exp2(lg - m[:, None]) >= cut[:, None]) | (j[None, :] == 0) | (j[None, :] == rows[:, None])
         keep = keep & (j[None, :] <= rows[:, None])
         ki = keep.to(tl.int32)
         cnt += tl.reduce(ki, 1, _sum_fn)

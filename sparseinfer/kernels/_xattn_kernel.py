@@ -69,7 +69,7 @@ def xattn_scores_mass_kernel(
 
 
 @triton.jit
-def xattn_select_kernel(MASS, TAU, IDX, CNT, NB, HQ, W, TAIL, COUNTS, NBP: tl.constexpr, WRITE: tl.constexpr = True,
+def xattn_select_kernel(MASS, TAU, IDX, CNT, NB, HQ, W, COUNTS, NBP: tl.constexpr, WRITE: tl.constexpr = True,
                         RULE: tl.constexpr = 0):
     """One row r of one (batch, head) of block scores [.., NB] (non-negative, zero past r),
     selected by RULE:
@@ -78,8 +78,7 @@ def xattn_select_kernel(MASS, TAU, IDX, CNT, NB, HQ, W, TAIL, COUNTS, NBP: tl.co
       round to 1 before the smallest ones);
     1 (a threshold): the blocks with score >= TAU[h];
     2 (top-k): the COUNTS[r] highest blocks (ties by lower index) among blocks 0..r;
-    plus the sink block 0 and the diagonal block r, every block of rows r >= NB - TAIL, none
-    past r; written as ascending block indices to IDX[row, :W] (-1 after the last) and their
+    plus the sink block 0 and the diagonal block r, none past r; written as ascending block indices to IDX[row, :W] (-1 after the last) and their
     count to CNT[row]. No sort (rules 0 and 2): the cut value is found by bisection over the
     float bit patterns (non-negative floats order as their int32 bits): the smallest b with
     sum(mass > b) < tau (rule 0) or count(score > b) < k (rule 2); blocks above b are kept,
@@ -116,7 +115,7 @@ def xattn_select_kernel(MASS, TAU, IDX, CNT, NB, HQ, W, TAIL, COUNTS, NBP: tl.co
         keep = ((bits > hi) | (tie & (above + before.to(tl.float32) * x < goal))) & (x > 0)
         if RULE == 0:
             keep = tl.where(tau >= 1.0, x > 0, keep)
-    keep = (keep | (j == 0) | (j == r) | (r >= NB - TAIL)) & (j <= r)
+    keep = (keep | (j == 0) | (j == r)) & (j <= r)
     pos = tl.associative_scan(keep.to(tl.int32), 0, _sum_fn) - 1
     cnt = tl.reduce(keep.to(tl.int32), 0, _sum_fn)
     if WRITE:

@@ -62,12 +62,12 @@ def scores_block_mass(s: torch.Tensor, out: torch.Tensor, r0: int, g_valid: int,
 _RULES = {"mass": 0, "threshold": 1, "count": 2}
 
 
-def select_blocks(mass: torch.Tensor, tau: torch.Tensor, rule: str = "mass", counts: torch.Tensor | None = None,
-                  tail: int = 0) -> torch.Tensor:
+def select_blocks(mass: torch.Tensor, tau: torch.Tensor, rule: str = "mass",
+                  counts: torch.Tensor | None = None) -> torch.Tensor:
     """mass [B, Hq, nb, nb] float32 block scores (non-negative, zero above the diagonal), tau [Hq]
     -> block_idx [B, Hq, nb, K] int64, -1 padding, K = the widest row (one host synchronisation):
-    per row the blocks of a rule plus the sink and the diagonal (and every causal block of the
-    last `tail` rows), ascending (one Triton program per row, `xattn_select_kernel`):
+    per row the blocks of a rule plus the sink and the diagonal, ascending (one Triton program per
+    row, `xattn_select_kernel`):
     "mass": `patterns.xattention.threshold_rows` (mass row-normalised; tau = the share to keep);
     "threshold": scores >= tau (the learned gate's threshold mode);
     "count": the counts[r] (int [nb]) highest blocks of row r, ties by lower index (its top-k mode).
@@ -91,10 +91,10 @@ def select_blocks(mass: torch.Tensor, tau: torch.Tensor, rule: str = "mass", cou
     opts = dict(NBP=nbp, RULE=_RULES[rule], num_warps=warps)
     if b * hq * nb * nb * 8 <= ONE_PASS_BYTES:
         idx = torch.empty(b, hq, nb, nb, dtype=torch.int64, device=mass.device)
-        launch(mass, tau, idx, cnt, nb, hq, nb, int(tail), counts, **opts)
+        launch(mass, tau, idx, cnt, nb, hq, nb, counts, **opts)
         return idx[..., :max(1, int(cnt.max()))]
-    launch(mass, tau, cnt, cnt, nb, hq, 1, int(tail), counts, WRITE=False, **opts)
+    launch(mass, tau, cnt, cnt, nb, hq, 1, counts, WRITE=False, **opts)
     width = max(1, int(cnt.max()))
     idx = torch.empty(b, hq, nb, width, dtype=torch.int64, device=mass.device)
-    launch(mass, tau, idx, cnt, nb, hq, width, int(tail), counts, **opts)
+    launch(mass, tau, idx, cnt, nb, hq, width, counts, **opts)
     return idx

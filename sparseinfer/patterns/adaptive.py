@@ -19,7 +19,7 @@ import torch
 
 from ..gate import Gates, GateError, causal_blocks
 from .base import Pattern, Selection
-from .block_sparse import block_rows_density, block_sparse_density
+from .block_sparse import block_rows_density, sorted_rows
 
 OPTIONS = ("threshold", "density", "gates", "block_size", "dense_tail")
 # patch's default dense_tail: the last query block (where a prompt's question sits) sees every
@@ -28,18 +28,16 @@ OPTIONS = ("threshold", "density", "gates", "block_size", "dense_tail")
 DENSE_TAIL = 64
 
 
-def keep_blocks(probs: torch.Tensor, threshold: float | None = None, density: float | None = None,
-                tail_blocks: int = 0) -> torch.Tensor:
+def keep_blocks(probs: torch.Tensor, threshold: float | None = None, density: float | None = None) -> torch.Tensor:
     """probs [B, H, nb, nb] gate probabilities -> bool [B, H, nb, nb], the kept key blocks
-    (exactly one of threshold / density); the last `tail_blocks` query-block rows keep every
-    causal block."""
+    (exactly one of threshold / density). A dense tail is not listed here: the op's dense_from."""
     if (threshold is None) == (density is None):
         raise ValueError(f"keep_blocks: expected exactly one of threshold / density, got {threshold!r} / {density!r}")
     nb = probs.shape[-1]
     dev = probs.device
     causal = causal_blocks(nb, dev)
     r = torch.arange(nb, device=dev)
-    forced = (r[None, :] == 0) | (r[None, :] == r[:, None]) | (r[:, None] >= nb - tail_blocks)
+    forced = (r[None, :] == 0) | (r[None, :] == r[:, None])
     if threshold is not None:
         keep = probs >= threshold
     else:
@@ -67,24 +65,24 @@ def keep_to_index(keep: torch.Tensor) -> torch.Tensor:
 
 
 def select_index(probs: torch.Tensor, threshold: float | None = None, density: float | None = None,
-                 tail_blocks: int = 0, fused: bool | None = None) -> torch.Tensor:
-    """keep_to_index(keep_blocks(probs, threshold, density, tail_blocks)): probs [B, H, nb, nb]
+                 fused: bool | None = None) -> torch.Tensor:
+    """keep_to_index(keep_blocks(probs, threshold, density)): probs [B, H, nb, nb]
     -> block_idx [B, H, nb, K] int64 (ascending, -1 padding). fused (default: on CUDA): one
     Triton program per row (`kernels.xattn.select_blocks`: threshold, or top-k without a sort)
     instead of torch's masks, argsort (top-k mode), cumsum and scatter; the same blocks."""
     if (threshold is None) == (density is None):
         raise ValueError(f"select_index: expected exactly one of threshold / density, got {threshold!r} / {density!r}")
     if not (probs.is_cuda if fused is None else fused):
-        return keep_to_index(keep_blocks(probs, threshold, density, tail_blocks))
+        return keep_to_index(keep_blocks(probs, threshold, density))
     from ..kernels import xattn
 
     b, h, nb, _ = probs.shape
     if threshold is not None:
         return xattn.select_blocks(probs.float(), torch.full((h,), float(threshold), device=probs.device),
-                                   "threshold", tail=tail_blocks)
+                                   "threshold")
     # as keep_blocks (float64), built on the device: no host-to-device copy per call
     counts = torch.ceil(density * torch.arange(1, nb + 1, dtype=torch.float64, device=probs.device)).to(torch.int32)
-    return xattn.select_blocks(probs.float(), torch.zeros(h, device=probs.device), "count", counts, tail=tail_blocks)
+    return xattn.select_blocks(probs.float(), torch.zeros(h, device=probs.device), "count", counts)
 
 
 @dataclass
@@ -109,8 +107,8 @@ class AdaptiveLayer(Pattern):
         """fused (default: on CUDA): threshold mode scores, normalises and selects each row in one
         kernel (`kernels.gate.gate_select`: no [B, H, nb, nb] probabilities in memory); otherwise the
         gate's probabilities and `select_index`. Either way the rows come ascending and unique, so
-        the index build skips its sort (`sorted_blocks`); the fused path gives the dense tail's rows
-        to the op as `dense_from` instead of listing every block."""
+        the index build skips its sort (`sorted_blocks`), and the dense tail's rows go to the op as
+        `dense_from` instead of listing every block (the index stays as wide as the widest sparse row)."""
         n = q.shape[2]
         bs = self.gates.block_size
         gate = self.gates.layers[self.layer] if self.local is None else self.local.to(q.device)
@@ -123,20 +121,17 @@ class AdaptiveLayer(Pattern):
 
                 gq, gk = gate.project(qf, kf)
                 idx, counts = gate_select(gq, gk, self.threshold, gate.width ** -0.5)
-                kw = {"block_idx": idx, "block_size": bs, "sorted_blocks": True}
-                # every row keeps its diagonal block: counts - 1 blocks below it (no [nb, nb] table); the
-                # dense tail's rows are not listed (the index stays as wide as the widest sparse row)
-                strict = counts - 1
-                if tail > 0:
-                    kw["dense_from"] = nb - tail
-                    r = torch.arange(nb, device=counts.device, dtype=counts.dtype)
-                    strict = torch.where(r >= nb - tail, r, strict)
-                return [Selection("block_sparse_attention", kw,
-                                  block_rows_density(n, strict, torch.ones_like(counts), bs))]
-            probs = gate(qf, kf).exp()
-        idx = select_index(probs, self.threshold, self.density, tail)  # rows ascending without repeats too
-        return [Selection("block_sparse_attention", {"block_idx": idx, "block_size": bs, "sorted_blocks": True},
-                          block_sparse_density(n, idx, bs, sorted_blocks=True))]
+                strict, diag = counts - 1, torch.ones_like(counts)  # every row keeps its diagonal block
+            else:
+                idx = select_index(gate(qf, kf).exp(), self.threshold, self.density)
+                strict, diag = sorted_rows(idx)
+        kw = {"block_idx": idx, "block_size": bs, "sorted_blocks": True}
+        if tail > 0:  # rows from dense_from on: every causal block
+            kw["dense_from"] = nb - tail
+            r = torch.arange(nb, device=idx.device)
+            strict = torch.where(r >= nb - tail, r, strict)
+            diag = torch.where(r >= nb - tail, True, diag.bool())
+        return [Selection("block_sparse_attention", kw, block_rows_density(n, strict, diag, bs))]
 
 
 def make_layers(model, options: dict) -> list[AdaptiveLayer]:

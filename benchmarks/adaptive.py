@@ -452,7 +452,16 @@ def main():
                     help="comma-separated substrings: only the methods whose name contains one (default: all)")
     ap.add_argument("--mass", action="store_true",
                     help="first: XAttention's block mass kernels side by side at the largest size (adaptive_mass.md)")
+    ap.add_argument("--flags", default="",
+                    help="sparseinfer.kernels.attention.FLAGS entries set first, e.g. 'ROT_NS=1500' (integers)")
     args = ap.parse_args()
+    from sparseinfer.kernels import attention as katt
+
+    for kv in (f for f in args.flags.split(",") if f):
+        name, _, val = kv.partition("=")
+        if name not in katt.FLAGS or not val:
+            ap.error(f"--flags: expected NAME=int with NAME in {sorted(katt.FLAGS)}, got {kv!r}")
+        katt.FLAGS[name] = type(katt.FLAGS[name])(int(val))
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if not args.smoke and dev.type != "cuda":
         ap.error("no CUDA device: run on a GPU, or pass --smoke")
@@ -473,7 +482,7 @@ def main():
     meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu ({platform.machine()})",
             "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "sizes": sizes, "block_size": args.block_size, "smoke": args.smoke,
+            "sizes": sizes, "block_size": args.block_size, "smoke": args.smoke, "flags": args.flags,
             "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])}
     t0 = time.perf_counter()
 

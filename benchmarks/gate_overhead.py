@@ -88,6 +88,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--kernel", action="store_true", help="also time the block-sparse kernel on the gate's indices")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, float32")
+    ap.add_argument("--pool-configs", default="",
+                    help="also time the features with these `kernels.pool.CONFIG` entries, e.g. '64,4,1;16,4,3' "
+                         "(rows per step, warps, stages), alternated twice, each checked vs the default")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
@@ -148,6 +151,24 @@ def main(argv=None) -> int:
             row["features_max_abs"] = max(float(r.abs().max()) for r in ref)
             row["gate_features_torch_ms"] = timer(torch_features, reps, warmup, cuda)
             del ref
+            if args.pool_configs:
+                from sparseinfer.kernels import pool
+
+                key = "cuda" if cuda else "cpu"
+                default = pool.CONFIG[key]
+                cfgs = [tuple(int(x) for x in c.split(",")) for c in args.pool_configs.split(";") if c]
+                row["pool_configs"] = {}
+                for rep in range(2):
+                    for c in cfgs:
+                        pool.CONFIG[key] = c
+                        try:
+                            diff = max(float((a - r).abs().max()) for a, r in zip(gates.features(q, k), feats))
+                            t = timer(lambda: gates.features(q, k), reps, warmup, cuda)
+                        finally:
+                            pool.CONFIG[key] = default
+                        row["pool_configs"].setdefault(str(c), []).append(t)
+                        print(f"N={n} features with pool.CONFIG {c}: {t:.3f} ms (max abs diff vs default {diff:.1e})",
+                              flush=True)
             row["gate_scores_ms"] = timer(lambda: layer(*feats).exp(), reps, warmup, cuda)
             # the selection the library runs (`select_index`: one Triton program per row on CUDA)
             # and torch's masks + cumsum + scatter, which must give the same indices

@@ -347,8 +347,9 @@ def sparse_fwd_kernel(
         s0 = 0
         if ROT != 0:  # start the list at the entry the clock points to, then wrap around
             if ROT == 1:
-                now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
-                                                is_pure=False, pack=1)
+                # every thread reads the clock; their maximum is one value for the whole program
+                now = tl.reduce(tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [offs_d], dtype=tl.int64,
+                                                          is_pure=False, pack=1), 0, _max_fn)
             else:  # deterministic stand-in (the interpreter has no clock): the program id
                 now = (tl.program_id(0) + tl.program_id(1) * 7).to(tl.int64) * ROT_NS
             period = tl.maximum(nt, 1).to(tl.int64) * ROT_NS  # one sweep over the list

@@ -19,8 +19,8 @@ import triton
 from ._loader import kernel_module
 
 _NAMES = ("avg", "max", "min")
-# (rows per step, warps, pipeline stages) on CUDA; the interpreter walks 16 rows per step
-CONFIG = {"cuda": (16, 4, 3), "cpu": (16, 4, 1)}
+# (rows per step, warps, pipeline stages, heads per program) on CUDA, and under the interpreter
+CONFIG = {"cuda": (8, 4, 3, 1), "cpu": (16, 4, 1, 4)}
 
 
 def supported(x: torch.Tensor, cos: torch.Tensor, block_size: int) -> bool:
@@ -50,14 +50,15 @@ def unrotate_pool(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_s
     at = {p: (pooling.index(p) if p in pooling else -1) for p in _NAMES}
     mod = kernel_module("_pool_kernel.py", x.device.type != "cuda")
     block = triton.next_power_of_2(block_size)
-    rows, warps, stages = CONFIG["cuda" if x.is_cuda else "cpu"]
-    mod.unrotate_pool_kernel[(b * h, nb)](
+    rows, warps, stages, hg = CONFIG["cuda" if x.is_cuda else "cpu"]
+    hg = min(hg, triton.next_power_of_2(h))
+    mod.unrotate_pool_kernel[(b * triton.cdiv(h, hg), nb)](
         x, cos, sin, out,
         x.stride(0), x.stride(1), x.stride(2),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         n, h, block_size,
-        BLOCK=block, HALF=d // 2, ROWS=min(rows, block), STAGES=stages,
+        BLOCK=block, HALF=d // 2, ROWS=min(rows, block), STAGES=stages, HG=hg,
         AVG_AT=at["avg"], MAX_AT=at["max"], MIN_AT=at["min"],
         num_warps=warps,
     )

@@ -139,6 +139,10 @@ def main(argv=None) -> int:
             probs = layer(*feats).exp()
             keep = keep_blocks(probs, threshold=args.threshold)
             row["gate_features_ms"] = timer(lambda: gates.features(q, k), reps, warmup, cuda)
+            pos = torch.arange(n, device=dev)[None]
+            row["rotary_ms"] = timer(lambda: gates.rotary(q[:1, :1, :1].float(), pos), reps, warmup, cuda)
+            print(f"N={n} features {row['gate_features_ms']:.3f} ms, of which cos / sin {row['rotary_ms']:.3f} ms",
+                  flush=True)
             # the torch path (unrotate + pool_blocks, several passes) that the fused kernel replaces
             from sparseinfer.gate import pool_blocks, unrotate
 

@@ -34,11 +34,6 @@ distance m0 - c (CW [B, H, n + 192], col_words_kernel): one load per column.
 PF: the tile loop loads the next tile's start one step ahead, so a step's key loads do not wait
 on a dependent index load (block-sparse lists; see attention.FLAGS["PF"]).
 
-ROT: a tile list starts at the entry a clock points to and wraps around (the clock: %globaltimer
-in ns; ROT_NS = one list entry's period), so programs in flight read keys of the same region at
-the same time, whenever each started (L2 reuse of scattered key blocks; attention.FLAGS["ROT_NS"]).
-ROT 2 takes the program id as the clock (the interpreter has none; tests).
-
 COL_TMA: the column pass reads K / V rows copied per (batch, query head) in column order
 (KCD / VCD: TMA descriptors over [B * H * NCOL, D]) instead of gathering them with pointer loads;
 rows past a head's columns belong to the next head or are zeros, and the column mask removes them.
@@ -275,7 +270,6 @@ def sparse_fwd_kernel(
     LSE_OUT: tl.constexpr = False, PRIOR: tl.constexpr = False,
     KCD=None, VCD=None, NCOL=0, COL_TMA: tl.constexpr = False,
     CW=None, stride_cwb=0, stride_cwh=0, PF: tl.constexpr = False,
-    ROT: tl.constexpr = 0, ROT_NS=0,
 ):
     if ORDER == 1:
         # 1-D grid, (batch, KV head) slowest, then query blocks (longest rows first), then the
@@ -344,34 +338,14 @@ def sparse_fwd_kernel(
         nt = tl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m) * on
         t_base = TILES + b * stride_tb + h * stride_th + pid_m * stride_tq
         t0 = m0 if TILES_REL else 0  # relative tiles (vertical-slash): shared by all query blocks
-        s0 = 0
-        if ROT != 0:  # start the list at the entry the clock points to, then wrap around
-            if ROT == 1:
-                # every thread reads the clock; their maximum is one value for the whole program
-                now = tl.reduce(tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [offs_d], dtype=tl.int64,
-                                                          is_pure=False, pack=1), 0, _max_fn)
-            else:  # deterministic stand-in (the interpreter has no clock): the program id
-                now = (tl.program_id(0) + tl.program_id(1) * 7).to(tl.int64) * ROT_NS
-            period = tl.maximum(nt, 1).to(tl.int64) * ROT_NS  # one sweep over the list
-            s0 = ((now % period) * nt // period).to(tl.int32)
         if PF:  # each step loads the next tile's start (the key loads need not wait for it)
-            nxt = tl.load(t_base + s0, mask=nt > 0, other=0)
+            nxt = tl.load(t_base, mask=nt > 0, other=0)
         for t in tl.range(0, nt, num_stages=STAGES):
             if PF:
                 n0 = t0 + nxt
-                if ROT != 0:
-                    t1 = t + 1 + s0
-                    t1 = tl.where(t1 >= nt, t1 - nt, t1)
-                else:
-                    t1 = t + 1
-                nxt = tl.load(t_base + t1, mask=t + 1 < nt, other=0)
+                nxt = tl.load(t_base + t + 1, mask=t + 1 < nt, other=0)
             else:
-                if ROT != 0:
-                    tt = t + s0
-                    tt = tl.where(tt >= nt, tt - nt, tt)
-                else:
-                    tt = t
-                n0 = t0 + tl.load(t_base + tt)
+                n0 = t0 + tl.load(t_base + t)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k, v = _kv(kt_base, vt_base, stride_kn, stride_vn, offs_n, offs_d, offs_n, row0, n0, False, TMA)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC)

@@ -75,7 +75,7 @@ BREAK_EVEN = {
 # tiles one step ahead (128K 39.3-39.4 vs 32.5-32.7 ms).
 FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py",  # KERNEL: a kernel file (A/B runs)
          "GRAPH_INDEX": True, "VS_BAND": True, "VS_OVERLAP": True,
-         "VS_COL_TMA": True, "PF": True, "PF_MAX_N": 256 * 1024, "ROT_NS": 0}
+         "VS_COL_TMA": True, "PF": True, "PF_MAX_N": 256 * 1024}
 
 
 VS_BAND_MIN = 2048
@@ -248,10 +248,6 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         kcd, vcd = _descriptors(k[bi, kvh, cidx], v[bi, kvh, cidx], block_n, 1)
     # block-sparse tile lists: the next tile's start loaded one step ahead (FLAGS["PF"])
     pf = bool(FLAGS["PF"]) and has_tiles and not idx.tiles_relative and n <= FLAGS["PF_MAX_N"]
-    # block lists started where a clock points (FLAGS["ROT_NS"]: ns per list entry, 0 = off); the
-    # interpreter takes the program id as its clock
-    rot_ns = int(FLAGS["ROT_NS"]) if has_tiles and not idx.tiles_relative else 0
-    rot = 0 if rot_ns <= 0 else (2 if interpret else 1)
     # the column pass's skip words per distance m0 - c, built once per call (one small launch; was
     # three bitmap words and shifts per column per tile: H100 128K 34.7 vs 34.7-36.1 ms, 256K 69.3-70.8
     # vs 71.1-73.6, results/attention_colwords_ab.md)
@@ -297,7 +293,7 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         LSE_OUT=lse_out is not None, PRIOR=prior is not None,
         KCD=kcd, VCD=vcd, NCOL=ncol, COL_TMA=col_tma,
         CW=cw, stride_cwb=cw.stride(0) if col_words else 0, stride_cwh=cw.stride(1) if col_words else 0,
-        PF=pf, ROT=rot, ROT_NS=rot_ns,
+        PF=pf,
         num_warps=num_warps, num_stages=num_stages,
     )
     if user_out is not None:

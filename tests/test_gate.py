@@ -141,16 +141,21 @@ def test_fused_selection_equals_brute_force_with_ties(mode, monkeypatch):
     assert torch.equal(select_index(p, **mode, fused=True), want)
 
 
-@pytest.mark.parametrize("threshold", [0.05, 0.0, 0.02, 1.0])
-def test_gate_select_kernel_equals_float64_selection(threshold, monkeypatch):
+@pytest.mark.parametrize("threshold,sync", [(0.05, False), (0.0, False), (0.02, False), (1.0, False), (0.05, True),
+                                            (0.02, True)])
+def test_gate_select_kernel_equals_float64_selection(threshold, sync, monkeypatch):
     """kernels.gate.gate_select (scores, softmax and threshold selection of a row in one program;
     interpreter here) keeps the blocks of the float64 probabilities (a block whose probability
     is within 1e-6 of the threshold may go either way), plus sink and diagonal;
-    rows ascending, -1 after them, the width of the widest row; GQA (4 query / 2 KV heads),
+    rows ascending, -1 after them; as wide as the threshold's bound min(nb, 1.01 / t + 2), or
+    (sync: the bound's index over SYNC_FREE_BYTES) as the widest row; GQA (4 query / 2 KV heads),
     a width padded inside the kernel (W = 6), rows longer than one key chunk and a last row group
     past nb (nb = 70), scratch memory that starts dirty."""
+    from sparseinfer.kernels import gate
     from sparseinfer.kernels.gate import gate_select
 
+    if sync:
+        monkeypatch.setattr(gate, "SYNC_FREE_BYTES", 0)
     gen = torch.Generator().manual_seed(11)
     b, hq, hkv, nb, w = 2, 4, 2, 70, 6
     gq, gk = torch.randn(b, hq, nb, w, generator=gen) * 2, torch.randn(b, hkv, nb, w, generator=gen) * 2
@@ -158,7 +163,7 @@ def test_gate_select_kernel_equals_float64_selection(threshold, monkeypatch):
     real_empty = torch.empty  # scratch and output start dirty: nothing may rely on fresh memory
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(0x55555555))
     idx, counts = gate_select(gq, gk, threshold, scale)
-    monkeypatch.undo()
+    monkeypatch.setattr(torch, "empty", real_empty)
     assert torch.equal(counts, (idx >= 0).sum(-1, dtype=torch.int32))
     causal = torch.ones(nb, nb, dtype=torch.bool).tril()
     logits = torch.einsum("bhnw,bhmw->bhnm", gq.double(), gk.double().repeat_interleave(hq // hkv, 1)) * scale
@@ -172,7 +177,8 @@ def test_gate_select_kernel_equals_float64_selection(threshold, monkeypatch):
         near = {j for j in range(i + 1) if abs(float(p.reshape(-1, nb, nb)[r // nb, i, j]) - threshold) <= 1e-6}
         assert set(row[:cnt]) ^ s <= near, (r, set(row[:cnt]) ^ s)
         widest = max(widest, cnt)
-    assert idx.shape[-1] == widest
+    bound = nb if threshold == 0 else min(nb, math.floor(1.01 / threshold) + 2)
+    assert idx.shape[-1] == (widest if sync else bound) and widest <= bound
     with pytest.raises(ValueError, match="gate_select"):
         gate_select(gq, gk[:, :, :5], threshold, scale)
 
@@ -416,3 +422,29 @@ def test_train_gate_cli_loads_the_model_in_the_asked_dtype(monkeypatch, argv, wa
     assert seen["dtype"] == want and seen["name"] == "some/model"
     with pytest.raises(SystemExit):
         cli.main(["train-gate", "--out", "g.safetensors", "--dtype", "int8"])
+
+
+def test_cos_sin_kept_per_length_and_asked_again_when_the_rotary_changes(tiny):
+    """Gates.cos_sin: a pre-fill's layers share one rotary call per length; another length, or
+    the rotary's inv_freq changed in place (dynamic RoPE), asks the module again; the values are
+    the module's own."""
+    gates = _gates(tiny)
+    rot = tiny.model.rotary_emb
+    calls = []
+    handle = rot.register_forward_hook(lambda m, a, out: calls.append(a[1].shape[-1]))
+    inv0 = rot.inv_freq.clone()
+    try:
+        c1, s1 = gates.cos_sin(40, "cpu")
+        c2, _ = gates.cos_sin(40, "cpu")
+        assert calls == [40] and c2 is c1
+        want_c, want_s = rot(torch.zeros(1), torch.arange(40)[None])
+        assert torch.equal(c1, want_c) and torch.equal(s1, want_s)
+        gates.cos_sin(30, "cpu")
+        assert calls[-1] == 30
+        calls.clear()
+        rot.inv_freq.mul_(0.5)  # in place: same storage, new version
+        c3, _ = gates.cos_sin(30, "cpu")
+        assert calls == [30] and torch.equal(c3, rot(torch.zeros(1), torch.arange(30)[None])[0])
+    finally:
+        handle.remove()
+        rot.inv_freq.copy_(inv0)

@@ -85,7 +85,7 @@ def gate_index_kernel(WORDS, CNT, IDX, NB, NW, OUT_W, BLOCK: tl.constexpr):
         keep = (((w >> (j % 32)) & 1) != 0) & ok
         ki = keep.to(tl.int32)
         pos = base + tl.associative_scan(ki, 0, _sum_fn) - 1
-        tl.store(out + pos, j, mask=keep)
+        tl.store(out + pos, j, mask=keep & (pos < OUT_W))  # OUT_W >= the count (kernels.gate)
         base += tl.reduce(ki, 0, _sum_fn)
     for p0 in range(n, OUT_W, BLOCK):
         p = p0 + tl.arange(0, BLOCK)

@@ -63,6 +63,8 @@ class SparseIndex:
     tile_count: int32 [B, H, nqb] tiles to visit per query block; or None.
     block_n: tile width the tiles / edges were built for (0 when there are none).
     tiles_relative: see ``tiles``.
+    tile_scale: the tiles hold key starts / tile_scale (block ids when it is the block size: the
+        kernel multiplies, so a sorted block list serves as tiles without a copy).
     edges: int32 [B, H, E, 4] masked tiles (rel_start, rel_end, lo, hi): keys
         ``[m0 + rel_start, m0 + min(rel_end, rel_start + block_n))`` with ``lo <= i - j <= hi``,
         m0 = the query block's first row; sorted by rel_start descending; or None. When set,
@@ -84,6 +86,7 @@ class SparseIndex:
     tile_count: Optional[torch.Tensor] = None
     block_n: int = 0
     tiles_relative: bool = False
+    tile_scale: int = 1
     edges: Optional[torch.Tensor] = None
     edge_count: Optional[torch.Tensor] = None
     slash_bits: Optional[torch.Tensor] = None
@@ -146,7 +149,7 @@ class SparseIndex:
             m0 = q * bm
             if self.tiles is not None:
                 for t in range(int(self.tile_count[b, h, q])):
-                    t0 = int(self.tiles[b, h, 0 if self.tiles_relative else q, t])
+                    t0 = int(self.tiles[b, h, 0 if self.tiles_relative else q, t]) * self.tile_scale
                     t0 += m0 if self.tiles_relative else 0
                     if t0 < 0 or t0 + self.block_n > n:
                         raise AssertionError("unmasked tile outside the keys")
@@ -270,12 +273,19 @@ def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m:
     # int32 throughout (key offsets < 2^31 for any n the kernel takes): half the bytes of int64
     idx = block_idx.to(torch.int32)
     qb = torch.arange(nb, device=dev, dtype=torch.int32).view(1, 1, nb, 1)
-    diag_listed = (idx == qb).any(-1)  # [B, H, nb]
     if sorted_blocks and block_m == block_size and block_n == block_size:
-        # an ascending row lists its strictly-causal blocks first: they are the tiles, the rest of
-        # the row is never read (fewer passes over [B, H, nb, K] than below)
-        return _block_index(n, block_m, block_size, (idx * block_size).contiguous(),
-                            ((idx >= 0) & (idx < qb)).sum(-1, dtype=torch.int32), diag_listed, dense_from=dense_from)
+        # an ascending row lists its strictly-causal blocks first: they are the tiles (block ids,
+        # the kernel scales them), the rest of the row is never read; on CUDA the split of each
+        # row is found by bisection (no pass over [B, H, nb, K])
+        if idx.is_cuda:
+            from .kernels.rows import sorted_rows_split
+
+            before, diag = sorted_rows_split(idx)
+        else:
+            before, diag = ((idx >= 0) & (idx < qb)).sum(-1, dtype=torch.int32), (idx == qb).any(-1)
+        return _block_index(n, block_m, block_size, idx.contiguous(), before, diag, dense_from=dense_from,
+                            tile_scale=block_size)
+    diag_listed = (idx == qb).any(-1)  # [B, H, nb]
     idx = torch.where((idx >= 0) & (idx < qb), idx, big)
     # strictly-causal blocks first, padding big (an ascending row keeps that order: its own
     # block, the only one dropped here besides padding, comes after the causal ones)
@@ -295,7 +305,7 @@ def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m:
 
 def _block_index(n: int, block_m: int, block_size: int, tiles: torch.Tensor, tile_count: torch.Tensor,
                  diag_listed: torch.Tensor, block_n: Optional[int] = None,
-                 dense_from: Optional[int] = None) -> SparseIndex:
+                 dense_from: Optional[int] = None, tile_scale: int = 1) -> SparseIndex:
     """SparseIndex of block lists: tiles [B, H, nqb, T] key starts (the first tile_count [B, H, nqb]
     are read), the diagonal range per query block: the own index block with band [0, n) when
     listed (diag_listed [B, H, nqb]), else the self band [0, 0] over the query block's rows;
@@ -318,7 +328,7 @@ def _block_index(n: int, block_m: int, block_size: int, tiles: torch.Tensor, til
     return SparseIndex(
         n=n, block_m=block_m, ranges=ranges,
         range_count=torch.ones(b, h, nqb, dtype=torch.int32, device=dev),
-        tiles=tiles, tile_count=tile_count, block_n=block_m if block_n is None else block_n,
+        tiles=tiles, tile_count=tile_count, block_n=block_m if block_n is None else block_n, tile_scale=tile_scale,
     )
 
 

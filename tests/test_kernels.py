@@ -403,3 +403,29 @@ def test_work_fraction():
     full = torch.arange(n // 64).expand(1, 1, n // 64, n // 64)
     dense = sidx.from_block_sparse(full, 64, n, 64).work_fraction(64, samples=1000)
     assert abs(float(dense) - 1.0) < 0.05
+
+
+def test_sorted_rows_split_equals_the_passes_it_replaces():
+    """kernels.rows.sorted_rows_split (bisection per row, interpreter here) on ascending rows with
+    -1 padding: rows with and without their own block, empty rows, full rows, entries past the
+    own block; equal to the torch passes of index.from_block_sparse; bad input refused."""
+    from sparseinfer.kernels.rows import sorted_rows_split
+
+    g = torch.Generator().manual_seed(5)
+    b, h, nb, k = 2, 3, 37, 9
+    rows = []
+    for _ in range(b * h):
+        for q in range(nb):
+            pool = torch.randperm(nb, generator=g)[: int(torch.randint(0, k + 1, (1,), generator=g))]
+            if q % 3 == 0:  # own block listed
+                pool = torch.cat([pool[pool != q][: k - 1], torch.tensor([q])])
+            s = sorted(set(pool.tolist()))[:k]
+            rows.append(s + [-1] * (k - len(s)))
+    idx = torch.tensor(rows, dtype=torch.int32).view(b, h, nb, k)
+    qb = torch.arange(nb, dtype=torch.int32).view(1, 1, nb, 1)
+    before, diag = sorted_rows_split(idx)
+    assert torch.equal(before, ((idx >= 0) & (idx < qb)).sum(-1, dtype=torch.int32))
+    assert torch.equal(diag, (idx == qb).any(-1))
+    assert int(diag.sum()) >= b * h * 12 and int((before == 0).sum()) > 0  # the cases occur
+    with pytest.raises(ValueError, match="sorted_rows_split"):
+        sorted_rows_split(idx.long())

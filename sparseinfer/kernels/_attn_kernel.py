@@ -269,7 +269,7 @@ def sparse_fwd_kernel(
     PRIOR_CNT=None, stride_pcb=0, stride_pch=0,
     LSE_OUT: tl.constexpr = False, PRIOR: tl.constexpr = False,
     KCD=None, VCD=None, NCOL=0, COL_TMA: tl.constexpr = False,
-    CW=None, stride_cwb=0, stride_cwh=0, PF: tl.constexpr = False,
+    CW=None, stride_cwb=0, stride_cwh=0, PF: tl.constexpr = False, TILE_SCALE=1,
 ):
     if ORDER == 1:
         # 1-D grid, (batch, KV head) slowest, then query blocks (longest rows first), then the
@@ -333,7 +333,8 @@ def sparse_fwd_kernel(
         on = 1
 
     # 0. tile list: BLOCK_N-wide key tiles every row of the block sees entirely (no mask);
-    #    one flat loop, so loads of the next tile overlap the current one (block-sparse)
+    #    one flat loop, so loads of the next tile overlap the current one (block-sparse); entries
+    #    are key starts / TILE_SCALE (block ids of sorted block lists)
     if HAS_TILES:
         nt = tl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m) * on
         t_base = TILES + b * stride_tb + h * stride_th + pid_m * stride_tq
@@ -342,10 +343,10 @@ def sparse_fwd_kernel(
             nxt = tl.load(t_base, mask=nt > 0, other=0)
         for t in tl.range(0, nt, num_stages=STAGES):
             if PF:
-                n0 = t0 + nxt
+                n0 = t0 + nxt * TILE_SCALE
                 nxt = tl.load(t_base + t + 1, mask=t + 1 < nt, other=0)
             else:
-                n0 = t0 + tl.load(t_base + t)
+                n0 = t0 + tl.load(t_base + t) * TILE_SCALE
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k, v = _kv(kt_base, vt_base, stride_kn, stride_vn, offs_n, offs_d, offs_n, row0, n0, False, TMA)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC)

@@ -293,7 +293,7 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         LSE_OUT=lse_out is not None, PRIOR=prior is not None,
         KCD=kcd, VCD=vcd, NCOL=ncol, COL_TMA=col_tma,
         CW=cw, stride_cwb=cw.stride(0) if col_words else 0, stride_cwh=cw.stride(1) if col_words else 0,
-        PF=pf,
+        PF=pf, TILE_SCALE=idx.tile_scale if has_tiles else 1,
         num_warps=num_warps, num_stages=num_stages,
     )
     if user_out is not None:

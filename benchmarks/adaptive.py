@@ -305,7 +305,8 @@ def run(sizes, dev, gen, log, block_size, backend, save):
 
 
 def profile(n, dev, gen, log, block_size, backend, out_dir):
-    """Per-op GPU time of each method's estimation (select) and kernel (run_selections) at one size."""
+    """Per-op GPU time of each method's estimation (select), kernel (run_selections) and the patched
+    attention function (integration.sparse_attention_forward: probe, guards, output layout) at one size."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
@@ -320,8 +321,20 @@ def profile(n, dev, gen, log, block_size, backend, out_dir):
         pat = make(block_size)
         parts = pat.select(q, k, scale)
         run_selections(parts, q, k, v, scale, backend)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        from sparseinfer import integration as integ
+
+        mod = _Attn(q.shape[1] // k.shape[1], integ.LayerPlan(0, pat, 0, integ.PatchStats(), backend, set())).eval()
+
+        def patched_call():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if dev.type == "cuda" else contextlib.nullcontext():
+                return integ.sparse_attention_forward(mod, q, k, v, None, scaling=scale)
+
+        patched_call()
         for what, fn in (("estimation", lambda: pat.select(q, k, scale)),
-                         ("kernel", lambda: run_selections(parts, q, k, v, scale, backend))):
+                         ("kernel", lambda: run_selections(parts, q, k, v, scale, backend)),
+                         ("patched attention function", patched_call)):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             with tprofile(activities=acts) as prof:

@@ -150,3 +150,24 @@ def test_search_meets_its_density_and_prefers_recall(smol, tmp_path):
         sparseinfer.unpatch(model)
     assert 0.12 < handle.stats.density() <= 0.21
     assert json.loads(path.read_text())["search"]["target_density"] == 0.2
+
+
+@pytest.mark.parametrize("mode", [False, True])
+def test_block_sparse_heads_with_different_budgets_keep_their_best_blocks(monkeypatch, mode):
+    """Block-sparse heads of one layer with different top-k: each keeps its own best-scoring
+    blocks (the estimate's rows come ascending from the Triton top-k on CUDA, by score from
+    torch.topk: the per-head cut must rank by score either way); mode: bs.TOPK_KERNEL."""
+    from sparseinfer.patterns import block_sparse as bs
+
+    torch.manual_seed(3)
+    n = 400
+    q, k = torch.randn(1, 3, n, 32), torch.randn(1, 3, n, 32)
+    heads = [{"pattern": "block_sparse", "topk": t, "block_size": 32} for t in (2, 5, 3)]
+    monkeypatch.setattr(bs, "TOPK_KERNEL", mode)
+    (part,) = MInferenceLayer(heads).select(q, k, 0.125)
+    got = part.kwargs["block_idx"]
+    monkeypatch.setattr(bs, "TOPK_KERNEL", False)
+    for h, t in enumerate((2, 5, 3)):
+        want = bs.estimate(q[:, h:h + 1], k[:, h:h + 1], t, 32, 0.125)[0, 0]
+        for r in range(got.shape[2]):
+            assert set(got[0, h, r].tolist()) - {-1} == set(want[r].tolist()) - {-1}, (h, r)

@@ -31,11 +31,13 @@ def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
 TOPK_KERNEL = "auto"
 
 
-def estimate(q, k, topk: int, block_size: int = 64, scale: float | None = None) -> torch.Tensor:
+def estimate(q, k, topk: int, block_size: int = 64, scale: float | None = None, by_score: bool = False) -> torch.Tensor:
     """q [B, Hq, N, D], k [B, Hkv, N, D] -> block_idx [B, Hq, nb, min(topk, nb)] int64, -1 padding
     (query blocks near the start have fewer causal blocks than topk). The score matrix
     [B, Hq, nb, nb] float32 is masked in place; ties at the k-th score may resolve differently
-    between the Triton top-k (lower block first) and torch.topk."""
+    between the Triton top-k (lower block first) and torch.topk. Row order: ascending blocks from
+    the Triton top-k (CUDA), by score from torch.topk; by_score: by score (best first) either way,
+    so the first j entries of a row are its best j (per-head budgets below topk)."""
     b, hq, n, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     nb = math.ceil(n / block_size)
@@ -49,6 +51,9 @@ def estimate(q, k, topk: int, block_size: int = 64, scale: float | None = None) 
 
         idx = topk_indices(s.reshape(-1, nb), kk).view(b, hq, nb, kk).long()
         vals = torch.gather(s, -1, idx)
+        if by_score:  # ties keep the lower block first, as the kernel's cut
+            vals, order = torch.sort(vals, dim=-1, descending=True, stable=True)
+            idx = torch.gather(idx, -1, order)
     else:
         vals, idx = torch.topk(s, kk, dim=-1)
     return torch.where(vals == float("-inf"), -1, idx)

@@ -69,7 +69,9 @@ class MInferenceLayer(Pattern):
             size = sizes.pop()
             nb = math.ceil(n / size)
             kk = self._counts("topk", ("block_sparse",), nb)
-            idx = bs.estimate(q, k, max(1, max(kk)), size, scale)
+            # heads with budgets below the widest keep the first entries of their rows: rows by score
+            cut = len({c for c, kd in zip(kk, kinds) if kd == "block_sparse"}) > 1
+            idx = bs.estimate(q, k, max(1, max(kk)), size, scale, by_score=cut)
             heads = device_tensor([kd == "block_sparse" for kd in kinds], dev)
             keep = torch.arange(idx.shape[-1], device=dev) < device_tensor(kk, dev)[:, None, None]
             idx = torch.where(keep[None] & heads[None, :, None, None], idx, -1)

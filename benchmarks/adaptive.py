@@ -275,6 +275,21 @@ def run(sizes, dev, gen, log, block_size, backend, save):
             probe_ms = timed(lambda: pat.probe(q, k, scale), dev) if hasattr(pat, "probe") else None
             recall = float(recall_probe.recall(parts).mean())
             p_ms, route, p_heads = patched(pat, q, k, v, scale, dev, backend)
+            p_copy = None
+            if _CTX.get("direct_ab"):  # the same with the old output layout (a [B, Hq, N, D] result + copy)
+                from sparseinfer import integration as integ
+
+                def timed_layout(direct):
+                    integ.DIRECT_OUT = direct
+                    try:
+                        return patched(pat, q, k, v, scale, dev, backend)[0]
+                    finally:
+                        integ.DIRECT_OUT = True
+
+                p_copy = timed_layout(False)  # alternated: direct, copy, direct, copy
+                p_ms = min(p_ms, timed_layout(True))
+                p_copy = min(p_copy, timed_layout(False))
+                log(f"N={n} {name}: patched {p_ms:.2f} ms (direct output), {p_copy:.2f} ms (result + layout copy)")
             dens_h = combined_density(parts)[0].float()
             dens = float(dens_h.mean())
             if q.is_cuda:  # the integration's guard after the estimation
@@ -286,7 +301,7 @@ def run(sizes, dev, gen, log, block_size, backend, save):
             ratio = dms / total
             r = {"N": n, "method": name, "variant": f"block {block_size}", "est_ms": est, "kernel_ms": kern,
                  "total_ms": total, "dense_ms": dms, "ratio": ratio, "density": dens, "recall": recall,
-                 "total_ahead_ms": total_ahead,
+                 "total_ahead_ms": total_ahead, "patched_copy_ms": p_copy,
                  "pct_limit_ahead": None if total_ahead is None else 100 * dms / total_ahead * dens,
                  "patched_ms": p_ms, "patched_dense_ms": patched_dense, "patched_ratio": patched_dense / p_ms,
                  "patched_route": route, "patched_dense_heads": p_heads,
@@ -501,6 +516,8 @@ def main():
                     help="comma-separated substrings: only the methods whose name contains one (default: all)")
     ap.add_argument("--mass", action="store_true",
                     help="first: XAttention's block mass kernels side by side at the largest size (adaptive_mass.md)")
+    ap.add_argument("--direct-out-ab", action="store_true",
+                    help="also time the patched function with integration.DIRECT_OUT off (result + layout copy)")
     ap.add_argument("--flags", default="",
                     help="sparseinfer.kernels.attention.FLAGS entries set first, e.g. 'ROT_NS=1500' (integers)")
     args = ap.parse_args()
@@ -538,7 +555,7 @@ def main():
     def log(s):
         print(f"[{time.perf_counter() - t0:6.1f}s] {s}", flush=True)
 
-    _CTX.update(dev=dev, log=log)
+    _CTX.update(dev=dev, log=log, direct_ab=args.direct_out_ab)
 
     checks = []
 

@@ -172,9 +172,18 @@ def _break_even(plan: LayerPlan, query: torch.Tensor) -> int:
     return BREAK_EVEN.get(_BREAK_EVEN_KEY.get(plan.pattern.name, ""), 0)
 
 
-def run_selections(parts: list[Selection], q, k, v, scale: float, backend: str = "auto") -> torch.Tensor:
+def run_selections(parts: list[Selection], q, k, v, scale: float, backend: str = "auto",
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Compute a pattern's selections: one op call each; a selection serving some heads only
-    supplies those heads' outputs. q [B, Hq, N, D], k/v [B, Hkv, N, D] -> [B, Hq, N, D]."""
+    supplies those heads' outputs. q [B, Hq, N, D], k/v [B, Hkv, N, D] -> [B, Hq, N, D].
+    out: a single selection of a pre-filling op writes into this tensor like q (any strides with
+    a contiguous last dim: the integration passes its [B, N, Hq, D] result buffer seen as
+    [B, Hq, N, D], so the layout transformers wants costs no copy); heads the selection does not
+    serve are left as they are."""
+    if out is not None and len(parts) == 1 and parts[0].op in _HEAD_OPS:
+        sel = parts[0]
+        extra = {"heads": sel.heads} if sel.heads is not None else {}
+        return getattr(ops, sel.op)(q, k, v, **sel.kwargs, scale=scale, backend=backend, out=out, **extra)
     out = None
     for sel in parts:
         # heads a selection does not serve (or the guards sent dense) carry empty indices; the
@@ -189,6 +198,7 @@ def run_selections(parts: list[Selection], q, k, v, scale: float, backend: str =
 
 
 _HEAD_OPS = ("vertical_slash_attention", "block_sparse_attention", "ashape_attention")
+DIRECT_OUT = True  # pre-filling ops write transformers' [B, N, Hq, D] layout directly (see _attention)
 
 
 def sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -281,7 +291,13 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if over is not None:
         parts = guards.drop_heads(parts, over)
     t_est = rec.start(query) if rec is not None else None  # the estimation's end (monitoring syncs anyway)
-    out = run_selections(parts, query, key, value, scale, plan.backend)
+    # the result in transformers' layout [B, N, Hq, D], written by the kernel through a transposed
+    # view (DIRECT_OUT; was a [B, Hq, N, D] result and a copy: 1 GB at 128K for an 8B layer);
+    # heads the selection leaves out are the guard's dense heads, written below
+    buf = (torch.empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1], dtype=query.dtype,
+                       device=query.device).transpose(1, 2) if DIRECT_OUT and value.shape[-1] == query.shape[-1]
+           else None)
+    out = run_selections(parts, query, key, value, scale, plan.backend, out=buf)
     if over is not None:
         flags = torch.stack([over.any(), over.all()]).tolist()
         if flags[1]:

@@ -99,7 +99,19 @@ def _plan(pattern, **kw):
     return integ.LayerPlan(0, pattern, 0, integ.PatchStats(), "auto", set(), **kw)
 
 
-def test_density_guard_routes_heads_over_the_limit_to_dense():
+@pytest.mark.parametrize("direct", [True, False])
+def test_density_guard_routes_heads_over_the_limit_to_dense(monkeypatch, direct):
+    """direct: the op writes transformers' [B, N, Hq, D] result through a transposed view
+    (integration.DIRECT_OUT), its float buffers allocated full of NaN here: a head nobody wrote
+    would show."""
+    monkeypatch.setattr(integ, "DIRECT_OUT", direct)
+    real_empty = torch.empty
+
+    def nan_empty(*a, **kw):
+        t = real_empty(*a, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
     q, k, v = _qkv()
     pat = XAttention(tau=0.9, stride=4, block_size=32)
     sel = pat.select(q, k, 0.25)[0]
@@ -109,6 +121,7 @@ def test_density_guard_routes_heads_over_the_limit_to_dense():
     over = dens > limit
     plan = _plan(pat, max_density=limit)
     out = _call(plan, q, k, v)
+    assert out.transpose(1, 2).is_contiguous()  # [B, N, Hq, D], as transformers wants
     mask = torch.where(over[None, :, None, None], torch.ones(N, N, dtype=torch.bool).tril(),
                        block_sparse_mask(N, sel.kwargs["block_idx"], 32))
     assert rel_err(out, masked_attention_f64(q, k, v, mask, 0.25)) < 1e-5

@@ -270,6 +270,12 @@ def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m:
     b, h, nb, k = block_idx.shape
     dev = block_idx.device
     big = nb + 1
+    if not sorted_blocks and block_m == block_size and block_n == block_size and _lists_kernel(block_idx):
+        # rows in any order: sorted, deduplicated and split in one launch (kernels.rows.block_lists)
+        from .kernels.rows import block_lists
+
+        tiles, before, diag = block_lists(block_idx)
+        return _block_index(n, block_m, block_size, tiles, before, diag, dense_from=dense_from, tile_scale=block_size)
     # int32 throughout (key offsets < 2^31 for any n the kernel takes): half the bytes of int64
     idx = block_idx.to(torch.int32)
     qb = torch.arange(nb, device=dev, dtype=torch.int32).view(1, 1, nb, 1)
@@ -301,6 +307,18 @@ def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m:
         qmap = torch.arange(nqb, device=dev) * block_m // block_size
         tiles, cnt, diag_listed = tiles[:, :, qmap], cnt[:, :, qmap], diag_listed[:, :, qmap]
     return _block_index(n, block_m, block_size, tiles.contiguous(), cnt * tpb, diag_listed, block_n, dense_from)
+
+
+def _lists_kernel(block_idx: torch.Tensor) -> bool:
+    """Whether from_block_sparse sorts unordered rows with kernels.rows.block_lists:
+    kernels.attention.FLAGS["BS_LISTS"] "auto" = CUDA tensors, True = also the CPU (interpreter;
+    tests), False = the torch sorts; rows of at most rows.MAX_LIST entries."""
+    from .kernels import attention as katt
+    from .kernels.rows import MAX_LIST
+
+    mode = katt.FLAGS.get("BS_LISTS", "auto")
+    on = block_idx.is_cuda if mode == "auto" else bool(mode)
+    return on and 0 < block_idx.shape[-1] <= MAX_LIST and block_idx.dtype in (torch.int32, torch.int64)
 
 
 def _block_index(n: int, block_m: int, block_size: int, tiles: torch.Tensor, tile_count: torch.Tensor,

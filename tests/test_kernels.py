@@ -2,6 +2,7 @@
 references of tests/masks.py, and the index converters against the same masks."""
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import subprocess
@@ -244,7 +245,8 @@ def test_program_order_and_tma(monkeypatch, order, tma):
 def test_block_list_one_step_ahead(monkeypatch, tma):
     """FLAGS["PF"]: the block-sparse tile loop loads the next tile's start one step ahead (the
     last step's look-ahead masked), up to FLAGS["PF_MAX_N"] only: lists with padding and duplicates (tile
-    counts 0..3) against the float64 reference, on and off."""
+    counts 0..3) against the float64 reference, on and off; the index's rows sorted by the
+    block_lists kernel (block ids as tiles, scaled in the kernel) or by torch."""
     from sparseinfer.kernels import attention as katt
 
     monkeypatch.setitem(katt.FLAGS, "TMA", tma)
@@ -254,9 +256,10 @@ def test_block_list_one_step_ahead(monkeypatch, tma):
     bi[0, 0, 5] = -1  # a query block with no listed block
     bi[1, 1, 9] = 4  # the same block three times
     ref = masked_attention_f64(q, k, v, block_sparse_mask(n, bi, 32))
-    for pf, limit in ((True, 1 << 20), (True, 100), (False, 1 << 20)):
+    for (pf, limit), lists in itertools.product(((True, 1 << 20), (True, 100), (False, 1 << 20)), (True, False)):
         monkeypatch.setitem(katt.FLAGS, "PF", pf)
         monkeypatch.setitem(katt.FLAGS, "PF_MAX_N", limit)
+        monkeypatch.setitem(katt.FLAGS, "BS_LISTS", lists)  # the rows sorted by kernels.rows.block_lists or by torch
         check(kernels.block_sparse_attention(q, k, v, bi, 32, 0.125), ref, torch.float16)
 
 
@@ -429,3 +432,41 @@ def test_sorted_rows_split_equals_the_passes_it_replaces():
     assert int(diag.sum()) >= b * h * 12 and int((before == 0).sum()) > 0  # the cases occur
     with pytest.raises(ValueError, match="sorted_rows_split"):
         sorted_rows_split(idx.long())
+
+
+@pytest.mark.parametrize("k", [7, 16, 100])
+def test_block_lists_equals_sorted_unique(monkeypatch, k):
+    """kernels.rows.block_lists (a bitonic sort per row in registers, repeats dropped, interpreter
+    here) against index._sorted_unique's torch sorts: rows in any order with -1 padding, repeats,
+    blocks past the row's own, rows with nothing causal; and from_block_sparse built either way
+    visits the same cells."""
+    from sparseinfer import index as sidx
+    from sparseinfer.kernels import attention as katt
+    from sparseinfer.kernels.rows import block_lists
+
+    g = torch.Generator().manual_seed(k)
+    b, h, nb = 2, 3, 40
+    idx = torch.randint(-1, nb, (b, h, nb, k), generator=g)
+    idx[0, 0, 7] = -1  # nothing listed
+    idx[1, 2, 30] = 5  # one block, many times
+    idx[0, 1, 12, : min(k, 3)] = 12  # the own block only
+    tiles, before, diag = block_lists(idx)
+    qb = torch.arange(nb).view(1, 1, nb, 1)
+    big = nb + 1
+    want = sidx._sorted_unique(torch.where((idx >= 0) & (idx < qb), idx, big).to(torch.int32), big)
+    assert torch.equal(before, (want < big).sum(-1, dtype=torch.int32))
+    assert torch.equal(diag, (idx == qb).any(-1))
+    for r in range(b * h * nb):
+        c = int(before.view(-1)[r])
+        assert torch.equal(tiles.view(-1, k)[r, :c], want.view(-1, k)[r, :c])
+    with pytest.raises(ValueError, match="block_lists"):
+        block_lists(idx.float())
+    n = nb * 16 - 5
+    built = []
+    for lists in (True, False):
+        monkeypatch.setitem(katt.FLAGS, "BS_LISTS", lists)
+        built.append(sidx.from_block_sparse(idx, 16, n, 16, 16))
+    assert built[0].tile_scale == 16 and built[1].tile_scale == 1
+    assert torch.equal(built[0].tile_count, built[1].tile_count) and torch.equal(built[0].ranges, built[1].ranges)
+    for bb, hh in ((0, 0), (1, 2)):
+        assert torch.equal(built[0].cells(bb, hh), built[1].cells(bb, hh))

@@ -1,10 +1,16 @@
-"""Triton kernel: split ascending block rows at their query block (``kernels.rows``).
+"""Triton kernels: block rows of an index (``kernels.rows``): ascending rows split at their query
+block; unordered rows sorted, deduplicated and split.
 
 Only @triton.jit code; ``sparseinfer.kernels.rows`` loads it compiled (CUDA tensors) or under
-the Triton interpreter (CPU tensors).
+the Triton interpreter (CPU tensors). Only core language functions and the standard combine
+functions the interpreter recognises (see _attn_kernel.py): the sort is a bitonic network of
+tl.gather steps written here.
 """
 import triton
 import triton.language as tl
+
+from triton.language.standard import _elementwise_max as _max_fn  # noqa: E402
+from triton.language.standard import _sum_combine as _sum_fn  # noqa: E402
 
 
 @triton.jit
@@ -29,3 +35,42 @@ def sorted_rows_kernel(IDX, TC, DIAG, ROWS, NB, K, BLOCK: tl.constexpr, STEPS: t
     d = tl.load(base + lo, mask=ok & (lo < K), other=-1)
     tl.store(TC + r, lo, mask=ok)
     tl.store(DIAG + r, (d == q).to(tl.int8), mask=ok)
+
+
+@triton.jit
+def _bitonic_sort(s, j, LOG: tl.constexpr):
+    """Sort each row of s [R, 2^LOG] ascending (j = arange(2^LOG)[None, :]): at stage (k, d) each
+    slot takes the min or max of itself and its partner slot ^ d, ascending runs where slot & k == 0."""
+    for a in tl.static_range(1, LOG + 1):
+        for b in tl.static_range(a):
+            d = 1 << (a - 1 - b)
+            partner = j ^ d
+            other = tl.gather(s, partner + 0 * s, 1)
+            up = (j & (1 << a)) == 0  # the run this slot belongs to ascends
+            low = j < partner  # this slot is the lower of the pair
+            take_min = up == low
+            s = tl.where(take_min, tl.minimum(s, other), tl.maximum(s, other))
+    return s
+
+
+@triton.jit
+def block_lists_kernel(IDX, TILES, TC, DIAG, ROWS, NB, K, stride_ir, BIG,
+                       BR: tl.constexpr, KP: tl.constexpr, LOG: tl.constexpr):
+    """BR rows per program; row r = (b * H + h) * NB + q of IDX [ROWS, K] (block ids in any order,
+    -1 padding, repeats allowed; row stride stride_ir): TILES[r, :TC[r]] = the distinct ids in
+    [0, q) ascending (TILES [ROWS, K] int32; later entries unwritten), DIAG[r] = 1 when q is listed.
+    KP = 2^LOG >= K."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    ok = r < ROWS
+    q = (r % NB)[:, None]
+    j = tl.arange(0, KP)[None, :]
+    x = tl.load(IDX + r.to(tl.int64)[:, None] * stride_ir + j, mask=ok[:, None] & (j < K), other=-1).to(tl.int32)
+    diag = tl.reduce((x == q).to(tl.int32), 1, _max_fn)
+    s = _bitonic_sort(tl.where((x >= 0) & (x < q), x, BIG), j + 0 * x, LOG)
+    prev = tl.gather(s, tl.maximum(j - 1, 0) + 0 * s, 1)
+    keep = (s < BIG) & ((j == 0) | (s != prev))
+    ki = keep.to(tl.int32)
+    pos = tl.associative_scan(ki, 1, _sum_fn) - 1
+    tl.store(TILES + r.to(tl.int64)[:, None] * K + pos, s, mask=keep & ok[:, None])
+    tl.store(TC + r, tl.reduce(ki, 1, _sum_fn), mask=ok)
+    tl.store(DIAG + r, diag.to(tl.int8), mask=ok)

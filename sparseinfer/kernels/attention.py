@@ -75,7 +75,8 @@ BREAK_EVEN = {
 # tiles one step ahead (128K 39.3-39.4 vs 32.5-32.7 ms).
 FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py",  # KERNEL: a kernel file (A/B runs)
          "GRAPH_INDEX": True, "VS_BAND": True, "VS_OVERLAP": True,
-         "VS_COL_TMA": True, "PF": True, "PF_MAX_N": 256 * 1024}
+         "VS_COL_TMA": True, "PF": True, "PF_MAX_N": 256 * 1024,
+         "BS_LISTS": "auto"}  # unordered block lists sorted by kernels.rows.block_lists (see index._lists_kernel)
 
 
 VS_BAND_MIN = 2048

@@ -112,18 +112,7 @@ def timed_ahead(fn, dev, reps=5):
     host synchronisations inside fn still count. None on the CPU."""
     if dev.type != "cuda":
         return None
-    fn()
-    ts = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        torch.cuda._sleep(20_000_000)  # ~10 ms
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e))
-    return sorted(ts)[len(ts) // 2]
+    return base.bench(fn, budget_s=0.0, max_reps=reps, min_reps=reps, ahead=True)
 
 
 def timed(fn, dev, budget_s=1.0, max_reps=10):

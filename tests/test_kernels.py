@@ -156,7 +156,7 @@ def test_vertical_slash_local_band_launch(monkeypatch):
     launch over the rest: the index pair covers every cell once; a band that the one-launch
     index merges with a nearby run (a range with holes) leaves alone, the run stays; a short
     band stays; the result equals the one-launch result and the float64 reference, heads= /
-    out= included."""
+    out= included (out strided as transformers' [B, N, H, D] layout too)."""
     from sparseinfer.kernels import attention as katt
 
     n, h = 300, 4
@@ -198,6 +198,11 @@ def test_vertical_slash_local_band_launch(monkeypatch):
         got = ops.vertical_slash_attention(q, k, v, vert, sl, backend="triton", heads=heads, out=base.clone())
         check(got[:, heads], ref[:, heads], torch.float16)
         assert torch.equal(got[:, ~heads], base[:, ~heads])
+        # out in transformers' [B, N, H, D] layout seen as [B, H, N, D] (the integration's DIRECT_OUT)
+        bnhd = torch.full((2, n, h, 64), float("nan"), dtype=q.dtype)
+        got = ops.vertical_slash_attention(q, k, v, vert, sl, backend="triton", out=bnhd.transpose(1, 2))
+        check(bnhd.transpose(1, 2), ref, torch.float16)
+        assert got.data_ptr() == bnhd.data_ptr()
     lse = torch.empty(2, h, n)
     with pytest.raises(ValueError, match="cannot be combined"):
         katt.run_index(q, k, v, band, 0.125, 32, lse_out=lse, prior=(q, lse, band.range_count[..., 0]))

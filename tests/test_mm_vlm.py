@@ -82,8 +82,8 @@ def test_vlm_mminference_equals_dense_under_its_mask(vl):
     calls = []
     orig = integration.run_selections
 
-    def spy(parts, q, k, v, scale, backend="auto"):
-        out = orig(parts, q, k, v, scale, backend)
+    def spy(parts, q, k, v, scale, backend="auto", out=None):
+        out = orig(parts, q, k, v, scale, backend, out=out)
         calls.append((parts, q, k, v, scale, out))
         return out
 

@@ -283,12 +283,7 @@ def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m:
         # an ascending row lists its strictly-causal blocks first: they are the tiles (block ids,
         # the kernel scales them), the rest of the row is never read; on CUDA the split of each
         # row is found by bisection (no pass over [B, H, nb, K])
-        if idx.is_cuda:
-            from .kernels.rows import sorted_rows_split
-
-            before, diag = sorted_rows_split(idx)
-        else:
-            before, diag = ((idx >= 0) & (idx < qb)).sum(-1, dtype=torch.int32), (idx == qb).any(-1)
+        before, diag = row_split(idx, sorted_blocks=True)
         return _block_index(n, block_m, block_size, idx.contiguous(), before, diag, dense_from=dense_from,
                             tile_scale=block_size)
     diag_listed = (idx == qb).any(-1)  # [B, H, nb]
@@ -307,6 +302,29 @@ def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m:
         qmap = torch.arange(nqb, device=dev) * block_m // block_size
         tiles, cnt, diag_listed = tiles[:, :, qmap], cnt[:, :, qmap], diag_listed[:, :, qmap]
     return _block_index(n, block_m, block_size, tiles.contiguous(), cnt * tpb, diag_listed, block_n, dense_from)
+
+
+def row_split(block_idx: torch.Tensor, sorted_blocks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """block_idx [B, H, nb, K] (-1 padding; sorted_blocks: rows ascending without repeats, else any
+    order with repeats) -> (before int32 [B, H, nb]: distinct listed blocks below row q's own block q,
+    diag bool [B, H, nb]: whether row q lists q). What the index build and the kept density need.
+    CUDA: the bisection kernel for sorted rows, the block-list kernel for the others (rows up to
+    kernels.rows.MAX_LIST); otherwise torch (a sort of each row when unordered; no [nb, nb] table)."""
+    nb = block_idx.shape[2]
+    qb = torch.arange(nb, device=block_idx.device).view(1, 1, nb, 1)
+    if sorted_blocks:
+        if block_idx.is_cuda:
+            from .kernels.rows import sorted_rows_split
+
+            return sorted_rows_split(block_idx)
+        return ((block_idx >= 0) & (block_idx < qb)).sum(-1, dtype=torch.int32), (block_idx == qb).any(-1)
+    if _lists_kernel(block_idx):
+        from .kernels.rows import block_lists
+
+        return block_lists(block_idx)[1:]
+    big = nb + 1
+    s = _sorted_unique(torch.where((block_idx >= 0) & (block_idx < qb), block_idx, big), big)
+    return (s < big).sum(-1, dtype=torch.int32), (block_idx == qb).any(-1)
 
 
 def _lists_kernel(block_idx: torch.Tensor) -> bool:

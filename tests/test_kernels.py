@@ -435,8 +435,9 @@ def test_sorted_rows_split_equals_the_passes_it_replaces():
     assert torch.equal(before, ((idx >= 0) & (idx < qb)).sum(-1, dtype=torch.int32))
     assert torch.equal(diag, (idx == qb).any(-1))
     assert int(diag.sum()) >= b * h * 12 and int((before == 0).sum()) > 0  # the cases occur
+    assert all(torch.equal(x, y) for x, y in zip(sorted_rows_split(idx.long()), (before, diag)))  # int64 rows too
     with pytest.raises(ValueError, match="sorted_rows_split"):
-        sorted_rows_split(idx.long())
+        sorted_rows_split(idx.float())
 
 
 @pytest.mark.parametrize("k", [7, 16, 100])
@@ -466,6 +467,15 @@ def test_block_lists_equals_sorted_unique(monkeypatch, k):
         assert torch.equal(tiles.view(-1, k)[r, :c], want.view(-1, k)[r, :c])
     with pytest.raises(ValueError, match="block_lists"):
         block_lists(idx.float())
+    splits = []  # index.row_split (what the kept density counts) both ways, and on sorted rows
+    for lists in (True, False):
+        monkeypatch.setitem(katt.FLAGS, "BS_LISTS", lists)
+        splits.append(sidx.row_split(idx))
+    srt = torch.where(torch.arange(k).view(1, 1, 1, k) < before[..., None], tiles, -1)
+    srt = torch.where((torch.arange(k) == before[..., None]) & diag[..., None], qb.expand_as(srt).int(), srt)
+    splits.append(sidx.row_split(srt, sorted_blocks=True))
+    for got in splits:
+        assert torch.equal(got[0], before) and torch.equal(got[1], diag)
     n = nb * 16 - 5
     built = []
     for lists in (True, False):

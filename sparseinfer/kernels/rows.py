@@ -2,7 +2,7 @@
 
 Ascending rows, without a pass over the rows:
 
-    sorted_rows_split(idx int32 [B, H, nb, K]) -> (before int32 [B, H, nb], diag bool [B, H, nb])
+    sorted_rows_split(idx int32 / int64 [B, H, nb, K]) -> (before int32 [B, H, nb], diag bool [B, H, nb])
 
 Row q (ascending block ids without repeats, -1 after the last, as the adaptive selections
 write them) lists its blocks < q first, then possibly q itself: ``before`` = how many lie in
@@ -30,8 +30,8 @@ from ._loader import kernel_module
 
 
 def sorted_rows_split(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if idx.dim() != 4 or idx.dtype != torch.int32:
-        raise ValueError(f"sorted_rows_split: expected int32 idx [B, H, nb, K], got {idx.dtype} {tuple(idx.shape)}")
+    if idx.dim() != 4 or idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"sorted_rows_split: expected int32/int64 idx [B, H, nb, K], got {idx.dtype} {tuple(idx.shape)}")
     b, h, nb, k = idx.shape
     idx = idx.contiguous()
     rows = b * h * nb

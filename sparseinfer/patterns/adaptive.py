@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from ..gate import Gates, GateError, causal_blocks
+from ..index import row_split
 from .base import Pattern, Selection
-from .block_sparse import block_rows_density, sorted_rows
+from .block_sparse import block_rows_density
 
 OPTIONS = ("threshold", "density", "gates", "block_size", "dense_tail")
 # patch's default dense_tail: the last query block (where a prompt's question sits) sees every
@@ -124,7 +125,7 @@ class AdaptiveLayer(Pattern):
                 strict, diag = counts - 1, torch.ones_like(counts)  # every row keeps its diagonal block
             else:
                 idx = select_index(gate(qf, kf).exp(), self.threshold, self.density)
-                strict, diag = sorted_rows(idx)
+                strict, diag = row_split(idx, sorted_blocks=True)
         kw = {"block_idx": idx, "block_size": bs, "sorted_blocks": True}
         if tail > 0:  # rows from dense_from on: every causal block
             kw["dense_from"] = nb - tail

@@ -60,25 +60,13 @@ def estimate(q, k, topk: int, block_size: int = 64, scale: float | None = None, 
 
 
 def block_sparse_density(n: int, block_idx: torch.Tensor, block_size: int, sorted_blocks: bool = False) -> torch.Tensor:
-    """Exact share of causal pairs `ops.block_sparse_attention` computes -> [B, H] float32.
-    sorted_blocks: rows ascending without repeats (see the op): counted in place, no [nb, nb] table."""
-    b, h, nb, _ = block_idx.shape
-    dev = block_idx.device
-    if sorted_blocks:
-        return block_rows_density(n, *sorted_rows(block_idx), block_size)
-    table = torch.zeros(b, h, nb, nb + 1, device=dev, dtype=torch.float64)
-    table.scatter_(3, torch.where(block_idx < 0, nb, block_idx), 1.0)
-    table = table[..., :nb]
-    r = torch.arange(nb, device=dev)
-    strict = (table * (r[None, :] < r[:, None])).sum(-1)  # distinct listed blocks below the diagonal
-    return block_rows_density(n, strict, torch.diagonal(table, dim1=-2, dim2=-1), block_size)
+    """Exact share of causal pairs `ops.block_sparse_attention` computes -> [B, H] float32, from
+    each row's distinct blocks below its own and whether it lists its own (`index.row_split`: on
+    CUDA the index build's kernels; no [B, H, nb, nb] table). sorted_blocks: rows ascending
+    without repeats (see the op)."""
+    from ..index import row_split
 
-
-def sorted_rows(block_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """block_idx [B, H, nb, K], rows without repeats -> (strict [B, H, nb]: listed blocks below each
-    row's diagonal, diag [B, H, nb]: whether the row lists its own block), counted in place."""
-    r = torch.arange(block_idx.shape[2], device=block_idx.device).view(-1, 1)
-    return ((block_idx >= 0) & (block_idx < r)).sum(-1), (block_idx == r).any(-1)
+    return block_rows_density(n, *row_split(block_idx, sorted_blocks), block_size)
 
 
 def block_rows_density(n: int, strict: torch.Tensor, diag: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -1,13 +1,15 @@
 """GPU check of index.row_split (the rows kernels) against the torch path on the CPU: sorted int32 /
 int64 rows, unordered rows with repeats, and block_sparse_density from both. Prints one line per case;
 exit status 1 on a mismatch."""
+import os
 import sys
 
 import torch
 
-from sparseinfer import index as sidx
-from sparseinfer.kernels import attention as katt
-from sparseinfer.patterns.block_sparse import block_sparse_density
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sparseinfer import index as sidx  # noqa: E402
+from sparseinfer.kernels import attention as katt  # noqa: E402
+from sparseinfer.patterns.block_sparse import block_sparse_density  # noqa: E402
 
 
 def main():

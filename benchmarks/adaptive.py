@@ -516,7 +516,8 @@ def main():
         name, _, val = kv.partition("=")
         if name not in katt.FLAGS or not val:
             ap.error(f"--flags: expected NAME=int with NAME in {sorted(katt.FLAGS)}, got {kv!r}")
-        katt.FLAGS[name] = type(katt.FLAGS[name])(int(val))
+        cur = katt.FLAGS[name]  # "auto"-valued flags take the integer itself (0 = off)
+        katt.FLAGS[name] = int(val) if isinstance(cur, str) else type(cur)(int(val))
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if not args.smoke and dev.type != "cuda":
         ap.error("no CUDA device: run on a GPU, or pass --smoke")

@@ -304,6 +304,18 @@ def from_block_sparse(block_idx: torch.Tensor, block_size: int, n: int, block_m:
     return _block_index(n, block_m, block_size, tiles.contiguous(), cnt * tpb, diag_listed, block_n, dense_from)
 
 
+def from_pairs(pairs: torch.Tensor, pair_count: torch.Tensor, n: int, block: int) -> SparseIndex:
+    """pairs int32 [B, H, ceil(n / block), K] (ascending block ids below each row's own block, the
+    first pair_count [B, H, ceil(n / block)] read) -> SparseIndex of query blocks of `block` rows
+    visiting those key blocks as whole `block`-wide tiles and nothing else (no diagonal range: a
+    query block with no pair block visits nothing; see kernels.rows.pair_split)."""
+    b, h, nqb = pair_count.shape
+    dev = pair_count.device
+    return SparseIndex(n=n, block_m=block, ranges=torch.zeros(b, h, 1, 1, 5, dtype=torch.int32, device=dev),
+                       range_count=torch.zeros(b, h, nqb, dtype=torch.int32, device=dev), tiles=pairs,
+                       tile_count=pair_count, block_n=block, tile_scale=block)
+
+
 def row_split(block_idx: torch.Tensor, sorted_blocks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """block_idx [B, H, nb, K] (-1 padding; sorted_blocks: rows ascending without repeats, else any
     order with repeats) -> (before int32 [B, H, nb]: distinct listed blocks below row q's own block q,

@@ -485,3 +485,97 @@ def test_block_lists_equals_sorted_unique(monkeypatch, k):
     assert torch.equal(built[0].tile_count, built[1].tile_count) and torch.equal(built[0].ranges, built[1].ranges)
     for bb, hh in ((0, 0), (1, 2)):
         assert torch.equal(built[0].cells(bb, hh), built[1].cells(bb, hh))
+
+
+def _sorted_lists(b, h, nb, k, dens, seed):
+    """Ascending rows (-1 padding) of a random causal keep map in which neighbouring query rows and
+    key blocks often agree (so pair blocks occur), own block listed, cut to k entries."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(b, h, nb, nb, generator=g) < dens
+    keep[:, :, 1::2] |= keep[:, :, 0:nb - 1:2] & (torch.rand(b, h, nb // 2, nb, generator=g) < 0.9)
+    keep[..., 1::2] |= keep[..., 0::2][..., :nb // 2] & (torch.rand(b, h, nb, nb // 2, generator=g) < 0.9)
+    keep &= torch.ones(nb, nb, dtype=torch.bool).tril()
+    keep |= torch.eye(nb, dtype=torch.bool)
+    idx = torch.full((b, h, nb, k), -1, dtype=torch.int64)
+    for bi, hi, r in itertools.product(range(b), range(h), range(nb)):
+        v = keep[bi, hi, r].nonzero().flatten()[:k]
+        idx[bi, hi, r, :len(v)] = v
+    return idx
+
+
+@pytest.mark.parametrize("nb,k,dtype,dense_from", [(9, 6, torch.int64, None), (16, 16, torch.int32, None),
+                                                   (33, 40, torch.int32, 20), (7, 1, torch.int64, None)])
+def test_pair_split_equals_set_reference(nb, k, dtype, dense_from):
+    """kernels.rows.pair_split (bisection into the partner row, interpreter here) against a set
+    reference: pair J of query pair I iff J < I, both rows list 2J and 2J + 1 (a missing odd last
+    row counts as listing them), both rows below dense_from; each row's rest = its entries below
+    its own block minus the pair blocks'; -1 after the pairs."""
+    from sparseinfer.kernels.rows import pair_split, sorted_rows_split
+
+    idx = _sorted_lists(2, 3, nb, k, 0.6, seed=nb).to(dtype)
+    before, _ = sorted_rows_split(idx)
+    pairs, pc, rest, rc = pair_split(idx, before, dense_from)
+    limit = nb if dense_from is None else dense_from
+    found = 0
+    for bi, hi in itertools.product(range(2), range(3)):
+        sets = [{int(x) for x in idx[bi, hi, q] if 0 <= x < q} for q in range(nb)]
+        for q in range(nb):
+            p = q ^ 1 if q ^ 1 < nb else q
+            want = [j for j in range(q // 2) if max(q, p) < limit and {2 * j, 2 * j + 1} <= sets[q] & sets[p]]
+            if q % 2 == 0:
+                c = int(pc[bi, hi, q // 2])
+                assert pairs[bi, hi, q // 2, :c].tolist() == want
+                assert (pairs[bi, hi, q // 2, c:] == -1).all()
+                found += c
+            covered = {x for j in want for x in (2 * j, 2 * j + 1)}
+            assert rest[bi, hi, q, :int(rc[bi, hi, q])].tolist() == sorted(sets[q] - covered)
+    assert found > 0 or k == 1
+    with pytest.raises(ValueError, match="pair_split"):
+        pair_split(idx.float(), before)
+
+
+@pytest.mark.parametrize("n,hq,hkv,d,dtype,dense_from,heads", [
+    (300, 2, 1, 64, torch.float32, None, None), (517, 4, 2, 64, torch.bfloat16, 5, None),
+    (640, 4, 1, 128, torch.float16, None, (True, False, True, True))])
+def test_block_pairs_two_launches(monkeypatch, n, hq, hkv, d, dtype, dense_from, heads):
+    """FLAGS["BS_PAIRS"]: sorted 64-block lists as pair blocks (128 x 128 tiles, query pairs) plus
+    the rest (64 x 64 tiles) merging the first launch's rows, against the float64 reference, with
+    a dense tail, GQA, heads (the others zeros, or kept in a given out); off = the one-launch path."""
+    from sparseinfer.kernels import attention as katt
+    from sparseinfer.kernels import rows as krows
+
+    q, k, v = qkv(2 if dtype == torch.bfloat16 else 1, hq, hkv, n, d, dtype, seed=n)
+    nb = math.ceil(n / 64)
+    idx = _sorted_lists(q.shape[0], hq, nb, nb, 0.5, seed=n + 1)
+    on = None if heads is None else torch.tensor(heads)
+    mask = block_sparse_mask(n, idx, 64)
+    if dense_from is not None:
+        mask = mask | ((torch.arange(n) // 64 >= dense_from).view(n, 1) & torch.ones(n, n, dtype=torch.bool).tril())
+    ref = masked_attention_f64(q, k, v, mask)
+    seen = []
+    split = krows.pair_split
+    monkeypatch.setattr(krows, "pair_split", lambda *a: seen.append(split(*a)) or seen[-1])
+    for pairs in (True, False):
+        monkeypatch.setitem(katt.FLAGS, "BS_PAIRS", pairs)
+        out = ops.block_sparse_attention(q, k, v, idx, 64, backend="triton", sorted_blocks=True,
+                                         dense_from=dense_from, heads=on)
+        if on is None:
+            check(out, ref, dtype)
+        else:
+            check(out[:, on], ref[:, on], dtype)
+            assert (out[:, ~on] == 0).all()
+            keep = torch.full_like(q, 7.0)
+            got = ops.block_sparse_attention(q, k, v, idx, 64, backend="triton", sorted_blocks=True, heads=on, out=keep)
+            assert got is keep and (keep[:, ~on] == 7.0).all()
+            check(keep[:, on], ref[:, on], dtype)
+    assert len(seen) == (2 if on is not None else 1) and int(seen[0][1].sum()) > 0  # pair blocks ran
+    # unordered rows (shuffled, repeats, -1 among them): sorted by kernels.rows.block_lists first
+    monkeypatch.setitem(katt.FLAGS, "BS_PAIRS", True)
+    monkeypatch.setitem(katt.FLAGS, "BS_LISTS", True)
+    g = torch.Generator().manual_seed(n + 2)
+    mixed = torch.cat([idx, idx[..., :3], torch.full_like(idx[..., :2], -1)], -1)
+    mixed = mixed[..., torch.randperm(mixed.shape[-1], generator=g)]
+    seen.clear()
+    out = ops.block_sparse_attention(q, k, v, mixed, 64, backend="triton", dense_from=dense_from, heads=on)
+    check(out if on is None else out[:, on], ref if on is None else ref[:, on], dtype)
+    assert len(seen) == 1 and int(seen[0][1].sum()) > 0

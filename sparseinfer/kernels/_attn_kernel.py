@@ -266,7 +266,7 @@ def sparse_fwd_kernel(
     ORDER: tl.constexpr = 0, KD=None, VD=None, TMA: tl.constexpr = False,
     HEADS=None, HAS_HEADS: tl.constexpr = 0,
     LSE=None, PRIOR_O=None, PRIOR_LSE=None, stride_lb=0, stride_lh=0, stride_pb=0, stride_ph=0, stride_pn=0,
-    PRIOR_CNT=None, stride_pcb=0, stride_pch=0,
+    PRIOR_CNT=None, stride_pcb=0, stride_pch=0, stride_pcq=0, PRIOR_QSHIFT: tl.constexpr = 0,
     LSE_OUT: tl.constexpr = False, PRIOR: tl.constexpr = False,
     KCD=None, VCD=None, NCOL=0, COL_TMA: tl.constexpr = False,
     CW=None, stride_cwb=0, stride_cwh=0, PF: tl.constexpr = False, TILE_SCALE=1,
@@ -543,8 +543,11 @@ def sparse_fwd_kernel(
 
     if LSE_OUT:
         # log2-sum-exp2 of each row's scaled logits (-inf: no key) for a later launch's merge; a
-        # program with no range stores nothing (that launch reads PRIOR_CNT = these counts first)
-        row_ok = row_ok & (nr > 0)
+        # program with no range and no tile stores nothing (that launch reads PRIOR_CNT first)
+        work = nr > 0
+        if HAS_TILES:
+            work = work | (nt > 0)
+        row_ok = row_ok & work
         lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=row_ok)
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
@@ -552,8 +555,9 @@ def sparse_fwd_kernel(
     out = acc / l_safe[:, None]
     if PRIOR:
         # merge with an earlier launch's normalised output and log2-sum-exp2 over other keys of the
-        # same rows (heads where PRIOR_CNT[b, h] is not 0): weights 2^(lse - m) and 2^(m_i - m)
-        if tl.load(PRIOR_CNT + b * stride_pcb + h * stride_pch) * on != 0:
+        # same rows (heads where PRIOR_CNT[b, h] is not 0; with stride_pcq, query blocks where
+        # PRIOR_CNT[b, h, pid_m >> PRIOR_QSHIFT] is not 0): weights 2^(lse - m) and 2^(m_i - m)
+        if tl.load(PRIOR_CNT + b * stride_pcb + h * stride_pch + (pid_m >> PRIOR_QSHIFT) * stride_pcq) * on != 0:
             o1 = tl.load(PRIOR_O + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pn + offs_d[None, :],
                          mask=row_ok[:, None], other=0.0).to(tl.float32)
             s1 = tl.load(PRIOR_LSE + b * stride_lb + h * stride_lh + offs_m, mask=row_ok, other=float("-inf"))

@@ -74,3 +74,78 @@ def block_lists_kernel(IDX, TILES, TC, DIAG, ROWS, NB, K, stride_ir, BIG,
     tl.store(TILES + r.to(tl.int64)[:, None] * K + pos, s, mask=keep & ok[:, None])
     tl.store(TC + r, tl.reduce(ki, 1, _sum_fn), mask=ok)
     tl.store(DIAG + r, diag.to(tl.int8), mask=ok)
+
+
+@triton.jit
+def _listed(base, n, y, STEPS: tl.constexpr):
+    """bool [BLOCK]: whether each y [BLOCK] is among the first n entries of the ascending row at
+    base (bisection, STEPS >= log2(n + 1) loads)."""
+    lo = y * 0
+    hi = y * 0 + n
+    for _ in range(STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        x = tl.load(base + mid, mask=active, other=0)
+        lo = tl.where(active & (x < y), mid + 1, lo)
+        hi = tl.where(active & (x >= y), mid, hi)
+    x = tl.load(base + lo, mask=lo < n, other=-1)
+    return (lo < n) & (x == y)
+
+
+@triton.jit
+def pair_split_kernel(IDX, TC, REST, RC, PAIRS, PC, NB, K, KP, DENSE_FROM,
+                      BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    """Row r = (b * H + h) * NB + q of IDX [ROWS, K] (ascending block ids; its first TC[r] lie in
+    [0, q)) and its partner row q ^ 1 of the same head (none when q ^ 1 >= NB): key block pair
+    J (blocks 2J, 2J + 1) is a pair block of the query pair I = q // 2 when J < I, both rows'
+    prefixes list 2J and 2J + 1 (a missing partner row counts as listing them) and the pair's
+    rows lie below DENSE_FROM. REST[r, :RC[r]] = the prefix without pair-block entries (ascending;
+    later entries unwritten); the even row writes PAIRS[(b * H + h) * ceil(NB / 2) + I, :PC[..]]
+    = the pair blocks J ascending, -1 up to KP."""
+    r = tl.program_id(0)
+    q = r % NB
+    bh = r // NB
+    p = q ^ 1
+    has_p = p < NB
+    rp = bh * NB + tl.where(has_p, p, q)
+    i_pair = q // 2
+    usable = tl.maximum(q, tl.where(has_p, p, q)) < DENSE_FROM
+    base = IDX + r.to(tl.int64) * K
+    pbase = IDX + rp.to(tl.int64) * K
+    n = tl.load(TC + r)
+    n_p = tl.load(TC + rp)
+    rest = REST + r.to(tl.int64) * K
+    pairs = PAIRS + (bh * ((NB + 1) // 2) + i_pair).to(tl.int64) * KP
+    even = (q % 2) == 0
+    nr = 0
+    npair = 0
+    for j0 in range(0, n, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        ok = j < n
+        x = tl.load(base + j, mask=ok, other=0)
+        odd = (x % 2) == 1
+        # the other block of x's pair in this row: the neighbouring entry (rows are ascending, unique)
+        nb_pos = tl.where(odd, j - 1, j + 1)
+        nb_val = tl.load(base + nb_pos, mask=ok & (nb_pos >= 0) & (nb_pos < n), other=-1)
+        lo_blk = x - odd.to(x.dtype)
+        self_pair = nb_val == (x ^ 1)
+        other_pair = _listed(pbase, n_p, lo_blk, STEPS) & _listed(pbase, n_p, lo_blk + 1, STEPS)
+        other_pair = other_pair | (p >= NB)
+        s = ok & self_pair & other_pair & ((x // 2) < i_pair) & usable
+        keep = ok & ~s
+        ki = keep.to(tl.int32)
+        pos = nr + tl.associative_scan(ki, 0, _sum_fn) - 1
+        tl.store(rest + pos, x.to(tl.int32), mask=keep)
+        nr += tl.reduce(ki, 0, _sum_fn)
+        if even:
+            first = s & ~odd
+            fi = first.to(tl.int32)
+            ppos = npair + tl.associative_scan(fi, 0, _sum_fn) - 1
+            tl.store(pairs + ppos, (x // 2).to(tl.int32), mask=first)
+            npair += tl.reduce(fi, 0, _sum_fn)
+    tl.store(RC + r, nr)
+    if even:
+        tl.store(PC + bh * ((NB + 1) // 2) + i_pair, npair)
+        for p0 in range(npair, KP, BLOCK):
+            pp = p0 + tl.arange(0, BLOCK)
+            tl.store(pairs + pp, tl.full([BLOCK], -1, tl.int32), mask=pp < KP)

@@ -76,7 +76,7 @@ BREAK_EVEN = {
 FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py",  # KERNEL: a kernel file (A/B runs)
          "GRAPH_INDEX": True, "VS_BAND": True, "VS_OVERLAP": True,
          "VS_COL_TMA": True, "PF": True, "PF_MAX_N": 256 * 1024,
-         "BS_LISTS": "auto"}  # unordered block lists sorted by kernels.rows.block_lists (see index._lists_kernel)
+         "BS_LISTS": "auto", "BS_PAIRS": "auto"}  # unordered block lists sorted by kernels.rows.block_lists (see index._lists_kernel)
 
 
 VS_BAND_MIN = 2048
@@ -158,7 +158,9 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
     neither it nor their output rows. prior = (o [B, Hq, N, D] like q, lse float32 [B, Hq, N]
     contiguous, written int32 [B, Hq]): another launch's result over other keys of the same
     rows (disjoint cells), with the heads it wrote (!= 0: every row); merged in for those
-    heads: the output is attention over the union."""
+    heads: the output is attention over the union. A fourth entry s (prior = (o, lse, written,
+    s)) and written int32 [B, Hq, ceil(nqb / 2^s)]: per group of 2^s query blocks instead (a
+    launch of query blocks 2^s times as tall wrote those; the others are not read)."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     if d not in (16, 32, 64, 128, 256):
@@ -235,8 +237,12 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
     lse_t = lse_out if lse_out is not None else (prior[1] if prior is not None else dummy)
     prior_o = prior[0] if prior is not None else dummy
     prior_c = prior[2] if prior is not None else dummy
-    if prior is not None and (prior_c.shape != (b, hq) or prior_c.dtype != torch.int32):
-        raise ValueError(f"prior heads written: expected int32 {(b, hq)}, got {prior_c.dtype} {tuple(prior_c.shape)}")
+    qshift = prior[3] if prior is not None and len(prior) > 3 else 0
+    per_block = prior is not None and prior_c.dim() == 3
+    if prior is not None and (prior_c.dtype != torch.int32 or prior_c.shape[:2] != (b, hq) or prior_c.dim() not in (2, 3)
+                              or (per_block and prior_c.shape[2] != -(-nqb // (1 << qshift)))):
+        raise ValueError(f"prior written: expected int32 [{b}, {hq}] (heads) or [{b}, {hq}, {-(-nqb // (1 << qshift))}] "
+                         f"(query blocks >> {qshift}), got {prior_c.dtype} {tuple(prior_c.shape)}")
     # the column pass through TMA: each head's column keys / values copied in column order first
     col_tma = bool(FLAGS["VS_COL_TMA"]) and bool(tma) and has_cols and q_rows is None
     kcd = vcd = None
@@ -291,6 +297,7 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         stride_pn=prior_o.stride(2) if prior is not None else 0,
         PRIOR_CNT=prior_c, stride_pcb=st(prior_c, 0) if prior is not None else 0,
         stride_pch=st(prior_c, 1) if prior is not None else 0,
+        stride_pcq=prior_c.stride(2) if per_block else 0, PRIOR_QSHIFT=qshift,
         LSE_OUT=lse_out is not None, PRIOR=prior is not None,
         KCD=kcd, VCD=vcd, NCOL=ncol, COL_TMA=col_tma,
         CW=cw, stride_cwb=cw.stride(0) if col_words else 0, stride_cwh=cw.stride(1) if col_words else 0,
@@ -380,6 +387,49 @@ def block_sparse_attention(q, k, v, block_idx, block_size, scale, *, config=None
 
         o = ref.masked_attention(q, k, v, ref.block_sparse_rows(q.shape[2], block_idx, block_size, dense_from), scale)
         return ref.write_heads(o, heads, out)
+    if config is None and bm == bn == block_size and _pairs_on(q, block_idx, block_size, sorted_blocks):
+        return _block_pairs(q, k, v, block_idx, block_size, scale, rest, heads, out, dense_from, sorted_blocks)
     idx = _index.from_block_sparse(block_idx, block_size, q.shape[2], bm, bn, sorted_blocks=sorted_blocks,
                                    dense_from=dense_from)
     return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out)
+
+
+# Pair blocks (FLAGS["BS_PAIRS"]): key blocks 2J, 2J + 1 that both query blocks 2I and 2I + 1 of a
+# sorted 64-block list keep run as one 128 x 128 tile in a launch of 128-row query blocks (8 warps);
+# the rest of the lists as 64 x 64 tiles in a second launch that merges the first one's rows (the
+# merge reads them only for query pairs with pair blocks). H100, the same 128-block lists at 128K
+# (results/tile_pairs.md): 128 x 128 tiles 46.5-47.6 ms vs 64 x 64 tiles 54.6-57.7 ms; the learned
+# 64-block gate keeps ~81% of its blocks in aligned key pairs of a row. "auto": CUDA, ascending
+# lists (sorted_blocks); 1 / True: also unordered lists (sorted by kernels.rows.block_lists first).
+PAIR_CONFIG = {"cuda": (8, 3, 1, 0), "cpu": (4, 1, 1, 0)}  # (warps, stages, edge stages, split)
+
+
+def _pairs_on(q, block_idx, block_size: int, sorted_blocks: bool) -> bool:
+    mode = FLAGS.get("BS_PAIRS", "auto")
+    on = (q.is_cuda and sorted_blocks) if mode == "auto" else bool(mode)
+    return (on and block_size == 64 and q.shape[2] > 2 * block_size
+            and (sorted_blocks or _index._lists_kernel(block_idx)))
+
+
+def _block_pairs(q, k, v, block_idx, block_size, scale, rest, heads, out, dense_from, sorted_blocks):
+    """block_sparse_attention of block lists in two launches: the pair blocks
+    (kernels.rows.pair_split) as tiles of 2 x block_size keys for query blocks of 2 x block_size
+    rows, storing each row's log2-sum-exp2; then the rest of the lists, merging those rows.
+    Unordered lists are sorted and deduplicated first (kernels.rows.block_lists)."""
+    from .rows import block_lists, pair_split
+
+    n = q.shape[2]
+    if sorted_blocks:
+        before, diag = _index.row_split(block_idx, sorted_blocks=True)
+    else:
+        block_idx, before, diag = block_lists(block_idx)
+    pairs, pair_count, rest_idx, rest_count = pair_split(block_idx, before, dense_from)
+    wide = _index.from_pairs(pairs, pair_count, n, 2 * block_size)
+    lse = torch.empty(q.shape[0], q.shape[1], n, dtype=torch.float32, device=q.device)
+    if out is None:  # both launches write into it; rows of heads not computed stay zeros
+        out = torch.empty_like(q) if heads is None else torch.zeros_like(q)
+    cfg = PAIR_CONFIG["cuda" if q.is_cuda else "cpu"]
+    o = run_index(q, k, v, wide, scale, 2 * block_size, *cfg, heads=heads, out=out, lse_out=lse)
+    idx = _index._block_index(n, block_size, block_size, rest_idx, rest_count, diag, dense_from=dense_from,
+                              tile_scale=block_size)
+    return run_index(q, k, v, idx, scale, block_size, *rest, heads=heads, out=o, prior=(o, lse, pair_count, 1))

@@ -46,6 +46,41 @@ def sorted_rows_split(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return before, diag.view(torch.bool)
 
 
+def pair_split(idx: torch.Tensor, before: torch.Tensor, dense_from: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """idx [B, H, nb, K] int32 / int64 ascending rows whose first ``before`` [B, H, nb] entries lie
+    below the row's own block -> (pairs int32 [B, H, ceil(nb / 2), max(1, K // 2)], pair_count int32
+    [B, H, ceil(nb / 2)], rest int32 [B, H, nb, K], rest_count int32 [B, H, nb]).
+
+    Query blocks 2I and 2I + 1 (one block of twice the size) and key blocks 2J and 2J + 1 form a
+    pair block when J < I, both rows list both key blocks and both rows are below ``dense_from``
+    (None: nb); a last unpaired row (odd nb) pairs with itself. pairs[.., I, :] = those J
+    ascending, -1 padding; rest[.., q, :rest_count] = row q's entries below q without its pair
+    blocks, ascending (later entries unwritten). The union of the pair blocks' cells and the
+    rest is the rows' cells below the diagonal block: the pair blocks run as tiles of twice the
+    size (kernels.attention.block_sparse_attention), the rest as before."""
+    if idx.dim() != 4 or idx.dtype not in (torch.int32, torch.int64) or before.shape != idx.shape[:3]:
+        raise ValueError(f"pair_split: expected int32/int64 idx [B, H, nb, K] and before [B, H, nb], got "
+                         f"{idx.dtype} {tuple(idx.shape)} and {tuple(before.shape)}")
+    b, h, nb, k = idx.shape
+    idx = idx.contiguous()
+    before = before.to(torch.int32).contiguous()
+    nb2, kp = (nb + 1) // 2, max(1, k // 2)
+    dev = idx.device
+    pairs = torch.empty(b, h, nb2, kp, dtype=torch.int32, device=dev)
+    pair_count = torch.empty(b, h, nb2, dtype=torch.int32, device=dev)
+    rest = torch.empty(b, h, nb, max(k, 1), dtype=torch.int32, device=dev)
+    rest_count = torch.empty(b, h, nb, dtype=torch.int32, device=dev)
+    rows = b * h * nb
+    if rows == 0:
+        return pairs, pair_count, rest, rest_count
+    mod = kernel_module("_rows_kernel.py", not idx.is_cuda)
+    mod.pair_split_kernel[(rows,)](
+        idx, before, rest, rest_count, pairs, pair_count, nb, max(k, 1), kp, nb if dense_from is None else int(dense_from),
+        BLOCK=256 if idx.is_cuda else 32, STEPS=max(1, (k + 1).bit_length()), num_warps=4)
+    return pairs, pair_count, rest, rest_count
+
+
 MAX_LIST = 512  # longest rows block_lists takes (one row in registers)
 
 

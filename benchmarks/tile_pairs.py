@@ -7,7 +7,6 @@
    64 x 128 tile loop over pairs could give), checked against the 64 x 64 result.
 Writes results/tile_pairs.{json,md}."""
 import json
-import math
 import os
 import sys
 import time

@@ -657,6 +657,7 @@ def main():
     ap.add_argument("--sizes", default="32768,65536,131072,262144,524288")
     ap.add_argument("--tune", action="store_true", help="config sweep at 128K instead of the table")
     ap.add_argument("--autotune", action="store_true", help="config sweep at 128K, then the table with the best")
+    ap.add_argument("--tune-size", type=int, default=131072, help="the length --tune sweeps at")
     ap.add_argument("--flex", action="store_true", help="also time FlexAttention block-sparse in the sweep")
     ap.add_argument("--holey", action="store_true", help="only: bands with holes, 1 vs 2 pipeline stages, 128K")
     ap.add_argument("--variants", action="store_true", help="only: kernel variants (katt.FLAGS), 128K + 512K")
@@ -745,7 +746,7 @@ def main():
                     if args.vs_configs else None)
             only_bs = ([(int(c.split(":")[0]), tuple(int(x) for x in c.split(":")[1].split(",")))
                         for c in args.bs_configs.split(";")] if args.bs_configs else None)
-            tune_rows = tune(dev, gen, log, flex=args.flex, only_vs=only, only_bs=only_bs)
+            tune_rows = tune(dev, gen, log, n=args.tune_size, flex=args.flex, only_vs=only, only_bs=only_bs)
             apply_best(tune_rows, log)
             save()
         if not args.no_check:  # with the configs the table uses

@@ -569,6 +569,13 @@ def test_block_pairs_two_launches(monkeypatch, n, hq, hkv, d, dtype, dense_from,
             assert got is keep and (keep[:, ~on] == 7.0).all()
             check(keep[:, on], ref[:, on], dtype)
     assert len(seen) == (2 if on is not None else 1) and int(seen[0][1].sum()) > 0  # pair blocks ran
+    if on is None:  # into transformers' [B, N, H, D] layout seen as [B, H, N, D] (integration.DIRECT_OUT)
+        monkeypatch.setitem(katt.FLAGS, "BS_PAIRS", True)
+        buf = torch.full((q.shape[0], n, hq, d), float("nan"), dtype=dtype)
+        got = ops.block_sparse_attention(q, k, v, idx, 64, backend="triton", sorted_blocks=True,
+                                         dense_from=dense_from, out=buf.transpose(1, 2))
+        check(buf.transpose(1, 2), ref, dtype)
+        assert got.data_ptr() == buf.data_ptr()
     # unordered rows (shuffled, repeats, -1 among them): sorted by kernels.rows.block_lists first
     monkeypatch.setitem(katt.FLAGS, "BS_PAIRS", True)
     monkeypatch.setitem(katt.FLAGS, "BS_LISTS", True)

@@ -76,7 +76,9 @@ BREAK_EVEN = {
 FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py",  # KERNEL: a kernel file (A/B runs)
          "GRAPH_INDEX": True, "VS_BAND": True, "VS_OVERLAP": True,
          "VS_COL_TMA": True, "PF": True, "PF_MAX_N": 256 * 1024,
-         "BS_LISTS": "auto", "BS_PAIRS": "auto"}  # unordered block lists sorted by kernels.rows.block_lists (see index._lists_kernel)
+         # BS_LISTS: unordered block lists sorted by kernels.rows.block_lists (see index._lists_kernel);
+         # BS_PAIRS: 64-block lists' pair blocks as 128 x 128 tiles in a launch of their own (_block_pairs)
+         "BS_LISTS": "auto", "BS_PAIRS": "auto"}
 
 
 VS_BAND_MIN = 2048
@@ -371,7 +373,9 @@ def block_sparse_attention(q, k, v, block_idx, block_size, scale, *, config=None
     """Kernel row/column tiles are min(128, largest power of 2 dividing block_size) (64 on the
     CPU), so every kernel query block lies in one index block; block sizes with no power-of-2
     factor >= 16 run the torch reference. sorted_blocks: rows ascending and unique (no sort);
-    dense_from: query blocks from there on see every causal key (one range each)."""
+    dense_from: query blocks from there on see every causal key (one range each). Ascending
+    64-block lists on a GPU run in two launches (pair blocks as 128 x 128 tiles, then the rest;
+    FLAGS["BS_PAIRS"], `_block_pairs`)."""
     block_size = int(block_size)
     f = _pow2_factor(block_size)
     _, _, *rest = _config("blocks", q.shape[-1], q.device, None)

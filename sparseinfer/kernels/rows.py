@@ -20,6 +20,13 @@ Rows in any order (block lists as users and top-k estimates give them), one laun
 = index._sorted_unique's two sorts and the masks around them (H100: 3.3 ms at 512K for top-100 of
 64-blocks, 32 heads), as one program per few rows: a bitonic sort of the row in registers (K <=
 MAX_LIST), neighbours compared for repeats, kept entries compacted by a prefix sum.
+
+Pair blocks of ascending rows (key blocks 2J, 2J + 1 both rows of a query pair 2I, 2I + 1 list):
+
+    pair_split(idx [B, H, nb, K], before [B, H, nb], dense_from) -> (pairs, pair_count, rest, rest_count)
+
+one program per row: its entries' partners by the neighbouring entry, the partner row's by
+bisection; the pair blocks then run as tiles of twice the size (kernels.attention._block_pairs).
 """
 from __future__ import annotations
 

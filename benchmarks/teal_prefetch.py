@@ -57,6 +57,11 @@ def sweep(args, res, x, w, wt, hid, tx, th, bw) -> None:
         kinds = (("default", [None]), ("wide", [(bk, bn, rows, wa, 1, 1) for bk in (8, 16, 32) for bn in (128, 256, 512)
                                                 for rows in (256, 512, 1024, 2048) for wa in (4, 8)]))
         names = ("gate+up", "down", "qkv", "o")
+    if args.waves:  # rows per program not a power of 2: programs per launch vs full waves of the SMs
+        rows_set = (192, 256, 320, 384, 448, 512, 576, 640, 768, 896, 1024, 1152, 1280, 1536, 1792, 2048)
+        kinds = (("default", [None]), ("waves", [(bk, 64, rows, wa, 1, 1) for bk, wa in ((32, 4), (64, 8))
+                                                 for rows in rows_set]))
+        names = ("gate+up", "down", "qkv", "o")
     best = {}
     for name in names:
         nbytes = (2 if name == "gate+up" else 1) * (w["up" if name == "gate+up" else name].numel()) * 2
@@ -131,6 +136,8 @@ def main() -> int:
     ctx.gpu_args(p, "also the captured compiled decode step, old vs new defaults")
     p.add_argument("--wide", action="store_true", help="sweep wide tiles (BLOCK_K 8-32, BLOCK_N 128-512) against the "
                    "library defaults instead of plain vs prefetch")
+    p.add_argument("--waves", action="store_true", help="sweep rows per program (not only powers of 2: programs "
+                   "per launch against full waves of the SMs) against the library defaults")
     p.add_argument("--configs", default=None, help="skip the sweep: JSON {'gate+up': [...], 'down': [...]} as the "
                    "prefetch defaults of --step")
     args = p.parse_args()
@@ -155,7 +162,7 @@ def main() -> int:
         sweep(args, res, x, w, wt, hid, tx, th, bw)
         best = {tuple(k.split("/")): v and tuple(v) for k, v in res["best"].items()}
     os.makedirs(args.out, exist_ok=True)
-    stem = "teal_wide" if args.wide else "teal_prefetch"
+    stem = "teal_wide" if args.wide else "teal_waves" if args.waves else "teal_prefetch"
     path = os.path.join(args.out, stem + ".json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)

@@ -105,6 +105,13 @@ def structured_qk(b, n, dev, gen, dtype=torch.bfloat16):
     return q.to(dtype), k.to(dtype)
 
 
+def gpu_setup(default_n: int = 131072):
+    """The one-call GPU scripts' start: (cuda device, a generator on it seeded 0, N from argv[1] or
+    default_n)."""
+    dev = torch.device("cuda")
+    return dev, torch.Generator(device=dev).manual_seed(0), int(sys.argv[1]) if len(sys.argv) > 1 else default_n
+
+
 def random_qkv(b, hq, hkv, n, d, dev, gen, dtype):
     q = torch.randn(b, hq, n, d, device=dev, generator=gen, dtype=torch.float32).to(dtype)
     k = torch.randn(b, hkv, n, d, device=dev, generator=gen, dtype=torch.float32).to(dtype)

@@ -17,9 +17,7 @@ from sparseinfer import kernels  # noqa: E402
 
 
 def main():
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
+    dev, gen, n = base.gpu_setup()
     q, k, v = base.random_qkv(1, base.HQ, base.HKV, n, base.D, dev, gen, torch.bfloat16)
     scale = base.D ** -0.5
     dense = base.bench(base.dense_fns(q, k, v)["cudnn"], budget_s=1.0)

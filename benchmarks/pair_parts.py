@@ -21,9 +21,7 @@ from sparseinfer.patterns.adaptive import AdaptiveLayer  # noqa: E402
 
 
 def main():
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
+    dev, gen, n = base.gpu_setup()
     adaptive._CTX.update(dev=dev, n=n, log=print)
     q, k = base.structured_qk(1, n, dev, gen)
     v = torch.randn(1, base.HKV, n, base.D, device=dev, generator=gen).to(q.dtype)

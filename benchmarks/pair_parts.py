@@ -53,6 +53,11 @@ def main():
                                                           lse_out=lse),
         "rest launch + merge (64 x 64)": lambda: katt.run_index(q, k, v, ridx, scale, 64, *cfg[2:], out=out,
                                                                 prior=(out, lse, pc, 1)),
+        **{f"rest launch + merge, {w} warps {st} stages": (
+            lambda w=w, st=st: katt.run_index(q, k, v, ridx, scale, 64, w, st, 1, 0, out=out, prior=(out, lse, pc, 1)))
+           for w, st in ((4, 2), (4, 4), (8, 2))},
+        "rest launch + merge (64 x 64, again)": lambda: katt.run_index(q, k, v, ridx, scale, 64, *cfg[2:], out=out,
+                                                                       prior=(out, lse, pc, 1)),
         "whole call, pairs": whole("auto"),
         "whole call, one launch": whole(0),
         "whole call, pairs (again)": whole("auto"),
@@ -77,9 +82,9 @@ def main():
              f"{100 * pair_cells:.1f}% in pair blocks (= {100 * pair_cells / dens:.0f}% of the kept cells). "
              f"`python benchmarks/pair_parts.py {n}`.", "",
              "| part | ms | dense-equivalent ms of its cells |", "|---|---|---|"]
-    equiv = {"pair launch (128 x 128)": dense * pair_cells, "rest launch + merge (64 x 64)": dense * (dens - pair_cells)}
     for r in rows:
-        e = equiv.get(r["part"], dense * dens if r["part"].startswith("whole") else None)
+        e = (dense * pair_cells if r["part"].startswith("pair launch") else dense * (dens - pair_cells)
+             if r["part"].startswith("rest launch") else dense * dens if r["part"].startswith("whole") else None)
         lim = "" if e is None else f"{e:.2f} ({100 * e / r['ms']:.0f}% of the limit)"
         lines.append(f"| {r['part']} | {r['ms']:.3f} | {lim} |")
     with open(os.path.join(d, "pair_parts.md"), "w") as f:

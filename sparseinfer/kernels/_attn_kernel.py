@@ -326,17 +326,20 @@ def sparse_fwd_kernel(
     acc = tl.full([BLOCK_M, HEAD_D], 0.0, dtype=tl.float32)
 
     row_end = tl.minimum(m_hi, N)
-    if HAS_HEADS:  # heads not computed: every list is empty, their output rows are zeros (HAS_HEADS 1)
-        # or not written (2)
-        on = tl.load(HEADS + h).to(tl.int32)
-    else:
-        on = 1
+    if HAS_HEADS:  # heads not computed: their output rows are zeros (HAS_HEADS 1) or not written (2).
+        # An early exit: counts multiplied by a loaded flag cost the computed heads 8-10% (H100, 128K,
+        # XAttention's lists with every head on: 178.6 / 184.6 vs 168.5 / 169.6 ms; results/heads_exit_ab.md)
+        if tl.load(HEADS + h) == 0:
+            if HAS_HEADS == 1:
+                tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                         tl.full([BLOCK_M, HEAD_D], 0.0, dtype=O.dtype.element_ty), mask=row_ok[:, None])
+            return
 
     # 0. tile list: BLOCK_N-wide key tiles every row of the block sees entirely (no mask);
     #    one flat loop, so loads of the next tile overlap the current one (block-sparse); entries
     #    are key starts / TILE_SCALE (block ids of sorted block lists)
     if HAS_TILES:
-        nt = tl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m) * on
+        nt = tl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m)
         t_base = TILES + b * stride_tb + h * stride_th + pid_m * stride_tq
         t0 = m0 if TILES_REL else 0  # relative tiles (vertical-slash): shared by all query blocks
         if PF:  # each step loads the next tile's start (the key loads need not wait for it)
@@ -355,7 +358,7 @@ def sparse_fwd_kernel(
     # 0b. edge list (vertical-slash relative tiles): masked tiles of the exact bands, one flat
     #     pipelined loop whose per-tile parameters do not depend on the previous tile
     if HAS_EDGES:
-        ne = tl.load(ECOUNT + b * stride_ecb + h * stride_ech + pid_m) * on
+        ne = tl.load(ECOUNT + b * stride_ecb + h * stride_ech + pid_m)
         e_base = EDG + b * stride_eb + h * stride_eh
         for t in tl.range(0, ne, num_stages=EDGE_STAGES):
             ep = e_base + t * 4
@@ -369,7 +372,7 @@ def sparse_fwd_kernel(
                                        offs_n, kmask, lo, hi, qk_scale, PREC, row0=row0, n0=n0, TMA=TMA)
 
     # 1. ranges
-    nr = tl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq) * on
+    nr = tl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq)
     r_base = RANGES + b * stride_rb + h * stride_rh + pid_m * stride_rq
     if FLAT:
         # exact ranges as one flat pipelined loop over all their tiles (loads of the next range
@@ -511,7 +514,7 @@ def sparse_fwd_kernel(
     #    column one window of the slash bitmap over its offsets m0 - c .. m0 + BLOCK_M - 1 - c
     #    (bit r <-> row m0 + r), negative offsets set too, then one shift per cell
     if HAS_COLS:
-        nc = tl.load(CCOUNT + b * stride_ccb + h * stride_cch + pid_m) * on
+        nc = tl.load(CCOUNT + b * stride_ccb + h * stride_cch + pid_m)
         col_base = COLS + b * stride_colb + h * stride_colh
         rr = tl.arange(0, BLOCK_M)
         cw_base = CW + b * stride_cwb + h * stride_cwh + 127
@@ -557,7 +560,7 @@ def sparse_fwd_kernel(
         # merge with an earlier launch's normalised output and log2-sum-exp2 over other keys of the
         # same rows (heads where PRIOR_CNT[b, h] is not 0; with stride_pcq, query blocks where
         # PRIOR_CNT[b, h, pid_m >> PRIOR_QSHIFT] is not 0): weights 2^(lse - m) and 2^(m_i - m)
-        if tl.load(PRIOR_CNT + b * stride_pcb + h * stride_pch + (pid_m >> PRIOR_QSHIFT) * stride_pcq) * on != 0:
+        if tl.load(PRIOR_CNT + b * stride_pcb + h * stride_pch + (pid_m >> PRIOR_QSHIFT) * stride_pcq) != 0:
             o1 = tl.load(PRIOR_O + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pn + offs_d[None, :],
                          mask=row_ok[:, None], other=0.0).to(tl.float32)
             s1 = tl.load(PRIOR_LSE + b * stride_lb + h * stride_lh + offs_m, mask=row_ok, other=float("-inf"))
@@ -568,6 +571,4 @@ def sparse_fwd_kernel(
             den = l_i * w2 + w1
             den = tl.where(den == 0.0, 1.0, den)
             out = (acc * w2[:, None] + o1 * w1[:, None]) / den[:, None]
-    if HAS_HEADS == 2:  # heads not computed keep the caller's output rows
-        row_ok = row_ok & (on != 0)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])

@@ -508,16 +508,12 @@ def main():
     ap.add_argument("--direct-out-ab", action="store_true",
                     help="also time the patched function with integration.DIRECT_OUT off (result + layout copy)")
     ap.add_argument("--flags", default="",
-                    help="sparseinfer.kernels.attention.FLAGS entries set first, e.g. 'ROT_NS=1500' (integers)")
+                    help="sparseinfer.kernels.attention.FLAGS entries set first, e.g. 'BS_PAIRS=0,PF=0'")
     args = ap.parse_args()
-    from sparseinfer.kernels import attention as katt
-
-    for kv in (f for f in args.flags.split(",") if f):
-        name, _, val = kv.partition("=")
-        if name not in katt.FLAGS or not val:
-            ap.error(f"--flags: expected NAME=int with NAME in {sorted(katt.FLAGS)}, got {kv!r}")
-        cur = katt.FLAGS[name]  # "auto"-valued flags take the integer itself (0 = off)
-        katt.FLAGS[name] = int(val) if isinstance(cur, str) else type(cur)(int(val))
+    try:
+        base.set_flags(args.flags)  # benchmarks/attention.py: one parser for both scripts
+    except ValueError as e:
+        ap.error(str(e))
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if not args.smoke and dev.type != "cuda":
         ap.error("no CUDA device: run on a GPU, or pass --smoke")

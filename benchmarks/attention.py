@@ -105,6 +105,21 @@ def structured_qk(b, n, dev, gen, dtype=torch.bfloat16):
     return q.to(dtype), k.to(dtype)
 
 
+def set_flags(spec: str | None) -> None:
+    """--flags of the benchmark scripts: 'NAME=value,...' into katt.FLAGS; booleans and integers
+    parse the value as an integer, string-valued flags ("auto") take an integer when the value is
+    one (0 = off) and the string otherwise (KERNEL=file)."""
+    for kv in (f for f in (spec or "").split(",") if f):
+        name, _, val = kv.partition("=")
+        if name not in katt.FLAGS or not val:
+            raise ValueError(f"--flags: expected NAME=value with NAME in {sorted(katt.FLAGS)}, got {kv!r}")
+        cur = katt.FLAGS[name]
+        if isinstance(cur, (bool, int)):
+            katt.FLAGS[name] = type(cur)(int(val))
+        else:
+            katt.FLAGS[name] = int(val) if val.lstrip("-").isdigit() else val
+
+
 def gpu_setup(default_n: int = 131072):
     """The one-call GPU scripts' start: (cuda device, a generator on it seeded 0, N from argv[1] or
     default_n)."""
@@ -687,11 +702,10 @@ def main():
     ap.add_argument("--flags", default=None,
                     help="katt.FLAGS entries set before anything runs, e.g. 'VS_COL_TMA=1,VS_OVERLAP=0' (integers)")
     args = ap.parse_args()
-    for kv in (args.flags.split(",") if args.flags else []):
-        name, val = kv.split("=")
-        if name not in katt.FLAGS:
-            raise SystemExit(f"--flags: unknown katt.FLAGS entry {name!r}; known: {sorted(katt.FLAGS)}")
-        katt.FLAGS[name] = type(katt.FLAGS[name])(int(val)) if isinstance(katt.FLAGS[name], (bool, int)) else val
+    try:
+        set_flags(args.flags)
+    except ValueError as e:
+        raise SystemExit(str(e))
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)

@@ -14,7 +14,14 @@ kernel index sets shaped like real heads' (benchmarks/attention.py: 1000 vertica
 (torch.compile per layer: the norms, RoPE, residual adds and SwiGLU fuse, about 1 s of
 elementwise kernels at 128K; the sparse attention runs eagerly between the graphs).
 
+256K on an 80 GB GPU: the KV cache (34 GB) and the weights (16 GB) leave no room for the MLP's
+three [N, 14336] intermediates (7.5 GB each), so `--mlp-chunk 32768` runs every decoder layer's MLP
+over the sequence in chunks (`mm_e2e.chunk_mlps`: its own forward, in every row alike; the FLOPs
+do not change). `--no-flash` / `--skip-estimated` leave out the rows that cost a dense run each
+(FlashAttention-2 is ~1.7x slower than cuDNN; the estimated row is routed dense on random weights).
+
     python benchmarks/e2e.py --sizes 32768,131072 --out DIR [--compile] [--profile]
+    python benchmarks/e2e.py --sizes 262144 --mlp-chunk 32768 --no-flash --skip-estimated --reps 1 --compile --out DIR
 """
 from __future__ import annotations
 
@@ -131,17 +138,28 @@ def main():
     ap.add_argument("--skip-vs", action="store_true", help="no vertical_slash rows (with --adaptive)")
     ap.add_argument("--adaptive", action="store_true",
                     help="also time xattention (tau=0.9) and flexprefill (gamma=0.9), block 128, with the default guards")
+    ap.add_argument("--mlp-chunk", type=int, default=None,
+                    help="run every decoder layer's MLP over the sequence in chunks of this many tokens (memory)")
+    ap.add_argument("--no-flash", action="store_true", help="no dense FlashAttention-2 row")
+    ap.add_argument("--skip-estimated", action="store_true", help="no 'vertical_slash, estimated' row")
+    ap.add_argument("--compiled-only", action="store_true", help="with --compile: only the compiled rows")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     model = build_model(max(sizes))
+    if args.mlp_chunk:
+        from mm_e2e import chunk_mlps
+
+        chunk_mlps(model, args.mlp_chunk)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows, profiles = [], {}
     for n in sizes:
         ids = torch.randint(0, LLAMA_31_8B["vocab_size"], (1, n), device="cuda", generator=gen)
         res = {}
-        for name, backend in (("dense cuDNN", SDPBackend.CUDNN_ATTENTION), ("dense flash", SDPBackend.FLASH_ATTENTION)):
+        dense_rows = (("dense cuDNN", SDPBackend.CUDNN_ATTENTION), ("dense flash", SDPBackend.FLASH_ATTENTION))
+        dense_rows = () if args.compiled_only else dense_rows[:1] if args.no_flash else dense_rows
+        for name, backend in dense_rows:
             try:
                 with sdpa_kernel(backend):
                     res[name] = ttft(model, ids, args.reps)
@@ -150,8 +168,8 @@ def main():
             except Exception as e:  # noqa: BLE001
                 print(f"{name} at {n}: {type(e).__name__}: {e}", flush=True)
             torch.cuda.empty_cache()
-        dense = min(min(v) for v in res.values())
-        vs_rows = () if args.skip_vs else (("vertical_slash, realistic", True), ("vertical_slash, estimated", False))
+        vs_rows = () if args.skip_vs or args.compiled_only else (("vertical_slash, realistic", True), ("vertical_slash, estimated", False))
+        vs_rows = vs_rows[:1] if args.skip_estimated else vs_rows
         for label, realistic in vs_rows:
             handle = sparseinfer.patch(model, "vertical_slash", vertical=NV, slash=NS, min_len=4096)
             if realistic:
@@ -207,7 +225,8 @@ def main():
             res[label + " route"] = sorted({r.reason or r.method for r in handle.stats.records})
             sparseinfer.unpatch(model)
             torch.cuda.empty_cache()
-        dense = min(min(v) for k, v in res.items() if k.startswith("dense") and not k.endswith(("density", "route")))
+        dense = min((min(v) for k, v in res.items() if k.startswith("dense") and not k.endswith(("density", "route"))),
+                    default=float("nan"))  # no dense row (it failed): speedups are nan
         peak = torch.cuda.max_memory_allocated() / 1e9
         for name, v in res.items():
             if name.endswith("density") or name.endswith("route"):
@@ -226,7 +245,7 @@ def main():
     import transformers
     import triton
 
-    meta = {"compile": args.compile, "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    meta = {"compile": args.compile, "mlp_chunk": args.mlp_chunk, "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": "Llama-3.1-8B shape, random bf16 weights", "vertical": NV, "slash": NS, "reps": args.reps}
@@ -237,7 +256,8 @@ def main():
     lines = ["# Time to first token, Llama-3.1-8B shape (random bf16 weights), batch 1", "",
              f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}, "
              f"{meta['date']}. Best of {args.reps} after a warm-up; speedup vs the fastest dense row in this run "
-             "(and vs the fastest dense row of the same mode, eager or compiled).",
+             "(and vs the fastest dense row of the same mode, eager or compiled)."
+             + (f" Every row's MLP runs over the sequence in chunks of {args.mlp_chunk} tokens." if args.mlp_chunk else ""),
              "", "| N | method | TTFT (s) | speedup | vs dense, same mode | attention density | route |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['n']} | {r['method']} | {r['ttft_s']:.3f} | {r['speedup_vs_dense']:.2f}x | "

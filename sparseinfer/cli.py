@@ -1,4 +1,4 @@
-"""The `sparseinfer` command: demo, search, train-gate, calibrate-mlp, train-predictors, eval niah | fidelity |
+"""The `sparseinfer` command: demo, search, train-gate, calibrate-mlp, allocate-mlp, train-predictors, eval niah | fidelity |
 ppl | recall | report | adaptive-report | decode | contextual."""
 from __future__ import annotations
 
@@ -259,6 +259,29 @@ def cmd_calibrate_mlp(args) -> int:
     return 0
 
 
+def cmd_allocate_mlp(args) -> int:
+    from .contextual.allocation import Allocation, allocation, measure
+    from .models import load_model
+
+    if args.curves_from:  # reuse the curves measured for an earlier allocation (no forward passes)
+        curves = Allocation.load(args.curves_from).curves
+        if curves.method != args.method:
+            raise ValueError(f"--curves-from {args.curves_from}: curves measured for {curves.method!r}, "
+                             f"--method is {args.method!r}")
+    else:
+        print(f"loading {args.model} ...", flush=True)
+        model, tok = load_model(args.model)
+        curves = measure(model, tok, args.method, levels=[float(x) for x in _csv(args.levels)], length=args.length,
+                         thresholds=args.thresholds, predictors=args.predictors)
+        curves.meta["model_id"] = args.model
+    alloc = allocation(curves, args.sparsity, args.step)
+    path = alloc.save(args.out)
+    print(f"{args.method} at mean sparsity {args.sparsity:.0%}: per layer " + " ".join(f"{s:.2f}" for s in alloc.sparsities))
+    print(f"sum of the layers' measured KL: allocated {alloc.predicted_kl:.4f} vs uniform {alloc.uniform_kl:.4f} nats; "
+          f"wrote {path} (patch(..., mlp={args.method!r}, mlp_sparsity={str(path)!r}))")
+    return 0
+
+
 def cmd_train_predictors(args) -> int:
     from rich.table import Table
 
@@ -328,8 +351,18 @@ def cmd_contextual(args) -> int:
     for b in (int(x) for x in _csv(args.extra_bits)):  # training-free b-bit gate / up copies (kind "int4")
         extra[f"int{b}"] = dejavu.quantized(dejavu.gate_up_weights(model), b)
         settings += [ev.Setting("dejavu", "dejavu", s, predictors=f"int{b}") for s in mlp_s]
+    allocs = {}
+    if args.allocate:  # calibrated per-layer MLP sparsities at these means (contextual.allocation)
+        from .contextual.allocation import allocation, measure
+
+        for m in ("teal", "dejavu"):
+            print(f"measuring {m}'s per-layer KL curves ...", flush=True)
+            curves = measure(model, tok, m, length=args.allocate_length, thresholds=th, predictors=pred)
+            for t in (float(x) for x in _csv(args.allocate)):
+                allocs[f"{m} {t:.0%}"] = allocation(curves, t)
+                settings.append(ev.Setting(m, m, t, allocation=f"{m} {t:.0%}"))
     rows = ev.run(model, tok, settings, args.length, args.windows, predictors=pred, thresholds=th,
-                  extra_predictors=extra)
+                  extra_predictors=extra, allocations=allocs)
     niah = None
     if args.niah_lengths:  # needle retrieval with the sparsity on the decode steps (pre-fill dense)
         from .eval.needle import parse_length
@@ -345,10 +378,11 @@ def cmd_contextual(args) -> int:
                f"--mlp-sparsity {args.mlp_sparsity} --head-sparsity {args.head_sparsity}"
                + (f" --extra-ranks {args.extra_ranks}" if args.extra_ranks else "")
                + (f" --extra-bits {args.extra_bits}" if args.extra_bits else "")
+               + (f" --allocate {args.allocate} --allocate-length {args.allocate_length}" if args.allocate else "")
                + (f" --niah-lengths {args.niah_lengths} --niah-depths {args.niah_depths} --niah-sparsity "
                   f"{args.niah_sparsity}" if args.niah_lengths else "") + f" --out {args.out}")
     path = ev.write_report(rows, Path(args.out), args.model, command, pred.meta, th.meta, args.length, args.windows,
-                           niah=niah)
+                           niah=niah, allocations=allocs)
     for r in rows:
         print(f"{r['label']:<40} ppl {r['ppl']:.3f}  top1 {r['top1']:.3f}  KL {r['kl']:.4f}")
     print(f"wrote {path}, contextual.json and PNGs")
@@ -425,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "fitted on the same calibration text (comma list, e.g. 256)")
     cx.add_argument("--extra-bits", default="", help="also Deja Vu predictors of kind int4 at these bits "
                     "(training-free copies of W_gate / W_up; comma list, e.g. 4)")
+    cx.add_argument("--allocate", default="", help="also teal / dejavu rows with calibrated per-layer MLP sparsities "
+                    "at these means (`sparseinfer allocate-mlp`; comma list, e.g. 0.4,0.5; default: none)")
+    cx.add_argument("--allocate-length", type=int, default=512, help="calibration tokens of --allocate (default: %(default)s)")
     cx.add_argument("--niah-lengths", default="", help="also needle retrieval at these lengths with teal / dejavu "
                     "on the decode steps (comma list, e.g. 1k,2k; default: none)")
     cx.add_argument("--niah-depths", type=int, default=5, help="needle depths per length (default: %(default)s)")
@@ -437,6 +474,21 @@ def build_parser() -> argparse.ArgumentParser:
     cm.add_argument("--tokens", type=int, default=4096, help="calibration tokens (default: %(default)s)")
     cm.add_argument("--window", type=int, default=1024, help="tokens per forward (default: %(default)s)")
     cm.set_defaults(func=cmd_calibrate_mlp)
+    am = sub.add_parser("allocate-mlp", help="TEAL / Deja Vu: per-layer MLP sparsities at a mean sparsity, from "
+                        "each layer's measured KL -> allocation JSON (mlp_sparsity=path)")
+    am.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")
+    am.add_argument("--method", default="teal", choices=["teal", "dejavu"], help="MLP method (default: %(default)s)")
+    am.add_argument("--sparsity", type=float, required=True, help="mean MLP sparsity over the layers, e.g. 0.5")
+    am.add_argument("--out", required=True, help="allocation file to write (.json)")
+    am.add_argument("--length", type=int, default=512, help="calibration tokens (default: %(default)s)")
+    am.add_argument("--levels", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+                    help="sparsity levels measured per layer (default: %(default)s)")
+    am.add_argument("--step", type=float, default=0.05, help="allocation step per layer (default: %(default)s)")
+    am.add_argument("--thresholds", default=None, help="TEAL thresholds (default: the shipped ones)")
+    am.add_argument("--predictors", default=None, help="Deja Vu predictors (default: the shipped ones)")
+    am.add_argument("--curves-from", default=None, help="an earlier allocation file of this method: reuse its "
+                    "measured curves (no forward passes), e.g. for another --sparsity")
+    am.set_defaults(func=cmd_allocate_mlp)
     tp = sub.add_parser("train-predictors", help="Deja Vu: train per-layer MLP / head predictors, report recall")
     tp.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or path (default: %(default)s)")
     tp.add_argument("--out", required=True, help="predictor file to write (.safetensors)")

@@ -390,7 +390,8 @@ def patch(model, method: str = "vertical_slash", *, min_len: int = 512, backend:
     "snapkv", "quest", "raas") with its options in kv_options (e.g. {"budget": 1024}); every
     `generate` that starts with the default empty cache then gets a fresh policy cache.
     mlp / heads: contextual sparsity in decoding steps (`sparseinfer.contextual.attach`):
-    mlp="teal" | "dejavu" with mlp_sparsity (float or per-layer list), heads="dejavu" with
+    mlp="teal" | "dejavu" with mlp_sparsity (float, per-layer list, or a calibrated per-layer
+    `contextual.allocation.Allocation` / its JSON path from `sparseinfer allocate-mlp`), heads="dejavu" with
     head_sparsity, predictors = a Deja Vu predictor file (None = the shipped one; "int4" = 4-bit
     copies of the model's own gate / up weights, made at patch time, no file); more
     options (thresholds, attn_sparsity, apply_to, max_len, backend) in contextual_options.

@@ -544,3 +544,89 @@ def test_train_int4_kind_fits_heads_and_reports_recall(tiny):
     assert min(rec) > 0.7, rec  # chance: 0.5
     with pytest.raises(ValueError, match="source must be 'mlp_in'"):
         dejavu.train(acts, n_heads=4, kind="int4", weights=w, source="attn_in", progress=False)
+
+
+def test_allocation_greedy_is_the_grid_optimum_for_convex_curves():
+    """contextual.allocation: on convex per-layer curves the greedy allocation has the least
+    summed KL of all grid allocations with the same mean (brute force), meets the mean exactly,
+    and gives the most sensitive layer the least sparsity."""
+    import itertools
+
+    from sparseinfer.contextual.allocation import Curves, allocation
+
+    levels = [0.2, 0.4, 0.6, 0.8]
+    scale = [8.0, 1.0, 0.3]  # layer 0 the most sensitive
+    curves = Curves("teal", levels, [[a * s * s + 0.05 * s for s in levels] for a in scale])
+    alloc = allocation(curves, 0.4, step=0.2)
+    assert abs(sum(alloc.sparsities) / 3 - 0.4) < 1e-9 and all(0 <= s <= 0.8 for s in alloc.sparsities)
+    grid = [0.0, 0.2, 0.4, 0.6, 0.8]
+    best = min(sum(curves.cost(i, s) for i, s in enumerate(c)) for c in itertools.product(grid, repeat=3)
+               if abs(sum(c) - 1.2) < 1e-9)
+    assert alloc.predicted_kl == pytest.approx(best, rel=1e-12)
+    assert alloc.predicted_kl < alloc.uniform_kl
+    assert alloc.sparsities[0] == min(alloc.sparsities) and alloc.sparsities[2] == max(alloc.sparsities)
+    assert curves.cost(1, 0.3) == pytest.approx((0.04 + 0.01 + 0.16 + 0.02) / 2)  # linear between levels
+    with pytest.raises(ValueError, match="multiple of step / layers"):
+        allocation(curves, 0.41, step=0.2)
+    with pytest.raises(ValueError, match=r"a target in \(0, 0.8\]"):
+        allocation(curves, 0.0, step=0.2)
+
+
+def test_allocation_measure_attach_and_eval_rows(tiny, tiny_thresholds, tmp_path):
+    """measure(): the KL of layer l alone at level s is what attach with only that layer sparse
+    gives (layer order kept); an Allocation (object or JSON path) patches the same per-layer
+    sparsities as the list; mismatched method / layer count and bad arguments are refused;
+    eval rows marked (allocated) and the report's allocation section."""
+    from types import SimpleNamespace
+
+    from sparseinfer.contextual.allocation import Allocation, allocation, measure
+    from sparseinfer.eval import contextual as ev
+
+    model, ids, _ = tiny
+    tok = lambda text, **kw: SimpleNamespace(input_ids=ids[None, :300])  # noqa: E731
+    x = ids[None, :128]
+    curves = measure(model, tok, "teal", levels=(0.25, 0.5, 0.75), text="", length=128,
+                     thresholds=tiny_thresholds, progress=False)
+    assert len(curves.kl) == 2 and all(len(r) == 3 and min(r) >= 0 for r in curves.kl)
+    with torch.no_grad():
+        dense = F.log_softmax(model(input_ids=x, use_cache=False).logits[0].float(), -1)
+        for layer in (0, 1):
+            sp = [0.0, 0.0]
+            sp[layer] = 0.5
+            attach(model, mlp="teal", mlp_sparsity=sp, apply_to="all", backend="reference", thresholds=tiny_thresholds)
+            lp = F.log_softmax(model(input_ids=x, use_cache=False).logits[0].float(), -1)
+            detach(model)
+            assert curves.kl[layer][1] == pytest.approx(float((dense.exp() * (dense - lp)).sum(-1).mean()), rel=1e-6)
+    assert curves.kl[0][1] != curves.kl[1][1]
+    alloc = allocation(curves, 0.5, step=0.25)
+    path = alloc.save(tmp_path / "alloc.json")
+    back = Allocation.load(path)
+    assert back.sparsities == alloc.sparsities and back.curves.kl == curves.kl
+    outs = []
+    for value in (alloc.sparsities, alloc, str(path)):
+        attach(model, mlp="teal", mlp_sparsity=value, apply_to="all", backend="reference", thresholds=tiny_thresholds)
+        with torch.no_grad():
+            outs.append(model(input_ids=x, use_cache=False).logits)
+        detach(model)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[2], outs[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="measured for mlp='teal', got mlp='dejavu'"):
+        attach(model, mlp="dejavu", mlp_sparsity=alloc, predictors="int4")
+    wrong = Allocation("teal", 0.5, [0.5] * 3, 0.0, 0.0, curves)
+    with pytest.raises(ValueError, match="the allocation has 3 layers, the model 2"):
+        attach(model, mlp="teal", mlp_sparsity=wrong, thresholds=tiny_thresholds)
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="expected an MLP allocation file"):
+        Allocation.load(tmp_path / "other.json")
+    with pytest.raises(ValueError, match="expected increasing levels"):
+        measure(model, tok, "teal", levels=(0.5, 0.25), text="", length=128, thresholds=tiny_thresholds)
+    with pytest.raises(ValueError, match="expected method in"):
+        measure(model, tok, "cats", text="", length=128)
+    settings = [ev.Setting("dense"), ev.Setting("teal", "teal", 0.5), ev.Setting("teal", "teal", 0.5, allocation="t")]
+    rows = ev.run(model, tok, settings, length=128, windows=2, progress=False, thresholds=tiny_thresholds,
+                  allocations={"t": alloc})
+    assert [r["label"] for r in rows] == ["dense", "teal MLP 50%", "teal (allocated) MLP 50%"]
+    assert (rows[2]["kl"] != rows[1]["kl"]) == (alloc.sparsities != [0.5, 0.5])
+    text = ev.write_report(rows, tmp_path, "tiny", "cmd", {}, {"n_tokens": 512}, 128, 2, allocations={"t": alloc}).read_text()
+    assert "**teal (allocated)**" in text and "Calibrated per-layer MLP sparsity" in text
+    assert (tmp_path / "contextual-allocation.png").exists()

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import allocation
 from .activations import decoder_layers
 from .dejavu import (SELECT_BLOCK, LayerPredictor, Predictors, QuantRows, blocked_top_mask, gate_up_weights,
                      quantized)
@@ -372,7 +373,8 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
     round((1 - mlp_sparsity) * I) neurons per token) | None.
     heads: "dejavu" (keep round((1 - head_sparsity) * Hq) query heads per token) | None.
     attn_sparsity: TEAL on q/k/v_proj and o_proj inputs too (needs thresholds; any mlp method).
-    *_sparsity: a float or one float per layer.
+    *_sparsity: a float or one float per layer; mlp_sparsity also a calibrated per-layer
+    `allocation.Allocation` (or the path of its JSON, `sparseinfer allocate-mlp`).
     predictors / thresholds: a path or a loaded `Predictors` / `Thresholds`; None = the file
     shipped for this architecture (`sparseinfer/configs/*-dejavu|teal.safetensors`; for mlp="dejavu"
     without heads and no shipped file: "int4", with a warning);
@@ -410,7 +412,7 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
         raise ValueError("attach: nothing to do (mlp=None, heads=None, attn_sparsity=None)")
     if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish") and mlp == "dejavu" and backend != "reference":
         raise ValueError(f"mlp='dejavu' kernels assume SiLU, the model uses {cfg.hidden_act!r}; use backend='reference'")
-    mlp_sp = _per_layer(mlp_sparsity, n, "mlp_sparsity")
+    mlp_sp = _per_layer(allocation.per_layer(mlp_sparsity, n, mlp), n, "mlp_sparsity")
     head_sp = _per_layer(head_sparsity, n, "head_sparsity")
     attn_sp = _per_layer(attn_sparsity, n, "attn_sparsity") if attn_sparsity is not None else None
     th = pred = None

@@ -29,6 +29,7 @@ class Setting:
     head_sparsity: float = 0.0
     attn_sparsity: float | None = None
     predictors: str | None = None  # a key of run(extra_predictors=...) instead of the main predictors
+    allocation: str | None = None  # a key of run(allocations=...): per-layer sparsities, mean mlp_sparsity
 
     @property
     def label(self) -> str:
@@ -36,7 +37,7 @@ class Setting:
             return "dense"
         parts = []
         if self.mlp:
-            tag = f" ({self.predictors})" if self.predictors else ""
+            tag = f" ({self.predictors})" if self.predictors else " (allocated)" if self.allocation else ""
             parts.append(f"{self.mlp}{tag} MLP {self.mlp_sparsity:.0%}")
         if self.attn_sparsity:
             parts.append(f"TEAL attn {self.attn_sparsity:.0%}")
@@ -57,10 +58,12 @@ def default_settings(mlp_sparsities=(0.25, 0.4, 0.5, 0.7), head_sparsities=(0.25
 
 @torch.no_grad()
 def run(model, tok, settings: list[Setting], length: int = 1024, windows: int = 2, progress: bool = True,
-        predictors=None, thresholds=None, extra_predictors: dict | None = None) -> list[dict]:
+        predictors=None, thresholds=None, extra_predictors: dict | None = None,
+        allocations: dict | None = None) -> list[dict]:
     """One row per setting: ppl, top-1 agreement and mean KL(dense || sparse) over all predicted
     tokens of `windows` disjoint windows of `length` tokens; TEAL rows add the measured kept share.
-    Settings with `.predictors` set use extra_predictors[that key]."""
+    Settings with `.predictors` set use extra_predictors[that key], with `.allocation` set the
+    per-layer MLP sparsities allocations[that key] (a `contextual.allocation.Allocation`)."""
     from ..data import heldout_text
 
     ids = tok(heldout_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
@@ -74,7 +77,8 @@ def run(model, tok, settings: list[Setting], length: int = 1024, windows: int = 
         t0 = time.perf_counter()
         handle = None
         if s.name != "dense":
-            handle = attach(model, mlp=s.mlp, mlp_sparsity=s.mlp_sparsity, heads=s.heads,
+            handle = attach(model, mlp=s.mlp, heads=s.heads,
+                            mlp_sparsity=(allocations or {})[s.allocation] if s.allocation else s.mlp_sparsity,
                             head_sparsity=s.head_sparsity, attn_sparsity=s.attn_sparsity, apply_to="all",
                             predictors=(extra_predictors or {})[s.predictors] if s.predictors else predictors,
                             thresholds=thresholds, record=True, backend="reference")
@@ -99,10 +103,15 @@ def run(model, tok, settings: list[Setting], length: int = 1024, windows: int = 
     return rows
 
 
+def _tag(r: dict) -> str | None:
+    """A row's curve tag: its extra predictor set, "allocated" (per-layer sparsities), or None."""
+    return r.get("predictors") or ("allocated" if r.get("allocation") else None)
+
+
 def _curves(rows: list[dict]) -> list[tuple]:
-    """(method, predictors tag) of the MLP-sparsity curves: teal, dejavu, then dejavu per extra predictor set."""
-    return [("teal", None), ("dejavu", None)] + sorted({(r["name"], r["predictors"]) for r in rows
-                                                        if r["name"] == "dejavu" and r.get("predictors")})
+    """(method, tag) of the MLP-sparsity curves: teal, dejavu, then per extra predictor set and allocation."""
+    return [("teal", None), ("dejavu", None)] + sorted({(r["name"], _tag(r)) for r in rows
+                                                        if r["name"] in ("teal", "dejavu") and _tag(r)})
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> Path:
@@ -112,10 +121,9 @@ def _plot(rows: list[dict], path: Path, title: str) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     dense = next(r for r in rows if r["name"] == "dense")
     curves = _curves(rows)
-    colors = ("#4c72b0", "#c44e52", "#dd8452", "#8172b3", "#937860")
+    colors = ("#4c72b0", "#c44e52", "#dd8452", "#8172b3", "#937860", "#55a868", "#da8bc3")
     for (name, tag), color in zip(curves, colors):
-        pts = sorted((r["mlp_sparsity"], r["ppl"], r["kl"]) for r in rows
-                     if r["name"] == name and r.get("predictors") == tag)
+        pts = sorted((r["mlp_sparsity"], r["ppl"], r["kl"]) for r in rows if r["name"] == name and _tag(r) == tag)
         if not pts:
             continue
         xs = [0.0] + [p[0] * 100 for p in pts]
@@ -221,15 +229,53 @@ def _niah_lines(niah: list[dict], out: Path) -> list[str]:
     return lines + ["", f"![needle retrieval]({png.name})", ""]
 
 
+def _allocation_lines(allocations: dict, out: Path) -> list[str]:
+    """The calibrated per-layer MLP sparsities of the "(allocated)" rows: table + plot."""
+    from .report import _plt
+
+    allocs = list(allocations.items())
+    n = len(allocs[0][1].sparsities)
+    c0 = allocs[0][1].curves
+    lines = ["## Calibrated per-layer MLP sparsity (the \"(allocated)\" rows)", "",
+             f"`sparseinfer allocate-mlp` (`contextual.allocation`): for each layer and sparsity level "
+             f"{', '.join(f'{x:.0%}' for x in c0.levels)}, the mean KL vs dense with only that layer's MLP sparse, on "
+             f"{c0.meta.get('tokens', '?')} tokens of the calibration essays (not the held-out text above; "
+             + ", ".join(f"{a.method} {a.curves.meta.get('seconds', '?')} s" for _, a in
+                         {a.method: (k, a) for k, a in allocs}.values())
+             + " on this CPU); then, from every layer at 0, steps of 5% go one at a time to the layer whose KL rises "
+             "least, until the mean is the target. 'sum of layer KLs' = the measured single-layer KLs added up "
+             "(what the greedy minimises), allocated vs uniform.", "",
+             "| allocation | sum of layer KLs: allocated / uniform | min / max layer sparsity |", "|---|---|---|"]
+    for key, a in allocs:
+        lines.append(f"| {key} | {a.predicted_kl:.3f} / {a.uniform_kl:.3f} | {min(a.sparsities):.0%} / {max(a.sparsities):.0%} |")
+    lines += ["", "| layer | " + " | ".join(k for k, _ in allocs) + " |", "|---" * (len(allocs) + 1) + "|"]
+    for i in range(n):
+        lines.append(f"| {i} | " + " | ".join(f"{a.sparsities[i]:.0%}" for _, a in allocs) + " |")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for key, a in allocs:
+        ax.plot(range(n), [100 * x for x in a.sparsities], "o-", ms=3, label=key)
+    ax.set(xlabel="layer", ylabel="MLP sparsity (%)", title="calibrated per-layer MLP sparsity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = out / "contextual-allocation.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return lines + ["", f"![per-layer allocation]({png.name})", ""]
+
+
 def write_report(rows: list[dict], out: Path, model_id: str, command: str, pred_meta: dict, teal_meta: dict,
-                 length: int, windows: int, niah: list[dict] | None = None) -> Path:
+                 length: int, windows: int, niah: list[dict] | None = None, allocations: dict | None = None) -> Path:
     from .report import environment, write_json
 
     out = Path(out)
     env = environment()
     write_json(out / "contextual.json", "contextual", {"model": model_id, "length": length, "windows": windows,
                                                        "command": command, "predictors": {k: v for k, v in pred_meta.items() if k != "recall"},
-                                                       "teal": teal_meta, "niah": niah}, rows)
+                                                       "teal": teal_meta, "niah": niah,
+                                                       "allocations": {k: asdict(a) for k, a in (allocations or {}).items()}},
+               rows)
     png = _plot(rows, out / "contextual.png", f"{model_id}: contextual sparsity, {windows}x{length} held-out tokens")
     recall = pred_meta.get("recall")
     rpng = _plot_recall(recall, out / "contextual-recall.png", "Deja Vu predictor recall per layer (held-out tokens)") \
@@ -275,6 +321,12 @@ def write_report(rows: list[dict], out: Path, model_id: str, command: str, pred_
         "Heads: a linear predictor of the per-head attention-output norm; the top-K query heads are kept, the "
         "others' outputs zeroed before o_proj.",
         "",
+    ]
+    if allocations:
+        lines += ["- Rows marked (allocated): the same method with calibrated per-layer MLP sparsities whose mean is "
+                  "the row's sparsity (`sparseinfer allocate-mlp`; section below); the other rows use one sparsity "
+                  "for every layer.", ""]
+    lines += [
         "| setting | ppl | Δppl | top-1 vs dense | KL (nats) | kept (measured) |",
         "|---|---|---|---|---|---|",
     ]
@@ -284,7 +336,7 @@ def write_report(rows: list[dict], out: Path, model_id: str, command: str, pred_
         lines.append(f"| {r['label']} | {r['ppl']:.3f} | {d:+.1f}% | {r['top1']:.3f} | {r['kl']:.4f} | {kept} |")
     summary = []
     for name, tag in _curves(rows):
-        pts = sorted(((r["mlp_sparsity"], r) for r in rows if r["name"] == name and r.get("predictors") == tag),
+        pts = sorted(((r["mlp_sparsity"], r) for r in rows if r["name"] == name and _tag(r) == tag),
                      key=lambda t: t[0])
         ok = [sp for sp, r in pts if r["ppl"] <= dense["ppl"] * 1.03]
         if pts:
@@ -294,6 +346,8 @@ def write_report(rows: list[dict], out: Path, model_id: str, command: str, pred_
     lines += [""] + [f"- {x}" for x in summary]
     lines += _ceiling_lines(dense["ppl"])
     lines += ["", f"![ppl and KL vs MLP sparsity]({png.name})", ""]
+    if allocations:
+        lines += _allocation_lines(allocations, out)
     if niah:
         lines += _niah_lines(niah, out)
     lines += [

@@ -116,3 +116,38 @@ def test_accuracy_report_small(tmp_path):
     (tmp_path / "accuracy" / "niah-minference-640.json").unlink()  # a partial run lists what is missing
     text = build("smollm2-135m", tmp_path, [640], 1, [640], methods=methods, run=False).read_text()
     assert "niah minference 640" in text and "| minference | — |" in text
+
+
+def test_allocate_mlp_cli_on_the_real_model(tmp_path, capsys, smol):
+    """`sparseinfer allocate-mlp`: per-layer TEAL sparsities on SmolLM2 with the asked mean, the
+    curves reused by --curves-from (at the highest level every layer must take it), and the file
+    accepted by patch(mlp_sparsity=path) (the kept share it measures matches the allocation)."""
+    import torch
+
+    import sparseinfer
+    from sparseinfer.contextual.allocation import Allocation
+
+    out = tmp_path / "teal30.json"
+    assert main(["allocate-mlp", "--method", "teal", "--sparsity", "0.3", "--length", "64", "--levels", "0.25,0.5",
+                 "--out", str(out)]) == 0
+    alloc = Allocation.load(out)
+    assert len(alloc.sparsities) == 30 and sum(alloc.sparsities) / 30 == pytest.approx(0.3)
+    # curves linear between the levels: the layers whose KL rises least past 25% go to 50%
+    assert all(0.25 <= s <= 0.5 for s in alloc.sparsities) and alloc.sparsities.count(0.5) >= 5
+    assert alloc.predicted_kl <= alloc.uniform_kl + 1e-12 and all(min(r) > 0 for r in alloc.curves.kl)
+    assert "per layer" in capsys.readouterr().out
+    full = tmp_path / "teal50.json"
+    assert main(["allocate-mlp", "--method", "teal", "--sparsity", "0.5", "--curves-from", str(out), "--out", str(full)]) == 0
+    assert Allocation.load(full).sparsities == [0.5] * 30
+    with pytest.raises(ValueError, match="curves measured for 'teal', --method is 'dejavu'"):
+        main(["allocate-mlp", "--method", "dejavu", "--sparsity", "0.5", "--curves-from", str(out), "--out", str(full)])
+    model, tok = smol
+    handle = sparseinfer.patch(model, "dense", mlp="teal", mlp_sparsity=str(out),
+                               contextual_options={"apply_to": "all", "record": True})
+    try:
+        with torch.no_grad():
+            model(**tok(haystack_text()[:3000], return_tensors="pt"), use_cache=False)
+        kept = handle.contextual.stats.kept_share()
+    finally:
+        sparseinfer.unpatch(model)
+    assert kept["mlp_in"] == pytest.approx(0.7, abs=0.05)

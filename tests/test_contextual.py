@@ -615,6 +615,8 @@ def test_allocation_measure_attach_and_eval_rows(tiny, tiny_thresholds, tmp_path
     wrong = Allocation("teal", 0.5, [0.5] * 3, 0.0, 0.0, curves)
     with pytest.raises(ValueError, match="the allocation has 3 layers, the model 2"):
         attach(model, mlp="teal", mlp_sparsity=wrong, thresholds=tiny_thresholds)
+    with pytest.raises(ValueError, match="no such file"):
+        attach(model, mlp="teal", mlp_sparsity="0.5", thresholds=tiny_thresholds)
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(ValueError, match="expected an MLP allocation file"):
         Allocation.load(tmp_path / "other.json")

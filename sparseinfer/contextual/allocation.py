@@ -8,7 +8,7 @@ next-token distributions on calibration text when only layer l's MLP runs at spa
 one layer at a time, to the layer whose curve (linear between the measured levels) rises least
 for it, until the mean reaches the target: the layers' KLs are taken as additive, which holds
 for small perturbations. The measurement costs L x len(levels) forwards (SmolLM2-135M, 30
-layers x 9 levels of 512 tokens: ~5 CPU minutes per method); the allocation itself is free, so
+layers x 9 levels of 512 tokens: ~6 CPU minutes per method); the allocation itself is free, so
 one measurement serves every target.
 
     alloc = allocate(model, tok, "teal", 0.5)        # or measure(...) once, then allocation(curves, t)
@@ -118,7 +118,7 @@ def measure(model, tok, method: str, *, levels=LEVELS, text: str | None = None, 
                 lp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
             finally:
                 detach(model)
-            kl[layer][j] = float((dense.exp() * (dense - lp)).sum(-1).mean())
+            kl[layer][j] = float(F.kl_div(lp, dense, reduction="none", log_target=True).sum(-1).mean())
             bar.update()
     bar.close()
     meta = {"tokens": length, "text": "given" if text is not None else "sparseinfer.data.haystack_text",
@@ -161,6 +161,9 @@ def per_layer(value, n: int, method: str | None):
     """`attach`'s mlp_sparsity when given an Allocation or the path of its JSON file: its
     sparsities, checked against the layer count and the MLP method; anything else unchanged."""
     if isinstance(value, (str, Path)):
+        if not Path(value).is_file():
+            raise ValueError(f"mlp_sparsity: expected a float, one float per layer, an Allocation or the path of an "
+                             f"allocation file (`sparseinfer allocate-mlp`), got {value!r} (no such file)")
         value = Allocation.load(value)
     if not isinstance(value, Allocation):
         return value

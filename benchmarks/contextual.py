@@ -653,7 +653,8 @@ COMPILED = ("dense", "dense (sparseinfer attention)", "teal mlp 50%", "teal all 
             "dejavu int4 mlp 50%",
             "dejavu mlp 50% global top-k", "dejavu mlp 50% no PDL",
             "dejavu mlp 50% + heads 50%", "dejavu mlp 50% look-ahead", "dejavu mlp 50% look-ahead + heads 50%",
-            "check: teal 0% on all projections", "check: dejavu 0% mlp")
+            "check: teal 0% on all projections", "check: dejavu 0% mlp",
+            "teal per-layer 40/60% (mean 50%), all projections")
 
 
 def part_b(args, dev, dt, shapes, out: dict) -> None:
@@ -680,7 +681,11 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                 # neuron that rounds differently flips, and such flips compound over the layers of a random model
                 ("check: teal 0% on all projections", dict(mlp="teal", mlp_sparsity=0.0,
                                                            contextual_options={"attn_sparsity": 0.0})),
-                ("check: dejavu 0% mlp", dict(mlp="dejavu", mlp_sparsity=0.0))]
+                ("check: dejavu 0% mlp", dict(mlp="dejavu", mlp_sparsity=0.0)),
+                # per-layer sparsities with the same mean (what a calibrated allocation gives): layers at 40 / 60%
+                # alternating, the 60% ones on the compacted path (gemv.COMPACT_MIN_SPARSITY)
+                ("teal per-layer 40/60% (mean 50%), all projections", dict(mlp="teal", mlp_sparsity=(0.4, 0.6),
+                                                                           contextual_options={"attn_sparsity": 0.5}))]
     if args.only:  # a subset of the settings (names containing one of these)
         settings = [(n, kw) for n, kw in settings if n == "dense" or any(o in n for o in args.only.split(","))]
     if args.no_reorder:  # inductor keeps the graph's order (look-ahead: the side-stream fork stays early)
@@ -714,6 +719,9 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                 compiled = name.endswith("(compiled)")
                 fwd = torch.compile(model.forward, dynamic=False) if compiled else model.forward
                 kw = dict(kw)  # the settings are reused for the second model size
+                if isinstance(kw.get("mlp_sparsity"), tuple):  # a per-layer pattern, repeated over the layers
+                    pat = kw["mlp_sparsity"]
+                    kw["mlp_sparsity"] = [pat[i % len(pat)] for i in range(n_layers)]
                 flags = kw.pop("flags", {})  # module switches (PDL): "module.NAME" -> value, restored below
                 for f, v in flags.items():
                     mod_name, attr = f.split(".")

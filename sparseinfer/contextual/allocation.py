@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -40,14 +41,9 @@ class Curves:
 
     def cost(self, layer: int, s: float) -> float:
         """Layer `layer`'s KL at sparsity s (linear between 0 -> 0 and the measured levels)."""
-        xs, ys = [0.0] + list(self.levels), [0.0] + list(self.kl[layer])
-        if not 0.0 <= s <= xs[-1] + 1e-9:
-            raise ValueError(f"cost: sparsity {s} outside the measured range [0, {xs[-1]}]")
-        for j in range(1, len(xs)):
-            if s <= xs[j] + 1e-12:
-                f = (s - xs[j - 1]) / (xs[j] - xs[j - 1])
-                return ys[j - 1] + f * (ys[j] - ys[j - 1])
-        return ys[-1]
+        if not 0.0 <= s <= self.levels[-1] + 1e-9:
+            raise ValueError(f"cost: sparsity {s} outside the measured range [0, {self.levels[-1]}]")
+        return float(np.interp(s, [0.0, *self.levels], [0.0, *self.kl[layer]]))
 
 
 @dataclass

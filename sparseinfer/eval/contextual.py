@@ -240,9 +240,9 @@ def _allocation_lines(allocations: dict, out: Path) -> list[str]:
              f"`sparseinfer allocate-mlp` (`contextual.allocation`): for each layer and sparsity level "
              f"{', '.join(f'{x:.0%}' for x in c0.levels)}, the mean KL vs dense with only that layer's MLP sparse, on "
              f"{c0.meta.get('tokens', '?')} tokens of the calibration essays (not the held-out text above; "
-             + ", ".join(f"{a.method} {a.curves.meta.get('seconds', '?')} s" for _, a in
-                         {a.method: (k, a) for k, a in allocs}.values())
-             + " on this CPU); then, from every layer at 0, steps of 5% go one at a time to the layer whose KL rises "
+             + ", ".join(f"{m} {sec} s" for m, sec in {a.method: a.curves.meta.get("seconds", "?") for _, a in allocs}.items())
+             + f" on this CPU); then, from every layer at 0, steps of {allocs[0][1].meta.get('step', 0.05):.0%} go one at a "
+             "time to the layer whose KL rises "
              "least, until the mean is the target. 'sum of layer KLs' = the measured single-layer KLs added up "
              "(what the greedy minimises), allocated vs uniform.", "",
              "| allocation | sum of layer KLs: allocated / uniform | min / max layer sparsity |", "|---|---|---|"]

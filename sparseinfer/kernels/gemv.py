@@ -39,6 +39,10 @@ from .decode import _hopper, _sm_count
 # 2 / 4 rows vs 307 / 678 us with the one-row configs; cuBLAS 135 us, so the patching sends batches there).
 TEAL_CONFIG = {"cuda": (64, 64, 2048, 8, 1, 1), "cuda batch": (64, 128, 1024, 4, 1), "cpu": (16, 32, 32, 1, 1)}
 TEAL_MLP_CONFIG = {"cuda": (32, 64, 1024, 4, 1, 1), "cuda batch": (32, 128, 1024, 4, 1), "cpu": (16, 32, 32, 1, 1)}
+# teal_mlp's down launch (K = the intermediate size): 1792-row programs (8 K splits over Llama-3's 14336;
+# benchmarks/results/contextual/teal_waves.md: 29.0 vs 30.3 us with 2048); the captured 32-layer 8B step
+# (H100, TEAL all projections 50%) 4.460 -> 4.412-4.423 ms (contextual_step32_profile.md, _down1792_r*.md)
+TEAL_DOWN_CONFIG = dict(TEAL_CONFIG, cuda=(64, 64, 1792, 8, 1, 1))
 
 
 def _config_key(x: torch.Tensor) -> str:
@@ -217,7 +221,7 @@ def teal_mlp_launch(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_
     x = x if x.stride(1) == 1 else x.contiguous()
     compact = compact and x.shape[0] == 1
     key = _config_key(x)
-    cfg_gu, cfg_d = config or (TEAL_COMPACT_MLP_CONFIG[key] if compact else (TEAL_MLP_CONFIG[key], TEAL_CONFIG[key]))
+    cfg_gu, cfg_d = config or (TEAL_COMPACT_MLP_CONFIG[key] if compact else (TEAL_MLP_CONFIG[key], TEAL_DOWN_CONFIG[key]))
     h = _teal(x, wg_t, wu_t, t_in, cfg_gu, True, compact)
     return _teal(h, wd_t, None, t_down, cfg_d, False, compact)
 

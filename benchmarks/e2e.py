@@ -145,6 +145,11 @@ def main():
     ap.add_argument("--compiled-only", action="store_true", help="with --compile: only the compiled rows")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
+    if max(sizes) > 131072 and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and not torch.cuda.is_initialized():
+        # at 256K the compiled dense run ran out of memory with 23 GB reserved but unallocated (fragmented
+        # blocks of the chunked MLP and the 34 GB KV cache): expandable segments, read when CUDA starts
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+        print("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (sizes above 128K)", flush=True)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     model = build_model(max(sizes))

@@ -16,7 +16,6 @@ import argparse
 import collections
 import datetime
 import importlib.util
-import json
 import os
 import re
 import subprocess
@@ -25,8 +24,10 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 
 from sparseinfer.kernels import gemv  # noqa: E402
+import contextual as ctx  # noqa: E402  (save)
 
 SMS, ISSUE, CLOCK_GHZ = 132, 4, 1.755  # H100 SXM: SMs, warp instructions issued per SM per cycle, clock under load
 H, I, QKV = 4096, 14336, 6144  # Llama-3.1-8B hidden, intermediate, fused q/k/v outputs
@@ -100,6 +101,23 @@ def main_loop(sass: str) -> list[str]:
     return ops
 
 
+def markdown(res: dict) -> str:
+    a = res["assumed"]
+    md = ["# TEAL one-row loop: instructions per weight element (sm_90 machine code, Llama-3.1-8B launches)", "",
+          f"triton {res['triton']}, {res['target']}, {res['date']}; library GPU defaults; issue floor = elements x "
+          f"instructions per element / 32 / ({a['sms']} SMs x {a['issue_per_cycle']} per cycle) / {a['clock_ghz']} GHz: "
+          "the time the SMs need to issue the loop whatever the sparsity (dropped rows are masked, their FMAs still "
+          "issue). `python benchmarks/teal_sass.py --out DIR`.", "",
+          "| launch | K x N | config | loop instructions | weight elements per thread per step | instructions per "
+          "element | issue floor us | bytes bound at 50% us | most frequent |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        md.append(f"| {r['launch']} | {r['K']} x {r['N']}{' x 2' if r['two'] else ''} | {r['config']} | "
+                  f"{r['loop_instructions']} | {r['elements_per_thread_step']:.0f} | {r['instructions_per_element']} | "
+                  f"{r['issue_floor_us']} | {r['bytes_bound_50_us']} | "
+                  f"{', '.join(f'{k} {v}' for k, v in r['mix'])} |")
+    return "\n".join(md) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -127,24 +145,7 @@ def main() -> int:
         print(f"{ln['launch']:8s} {ln['config']} loop {len(ops)} instr for {per_thread:.0f} elements/thread: "
               f"{ipe:.2f} per element, issue floor {floor_us:.1f} us (bytes bound at 50%: {bound_us:.1f} us); "
               f"{', '.join(f'{k} {v}' for k, v in mix)}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "teal_sass.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    md = ["# TEAL one-row loop: instructions per weight element (sm_90 machine code, Llama-3.1-8B launches)", "",
-          f"triton {res['triton']}, {res['target']}, {res['date']}; library GPU defaults; issue floor = elements x "
-          f"instructions per element / 32 / ({SMS} SMs x {ISSUE} per cycle) / {CLOCK_GHZ} GHz: the time the SMs need "
-          "to issue the loop whatever the sparsity (dropped rows are masked, their FMAs still issue). "
-          "`python benchmarks/teal_sass.py --out DIR`.", "",
-          "| launch | K x N | config | loop instructions | weight elements per thread per step | instructions per "
-          "element | issue floor us | bytes bound at 50% us | most frequent |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in res["rows"]:
-        md.append(f"| {r['launch']} | {r['K']} x {r['N']}{' x 2' if r['two'] else ''} | {r['config']} | "
-                  f"{r['loop_instructions']} | {r['elements_per_thread_step']:.0f} | {r['instructions_per_element']} | "
-                  f"{r['issue_floor_us']} | {r['bytes_bound_50_us']} | "
-                  f"{', '.join(f'{k} {v}' for k, v in r['mix'])} |")
-    with open(os.path.join(args.out, "teal_sass.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    print(f"wrote teal_sass.md / .json in {args.out}")
+    ctx.save(args.out, "teal_sass", res, markdown)
     return 0
 
 

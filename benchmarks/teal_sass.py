@@ -42,17 +42,15 @@ def _kernel():
 
 
 def launches() -> list[dict]:
-    """The four launches of a TEAL decode layer with the library defaults (gemv's small-projection
-    rule for q/k/v and o: rows halved until >= 2 programs per SM)."""
+    """The four launches of a TEAL decode layer with the library defaults."""
     out = []
     for name, k, n, cfg, two in (("gate+up", H, I, gemv.TEAL_MLP_CONFIG["cuda"], True),
                                  ("down", I, H, gemv.TEAL_DOWN_CONFIG["cuda"], False),
                                  ("qkv", H, QKV, gemv.TEAL_CONFIG["cuda"], False),
                                  ("o", H, H, gemv.TEAL_CONFIG["cuda"], False)):
         bk, bn, rows, warps, stages, pf = cfg
-        if name in ("qkv", "o"):
-            while rows > bk and -(-k // rows) * -(-n // bn) < 2 * SMS:
-                rows //= 2
+        if name in ("qkv", "o"):  # single projections: the default config's rows rule
+            rows = gemv.default_rows(k, n, bk, bn, rows, SMS)
         out.append(dict(launch=name, K=k, N=n, config=[bk, bn, rows, warps, stages, pf], two=two))
     return out
 

@@ -122,6 +122,14 @@ def prepare_counters(device) -> None:
     _counters(torch.device(device), 1 << 16)
 
 
+def default_rows(k: int, n: int, bk: int, bn: int, rows: int, sms: int) -> int:
+    """ROWS per program of a default-config launch over a [k, n] weight: halved (down to bk) until
+    the launch has >= 2 programs per SM (small projections get more K splits)."""
+    while rows > bk and triton_cdiv(k, rows) * triton_cdiv(n, bn) < 2 * sms:
+        rows //= 2
+    return rows
+
+
 def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, compact: bool = False,
                    rows_list=None) -> torch.Tensor:
     """One teal_gemv_kernel launch: x [M, K] -> fp32 partials [splits, 1 or 2 (with wt2), M, N].
@@ -139,10 +147,8 @@ def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, c
     prefetch = bool(more and more[0])
     if rows % bk:
         raise ValueError(f"teal_gemv config: ROWS {rows} must be a multiple of BLOCK_K {bk}")
-    if config is None and x.is_cuda:  # small projections (k/v_proj): more K splits, >= 2 programs per SM
-        target = 2 * _sm_count(x.device.index or 0)  # cached: no device query per call
-        while rows > bk and triton_cdiv(k, rows) * triton_cdiv(n, bn) < target:
-            rows //= 2
+    if config is None and x.is_cuda:  # small projections (k/v_proj): more K splits
+        rows = default_rows(k, n, bk, bn, rows, _sm_count(x.device.index or 0))  # SM count cached: no query per call
     bm = _block_m(m)
     bk = max(8, bk // bm)  # the [BLOCK_M, BLOCK_K, BLOCK_N] accumulator stays the same size
     splits = triton_cdiv(k, rows)

@@ -86,6 +86,22 @@ def test_teal_mlp_matches_float64(m, dtype, config):
     assert (ref - dense_h).abs().max() > 0.05  # the down threshold changed the result
 
 
+def test_default_rows_fits_small_weights_only():
+    """The default configs' ROWS: Llama-3-8B's launches keep the tuned values (>= 2 programs per SM on
+    132 SMs already), small weights get more K splits, and ROWS stays a multiple of BLOCK_K."""
+    sms = 132
+    for key in ("cuda", "cuda batch"):
+        for (k, n), cfg in (((4096, 14336), gemv.TEAL_MLP_CONFIG[key]), ((14336, 4096), gemv.TEAL_DOWN_CONFIG[key])):
+            bk, bn, rows = cfg[:3]
+            assert gemv.default_rows(k, n, bk, bn, rows, sms) == rows
+    # SmolLM2-135M's MLP (576 -> 1536 -> 576) with the 8B defaults: down had one K split, 9 programs
+    bk, bn, rows = gemv.TEAL_DOWN_CONFIG["cuda"][:3]
+    r = gemv.default_rows(1536, 576, bk, bn, rows, sms)
+    assert r < rows and r % bk == 0 and -(-1536 // r) * -(-576 // bn) > 9
+    assert gemv.default_rows(4096, 4096, 64, 64, 2048, sms) == 512  # o_proj: the rule as before (8 splits)
+    assert gemv.default_rows(14336, 64, 64, 64, 1792, sms) == 448  # 1792 -> 896 -> 448, never 224 (not x 64)
+
+
 def test_teal_mlp_skips_dropped_neurons():
     """A neuron whose SiLU(gate)*up is 0 for every row is dropped: its down_proj row (NaN) is never read."""
     g = torch.Generator().manual_seed(4)

@@ -123,11 +123,19 @@ def prepare_counters(device) -> None:
 
 
 def default_rows(k: int, n: int, bk: int, bn: int, rows: int, sms: int) -> int:
-    """ROWS per program of a default-config launch over a [k, n] weight: halved (down to bk) until
-    the launch has >= 2 programs per SM (small projections get more K splits)."""
-    while rows > bk and triton_cdiv(k, rows) * triton_cdiv(n, bn) < 2 * sms:
+    """ROWS per program of a default-config launch over a [k, n] weight: halved (while it stays a
+    multiple of bk) until the launch has >= 2 programs per SM (small projections get more K splits)."""
+    while rows > bk and (rows // 2) % bk == 0 and triton_cdiv(k, rows) * triton_cdiv(n, bn) < 2 * sms:
         rows //= 2
     return rows
+
+
+def _sized(config: tuple, k: int, n: int, x: torch.Tensor) -> tuple:
+    """A default config with its ROWS fitted to a [k, n] weight (`default_rows`) on CUDA."""
+    if not x.is_cuda:
+        return config
+    bk, bn, rows, *rest = config
+    return (bk, bn, default_rows(k, n, bk, bn, rows, _sm_count(x.device.index or 0)), *rest)
 
 
 def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, compact: bool = False,
@@ -147,8 +155,8 @@ def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, c
     prefetch = bool(more and more[0])
     if rows % bk:
         raise ValueError(f"teal_gemv config: ROWS {rows} must be a multiple of BLOCK_K {bk}")
-    if config is None and x.is_cuda:  # small projections (k/v_proj): more K splits
-        rows = default_rows(k, n, bk, bn, rows, _sm_count(x.device.index or 0))  # SM count cached: no query per call
+    if config is None:  # small projections (k/v_proj): more K splits (SM count cached: no query per call)
+        bk, bn, rows, warps, stages, *more = _sized((bk, bn, rows, warps, stages, *more), k, n, x)
     bm = _block_m(m)
     bk = max(8, bk // bm)  # the [BLOCK_M, BLOCK_K, BLOCK_N] accumulator stays the same size
     splits = triton_cdiv(k, rows)
@@ -227,7 +235,10 @@ def teal_mlp_launch(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_
     x = x if x.stride(1) == 1 else x.contiguous()
     compact = compact and x.shape[0] == 1
     key = _config_key(x)
-    cfg_gu, cfg_d = config or (TEAL_COMPACT_MLP_CONFIG[key] if compact else (TEAL_MLP_CONFIG[key], TEAL_DOWN_CONFIG[key]))
+    if config is None:  # the masked loop's defaults with ROWS fitted like a single projection's (small models)
+        config = TEAL_COMPACT_MLP_CONFIG[key] if compact else (_sized(TEAL_MLP_CONFIG[key], hid, inter, x),
+                                                               _sized(TEAL_DOWN_CONFIG[key], inter, hid, x))
+    cfg_gu, cfg_d = config
     h = _teal(x, wg_t, wu_t, t_in, cfg_gu, True, compact)
     return _teal(h, wd_t, None, t_down, cfg_d, False, compact)
 

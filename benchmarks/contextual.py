@@ -599,6 +599,7 @@ def build_model(shapes: dict, n_layers: int, dev, dt):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**dict(shapes, num_hidden_layers=n_layers))
+    torch.manual_seed(n_layers)  # the same weights (and calibration prompt) in every run: logits compare across runs
     torch.set_default_dtype(dt)
     with torch.device(dev):
         model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
@@ -692,7 +693,11 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                 ("teal per-layer 40/60% (mean 50%), all projections", dict(mlp="teal", mlp_sparsity=(0.4, 0.6),
                                                                            contextual_options={"attn_sparsity": 0.5}))]
     if args.only:  # a subset of the settings (names containing one of these)
-        settings = [(n, kw) for n, kw in settings if n == "dense" or any(o in n for o in args.only.split(","))]
+        # "=name": that name only; a list of "=name"s only: not even the stock dense step
+        only = args.only.split(",")
+        exact = all(o.startswith("=") for o in only)
+        settings = [(n, kw) for n, kw in settings if (n == "dense" and not exact) or any(
+            n == o[1:] if o.startswith("=") else o in n for o in only)]
     if args.no_reorder:  # inductor keeps the graph's order (look-ahead: the side-stream fork stays early)
         import torch._inductor.config as icfg
 
@@ -704,7 +709,7 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
             settings = [(n, kw) for n, kw in settings if n.endswith("(compiled)")]
     from sparseinfer.kernels import predict as predict_mod
 
-    rows, saved_flags = [], []
+    rows, saved_flags, saved_logits = [], [], {}
     for n_layers in (args.layers,) if getattr(args, "full", False) else (args.layers // 2, args.layers):
         model = build_model(shapes, n_layers, dev, dt)
         th, pred = fake_files(model, dev)
@@ -782,6 +787,8 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                     got = step().float()
                     check["rel_err_vs_eager"] = float((got - ref).norm() / ref.norm())
                     log(f"  compiled vs eager step logits: rel. err {check['rel_err_vs_eager']:.2e}")
+                    if getattr(args, "save_logits", None):  # compared across runs (benchmarks/pdl_step.py)
+                        saved_logits[f"{n_layers}/{name}"] = got.cpu()
                 note = "CUDA graph" if cuda else "eager"
                 try:
                     ms = timed(step, args.iters // 4 or 1, cuda)
@@ -808,6 +815,8 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
         del model
         if cuda:
             torch.cuda.empty_cache()
+    if getattr(args, "save_logits", None):
+        torch.save(saved_logits, args.save_logits)
     ext = extrapolate(rows, [name for name, _ in settings], args.layers)
     for e in ext:
         log(f"  {e['setting']:<28} per layer {e['per_layer_ms']:.4f} ms, est. 32 layers {e['est_32_layers_ms']:.2f} ms "
@@ -978,11 +987,14 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="part b: GPU time per kernel of each --layers step")
     p.add_argument("--compile", action="store_true", help="part b: also each step through torch.compile, then captured")
     p.add_argument("--skip", default="", help="comma list of parts to skip: a, p, t, q, b")
-    p.add_argument("--only", default="", help="part b: only the settings whose names contain one of these (comma list)")
+    p.add_argument("--only", default="", help="part b: only the settings whose names contain one of these (comma list; "
+                   "\"=NAME\": that name only; a list of \"=NAME\"s only: without the stock dense step)")
     p.add_argument("--compiled-only", action="store_true", help="part b: only the compiled steps")
     p.add_argument("--full", action="store_true", help="part b: only the --layers model (with --layers 32: the whole "
                    "8B step measured, not extrapolated from --layers / 2 and --layers)")
     p.add_argument("--no-reorder", action="store_true", help="part b: torch._inductor.config.reorder_for_locality = False")
+    p.add_argument("--save-logits", default=None, help="part b: save each compiled step's logits to this file "
+                   "(torch.save of {'layers/setting': logits})")
     p.add_argument("--compact-sweep", action="store_true", help="only: configs of the compacted-rows path (CUDA)")
     args = p.parse_args()
     args.batch = [int(x) for x in args.batch.split(",")]

@@ -283,3 +283,17 @@ def test_teal_compact_rows_path_matches_float64(sparsity):
     y1 = gemv.teal_gemv_launch(x, wg, t_in, compact=True)
     torch.testing.assert_close(y1.double(), gemv.teal_gemv_reference(x.double(), wg.double(), float(t_in)),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_pdl_switch_and_launch_keywords(monkeypatch):
+    """Our kernels follow torch.compile's PDL switch unless SPARSEINFER_PDL says otherwise; launch
+    options only for CUDA tensors of a Hopper+ GPU (none on a CPU, on or off)."""
+    from sparseinfer.kernels import pdl
+
+    assert not pdl.enabled_from({})
+    assert pdl.enabled_from({"TORCHINDUCTOR_ENABLE_PDL": "1"})
+    assert not pdl.enabled_from({"TORCHINDUCTOR_ENABLE_PDL": "1", "SPARSEINFER_PDL": "0"})
+    assert pdl.enabled_from({"TORCHINDUCTOR_ENABLE_PDL": "0", "SPARSEINFER_PDL": "1"})
+    for on in (False, True):
+        monkeypatch.setattr(pdl, "ENABLED", on)
+        assert pdl.kwargs(torch.zeros(1)) == {"PDL": False}

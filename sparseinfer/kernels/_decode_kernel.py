@@ -50,7 +50,11 @@ def decode_partial_kernel(
     HAS_VALID: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
     TWO: tl.constexpr,
     DENSE: tl.constexpr = False, EARLY_V: tl.constexpr = False, SKIP: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch (kernels/pdl.py): the previous kernel's outputs are ready after this
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     split = tl.program_id(1)
     col = SPLIT_BASE + split  # this program's partial column
@@ -151,7 +155,10 @@ def _tile(q, k_base, v_base, tok, ok, offs_d, stride_kn, stride_vn, qk_scale, m_
 
 @triton.jit
 def decode_merge_kernel(OP, LP, O, LSE, stride_ob, stride_oh, SPLITS, HQ: tl.constexpr,
-                        BLOCK_S: tl.constexpr, HEAD_D: tl.constexpr):
+                        BLOCK_S: tl.constexpr, HEAD_D: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)  # b * HQ + h; its partials: OP [pid, SPLITS, D], LP [pid, SPLITS]
     b = (pid // HQ).to(tl.int64)
     h = pid % HQ

@@ -90,7 +90,10 @@ def teal_gemv_kernel(X, WT, WT2, T, P, M, K, N, stride_xm, stride_wk, stride_ps,
                      STAGES: tl.constexpr, TWO: tl.constexpr,
                      OUT=None, CNT=None, SPLITS=1, stride_om=0, FUSED: tl.constexpr = False,
                      GLU: tl.constexpr = False, SIDX=None, SX=None, COMPACT: tl.constexpr = False,
-                     LIST: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                     LIST: tl.constexpr = False, PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch (kernels/pdl.py): the previous kernel's outputs are ready after this
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -195,7 +198,11 @@ def teal_gemv_kernel(X, WT, WT2, T, P, M, K, N, stride_xm, stride_wk, stride_ps,
 
 
 @triton.jit
-def teal_finish_kernel(P, OUT, MN, SPLITS, stride_ps, stride_pw, BLOCK: tl.constexpr, GLU: tl.constexpr):
+def teal_finish_kernel(P, OUT, MN, SPLITS, stride_ps, stride_pw, BLOCK: tl.constexpr, GLU: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
     acc = tl.full((BLOCK,), 0.0, dtype=tl.float32)

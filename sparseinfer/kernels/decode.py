@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from . import pdl
 from ._loader import kernel_module
 
 
@@ -139,7 +140,7 @@ def _merge(mod, q, op, lp):
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
     mod.decode_merge_kernel[(b * hq,)](op, lp, out, lse, out.stride(0), out.stride(1), op.shape[2], HQ=hq,
                                        BLOCK_S=min(64, _next_pow2(op.shape[2])), HEAD_D=d,
-                                       num_warps=4 if d >= 128 else 2)
+                                       num_warps=4 if d >= 128 else 2, **pdl.kwargs(q))
     return out, lse
 
 
@@ -194,7 +195,7 @@ def dense_decode(q, k, v, valid, scale: float, *, config=None):
         HKV=hkv, G=hq // hkv, BLOCK_G=max(16, _next_pow2(hq // hkv)), HEAD_D=d, PS=bn, PS_P2=bn, BLOCK_N=bn,
         HAS_VALID=valid is not None, PREC="ieee" if (q.dtype == torch.float32 or interpret) else "tf32",
         STAGES=stages, DOT_F32=interpret, TWO=False, num_warps=warps, num_stages=stages,
-        DENSE=True, EARLY_V=bool(early_v), SKIP=bool(skip) and valid is not None,
+        DENSE=True, EARLY_V=bool(early_v), SKIP=bool(skip) and valid is not None, **pdl.kwargs(q),
     )
     return _merge(mod, q, op, lp)[0]
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import pdl
 from ._loader import kernel_module
 from .decode import _hopper, _sm_count
 
@@ -176,7 +177,7 @@ def _teal_partials(x, wt, wt2, threshold, config, out=None, glu: bool = False, c
         ROWS=rows, BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, STAGES=stages, TWO=wt2 is not None, num_warps=warps,
         OUT=out if fused else p, CNT=cnt, SPLITS=splits, stride_om=out.stride(0) if fused else 0,
         FUSED=fused, GLU=glu, SIDX=sidx, SX=sx, COMPACT=compact, LIST=rows_list is not None,
-        PREFETCH=prefetch and bm == 1 and not compact)
+        PREFETCH=prefetch and bm == 1 and not compact, **pdl.kwargs(x))
     return p
 
 
@@ -196,7 +197,7 @@ def _teal_finish(p: torch.Tensor, dtype: torch.dtype, glu: bool) -> torch.Tensor
     out = torch.empty(m, n, dtype=dtype, device=p.device)
     block = 1024 if p.is_cuda else 64
     kernel_module("_gemv_kernel.py", not p.is_cuda).teal_finish_kernel[(triton_cdiv(m * n, block),)](
-        p, out, m * n, p.shape[0], p.stride(0), p.stride(1), BLOCK=block, GLU=glu, num_warps=4)
+        p, out, m * n, p.shape[0], p.stride(0), p.stride(1), BLOCK=block, GLU=glu, num_warps=4, **pdl.kwargs(p))
     return out
 
 

@@ -1,0 +1,46 @@
+"""Programmatic dependent launch (PDL, Hopper and newer) of the TEAL GEMV and dense decode-attention kernels.
+
+With PDL a kernel is launched while the kernel before it on the stream is still running: its
+programs become resident as the previous kernel's last programs start, wait there
+(`griddepcontrol.wait`, before any load of a previous kernel's output and before any store)
+and run the moment it completes, so each small decode kernel's launch latency overlaps the
+tail of the one before. CUDA graphs keep the dependency; results are bitwise the same.
+
+It pays when the kernels around ours take part too: torch.compile's with
+`TORCHINDUCTOR_ENABLE_PDL=1` (cuBLAS's take part on their own). That variable, set before
+torch is imported, turns ours on as well; `SPARSEINFER_PDL=0/1` overrides it for ours, and
+`ENABLED` can be set before the first launch. Captured, compiled Llama-3.1-8B step on an H100
+(4K context): dense 6.99 -> 6.62 ms, TEAL all projections 50% 4.43 -> 4.25 ms
+(benchmarks/results/contextual/pdl_step.md). The Deja Vu kernels have their own switches
+(gemv.PDL_ROWS, predict.PDL).
+
+A kernel taking part has a `PDL: tl.constexpr` argument; `kwargs(t)` gives it and the launch option.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+
+def enabled_from(env) -> bool:
+    """PDL for our kernels from an environment mapping: SPARSEINFER_PDL if set, else
+    TORCHINDUCTOR_ENABLE_PDL ("1": on)."""
+    return env.get("SPARSEINFER_PDL", env.get("TORCHINDUCTOR_ENABLE_PDL", "0")) == "1"
+
+
+ENABLED = enabled_from(os.environ)
+_CAPABLE: dict = {}
+
+
+def kwargs(t: torch.Tensor) -> dict:
+    """Launch keywords for a kernel over tensors on t's device: {"PDL": bool} and, when PDL is
+    on and the device is a CUDA GPU of compute capability >= 9, {"launch_pdl": True}."""
+    if not (ENABLED and t.is_cuda):
+        return {"PDL": False}
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    ok = _CAPABLE.get(idx)
+    if ok is None:
+        ok = _CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return {"PDL": True, "launch_pdl": True} if ok else {"PDL": False}

@@ -694,7 +694,7 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                                                                            contextual_options={"attn_sparsity": 0.5}))]
     if args.only:  # a subset of the settings (names containing one of these)
         # "=name": that name only; a list of "=name"s only: not even the stock dense step
-        only = args.only.split(",")
+        only = args.only.split(";" if ";" in args.only else ",")  # ";" for names with commas
         exact = all(o.startswith("=") for o in only)
         settings = [(n, kw) for n, kw in settings if (n == "dense" and not exact) or any(
             n == o[1:] if o.startswith("=") else o in n for o in only)]
@@ -988,7 +988,8 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="part b: also each step through torch.compile, then captured")
     p.add_argument("--skip", default="", help="comma list of parts to skip: a, p, t, q, b")
     p.add_argument("--only", default="", help="part b: only the settings whose names contain one of these (comma list; "
-                   "\"=NAME\": that name only; a list of \"=NAME\"s only: without the stock dense step)")
+                   "\"=NAME\": that name only; a list of \"=NAME\"s only: without the stock dense step; separated by \";\" "
+                   "where names hold commas)")
     p.add_argument("--compiled-only", action="store_true", help="part b: only the compiled steps")
     p.add_argument("--full", action="store_true", help="part b: only the --layers model (with --layers 32: the whole "
                    "8B step measured, not extrapolated from --layers / 2 and --layers)")

@@ -13,7 +13,7 @@ import torch
 from .. import index as _index
 from . import graphed
 from ._loader import kernel_module
-from .decode import _hopper
+from .pdl import hopper as _hopper
 from .streams import side_stream
 
 

@@ -31,12 +31,6 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-@functools.lru_cache(maxsize=8)
-def _hopper(device: torch.device) -> bool:
-    """sm_90 or later (TMA descriptors, programmatic dependent launch); cached per device."""
-    return torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 

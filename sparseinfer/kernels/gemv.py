@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from . import pdl
 from ._loader import kernel_module
-from .decode import _hopper, _sm_count
+from .decode import _sm_count
+from .pdl import hopper as _hopper
 
 
 # teal_gemv: (BLOCK_K, BLOCK_N, ROWS per program, num_warps, num_stages[, prefetch]); prefetch 1:

@@ -4,7 +4,7 @@ With PDL a kernel is launched while the kernel before it on the stream is still 
 programs become resident as the previous kernel's last programs start, wait there
 (`griddepcontrol.wait`, before any load of a previous kernel's output and before any store)
 and run the moment it completes, so each small decode kernel's launch latency overlaps the
-tail of the one before. CUDA graphs keep the dependency; results are bitwise the same.
+tail of the one before. CUDA graphs keep the dependency; our kernels compute bitwise the same.
 
 It pays when the kernels around ours take part too: torch.compile's with
 `TORCHINDUCTOR_ENABLE_PDL=1` (cuBLAS's take part on their own). That variable, set before
@@ -18,10 +18,10 @@ A kernel taking part has a `PDL: tl.constexpr` argument; `kwargs(t)` gives it an
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
-
 
 
 def enabled_from(env) -> bool:
@@ -31,16 +31,17 @@ def enabled_from(env) -> bool:
 
 
 ENABLED = enabled_from(os.environ)
-_CAPABLE: dict = {}
+
+
+@functools.lru_cache(maxsize=8)
+def hopper(device: torch.device) -> bool:
+    """sm_90 or later (TMA descriptors, programmatic dependent launch); cached per device."""
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def kwargs(t: torch.Tensor) -> dict:
     """Launch keywords for a kernel over tensors on t's device: {"PDL": bool} and, when PDL is
     on and the device is a CUDA GPU of compute capability >= 9, {"launch_pdl": True}."""
-    if not (ENABLED and t.is_cuda):
-        return {"PDL": False}
-    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    ok = _CAPABLE.get(idx)
-    if ok is None:
-        ok = _CAPABLE[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
-    return {"PDL": True, "launch_pdl": True} if ok else {"PDL": False}
+    if ENABLED and t.is_cuda and hopper(t.device):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}

@@ -41,7 +41,8 @@ from __future__ import annotations
 import torch
 
 from ._loader import kernel_module
-from .decode import _hopper, _next_pow2
+from .decode import _next_pow2
+from .pdl import hopper as _hopper
 
 # (BLOCK_R, BLOCK_H, warps) of the x A^T launch, (BLOCK_K, warps) of the score + selection launch
 # (BLOCK_K 0: the rank rounded up to a power of two, at most 256: one chunk for ranks <= 256).

@@ -5,7 +5,9 @@ imported (`TORCHINDUCTOR_ENABLE_PDL=1`: torch.compile's kernels and ours), so ea
 `benchmarks/contextual.py` part b in its own process on the same GPU, one after the other: the
 whole 32-layer step (--full), 4K context, batch 1, bf16 random weights. Reported: each setting's
 step time in both modes, its speedup against the fastest dense step of either mode, and the
-largest logit difference between the modes (PDL moves kernel starts, never what they compute: 0).
+largest logit difference between the modes (0 for the TEAL and Deja Vu steps: PDL moves kernel
+starts, not what they compute; the dense step's differs deterministically, see
+results/contextual/pdl_step_determinism.md).
 
     python benchmarks/pdl_step.py --out DIR [--settings "=dense (sparseinfer attention),=teal all projections 50%"]
 """

@@ -57,7 +57,8 @@ GATEUP_CONFIG = {"cuda": (16, 128, 4), "cpu": (16, 32, 1)}
 # programmatic dependent launch of the listed-neurons MLP's gate/up launch (Hopper+): it starts while
 # the selection ends (8B MLP + fused predictor, H100: 79.5 vs 80.7 us; the down launch too: 99 us,
 # its early programs hold SMs the multi-wave gate/up launch needs; the same for the TEAL launches:
-# no change, 1.50 vs 1.52x step; benchmarks/results/contextual/contextual_predictor.md)
+# no change, 1.50 vs 1.52x step; benchmarks/results/contextual/contextual_predictor.md; they gain when
+# torch.compile's kernels take part too: kernels/pdl.py)
 PDL_ROWS = True
 
 

@@ -650,11 +650,12 @@ def kernel_table(step, name: str, calls: int = 10, top: int = 14) -> list:
         [{"kernel": "(all)", "us_per_step": round(total, 2)}]
 
 
-COMPILED = ("dense", "dense (sparseinfer attention)", "teal mlp 50%", "teal all projections 50%",
+COMPILED = ("dense", "dense (sparseinfer attention)", "dense (sparseinfer attention), q/k/v unfused", "teal mlp 50%", "teal all projections 50%",
             "teal all projections 50%, down rows 2048", "dejavu mlp 50%",
             "dejavu int4 mlp 50%",
             "dejavu mlp 50% global top-k", "dejavu mlp 50% no PDL",
             "dejavu mlp 50% + heads 50%", "dejavu mlp 50% look-ahead", "dejavu mlp 50% look-ahead + heads 50%",
+            "dejavu mlp 50% look-ahead, q/k/v unfused",
             "check: teal 0% on all projections", "check: dejavu 0% mlp",
             "teal per-layer 40/60% (mean 50%), all projections")
 
@@ -664,7 +665,9 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
 
     cuda = dev.type == "cuda"
     ctx = args.context
-    settings = [("dense", {}), ("dense (sparseinfer attention)", {}),
+    # every patched setting runs q/k/v as one product (patch's fuse_qkv default on a GPU, sparseinfer.qkv)
+    # unless named "q/k/v unfused"; TEAL on q/k/v ("all projections") has its own one launch
+    settings = [("dense", {}), ("dense (sparseinfer attention)", {}), ("dense (sparseinfer attention), q/k/v unfused", {}),
                 ("teal mlp 50%", dict(mlp="teal", mlp_sparsity=0.5)),
                 ("teal all projections 50%", dict(mlp="teal", mlp_sparsity=0.5, contextual_options={"attn_sparsity": 0.5})),
                 # teal_mlp's down launch with the 2048-row programs it had before the 1792-row default
@@ -680,6 +683,8 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                 ("dejavu mlp 50% + heads 50%", dict(mlp="dejavu", mlp_sparsity=0.5, heads="dejavu", head_sparsity=0.5)),
                 # predictors on the attention input: the selection overlaps the attention (side stream)
                 ("dejavu mlp 50% look-ahead", dict(mlp="dejavu", mlp_sparsity=0.5, source="attn_in")),
+                ("dejavu mlp 50% look-ahead, q/k/v unfused", dict(mlp="dejavu", mlp_sparsity=0.5, source="attn_in",
+                                                                  fuse_qkv=False)),
                 ("dejavu mlp 50% look-ahead + heads 50%", dict(mlp="dejavu", mlp_sparsity=0.5, heads="dejavu",
                                                                head_sparsity=0.5, source="attn_in")),
                 # nothing dropped (threshold 0 / K = all neurons): the sparse kernels' path with no selection to flip,
@@ -694,7 +699,7 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                                                                            contextual_options={"attn_sparsity": 0.5}))]
     if args.only:  # a subset of the settings (names containing one of these)
         # "=name": that name only; a list of "=name"s only: not even the stock dense step
-        only = args.only.split(";" if ";" in args.only else ",")  # ";" for names with commas
+        only = [o for o in args.only.split(";" if ";" in args.only else ",") if o]  # ";" for names with commas
         exact = all(o.startswith("=") for o in only)
         settings = [(n, kw) for n, kw in settings if (n == "dense" and not exact) or any(
             n == o[1:] if o.startswith("=") else o in n for o in only)]
@@ -743,7 +748,7 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                 handle = sparseinfer.patch(model, "dense", predictors=p_used, contextual_options=co, **kw) if kw else None
                 if name.startswith("dense (sparseinfer attention)"):  # the patched model's decode attention
                     # (KV heads shared inside SDPA), without contextual sparsity: the dense step of the sparse ones
-                    handle = sparseinfer.patch(model, "dense")
+                    handle = sparseinfer.patch(model, "dense", fuse_qkv=False if "unfused" in name else None)
                 cache = StaticCache(config=cfg, max_cache_len=ctx + 8)
                 with torch.no_grad():
                     model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(ctx, device=dev), use_cache=True)

@@ -295,6 +295,11 @@ def bench_model(cfg_dict, layers, b, ctx, prompt, budget, cuda, dev, flat_steps)
     tok = torch.randint(0, cfg.vocab_size, (b, 1), device=dev, generator=gen)
     pos = torch.full((b, 1), ctx - 1, device=dev, dtype=torch.long)
     out = {"layers": layers, "batch": b, "context": ctx, "prompt": prompt, "budget": budget}
+    # q/k/v as one product in every step here (sparseinfer.qkv): what the raas step gets from
+    # kv_cache's patch on a GPU, so the dense steps get it too (session 17; earlier results: neither)
+    from sparseinfer import qkv
+
+    qkv.fuse(model)
     # dense: StaticCache of exactly `ctx` tokens (the step attends all of them)
     cache = StaticCache(config=cfg, max_cache_len=ctx)
     fill_static(cache, cfg, b, ctx, dtype, dev, gen)

@@ -9,6 +9,9 @@ whole matrix (the worst case: row "vertical_slash, estimated"). Row "vertical_sl
 realistic" runs the same estimation in every layer (its cost is in the time) but hands the
 kernel index sets shaped like real heads' (benchmarks/attention.py: 1000 verticals = first
 30 + scattered, 6096 slashes = 0..4095 + 10 runs of 200).
+Every patch here passes fuse_qkv=False: the dense rows run the unpatched model, so both keep
+q/k/v as three projections (a pre-fill's q/k/v products are compute-bound; fusing them is for
+decode steps, sparseinfer.qkv).
 
 --compile adds the dense (cuDNN) and realistic rows with every decoder layer compiled
 (torch.compile per layer: the norms, RoPE, residual adds and SwiGLU fuse, about 1 s of
@@ -176,7 +179,7 @@ def main():
         vs_rows = () if args.skip_vs or args.compiled_only else (("vertical_slash, realistic", True), ("vertical_slash, estimated", False))
         vs_rows = vs_rows[:1] if args.skip_estimated else vs_rows
         for label, realistic in vs_rows:
-            handle = sparseinfer.patch(model, "vertical_slash", vertical=NV, slash=NS, min_len=4096)
+            handle = sparseinfer.patch(model, "vertical_slash", vertical=NV, slash=NS, min_len=4096, fuse_qkv=False)
             if realistic:
                 for m in model.modules():
                     plan = getattr(m, "_sparseinfer", None)
@@ -198,7 +201,7 @@ def main():
             for label, patched in (("dense cuDNN (compiled)", False), ("vertical_slash, realistic (compiled)", True)):
                 handle = None
                 if patched:
-                    handle = sparseinfer.patch(model, "vertical_slash", vertical=NV, slash=NS, min_len=4096)
+                    handle = sparseinfer.patch(model, "vertical_slash", vertical=NV, slash=NS, min_len=4096, fuse_qkv=False)
                     for m in model.modules():
                         plan = getattr(m, "_sparseinfer", None)
                         if plan is not None:
@@ -223,7 +226,7 @@ def main():
         for label, method, opts in (() if not args.adaptive else (
                 ("xattention 0.9, guarded", "xattention", dict(tau=0.9, stride=8, block_size=128)),
                 ("flexprefill 0.9, guarded", "flexprefill", dict(gamma=0.9, tau=0.1, block_size=128)))):
-            handle = sparseinfer.patch(model, method, min_len=4096, **opts)
+            handle = sparseinfer.patch(model, method, min_len=4096, fuse_qkv=False, **opts)
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 res[label] = ttft(model, ids, 1)
             res[label + " density"] = handle.stats.density()

@@ -306,9 +306,9 @@ def test_dejavu_lookahead_selects_what_the_predictor_selects(tiny, monkeypatch):
     begun, joined = [], []
     sb, mj = lookahead.select_begin, lookahead.dejavu_mlp_joined
     monkeypatch.setattr(lookahead, "select_begin", lambda *a: begun.append(a[-2]) or sb(*a))
-    monkeypatch.setattr(lookahead, "dejavu_mlp_joined", lambda *a: joined.append(a[-1].shape) or mj(*a))
+    monkeypatch.setattr(lookahead, "dejavu_mlp_joined", lambda *a: joined.append((a[4].shape, a[5].shape)) or mj(*a))
     out = _logits(model, ids[:1])
-    assert begun == [64, 64] and joined == [(1, 64)] * 2 and lookahead.pending() == 0
+    assert begun == [64, 64] and joined == [((1, 64), (1, 64))] * 2 and lookahead.pending() == 0
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     begun.clear()
     _logits(model, ids[:2])  # two rows: the masked kernel path, no look-ahead
@@ -414,11 +414,13 @@ def test_compiled_decode_step_matches_eager_without_recompiles(tiny, tiny_thresh
     """The patched model's forward through torch.compile (aot_eager, fullgraph: the TEAL / Deja
     Vu ops and the attention routing trace without a break) gives the eager logits, and the
     call counters (host-side bookkeeping) do not advance inside compiled calls, so nothing
-    recompiles from one step to the next."""
+    recompiles from one step to the next. With fuse_qkv (sparseinfer.qkv) Deja Vu's layers run
+    their q/k/v as one product inside the graph; TEAL on q/k/v keeps its own launch (not fused)."""
     model, ids, _ = tiny
     attn = {"attn_sparsity": 0.5} if mlp == "teal" else {}  # TEAL: q/k/v_proj fused too
-    handle = sparseinfer.patch(model, "dense", mlp=mlp, mlp_sparsity=0.5, predictors=tiny_predictors,
+    handle = sparseinfer.patch(model, "dense", mlp=mlp, mlp_sparsity=0.5, predictors=tiny_predictors, fuse_qkv=True,
                                contextual_options={"thresholds": tiny_thresholds, "backend": "triton", **attn})
+    assert handle.qkv_fused == (0 if mlp == "teal" else 2)
     try:
         ref = [_logits(model, ids[i:i + 1]) for i in range(3)]  # one-token calls: the decode path
         eager_calls = dict(handle.contextual.stats.calls)

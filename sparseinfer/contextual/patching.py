@@ -266,10 +266,10 @@ def _dejavu_mlp_forward(mlp, ctx: _LayerCtx):
         if ctx.pending_idx is not None:  # look-ahead: the list was selected on the side stream
             from .lookahead import dejavu_mlp_joined
 
-            idx, ctx.pending_idx = ctx.pending_idx, None
+            (idx, begun_on), ctx.pending_idx = ctx.pending_idx, None
             shp = x.shape
             return dejavu_mlp_joined(x.reshape(1, shp[-1]), mlp.gate_proj.weight, mlp.up_proj.weight,
-                                     mlp.down_proj.weight.t(), idx).reshape(shp)
+                                     mlp.down_proj.weight.t(), idx, begun_on).reshape(shp)
         p, k, blk = ctx.predictor, ctx.keep_neurons, ctx.select_block
         if _use_triton(ctx, x):
             from ..kernels.gemv import dejavu_mlp
@@ -347,8 +347,8 @@ def _capture_hook(ctx: _LayerCtx):
             from .lookahead import select_begin
 
             p = ctx.predictor
-            ctx.pending_idx = select_begin(out.reshape(1, out.shape[-1]), p.A, p.B, p.b, ctx.keep_neurons,
-                                           ctx.select_block or 0)
+            x1 = out.reshape(1, out.shape[-1])
+            ctx.pending_idx = (select_begin(x1, p.A, p.B, p.b, ctx.keep_neurons, ctx.select_block or 0), x1)
 
     return hook
 

@@ -1,0 +1,90 @@
+"""The captured, compiled 32-layer decode step, one process per setting.
+
+Step times of `benchmarks/contextual.py` part b depend on what ran before them in the same process
+(H100: TEAL all projections 50% 4.255 ms alone, 4.336-4.347 ms after dense settings had re-laid
+out the weights; results/contextual/step_isolated.md), so here every setting runs in a fresh
+process (`contextual.py --full --only "=NAME"`), with TORCHINDUCTOR_ENABLE_PDL=1 (the fastest dense
+step, kernels/pdl.py) unless --no-pdl. --rounds repeats the whole list (even rounds in reverse
+order). Reported: each setting's step per round, and its speedup against the fastest dense
+setting (a name starting with "dense") of the same round.
+
+    python benchmarks/step_isolated.py --out DIR [--settings "NAME;NAME;..."] [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT = ";".join(["dense (sparseinfer attention)", "dense (sparseinfer attention), q/k/v unfused",
+                    "teal all projections 50%", "teal mlp 50%", "dejavu mlp 50%", "dejavu mlp 50% look-ahead",
+                    "dejavu mlp 50% look-ahead, q/k/v unfused"])
+
+
+def run_one(args, name: str, out: str) -> dict:
+    env = dict(os.environ, TORCHINDUCTOR_ENABLE_PDL="0" if args.no_pdl else "1")
+    env.pop("SPARSEINFER_PDL", None)  # ours follow torch.compile's switch
+    cmd = [sys.executable, os.path.join(HERE, "contextual.py"), "--skip", "a,p,t,q", "--compile", "--compiled-only",
+           "--layers", str(args.layers), "--full", "--only", f"={name};", "--iters", str(args.iters), "--out", out]
+    t0 = time.time()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    with open(os.path.join(out, "contextual.json")) as f:
+        res = json.load(f)
+    row = next(r for r in res["decode_step"]["rows"] if "ms" in r)
+    print(f"  {name}: {row['ms']} ms ({time.time() - t0:.0f} s)", flush=True)
+    return dict(res=res, ms=row["ms"])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--settings", default=DEFAULT, help="contextual.py part b names, ';'-separated (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--no-pdl", action="store_true")
+    args = p.parse_args()
+    names = [n.strip() for n in args.settings.split(";") if n.strip()]
+    if not any(n.startswith("dense") for n in names):
+        p.error("--settings needs a dense setting (a name starting with 'dense') to compare with")
+    rounds, head = [], None
+    for r in range(args.rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        print(f"round {r + 1}: {len(order)} settings", flush=True)
+        got = {}
+        for i, n in enumerate(order):
+            one = run_one(args, n, os.path.join(args.out, f"round{r + 1}", f"{i:02d}"))
+            head = head or one["res"]
+            got[n] = one["ms"]
+        rounds.append(got)
+    rows = []
+    for n in names:
+        ms = [g[n] for g in rounds]
+        sp = [round(min(v for k, v in g.items() if k.startswith("dense")) / g[n], 3) for g in rounds]
+        rows.append({"setting": n, "ms": ms, "speedup_vs_fastest_dense": sp})
+    res = {k: head[k] for k in ("device", "torch", "triton", "transformers", "date")}
+    res.update(layers=args.layers, pdl=not args.no_pdl, rounds=args.rounds, rows=rows)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "step_isolated.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    md = ["# Captured compiled decode step, one process per setting (Llama-3.1-8B shapes)", "",
+          f"{res['device']}; torch {res['torch']}, triton {res['triton']}, transformers {res['transformers']}; "
+          f"{res['date']}; {args.layers} layers measured, 4K context, batch 1, bf16 random weights; "
+          f"TORCHINDUCTOR_ENABLE_PDL={'0' if args.no_pdl else '1'}; {args.rounds} round(s), each setting in a fresh "
+          "process; speedups against the fastest dense setting of the same round. "
+          "`python benchmarks/step_isolated.py`.", "",
+          "| setting | ms (per round) | vs the fastest dense (per round) |", "|---|---|---|"]
+    md += [f"| {r['setting']} | {' / '.join(str(v) for v in r['ms'])} | "
+           f"{' / '.join(f'{v}x' for v in r['speedup_vs_fastest_dense'])} |" for r in rows]
+    with open(os.path.join(args.out, "step_isolated.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,7 @@ order). Reported: each setting's step per round, and its speedup against the fas
 setting (a name starting with "dense") of the same round.
 
     python benchmarks/step_isolated.py --out DIR [--settings "NAME;NAME;..."] [--rounds 2]
+    python benchmarks/step_isolated.py --replot DIR/step_isolated.json [more.json ...]   # the PNG only (no GPU)
 """
 from __future__ import annotations
 
@@ -39,15 +40,62 @@ def run_one(args, name: str, out: str) -> dict:
     return dict(res=res, ms=row["ms"])
 
 
+def plot(results: list[dict], path: str) -> None:
+    """Bars: each setting's step (ms) per result file (machine / run), the speedup over the fastest dense step
+    written on each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["setting"] for r in results[0]["rows"]]
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(names) + 1.5))
+    n = len(results)
+    h = 0.8 / n
+    for j, res in enumerate(results):
+        by = {r["setting"]: r for r in res["rows"]}
+        for i, name in enumerate(names):
+            r = by.get(name)
+            if r is None:
+                continue
+            ms, sp = r["ms"][0], r["speedup_vs_fastest_dense"][0]
+            y = i + (j - (n - 1) / 2) * h
+            ax.barh(y, ms, height=h * 0.9, color="tab:gray" if name.startswith("dense") else "tab:blue",
+                    alpha=1.0 - 0.35 * j)
+            ax.text(ms, y, f" {ms:.2f} ms, {sp:.3f}x", va="center", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("captured compiled decode step, ms (lower is better)")
+    head = results[0]
+    ax.set_title(f"{head['layers']}-layer Llama-3.1-8B step, 4K context, batch 1, {head['device']}\n"
+                 f"one process per setting, {n} run(s); speedup vs the fastest dense step of the same run", fontsize=9)
+    ax.set_xlim(0, max(r["ms"][0] for res in results for r in res["rows"]) * 1.35)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
+    p.add_argument("--replot", nargs="+", help="step_isolated.json files: write step_isolated.png next to the first")
     p.add_argument("--settings", default=DEFAULT, help="contextual.py part b names, ';'-separated (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--no-pdl", action="store_true")
     args = p.parse_args()
+    if args.replot:
+        results = []
+        for f in args.replot:
+            with open(f) as fh:
+                results.append(json.load(fh))
+        out = os.path.join(os.path.dirname(args.replot[0]) or ".", "step_isolated.png")
+        plot(results, out)
+        print(f"wrote {out}")
+        return 0
+    if not args.out:
+        p.error("--out is required (unless --replot)")
     names = [n.strip() for n in args.settings.split(";") if n.strip()]
     if not any(n.startswith("dense") for n in names):
         p.error("--settings needs a dense setting (a name starting with 'dense') to compare with")
@@ -82,6 +130,7 @@ def main() -> int:
            f"{' / '.join(f'{v}x' for v in r['speedup_vs_fastest_dense'])} |" for r in rows]
     with open(os.path.join(args.out, "step_isolated.md"), "w") as f:
         f.write("\n".join(md) + "\n")
+    plot([res], os.path.join(args.out, "step_isolated.png"))
     print("\n".join(md))
     return 0
 

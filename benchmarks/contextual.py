@@ -679,7 +679,7 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                 ("dejavu mlp 50% global top-k", dict(mlp="dejavu", mlp_sparsity=0.5,
                                                      contextual_options={"select_block": None})),
                 ("dejavu mlp 50% no PDL", dict(mlp="dejavu", mlp_sparsity=0.5,
-                                               flags={"gemv.PDL_ROWS": False, "predict.PDL": 0})),
+                                               flags={"pdl.DEJAVU_ROWS": False, "pdl.DEJAVU_SELECT": 0})),
                 ("dejavu mlp 50% + heads 50%", dict(mlp="dejavu", mlp_sparsity=0.5, heads="dejavu", head_sparsity=0.5)),
                 # predictors on the attention input: the selection overlaps the attention (side stream)
                 ("dejavu mlp 50% look-ahead", dict(mlp="dejavu", mlp_sparsity=0.5, source="attn_in")),
@@ -712,6 +712,7 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
         settings += [(f"{name} (compiled)", kw) for name, kw in settings if name in COMPILED]
         if getattr(args, "compiled_only", False):
             settings = [(n, kw) for n, kw in settings if n.endswith("(compiled)")]
+    from sparseinfer.kernels import pdl as pdl_mod
     from sparseinfer.kernels import predict as predict_mod
 
     rows, saved_flags, saved_logits = [], [], {}
@@ -740,7 +741,7 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                 flags = kw.pop("flags", {})  # module switches (PDL): "module.NAME" -> value, restored below
                 for f, v in flags.items():
                     mod_name, attr = f.split(".")
-                    mod = {"gemv": gemv, "predict": predict_mod}[mod_name]
+                    mod = {"gemv": gemv, "predict": predict_mod, "pdl": pdl_mod}[mod_name]
                     saved_flags.append((mod, attr, getattr(mod, attr)))
                     setattr(mod, attr, v)
                 co = dict(kw.pop("contextual_options", {}), thresholds=th)

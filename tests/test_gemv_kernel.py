@@ -297,3 +297,9 @@ def test_pdl_switch_and_launch_keywords(monkeypatch):
     for on in (False, True):
         monkeypatch.setattr(pdl, "ENABLED", on)
         assert pdl.kwargs(torch.zeros(1)) == {"PDL": False}
+    # Deja Vu's switches (their own, on by default): their level where PDL exists, 0 on a CPU
+    from sparseinfer.kernels import gemv, predict
+
+    assert pdl.DEJAVU_ROWS is True and pdl.DEJAVU_SELECT == 2
+    assert pdl.level(torch.zeros(1), 2) == 0 and gemv._rows_pdl(torch.zeros(1), True) is False
+    assert predict._pdl(torch.zeros(1), None) == (0, {})

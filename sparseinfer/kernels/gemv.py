@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from . import pdl
 from ._loader import kernel_module
 from .decode import _sm_count
-from .pdl import hopper as _hopper
 
 
 # teal_gemv: (BLOCK_K, BLOCK_N, ROWS per program, num_warps, num_stages[, prefetch]); prefetch 1:
@@ -54,12 +53,6 @@ def _config_key(x: torch.Tensor) -> str:
 GATEUP_CONFIG = {"cuda": (16, 128, 4), "cpu": (16, 32, 1)}
 
 
-# programmatic dependent launch of the listed-neurons MLP's gate/up launch (Hopper+): it starts while
-# the selection ends (8B MLP + fused predictor, H100: 79.5 vs 80.7 us; the down launch too: 99 us,
-# its early programs hold SMs the multi-wave gate/up launch needs; the same for the TEAL launches:
-# no change, 1.50 vs 1.52x step; benchmarks/results/contextual/contextual_predictor.md; they gain when
-# torch.compile's kernels take part too: kernels/pdl.py)
-PDL_ROWS = True
 
 
 def _block_m(m: int) -> int:
@@ -288,7 +281,7 @@ def dejavu_mlp_rows_launch(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, 
     gathered gate/up rows -> fp32 h of the listed neurons; the down rows of the same list
     (split over the list, summed by the last split program). config = (gate/up, down); pdl: the
     gate/up launch starts while the kernel before it (the selection) ends (programmatic dependent
-    launch, Hopper+; None: `PDL_ROWS`)."""
+    launch, Hopper+; None: `kernels.pdl.DEJAVU_ROWS`)."""
     _check_2d("dejavu_mlp_rows: x", x)
     if x.shape[0] != 1:
         raise ValueError(f"dejavu_mlp_rows: expected one row x [1, H], got shape {tuple(x.shape)}")
@@ -308,7 +301,7 @@ def dejavu_mlp_rows_launch(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, 
     key = ("cuda_small" if kn * 8 <= 3 * wg.shape[0] else "cuda") if x.is_cuda else "cpu"
     (bi, bh, warps, stages), cfg_d = config or DEJAVU_ROWS_CONFIG[key]
     hc = torch.empty(kn, dtype=torch.float32, device=x.device)
-    pdl = bool(PDL_ROWS if pdl is None else pdl) and x.is_cuda and _hopper(x.device)
+    pdl = _rows_pdl(x, pdl)
     kernel_module("_gemv_kernel.py", not x.is_cuda).dejavu_rows_kernel[(max(1, triton_cdiv(kn, bi)),)](
         x, wg, wu, idx, hc, kn, hid, wg.stride(0), BLOCK_I=bi, BLOCK_H=bh, STAGES=stages, num_warps=warps,
         PDL=pdl, **({"launch_pdl": True} if pdl else {}))
@@ -316,6 +309,11 @@ def dejavu_mlp_rows_launch(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, 
     # the list launch reads no threshold: hc stands in for it (no zero-fill launch per call)
     _teal_partials(x, wd_t, None, hc, cfg_d, out=out, rows_list=(idx, hc))
     return out
+
+
+def _rows_pdl(x: torch.Tensor, on: bool | None) -> bool:
+    """PDL for the listed-neurons gate/up launch: `on` (None: `pdl.DEJAVU_ROWS`) where PDL exists."""
+    return bool(pdl.level(x, pdl.DEJAVU_ROWS if on is None else on))
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -11,10 +11,11 @@ It pays when the kernels around ours take part too: torch.compile's with
 torch is imported, turns ours on as well; `SPARSEINFER_PDL=0/1` overrides it for ours, and
 `ENABLED` can be set before the first launch. Captured, compiled Llama-3.1-8B step on an H100
 (4K context): dense 6.99 -> 6.62 ms, TEAL all projections 50% 4.43 -> 4.25 ms
-(benchmarks/results/contextual/pdl_step.md). The Deja Vu kernels have their own switches
-(gemv.PDL_ROWS, predict.PDL).
+(benchmarks/results/contextual/pdl_step.md). Deja Vu's launches gain from PDL by themselves, so they
+take part whatever `ENABLED` says, each family by its own switch here: `DEJAVU_ROWS`, `DEJAVU_SELECT`.
 
-A kernel taking part has a `PDL: tl.constexpr` argument; `kwargs(t)` gives it and the launch option.
+A kernel taking part has a `PDL: tl.constexpr` argument; `kwargs(t)` gives it and the launch option;
+`level(t, value)` gives a Deja Vu switch's value where PDL exists (CUDA, compute capability >= 9), else 0.
 """
 from __future__ import annotations
 
@@ -31,12 +32,25 @@ def enabled_from(env) -> bool:
 
 
 ENABLED = enabled_from(os.environ)
+# Deja Vu's listed-neurons MLP: its gate/up launch starts while the selection ends and waits for the list
+# (8B MLP + fused predictor, H100: 79.5 vs 80.7 us; the down launch too: 99 us, its early programs hold SMs
+# the multi-wave gate/up launch needs; benchmarks/results/contextual/contextual_predictor.md)
+DEJAVU_ROWS = True
+# Deja Vu's fused predictor + selection (kernels.predict): 0 off; 1 = the score launch starts during x A^T
+# and prefetches its B rows; 2 = and lets the next launch (the MLP's, launched with PDL) start early too
+DEJAVU_SELECT = 2
 
 
 @functools.lru_cache(maxsize=8)
 def hopper(device: torch.device) -> bool:
     """sm_90 or later (TMA descriptors, programmatic dependent launch); cached per device."""
     return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def level(t: torch.Tensor, value) -> int:
+    """int(value) (a switch's value: bool or level) for launches over tensors on t's device where PDL
+    exists (a CUDA GPU of compute capability >= 9), else 0."""
+    return int(value) if t.is_cuda and hopper(t.device) else 0
 
 
 def kwargs(t: torch.Tensor) -> dict:

@@ -42,15 +42,12 @@ import torch
 
 from ._loader import kernel_module
 from .decode import _next_pow2
-from .pdl import hopper as _hopper
+from . import pdl as _pdl_mod
 
 # (BLOCK_R, BLOCK_H, warps) of the x A^T launch, (BLOCK_K, warps) of the score + selection launch
 # (BLOCK_K 0: the rank rounded up to a power of two, at most 256: one chunk for ranks <= 256).
 # H100 sweep, benchmarks/contextual.py part P (results/contextual/contextual_predictor*.md).
 CONFIG = {"cuda": ((1, 4096, 4), (0, 4)), "cpu": ((4, 64, 1), (16, 1))}
-# programmatic dependent launch on Hopper+: 1 = the score launch starts during x A^T and prefetches
-# its B rows; 2 = and lets the next launch (the MLP's, if launched with PDL) start early too
-PDL = 2
 # (groups per step, warps, stages) of the int4 launch (its neurons per program are the caller's block)
 INT4_CONFIG = {"cuda": (2, 4, 1), "cpu": (2, 1, 1)}
 MAX_ROWS = 8  # rows per launch (decode batches); more rows run in several launches
@@ -81,8 +78,9 @@ def _list_args(op: str, x: torch.Tensor, n: int, k, block, out: torch.Tensor | N
 
 
 def _pdl(x: torch.Tensor, pdl: int | None) -> tuple[int, dict]:
-    """The programmatic dependent launch level (None: `PDL`; 0 off the Hopper+ GPUs) and its launch kwargs."""
-    level = int(PDL if pdl is None else pdl) if x.is_cuda and _hopper(x.device) else 0
+    """The programmatic dependent launch level (None: `kernels.pdl.DEJAVU_SELECT`; 0 off the Hopper+ GPUs)
+    and its launch kwargs."""
+    level = _pdl_mod.level(x, _pdl_mod.DEJAVU_SELECT if pdl is None else pdl)
     return level, ({"launch_pdl": True} if level else {})
 
 
@@ -110,7 +108,7 @@ def _check(x, A, B, b) -> tuple[int, bool]:
 def _launch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, b: torch.Tensor | None, k: int, block: int,
             out: torch.Tensor | None = None, config=None, pdl: int | None = None) -> torch.Tensor:
     """The two launches; out: a contiguous int32 [R, k] tensor to write into; pdl: programmatic
-    dependent launch level (None: `PDL`; Hopper and later only)."""
+    dependent launch level (None: `kernels.pdl.DEJAVU_SELECT`; Hopper and later only)."""
     n, glu = _check(x, A, B, b)
     out, nb = _list_args("dejavu_select", x, n, k, block, out)
     r_rows = x.shape[0]

@@ -101,3 +101,19 @@ def test_patch_fuses_on_request_and_unpatch_restores():
     with pytest.raises(ValueError, match="fuse_qkv expected None, True or False, got 'yes'"):
         sparseinfer.patch(model, "dense", fuse_qkv="yes")
     assert not hasattr(model, "_sparseinfer_patch") and qkv.fused_layers(model) == 0
+
+
+def test_real_model_generates_the_same_tokens_fused(smol):
+    """SmolLM2-135M (float32): greedy generation through patch(fuse_qkv=True) gives the unpatched
+    model's tokens, and its step logits agree to float32 rounding."""
+    model, tok = smol
+    ids = tok("The essay argues that the best way to get startup ideas is", return_tensors="pt").input_ids
+    want = _generate(model, ids, steps=8)
+    h = sparseinfer.patch(model, "dense", fuse_qkv=True)
+    try:
+        assert h.qkv_fused == model.config.num_hidden_layers
+        got = _generate(model, ids, steps=8)
+    finally:
+        sparseinfer.unpatch(model)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (PDL, Hopper and newer) of the TEAL GEMV and dense decode-attention kernels.
+"""Programmatic dependent launch (PDL, Hopper and newer) of our decode kernels: its switches and launch keywords.
 
 With PDL a kernel is launched while the kernel before it on the stream is still running: its
 programs become resident as the previous kernel's last programs start, wait there

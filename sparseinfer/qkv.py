@@ -22,8 +22,9 @@ The outputs are the unfused ones up to summation order inside the matrix product
 to rounding, tests/test_qkv.py). For inference: while fused, q_proj reads the buffer, so gradients
 do not reach the three parameters; in-place writes to them (load_state_dict) reach the buffer, but
 moving or casting the model (`.to`) gives the parameters new storages and leaves the buffer behind
-(the next call then fails on the device / dtype mismatch): patch after moving. A model saved while
-fused holds parameters sharing one storage: unfuse (or `sparseinfer.unpatch`) first.
+(the next call then fails on the device / dtype mismatch): patch after moving. The parameters stay
+contiguous row blocks, so `save_pretrained` while fused writes the unfused model's weights
+(tests/test_qkv.py).
 """
 from __future__ import annotations
 

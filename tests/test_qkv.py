@@ -84,10 +84,10 @@ def test_k_or_v_called_on_another_input_computes_its_own_projection():
     qkv.unfuse(model)
 
 
-def test_patch_fuses_on_request_and_unpatch_restores():
+def test_patch_fuses_on_request_and_unpatch_restores(tmp_path):
     """patch(fuse_qkv=True) on the CPU (the default there is off) fuses every layer and keeps the
-    dense logits; contextual TEAL on q/k/v keeps its own launch (those layers are not fused);
-    a wrong fuse_qkv value is refused before anything changes."""
+    dense logits; save_pretrained while fused writes the same weights; a wrong fuse_qkv value is
+    refused before anything changes."""
     model = _model(dtype=torch.float32)
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(2))
     want = _generate(model, ids)
@@ -96,6 +96,10 @@ def test_patch_fuses_on_request_and_unpatch_restores():
     h = sparseinfer.patch(model, "dense", fuse_qkv=True)
     assert h.qkv_fused == 2 and qkv.fused_layers(model) == 2
     torch.testing.assert_close(_generate(model, ids), want, rtol=1e-4, atol=1e-4)
+    path = tmp_path / "fused"
+    model.save_pretrained(path)  # while fused: the parameters are contiguous row blocks of the buffer
+    back = type(model).from_pretrained(path).eval()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
     sparseinfer.unpatch(model)
     assert qkv.fused_layers(model) == 0
     with pytest.raises(ValueError, match="fuse_qkv expected None, True or False, got 'yes'"):

@@ -650,7 +650,9 @@ def kernel_table(step, name: str, calls: int = 10, top: int = 14) -> list:
         [{"kernel": "(all)", "us_per_step": round(total, 2)}]
 
 
-COMPILED = ("dense", "dense (sparseinfer attention)", "dense (sparseinfer attention), q/k/v unfused", "teal mlp 50%", "teal all projections 50%",
+COMPILED = ("dense", "dense (sparseinfer attention)", "dense (sparseinfer attention), q/k/v unfused",
+            "dense (sparseinfer attention), attention 128/8 V early", "dense (sparseinfer attention), attention 64/4 V early",
+            "dense (sparseinfer attention), attention 64/4", "teal mlp 50%", "teal all projections 50%",
             "teal all projections 50%, down rows 2048", "dejavu mlp 50%",
             "dejavu int4 mlp 50%",
             "dejavu mlp 50% global top-k", "dejavu mlp 50% no PDL",
@@ -667,7 +669,16 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
     ctx = args.context
     # every patched setting runs q/k/v as one product (patch's fuse_qkv default on a GPU, sparseinfer.qkv)
     # unless named "q/k/v unfused"; TEAL on q/k/v ("all projections") has its own one launch
+    from sparseinfer.kernels import decode as decode_mod
+
+    def attn_config(cfg):  # the dense decode kernel's config for caches of <= 2 tiles per SM ("cuda short")
+        return {"flags": {"decode.DENSE_CONFIG": dict(decode_mod.DENSE_CONFIG, **{"cuda short": cfg})}}
+
     settings = [("dense", {}), ("dense (sparseinfer attention)", {}), ("dense (sparseinfer attention), q/k/v unfused", {}),
+                # the decode attention's config in the step (block_n, warps, stages, splits, V with K, skip)
+                ("dense (sparseinfer attention), attention 128/8 V early", attn_config((128, 8, 1, None, True, False))),
+                ("dense (sparseinfer attention), attention 64/4 V early", attn_config((64, 4, 2, None, True, False))),
+                ("dense (sparseinfer attention), attention 64/4", attn_config((64, 4, 2, None, False, False))),
                 ("teal mlp 50%", dict(mlp="teal", mlp_sparsity=0.5)),
                 ("teal all projections 50%", dict(mlp="teal", mlp_sparsity=0.5, contextual_options={"attn_sparsity": 0.5})),
                 # teal_mlp's down launch with the 2048-row programs it had before the 1792-row default
@@ -741,7 +752,7 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                 flags = kw.pop("flags", {})  # module switches (PDL): "module.NAME" -> value, restored below
                 for f, v in flags.items():
                     mod_name, attr = f.split(".")
-                    mod = {"gemv": gemv, "predict": predict_mod, "pdl": pdl_mod}[mod_name]
+                    mod = {"gemv": gemv, "predict": predict_mod, "pdl": pdl_mod, "decode": decode_mod}[mod_name]
                     saved_flags.append((mod, attr, getattr(mod, attr)))
                     setattr(mod, attr, v)
                 co = dict(kw.pop("contextual_options", {}), thresholds=th)

@@ -3,9 +3,9 @@
 A decode step at batch 1 multiplies one hidden row by each projection: three GEMVs, the k / v ones
 small (Llama-3-8B: [1024, 4096] against q's [4096, 4096]), and cuBLAS reads the small ones at about
 half the copy bandwidth. One GEMV over the stacked weights reads the same bytes faster (H100, bf16,
-CUDA graph, 32 layers of Llama-3.1-8B shapes: 20.3 vs 30.3 us per layer; the captured compiled
-decode step 6.6 -> 6.3 ms, benchmarks/results/contextual/). It is what fused-QKV decoders
-(gpt-fast, vLLM) do.
+CUDA graph, 32 layers of Llama-3.1-8B shapes: 20.5 vs 30.6 us per layer, fused_projections.md; the
+captured compiled decode step 6.61 -> 6.32 ms, step_isolated.md; both in benchmarks/results/contextual/).
+It is what fused-QKV decoders (gpt-fast, vLLM) do.
 
     fuse(model) -> int: every attention module with plain `q_proj` / `k_proj` / `v_proj` linears
         (same input size, dtype and device; all with a bias or none) gets its three weights stored as

@@ -53,8 +53,6 @@ def _config_key(x: torch.Tensor) -> str:
 GATEUP_CONFIG = {"cuda": (16, 128, 4), "cpu": (16, 32, 1)}
 
 
-
-
 def _block_m(m: int) -> int:
     return 1 if m <= 1 else 2 if m <= 2 else 4
 

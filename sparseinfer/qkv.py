@@ -35,12 +35,48 @@ _ATTR = "_sparseinfer_qkv"
 _NAMES = ("q_proj", "k_proj", "v_proj")
 
 
-class _Fused:
-    """One layer's fused state: the stacked weight / bias and the last (input, output) of q_proj."""
+class SharedProduct:
+    """q_proj's product over a layer's stacked q/k/v weight, kept for k_proj / v_proj on the same input.
+
+    bounds: each projection's output columns [(lo, hi), ...] in q, k, v order. `block(j, x, product)`
+    -> projection j's columns of product(x) [.., hi - lo]: j == 0 computes and keeps (x, product(x));
+    a later j on the very same input tensor reads the kept product (the last one drops it); None when
+    nothing kept fits (the caller computes its own projection). Also serves TEAL's one q/k/v launch
+    (contextual.patching)."""
+
+    def __init__(self, bounds: list[tuple[int, int]]):
+        self.bounds = bounds
+        self.last: tuple | None = None
+
+    @staticmethod
+    def bounds_of(weights) -> list[tuple[int, int]]:
+        """Output column ranges of weights [O_i, H] stacked in order."""
+        bounds, o = [], 0
+        for w in weights:
+            bounds.append((o, o + w.shape[0]))
+            o += w.shape[0]
+        return bounds
+
+    def block(self, j: int, x: torch.Tensor, product) -> torch.Tensor | None:
+        lo, hi = self.bounds[j]
+        if j == 0:
+            y = product(x)
+            self.last = (x, y)
+            return y[..., lo:hi]
+        last = self.last
+        if last is None or last[0] is not x:
+            return None
+        if j == len(self.bounds) - 1:
+            self.last = None
+        return last[1][..., lo:hi]
+
+
+class _Fused(SharedProduct):
+    """One layer's fused state: the stacked weight / bias and the kept product."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, bounds: list[tuple[int, int]]):
-        self.weight, self.bias, self.bounds = weight, bias, bounds
-        self.last: tuple | None = None
+        super().__init__(bounds)
+        self.weight, self.bias = weight, bias
 
 
 def _fusable(attn) -> list[torch.nn.Linear] | None:
@@ -60,19 +96,9 @@ def _fusable(attn) -> list[torch.nn.Linear] | None:
 
 
 def _forward(lin: torch.nn.Linear, state: _Fused, j: int):
-    lo, hi = state.bounds[j]
-
     def forward(x):
-        if j == 0:  # q_proj: all three at once, kept for k_proj / v_proj on the same input
-            y = F.linear(x, state.weight, state.bias)
-            state.last = (x, y)
-            return y[..., lo:hi]
-        last = state.last
-        if last is not None and last[0] is x:
-            if j == len(state.bounds) - 1:
-                state.last = None
-            return last[1][..., lo:hi]
-        return F.linear(x, lin.weight, lin.bias)
+        y = state.block(j, x, lambda t: F.linear(t, state.weight, state.bias))
+        return F.linear(x, lin.weight, lin.bias) if y is None else y
 
     return forward
 
@@ -89,14 +115,11 @@ def fuse(model) -> int:
         with torch.no_grad():
             weight = torch.cat([lin.weight.data for lin in lins]).contiguous()
             bias = None if lins[0].bias is None else torch.cat([lin.bias.data for lin in lins]).contiguous()
-        bounds, o = [], 0
-        for lin in lins:
-            rows = lin.weight.shape[0]
-            lin.weight.data = weight[o:o + rows]
+        bounds = SharedProduct.bounds_of([lin.weight for lin in lins])
+        for lin, (lo, hi) in zip(lins, bounds):
+            lin.weight.data = weight[lo:hi]
             if bias is not None:
-                lin.bias.data = bias[o:o + rows]
-            bounds.append((o, o + rows))
-            o += rows
+                lin.bias.data = bias[lo:hi]
         state = _Fused(weight, bias, bounds)
         for j, lin in enumerate(lins):
             lin.forward = _forward(lin, state, j)

@@ -128,7 +128,6 @@ class _LayerCtx:
     keep_heads: int = 0
     n_heads: int = 0
     attn_in: torch.Tensor | None = None
-    qkv: tuple | None = None  # (input, fused q/k/v output) between q_proj and v_proj of one call
     mlp_source: str = "mlp_in"
     neuron_mask: torch.Tensor | None = None
     lookahead: bool = False  # attn_in predictors on CUDA: the selection runs on a side stream
@@ -166,11 +165,11 @@ def _teal_forward(linear: torch.nn.Linear, ctx: _LayerCtx, site: str, threshold:
 
 
 def _teal_qkv_forward(linear: torch.nn.Linear, ctx: _LayerCtx, threshold: torch.Tensor, buf: torch.Tensor,
-                      lo: int, hi: int, first: bool, last: bool):
-    """q/k/v_proj of one layer share their input and their TEAL threshold: on the Triton path the
-    first of them (q_proj, called first by the attention) runs one launch over the three
-    weights' shared storage `buf` [H, Oq + Ok + Ov] and keeps the result for the other two
-    (columns lo:hi each); any other call order or input takes the per-projection kernel."""
+                      shared, j: int):
+    """q/k/v_proj of one layer share their input and their TEAL threshold: on the Triton path q_proj
+    runs one launch over the three weights' shared storage `buf` [H, Oq + Ok + Ov] and k_proj /
+    v_proj on the same input read their columns of it (`shared`: a `qkv.SharedProduct`, projection
+    j); any other call order or input takes the per-projection kernel."""
     orig = linear.forward
     single = _teal_forward(linear, ctx, "attn_in", threshold)  # recording / reference path
 
@@ -182,16 +181,8 @@ def _teal_qkv_forward(linear: torch.nn.Linear, ctx: _LayerCtx, threshold: torch.
         from ..kernels.gemv import teal_linear
 
         ctx.stats.count(ctx.layer, "attn_in")
-        if first:
-            y = teal_linear(x, buf.t(), threshold)
-            ctx.qkv = (x, y)
-            return y[..., lo:hi]
-        cached = ctx.qkv
-        if cached is not None and cached[0] is x:
-            if last:
-                ctx.qkv = None
-            return cached[1][..., lo:hi]
-        return teal_linear(x, linear.weight, threshold, linear.bias)
+        y = shared.block(j, x, lambda t: teal_linear(t, buf.t(), threshold))
+        return teal_linear(x, linear.weight, threshold, linear.bias) if y is None else y
 
     return forward
 
@@ -484,12 +475,13 @@ def attach(model, *, mlp: str | None = None, mlp_sparsity=0.5, heads: str | None
                 qkv = (a.q_proj, a.k_proj, a.v_proj)
                 if wants_triton and all(p.bias is None for p in qkv):  # one launch for the three
                     t = torch.tensor(th.threshold(i, "attn_in", attn_sp[i]), dtype=torch.float32, device=dev)
+                    from ..qkv import SharedProduct
+
                     buf = _shared_transposed_storage([p.weight for p in qkv], handle)
-                    o = 0
+                    shared = SharedProduct(SharedProduct.bounds_of([p.weight for p in qkv]))
                     for j, p in enumerate(qkv):
-                        p.forward = _teal_qkv_forward(p, ctx, t, buf, o, o + p.weight.shape[0], j == 0, j == 2)
+                        p.forward = _teal_qkv_forward(p, ctx, t, buf, shared, j)
                         handle.restore.append((p, "forward", None))
-                        o += p.weight.shape[0]
                 else:
                     for p in qkv:
                         teal(p, "attn_in", attn_sp[i])

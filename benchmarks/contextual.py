@@ -52,6 +52,24 @@ def log(*a):
     print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
 
+def capture(fn, graph: bool = True):
+    """fn() three times on a side stream (warm-up: compilation, allocator, cuBLAS workspaces), then
+    (graph) one call captured -> the torch.cuda.CUDAGraph to replay; None without graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    if not graph:
+        return None
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
 def timed(fn, iters: int, cuda: bool, graph: bool = True) -> float:
     """Median ms per call of fn(); on CUDA captured in a CUDA graph (replayed `iters` times, 5 trials)."""
     if not cuda:
@@ -60,17 +78,8 @@ def timed(fn, iters: int, cuda: bool, graph: bool = True) -> float:
         for _ in range(max(1, iters // 10)):
             fn()
         return (time.perf_counter() - t0) * 1e3 / max(1, iters // 10)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
+    g = capture(fn, graph)
     if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
         run = g.replay
     else:
         run = fn

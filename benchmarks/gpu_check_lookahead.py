@@ -91,16 +91,7 @@ def captured_logits(model, pred, th, lookahead_on: bool, ctx: int, replays: int)
             out.copy_(fwd(input_ids=tok, past_key_values=cache, cache_position=pos, position_ids=pos[None],
                           use_cache=True).logits.float())
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
+    g = cb.capture(step)
     got = []
     for _ in range(replays):
         g.replay()

@@ -62,6 +62,11 @@ def sweep(args, res, x, w, wt, hid, tx, th, bw) -> None:
         kinds = (("default", [None]), ("waves", [(bk, 64, rows, wa, 1, 1) for bk, wa in ((32, 4), (64, 8))
                                                  for rows in rows_set]))
         names = ("gate+up", "down", "qkv", "o")
+    if args.deep:  # the plain loop (no register prefetch) with Triton's cp.async pipeline 4-6 stages deep: more
+        # weight bytes in flight per program from shared memory instead of registers
+        kinds = (("default", [None]), ("deep", [(bk, bn, rows, wa, st, 0) for bk, bn in ((32, 64), (64, 64), (32, 128))
+                                                for st in (4, 6) for wa in (4, 8) for rows in (1024, 2048)]))
+        names = ("gate+up", "down", "qkv", "o")
     best = {}
     for name in names:
         nbytes = (2 if name == "gate+up" else 1) * (w["up" if name == "gate+up" else name].numel()) * 2
@@ -138,6 +143,8 @@ def main() -> int:
                    "library defaults instead of plain vs prefetch")
     p.add_argument("--waves", action="store_true", help="sweep rows per program (not only powers of 2: programs "
                    "per launch against full waves of the SMs) against the library defaults")
+    p.add_argument("--deep", action="store_true", help="sweep the plain loop with 4-6 pipeline stages (cp.async into "
+                   "shared memory) against the library defaults")
     p.add_argument("--configs", default=None, help="skip the sweep: JSON {'gate+up': [...], 'down': [...]} as the "
                    "prefetch defaults of --step")
     args = p.parse_args()
@@ -162,7 +169,7 @@ def main() -> int:
         sweep(args, res, x, w, wt, hid, tx, th, bw)
         best = {tuple(k.split("/")): v and tuple(v) for k, v in res["best"].items()}
     os.makedirs(args.out, exist_ok=True)
-    stem = "teal_wide" if args.wide else "teal_waves" if args.waves else "teal_prefetch"
+    stem = "teal_wide" if args.wide else "teal_waves" if args.waves else "teal_deep_stages" if args.deep else "teal_prefetch"
     path = os.path.join(args.out, stem + ".json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)

@@ -662,7 +662,8 @@ def kernel_table(step, name: str, calls: int = 10, top: int = 14) -> list:
 COMPILED = ("dense", "dense (sparseinfer attention)", "dense (sparseinfer attention), q/k/v unfused",
             "dense (sparseinfer attention), attention 128/8 V early", "dense (sparseinfer attention), attention 64/4 V early",
             "dense (sparseinfer attention), attention 64/4", "teal mlp 50%", "teal all projections 50%",
-            "teal all projections 50%, down rows 2048", "dejavu mlp 50%",
+            "teal all projections 50%, down rows 2048", "teal all projections 50%, q/k/v + o 128 x 32 steps",
+            "teal all projections 50%, q/k/v + o 256 x 32 steps", "dejavu mlp 50%",
             "dejavu int4 mlp 50%",
             "dejavu mlp 50% global top-k", "dejavu mlp 50% no PDL",
             "dejavu mlp 50% + heads 50%", "dejavu mlp 50% look-ahead", "dejavu mlp 50% look-ahead + heads 50%",
@@ -694,6 +695,12 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                 ("teal all projections 50%, down rows 2048", dict(
                     mlp="teal", mlp_sparsity=0.5, contextual_options={"attn_sparsity": 0.5},
                     flags={"gemv.TEAL_DOWN_CONFIG": dict(gemv.TEAL_DOWN_CONFIG, cuda=(64, 64, 2048, 8, 1, 1))})),
+                # single projections (q/k/v, o) in loop steps of 128 / 256 weight rows x 32 columns, 4 warps
+                # (results/contextual/teal_tall.md: o 8.7 vs 10.3 us, q/k/v 10.5 vs 11.1 us alone); not kept: the
+                # step is slower, 4.260-4.281 vs 4.241-4.248 ms (step_teal_tall_rejected.md)
+                *[(f"teal all projections 50%, q/k/v + o {bk} x 32 steps", dict(
+                    mlp="teal", mlp_sparsity=0.5, contextual_options={"attn_sparsity": 0.5},
+                    flags={"gemv.TEAL_CONFIG": dict(gemv.TEAL_CONFIG, cuda=(bk, 32, 2048, 4, 1, 1))})) for bk in (128, 256)],
                 ("dejavu mlp 50%", dict(mlp="dejavu", mlp_sparsity=0.5)),
                 ("dejavu int4 mlp 50%", dict(mlp="dejavu", mlp_sparsity=0.5, source="int4")),
                 ("dejavu mlp 50% global top-k", dict(mlp="dejavu", mlp_sparsity=0.5,

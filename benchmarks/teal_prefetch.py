@@ -67,6 +67,10 @@ def sweep(args, res, x, w, wt, hid, tx, th, bw) -> None:
         kinds = (("default", [None]), ("deep", [(bk, bn, rows, wa, st, 0) for bk, bn in ((32, 64), (64, 64), (32, 128))
                                                 for st in (4, 6) for wa in (4, 8) for rows in (1024, 2048)]))
         names = ("gate+up", "down", "qkv", "o")
+    if args.tall:  # tall steps: 128-256 weight rows per loop step (more bytes in flight per program)
+        kinds = (("default", [None]), ("tall", [(bk, bn, rows, wa, 1, pf) for bk in (128, 256) for bn in (32, 64)
+                                                for wa in (4, 8) for rows in (1024, 2048) for pf in (0, 1)]))
+        names = ("gate+up", "down", "qkv", "o")
     best = {}
     for name in names:
         nbytes = (2 if name == "gate+up" else 1) * (w["up" if name == "gate+up" else name].numel()) * 2
@@ -145,6 +149,8 @@ def main() -> int:
                    "per launch against full waves of the SMs) against the library defaults")
     p.add_argument("--deep", action="store_true", help="sweep the plain loop with 4-6 pipeline stages (cp.async into "
                    "shared memory) against the library defaults")
+    p.add_argument("--tall", action="store_true", help="sweep 128-256 weight rows per loop step against the library "
+                   "defaults")
     p.add_argument("--configs", default=None, help="skip the sweep: JSON {'gate+up': [...], 'down': [...]} as the "
                    "prefetch defaults of --step")
     args = p.parse_args()
@@ -169,7 +175,7 @@ def main() -> int:
         sweep(args, res, x, w, wt, hid, tx, th, bw)
         best = {tuple(k.split("/")): v and tuple(v) for k, v in res["best"].items()}
     os.makedirs(args.out, exist_ok=True)
-    stem = "teal_wide" if args.wide else "teal_waves" if args.waves else "teal_deep_stages" if args.deep else "teal_prefetch"
+    stem = "teal_wide" if args.wide else "teal_waves" if args.waves else "teal_deep_stages" if args.deep else "teal_tall" if args.tall else "teal_prefetch"
     path = os.path.join(args.out, stem + ".json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)

@@ -52,21 +52,23 @@ def log(*a):
     print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
 
-def capture(fn, graph: bool = True):
-    """fn() three times on a side stream (warm-up: compilation, allocator, cuBLAS workspaces), then
-    (graph) one call captured -> the torch.cuda.CUDAGraph to replay; None without graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
+def capture(fn, graph: bool = True, inner: int = 1, warm: bool = True):
+    """(warm) fn() three times on a side stream (warm-up: compilation, allocator, cuBLAS workspaces),
+    then (graph) `inner` calls captured -> the torch.cuda.CUDAGraph to replay; None without graph."""
+    if warm:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
     if not graph:
         return None
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
+        for _ in range(inner):
+            fn()
     return g
 
 

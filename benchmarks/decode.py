@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 import sparseinfer  # noqa: E402
 from sparseinfer.kernels import decode as kd  # noqa: E402
+import contextual as cb  # noqa: E402  (capture)
 from sparseinfer.kv.layers import RaaSLayer  # noqa: E402
 from sparseinfer.ops.decode import _decode, page_bounds, quest_scores  # noqa: E402
 
@@ -72,20 +73,10 @@ def timed(fn, cuda: bool, inner: int = 10, rounds: int = 5) -> tuple[float, str]
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0, "eager (cpu)"
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
+    cb.capture(fn, graph=False)  # the warm-up
     how = "cuda graph"
     try:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(inner):
-                fn()
-        run = g.replay
+        run = cb.capture(fn, inner=inner, warm=False).replay
     except Exception as e:  # noqa: BLE001
         log(f"    capture failed ({type(e).__name__}: {str(e)[:200]}); timing eagerly")
         torch.cuda.synchronize()

@@ -33,6 +33,29 @@ import contextual as ctx  # noqa: E402  (timed, copy_bandwidth, part_b, LLAMA_31
 PLAIN = {"down": (64, 128, 1024, 4, 1), "gate+up": (32, 128, 1024, 4, 1)}
 
 
+# alternative sweeps (--sweep NAME): result file stem, help, configs (BLOCK_K, BLOCK_N, ROWS, warps, stages, prefetch)
+SWEEPS = {
+    # few rows per step, long row segments (>= 256 B) per program
+    "wide": ("teal_wide", "wide tiles (BLOCK_K 8-32, BLOCK_N 128-512)",
+             lambda: [(bk, bn, rows, wa, 1, 1) for bk in (8, 16, 32) for bn in (128, 256, 512)
+                      for rows in (256, 512, 1024, 2048) for wa in (4, 8)]),
+    # rows per program not only powers of 2: programs per launch against full waves of the SMs
+    "waves": ("teal_waves", "rows per program 192-2048",
+              lambda: [(bk, 64, rows, wa, 1, 1) for bk, wa in ((32, 4), (64, 8))
+                       for rows in (192, 256, 320, 384, 448, 512, 576, 640, 768, 896, 1024, 1152, 1280, 1536, 1792,
+                                    2048)]),
+    # the plain loop (no register look-ahead) with Triton's cp.async pipeline 4-6 stages deep: more weight bytes in
+    # flight per program, from shared memory instead of registers
+    "deep": ("teal_deep_stages", "the plain loop pipelined 4-6 stages deep (cp.async)",
+             lambda: [(bk, bn, rows, wa, st, 0) for bk, bn in ((32, 64), (64, 64), (32, 128))
+                      for st in (4, 6) for wa in (4, 8) for rows in (1024, 2048)]),
+    # 128-256 weight rows per loop step (more bytes in flight per program)
+    "tall": ("teal_tall", "128-256 weight rows per loop step",
+             lambda: [(bk, bn, rows, wa, 1, pf) for bk in (128, 256) for bn in (32, 64)
+                      for wa in (4, 8) for rows in (1024, 2048) for pf in (0, 1)]),
+}
+
+
 def sweep(args, res, x, w, wt, hid, tx, th, bw) -> None:
     """Each launch: library default, best plain, best prefetch; then the MLP with each kind's best."""
     def ref_of(name):
@@ -53,23 +76,8 @@ def sweep(args, res, x, w, wt, hid, tx, th, bw) -> None:
             for wa in (4, 8)]
     kinds = (("plain", plain), ("prefetch", pref))
     names = ("up", "gate+up", "down", "qkv", "o")
-    if args.wide:  # wide tiles: few rows per step, long row segments (>= 256 B) per program
-        kinds = (("default", [None]), ("wide", [(bk, bn, rows, wa, 1, 1) for bk in (8, 16, 32) for bn in (128, 256, 512)
-                                                for rows in (256, 512, 1024, 2048) for wa in (4, 8)]))
-        names = ("gate+up", "down", "qkv", "o")
-    if args.waves:  # rows per program not a power of 2: programs per launch vs full waves of the SMs
-        rows_set = (192, 256, 320, 384, 448, 512, 576, 640, 768, 896, 1024, 1152, 1280, 1536, 1792, 2048)
-        kinds = (("default", [None]), ("waves", [(bk, 64, rows, wa, 1, 1) for bk, wa in ((32, 4), (64, 8))
-                                                 for rows in rows_set]))
-        names = ("gate+up", "down", "qkv", "o")
-    if args.deep:  # the plain loop (no register prefetch) with Triton's cp.async pipeline 4-6 stages deep: more
-        # weight bytes in flight per program from shared memory instead of registers
-        kinds = (("default", [None]), ("deep", [(bk, bn, rows, wa, st, 0) for bk, bn in ((32, 64), (64, 64), (32, 128))
-                                                for st in (4, 6) for wa in (4, 8) for rows in (1024, 2048)]))
-        names = ("gate+up", "down", "qkv", "o")
-    if args.tall:  # tall steps: 128-256 weight rows per loop step (more bytes in flight per program)
-        kinds = (("default", [None]), ("tall", [(bk, bn, rows, wa, 1, pf) for bk in (128, 256) for bn in (32, 64)
-                                                for wa in (4, 8) for rows in (1024, 2048) for pf in (0, 1)]))
+    if args.sweep:  # one alternative sweep against the library defaults, on the four launches of a layer
+        kinds = (("default", [None]), (args.sweep, SWEEPS[args.sweep][2]()))
         names = ("gate+up", "down", "qkv", "o")
     best = {}
     for name in names:
@@ -143,14 +151,9 @@ def markdown(res: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ctx.gpu_args(p, "also the captured compiled decode step, old vs new defaults")
-    p.add_argument("--wide", action="store_true", help="sweep wide tiles (BLOCK_K 8-32, BLOCK_N 128-512) against the "
-                   "library defaults instead of plain vs prefetch")
-    p.add_argument("--waves", action="store_true", help="sweep rows per program (not only powers of 2: programs "
-                   "per launch against full waves of the SMs) against the library defaults")
-    p.add_argument("--deep", action="store_true", help="sweep the plain loop with 4-6 pipeline stages (cp.async into "
-                   "shared memory) against the library defaults")
-    p.add_argument("--tall", action="store_true", help="sweep 128-256 weight rows per loop step against the library "
-                   "defaults")
+    p.add_argument("--sweep", choices=sorted(SWEEPS), default=None,
+                   help="instead of plain vs prefetch, one sweep against the library defaults: "
+                   + "; ".join(f"{k}: {v[1]}" for k, v in SWEEPS.items()))
     p.add_argument("--configs", default=None, help="skip the sweep: JSON {'gate+up': [...], 'down': [...]} as the "
                    "prefetch defaults of --step")
     args = p.parse_args()
@@ -175,15 +178,17 @@ def main() -> int:
         sweep(args, res, x, w, wt, hid, tx, th, bw)
         best = {tuple(k.split("/")): v and tuple(v) for k, v in res["best"].items()}
     os.makedirs(args.out, exist_ok=True)
-    stem = "teal_wide" if args.wide else "teal_waves" if args.waves else "teal_deep_stages" if args.deep else "teal_tall" if args.tall else "teal_prefetch"
+    stem = SWEEPS[args.sweep][0] if args.sweep else "teal_prefetch"
     path = os.path.join(args.out, stem + ".json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     if args.step:  # the decode step, library defaults vs the best prefetch configs as defaults
         steps = {}
         saved = (gemv.TEAL_CONFIG["cuda"], gemv.TEAL_MLP_CONFIG["cuda"])
+        default = {"down": saved[0], "gate+up": saved[1]}  # a sweep's best may be the default (None)
         for label, only in (("plain", "sparseinfer attention,teal all"), ("prefetch", "teal all")):
-            cfg = PLAIN if label == "plain" else {k: tuple(best[(k, "prefetch")]) for k in ("down", "gate+up")}
+            kind = "prefetch" if args.configs else args.sweep or "prefetch"
+            cfg = PLAIN if label == "plain" else {k: tuple(best[(k, kind)] or default[k]) for k in ("down", "gate+up")}
             gemv.TEAL_CONFIG["cuda"], gemv.TEAL_MLP_CONFIG["cuda"] = cfg["down"], cfg["gate+up"]
             ns = argparse.Namespace(context=4096, layers=args.layers, iters=args.iters, compile=True, profile=args.profile,
                                     only=only, no_reorder=False)

@@ -40,6 +40,19 @@ def run_one(args, name: str, out: str) -> dict:
     return dict(res=res, ms=row["ms"])
 
 
+def markdown(res: dict) -> str:
+    md = ["# Captured compiled decode step, one process per setting (Llama-3.1-8B shapes)", "",
+          f"{res['device']}; torch {res['torch']}, triton {res['triton']}, transformers {res['transformers']}; "
+          f"{res['date']}; {res['layers']} layers measured, 4K context, batch 1, bf16 random weights; "
+          f"TORCHINDUCTOR_ENABLE_PDL={'1' if res['pdl'] else '0'}; {res['rounds']} round(s), each setting in a fresh "
+          "process; speedups against the fastest dense setting of the same round. "
+          "`python benchmarks/step_isolated.py`.", "",
+          "| setting | ms (per round) | vs the fastest dense (per round) |", "|---|---|---|"]
+    md += [f"| {r['setting']} | {' / '.join(str(v) for v in r['ms'])} | "
+           f"{' / '.join(f'{v}x' for v in r['speedup_vs_fastest_dense'])} |" for r in res["rows"]]
+    return "\n".join(md) + "\n"
+
+
 def plot(results: list[dict], path: str) -> None:
     """Bars: each setting's step (ms) per result file (machine / run), the speedup over the fastest dense step
     written on each bar."""
@@ -116,22 +129,11 @@ def main() -> int:
         rows.append({"setting": n, "ms": ms, "speedup_vs_fastest_dense": sp})
     res = {k: head[k] for k in ("device", "torch", "triton", "transformers", "date")}
     res.update(layers=args.layers, pdl=not args.no_pdl, rounds=args.rounds, rows=rows)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "step_isolated.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    md = ["# Captured compiled decode step, one process per setting (Llama-3.1-8B shapes)", "",
-          f"{res['device']}; torch {res['torch']}, triton {res['triton']}, transformers {res['transformers']}; "
-          f"{res['date']}; {args.layers} layers measured, 4K context, batch 1, bf16 random weights; "
-          f"TORCHINDUCTOR_ENABLE_PDL={'0' if args.no_pdl else '1'}; {args.rounds} round(s), each setting in a fresh "
-          "process; speedups against the fastest dense setting of the same round. "
-          "`python benchmarks/step_isolated.py`.", "",
-          "| setting | ms (per round) | vs the fastest dense (per round) |", "|---|---|---|"]
-    md += [f"| {r['setting']} | {' / '.join(str(v) for v in r['ms'])} | "
-           f"{' / '.join(f'{v}x' for v in r['speedup_vs_fastest_dense'])} |" for r in rows]
-    with open(os.path.join(args.out, "step_isolated.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+    import contextual as cb  # (save) imported here: the other paths need no torch in this process
+
+    cb.save(args.out, "step_isolated", res, markdown)
     plot([res], os.path.join(args.out, "step_isolated.png"))
-    print("\n".join(md))
+    print(markdown(res), end="")
     return 0
 
 

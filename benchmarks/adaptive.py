@@ -107,9 +107,11 @@ def fmt_pct(x):
 
 
 def timed_ahead(fn, dev, reps=5):
-    """Median GPU ms of fn with the host ahead of the GPU (a sleep kernel queued first, so the
-    host's launches overlap it, as a model's launches overlap the previous layer's GPU work);
-    host synchronisations inside fn still count. None on the CPU."""
+    """Median GPU ms of fn with the host ahead of the GPU (~10 ms of full-power work queued first,
+    `attention.busy_ahead`, so the host's launches overlap it, as a model's launches overlap the
+    previous layer's GPU work); host synchronisations inside fn still count. None on the CPU.
+    (Until session 19 the work queued first was a sleep kernel, which also let the card's clocks
+    rise under its power cap: those "host ahead" numbers include 3-7% of such headroom at 128K.)"""
     if dev.type != "cuda":
         return None
     return base.bench(fn, budget_s=0.0, max_reps=reps, min_reps=reps, ahead=True)
@@ -445,9 +447,9 @@ def markdown(meta, checks, rows):
            f"one Llama-3-8B layer (B=1, Hq={meta['hq']}, Hkv={meta['hkv']}, D=128, bf16), structured q/k (benchmarks/attention.py), "
            f"block size {meta['block_size']}. Command: `{meta['command']}`.", "",
            "est = index estimation alone; kernel = the ops on those indices; total = both (what a patched layer "
-           "pays, timed from an idle GPU: the host's launches are exposed). host ahead: the same with a sleep kernel "
-           "queued first, so the launches overlap it as they overlap the previous layer's GPU work in a model (host "
-           "synchronisations still count), and its % limit. "
+           "pays, timed from an idle GPU: the host's launches are exposed). host ahead: the same with ~10 ms of "
+           "full-power matrix products queued first, so the launches overlap them as they overlap the previous layer's "
+           "GPU work in a model (host synchronisations still count), and its % limit. "
            "ratio = dense / total (dense = the faster of cuDNN and flash SDPA); % limit = ratio x density. "
            "guard->dense: heads whose density is above the kernel's break-even density (they would run dense). "
            "recall: the share of the dense softmax mass the kept indices cover, mean over heads and 4 x 64 sampled "

@@ -135,10 +135,29 @@ def random_qkv(b, hq, hkv, n, d, dev, gen, dtype):
 
 
 # ---------------------------------------------------------------- timing
+_FILLER: dict = {}
+
+
+def busy_ahead(dev, matmuls: int = 6) -> None:
+    """Queue ~10 ms of full-power GPU work (bf16 8192^3 products) without waiting for it: the
+    host's next launches overlap it, and the card stays at the power it draws under load. (A
+    sleep kernel there would idle the card at low power, and the call after it would run at
+    higher clocks: H100, 128K block-sparse 26.7 vs 28.5 ms after a sleep kernel that was waited
+    for; results/clocks_sleep_s19.md.)"""
+    key = (dev.type, dev.index)
+    if key not in _FILLER:
+        g = torch.Generator(device=dev).manual_seed(1)
+        _FILLER[key] = torch.randn(2, 8192, 8192, device=dev, generator=g).to(torch.bfloat16)
+    a = _FILLER[key]
+    for _ in range(matmuls):
+        torch.mm(a[0], a[1])
+
+
 def bench(fn, budget_s=1.5, max_reps=20, min_reps=3, ahead=False):
-    """Median ms over reps (CUDA events) after warm-up; reps fit a time budget. ahead: a ~10 ms
-    sleep kernel is queued before each rep, so the host's launches overlap it (as a model's
-    launches overlap the previous layer's GPU work); host synchronisations inside fn still count."""
+    """Median ms over reps (CUDA events) after warm-up; reps fit a time budget. ahead: ~10 ms of
+    full-power GPU work (`busy_ahead`) is queued before each rep, so the host's launches overlap
+    it (as a model's launches overlap the previous layer's GPU work); host synchronisations inside
+    fn still count."""
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -152,7 +171,7 @@ def bench(fn, budget_s=1.5, max_reps=20, min_reps=3, ahead=False):
     for _ in range(reps):
         if ahead:
             torch.cuda.synchronize()
-            torch.cuda._sleep(20_000_000)
+            busy_ahead(torch.device("cuda", torch.cuda.current_device()))
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         fn()

@@ -360,19 +360,24 @@ def _block_index(n: int, block_m: int, block_size: int, tiles: torch.Tensor, til
     query blocks in index blocks >= dense_from: no tiles, the range [0, own block end) with band [0, n)."""
     b, h, nqb = tile_count.shape
     dev = tile_count.device
-    m0 = (torch.arange(nqb, device=dev) * block_m).view(1, 1, nqb)
-    own = (torch.arange(nqb, device=dev) * block_m // block_size * block_size).view(1, 1, nqb)
+    # per query block the two candidate diagonal ranges, [nqb, 5] each, then one select per row
+    # (a handful of launches: this runs on the host's path to the kernel launch)
+    m0 = torch.arange(nqb, device=dev, dtype=torch.int32) * block_m
+    m_end = (m0 + block_m).clamp_(max=n)
+    own, own_end = m0, m_end
+    if block_m != block_size:
+        own = torch.div(m0, block_size, rounding_mode="floor") * block_size
+        own_end = (own + block_size).clamp_(max=n)
     start = own
     if dense_from is not None:
         dense = own >= dense_from * block_size
         tile_count = torch.where(dense, 0, tile_count)
         diag_listed = diag_listed | dense
         start = torch.where(dense, 0, own)  # the range starts at key 0
-    ranges = torch.zeros(b, h, nqb, 1, 5, dtype=torch.int32, device=dev)
-    ranges[..., 0, 0] = torch.where(diag_listed, start, m0)
-    ranges[..., 0, 1] = torch.where(diag_listed, torch.clamp(own + block_size, max=n), torch.clamp(m0 + block_m, max=n))
-    ranges[..., 0, 3] = torch.where(diag_listed, n, 0)
-    ranges[..., 0, 4] = 1
+    zero, one = torch.zeros_like(m0), torch.ones_like(m0)
+    listed = torch.stack([start, own_end, zero, torch.full_like(m0, n), one], -1)  # own block, band [0, n)
+    self_band = torch.stack([m0, m_end, zero, zero, one], -1)  # the query block's own rows, band [0, 0]
+    ranges = torch.where(diag_listed[..., None], listed, self_band).unsqueeze(-2)
     return SparseIndex(
         n=n, block_m=block_m, ranges=ranges,
         range_count=torch.ones(b, h, nqb, dtype=torch.int32, device=dev),

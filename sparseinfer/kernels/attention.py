@@ -5,7 +5,6 @@ interpreter (a second copy of the kernel module, loaded with TRITON_INTERPRET=1)
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -330,21 +329,20 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
 
     side = side_stream(q.device, -1) if (band_cfg is not None and FLAGS["VS_OVERLAP"] and q.is_cuda
                                       and not torch.cuda.is_current_stream_capturing()) else None
-    band = None
-    if side is not None:
-        # the band's index first (a presence map and an argmin, no sort), then the full index on a
-        # side stream: it is built while the band launch runs instead of before it
+    full_key = ("vertical_slash", n, bm, tiles_n, band_bm)
+    if side is None:
+        idx = built(full_key, build, (vertical_idx, slash_idx))
+        if band_cfg is None:
+            return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out)
+        idx, band = idx
+    else:
+        # the band's index first (a presence map and an argmin, no sort) and the band launch, then
+        # the full index on a side stream: it is built while the band launch runs, and the host
+        # work of launching it comes after the band launch, not before it
         band = built(("vs_band", n, band_bm, band_min),
                      lambda si: _index.band_index(si, n, band_bm, band_min), (slash_idx,))
-        side.wait_stream(torch.cuda.current_stream(q.device))
-        for t in (vertical_idx, slash_idx):
-            t.record_stream(side)
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        idx = built(("vertical_slash", n, bm, tiles_n, band_bm), build, (vertical_idx, slash_idx))
-    if band_cfg is None:
-        return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out)
-    idx, band_full = idx
-    band = band_full if band is None else band
+        ready = torch.cuda.Event()
+        ready.record()  # the inputs, and earlier calls' reads of the graphed index buffers
     # both launches write the one output: the band launch its heads' rows, the second launch reads
     # them back (each program its own rows) and overwrites them merged (no second q-sized buffer);
     # heads not computed stay as `out` had them (zeros when there was no `out`)
@@ -353,6 +351,11 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     out = run_index(q, k, v, band, scale, band_cfg[1], *band_cfg[2:], heads=heads, out=out, lse_out=lse)
     if side is not None:
+        side.wait_event(ready)
+        for t in (vertical_idx, slash_idx):
+            t.record_stream(side)
+        with torch.cuda.stream(side):
+            idx, _ = built(full_key, build, (vertical_idx, slash_idx))
         torch.cuda.current_stream(q.device).wait_stream(side)
         if not (FLAGS["GRAPH_INDEX"] and q.is_cuda):  # eager index tensors were allocated on the side stream
             for t in (idx.ranges, idx.range_count, idx.columns, idx.column_count, idx.tiles, idx.tile_count,

@@ -127,6 +127,15 @@ def gpu_setup(default_n: int = 131072):
     return dev, torch.Generator(device=dev).manual_seed(0), int(sys.argv[1]) if len(sys.argv) > 1 else default_n
 
 
+def run_meta() -> dict:
+    """device, torch / triton / python versions and the UTC date of a GPU benchmark run."""
+    import triton
+
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
 def random_qkv(b, hq, hkv, n, d, dev, gen, dtype):
     q = torch.randn(b, hq, n, d, device=dev, generator=gen, dtype=torch.float32).to(dtype)
     k = torch.randn(b, hkv, n, d, device=dev, generator=gen, dtype=torch.float32).to(dtype)
@@ -735,11 +744,7 @@ def main():
         print(s, flush=True)
         lines.append(s)
 
-    import triton
-
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    meta = {**run_meta(),
             "flags": {k: v for k, v in katt.FLAGS.items()},
             "configs": {k: {str(d): c for d, c in v.items()} for k, v in katt.CONFIGS.items()}}
     log(json.dumps(meta))

@@ -15,10 +15,8 @@ Writes JSON + markdown to --out (default benchmarks/results/).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 
@@ -27,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from attention import BS, D, HKV, HQ, bench, random_qkv, realistic_blocks, realistic_vs  # noqa: E402
+from attention import BS, D, HKV, HQ, run_meta, bench, random_qkv, realistic_blocks, realistic_vs  # noqa: E402
 from sparseinfer import kernels  # noqa: E402
 
 
@@ -160,11 +158,7 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("call_timeline.py times GPU kernels: no CUDA device")
-    import triton
-
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    meta = run_meta()
     res = []
     lines = [f"# One pre-filling call on the GPU timeline, {meta['device']}", "",
              f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}; one Llama-3-8B layer (B 1, 32 / 8 "

@@ -18,10 +18,8 @@ round, then the median over rounds). Writes JSON + markdown to --out (default be
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from attention import BS, D, HKV, HQ, busy_ahead, dense_fns, random_qkv, realistic_blocks, realistic_vs  # noqa: E402
+from attention import BS, D, HKV, HQ, run_meta, busy_ahead, dense_fns, random_qkv, realistic_blocks, realistic_vs  # noqa: E402
 from sparseinfer import kernels  # noqa: E402
 
 FIELDS = ["clocks.sm", "clocks.mem", "power.draw", "temperature.gpu"]
@@ -246,11 +244,7 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("clocks.py times GPU kernels: no CUDA device")
-    import triton
-
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    meta = run_meta()
     os.makedirs(args.out, exist_ok=True)
     smi = Smi()
     meta["smi_fields"] = smi.fields

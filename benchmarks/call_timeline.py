@@ -9,7 +9,8 @@ idles until the host's first launch), timed with the host ahead (~10 ms of full-
 first, `attention.busy_ahead`, as a model's earlier layers keep the GPU busy while the host
 launches; a sleep kernel there would let the clocks rise: results/clocks_sleep_s19.md), and one call under
 torch.profiler: every GPU kernel with its start relative to the first kernel, its duration and
-stream, and the idle time of the GPU between the call's first and last kernel.
+stream, and the idle time of the GPU between the call's first and last kernel; then the host's
+time per call and per launcher part (`host_parts`), the GPU kept busy.
 Writes JSON + markdown to --out (default benchmarks/results/).
 """
 from __future__ import annotations
@@ -63,36 +64,6 @@ def timeline(fn) -> dict:
     for k in ks:
         k["start"] = k["start"] - t0
     return {"kernels": ks, "span_us": end, "busy_us": busy, "idle_us": end - busy}
-
-
-def host_profile(fn, calls: int = 5, top: int = 25) -> tuple[float, str]:
-    """Host time per call (ms) with the GPU kept busy (a sleep kernel queued first, so nothing the
-    host launches has to wait), and cProfile's top functions by own time over `calls` calls."""
-    import cProfile
-    import io
-    import pstats
-    import time
-
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(2e9))  # ~1 s of GPU work ahead of the calls
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    plain = (time.perf_counter() - t) * 1e3 / calls
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(2e9))
-    pr = cProfile.Profile()
-    t = time.perf_counter()
-    pr.enable()
-    for _ in range(calls):
-        fn()
-    pr.disable()
-    host = (time.perf_counter() - t) * 1e3 / calls
-    torch.cuda.synchronize()
-    buf = io.StringIO()
-    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
-    return plain, f"host ms per call: {plain:.3f} plain, {host:.3f} under cProfile\n" + buf.getvalue()
 
 
 HOST_PARTS = [("sparseinfer.kernels.attention", "vertical_slash_attention"),
@@ -179,11 +150,8 @@ def main():
             ev = [bench(fn, budget_s=0.8) for _ in range(2)]
             ah = [bench(fn, budget_s=0.8, ahead=True) for _ in range(2)]
             tl = timeline(fn)
-            host, prof_text = host_profile(fn)
-            r = {"N": n, "case": name, "events_ms": ev, "ahead_ms": ah, "host_ms": host, "host_profile": prof_text, **tl}
             parts = host_parts(fn)
-            r["host_parts_ms"] = parts
-            print(f"N={n} {name}: host {host:.3f} ms per call (plain)\n{prof_text}", flush=True)
+            r = {"N": n, "case": name, "events_ms": ev, "ahead_ms": ah, "host_parts_ms": parts, **tl}
             print(f"N={n} {name}: host parts (ms per call, inclusive) "
                   + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()), flush=True)
             res.append(r)
@@ -192,7 +160,7 @@ def main():
             lines += [f"## {n // 1024}K {name}", "",
                       f"events {', '.join(f'{x:.2f}' for x in ev)} ms; host ahead {', '.join(f'{x:.2f}' for x in ah)} "
                       f"ms; profiled call: span {tl['span_us'] / 1e3:.3f} ms, GPU busy {tl['busy_us'] / 1e3:.3f}, "
-                      f"idle {tl['idle_us'] / 1e3:.3f}; host time per call (plain) {host:.3f} ms", "",
+                      f"idle {tl['idle_us'] / 1e3:.3f}", "",
                       "host parts (ms per call, inclusive; the GPU kept busy): "
                       + ", ".join(f"{k} {v:.3f}" for k, v in r["host_parts_ms"].items()), "",
                       "| start us | dur us | stream | kernel |", "|---|---|---|---|"]

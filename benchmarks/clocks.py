@@ -172,7 +172,7 @@ def run(sizes, rounds: int, pause_s: float, log, smi: Smi, sleeps: bool = False,
             idle(pause_s)
         for rnd in range(rounds if orders else 0):
             for name in ("cudnn", "vertical-slash", "block-sparse"):
-                one("interleaved", rnd, name, budget_s=0.3 if not long else 0.3)
+                one("interleaved", rnd, name, budget_s=0.3)
         if sleeps:  # the sparse calls with a sleep kernel ahead / waited for / none, alternated
             for rnd in range(2):
                 for name in ("vertical-slash", "block-sparse"):

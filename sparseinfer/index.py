@@ -361,7 +361,6 @@ def _block_index(n: int, block_m: int, block_size: int, tiles: torch.Tensor, til
     b, h, nqb = tile_count.shape
     dev = tile_count.device
     # per query block the two candidate diagonal ranges, [nqb, 5] each, then one select per row
-    # (a handful of launches: this runs on the host's path to the kernel launch)
     m0 = torch.arange(nqb, device=dev, dtype=torch.int32) * block_m
     m_end = (m0 + block_m).clamp_(max=n)
     own, own_end = m0, m_end

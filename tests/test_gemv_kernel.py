@@ -303,3 +303,98 @@ def test_pdl_switch_and_launch_keywords(monkeypatch):
     assert pdl.DEJAVU_ROWS is True and pdl.DEJAVU_SELECT == 2
     assert pdl.level(torch.zeros(1), 2) == 0 and gemv._rows_pdl(torch.zeros(1), True) is False
     assert predict._pdl(torch.zeros(1), None) == (0, {})
+
+
+# gathered-rows loop (teal_rows_kernel): (ROWS, U, W, warps, stages); K / N not multiples of ROWS / W
+ROWS_CFGS = [(16, 1, 32, 1, 2), (32, 2, 64, 1, 1), (16, 4, 16, 2, 3)]
+
+
+def _rows_zeroed():
+    """The per-device sums and counters the gathered-rows launches leave behind (all must be zero)."""
+    acc = [b for k, b in gemv._ACC.items() if k[0] == "cpu"]
+    cnt = [b for k, b in gemv._COUNTERS.items() if k[0] == "cpu"]
+    return all(float(b.abs().max()) == 0 for b in acc + cnt)
+
+
+@pytest.mark.parametrize("config", ROWS_CFGS + [None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("two", [False, True])
+def test_teal_rows_matches_float64(config, dtype, two):
+    g = torch.Generator().manual_seed(len(str(config)) + two)
+    k, n = 45, 70
+    x = torch.randn(1, k, generator=g).to(dtype)
+    wt = torch.randn(k, n, generator=g).to(dtype)
+    wt2 = torch.randn(k, n, generator=g).to(dtype) if two else None
+    y = gemv.teal_rows_launch(x, wt, wt2, torch.tensor(0.6), config)
+    ref = gemv.teal_gemv_reference(x.double(), wt.double(), 0.6)
+    if two:
+        ref = torch.nn.functional.silu(ref) * gemv.teal_gemv_reference(x.double(), wt2.double(), 0.6)
+    assert y.dtype == dtype and y.shape == (1, n)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y.double(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+    assert (gemv.teal_gemv_reference(x.double(), wt.double(), -1.0)
+            - gemv.teal_gemv_reference(x.double(), wt.double(), 0.6)).abs().max() > 0.1  # the threshold mattered
+    assert _rows_zeroed()  # the next launch starts from zero sums and counters
+
+
+@pytest.mark.parametrize("t, kept", [(-1.0, "all"), (1e9, "none")])
+def test_teal_rows_keeps_all_or_nothing(t, kept):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 50, generator=g)
+    wt = torch.randn(50, 40, generator=g)
+    y = gemv.teal_rows_launch(x, wt, None, torch.tensor(t), (16, 2, 32, 1, 2))
+    ref = x.double() @ wt.double() if kept == "all" else torch.zeros(1, 40, dtype=torch.float64)
+    torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
+    assert _rows_zeroed()
+
+
+def test_teal_rows_reads_only_kept_rows():
+    """Rows of dropped channels are never read: NaN there stays out."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 40, generator=g)
+    x[:, ::3] = 0.01
+    wt = torch.randn(40, 33, generator=g)
+    wt[::3] = float("nan")
+    y = gemv.teal_rows_launch(x, wt, None, torch.tensor(0.05), (16, 1, 16, 1, 2))
+    assert torch.isfinite(y).all()
+    wt[::3] = 0
+    torch.testing.assert_close(y.double(), gemv.teal_gemv_reference(x.double(), wt.double(), 0.05), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", [None, ((16, 1, 32, 1, 2), (32, 2, 16, 1, 1)), ((32, 2, 128, 1, 1), (16, 1, 64, 2, 2))])
+def test_teal_rows_mlp_matches_float64(config):
+    """Two launches, the hidden state SiLU(gate) * up kept in fp32 between them (float32 inputs: the
+    reference's h in x's dtype is the same); twice in a row (the gate / up sums are zeroed for the next)."""
+    g = torch.Generator().manual_seed(3)
+    h, i = 37, 75
+    x = torch.randn(1, h, generator=g)
+    wg_t, wu_t, wd_t = torch.randn(h, i, generator=g), torch.randn(h, i, generator=g), torch.randn(i, h, generator=g)
+    tin = torch.tensor(0.5)
+    hid = gemv.teal_mlp_reference(x.double(), wg_t.double(), wu_t.double(), torch.eye(i, dtype=torch.float64), tin, -1.0)
+    s = hid.abs().flatten().sort().values
+    td = ((s[i // 2] + s[i // 2 + 1]) / 2).float()  # halfway between two |h|: no channel sits on the threshold
+    ref = gemv.teal_mlp_reference(x.double(), wg_t.double(), wu_t.double(), wd_t.double(), tin, td)
+    for _ in range(2):
+        y = gemv.teal_rows_mlp_launch(x, wg_t, wu_t, wd_t, tin, td, config)
+        torch.testing.assert_close(y.double(), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
+        assert _rows_zeroed()
+
+
+def test_teal_rows_bad_input():
+    x, wt = torch.randn(1, 20), torch.randn(20, 8)
+    with pytest.raises(ValueError, match="one row only"):
+        gemv.teal_rows_launch(torch.randn(2, 20), wt, None, torch.tensor(0.1))
+    with pytest.raises(ValueError, match="K = 20"):
+        gemv.teal_rows_launch(x, torch.randn(21, 8), None, torch.tensor(0.1))
+    with pytest.raises(ValueError, match="differs from wt"):
+        gemv.teal_rows_launch(x, wt, torch.randn(20, 9), torch.tensor(0.1))
+    with pytest.raises(ValueError, match="ROWS, U, W"):
+        gemv.teal_rows_launch(x, wt, None, torch.tensor(0.1), (16, 1, 32))
+    with pytest.raises(ValueError, match="one-element threshold"):
+        gemv.teal_rows_launch(x, wt, None, torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="map back to H"):
+        gemv.teal_rows_mlp_launch(x, torch.randn(20, 30), torch.randn(20, 30), torch.randn(30, 21), torch.tensor(0.1),
+                                  torch.tensor(0.1))
+    with pytest.raises(ValueError, match="two \\(ROWS"):
+        gemv.teal_rows_mlp_launch(x, torch.randn(20, 30), torch.randn(20, 30), torch.randn(30, 20), torch.tensor(0.1),
+                                  torch.tensor(0.1), ((16, 1, 32, 1, 2),))

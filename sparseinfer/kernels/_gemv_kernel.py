@@ -10,6 +10,16 @@ teal_gemv_kernel:  P[s, m, n] = sum_{k in split s} X[m, k] * [|X[m, k]| > T] * W
     splits into OUT itself (with GLU: SiLU(gate) * up), so no second launch.
     PREFETCH (one row): each step's weight rows are loaded one step ahead and its x two steps
     ahead (register double buffering) instead of the x -> mask -> rows chain per step.
+teal_rows_kernel:  OUT[n] = sum_k X[k] * [|X[k]| > T] * WT[k, n], one row (M = 1): each program takes
+    ROWS input channels (one split) and W output columns, lists its kept channels (one x load, a
+    prefix sum), then walks the list U kept rows per step: each row's W columns are one contiguous
+    piece (long pieces, few instructions per byte; dropped rows cost nothing), pipelined STAGES deep
+    (cp.async). Splits add their fp32 sums into ACC (atomics; ACC is zero before and after a launch)
+    and the last split program of an output block writes OUT (TWO: gate and up weights, OUT =
+    SiLU(gate) * up) and zeroes its ACC columns and counter. FINISH = False (gate and up of the MLP):
+    the sums stay in ACC; the down launch (XACC) reads them as its x (SiLU(gate) * up in fp32), and
+    the last program of each of its splits zeroes that slice. Sums in atomic order: not bitwise
+    reproducible from run to run (float addition order).
 teal_finish_kernel:  OUT[m, n] = sum_s P[s, m, n] in OUT's dtype; with GLU, P holds gate and
     up partials and OUT = SiLU(gate) * up (the SwiGLU hidden state). (FUSED = False path.)
     LIST (with COMPACT, one row): the kept rows are given: SIDX [K] (row numbers) and SX [K]
@@ -195,6 +205,76 @@ def teal_gemv_kernel(X, WT, WT2, T, P, M, K, N, stride_xm, stride_wk, stride_ps,
     if FUSED:
         _finish_block(P, OUT, CNT, offs_m, offs_n, m_ok, n_ok, N, SPLITS, stride_ps, stride_pw, stride_om,
                       GLU, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def teal_rows_kernel(X, T, WT, WT2, ACC, OUT, CNT, SIDX, SX, K, N, SPLITS, stride_wk,
+                     ROWS: tl.constexpr, U: tl.constexpr, W: tl.constexpr, STAGES: tl.constexpr,
+                     TWO: tl.constexpr, FENCE: tl.constexpr = True, FINISH: tl.constexpr = True,
+                     XACC: tl.constexpr = False, SCNT=None, PDL: tl.constexpr = False):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    t = tl.load(T).to(tl.float32)
+    offs_r = pid_k * ROWS + tl.arange(0, ROWS)
+    if XACC:  # X: a TWO launch's unfinished fp32 sums (gate [K], up [K]): x = SiLU(gate) * up, in fp32
+        g = tl.load(X + offs_r, mask=offs_r < K, other=0.0, cache_modifier=".cg")
+        xr = g / (1.0 + tl.exp(-g)) * tl.load(X + K + offs_r, mask=offs_r < K, other=0.0, cache_modifier=".cg")
+    else:
+        xr = tl.load(X + offs_r, mask=offs_r < K, other=0.0).to(tl.float32)
+    keep = (tl.abs(xr) > t) & (offs_r < K)  # a negative threshold must not keep rows past K
+    ki = keep.to(tl.int32)
+    pos = tl.associative_scan(ki, 0, _sum_fn) - 1
+    cnt = tl.reduce(ki, 0, _sum_fn)
+    lb = (pid_k * tl.num_programs(1) + pid_n) * ROWS  # this program's own list (no sharing)
+    tl.store(SIDX + lb + pos, offs_r, mask=keep)
+    tl.store(SX + lb + pos, xr, mask=keep)
+    tl.debug_barrier()
+    cols = pid_n * W + tl.arange(0, W)
+    n_ok = cols < N
+    acc = tl.full((U, W), 0.0, dtype=tl.float32)
+    acc2 = tl.full((U, W), 0.0, dtype=tl.float32)
+    for i in tl.range(0, cnt, U, num_stages=STAGES):
+        j = i + tl.arange(0, U)
+        jm = j < cnt
+        r = tl.load(SIDX + lb + j, mask=jm, other=0)
+        xv = tl.load(SX + lb + j, mask=jm, other=0.0)
+        acc, acc2 = _rows_fma(acc, acc2, WT, WT2, r.to(tl.int64), xv, jm, cols, n_ok, stride_wk, TWO)
+    part = tl.reduce(acc, 0, _sum_fn)  # [W]
+    tl.atomic_add(ACC + cols, part, mask=n_ok, sem="relaxed")
+    if TWO:
+        tl.atomic_add(ACC + N + cols, tl.reduce(acc2, 0, _sum_fn), mask=n_ok, sem="relaxed")
+    if XACC:  # the last of the split's programs (a counter per split) zeroes its slice of X for the next launch
+        done = tl.atomic_add(SCNT + pid_k, 1, sem="acq_rel")
+        if done == tl.num_programs(1) - 1:
+            zx = tl.full((ROWS,), 0.0, dtype=tl.float32)
+            tl.store(X + offs_r, zx, mask=offs_r < K)
+            tl.store(X + K + offs_r, zx, mask=offs_r < K)
+            tl.atomic_xchg(SCNT + pid_k, 0)
+    if not FINISH:  # the sums stay in ACC (a later XACC launch reads and zeroes them)
+        return
+    if FENCE:  # each thread's atomics performed GPU-wide before the barrier (the counter's acq_rel below
+        # orders only its own thread's accesses)
+        cnt = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [cnt], dtype=tl.int32,
+                                        is_pure=False, pack=1)
+    tl.debug_barrier()  # every thread's sums are in before the counter (acq_rel) says so
+    prev = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel")
+    if prev == SPLITS - 1:
+        a = tl.load(ACC + cols, mask=n_ok, other=0.0, cache_modifier=".cg")
+        if TWO:  # gate (ACC) and up (ACC + N): the SwiGLU hidden state
+            a2 = tl.load(ACC + N + cols, mask=n_ok, other=0.0, cache_modifier=".cg")
+        # the zeroing stores may take another thread layout than the loads (the compiler reuses the atomics'
+        # addresses): every load is done before any zero lands
+        tl.debug_barrier()
+        zero = tl.full((W,), 0.0, dtype=tl.float32)
+        tl.store(ACC + cols, zero, mask=n_ok)
+        if TWO:
+            tl.store(ACC + N + cols, zero, mask=n_ok)
+            a = a / (1.0 + tl.exp(-a)) * a2
+        tl.store(OUT + cols, a.to(OUT.dtype.element_ty), mask=n_ok)
+        tl.atomic_xchg(CNT + pid_n, 0)
 
 
 @triton.jit

@@ -9,6 +9,9 @@ fake implementations give the shapes):
         = the SwiGLU MLP with TEAL on the inputs of gate/up (t_in) and down (t_down), in two
         launches (gate and up share one x and one launch; split-K sums by the last split
         program of each output block through per-device counters that reset themselves).
+    One-row CUDA calls of both (default config, not compact) take the gathered-rows loop
+    (`teal_rows_launch` / `teal_rows_mlp_launch`, TEAL_ROWS): kept channels listed per program,
+    only their rows read; split sums by fp32 atomics (not bitwise reproducible run to run).
     sparseinfer::dejavu_gateup(x [M, H], wg [I, H], wu [I, H], mask [M, I] bool) -> [M, I]
         = SiLU(x @ wg.T) * (x @ wu.T) on the kept neurons, 0 elsewhere.
     sparseinfer::dejavu_mlp_rows(x [1, H], wg [I, H], wu [I, H], wd_t [I, H], idx [Kn]) -> [1, H]
@@ -21,6 +24,9 @@ and `dejavu_mlp(x [.., H], w_gate, w_up, w_down (column-major), idx [.., Kn])`.
 References (any dtype, float64 included): `teal_gemv_reference`, `teal_mlp_reference`, `dejavu_gateup_reference`.
 """
 from __future__ import annotations
+
+import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -112,8 +118,77 @@ def _counters(device, size: int) -> torch.Tensor:
 
 
 def prepare_counters(device) -> None:
-    """Allocate the fused finish's counters on `device` (before a CUDA-graph capture)."""
+    """Allocate the fused finish's counters and the gathered-rows loop's fp32 sums on `device`
+    (before a CUDA-graph capture)."""
     _counters(torch.device(device), 1 << 16)
+    _acc(torch.device(device), 1 << 17)
+    _acc(torch.device(device), 1 << 17, 1)
+
+
+# The gathered-rows loop (`teal_rows_kernel`): each program lists its kept input channels, then
+# reads U kept weight rows' W output columns per step (long contiguous pieces), STAGES deep; splits
+# add up through fp32 atomics. TEAL_ROWS: one-row CUDA calls with the default config (and not
+# compact) take it (env SPARSEINFER_TEAL_ROWS=0: the masked loop). H100, Llama-3.1-8B shapes at 50%
+# (benchmarks/results/contextual/teal_rows*.md): gate+up 46.5 vs 48.4 us, down 27.2 vs 29.1, q/k/v
+# 10.6 vs 11.2, o 9.4 vs 10.3; captured compiled 32-layer step, TEAL all projections 50%
+# 4.25 -> 3.98-3.99 ms (1.487x -> 1.583-1.587x against the fastest dense step).
+# Configs (ROWS, U, W, num_warps, num_stages); keys "cuda KxN" / "cuda glu KxN" (a weight's shape)
+# come first; env SPARSEINFER_TEAL_ROWS_CONFIG (JSON {key: config}) adds or replaces entries.
+TEAL_ROWS = os.environ.get("SPARSEINFER_TEAL_ROWS", "1") == "1"
+TEAL_ROWS_CONFIG = {"cuda": (128, 1, 2048, 4, 6), "cuda glu": (256, 2, 1024, 4, 4), "cpu": (16, 2, 32, 1, 2),
+                    # the H100 sweep's best for Llama-3-8B shapes (teal_rows.md)
+                    "cuda glu 4096x14336": (256, 2, 1024, 4, 4), "cuda 14336x4096": (256, 2, 2048, 4, 6),
+                    "cuda 4096x6144": (32, 1, 2048, 4, 4), "cuda 4096x4096": (64, 2, 1024, 4, 4)}
+TEAL_ROWS_CONFIG.update({k: tuple(v) for k, v in json.loads(os.environ.get("SPARSEINFER_TEAL_ROWS_CONFIG", "{}")).items()})
+FENCE = True  # a GPU-scope fence per thread after its split sums (False: A/B only)
+_ACC: dict = {}  # device -> fp32 sums of the gathered-rows loop, zero between launches
+
+
+def _acc(device, size: int, slot: int = 0) -> torch.Tensor:
+    """Per-device zeroed fp32 sums for `teal_rows_kernel` (each launch leaves its columns zero);
+    slot 1: the MLP's gate / up sums (between its two launches). Allocated like `_counters`
+    (before any CUDA-graph capture)."""
+    key = (device.type, device.index, slot)
+    buf = _ACC.get(key)
+    if buf is None or buf.numel() < size:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("teal rows kernel: sums must be allocated before CUDA-graph capture; run the op once "
+                               "eagerly first (or sparseinfer.kernels.gemv.prepare_counters(device))")
+        buf = torch.zeros(max(size, 1 << 17), dtype=torch.float32, device=device)
+        _ACC[key] = buf
+    return buf
+
+
+def teal_rows_launch(x: torch.Tensor, wt: torch.Tensor, wt2: torch.Tensor | None, threshold: torch.Tensor,
+                     config=None) -> torch.Tensor:
+    """One `teal_rows_kernel` launch: x [1, K] -> [1, N] in x's dtype = (x * (|x| > threshold)) @ wt,
+    or with wt2 (gate, up) SiLU(x' @ wt) * (x' @ wt2). config = (ROWS, U, W, num_warps, num_stages)
+    (None: TEAL_ROWS_CONFIG). Not bitwise reproducible (atomic split sums)."""
+    _check_2d("teal_rows: x", x)
+    m, k = x.shape
+    if m != 1:
+        raise ValueError(f"teal_rows: one row only, got x of shape {tuple(x.shape)}")
+    _check_teal_weight("teal_rows: wt", wt, k, x.device)
+    if wt2 is not None and (wt2.shape != wt.shape or wt2.stride() != wt.stride()):
+        raise ValueError(f"teal_rows: wt2 {tuple(wt2.shape)} strides {wt2.stride()} differs from wt "
+                         f"{tuple(wt.shape)} strides {wt.stride()}")
+    _check_threshold("teal_rows", threshold)
+    n = wt.shape[1]
+    if config is not None and len(config) != 5:
+        raise ValueError(f"teal_rows config: expected (ROWS, U, W, num_warps, num_stages), got {tuple(config)}")
+    key = "cpu" if not x.is_cuda else ("cuda glu" if wt2 is not None else "cuda")
+    rows, u, width, warps, stages = config or TEAL_ROWS_CONFIG.get(f"{key} {k}x{n}", TEAL_ROWS_CONFIG[key])
+    x = x if x.stride(1) == 1 else x.contiguous()
+    splits, nb = triton_cdiv(k, rows), triton_cdiv(n, width)
+    two = wt2 is not None
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    sidx = torch.empty(splits * nb * rows, dtype=torch.int32, device=x.device)
+    sx = torch.empty(splits * nb * rows, dtype=torch.float32, device=x.device)
+    kernel_module("_gemv_kernel.py", not x.is_cuda).teal_rows_kernel[(splits, nb)](
+        x, threshold.to(device=x.device, dtype=torch.float32).reshape(-1)[:1], wt, wt if wt2 is None else wt2,
+        _acc(x.device, (2 if two else 1) * n), out, _counters(x.device, nb), sidx, sx, k, n, splits, wt.stride(0),
+        ROWS=rows, U=u, W=width, STAGES=stages, TWO=two, FENCE=x.is_cuda and FENCE, num_warps=warps, **pdl.kwargs(x))
+    return out
 
 
 def default_rows(k: int, n: int, bk: int, bn: int, rows: int, sms: int) -> int:
@@ -194,6 +269,52 @@ def _teal_finish(p: torch.Tensor, dtype: torch.dtype, glu: bool) -> torch.Tensor
     return out
 
 
+def teal_rows_mlp_launch(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_t: torch.Tensor,
+                         t_in: torch.Tensor, t_down: torch.Tensor, config=None) -> torch.Tensor:
+    """The TEAL SwiGLU MLP of one row through `teal_rows_kernel`: x [1, H], wg_t / wu_t [H, I], wd_t [I, H]
+    -> [1, H] = down(h * (|h| > t_down)), h = SiLU(gate(x')) * up(x') kept in fp32 (the gate / up
+    sums are never rounded to x's dtype: the down launch reads them), x' = x * (|x| > t_in). Two
+    launches; config = (gate/up config, down config) (None: TEAL_ROWS_CONFIG)."""
+    _check_2d("teal_rows_mlp: x", x)
+    m, hid = x.shape
+    if m != 1:
+        raise ValueError(f"teal_rows_mlp: one row only, got x of shape {tuple(x.shape)}")
+    _check_teal_weight("teal_rows_mlp: wg_t", wg_t, hid, x.device)
+    if wu_t.shape != wg_t.shape or wu_t.stride() != wg_t.stride():
+        raise ValueError(f"teal_rows_mlp: wu_t {tuple(wu_t.shape)} strides {wu_t.stride()} differs from wg_t "
+                         f"{tuple(wg_t.shape)} strides {wg_t.stride()}")
+    inter = wg_t.shape[1]
+    _check_teal_weight("teal_rows_mlp: wd_t", wd_t, inter, x.device)
+    if wd_t.shape[1] != hid:
+        raise ValueError(f"teal_rows_mlp: wd_t [I, H] must map back to H = {hid}, got shape {tuple(wd_t.shape)}")
+    _check_threshold("teal_rows_mlp: t_in", t_in)
+    _check_threshold("teal_rows_mlp: t_down", t_down)
+    if config is not None and (len(config) != 2 or any(len(c) != 5 for c in config)):
+        raise ValueError(f"teal_rows_mlp config: expected two (ROWS, U, W, num_warps, num_stages), got {config}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    dev = x.device
+    key = "cpu" if not x.is_cuda else "cuda"
+    cfg_gu = config[0] if config else TEAL_ROWS_CONFIG.get(f"{key} glu {hid}x{inter}",
+                                                           TEAL_ROWS_CONFIG["cpu" if key == "cpu" else "cuda glu"])
+    cfg_d = config[1] if config else TEAL_ROWS_CONFIG.get(f"{key} {inter}x{hid}", TEAL_ROWS_CONFIG[key])
+    mod = kernel_module("_gemv_kernel.py", not x.is_cuda)
+    sums = _acc(dev, 2 * inter, 1)  # gate [I], up [I]: zero before, zeroed by the down launch
+    out = torch.empty(1, hid, dtype=x.dtype, device=dev)
+    for i, (xi, wt, wt2, t, cfg) in enumerate(((x, wg_t, wu_t, t_in, cfg_gu), (sums, wd_t, None, t_down, cfg_d))):
+        rows, u, width, warps, stages = cfg
+        k, n = wt.shape
+        splits, nb = triton_cdiv(k, rows), triton_cdiv(n, width)
+        cnt = _counters(dev, 32768 + splits)
+        sidx = torch.empty(splits * nb * rows, dtype=torch.int32, device=dev)
+        sx = torch.empty(splits * nb * rows, dtype=torch.float32, device=dev)
+        mod.teal_rows_kernel[(splits, nb)](
+            xi, t.to(device=dev, dtype=torch.float32).reshape(-1)[:1], wt, wt if wt2 is None else wt2,
+            sums if i == 0 else _acc(dev, n), out, cnt, sidx, sx, k, n, splits, wt.stride(0),
+            ROWS=rows, U=u, W=width, STAGES=stages, TWO=i == 0, FENCE=x.is_cuda and FENCE, FINISH=i == 1,
+            XACC=i == 1, SCNT=cnt[32768:], num_warps=warps, **pdl.kwargs(x))
+    return out
+
+
 def teal_gemv_launch(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, config=None,
                      compact: bool = False) -> torch.Tensor:
     """The kernel call behind the op (no custom-op wrapper): one launch (split-K partials, summed
@@ -203,6 +324,8 @@ def teal_gemv_launch(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor,
     _check_teal_weight("teal_gemv: wt", wt, x.shape[1], x.device)
     _check_threshold("teal_gemv", threshold)
     x = x if x.stride(1) == 1 else x.contiguous()
+    if TEAL_ROWS and config is None and not compact and x.is_cuda and x.shape[0] == 1:
+        return teal_rows_launch(x, wt, None, threshold)
     return _teal(x, wt, None, threshold, config, False, compact)
 
 
@@ -229,6 +352,8 @@ def teal_mlp_launch(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_
     x = x if x.stride(1) == 1 else x.contiguous()
     compact = compact and x.shape[0] == 1
     key = _config_key(x)
+    if TEAL_ROWS and config is None and not compact and x.is_cuda and x.shape[0] == 1:
+        return teal_rows_mlp_launch(x, wg_t, wu_t, wd_t, t_in, t_down)
     if config is None:  # the masked loop's defaults with ROWS fitted like a single projection's (small models)
         config = TEAL_COMPACT_MLP_CONFIG[key] if compact else (_sized(TEAL_MLP_CONFIG[key], hid, inter, x),
                                                                _sized(TEAL_DOWN_CONFIG[key], inter, hid, x))

@@ -62,6 +62,7 @@ def main() -> int:
     p.add_argument("--no-masked-step", action="store_true", help="--step without the masked loop's step")
     p.add_argument("--library-configs", action="store_true", help="--step: the gathered-rows step with the "
                    "library's configs (not the sweep's best)")
+    p.add_argument("--alt-env", default=None, help="--step: one more gathered-rows step with this environment (JSON)")
     p.add_argument("--alt-configs", default=None, help="--step: one more gathered-rows step with these configs (JSON)")
     p.add_argument("--configs", default=None, help="skip the sweep: JSON {launch: config} of the gathered-rows loop")
     args = p.parse_args()
@@ -197,6 +198,10 @@ def main() -> int:
             runs.append(("teal all 50%, gathered rows, alternative configs", "teal all projections 50%",
                          {"SPARSEINFER_TEAL_ROWS": "1",
                           "SPARSEINFER_TEAL_ROWS_CONFIG": json.dumps({sizes[k]: v for k, v in alt.items()})}))
+        if args.alt_env:
+            res["alt_env"] = json.loads(args.alt_env)
+            runs.append((f"teal all 50%, gathered rows, {args.alt_env}", "teal all projections 50%",
+                         dict(res["alt_env"], SPARSEINFER_TEAL_ROWS="1")))
         for label, setting, env in runs:
             saved = dict(os.environ)
             os.environ.update(env)

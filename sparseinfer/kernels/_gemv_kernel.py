@@ -255,8 +255,8 @@ def teal_rows_kernel(X, T, WT, WT2, ACC, OUT, CNT, SIDX, SX, K, N, SPLITS, strid
             tl.atomic_xchg(SCNT + pid_k, 0)
     if not FINISH:  # the sums stay in ACC (a later XACC launch reads and zeroes them)
         return
-    if FENCE:  # each thread's atomics performed GPU-wide before the barrier (the counter's acq_rel below
-        # orders only its own thread's accesses)
+    if FENCE:  # optional (gemv.FENCE): each thread waits for its own atomics before the barrier. Not needed:
+        # the barrier, then one thread's acq_rel counter increment, is the usual split-K handshake
         cnt = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [cnt], dtype=tl.int32,
                                         is_pure=False, pack=1)
     tl.debug_barrier()  # every thread's sums are in before the counter (acq_rel) says so

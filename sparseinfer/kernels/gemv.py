@@ -131,7 +131,8 @@ def prepare_counters(device) -> None:
 # compact) take it (env SPARSEINFER_TEAL_ROWS=0: the masked loop). H100, Llama-3.1-8B shapes at 50%
 # (benchmarks/results/contextual/teal_rows*.md): gate+up 46.5 vs 48.4 us, down 27.2 vs 29.1, q/k/v
 # 10.6 vs 11.2, o 9.4 vs 10.3; captured compiled 32-layer step, TEAL all projections 50%
-# 4.25 -> 3.98-3.99 ms (1.487x -> 1.583-1.587x against the fastest dense step).
+# 4.25 -> 3.97-4.00 ms (1.487x -> 1.58-1.59x against the fastest dense step) with FENCE on,
+# 3.92 ms (1.612x) without it (one run).
 # Configs (ROWS, U, W, num_warps, num_stages); keys "cuda KxN" / "cuda glu KxN" (a weight's shape)
 # come first; env SPARSEINFER_TEAL_ROWS_CONFIG (JSON {key: config}) adds or replaces entries.
 TEAL_ROWS = os.environ.get("SPARSEINFER_TEAL_ROWS", "1") == "1"
@@ -140,7 +141,11 @@ TEAL_ROWS_CONFIG = {"cuda": (128, 1, 2048, 4, 6), "cuda glu": (256, 2, 1024, 4, 
                     "cuda glu 4096x14336": (256, 2, 1024, 4, 4), "cuda 14336x4096": (256, 2, 2048, 4, 6),
                     "cuda 4096x6144": (32, 1, 2048, 4, 4), "cuda 4096x4096": (64, 2, 1024, 4, 4)}
 TEAL_ROWS_CONFIG.update({k: tuple(v) for k, v in json.loads(os.environ.get("SPARSEINFER_TEAL_ROWS_CONFIG", "{}")).items()})
-FENCE = True  # a GPU-scope fence per thread after its split sums (False: A/B only)
+# FENCE: a GPU-scope fence per thread after its split sums. Off: the barrier, then one thread's
+# acq_rel counter increment, is the split-K handshake CUTLASS's GenericBarrier uses (arrive_inc:
+# __syncthreads, then thread 0's red.release.gpu); each fence waits for its thread's atomics (H100,
+# captured 8B step, TEAL all 50%: 3.998 ms with it, 3.921 without, same machine; teal_rows_fence.md).
+FENCE = os.environ.get("SPARSEINFER_TEAL_ROWS_FENCE", "0") == "1"
 _ACC: dict = {}  # device -> fp32 sums of the gathered-rows loop, zero between launches
 
 

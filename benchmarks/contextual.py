@@ -897,6 +897,24 @@ def gpu_args(p, step_help: str) -> None:
     p.add_argument("--profile", action="store_true", help="with --step: GPU time per kernel of each step")
 
 
+def teal_projections(dev, dt, sh: dict) -> tuple:
+    """One 8B layer's decode projections for the TEAL launch benchmarks (seed 0, bf16 weights * 0.02):
+    (x [1, H], w {name: [out, in]}, wt {name: [in, out] contiguous}, hid [1, I] = SiLU(gate) * up of x,
+    tx / th = the 50% thresholds of x and hid); names gate, up, down, qkv (stacked), o."""
+    h, inter = sh["hidden_size"], sh["intermediate_size"]
+    hq, hkv = sh["num_attention_heads"], sh["num_key_value_heads"]
+    d = h // hq
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(1, h, device=dev, dtype=dt, generator=g)
+    w = {n: torch.randn(o, i, device=dev, dtype=dt, generator=g) * 0.02 for n, (o, i) in
+         {"gate": (inter, h), "up": (inter, h), "down": (h, inter), "qkv": ((hq + 2 * hkv) * d, h), "o": (h, h)}.items()}
+    wt = {n: v.t().contiguous() for n, v in w.items()}
+    hid = F.silu(x @ w["gate"].T) * (x @ w["up"].T)
+    tx = torch.quantile(x.float().abs().flatten(), 0.5)
+    th = torch.quantile(hid.float().abs().flatten(), 0.5)
+    return x, w, wt, hid, tx, th
+
+
 def run_header(dev) -> tuple[dict, float]:
     """(the result dict's header: device, versions, UTC date, copy bandwidth in GB/s; the bandwidth in B/s)."""
     import transformers

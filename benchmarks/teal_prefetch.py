@@ -158,19 +158,9 @@ def main() -> int:
                    "prefetch defaults of --step")
     args = p.parse_args()
     dev, dt, sh = torch.device("cuda"), torch.bfloat16, ctx.LLAMA_31_8B
-    h, inter = sh["hidden_size"], sh["intermediate_size"]
-    hq, hkv = sh["num_attention_heads"], sh["num_key_value_heads"]
-    d = h // hq
     res, bw = ctx.run_header(dev)
     res.update(rows=[], sweep=[])
-    g = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(1, h, device=dev, dtype=dt, generator=g)
-    w = {n: torch.randn(o, i, device=dev, dtype=dt, generator=g) * 0.02 for n, (o, i) in
-         {"gate": (inter, h), "up": (inter, h), "down": (h, inter), "qkv": ((hq + 2 * hkv) * d, h), "o": (h, h)}.items()}
-    wt = {n: v.t().contiguous() for n, v in w.items()}
-    hid = (F.silu(x @ w["gate"].T) * (x @ w["up"].T))
-    tx = torch.quantile(x.float().abs().flatten(), 0.5)
-    th = torch.quantile(hid.float().abs().flatten(), 0.5)
+    x, w, wt, hid, tx, th = ctx.teal_projections(dev, dt, sh)
 
     if args.configs:  # no sweep: the given prefetch configs
         best = {(k, "prefetch"): tuple(v) for k, v in json.loads(args.configs).items()}

@@ -72,14 +72,7 @@ def main() -> int:
     d = h // hq
     res, bw = ctx.run_header(dev)
     res.update(rows=[], sweep=[])
-    g = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(1, h, device=dev, dtype=dt, generator=g)
-    w = {n: torch.randn(o, i, device=dev, dtype=dt, generator=g) * 0.02 for n, (o, i) in
-         {"gate": (inter, h), "up": (inter, h), "down": (h, inter), "qkv": ((hq + 2 * hkv) * d, h), "o": (h, h)}.items()}
-    wt = {n: v.t().contiguous() for n, v in w.items()}
-    hid = F.silu(x @ w["gate"].T) * (x @ w["up"].T)
-    tx = torch.quantile(x.float().abs().flatten(), 0.5)
-    th = torch.quantile(hid.float().abs().flatten(), 0.5)
+    x, w, wt, hid, tx, th = ctx.teal_projections(dev, dt, sh)
     gemv.prepare_counters(dev)
 
     def ref_of(name, t=None):

@@ -274,26 +274,33 @@ def _teal_finish(p: torch.Tensor, dtype: torch.dtype, glu: bool) -> torch.Tensor
     return out
 
 
+def _check_mlp(name: str, x, wg_t, wu_t, wd_t, t_in, t_down) -> tuple[int, int]:
+    """The TEAL MLP's inputs checked (x [M, H], wg_t / wu_t [H, I] alike, wd_t [I, H], one-element
+    thresholds) -> (H, I)."""
+    _check_2d(f"{name}: x", x)
+    hid = x.shape[1]
+    _check_teal_weight(f"{name}: wg_t", wg_t, hid, x.device)
+    if wu_t.shape != wg_t.shape or wu_t.stride() != wg_t.stride():
+        raise ValueError(f"{name}: wu_t {tuple(wu_t.shape)} strides {wu_t.stride()} differs from wg_t "
+                         f"{tuple(wg_t.shape)} strides {wg_t.stride()}")
+    inter = wg_t.shape[1]
+    _check_teal_weight(f"{name}: wd_t", wd_t, inter, x.device)
+    if wd_t.shape[1] != hid:
+        raise ValueError(f"{name}: wd_t [I, H] must map back to H = {hid}, got shape {tuple(wd_t.shape)}")
+    _check_threshold(f"{name}: t_in", t_in)
+    _check_threshold(f"{name}: t_down", t_down)
+    return hid, inter
+
+
 def teal_rows_mlp_launch(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_t: torch.Tensor,
                          t_in: torch.Tensor, t_down: torch.Tensor, config=None) -> torch.Tensor:
     """The TEAL SwiGLU MLP of one row through `teal_rows_kernel`: x [1, H], wg_t / wu_t [H, I], wd_t [I, H]
     -> [1, H] = down(h * (|h| > t_down)), h = SiLU(gate(x')) * up(x') kept in fp32 (the gate / up
     sums are never rounded to x's dtype: the down launch reads them), x' = x * (|x| > t_in). Two
     launches; config = (gate/up config, down config) (None: TEAL_ROWS_CONFIG)."""
-    _check_2d("teal_rows_mlp: x", x)
-    m, hid = x.shape
-    if m != 1:
+    hid, inter = _check_mlp("teal_rows_mlp", x, wg_t, wu_t, wd_t, t_in, t_down)
+    if x.shape[0] != 1:
         raise ValueError(f"teal_rows_mlp: one row only, got x of shape {tuple(x.shape)}")
-    _check_teal_weight("teal_rows_mlp: wg_t", wg_t, hid, x.device)
-    if wu_t.shape != wg_t.shape or wu_t.stride() != wg_t.stride():
-        raise ValueError(f"teal_rows_mlp: wu_t {tuple(wu_t.shape)} strides {wu_t.stride()} differs from wg_t "
-                         f"{tuple(wg_t.shape)} strides {wg_t.stride()}")
-    inter = wg_t.shape[1]
-    _check_teal_weight("teal_rows_mlp: wd_t", wd_t, inter, x.device)
-    if wd_t.shape[1] != hid:
-        raise ValueError(f"teal_rows_mlp: wd_t [I, H] must map back to H = {hid}, got shape {tuple(wd_t.shape)}")
-    _check_threshold("teal_rows_mlp: t_in", t_in)
-    _check_threshold("teal_rows_mlp: t_down", t_down)
     if config is not None and (len(config) != 2 or any(len(c) != 5 for c in config)):
         raise ValueError(f"teal_rows_mlp config: expected two (ROWS, U, W, num_warps, num_stages), got {config}")
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -342,18 +349,7 @@ def teal_mlp_launch(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_
     sums of their splits, by the last split program of each block), down. config = (gate/up
     config, down config); compact: the kept-rows-compacted loop for one-row calls (with
     its own default configs)."""
-    _check_2d("teal_mlp: x", x)
-    hid = x.shape[1]
-    _check_teal_weight("teal_mlp: wg_t", wg_t, hid, x.device)
-    if wu_t.shape != wg_t.shape or wu_t.stride() != wg_t.stride():
-        raise ValueError(f"teal_mlp: wu_t {tuple(wu_t.shape)} strides {wu_t.stride()} differs from wg_t "
-                         f"{tuple(wg_t.shape)} strides {wg_t.stride()}")
-    inter = wg_t.shape[1]
-    _check_teal_weight("teal_mlp: wd_t", wd_t, inter, x.device)
-    if wd_t.shape[1] != hid:
-        raise ValueError(f"teal_mlp: wd_t [I, H] must map back to H = {hid}, got shape {tuple(wd_t.shape)}")
-    _check_threshold("teal_mlp: t_in", t_in)
-    _check_threshold("teal_mlp: t_down", t_down)
+    hid, inter = _check_mlp("teal_mlp", x, wg_t, wu_t, wd_t, t_in, t_down)
     x = x if x.stride(1) == 1 else x.contiguous()
     compact = compact and x.shape[0] == 1
     key = _config_key(x)

@@ -210,7 +210,7 @@ def teal_gemv_kernel(X, WT, WT2, T, P, M, K, N, stride_xm, stride_wk, stride_ps,
 @triton.jit
 def teal_rows_kernel(X, T, WT, WT2, ACC, OUT, CNT, SIDX, SX, K, N, SPLITS, stride_wk,
                      ROWS: tl.constexpr, U: tl.constexpr, W: tl.constexpr, STAGES: tl.constexpr,
-                     TWO: tl.constexpr, FENCE: tl.constexpr = True, FINISH: tl.constexpr = True,
+                     TWO: tl.constexpr, FENCE: tl.constexpr = False, FINISH: tl.constexpr = True,
                      XACC: tl.constexpr = False, SCNT=None, PDL: tl.constexpr = False):
     if PDL:
         tl.extra.cuda.gdc_wait()

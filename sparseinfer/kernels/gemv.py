@@ -11,7 +11,8 @@ fake implementations give the shapes):
         program of each output block through per-device counters that reset themselves).
     One-row CUDA calls of both (default config, not compact) take the gathered-rows loop
     (`teal_rows_launch` / `teal_rows_mlp_launch`, TEAL_ROWS): kept channels listed per program,
-    only their rows read; split sums by fp32 atomics (not bitwise reproducible run to run).
+    only their rows read; split sums by fp32 atomics (not bitwise reproducible run to run); the
+    MLP's hidden state stays fp32 between its launches. SPARSEINFER_TEAL_ROWS=0: the masked loop.
     sparseinfer::dejavu_gateup(x [M, H], wg [I, H], wu [I, H], mask [M, I] bool) -> [M, I]
         = SiLU(x @ wg.T) * (x @ wu.T) on the kept neurons, 0 elsewhere.
     sparseinfer::dejavu_mlp_rows(x [1, H], wg [I, H], wu [I, H], wd_t [I, H], idx [Kn]) -> [1, H]
@@ -345,7 +346,8 @@ def teal_mlp_launch(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_
                     t_in: torch.Tensor, t_down: torch.Tensor, config=None, compact: bool = False) -> torch.Tensor:
     """SwiGLU MLP with TEAL on both inputs: x [M, H], wg_t / wu_t [H, I], wd_t [I, H] (all
     [in, out] row-major) -> [M, H] = down(h * (|h| > t_down)), h = SiLU(gate(x')) * up(x'),
-    x' = x * (|x| > t_in); h in x's dtype. Two launches: gate and up (one shared x; h = the
+    x' = x * (|x| > t_in); h in x's dtype (one-row GPU calls with the default config go to
+    `teal_rows_mlp_launch`, whose h stays fp32). Two launches: gate and up (one shared x; h = the
     sums of their splits, by the last split program of each block), down. config = (gate/up
     config, down config); compact: the kept-rows-compacted loop for one-row calls (with
     its own default configs)."""

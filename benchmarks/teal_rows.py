@@ -55,6 +55,51 @@ def markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def mlp_by_sparsity(x, w, wt, hid, sparsities: list[float], iters: int) -> list[dict]:
+    """The 8B MLP (batch 1) at each sparsity s (thresholds: the s-quantiles of |x| and of the dense |h|):
+    cuBLAS, the gathered-rows loop (`teal_rows_mlp_launch`), the compacted masked loop (`compact=True`, what
+    the patching asks for at >= gemv.COMPACT_MIN_SPARSITY) and the plain masked loop, each checked against
+    float64; library configs throughout."""
+    h, inter = x.shape[1], w["up"].shape[0]
+    t_dense = ctx.timed(lambda: F.linear(F.silu(F.linear(x, w["gate"])) * F.linear(x, w["up"]), w["down"]), iters,
+                        True)
+    masked_cfg = (gemv._sized(gemv.TEAL_MLP_CONFIG["cuda"], h, inter, x),
+                  gemv._sized(gemv.TEAL_DOWN_CONFIG["cuda"], inter, h, x))
+    rows = []
+    for s in sparsities:
+        tx = torch.quantile(x.float().abs().flatten(), s)
+        th = torch.quantile(hid.float().abs().flatten(), s)
+        xs = torch.where(x.double().abs() > tx.double(), x.double(), 0)
+        hs = F.silu(xs @ w["gate"].double().T) * (xs @ w["up"].double().T)
+        ref = torch.where(hs.abs() > th.double(), hs, 0) @ w["down"].double().T
+        calls = {"gathered rows": lambda: gemv.teal_rows_mlp_launch(x, wt["gate"], wt["up"], wt["down"], tx, th),
+                 "compacted masked loop": lambda: gemv.teal_mlp_launch(x, wt["gate"], wt["up"], wt["down"], tx, th,
+                                                                       compact=True),
+                 "masked loop": lambda: gemv.teal_mlp_launch(x, wt["gate"], wt["up"], wt["down"], tx, th, masked_cfg)}
+        r = {"sparsity": s, "dense_ms": round(t_dense, 4)}
+        for name, fn in calls.items():
+            y = fn().double()
+            err = float((y - ref).norm() / ref.norm().clamp_min(1e-30)) if torch.isfinite(y).all() else float("inf")
+            ms = ctx.timed(fn, iters, True)
+            r[name] = {"ms": round(ms, 4), "speedup_vs_dense": round(t_dense / ms, 3), "rel_err": err}
+            ctx.log(f"  mlp {s:.0%} {name:<22} {ms:.4f} ms ({t_dense / ms:.3f}x cuBLAS)  rel err {err:.1e}")
+        rows.append(r)
+    return rows
+
+
+def markdown_sparsity(res: dict) -> str:
+    names = ("gathered rows", "compacted masked loop", "masked loop")
+    out = ["# The TEAL MLP by sparsity: gathered rows vs the masked loops (Llama-3.1-8B shapes, batch 1)", "",
+           f"{res['device']}; torch {res['torch']}, triton {res['triton']}; {res['date']}; bf16 random weights; "
+           "median of CUDA-graph replays; library configs; speedup against cuBLAS (dense MLP) in the same run; "
+           "`python benchmarks/teal_rows.py --sparsities ...`.", "",
+           "| sparsity | cuBLAS ms | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    out += [f"| {r['sparsity']:.0%} | {r['dense_ms']} | " + " | ".join(
+        f"{r[n]['ms']} ms = {r[n]['speedup_vs_dense']}x (err {r[n]['rel_err']:.1e})" for n in names) + " |"
+        for r in res["mlp_by_sparsity"]]
+    return "\n".join(out) + "\n"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ctx.gpu_args(p, "also the captured compiled 32-layer step, masked vs gathered-rows loop")
@@ -65,6 +110,8 @@ def main() -> int:
     p.add_argument("--alt-env", default=None, help="--step: one more gathered-rows step with this environment (JSON)")
     p.add_argument("--alt-configs", default=None, help="--step: one more gathered-rows step with these configs (JSON)")
     p.add_argument("--configs", default=None, help="skip the sweep: JSON {launch: config} of the gathered-rows loop")
+    p.add_argument("--sparsities", default=None, help="only: the MLP at these sparsities (e.g. '0.5,0.6,0.75,0.9'), "
+                   "gathered rows vs the compacted and the plain masked loop vs cuBLAS (library configs)")
     args = p.parse_args()
     dev, dt, sh = torch.device("cuda"), torch.bfloat16, ctx.LLAMA_31_8B
     h, inter = sh["hidden_size"], sh["intermediate_size"]
@@ -74,6 +121,11 @@ def main() -> int:
     res.update(rows=[], sweep=[])
     x, w, wt, hid, tx, th = ctx.teal_projections(dev, dt, sh)
     gemv.prepare_counters(dev)
+    if args.sparsities:
+        res["mlp_by_sparsity"] = mlp_by_sparsity(x, w, wt, hid, [float(v) for v in args.sparsities.split(",")],
+                                                 args.iters)
+        ctx.save(args.out, "teal_rows_sparsity", res, markdown_sparsity)
+        return 0
 
     def ref_of(name, t=None):
         xi, t0 = (hid, th) if name == "down" else (x, tx)

@@ -9,7 +9,7 @@ fake implementations give the shapes):
         = the SwiGLU MLP with TEAL on the inputs of gate/up (t_in) and down (t_down), in two
         launches (gate and up share one x and one launch; split-K sums by the last split
         program of each output block through per-device counters that reset themselves).
-    One-row CUDA calls of both (default config, not compact) take the gathered-rows loop
+    One-row CUDA calls of both (default config, compact or not) take the gathered-rows loop
     (`teal_rows_launch` / `teal_rows_mlp_launch`, TEAL_ROWS): kept channels listed per program,
     only their rows read; split sums by fp32 atomics (not bitwise reproducible run to run); the
     MLP's hidden state stays fp32 between its launches. SPARSEINFER_TEAL_ROWS=0: the masked loop.
@@ -92,7 +92,10 @@ FUSED_FINISH = True
 # then loop over full tiles of kept weight rows (COMPACT in _gemv_kernel.py). H100, 8B MLP:
 # 1.62x vs 1.68x at 50% sparsity, equal at 60%, 2.10x vs 2.01x at 65%, 2.65x vs 2.22x at 75%,
 # 3.00x vs 2.31x at 80% (benchmarks/results/contextual/teal_compact_sweep.md), so the patching
-# asks for it (`compact=True`) on layers configured at >= COMPACT_MIN_SPARSITY.
+# asks for it (`compact=True`) on layers configured at >= COMPACT_MIN_SPARSITY. The gathered-rows
+# loop (TEAL_ROWS, below) beats both at every sparsity (H100, 8B MLP: 2.26x vs 2.01x at 60%, 3.30x
+# vs 2.75x at 75%, 4.03x vs 3.18x at 80%, 8.79x vs 5.25x at 90%; contextual/teal_rows_sparsity.md),
+# so one-row GPU calls with TEAL_ROWS on take it whether or not they ask for compact.
 COMPACT_MIN_SPARSITY = 0.6
 # (gate/up launch, down launch) configs of the compacted path: H100 sweep at 50/75/80% sparsity
 # (`benchmarks/contextual.py --compact-sweep`, benchmarks/results/contextual/teal_compact_sweep2.json);
@@ -133,12 +136,12 @@ def prepare_counters(device) -> None:
 
 # The gathered-rows loop (`teal_rows_kernel`): each program lists its kept input channels, then
 # reads U kept weight rows' W output columns per step (long contiguous pieces), STAGES deep; splits
-# add up through fp32 atomics. TEAL_ROWS: one-row CUDA calls with the default config (and not
-# compact) take it (env SPARSEINFER_TEAL_ROWS=0: the masked loop). H100, Llama-3.1-8B shapes at 50%
+# add up through fp32 atomics. TEAL_ROWS: one-row CUDA calls with the default config (compact
+# or not) take it (env SPARSEINFER_TEAL_ROWS=0: the masked loop). H100, Llama-3.1-8B shapes at 50%
 # (benchmarks/results/contextual/teal_rows*.md): gate+up 46.5 vs 48.4 us, down 27.2 vs 29.1, q/k/v
 # 10.6 vs 11.2, o 9.4 vs 10.3; captured compiled 32-layer step, TEAL all projections 50%
 # 4.25 -> 3.97-4.00 ms (1.487x -> 1.58-1.59x against the fastest dense step) with FENCE on,
-# 3.92 ms (1.612x) without it (one run).
+# 3.92 ms (1.612x) without it; replicated: 3.905-3.911 ms (1.613-1.617x, teal_rows_replicate_s21.md).
 # Configs (ROWS, U, W, num_warps, num_stages); keys "cuda KxN" / "cuda glu KxN" (a weight's shape)
 # come first; env SPARSEINFER_TEAL_ROWS_CONFIG (JSON {key: config}) adds or replaces entries.
 TEAL_ROWS = os.environ.get("SPARSEINFER_TEAL_ROWS", "1") == "1"
@@ -334,7 +337,7 @@ def teal_gemv_launch(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor,
     _check_teal_weight("teal_gemv: wt", wt, x.shape[1], x.device)
     _check_threshold("teal_gemv", threshold)
     x = x if x.stride(1) == 1 else x.contiguous()
-    if TEAL_ROWS and config is None and not compact and x.is_cuda and x.shape[0] == 1:
+    if TEAL_ROWS and config is None and x.is_cuda and x.shape[0] == 1:  # compact or not: faster at any sparsity
         return teal_rows_launch(x, wt, None, threshold)
     return _teal(x, wt, None, threshold, config, False, compact)
 
@@ -346,13 +349,14 @@ def teal_mlp_launch(x: torch.Tensor, wg_t: torch.Tensor, wu_t: torch.Tensor, wd_
     x' = x * (|x| > t_in); h in x's dtype (one-row GPU calls with the default config go to
     `teal_rows_mlp_launch`, whose h stays fp32). Two launches: gate and up (one shared x; h = the
     sums of their splits, by the last split program of each block), down. config = (gate/up
-    config, down config); compact: the kept-rows-compacted loop for one-row calls (with
-    its own default configs)."""
+    config, down config); compact: the kept-rows-compacted masked loop for one-row calls (with
+    its own default configs) where the gathered-rows loop does not run (CPU, TEAL_ROWS off or a
+    config given)."""
     hid, inter = _check_mlp("teal_mlp", x, wg_t, wu_t, wd_t, t_in, t_down)
     x = x if x.stride(1) == 1 else x.contiguous()
     compact = compact and x.shape[0] == 1
     key = _config_key(x)
-    if TEAL_ROWS and config is None and not compact and x.is_cuda and x.shape[0] == 1:
+    if TEAL_ROWS and config is None and x.is_cuda and x.shape[0] == 1:  # compact or not: faster at any sparsity
         return teal_rows_mlp_launch(x, wg_t, wu_t, wd_t, t_in, t_down)
     if config is None:  # the masked loop's defaults with ROWS fitted like a single projection's (small models)
         config = TEAL_COMPACT_MLP_CONFIG[key] if compact else (_sized(TEAL_MLP_CONFIG[key], hid, inter, x),

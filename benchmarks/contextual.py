@@ -244,14 +244,16 @@ def part_a(args, dev, dt, shapes, out: dict) -> None:
                          "ms": timed(lambda: gemv.teal_mlp_launch(x, wgT, wuT, wdT, tx, th, cm), iters, cuda),
                          "bound_ms": kept_f * mlp_bytes / bw * 1e3})
             if b == 1:
-                # default configs of the compacted path (gemv.TEAL_COMPACT_MLP_CONFIG)
+                # default configs of the compacted path (gemv.TEAL_COMPACT_MLP_CONFIG), given explicitly: with
+                # no config, one-row GPU calls take the gathered-rows loop whatever compact says
+                ccfg = gemv.TEAL_COMPACT_MLP_CONFIG[gemv._config_key(x)]
                 rows.append({"batch": b, "method": f"teal {s:.0%} fused MLP, compact rows", "kept": round(kept_f, 3),
                              "bound_ms": kept_f * mlp_bytes / bw * 1e3,
-                             "ms": timed(lambda: gemv.teal_mlp_launch(x, wgT, wuT, wdT, tx, th, compact=True), iters, cuda)})
+                             "ms": timed(lambda: gemv.teal_mlp_launch(x, wgT, wuT, wdT, tx, th, ccfg, compact=True), iters, cuda)})
                 rows.append({"batch": b, "method": f"teal {s:.0%} compact rows, up_proj alone", "kept": round(union_x, 3),
                              "bound_ms": union_x * mlp_bytes / 3 / bw * 1e3,
                              "ms": timed(lambda: gemv.teal_gemv_launch(x, wuT, tx, best["compact_up"], compact=True), iters, cuda)})
-                gotc = gemv.teal_mlp_launch(x, wgT, wuT, wdT, tx, th, compact=True).float()
+                gotc = gemv.teal_mlp_launch(x, wgT, wuT, wdT, tx, th, ccfg, compact=True).float()
                 out.setdefault("compact_rel_err", {})[f"b{b} {s:.0%}"] = round(float((gotc - want).norm() / want.norm()), 5)
             gemv.FUSED_FINISH = False  # the previous path: split sums in a second launch per projection
             try:
@@ -499,9 +501,9 @@ def part_t(args, dev, dt, shapes, out: dict) -> None:
         t_lib = timed(lambda: gemv.teal_gemv_launch(x, wt, t50), args.iters, cuda)
         rows.append({"shape": name, "method": "teal 50%, library default", "ms": t_lib, "bound_ms": bound / 2,
                      "rel_err": err(gemv.teal_gemv_launch(x, wt, t50))})
-        t_cmp = timed(lambda: gemv.teal_gemv_launch(x, wt, t50, compact=True), args.iters, cuda)
+        t_cmp = timed(lambda: gemv._teal(x, wt, None, t50, None, False, True), args.iters, cuda)
         rows.append({"shape": name, "method": "teal 50%, compacted rows, default config", "ms": t_cmp,
-                     "bound_ms": bound / 2, "rel_err": err(gemv.teal_gemv_launch(x, wt, t50, compact=True))})
+                     "bound_ms": bound / 2, "rel_err": err(gemv._teal(x, wt, None, t50, None, False, True))})
         best = None
         for c in cfgs:
             try:

@@ -74,7 +74,7 @@ def mlp_by_sparsity(x, w, wt, hid, sparsities: list[float], iters: int) -> list[
         ref = torch.where(hs.abs() > th.double(), hs, 0) @ w["down"].double().T
         calls = {"gathered rows": lambda: gemv.teal_rows_mlp_launch(x, wt["gate"], wt["up"], wt["down"], tx, th),
                  "compacted masked loop": lambda: gemv.teal_mlp_launch(x, wt["gate"], wt["up"], wt["down"], tx, th,
-                                                                       compact=True),
+                                                                       gemv.TEAL_COMPACT_MLP_CONFIG["cuda"], compact=True),
                  "masked loop": lambda: gemv.teal_mlp_launch(x, wt["gate"], wt["up"], wt["down"], tx, th, masked_cfg)}
         r = {"sparsity": s, "dense_ms": round(t_dense, 4)}
         for name, fn in calls.items():

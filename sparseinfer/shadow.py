@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .kv import cache_key
+
 
 @dataclass
 class ShadowRecord:
@@ -84,7 +86,7 @@ class Shadow:
             return None
         if self._model_rng.random() >= self.rate:
             return None
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(cache_key(kwargs))
         self._saved = copy.deepcopy(cache) if cache is not None else None
         self._armed = True
         return None
@@ -99,7 +101,7 @@ class Shadow:
             return None
         kw = dict(kwargs)
         if saved is not None:
-            kw["past_key_values"] = saved
+            kw[cache_key(kwargs)] = saved
         self.forcing = True
         try:
             with torch.no_grad():

@@ -357,6 +357,32 @@ def test_shadow_records_divergence_without_changing_outputs(tiny):
     sparseinfer.unpatch(model)
 
 
+def test_shadow_replay_leaves_the_callers_cache_under_either_keyword(tiny):
+    """transformers >= 5.24 passes the Cache as `cache` (`past_key_values` before): the dense replay
+    must run on a copy of it under whichever keyword the call used, never append to the caller's."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    model, ids, _ = tiny
+    names = [n for n in ("past_key_values", "cache") if n in inspect.signature(model.forward).parameters]
+    assert names  # this transformers knows at least one of them
+    for name in names:
+        plain = DynamicCache()
+        sparseinfer.patch(model, "xattention", min_len=0, tau=0.3, **XA)
+        with torch.no_grad():
+            want = model(ids, use_cache=True, **{name: plain}).logits
+        h = sparseinfer.patch(model, "xattention", min_len=0, tau=0.3, shadow=1.0, **XA)
+        cache = DynamicCache()
+        with torch.no_grad():
+            got = model(ids, use_cache=True, **{name: cache}).logits
+        assert sum(r.kind == "logits" for r in h.stats.shadow) == 1  # the replay ran
+        assert cache.get_seq_length() == ids.shape[1], name
+        assert torch.equal(got, want)
+        assert all(torch.equal(a.keys, b.keys) for a, b in zip(cache.layers, plain.layers))
+    sparseinfer.unpatch(model)
+
+
 def test_adaptive_report_from_cached_cells(tmp_path):
     from sparseinfer.eval import adaptive
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from ..kv import budget_options, kv_cache
+from ..kv import budget_options, cache_kwargs, kv_cache
 
 PROMPT = (
     "Solve the following problems one after another. For each one, reason step by step, write every "
@@ -61,7 +61,7 @@ def prompt_ids(tokenizer, text: str = PROMPT) -> torch.Tensor:
 @torch.inference_mode()
 def dense_reference(model, ids: torch.Tensor, n: int):
     """Greedy dense generation of exactly n tokens: (tokens [n], log-probs [n, V] float16)."""
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=DynamicCache(), max_new_tokens=n,
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, DynamicCache()), max_new_tokens=n,
                          min_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True,
                          pad_token_id=model.config.eos_token_id)
     logits = torch.stack(out.logits, 1)[0]  # [n, V]
@@ -77,10 +77,10 @@ def replay(model, ids: torch.Tensor, tokens: torch.Tensor, dense_lp: torch.Tenso
     agree = torch.zeros(n)
     mem = []
     dense_top = dense_lp.argmax(-1)
-    out = model(ids, past_key_values=cache, use_cache=True)
+    out = model(ids, **cache_kwargs(model, cache), use_cache=True)
     for t in range(n):
         if t:
-            out = model(tokens[t - 1:t][None], past_key_values=cache, use_cache=True)
+            out = model(tokens[t - 1:t][None], **cache_kwargs(model, cache), use_cache=True)
         lp = torch.log_softmax(out.logits[0, -1].float(), -1)
         ld = dense_lp[t].float()
         kl[t] = (ld.exp() * (ld - lp)).sum().clamp(min=0)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kv import cache_kwargs
+
 NAMES = ["Anna", "Ben", "Carl", "Dora", "Emil", "Fiona", "Greg", "Hanna", "Ivan", "Julia", "Karl", "Lena", "Mario",
          "Nora", "Oscar", "Paula", "Quinn", "Rosa", "Sam", "Tina", "Umar", "Vera", "Walt", "Xena", "Yuri", "Zoe",
          "Adam", "Bella", "Chris", "Diana"]
@@ -80,7 +82,8 @@ def run_recall(model, tokenizer, cases: RecallCases, cache) -> dict:
     mean accuracy, length, repetition and the per-case values."""
     ids = cases.ids.to(model.device)
     eos = model.config.eos_token_id
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=cases.max_new,
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache),
+                         max_new_tokens=cases.max_new,
                          do_sample=False, pad_token_id=eos if isinstance(eos, int) else 0)
     gen = out[:, ids.shape[1]:]
     accs, lens, reps, texts = [], [], [], []

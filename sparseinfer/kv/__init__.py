@@ -2,6 +2,7 @@
 
     cache = sparseinfer.kv_cache(model, "raas", budget=1024)
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=4096)
+    # transformers >= 5.24: cache=cache (or **sparseinfer.kv.cache_kwargs(model, cache) for either)
 
 Policies (options; budgets in tokens):
   dense      every token kept, dense decode (equals transformers' DynamicCache)
@@ -179,11 +180,24 @@ class SparseKVCache(Cache):
         return total
 
 
+def cache_key(kwargs: dict) -> str:
+    """The keyword a model call got its Cache under: transformers >= 5.24 names it `cache`
+    (`past_key_values` before, still accepted with a deprecation warning until 5.40 / 6.0)."""
+    return "cache" if "cache" in kwargs else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """{keyword: cache} for `model(...)` / `model.generate(...)`: `cache` where the model's
+    forward takes it (transformers >= 5.24), else `past_key_values`."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
 def _capture_hook(module, args, kwargs):
     """Model forward pre-hook: give a SparseKVCache the 2-D padding mask of this call; with
     `patch(model, kv=...)`, replace generate's fresh empty DynamicCache by the policy's cache."""
-    # transformers >= 5.24 names the model's cache argument `cache` (`past_key_values` before)
-    key = "cache" if "cache" in kwargs else "past_key_values"
+    key = cache_key(kwargs)
     pkv = kwargs.get(key)
     spec = getattr(module, "_sparseinfer_kv_spec", None)
     if spec is not None and type(pkv).__name__ == "DynamicCache" and pkv.get_seq_length() == 0:
@@ -202,7 +216,7 @@ def _install_hook(model) -> None:
 
 def kv_cache(model, policy: str = "raas", *, dense_layers=2, **options) -> SparseKVCache:
     """A fresh KV cache following `policy` for `model` (see the module docstring), wired into
-    the model's attention modules. Pass it to `model.generate(..., past_key_values=cache)`.
+    the model's attention modules. Pass it to `model.generate(..., past_key_values=cache)` (`cache=cache` on transformers >= 5.24).
     One cache serves one generation; make a new one per call."""
     from .. import integration
 

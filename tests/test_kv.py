@@ -7,7 +7,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import sparseinfer
 from sparseinfer.integration import KV_ATTR
-from sparseinfer.kv import POLICIES, SparseKVCache, budget_options
+from sparseinfer.kv import POLICIES, SparseKVCache, budget_options, cache_kwargs
 from sparseinfer.kv.layers import RaaSLayer
 from sparseinfer.ops.decode import merge_partials, page_bounds, quest_scores, sparse_decode_attention
 
@@ -143,7 +143,7 @@ def tiny():
 
 def _generate(model, ids, cache, n, mask=None):
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids) if mask is None else mask, past_key_values=cache,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids) if mask is None else mask, **cache_kwargs(model, cache),
                              max_new_tokens=n, min_new_tokens=n, do_sample=False, output_scores=True,
                              return_dict_in_generate=True, pad_token_id=0)
     return out.sequences, torch.stack(out.scores, 1)
@@ -206,10 +206,10 @@ def test_left_padded_batch_full_budget(tiny):
 def _decode_loop(model, cache, prompt, steps):
     """Greedy decoding by hand (q_len 1 per step); yields the cache after each step."""
     with torch.no_grad():
-        out = model(prompt, past_key_values=cache, use_cache=True)
+        out = model(prompt, **cache_kwargs(model, cache), use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
-            out = model(tok, past_key_values=cache, use_cache=True)
+            out = model(tok, **cache_kwargs(model, cache), use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
             yield cache
 
@@ -363,9 +363,9 @@ def test_errors(tiny, policy, opts, match):
 def test_errors_chunk_and_patch(tiny):
     cache = sparseinfer.kv_cache(tiny, "raas", budget=32)
     with torch.no_grad():
-        tiny(torch.ones(1, 10, dtype=torch.long), past_key_values=cache, use_cache=True)
+        tiny(torch.ones(1, 10, dtype=torch.long), **cache_kwargs(tiny, cache), use_cache=True)
         with pytest.raises(ValueError, match=r"expected one token per step after the prompt \(q_len 1\), got a 3-token"):
-            tiny(torch.ones(1, 3, dtype=torch.long), past_key_values=cache, use_cache=True)
+            tiny(torch.ones(1, 3, dtype=torch.long), **cache_kwargs(tiny, cache), use_cache=True)
     with pytest.raises(ValueError, match=r"'budget' expected a multiple"):
         sparseinfer.patch(tiny, "dense", kv="raas", kv_options={"budget": 20})
     with pytest.raises(ValueError, match="kv_options given without a kv policy"):
@@ -430,11 +430,11 @@ def test_eval_decode_replay_and_report(tiny, tmp_path):
 def test_num_return_sequences_repeats_policy_state(tiny):
     ids = torch.randint(1, 96, (1, 20), generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
-        ref = tiny.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=DynamicCache(), max_new_tokens=8,
+        ref = tiny.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(tiny, DynamicCache()), max_new_tokens=8,
                             do_sample=False, num_return_sequences=2, num_beams=2, pad_token_id=0)
         for policy in ("raas", "h2o", "quest"):
             opts = {"raas": {"budget": 32}, "h2o": {"heavy": 32, "recent": 32}, "quest": {"budget": 64}}[policy]
-            out = tiny.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=sparseinfer.kv_cache(tiny, policy, **opts),
+            out = tiny.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(tiny, sparseinfer.kv_cache(tiny, policy, **opts)),
                                 max_new_tokens=8, do_sample=False, num_return_sequences=2, num_beams=2, pad_token_id=0)
             assert torch.equal(out, ref), policy
     sparseinfer.unpatch(tiny)

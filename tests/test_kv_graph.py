@@ -14,7 +14,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sparseinfer
-from sparseinfer.kv import SparseKVCache
+from sparseinfer.kv import SparseKVCache, cache_kwargs
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +35,11 @@ def _decode(model, policy, opts, prompt, tokens, traced: bool):
     out = []
 
     def step(tok, pos):
-        return model(input_ids=tok, position_ids=pos, cache_position=pos[0], past_key_values=cache,
+        return model(input_ids=tok, position_ids=pos, cache_position=pos[0], **cache_kwargs(model, cache),
                      use_cache=True).logits
 
     with torch.no_grad():
-        model(prompt, past_key_values=cache, use_cache=True)
+        model(prompt, **cache_kwargs(model, cache), use_cache=True)
         step(tokens[:, :1], torch.full((prompt.shape[0], 1), n))  # eager warm-up (compresses the prompt)
         fn = step
         for t in range(1, tokens.shape[1]):

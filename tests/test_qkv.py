@@ -4,6 +4,7 @@ import torch
 
 import sparseinfer
 from sparseinfer import qkv
+from sparseinfer.kv import cache_kwargs
 
 
 def _model(kind: str = "llama", layers: int = 2, dtype=torch.float64):
@@ -27,8 +28,8 @@ def _generate(model, ids, steps=4):
     out, past, x = [], None, ids
     with torch.no_grad():
         for _ in range(steps + 1):
-            r = model(input_ids=x, past_key_values=past, use_cache=True)
-            past = r.past_key_values
+            r = model(input_ids=x, **cache_kwargs(model, past), use_cache=True)
+            past = r.cache if hasattr(r, "cache") else r.past_key_values
             out.append(r.logits[0, -1])
             x = r.logits[:, -1:].argmax(-1)
     return torch.stack(out)

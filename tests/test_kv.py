@@ -206,10 +206,11 @@ def test_left_padded_batch_full_budget(tiny):
 def _decode_loop(model, cache, prompt, steps):
     """Greedy decoding by hand (q_len 1 per step); yields the cache after each step."""
     with torch.no_grad():
-        out = model(prompt, **cache_kwargs(model, cache), use_cache=True)
+        kw = cache_kwargs(model, cache)
+        out = model(prompt, **kw, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
-            out = model(tok, **cache_kwargs(model, cache), use_cache=True)
+            out = model(tok, **kw, use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
             yield cache
 

@@ -77,10 +77,11 @@ def replay(model, ids: torch.Tensor, tokens: torch.Tensor, dense_lp: torch.Tenso
     agree = torch.zeros(n)
     mem = []
     dense_top = dense_lp.argmax(-1)
-    out = model(ids, **cache_kwargs(model, cache), use_cache=True)
+    kw = cache_kwargs(model, cache)  # once: the keyword does not change between steps
+    out = model(ids, **kw, use_cache=True)
     for t in range(n):
         if t:
-            out = model(tokens[t - 1:t][None], **cache_kwargs(model, cache), use_cache=True)
+            out = model(tokens[t - 1:t][None], **kw, use_cache=True)
         lp = torch.log_softmax(out.logits[0, -1].float(), -1)
         ld = dense_lp[t].float()
         kl[t] = (ld.exp() * (ld - lp)).sum().clamp(min=0)

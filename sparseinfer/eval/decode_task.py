@@ -83,8 +83,7 @@ def run_recall(model, tokenizer, cases: RecallCases, cache) -> dict:
     ids = cases.ids.to(model.device)
     eos = model.config.eos_token_id
     out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache),
-                         max_new_tokens=cases.max_new,
-                         do_sample=False, pad_token_id=eos if isinstance(eos, int) else 0)
+                         max_new_tokens=cases.max_new, do_sample=False, pad_token_id=eos if isinstance(eos, int) else 0)
     gen = out[:, ids.shape[1]:]
     accs, lens, reps, texts = [], [], [], []
     eos_ids = set(eos if isinstance(eos, list) else [eos])

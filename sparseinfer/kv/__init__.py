@@ -25,6 +25,8 @@ another cache) falls back to dense SDPA.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import Cache
 
@@ -189,8 +191,6 @@ def cache_key(kwargs: dict) -> str:
 def cache_kwargs(model, cache) -> dict:
     """{keyword: cache} for `model(...)` / `model.generate(...)`: `cache` where the model's
     forward takes it (transformers >= 5.24), else `past_key_values`."""
-    import inspect
-
     return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
@@ -216,7 +216,8 @@ def _install_hook(model) -> None:
 
 def kv_cache(model, policy: str = "raas", *, dense_layers=2, **options) -> SparseKVCache:
     """A fresh KV cache following `policy` for `model` (see the module docstring), wired into
-    the model's attention modules. Pass it to `model.generate(..., past_key_values=cache)` (`cache=cache` on transformers >= 5.24).
+    the model's attention modules. Pass it to `model.generate(..., past_key_values=cache)`
+    (`cache=cache` on transformers >= 5.24; `cache_kwargs(model, cache)` gives the right one).
     One cache serves one generation; make a new one per call."""
     from .. import integration
 

@@ -782,8 +782,9 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                     # (KV heads shared inside SDPA), without contextual sparsity: the dense step of the sparse ones
                     handle = sparseinfer.patch(model, "dense", fuse_qkv=False if "unfused" in name else None)
                 cache = StaticCache(config=cfg, max_cache_len=ctx + 8)
+                ck = sparseinfer.kv.cache_kwargs(model, cache)  # `cache=` from transformers 5.24
                 with torch.no_grad():
-                    model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(ctx, device=dev), use_cache=True)
+                    model(input_ids=ids, **ck, cache_position=torch.arange(ctx, device=dev), use_cache=True)
                 pos = torch.tensor([ctx], device=dev)
                 # StaticCache layers that count tokens in a device tensor (transformers 5.17) would
                 # advance on every graph replay and overflow the buffer: rewind before each step
@@ -796,7 +797,7 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                     if lengths:  # one multi-tensor launch for all layers (not one fill per layer)
                         torch._foreach_copy_(lengths, ctx_t)
                     with torch.no_grad():
-                        return fwd(input_ids=tok, past_key_values=cache, cache_position=pos, position_ids=pos[None],
+                        return fwd(input_ids=tok, **ck, cache_position=pos, position_ids=pos[None],
                                    use_cache=True).logits
 
                 check = {}
@@ -819,7 +820,7 @@ def part_b(args, dev, dt, shapes, out: dict) -> None:
                     for t in lengths:
                         t.fill_(ctx)
                     with torch.no_grad():
-                        ref = model(input_ids=tok, past_key_values=cache, cache_position=pos, position_ids=pos[None],
+                        ref = model(input_ids=tok, **ck, cache_position=pos, position_ids=pos[None],
                                     use_cache=True).logits.float()
                     got = step().float()
                     check["rel_err_vs_eager"] = float((got - ref).norm() / ref.norm())

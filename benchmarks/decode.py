@@ -246,12 +246,13 @@ def step_fn(model, cache, tok, pos, ctx=None):
     lengths = [lay.cumulative_length for lay in cache.layers
                if isinstance(getattr(lay, "cumulative_length", None), torch.Tensor)] if ctx else []
 
+    ck = sparseinfer.kv.cache_kwargs(model, cache)  # `cache=` from transformers 5.24
+
     def f():
         for t in lengths:
             t.fill_(ctx - 1)
         with torch.no_grad():
-            return model(input_ids=tok, position_ids=pos, cache_position=pos[0], past_key_values=cache,
-                         use_cache=True).logits
+            return model(input_ids=tok, position_ids=pos, cache_position=pos[0], **ck, use_cache=True).logits
     return f
 
 

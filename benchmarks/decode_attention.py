@@ -32,6 +32,7 @@ sys.path.insert(0, HERE)
 
 import contextual as ctx  # noqa: E402  (timed, copy_bandwidth, part_b, LLAMA_31_8B, log)
 from sparseinfer import integration  # noqa: E402
+from sparseinfer.kv import cache_kwargs  # noqa: E402
 from sparseinfer.kernels import decode as kd  # noqa: E402
 
 CASES = [(1, 4104, 4097), (1, 32776, 4097), (1, 32776, 32776), (1, 131080, 131080), (4, 32776, 32776)]
@@ -121,10 +122,11 @@ def model_check(dev, dt, sh) -> dict:
     for label in ("sdpa", "triton"):
         integration.DECODE_KERNEL = label
         cache = StaticCache(config=model.config, max_cache_len=4104)
+        ck = cache_kwargs(model, cache)  # `cache=` from transformers 5.24
         with torch.no_grad():
-            model(input_ids=ids[:, :4096], past_key_values=cache, cache_position=torch.arange(4096, device=dev))
+            model(input_ids=ids[:, :4096], **ck, cache_position=torch.arange(4096, device=dev))
             pos = torch.tensor([4096], device=dev)
-            logits[label] = model(input_ids=ids[:, 4096:], past_key_values=cache, cache_position=pos,
+            logits[label] = model(input_ids=ids[:, 4096:], **ck, cache_position=pos,
                                   position_ids=pos[None]).logits.float()
     sparseinfer.unpatch(model)
     integration.DECODE_KERNEL = "triton"

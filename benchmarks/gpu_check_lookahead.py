@@ -76,8 +76,9 @@ def captured_logits(model, pred, th, lookahead_on: bool, ctx: int, replays: int)
     ids = torch.randint(0, cfg.vocab_size, (1, ctx), device=dev, generator=g_in)
     tok = torch.randint(0, cfg.vocab_size, (1, 1), device=dev, generator=g_in)
     cache = StaticCache(config=cfg, max_cache_len=ctx + 8)
+    ck = sparseinfer.kv.cache_kwargs(model, cache)  # `cache=` from transformers 5.24
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(ctx, device=dev), use_cache=True)
+        model(input_ids=ids, **ck, cache_position=torch.arange(ctx, device=dev), use_cache=True)
     pos = torch.tensor([ctx], device=dev)
     lengths = [lay.cumulative_length for lay in getattr(cache, "layers", [])
                if isinstance(getattr(lay, "cumulative_length", None), torch.Tensor)]
@@ -88,7 +89,7 @@ def captured_logits(model, pred, th, lookahead_on: bool, ctx: int, replays: int)
         if lengths:
             torch._foreach_copy_(lengths, ctx_t)
         with torch.no_grad():
-            out.copy_(fwd(input_ids=tok, past_key_values=cache, cache_position=pos, position_ids=pos[None],
+            out.copy_(fwd(input_ids=tok, **ck, cache_position=pos, position_ids=pos[None],
                           use_cache=True).logits.float())
 
     g = cb.capture(step)

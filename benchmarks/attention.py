@@ -486,6 +486,13 @@ def vs_parts(dev, gen, log, sizes):
         zero = torch.zeros_like(idx.tile_count)
         no_cols = dataclasses.replace(idx, columns=None, column_count=None)
         no_runs = dataclasses.replace(idx, tile_count=zero, edge_count=zero, range_count=torch.zeros_like(idx.range_count))
+        # the column pass alone over 128-row query blocks (8 warps; a launch of its own would need it):
+        # what moving the columns out of the 64-row second launch could save
+        idx128, _ = sidx.from_vertical_slash(vert, sl, n, 128, block_n=bn, band_block_m=band_cfg[0],
+                                              band_min=katt.VS_BAND_MIN)
+        zero128 = torch.zeros_like(idx128.tile_count)
+        cols128 = dataclasses.replace(idx128, tile_count=zero128, edge_count=zero128,
+                                      range_count=torch.zeros_like(idx128.range_count))
         parts = {
             "index (graphed)": lambda: graphed.build_graphed(("parts", n), build, (vert, sl)),
             "index (eager)": lambda: build(vert, sl),
@@ -495,6 +502,9 @@ def vs_parts(dev, gen, log, sizes):
             "second, no columns": lambda: katt.run_index(q, k, v, no_cols, scale, bn, *rest, out=out, prior=prior),
             "second, no runs": lambda: katt.run_index(q, k, v, no_runs, scale, bn, *rest, out=out, prior=prior),
             "whole call": lambda: kernels.vertical_slash_attention(q, k, v, vert, sl, scale),
+            "columns, 128 rows": lambda: katt.run_index(q, k, v, cols128, scale, bn, 8, 3, 3, 4, 2, out=out),
+            "columns, 128 rows, 2 st": lambda: katt.run_index(q, k, v, cols128, scale, bn, 8, 3, 2, 4, 2, out=out),
+            "columns, 64 rows": lambda: katt.run_index(q, k, v, no_runs, scale, bn, *rest, out=out),
         }
         tiles = {"tiles": int(idx.tile_count.sum()), "edges": int(idx.edge_count.sum()),
                  "column tiles": int(((idx.column_count + bn - 1) // bn).sum()), "query blocks": idx.tile_count.numel()}
@@ -504,7 +514,7 @@ def vs_parts(dev, gen, log, sizes):
             t = bench(fn, budget_s=0.4)
             rows.append({"N": n, "pattern": "vs-parts", "variant": name, "ms": t, "dense_ms": dense, **tiles})
             log(f"parts N={n} {name:20s} {t:8.2f} ms")
-        del q, k, v, vert, sl, idx, band, out, lse, prior, no_cols, no_runs
+        del q, k, v, vert, sl, idx, band, out, lse, prior, no_cols, no_runs, idx128, cols128
     return rows
 
 

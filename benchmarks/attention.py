@@ -15,7 +15,8 @@ One Llama-3-8B layer: B=1, 32 query heads, 8 KV heads, D=128, bf16, causal.
    (a) realistic index sets, (b) structured q/k through the estimators, (c) i.i.d. random q/k
    through the estimators. "+est" rows include estimation; every sparseinfer row includes
    index construction. Ratio = dense / time; % limit = ratio * density.
-Writes JSON + markdown to --out (default benchmarks/results/).
+Writes JSON + markdown + a PNG of the table to --out (default benchmarks/results/);
+`--plot RESULTS.json` redraws the PNG from a committed JSON on any machine.
 """
 from __future__ import annotations
 
@@ -680,6 +681,65 @@ def run_sizes(sizes, dev, gen, log, save=None, max_random_n=262144):
     return rows
 
 
+# MInference's own kernels on the same layer and card (issue 3 / shared/anchors.md; ratio vs cuDNN) and
+# issue 3's targets, drawn next to the measured rows
+MINFERENCE = {"ashape": {32768: 1.97, 131072: 8.2, 262144: 16.9, 524288: 39.7},
+              "vertical-slash": {32768: 1.31, 131072: 5.7, 262144: 11.8, 524288: 24.5},
+              "block-sparse": {32768: 1.39, 131072: 5.3, 262144: 10.0, 524288: 17.3}}
+TARGETS = {"ashape": {131072: 13, 524288: 50}, "vertical-slash": {131072: 7.5, 262144: 15, 524288: 30},
+           "block-sparse": {131072: 8.5, 524288: 30}}
+PLOTTED = [  # (case, variant) of the table, pattern, line style, label
+    ("-", "ashape 128+4096", "ashape", "-", "A-shape 128 + 4096"),
+    ("realistic", "vertical-slash", "vertical-slash", "-", "vertical-slash, realistic indices"),
+    ("structured", "vertical-slash +est", "vertical-slash", "--", "vertical-slash, structured q/k + estimation"),
+    ("random", "vertical-slash +est", "vertical-slash", ":", "vertical-slash, i.i.d. random q/k + estimation"),
+    ("realistic", "block-sparse top100", "block-sparse", "-", "block-sparse top-100, realistic indices"),
+    ("structured", "block-sparse top100 +est", "block-sparse", "--", "block-sparse, structured q/k + estimation"),
+]
+
+
+def plot(meta, rows, path):
+    """PNG of the table: speedup over cuDNN dense and % of the density limit against N, per
+    pattern and input, with MInference's kernels and issue 3's targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"ashape": "tab:blue", "vertical-slash": "tab:orange", "block-sparse": "tab:green"}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    for case, variant, pat, style, label in PLOTTED:
+        pts = sorted((r["N"], r["ratio"], r["pct_limit"]) for r in rows
+                     if r["case"] == case and r["variant"] == variant and r["ms"] == r["ms"])
+        if pts:
+            ns, ratios, pcts = zip(*pts)
+            ax.plot(ns, ratios, style, marker="o", color=colors[pat], label=label)
+            ax2.plot(ns, pcts, style, marker="o", color=colors[pat], label=label)
+    for pat, pts in MINFERENCE.items():
+        ns = sorted(pts)
+        ax.plot(ns, [pts[n] for n in ns], "-.", marker="x", color=colors[pat], alpha=0.5, lw=1,
+                label=f"MInference's {pat} kernel")
+    for pat, pts in TARGETS.items():
+        ax.scatter(sorted(pts), [pts[n] for n in sorted(pts)], marker="*", s=140, facecolors="none",
+                   edgecolors=colors[pat], label=f"target, {pat}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    for a_ in (ax, ax2):
+        a_.set_xscale("log", base=2)
+        ns = sorted({r["N"] for r in rows})
+        a_.set_xticks(ns, [f"{n // 1024}K" for n in ns])
+        a_.set_xlabel("sequence length N")
+        a_.grid(alpha=0.3)
+    ax.set_yscale("log")
+    ax.set_ylabel("speedup over cuDNN SDPA (same run)")
+    ax2.set_ylabel("% of the density limit (speedup x density)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"One Llama-3-8B layer (32 / 8 heads, D 128, bf16, causal), {meta['device']}, {meta['date']}; "
+                 f"torch {meta['torch']}, triton {meta['triton']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def markdown(meta, checks, rows, tune_rows):
     out = [f"# Sparse attention vs dense, {meta['device']}", "",
            f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}; "
@@ -747,7 +807,16 @@ def main():
     ap.add_argument("--cases", default=None, help="with --variants: only these cases, e.g. 'vs,vs-structured'")
     ap.add_argument("--flags", default=None,
                     help="katt.FLAGS entries set before anything runs, e.g. 'VS_COL_TMA=1,VS_OVERLAP=0' (integers)")
+    ap.add_argument("--plot", default=None, metavar="JSON",
+                    help="only: redraw the table's PNG from a results JSON (next to it; no GPU needed)")
     args = ap.parse_args()
+    if args.plot:
+        with open(args.plot) as f:
+            res = json.load(f)
+        if not res.get("rows") or "case" not in res["rows"][0]:
+            raise SystemExit(f"--plot: {args.plot} holds no table rows (expected a run of the full table)")
+        plot(res["meta"], res["rows"], os.path.splitext(args.plot)[0] + ".png")
+        return
     try:
         set_flags(args.flags)
     except ValueError as e:
@@ -777,6 +846,8 @@ def main():
             f.write(markdown(meta, checks, r, tune_rows))
         with open(os.path.join(args.out, f"{args.tag}.log"), "w") as f:
             f.write("\n".join(lines) + "\n")
+        if r and "case" in r[0]:  # the table
+            plot(meta, r, os.path.join(args.out, f"{args.tag}.png"))
 
     try:
         if args.holey:

@@ -89,7 +89,8 @@ def layer_candidates(q, k, scale: float, targets: list[float], last_q: int = 64)
     wgrid = [w for w in grid if w <= n]
     wdens = torch.stack([ashape_density(n, sink, w) for w in wgrid])
     nb = math.ceil(n / BLOCK)
-    border = bs.estimate(q, k, nb, BLOCK, scale)  # best first
+    # best first: the Triton top-k (CUDA) returns rows ascending; the prefixes below are the budgets
+    border = bs.estimate(q, k, nb, BLOCK, scale, by_score=True)
     kgrid = sorted({max(1, int(x)) for x in torch.logspace(0, math.log10(nb), 32).round().tolist()})
     ar = torch.arange(nb, device=q.device)
     bdens = torch.stack([bs.block_sparse_density(n, torch.where(ar < kk, border, -1), BLOCK)[0] for kk in kgrid])

@@ -171,3 +171,26 @@ def test_block_sparse_heads_with_different_budgets_keep_their_best_blocks(monkey
         want = bs.estimate(q[:, h:h + 1], k[:, h:h + 1], t, 32, 0.125)[0, 0]
         for r in range(got.shape[2]):
             assert set(got[0, h, r].tolist()) - {-1} == set(want[r].tolist()) - {-1}, (h, r)
+
+
+def test_search_block_sparse_candidates_keep_each_heads_best_blocks_with_either_topk(monkeypatch):
+    """search.layer_candidates: a block-sparse budget of kk blocks keeps each head's kk best-scoring
+    blocks, whether bs.estimate selects with the Triton top-k (what CUDA takes: rows come ascending)
+    or with torch.topk (rows by score). It once kept the lowest block ids on CUDA."""
+    from sparseinfer import search
+    from sparseinfer.patterns import block_sparse as bs
+
+    torch.manual_seed(5)
+    n, d = 1024, 32
+    q, k = torch.randn(1, 2, n, d), torch.randn(1, 2, n, d)
+    k[:, :, 700:760] += 0.8 * q[:, :, -1:].mean(0)  # late heavy blocks: the best are not the lowest ids
+    got = {}
+    for mode in (False, True):
+        monkeypatch.setattr(bs, "TOPK_KERNEL", mode)
+        cands = [c for c in search.layer_candidates(q, k, d ** -0.5, [0.05, 0.2]) if c["pattern"] == "block_sparse"]
+        got[mode] = cands
+    assert len(got[False]) == len(got[True]) == 2
+    for a, b in zip(got[False], got[True]):
+        assert a["budgets"] == b["budgets"]
+        assert torch.equal(a["density"], b["density"])
+        assert torch.allclose(a["recall"], b["recall"], rtol=0, atol=1e-6)

@@ -715,12 +715,14 @@ def plot(meta, rows, path):
             ns, ratios, pcts = zip(*pts)
             ax.plot(ns, ratios, style, marker="o", color=colors[pat], label=label)
             ax2.plot(ns, pcts, style, marker="o", color=colors[pat], label=label)
-    for pat, pts in MINFERENCE.items():
-        ns = sorted(pts)
+    sizes = {r["N"] for r in rows}
+    for pat, pts in MINFERENCE.items():  # at the run's lengths only
+        ns = sorted(n for n in pts if n in sizes)
         ax.plot(ns, [pts[n] for n in ns], "-.", marker="x", color=colors[pat], alpha=0.5, lw=1,
                 label=f"MInference's {pat} kernel")
     for pat, pts in TARGETS.items():
-        ax.scatter(sorted(pts), [pts[n] for n in sorted(pts)], marker="*", s=140, facecolors="none",
+        ns = sorted(n for n in pts if n in sizes)
+        ax.scatter(ns, [pts[n] for n in ns], marker="*", s=140, facecolors="none",
                    edgecolors=colors[pat], label=f"target, {pat}")
     ax.axhline(1.0, color="gray", lw=0.8)
     for a_ in (ax, ax2):

@@ -75,6 +75,13 @@ def test_block_sparse_estimate_is_causal_and_keeps_diagonal():
         assert ((row >= 0).sum(-1) == min(3, qb + 1)).all()  # padding only where fewer causal blocks
 
 
+def test_block_sparse_estimate_rejects_a_scale_that_is_not_positive():
+    q, k = torch.randn(1, 2, 128, 16), torch.randn(1, 2, 128, 16)
+    for bad in (0.0, -0.25):
+        with pytest.raises(ValueError, match="expected a positive scale"):
+            bs.estimate(q, k, topk=2, block_size=32, scale=bad)
+
+
 def test_pool_blocks_tail_mean():
     x = torch.arange(10.0).reshape(1, 1, 10, 1)
     assert bs.pool_blocks(x, 4).flatten().tolist() == [1.5, 5.5, 8.5]

@@ -63,5 +63,40 @@ def test_topk_indices_rejects_bad_input():
 
 
 def test_topk_indices_is_a_custom_op():
-    for op in (torch.ops.sparseinfer.topk_indices.default, torch.ops.sparseinfer.topk_mask.default):
-        torch.library.opcheck(op, (torch.randn(3, 40), 11), test_utils=("test_schema", "test_faketensor"))
+    for op in (torch.ops.sparseinfer.topk_indices.default, torch.ops.sparseinfer.topk_mask.default,
+               torch.ops.sparseinfer.topk_indices_causal.default):
+        torch.library.opcheck(op, (torch.randn(4 * 40, 40), 11), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k,classes", [(37, 5, 4), (37, 1, 4), (37, 37, 4), (8, 3, 4), (37, 5, 256)])
+def test_topk_indices_causal_keeps_each_rows_own_block_and_best_earlier_ones(monkeypatch, dtype, n, k, classes):
+    """causal=True on stacked block-score matrices [3, n, n]: row i keeps its own block and its
+    min(k, i + 1) - 1 best blocks j < i (values against float64 torch.topk of the masked row),
+    ascending, then -1; the scores above the diagonal (here larger than any other) are never read.
+    classes: topk.CAUSAL_MIN, the first row of the length classes launched apart (4: rows 0-3, 4-7,
+    8-15, 16-31 and 32-36 of every matrix in five launches; 256: one launch)."""
+    monkeypatch.setattr(topk, "CAUSAL_MIN", classes)
+    g = torch.Generator().manual_seed(n * 10 + k)
+    s = (torch.randn(3, n, n, generator=g) * 3).to(dtype)  # 16-bit rows have ties
+    s = torch.where(torch.ones(n, n, dtype=torch.bool).triu(1), torch.tensor(1e4, dtype=dtype), s)
+    idx = topk.topk_indices_launch(s.reshape(-1, n), k, causal=True).view(3, n, k)
+    assert idx.dtype == torch.int32
+    for h in range(3):
+        for i in range(n):
+            kept = min(k, i + 1)
+            row = idx[h, i]
+            assert (row[kept:] == -1).all() and (row[:kept] >= 0).all() and (row[:kept] <= i).all()
+            assert (row[1:kept] > row[:kept - 1]).all() and i in row[:kept].tolist()
+            masked = s[h, i].double().clone()
+            masked[i + 1:] = float("-inf")
+            masked[i] = float("inf")
+            want = masked.topk(kept).values.sort().values
+            assert torch.equal(masked[row[:kept].long()].sort().values, want), (h, i)
+
+
+def test_topk_indices_causal_rejects_rows_that_are_not_square_matrices():
+    with pytest.raises(ValueError, match=r"square \[\.\., 8, 8\]"):
+        topk.topk_indices_launch(torch.randn(12, 8), 2, causal=True)
+    with pytest.raises(ValueError, match="mask=True"):
+        topk.topk_indices_launch(torch.randn(16, 8), 2, causal=True, mask=True)

@@ -11,7 +11,10 @@ us for 14336 bf16 scores; benchmarks/results/contextual/contextual_topk_radix.md
 topk_indices_kernel: one program per row of BITS [R, n] (the scores' bit patterns: int16 for
     fp16 / bf16, int32 for fp32) -> OUT [R, k] int32, the positions of the row's k largest
     scores in ascending order (a compacted mask: no sort of the kept list either); MASK_OUT:
-    OUT [R, n] uint8, 1 at the kept positions.
+    OUT [R, n] uint8, 1 at the kept positions. CAUSAL: the rows are query blocks i = row % n of
+    square block-score matrices [n, n]: only positions j <= i count, j = i is always kept, and a
+    row keeps min(k, i + 1) positions (the caller fills OUT with -1 first); a launch takes the
+    rows ROW0 .. ROW0 + ROWS - 1 of every matrix, so rows of one length class share N_P2.
 """
 import triton
 import triton.language as tl
@@ -50,14 +53,26 @@ def _top_n(key, ok, n, STEPS: tl.constexpr):
 
 @triton.jit
 def topk_indices_kernel(BITS, OUT, n, k, stride_row, N_P2: tl.constexpr, FLIP: tl.constexpr,
-                        LOWEST: tl.constexpr, STEPS: tl.constexpr, MASK_OUT: tl.constexpr = False):
-    row = tl.program_id(0).to(tl.int64)
+                        LOWEST: tl.constexpr, STEPS: tl.constexpr, MASK_OUT: tl.constexpr = False,
+                        CAUSAL: tl.constexpr = False, ROW0=0, ROWS=1):
+    pid = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, N_P2)
-    ok = offs < n
+    if CAUSAL:  # query block i of a square block-score matrix (rows ROW0 .. ROW0 + ROWS - 1 of each
+        # matrix in this launch): positions j <= i, its own block first (above every score), min(k, i + 1) kept
+        i = ROW0 + (pid % ROWS).to(tl.int32)
+        row = (pid // ROWS) * n + i
+        ok = offs <= i
+        kept = tl.minimum(k, i + 1)
+    else:
+        row = pid
+        ok = offs < n
+        kept = k
     bits = tl.load(BITS + row * stride_row + offs, mask=ok, other=0).to(tl.int32)  # sign-extended
     key = tl.where(bits >= 0, bits, bits ^ FLIP)  # ordered like the floats
+    if CAUSAL:
+        key = tl.where(offs == i, FLIP, key)  # FLIP = the largest key of the type
     key = tl.where(ok, key, LOWEST)  # padding: below every score's key
-    pick = _top_n(key, ok, k, STEPS)
+    pick = _top_n(key, ok, kept, STEPS)
     if MASK_OUT:  # OUT [R, n] uint8: 1 where kept
         tl.store(OUT + row * n + offs, pick.to(tl.uint8), mask=ok)
     else:

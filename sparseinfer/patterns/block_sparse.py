@@ -33,29 +33,39 @@ TOPK_KERNEL = "auto"
 
 def estimate(q, k, topk: int, block_size: int = 64, scale: float | None = None, by_score: bool = False) -> torch.Tensor:
     """q [B, Hq, N, D], k [B, Hkv, N, D] -> block_idx [B, Hq, nb, min(topk, nb)] int64, -1 padding
-    (query blocks near the start have fewer causal blocks than topk). The score matrix
-    [B, Hq, nb, nb] float32 is masked in place; ties at the k-th score may resolve differently
-    between the Triton top-k (lower block first) and torch.topk. Row order: ascending blocks from
-    the Triton top-k (CUDA), by score from torch.topk; by_score: by score (best first) either way,
+    (query blocks near the start have fewer causal blocks than topk). Each row keeps its own
+    block and the best-scoring blocks before it (pooled q . pooled k, float32 [B, Hq, nb, nb]; a
+    positive scale does not change the ranking, so the scores are not scaled). Ties at the k-th
+    score may resolve differently between the Triton top-k (lower block first) and torch.topk.
+    Row order: ascending blocks from the Triton path (CUDA: the scores of causal tiles only,
+    `kernels.blockscores`, in tf32x3; a top-k that reads only each row's causal blocks, no masked
+    copy), by score from torch.topk; by_score: by score (best first) either way,
     so the first j entries of a row are its best j (per-head budgets below topk)."""
     b, hq, n, d = q.shape
-    scale = d ** -0.5 if scale is None else scale
+    if scale is not None and not scale > 0:
+        raise ValueError(f"block_sparse estimate: expected a positive scale, got {scale!r}")
     nb = math.ceil(n / block_size)
-    s = group_scores(pool_blocks(q, block_size), pool_blocks(k, block_size)).mul_(scale)
+    qp, kp = pool_blocks(q, block_size), pool_blocks(k, block_size)
+    kk = min(topk, nb)
+    if TOPK_KERNEL is True or (TOPK_KERNEL == "auto" and q.is_cuda):
+        from ..kernels.blockscores import causal_block_scores
+        from ..kernels.topk import topk_indices_causal
+
+        # the causal tiles only where the kernel serves D (a power of 2 >= 16); the top-k reads j <= i
+        s = causal_block_scores(qp, kp) if d >= 16 and d & (d - 1) == 0 else group_scores(qp, kp)
+        idx = topk_indices_causal(s.view(-1, nb), kk).view(b, hq, nb, kk)
+        if by_score:  # ties keep the lower block first, as the kernel's cut; own block first, padding last
+            r = torch.arange(nb, device=s.device)[:, None]
+            vals = torch.gather(s, -1, idx.clamp(min=0).long())
+            vals = torch.where(idx == r, float("inf"), torch.where(idx < 0, float("-inf"), vals))
+            order = torch.sort(vals, dim=-1, descending=True, stable=True).indices
+            idx = torch.gather(idx, -1, order)
+        return idx.long()
+    s = group_scores(qp, kp)
     r = torch.arange(nb, device=q.device)
     s.masked_fill_(r[None, :] > r[:, None], float("-inf"))
     torch.diagonal(s, dim1=-2, dim2=-1).fill_(float("inf"))
-    kk = min(topk, nb)
-    if TOPK_KERNEL is True or (TOPK_KERNEL == "auto" and s.is_cuda):
-        from ..kernels.topk import topk_indices
-
-        idx = topk_indices(s.reshape(-1, nb), kk).view(b, hq, nb, kk).long()
-        vals = torch.gather(s, -1, idx)
-        if by_score:  # ties keep the lower block first, as the kernel's cut
-            vals, order = torch.sort(vals, dim=-1, descending=True, stable=True)
-            idx = torch.gather(idx, -1, order)
-    else:
-        vals, idx = torch.topk(s, kk, dim=-1)
+    vals, idx = torch.topk(s, kk, dim=-1)
     return torch.where(vals == float("-inf"), -1, idx)
 
 

@@ -2,13 +2,14 @@
 
     sparseinfer::topk_indices(scores [R, n] fp32 / fp16 / bf16, k) -> [R, k] int32
     sparseinfer::topk_mask(scores [R, n], k) -> bool [R, n] (the same set as a mask)
-    sparseinfer::topk_indices_causal(scores [R, n], k) -> [R, k] int32: R / n stacked block-score
-        matrices, row r ranking only blocks j <= r % n with its own first, -1 padded
         the positions of each row's k largest scores, ascending (ties at the k-th value go to
         the lower positions). One launch, one program per row; the k-th largest score by
         bisection on the scores' ordered bit patterns (16 steps for 16-bit scores, 32 for fp32),
         the kept positions compacted by a prefix sum. Static shapes, no host sync (CUDA-graph
         capturable; a torch custom op with a fake implementation for torch.compile).
+    sparseinfer::topk_indices_causal(scores [R, n], k) -> [R, k] int32: R / n stacked block-score
+        matrices (block-sparse estimation), row r ranking only blocks j <= r % n with its own
+        first, -1 padded; one launch per row-length class (CAUSAL_* below).
 
 For Deja Vu's 8B MLP (14336 bf16 scores, k = 7168) on an H100 (benchmarks/contextual.py times
 them side by side): this op 20.5 us (8 warps), a descending sort and its first k 31.5 us,

@@ -26,8 +26,9 @@ def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return sums / counts[:, None]
 
 
-# Row selection of `estimate`: "auto" = the sort-free Triton top-k (`kernels.topk`) for CUDA scores,
-# torch.topk otherwise; True = the Triton kernel everywhere (CPU: interpreter); False = torch.topk.
+# The path of `estimate`: "auto" = on CUDA the Triton kernels (scores of the causal tiles,
+# `kernels.blockscores`; the causal top-k, `kernels.topk`), torch (float32 matmul, mask, torch.topk)
+# otherwise; True = the Triton kernels everywhere (CPU: interpreter); False = torch.
 TOPK_KERNEL = "auto"
 
 

@@ -13,6 +13,15 @@ Each case runs twice to compile and warm up, then once between cudaProfilerStart
 profiles exactly the kernels of that one call. `--summary raw.csv` prints, per kernel, the
 counters that say what limits it (duration, DRAM / L2 / L1 traffic and hit rates, tensor pipe,
 occupancy, registers, issue rate, the main warp stall reasons) as a markdown table.
+
+Where in the machine code the warps wait (warp-state sampling per instruction):
+
+    ncu --clock-control none --profile-from-start off -k regex:sparse_fwd --section SourceCounters \
+        --section WarpStateStats -o bs512 python ncu_kernels.py --cases bs512k
+    ncu -i bs512.ncu-rep --page source --csv --print-source sass > sass.csv
+    python ncu_kernels.py --source sass.csv
+
+prints the share of the samples per stall reason and the instructions holding most of them.
 """
 from __future__ import annotations
 
@@ -146,11 +155,46 @@ def summary(path: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def source(path: str, top: int = 25) -> str:
+    """Markdown: the share of warp-state samples per stall reason over a kernel's SASS, and the
+    `top` instructions holding the most samples (ncu's source page exported as CSV)."""
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    at = next(i for i, r in enumerate(rows) if r and r[0] == "Address")
+    head, data = rows[at], [r for r in rows[at + 1:] if len(rows[at]) == len(r)]
+    col = {name: i for i, name in enumerate(head)}
+
+    def val(r, name):
+        try:
+            return float(r[col[name]] or 0)
+        except ValueError:
+            return 0.0
+
+    samples = "Warp Stall Sampling (All Samples)"
+    total = sum(val(r, samples) for r in data) or 1.0
+    reasons = [h for h in head if h.startswith("stall_") and "Not Issued" not in h]
+    share = sorted(((sum(val(r, h) for r in data) / total, h[6:]) for h in reasons), reverse=True)
+    out = [f"{len(data)} instructions, {int(total)} samples", "", "| stall reason | share of samples |", "|---|---|"]
+    out += [f"| {h} | {v * 100:.1f}% |" for v, h in share if v >= 0.001]
+    out += ["", "| address | share | instruction | main reasons |", "|---|---|---|---|"]
+    for r in sorted(data, key=lambda r: -val(r, samples))[:top]:
+        main = sorted(((val(r, h), h[6:]) for h in reasons), reverse=True)[:2]
+        text = r[col["Source"]].strip().replace("|", "/")
+        out.append(f"| {r[col['Address']][-5:]} | {val(r, samples) / total * 100:.1f}% | `{text[:70]}` | "
+                   + ", ".join(f"{h} {v / total * 100:.1f}%" for v, h in main if v) + " |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="bs128k,bs512k,vs128k,teal")
     ap.add_argument("--summary", default=None, help="a raw CSV written by ncu: print the summary table")
+    ap.add_argument("--source", default=None, help="ncu's source page as CSV (--page source --print-source sass): "
+                    "stall reasons and the instructions holding the most samples")
     args = ap.parse_args()
+    if args.source:
+        print(source(args.source), end="")
+        return
     if args.summary:
         print(summary(args.summary), end="")
         return

@@ -160,7 +160,11 @@ def source(path: str, top: int = 25) -> str:
     `top` instructions holding the most samples (ncu's source page exported as CSV)."""
     with open(path) as f:
         rows = list(csv.reader(f))
-    at = next(i for i, r in enumerate(rows) if r and r[0] == "Address")
+    at = next((i for i, r in enumerate(rows) if r and r[0] == "Address"), None)
+    if at is None or "Warp Stall Sampling (All Samples)" not in rows[at]:
+        raise SystemExit(f"--source {path}: expected ncu's source page as CSV (a header row starting with "
+                         "'Address' and a 'Warp Stall Sampling (All Samples)' column: --page source --csv "
+                         "--print-source sass of a report with the SourceCounters section)")
     head, data = rows[at], [r for r in rows[at + 1:] if len(rows[at]) == len(r)]
     col = {name: i for i, name in enumerate(head)}
 

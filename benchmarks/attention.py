@@ -253,6 +253,20 @@ def check(dev, gen, log):
         one(f"a-shape {tag}", ops.ashape_attention(q, k, v, SINK, WINDOW // 4, backend="triton"),
             lambda: ops.ashape_attention(q, k, v, SINK, WINDOW // 4, backend="reference"))
         del q, k, v
+    # batch 2, a tail block, q / k / v as transposed projections' views (the Gluon kernel's 4-D descriptors)
+    n, hq, hkv = 3072 + 17, 8, 2
+    q, k, v = random_qkv(2, hq, hkv, n, D, dev, gen, torch.bfloat16)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    tag = f"B=2 N={n} H={hq}/{hkv} D={D} bfloat16 q/k/v transposed"
+    vert, sl = realistic_vs(2, hq, n, dev, gen)
+    bi = realistic_blocks(2, hq, n, dev, gen)
+    one(f"vs realistic {tag}", ops.vertical_slash_attention(q, k, v, vert, sl, backend="triton"),
+        lambda: ops.vertical_slash_attention(q, k, v, vert, sl, backend="reference"))
+    one(f"block-sparse {tag}", ops.block_sparse_attention(q, k, v, bi, BS, backend="triton"),
+        lambda: ops.block_sparse_attention(q, k, v, bi, BS, backend="reference"))
+    one(f"a-shape {tag}", ops.ashape_attention(q, k, v, SINK, WINDOW // 4, backend="triton"),
+        lambda: ops.ashape_attention(q, k, v, SINK, WINDOW // 4, backend="reference"))
+    del q, k, v
     if vs_estimate is not None:
         n = 16384
         q, k = structured_qk(1, n, dev, gen)

@@ -10,6 +10,7 @@ import math
 import torch
 
 from .. import index as _index
+from . import gluon as _gluon
 from . import graphed
 from ._loader import kernel_module
 from .pdl import hopper as _hopper
@@ -72,7 +73,13 @@ BREAK_EVEN = {
 # attention_pf512_ab.md: 159.7-165.1 vs 152.4-153.1). Measured and not kept (attention_pf512_ab.md,
 # attention_pfrel_ab.md): two tiles ahead (128K 37.7 vs 27.6-29.2 ms), vertical-slash's relative
 # tiles one step ahead (128K 39.3-39.4 vs 32.5-32.7 ms).
+# GLUON: block-sparse 64 x 64 tile lists and 128 x 128 range-only launches (A-shape, vertical-slash's
+# band) on sm_90 (bf16 / fp16, head_dim 128) run the warp-specialised Gluon kernel (kernels/gluon.py;
+# H100 block-sparse 512K 134.2-141.2 vs 154.2-154.8 ms, A-shape 128K 17.56 vs 18.17 ms,
+# results/gluon_ab{1,2}.md) when the call asks for nothing it lacks (q_rows, modality, heads,
+# prior); False: always the Triton kernel.
 FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py",  # KERNEL: a kernel file (A/B runs)
+         "GLUON": True,
          "GRAPH_INDEX": True, "VS_BAND": True, "VS_OVERLAP": True,
          "VS_COL_TMA": True, "PF": True, "PF_MAX_N": 256 * 1024,
          # BS_LISTS: unordered block lists sorted by kernels.rows.block_lists (see index._lists_kernel);
@@ -182,6 +189,11 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
                          f"got {tuple(out.shape)}, {out.dtype}")
     keep_others = out is not None and heads is not None
     out = torch.empty_like(q) if out is None else out
+    if (FLAGS["GLUON"] and not interpret and q_rows is None and modality is None and heads is None
+            and prior is None and _gluon.reason(q, k, v, idx, block_n) is None):
+        kind, _ = _gluon.index_kind(idx, d, block_n)
+        return _gluon.run(q, k, v, idx, scale, out=out, lse_out=lse_out, block_n=block_n, check=False,
+                          **_gluon.CONFIGS[kind])
     mod = kernel_module(FLAGS["KERNEL"], interpret)
     nqb = math.ceil(n / idx.block_m)
     if q_rows is not None:

@@ -1,0 +1,217 @@
+"""The warp-specialised Gluon kernel against the Triton kernel, kernel alone, alternating rounds.
+
+One Llama-3-8B layer (32 q / 8 KV heads, D 128, bf16, causal, B 1): block-sparse on the realistic
+top-100 lists of 64-blocks (`attention.realistic_blocks`) and A-shape (128 sink + 4096 window).
+Every variant is checked at 16K against the float32 reference on the same mask (rel. err, NaN),
+and at every length against the Triton kernel's output; then the kernel alone (index prebuilt)
+is timed, all variants once per round, `--rounds` rounds, order reversed every other round;
+cuDNN dense before the first round and after the last.
+
+    python benchmarks/gluon_ab.py --sizes 131072,524288 --rounds 3 --out $OUT --tag gluon_ab \
+        --variants 'bs/g3=bs:3,4,128,1;bs/g3n=bs:3,4,128,0;as/g2=as:2,8,168,1,128'
+
+Variant: name=pattern:stages,warps,maxnreg,overlap[,block_n[,two[,pingpong]]] with pattern bs or as
+(warps per consumer warpgroup; two: two consumer warpgroups on 128-row blocks; pingpong: they issue
+their wgmma in turns); the Triton kernel (the library's config, FLAGS["GLUON"] off) is always timed
+as "<pattern>/triton". The first Gluon variant of each pattern is also checked on a transposed
+(non-contiguous) q. --library adds the whole ops calls (index construction included) with
+FLAGS["GLUON"] on and off: "<p>/lib+gluon", "<p>/lib" for bs, as and vs (realistic indices).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+from sparseinfer import index as _index, ops  # noqa: E402
+from sparseinfer.kernels import attention as katt, gluon as kg  # noqa: E402
+import attention as A  # noqa: E402
+
+SINK, WINDOW = 128, 4096
+
+
+def parse(spec: str) -> list[dict]:
+    out = []
+    for item in (s for s in spec.split(";") if s):
+        name, _, rest = item.partition("=")
+        pat, _, params = rest.partition(":")
+        p = [int(x) for x in params.split(",")] if params else []
+        if pat not in ("bs", "as") or len(p) not in (4, 5, 6, 7):
+            raise SystemExit("--variants: expected name=bs|as:stages,warps,maxnreg,overlap[,block_n[,two[,pingpong]]], "
+                             f"got {item!r}")
+        out.append({"name": name, "pattern": pat, "stages": p[0], "warps": p[1], "maxnreg": p[2],
+                    "overlap": bool(p[3]), "block_n": p[4] if len(p) > 4 else 64, "two": bool(p[5]) if len(p) > 5 else False,
+                    "pingpong": bool(p[6]) if len(p) > 6 else False})
+    return out
+
+
+def indices(pat, n, bi, block_m, dev):
+    if pat == "bs":
+        return _index.from_block_sparse(bi, A.BS, n, block_m, A.BS)
+    return _index.from_ashape(n, SINK, WINDOW, 1, A.HQ, block_m, dev)
+
+
+def triton_fn(pat, q, k, v, n, bi, scale, dev):
+    kind = "blocks" if pat == "bs" else "ashape"
+    cfg = katt.CONFIGS[kind][A.D]
+    idx = indices(pat, n, bi, cfg[0], dev)
+    return lambda: katt.run_index(q, k, v, idx, scale, cfg[1], *cfg[2:])
+
+
+def gluon_fn(var, q, k, v, n, bi, scale, dev):
+    idx = indices(var["pattern"], n, bi, 16 * var["warps"] * (2 if var["two"] else 1), dev)
+    return lambda: kg.run(q, k, v, idx, scale, stages=var["stages"], num_warps=var["warps"], maxnreg=var["maxnreg"],
+                          overlap=var["overlap"], block_n=var["block_n"], two=var["two"], pingpong=var["pingpong"],
+                          check=False)
+
+
+def library_fn(pat, gluon, q, k, v, n, bi, vs, scale):
+    """The whole ops call (index construction included) with FLAGS["GLUON"] on or off."""
+    def fn():
+        katt.FLAGS["GLUON"] = gluon
+        try:
+            if pat == "bs":
+                return ops.block_sparse_attention(q, k, v, bi, A.BS, scale=scale, backend="triton")
+            if pat == "as":
+                return ops.ashape_attention(q, k, v, SINK, WINDOW, scale=scale, backend="triton")
+            return ops.vertical_slash_attention(q, k, v, vs[0], vs[1], scale=scale, backend="triton")
+        finally:
+            katt.FLAGS["GLUON"] = False
+    return fn
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", required=True)
+    ap.add_argument("--sizes", default="131072,524288")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=1.0, help="seconds of timing per variant per round")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--tag", default="gluon_ab")
+    ap.add_argument("--library", action="store_true", help="also time the ops calls with FLAGS['GLUON'] on / off")
+    args = ap.parse_args()
+    variants = parse(args.variants)
+    katt.FLAGS["GLUON"] = False  # the baseline is the Triton kernel; Gluon variants call kg.run
+    pats = sorted({v["pattern"] for v in variants})
+    dev, gen = torch.device("cuda"), torch.Generator(device="cuda").manual_seed(0)
+    scale = A.D ** -0.5
+    meta = A.run_meta()
+    lines = [json.dumps(meta)]
+
+    def log(s):
+        print(s, flush=True)
+        lines.append(s)
+
+    n16 = 16384
+    q, k, v = A.random_qkv(1, A.HQ, A.HKV, n16, A.D, dev, gen, torch.bfloat16)
+    bi = A.realistic_blocks(1, A.HQ, n16, dev, gen)
+    vs = A.realistic_vs(1, A.HQ, n16, dev, gen)
+    lib = [(p, g) for p in ("bs", "as", "vs") for g in (True, False)] if args.library else []
+    need = set(pats) | {p for p, _ in lib}
+    refs = {"bs": ops.block_sparse_attention(q, k, v, bi, A.BS, backend="reference").float() if "bs" in need else None,
+            "as": ops.ashape_attention(q, k, v, SINK, WINDOW, backend="reference").float() if "as" in need else None,
+            "vs": ops.vertical_slash_attention(q, k, v, *vs, backend="reference").float() if "vs" in need else None}
+    checks = {}
+    entries = (list(variants) + [{"name": f"{p}/triton", "pattern": p} for p in pats]
+               + [{"name": f"{p}/lib" + ("+gluon" if g else ""), "pattern": p, "lib": g} for p, g in lib])
+    for var in entries:
+        try:
+            if "lib" in var:
+                fn = library_fn(var["pattern"], var["lib"], q, k, v, n16, bi, vs, scale)
+            elif var["name"].endswith("/triton"):
+                fn = triton_fn(var["pattern"], q, k, v, n16, bi, scale, dev)
+            else:
+                fn = gluon_fn(var, q, k, v, n16, bi, scale, dev)
+            o = fn().float()
+            torch.cuda.synchronize()
+        except Exception as e:  # a variant that fails is logged and left out
+            log(f"check {var['name']}: failed {type(e).__name__}: {str(e)[:600]}")
+            if var in variants:
+                variants.remove(var)
+            if "lib" in var:
+                lib.remove((var["pattern"], var["lib"]))
+            continue
+        ref = refs[var["pattern"]]
+        err = ((o - ref).norm() / ref.norm()).item()
+        checks[var["name"]] = {"rel_err": err, "nan": bool(torch.isnan(o).any())}
+        log(f"check {var['name']}: rel err {err:.2e} nan {checks[var['name']]['nan']}")
+        if var in variants and var is next(x for x in variants if x["pattern"] == var["pattern"]):
+            qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # projections' views
+            ot = gluon_fn(var, qt, kt, vt, n16, bi, scale, dev)().float()
+            same = ((ot - o).norm() / o.norm()).item()
+            checks[var["name"]]["transposed_qkv_diff"] = same
+            log(f"check {var['name']}: transposed q / k / v, rel. diff to contiguous ones {same:.2e}")
+    del q, k, v, refs
+    rows = []
+    for n in (int(s) for s in args.sizes.split(",") if s):
+        torch.cuda.empty_cache()
+        q, k, v = A.random_qkv(1, A.HQ, A.HKV, n, A.D, dev, gen, torch.bfloat16)
+        bi = A.realistic_blocks(1, A.HQ, n, dev, gen)
+        vs = A.realistic_vs(1, A.HQ, n, dev, gen)
+        dense_fn = A.dense_fns(q, k, v)["cudnn"]
+        dense = [A.bench(dense_fn, budget_s=1.0, min_reps=1)]
+        log(f"N={n} dense cudnn {dense[0]:.2f} ms")
+        fns = {}
+        for p in pats:
+            fns[f"{p}/triton"] = (p, triton_fn(p, q, k, v, n, bi, scale, dev))
+        for var in variants:
+            fns[var["name"]] = (var["pattern"], gluon_fn(var, q, k, v, n, bi, scale, dev))
+        for p, g in lib:
+            fns[f"{p}/lib" + ("+gluon" if g else "")] = (p, library_fn(p, g, q, k, v, n, bi, vs, scale))
+        firsts = {p: fns[f"{p}/triton" if p in pats else f"{p}/lib"][1]().float() for p in need}
+        for name, (p, fn) in fns.items():
+            o = fn().float()
+            diff = ((o - firsts[p]).norm() / firsts[p].norm()).item()
+            checks.setdefault(name, {})[f"vs_triton_{n}"] = diff
+            log(f"N={n} {name}: rel. diff to {p}/{'triton' if p in pats else 'lib'} {diff:.2e} "
+                f"nan {bool(torch.isnan(o).any())}")
+            del o
+        del firsts
+        times = {name: [] for name in fns}
+        names = list(fns)
+        for r in range(args.rounds):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                t = A.bench(fns[name][1], budget_s=args.budget)
+                times[name].append(t)
+                log(f"N={n} round {r} {name:14s} {t:8.2f} ms")
+        dense.append(A.bench(dense_fn, budget_s=1.0, min_reps=1))
+        log(f"N={n} dense cudnn (after) {dense[1]:.2f} ms")
+        d = min(dense)
+        for name in names:
+            ts = times[name]
+            rows.append({"N": n, "variant": name, "ms": ts, "median_ms": statistics.median(ts), "dense_ms": dense})
+            log(f"N={n} {name:14s} median {statistics.median(ts):8.2f} ms  {d / statistics.median(ts):6.2f}x")
+        del q, k, v, fns
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{args.tag}.json"), "w") as fh:
+        json.dump({"meta": meta, "variants": variants, "checks": checks, "rows": rows}, fh, indent=1)
+    md = [f"# Gluon (warp-specialised) vs Triton kernel, {meta['device']}", "",
+          f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}; one Llama-3-8B layer (32 / 8 heads, D 128, "
+          f"bf16); block-sparse realistic top-100 of 64-blocks, A-shape {SINK} + {WINDOW}, vertical-slash realistic "
+          f"(1000 / 6096); kernel alone (index prebuilt; '/lib' rows: the whole ops call), median of {args.rounds} alternating rounds; ratio vs the faster cuDNN timing.", "",
+          "Variants: " + "; ".join(f"{v['name']} = stages {v['stages']}, warps {v['warps']}, maxnreg {v['maxnreg']}, "
+                                   f"overlap {int(v['overlap'])}, block_n {v['block_n']}, two {int(v['two'])}, "
+                                   f"pingpong {int(v['pingpong'])}"
+                                   for v in variants), "",
+          "| N | variant | 16K rel. err | rounds (ms) | median (ms) | ratio |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        err = checks.get(r["variant"], {}).get("rel_err")
+        md.append(f"| {r['N'] // 1024}K | {r['variant']} | {err:.2e} | {' / '.join(f'{t:.2f}' for t in r['ms'])} | "
+                  f"{r['median_ms']:.2f} | {min(r['dense_ms']) / r['median_ms']:.2f}x |")
+    with open(os.path.join(args.out, f"{args.tag}.md"), "w") as fh:
+        fh.write("\n".join(md) + "\n")
+    with open(os.path.join(args.out, f"{args.tag}.log"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

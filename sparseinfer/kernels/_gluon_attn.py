@@ -1,0 +1,348 @@
+"""Warp-specialised Hopper kernel (Gluon) over key-tile lists and ranges (see sparseinfer/index.py).
+
+The same cells as ``_attn_kernel.sparse_fwd_kernel`` for indices made of a tile list (whole
+key tiles, no mask) and plain ranges (band-masked tiles), i.e. block-sparse lists and A-shape;
+no columns, no slash map, no query-side indirection. It differs in how the work is laid out
+on the SM, which Triton's own pipeliner cannot express:
+
+* a producer warp (worker partition, few registers) issues the TMA loads of Q and of each K / V
+  tile into a ring of STAGES shared-memory buffers, up to STAGES tiles ahead of the compute
+  (mbarriers "ready" per K and per V, "empty" per stage);
+* the consumer warpgroups (default partition) run wgmma q k^T, the online softmax (exp2, fp32)
+  and wgmma p v with p from registers; with OVERLAP the next tile's q k^T is issued before this
+  tile's softmax (FA3's intra-warpgroup overlap), so the tensor cores and the softmax units run
+  side by side.
+
+One program = one (batch, query head) x one query block of BLOCK_M rows (64 per consumer
+warpgroup), programs ordered as ORDER 1 of the Triton kernel (the GROUP query heads of a KV
+head side by side, longest rows first). Q / K / V are read through 4-D descriptors over
+[B, H, N, D] / [B, Hkv, N, D] with the tensors' own strides (a transposed projection needs no
+copy); rows past N read zeros, keys past a range are masked, rows past N not stored.
+
+Compiled only (Gluon has no interpreter): ``attention.run_index`` sends CUDA bf16 / fp16 calls on
+Hopper here (FLAGS["GLUON"]); everything else, and the CPU tests, run the Triton kernel.
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+
+@gluon.jit
+def _program(N, H, GROUP, NQB, BLOCK_M: gl.constexpr):
+    """(b, h, hk, m0) of this program: ORDER 1 of the Triton kernel."""
+    pid = gl.program_id(0)
+    g = pid % GROUP
+    rest = pid // GROUP
+    pid_m = NQB - 1 - rest % NQB
+    bhk = rest // NQB
+    hkv = H // GROUP
+    b = bhk // hkv
+    hk = bhk % hkv
+    return b, hk * GROUP + g, hk, pid_m
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_tile, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty,
+              TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
+              stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
+              N, H, GROUP, NQB, TILE_SCALE,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TILES: gl.constexpr):
+    b, h, hk, pid_m = _program(N, H, GROUP, NQB, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [b, h, m0, 0], q_bar, q_tile)
+    i = 0
+    if HAS_TILES:
+        nt = gl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m)
+        t_base = TILES + b * stride_tb + h * stride_th + pid_m * stride_tq
+        for t in range(nt):
+            n0 = gl.load(t_base + t) * TILE_SCALE
+            s = i % STAGES
+            mbarrier.wait(kv_empty.index(s), ((i // STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, hk, n0, 0], k_ready.index(s), k_bufs.index(s))
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, hk, n0, 0], v_ready.index(s), v_bufs.index(s))
+            i += 1
+    nr = gl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq)
+    r_base = RANGES + b * stride_rb + h * stride_rh + pid_m * stride_rq
+    row_end = gl.minimum(m0 + BLOCK_M, N)
+    for r in range(nr):
+        rp = r_base + r * stride_rr
+        ks = gl.maximum(gl.maximum(gl.load(rp), m0 - gl.load(rp + 3)), 0)
+        ke = gl.minimum(gl.minimum(gl.load(rp + 1), m0 + BLOCK_M - gl.load(rp + 2)), row_end)
+        for n0 in range(ks, ke, BLOCK_N):
+            s = i % STAGES
+            mbarrier.wait(kv_empty.index(s), ((i // STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, hk, n0, 0], k_ready.index(s), k_bufs.index(s))
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, hk, n0, 0], v_ready.index(s), v_bufs.index(s))
+            i += 1
+
+
+@gluon.jit
+def _softmax(s_val, m_i, l_i, qk_scale, MASKED: gl.constexpr):
+    """Online softmax step on logits s_val [BLOCK_M, BLOCK_N] (-inf where masked) -> (p, alpha,
+    m_new, l_new), m in log2 units."""
+    m_new = gl.maximum(m_i, gl.max(s_val, axis=1) * qk_scale)
+    if MASKED:
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = gl.exp2(s_val * qk_scale - m_use[:, None])
+    alpha = gl.exp2(m_i - m_use)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _logits(q_smem, k_bufs, k_ready, s_zero, i, STAGES: gl.constexpr):
+    """Issue q k^T (async) for the i-th tile of the ring once its K has landed."""
+    s = i % STAGES
+    mbarrier.wait(k_ready.index(s), (i // STAGES) & 1)
+    kt = k_bufs.index(s).reshape([k_bufs.shape[3], k_bufs.shape[4]]).permute((1, 0))
+    return warpgroup_mma(q_smem, kt, s_zero, use_acc=False, is_async=True), kt
+
+
+@gluon.jit
+def _masked(s_val, j, n_start, lo, width, ke, offs_m, cols, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
+    """Band mask of a range's j-th tile: cells with lo <= i - key <= lo + width, key < ke."""
+    if MASKED:
+        offs_n = n_start + j * BLOCK_N + cols
+        rel = (offs_m - lo)[:, None] - offs_n[None, :]
+        keep = (rel.to(gl.uint32) <= width) & (offs_n < ke)[None, :]
+        s_val = gl.where(keep, s_val, float("-inf"))
+    return s_val
+
+
+@gluon.jit
+def _turn_wait(turn, k, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """Ping-pong: wait until the other consumer warpgroup has issued its k-th section's wgmma
+    (warpgroup 0 goes first), so the two issue their wgmma in turns and one's softmax runs while
+    the other's wgmma does."""
+    if PINGPONG:
+        if WG == 0:
+            mbarrier.wait(turn.index(0), (k & 1) ^ 1)
+        else:
+            mbarrier.wait(turn.index(1), k & 1)
+
+
+@gluon.jit
+def _turn_pass(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+
+
+@gluon.jit
+def _segment(acc, m_i, l_i, i, k, turn, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, count,
+             n_start, lo, width, ke, offs_m, cols, qk_scale, s_zero,
+             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr, OVERLAP: gl.constexpr,
+             p_layout: gl.constexpr, row_o: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """`count` consecutive tiles of the ring (ring position i on): masked band tiles of a range
+    starting at key n_start (MASKED), or whole tiles of the list. OVERLAP: tile j + 1's q k^T and
+    tile j's p v are in flight while tile j + 1's softmax runs. PINGPONG (with OVERLAP): each issue of
+    wgmma (q k^T of tile 0; q k^T of tile j with p v of tile j - 1; p v of the last tile) is a section
+    taken in turns with the other consumer warpgroup (k counts sections). Returns (acc, m_i, l_i,
+    ring position, k)."""
+    dt: gl.constexpr = q_smem.dtype
+    if OVERLAP:
+        if count > 0:
+            _turn_wait(turn, k, WG, PINGPONG)
+            s_tok, kt = _logits(q_smem, k_bufs, k_ready, s_zero, i, STAGES)
+            _turn_pass(turn, WG, PINGPONG)
+            k += 1
+            s_val, _q, _k = warpgroup_mma_wait(0, deps=(s_tok, q_smem, kt))
+            s_val = _masked(s_val, 0, n_start, lo, width, ke, offs_m, cols, BLOCK_N, MASKED)
+            p, alpha, m_i, l_i = _softmax(s_val, m_i, l_i, qk_scale, MASKED)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p_op = gl.convert_layout(p.to(dt), p_layout)
+            for j in range(1, count):
+                _turn_wait(turn, k, WG, PINGPONG)
+                s_tok, kt = _logits(q_smem, k_bufs, k_ready, s_zero, i + j, STAGES)
+                sp = (i + j - 1) % STAGES
+                mbarrier.wait(v_ready.index(sp), ((i + j - 1) // STAGES) & 1)
+                vb = v_bufs.index(sp).reshape([v_bufs.shape[3], v_bufs.shape[4]])
+                o_tok = warpgroup_mma(p_op, vb, acc, is_async=True)
+                _turn_pass(turn, WG, PINGPONG)
+                k += 1
+                s_val, _q, _k = warpgroup_mma_wait(1, deps=(s_tok, q_smem, kt))
+                s_val = _masked(s_val, j, n_start, lo, width, ke, offs_m, cols, BLOCK_N, MASKED)
+                p, alpha, m_i, l_i = _softmax(s_val, m_i, l_i, qk_scale, MASKED)
+                acc, _v = warpgroup_mma_wait(0, deps=(o_tok, vb))
+                mbarrier.arrive(kv_empty.index(sp), count=1)
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                p_op = gl.convert_layout(p.to(dt), p_layout)
+            _turn_wait(turn, k, WG, PINGPONG)
+            sp = (i + count - 1) % STAGES
+            mbarrier.wait(v_ready.index(sp), ((i + count - 1) // STAGES) & 1)
+            vb = v_bufs.index(sp).reshape([v_bufs.shape[3], v_bufs.shape[4]])
+            o_tok = warpgroup_mma(p_op, vb, acc, is_async=True)
+            _turn_pass(turn, WG, PINGPONG)
+            k += 1
+            acc, _v = warpgroup_mma_wait(0, deps=(o_tok, vb))
+            mbarrier.arrive(kv_empty.index(sp), count=1)
+    else:
+        for j in range(count):
+            s_tok, kt = _logits(q_smem, k_bufs, k_ready, s_zero, i + j, STAGES)
+            s_val, _q, _k = warpgroup_mma_wait(0, deps=(s_tok, q_smem, kt))
+            s_val = _masked(s_val, j, n_start, lo, width, ke, offs_m, cols, BLOCK_N, MASKED)
+            p, alpha, m_i, l_i = _softmax(s_val, m_i, l_i, qk_scale, MASKED)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p_op = gl.convert_layout(p.to(dt), p_layout)
+            s = (i + j) % STAGES
+            mbarrier.wait(v_ready.index(s), ((i + j) // STAGES) & 1)
+            vb = v_bufs.index(s).reshape([v_bufs.shape[3], v_bufs.shape[4]])
+            o_tok = warpgroup_mma(p_op, vb, acc, is_async=True)
+            acc, _v = warpgroup_mma_wait(0, deps=(o_tok, vb))
+            mbarrier.arrive(kv_empty.index(s), count=1)
+    return acc, m_i, l_i, i + count, k
+
+
+@gluon.jit
+def _consumer(O, LSE, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn,
+              TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
+              stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
+              stride_ob, stride_oh, stride_on, stride_lb, stride_lh,
+              N, H, GROUP, NQB, qk_scale,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
+              HAS_TILES: gl.constexpr, OVERLAP: gl.constexpr, NUM_WARPS: gl.constexpr,
+              ROW0: gl.constexpr, WG_M: gl.constexpr, PINGPONG: gl.constexpr, LSE_OUT: gl.constexpr):
+    """Rows ROW0 .. ROW0 + WG_M of the program's query block (BLOCK_M rows; the ranges' geometry,
+    hence the tile sequence, is the block's, the masks are this consumer's rows')."""
+    b, h, hk, pid_m = _program(N, H, GROUP, NQB, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    dt: gl.constexpr = q_smem.dtype
+    if WG_M != BLOCK_M:
+        q_smem = q_smem.slice(ROW0, WG_M, dim=0)
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    m_i = gl.full([WG_M], float("-inf"), gl.float32, row_s)
+    l_i = gl.full([WG_M], 0.0, gl.float32, row_s)
+    acc = gl.zeros([WG_M, HEAD_D], gl.float32, o_layout)
+    s_zero = gl.zeros([WG_M, BLOCK_N], gl.float32, s_layout)
+    offs_m = m0 + ROW0 + gl.arange(0, WG_M, layout=row_s)
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    mbarrier.wait(q_bar, 0)
+    WG: gl.constexpr = 1 if ROW0 > 0 else 0
+    i = 0
+    k = 0
+    nt = 0
+    if HAS_TILES:
+        nt = gl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m)
+        acc, m_i, l_i, i, k = _segment(acc, m_i, l_i, i, k, turn, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, nt,
+                                    0, 0, 0, 0, offs_m, cols, qk_scale, s_zero,
+                                    BLOCK_N, STAGES, False, OVERLAP, p_layout, row_o, WG, PINGPONG)
+    nr = gl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq)
+    r_base = RANGES + b * stride_rb + h * stride_rh + pid_m * stride_rq
+    row_end = gl.minimum(m0 + BLOCK_M, N)
+    for r in range(nr):
+        rp = r_base + r * stride_rr
+        lo = gl.load(rp + 2)
+        hi = gl.load(rp + 3)
+        ks = gl.maximum(gl.maximum(gl.load(rp), m0 - hi), 0)
+        ke = gl.minimum(gl.minimum(gl.load(rp + 1), m0 + BLOCK_M - lo), row_end)
+        ke = gl.maximum(ke, ks)
+        width = (hi - lo).to(gl.uint32)
+        # tiles [t1, t2) are seen whole by every row (keys m0 + BLOCK_M - 1 - hi .. m0 - lo): no mask;
+        # [ks, t1) and [t2, ke) are masked (the producer loads the same tiles ks, ks + BLOCK_N, ...)
+        fa = gl.maximum(ks, m0 + BLOCK_M - 1 - hi)
+        fb = gl.minimum(ke, m0 - lo + 1)
+        n_head = gl.maximum(fa - ks + BLOCK_N - 1, 0) // BLOCK_N
+        t1 = gl.minimum(ks + n_head * BLOCK_N, ke)
+        n_mid = gl.maximum(fb - t1, 0) // BLOCK_N
+        t2 = t1 + n_mid * BLOCK_N
+        acc, m_i, l_i, i, k = _segment(acc, m_i, l_i, i, k, turn, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                                    (t1 - ks + BLOCK_N - 1) // BLOCK_N, ks, lo, width, ke, offs_m, cols, qk_scale,
+                                    s_zero, BLOCK_N, STAGES, True, OVERLAP, p_layout, row_o, WG, PINGPONG)
+        acc, m_i, l_i, i, k = _segment(acc, m_i, l_i, i, k, turn, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                                    n_mid, t1, lo, width, ke, offs_m, cols, qk_scale,
+                                    s_zero, BLOCK_N, STAGES, False, OVERLAP, p_layout, row_o, WG, PINGPONG)
+        acc, m_i, l_i, i, k = _segment(acc, m_i, l_i, i, k, turn, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                                    (ke - t2 + BLOCK_N - 1) // BLOCK_N, t2, lo, width, ke, offs_m, cols, qk_scale,
+                                    s_zero, BLOCK_N, STAGES, True, OVERLAP, p_layout, row_o, WG, PINGPONG)
+
+    l_o = gl.convert_layout(l_i, row_o)
+    out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
+    rows = m0 + ROW0 + gl.arange(0, WG_M, layout=row_o)
+    offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :]
+    if LSE_OUT:
+        # each row's log2-sum-exp2 of its scaled logits (-inf: no key) for a later launch's merge; a
+        # program with no range and no tile writes neither it nor its rows (as the Triton kernel)
+        if (nr > 0) | (nt > 0):
+            lse = gl.where(l_i > 0.0, m_i + gl.log2(gl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+            gl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=offs_m < N)
+            gl.store(o_ptrs, out.to(dt), mask=(rows < N)[:, None])
+    else:
+        gl.store(o_ptrs, out.to(dt), mask=(rows < N)[:, None])
+
+
+@gluon.jit
+def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
+                     TILES, TCOUNT, RANGES, RCOUNT,
+                     stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
+                     stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
+                     stride_ob, stride_oh, stride_on, stride_lb, stride_lh,
+                     N, H, GROUP, NQB, qk_scale, TILE_SCALE,
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                     STAGES: gl.constexpr, HAS_TILES: gl.constexpr, PRODUCER_REGS: gl.constexpr, OVERLAP: gl.constexpr,
+                     TWO: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr, LSE_OUT: gl.constexpr,
+                     num_warps: gl.constexpr):
+    """TWO: two consumer warpgroups of num_warps (= 4) warps, rows 0..63 and 64..127 of a 128-row
+    block, in partitions of their own (they drift apart: one's softmax runs while the other's wgmma
+    does), both reading every K / V tile (a stage is free once both released it)."""
+    dt: gl.constexpr = q_desc.dtype
+    q_tile = gl.allocate_shared_memory(dt, [1, 1, BLOCK_M, HEAD_D], q_desc.layout)  # TMA box of q_desc
+    q_smem = q_tile.reshape([BLOCK_M, HEAD_D])
+    k_bufs = gl.allocate_shared_memory(dt, [STAGES, 1, 1, BLOCK_N, HEAD_D], k_desc.layout)  # ring of TMA boxes
+    v_bufs = gl.allocate_shared_memory(dt, [STAGES, 1, 1, BLOCK_N, HEAD_D], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(kv_empty.index(s), count=2 if TWO else 1)
+
+    WG_M: gl.constexpr = BLOCK_M // 2 if TWO else BLOCK_M
+    if TWO:
+        gl.warp_specialize([
+            (_consumer, (O, LSE, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn,
+                         TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
+                         stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
+                         stride_ob, stride_oh, stride_on, stride_lb, stride_lh, N, H, GROUP, NQB, qk_scale,
+                         BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES, OVERLAP, num_warps, 0, WG_M, PINGPONG, LSE_OUT)),
+            (_consumer, (O, LSE, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn,
+                         TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
+                         stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
+                         stride_ob, stride_oh, stride_on, stride_lb, stride_lh, N, H, GROUP, NQB, qk_scale,
+                         BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES, OVERLAP, num_warps, WG_M, WG_M, PINGPONG, LSE_OUT)),
+            (_producer, (q_desc, k_desc, v_desc, q_tile, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty,
+                         TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
+                         stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
+                         N, H, GROUP, NQB, TILE_SCALE, BLOCK_M, BLOCK_N, STAGES, HAS_TILES)),
+        ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (O, LSE, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn,
+                         TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
+                         stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
+                         stride_ob, stride_oh, stride_on, stride_lb, stride_lh, N, H, GROUP, NQB, qk_scale,
+                         BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES, OVERLAP, num_warps, 0, WG_M, PINGPONG, LSE_OUT)),
+            (_producer, (q_desc, k_desc, v_desc, q_tile, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty,
+                         TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
+                         stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
+                         N, H, GROUP, NQB, TILE_SCALE, BLOCK_M, BLOCK_N, STAGES, HAS_TILES)),
+        ], [1], [PRODUCER_REGS])

@@ -1,0 +1,128 @@
+"""Launcher of the warp-specialised Hopper kernel (``_gluon_attn.py``, Gluon).
+
+It serves SparseIndex objects made of a 64 x 64 tile list and exact ranges (block-sparse lists), or
+of exact ranges alone on 128 x 128 tiles (A-shape, vertical-slash's band launch), on bf16 / fp16
+CUDA tensors of an sm_90 GPU, head_dim 128; ``attention.run_index`` sends such calls here when
+``FLAGS["GLUON"]`` is on and ``reason`` returns None. Everything else runs the Triton kernel.
+
+Measured (H100, one Llama-3-8B layer, kernel alone, benchmarks/results/gluon_ab{1,2}.md):
+block-sparse realistic top-100 lists 134.2-141.2 ms vs 154.2-154.8 for the Triton kernel at 512K,
+27.0 vs 27.6 ms at 128K: the producer warp keeps two K / V tiles in flight where Triton's
+pipeliner keeps one. A-shape 17.56 vs 18.17 ms at 128K, 69.1 vs 71.8 at 512K with two consumer
+warpgroups (one warpgroup on 64 x 64 tiles: 18.3-18.4 ms).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import index as _index
+
+# Per index kind: stages (K / V tiles in flight), consumer warps (16 rows each) per warpgroup,
+# registers per thread at launch (the producer warpgroup gives its share to the consumers), the next
+# tile's q k^T issued before this tile's softmax (overlap), two consumer warpgroups on 128-row blocks
+# sharing each K / V tile (two), and those two issuing their wgmma in turns (pingpong).
+# "tiles": block-sparse 64 x 64 tile lists (gluon_ab1.md, H100 512K: 2 stages 134.2 ms, 3 stages
+# 151.3, 4 stages 166.2, 3 stages without overlap 168.5; Triton 154.2). "ranges": 128 x 128 tiles of
+# ranges only (A-shape, vertical-slash's band launch; gluon_ab2.md, H100 128K: 17.56 ms vs Triton 18.17).
+CONFIGS = {"tiles": {"stages": 2, "num_warps": 4, "maxnreg": 128, "overlap": True},
+           "ranges": {"stages": 2, "num_warps": 4, "maxnreg": 168, "overlap": True, "two": True, "pingpong": False}}
+
+
+def index_kind(idx: _index.SparseIndex, head_dim: int, block_n: int) -> tuple[str | None, str | None]:
+    """(kind, None) when the kernel serves this index with CONFIGS[kind], else (None, why not):
+    a 64 x 64 tile list + exact ranges, or exact ranges alone on 128 x 128 tiles; head_dim 128."""
+    if idx.tiles_relative or idx.edges is not None:
+        return None, "relative tiles / edges (vertical-slash)"
+    if idx.columns is not None and idx.columns.shape[-1] > 0:
+        return None, "gathered columns"
+    if idx.slash_map is not None:
+        return None, "slash map"
+    if head_dim != 128:
+        return None, f"head_dim {head_dim} (128 measured)"
+    if idx.tiles is not None and idx.tiles.shape[-1] > 0:
+        if idx.block_m != 64 or idx.block_n != 64 or block_n != 64:
+            return None, f"tiles {idx.block_m} x {idx.block_n} (64 x 64 measured)"
+        return "tiles", None
+    if idx.block_m != 128 or block_n != 128:
+        return None, f"ranges on {idx.block_m} x {block_n} tiles (128 x 128 measured)"
+    return "ranges", None
+
+
+def reason(q, k, v, idx: _index.SparseIndex, block_n: int) -> str | None:
+    """None when ``run`` serves this call on this device (with block_n-wide key tiles), else why not."""
+    if q.device.type != "cuda":
+        return "not a CUDA tensor"
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "not an sm_90 GPU"
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype} / {k.dtype} / {v.dtype} (bf16 or fp16)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
+            return f"{name} strides {t.stride()} (TMA needs a contiguous last dim and 16-byte aligned strides)"
+    return index_kind(idx, q.shape[-1], block_n)[1]
+
+
+def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_warps: int = 4,
+        maxnreg: int = 128, overlap: bool = True, producer_regs: int = 24, block_n: int = 64,
+        two: bool = False, consumer_regs: int = 240, pingpong: bool = False,
+        lse_out: torch.Tensor | None = None, out: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+    """Attention of q [B, Hq, N, D] over k / v [B, Hkv, N, D] restricted to idx's cells (a tile list
+    + ranges, or ranges alone). Returns a tensor like q (``out`` when given).
+
+    block_m = idx.block_m = 16 * num_warps, or twice that with ``two`` consumer warpgroups sharing
+    each K / V tile (each in a partition of its own, with consumer_regs registers); block_n =
+    idx.block_n, or ``block_n`` for an index of ranges only. lse_out: float32 [B, Hq, N] receives
+    each row's log2-sum-exp2 (as ``attention.run_index``'s). check=False skips ``reason``
+    (benchmarks trying other shapes)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from ._loader import kernel_module
+
+    why = reason(q, k, v, idx, idx.block_n if idx.tiles is not None else block_n) if check else None
+    if why is not None:
+        raise ValueError(f"the Gluon kernel does not serve this call: {why}")
+    b, hq, n, d = q.shape
+    hkv = k.shape[1]
+    bm = idx.block_m
+    has_tiles = idx.tiles is not None and idx.tiles.shape[-1] > 0
+    bn = idx.block_n if has_tiles else block_n
+    if bm != 16 * num_warps * (2 if two else 1):
+        raise ValueError(f"block_m {bm} needs {bm // 16} consumer warps, got num_warps={num_warps} (two={two})")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1):
+        raise ValueError(f"out: expected a tensor like q ({tuple(q.shape)}, {q.dtype}, last dim contiguous), "
+                         f"got {tuple(out.shape)}, {out.dtype}")
+    if lse_out is not None and (lse_out.shape != (b, hq, n) or lse_out.dtype != torch.float32
+                                or not lse_out.is_contiguous()):
+        raise ValueError(f"lse_out: expected a contiguous float32 tensor of shape {(b, hq, n)}, got "
+                         f"{lse_out.dtype} {tuple(lse_out.shape)}")
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+
+    def desc(t, rows):  # 4-D [B, H, N, D] with the tensor's own strides; rows past N read zeros
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d],
+                                gl.NVMMASharedLayout.get_default_for([1, 1, rows, d], gdt))
+
+    out = torch.empty_like(q) if out is None else out
+    nqb = math.ceil(n / bm)
+    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    tiles = idx.tiles if has_tiles else dummy
+    tc = idx.tile_count if has_tiles else dummy
+
+    def st(t, i):
+        return t.stride(i) if t.dim() > i and t.shape[i] > 1 else 0
+
+    ranges, rc = idx.ranges, idx.range_count
+    mod = kernel_module("_gluon_attn.py", False)
+    mod.gluon_fwd_kernel[(b * hq * nqb,)](
+        desc(q, bm), desc(k, bn), desc(v, bn), out, lse_out if lse_out is not None else dummy, tiles, tc, ranges, rc,
+        st(tiles, 0) if has_tiles else 0, st(tiles, 1) if has_tiles else 0, st(tiles, 2) if has_tiles else 0,
+        st(tc, 0) if has_tiles else 0, st(tc, 1) if has_tiles else 0,
+        st(ranges, 0), st(ranges, 1), st(ranges, 2), ranges.stride(3),
+        st(rc, 0), st(rc, 1), rc.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), hq * n, n,
+        n, hq, hq // hkv, nqb, float(scale) * 1.4426950408889634, idx.tile_scale if has_tiles else 1,
+        BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, STAGES=stages, HAS_TILES=has_tiles, PRODUCER_REGS=producer_regs,
+        OVERLAP=overlap, TWO=two, CONSUMER_REGS=consumer_regs, PINGPONG=pingpong and two and overlap,
+        LSE_OUT=lse_out is not None, num_warps=num_warps, maxnreg=maxnreg)
+    return out

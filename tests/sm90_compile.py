@@ -1,0 +1,84 @@
+"""Compile the Gluon kernel for sm_90 on a machine without a GPU (run as a script by test_gluon.py).
+
+A stand-in driver reports an sm_90 target, so launching on CPU tensors compiles (triton's CPU wheel
+ships ptxas) and stops before running. Prints one JSON object per index kind: shared memory, local
+memory (spills), registers at launch, warps, and which Hopper instructions the PTX holds.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import jit as tjit  # noqa: E402
+
+
+class _Sm90:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def main() -> int:
+    tjit.driver.set_active(_Sm90())
+    from sparseinfer import index as _index
+    from sparseinfer.kernels import gluon as kg
+
+    compiled = []
+    run = tjit.JITFunction.run
+
+    def warm(self, *a, grid, warmup, **kw):  # compile only
+        k = run(self, *a, grid=grid, warmup=True, **kw)
+        compiled.append(k)
+        return k
+
+    tjit.JITFunction.run = warm
+    torch.manual_seed(0)
+    b, h, hk, d, n = 1, 8, 2, 128, 1024
+    q = torch.randn(b, h, n, d, dtype=torch.bfloat16)
+    k = torch.randn(b, hk, n, d, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    nb = n // 64
+    blocks = (torch.rand(b, h, nb, 8) * (torch.arange(nb).view(1, 1, nb, 1) + 1)).long()
+    cases = {"tiles": (_index.from_block_sparse(blocks, 64, n, 64, 64), 64, None),
+             "ranges": (_index.from_ashape(n, 128, 512, b, h, 128, q.device), 128,
+                        torch.empty(b, h, n, dtype=torch.float32))}
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    out = {}
+    for kind, (idx, bn, lse) in cases.items():
+        kind_, why = kg.index_kind(idx, d, bn)
+        assert kind_ == kind, (kind, why)
+        compiled.clear()
+        kg.run(q, k, v, idx, d ** -0.5, block_n=bn, lse_out=lse, check=False, **kg.CONFIGS[kind])
+        ck = compiled[-1]
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sparseinfer_sm90_{kind}_{os.getpid()}.cubin")
+        with open(path, "wb") as fh:
+            fh.write(ck.asm["cubin"])
+        res = subprocess.run([os.path.join(bindir, "cuobjdump"), "--dump-resource-usage", path],
+                             capture_output=True, text=True, check=True).stdout
+        os.remove(path)
+        ptx = ck.asm["ptx"]
+        out[kind] = {"shared": ck.metadata.shared, "warps": ck.metadata.num_warps,
+                     "regs": int(re.search(r"REG:(\d+)", res).group(1)),
+                     "local": int(re.search(r"LOCAL:(\d+)", res).group(1)),
+                     "setmaxnreg": "setmaxnreg" in ptx, "wgmma": "wgmma.mma_async" in ptx,
+                     "tma": "cp.async.bulk.tensor" in ptx, "mbarrier": "mbarrier.try_wait" in ptx}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

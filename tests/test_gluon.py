@@ -1,0 +1,85 @@
+"""The warp-specialised Gluon kernel (sparseinfer/kernels/gluon.py): which indices and calls it
+serves, and that it compiles for sm_90 with the resources its configs were measured with. Gluon has
+no interpreter: its numerics are checked on the GPU by benchmarks/gluon_ab.py and attention.py
+against the float32 reference (results in benchmarks/results/gluon_ab*.md)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from sparseinfer import index as sidx  # noqa: E402
+from sparseinfer.kernels import attention as katt  # noqa: E402
+from sparseinfer.kernels import gluon as kg  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _blocks(h, n, bs, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    nb = -(-n // bs)
+    qb = torch.arange(nb).view(1, 1, nb, 1)
+    return (torch.rand(1, h, nb, k, generator=g) * (qb + 1)).long()
+
+
+def test_index_kind_serves_block_lists_and_range_launches():
+    n = 1000
+    assert kg.index_kind(sidx.from_block_sparse(_blocks(2, n, 64, 5), 64, n, 64, 64), 128, 64) == ("tiles", None)
+    assert kg.index_kind(sidx.from_ashape(n, 16, 200, 1, 2, 128, "cpu"), 128, 128) == ("ranges", None)
+
+
+@pytest.mark.parametrize("case", ["head_dim", "tiles128", "ranges64", "block_m64", "vertical_slash"])
+def test_index_kind_refuses_what_was_not_measured(case):
+    n = 1000
+    if case == "head_dim":
+        idx, d, bn, words = sidx.from_block_sparse(_blocks(2, n, 64, 5), 64, n, 64, 64), 64, 64, "head_dim 64"
+    elif case == "tiles128":
+        idx, d, bn, words = sidx.from_block_sparse(_blocks(2, n, 128, 3), 128, n, 128, 128), 128, 128, "128 x 128"
+    elif case == "ranges64":
+        idx, d, bn, words = sidx.from_ashape(n, 16, 200, 1, 2, 128, "cpu"), 128, 64, "128 x 64"
+    elif case == "block_m64":
+        idx, d, bn, words = sidx.from_ashape(n, 16, 200, 1, 2, 64, "cpu"), 128, 128, "64 x 128"
+    else:
+        vert = torch.tensor([[[0, 5, 300]]]).expand(1, 2, 3)
+        sl = torch.tensor([[[0, 1, 2, 40, 41, 90]]]).expand(1, 2, 6)
+        idx, d, bn, words = sidx.from_vertical_slash(vert, sl, n, 64), 128, 64, "gathered columns"
+    kind, why = kg.index_kind(idx, d, bn)
+    assert kind is None and words in why
+
+
+def test_reason_and_run_on_cpu_tensors():
+    n = 256
+    q = torch.randn(1, 2, n, 128)
+    k = v = torch.randn(1, 1, n, 128)
+    idx = sidx.from_block_sparse(_blocks(2, n, 64, 3), 64, n, 64, 64)
+    assert kg.reason(q, k, v, idx, 64) == "not a CUDA tensor"
+    with pytest.raises(ValueError, match="does not serve this call: not a CUDA tensor"):
+        kg.run(q, k, v, idx, 0.1)
+    # the library keeps CPU tensors on the interpreted Triton kernel whatever FLAGS["GLUON"] says
+    assert katt.FLAGS["GLUON"] is True
+    out = katt.block_sparse_attention(q, k, v, _blocks(2, n, 64, 3), 64, 0.1)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+def test_compiles_for_sm90_with_the_measured_resources():
+    """Both configs compile for sm_90 (stand-in driver, triton's ptxas): no spills, the block-list
+    config leaves room for two programs per SM (as measured), the range config for one; the PTX
+    has the register hand-over, wgmma, TMA and mbarrier waits the design relies on."""
+    res = subprocess.run([sys.executable, os.path.join(HERE, "sm90_compile.py")], capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    per_sm = 228 * 1024
+    for kind, programs, warps in (("tiles", 2, 8), ("ranges", 1, 12)):
+        r = info[kind]
+        assert r["local"] == 0, (kind, r)
+        assert programs * (r["shared"] + 1024) <= per_sm, (kind, r)
+        assert r["warps"] == warps, (kind, r)
+        assert r["regs"] * 32 * warps * programs <= 65536, (kind, r)
+        assert r["setmaxnreg"] and r["wgmma"] and r["tma"] and r["mbarrier"], (kind, r)

@@ -191,6 +191,32 @@ def bench(fn, budget_s=1.5, max_reps=20, min_reps=3, ahead=False):
     return statistics.median(times)
 
 
+def length_inputs(n, dev, gen, log):
+    """A variant benchmark's start at length n: q / k / v (bf16, this layer's heads), the realistic
+    block lists, cuDNN's dense fn and its first timing (logged) -> (q, k, v, blocks, dense_fn, [ms])."""
+    torch.cuda.empty_cache()
+    q, k, v = random_qkv(1, HQ, HKV, n, D, dev, gen, torch.bfloat16)
+    bi = realistic_blocks(1, HQ, n, dev, gen)
+    dense_fn = dense_fns(q, k, v)["cudnn"]
+    dense = [bench(dense_fn, budget_s=1.0, min_reps=1)]
+    log(f"N={n} dense cudnn {dense[0]:.2f} ms")
+    return q, k, v, bi, dense_fn, dense
+
+
+def alternate(fns: dict, rounds: int, budget_s: float, log, tag: str = "") -> dict:
+    """name -> list of ms: each callable of fns (name -> fn) timed once per round (`bench`), `rounds`
+    rounds, the order reversed every other round (warm-up, drift and the card's power state spread
+    over all of them)."""
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t = bench(fns[name], budget_s=budget_s)
+            times[name].append(t)
+            log(f"{tag} round {r} {name:14s} {t:8.2f} ms")
+    return times
+
+
 def dense_fns(q, k, v):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -14,6 +14,8 @@ specialisation from 16K's: FLAGS["PF_MAX_N"]).
         --variants 'default=_attn_kernel.py;n32=_v_x.py:64,32,4,3,1,0;pf=_attn_kernel.py::PF_MAX_N=1048576'
 
 Variant syntax: name=file[:config[:FLAG=int+FLAG=int]]; an empty config keeps the library default.
+With FLAGS["GLUON"] on (the default) the library config's 64 x 64 lists run the Gluon kernel on an H100,
+whatever the file: pass GLUON=0 for the Triton kernel file named (benchmarks/gluon_ab.py compares the two).
 """
 from __future__ import annotations
 
@@ -99,12 +101,7 @@ def main() -> int:
     del q16, k16, v16, ref
     rows = []
     for n in (int(s) for s in args.sizes.split(",") if s):
-        torch.cuda.empty_cache()
-        q, k, v = A.random_qkv(1, A.HQ, A.HKV, n, A.D, dev, gen, torch.bfloat16)
-        bi = A.realistic_blocks(1, A.HQ, n, dev, gen)
-        dense_fn = A.dense_fns(q, k, v)["cudnn"]
-        dense = [A.bench(dense_fn, budget_s=1.0, min_reps=1)]
-        log(f"N={n} dense cudnn {dense[0]:.2f} ms")
+        q, k, v, bi, dense_fn, dense = A.length_inputs(n, dev, gen, log)
         idx = {}
         for var in variants:
             cfg = use(var, base)
@@ -119,15 +116,11 @@ def main() -> int:
             log(f"N={n} {var['name']}: rel. diff to {variants[0]['name']} {diff:.2e} nan {bool(torch.isnan(o).any())}")
             del o
         del first
-        times = {var["name"]: [] for var in variants}
-        for r in range(args.rounds):
-            order = variants if r % 2 == 0 else variants[::-1]
-            for var in order:
-                cfg = use(var, base)
-                ix = idx[var["name"]]
-                t = A.bench(lambda: katt.run_index(q, k, v, ix, scale, cfg[1], *cfg[2:]), budget_s=args.budget)
-                times[var["name"]].append(t)
-                log(f"N={n} round {r} {var['name']:12s} {t:8.2f} ms")
+        def timed(var):  # the variant's FLAGS set on every call (bench's warm-up call included)
+            cfg, ix = use(var, base), idx[var["name"]]
+            return lambda: (use(var, base), katt.run_index(q, k, v, ix, scale, cfg[1], *cfg[2:]))
+
+        times = A.alternate({var["name"]: timed(var) for var in variants}, args.rounds, args.budget, log, f"N={n}")
         dense.append(A.bench(dense_fn, budget_s=1.0, min_reps=1))
         log(f"N={n} dense cudnn (after) {dense[1]:.2f} ms")
         d = min(dense)

@@ -152,13 +152,8 @@ def main() -> int:
     del q, k, v, refs
     rows = []
     for n in (int(s) for s in args.sizes.split(",") if s):
-        torch.cuda.empty_cache()
-        q, k, v = A.random_qkv(1, A.HQ, A.HKV, n, A.D, dev, gen, torch.bfloat16)
-        bi = A.realistic_blocks(1, A.HQ, n, dev, gen)
+        q, k, v, bi, dense_fn, dense = A.length_inputs(n, dev, gen, log)
         vs = A.realistic_vs(1, A.HQ, n, dev, gen)
-        dense_fn = A.dense_fns(q, k, v)["cudnn"]
-        dense = [A.bench(dense_fn, budget_s=1.0, min_reps=1)]
-        log(f"N={n} dense cudnn {dense[0]:.2f} ms")
         fns = {}
         for p in pats:
             fns[f"{p}/triton"] = (p, triton_fn(p, q, k, v, n, bi, scale, dev))
@@ -175,13 +170,8 @@ def main() -> int:
                 f"nan {bool(torch.isnan(o).any())}")
             del o
         del firsts
-        times = {name: [] for name in fns}
         names = list(fns)
-        for r in range(args.rounds):
-            for name in (names if r % 2 == 0 else names[::-1]):
-                t = A.bench(fns[name][1], budget_s=args.budget)
-                times[name].append(t)
-                log(f"N={n} round {r} {name:14s} {t:8.2f} ms")
+        times = A.alternate({name: fn for name, (_, fn) in fns.items()}, args.rounds, args.budget, log, f"N={n}")
         dense.append(A.bench(dense_fn, budget_s=1.0, min_reps=1))
         log(f"N={n} dense cudnn (after) {dense[1]:.2f} ms")
         d = min(dense)

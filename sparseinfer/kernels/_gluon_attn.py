@@ -42,11 +42,16 @@ def _program(N, H, GROUP, NQB, BLOCK_M: gl.constexpr):
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_tile, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty,
-              TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
-              stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
-              N, H, GROUP, NQB, TILE_SCALE,
+def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TILES: gl.constexpr):
+    """Loads Q, then every K / V tile of the program's sequence (tile list, then each range's
+    tiles) into the ring. The argument tuples are gluon_fwd_kernel's."""
+    q_desc, k_desc, v_desc = descs
+    q_smem, k_bufs, v_bufs = bufs
+    q_bar, k_ready, v_ready, kv_empty, turn = bars
+    (TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
+     stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq) = lists
+    N, H, GROUP, NQB = dims
     b, h, hk, pid_m = _program(N, H, GROUP, NQB, BLOCK_M)
     m0 = pid_m * BLOCK_M
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
@@ -200,16 +205,19 @@ def _segment(acc, m_i, l_i, i, k, turn, q_smem, k_bufs, v_bufs, k_ready, v_ready
 
 
 @gluon.jit
-def _consumer(O, LSE, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn,
-              TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
-              stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
-              stride_ob, stride_oh, stride_on, stride_lb, stride_lh,
-              N, H, GROUP, NQB, qk_scale,
+def _consumer(outs, bufs, bars, lists, dims, qk_scale,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
               HAS_TILES: gl.constexpr, OVERLAP: gl.constexpr, NUM_WARPS: gl.constexpr,
               ROW0: gl.constexpr, WG_M: gl.constexpr, PINGPONG: gl.constexpr, LSE_OUT: gl.constexpr):
     """Rows ROW0 .. ROW0 + WG_M of the program's query block (BLOCK_M rows; the ranges' geometry,
-    hence the tile sequence, is the block's, the masks are this consumer's rows')."""
+    hence the tile sequence, is the block's, the masks are this consumer's rows'). The argument
+    tuples are gluon_fwd_kernel's."""
+    O, LSE, stride_ob, stride_oh, stride_on, stride_lb, stride_lh = outs
+    q_smem, k_bufs, v_bufs = bufs
+    q_bar, k_ready, v_ready, kv_empty, turn = bars
+    (TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
+     stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq) = lists
+    N, H, GROUP, NQB = dims
     b, h, hk, pid_m = _program(N, H, GROUP, NQB, BLOCK_M)
     m0 = pid_m * BLOCK_M
     dt: gl.constexpr = q_smem.dtype
@@ -317,32 +325,25 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
         mbarrier.init(kv_empty.index(s), count=2 if TWO else 1)
 
     WG_M: gl.constexpr = BLOCK_M // 2 if TWO else BLOCK_M
+    outs = (O, LSE, stride_ob, stride_oh, stride_on, stride_lb, stride_lh)
+    bufs = (q_smem, k_bufs, v_bufs)
+    bars = (q_bar, k_ready, v_ready, kv_empty, turn)
+    lists = (TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
+             stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq)
+    dims = (N, H, GROUP, NQB)
     if TWO:
         gl.warp_specialize([
-            (_consumer, (O, LSE, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn,
-                         TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
-                         stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
-                         stride_ob, stride_oh, stride_on, stride_lb, stride_lh, N, H, GROUP, NQB, qk_scale,
-                         BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES, OVERLAP, num_warps, 0, WG_M, PINGPONG, LSE_OUT)),
-            (_consumer, (O, LSE, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn,
-                         TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
-                         stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
-                         stride_ob, stride_oh, stride_on, stride_lb, stride_lh, N, H, GROUP, NQB, qk_scale,
-                         BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES, OVERLAP, num_warps, WG_M, WG_M, PINGPONG, LSE_OUT)),
-            (_producer, (q_desc, k_desc, v_desc, q_tile, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty,
-                         TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
-                         stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
-                         N, H, GROUP, NQB, TILE_SCALE, BLOCK_M, BLOCK_N, STAGES, HAS_TILES)),
+            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES, OVERLAP,
+                         num_warps, 0, WG_M, PINGPONG, LSE_OUT)),
+            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES, OVERLAP,
+                         num_warps, WG_M, WG_M, PINGPONG, LSE_OUT)),
+            (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, BLOCK_M, BLOCK_N,
+                         STAGES, HAS_TILES)),
         ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (O, LSE, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, turn,
-                         TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
-                         stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
-                         stride_ob, stride_oh, stride_on, stride_lb, stride_lh, N, H, GROUP, NQB, qk_scale,
-                         BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES, OVERLAP, num_warps, 0, WG_M, PINGPONG, LSE_OUT)),
-            (_producer, (q_desc, k_desc, v_desc, q_tile, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty,
-                         TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
-                         stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
-                         N, H, GROUP, NQB, TILE_SCALE, BLOCK_M, BLOCK_N, STAGES, HAS_TILES)),
+            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES, OVERLAP,
+                         num_warps, 0, WG_M, PINGPONG, LSE_OUT)),
+            (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, BLOCK_M, BLOCK_N,
+                         STAGES, HAS_TILES)),
         ], [1], [PRODUCER_REGS])

@@ -5,11 +5,13 @@ of exact ranges alone on 128 x 128 tiles (A-shape, vertical-slash's band launch)
 CUDA tensors of an sm_90 GPU, head_dim 128; ``attention.run_index`` sends such calls here when
 ``FLAGS["GLUON"]`` is on and ``reason`` returns None. Everything else runs the Triton kernel.
 
-Measured (H100, one Llama-3-8B layer, kernel alone, benchmarks/results/gluon_ab{1,2}.md):
-block-sparse realistic top-100 lists 134.2-141.2 ms vs 154.2-154.8 for the Triton kernel at 512K,
-27.0 vs 27.6 ms at 128K: the producer warp keeps two K / V tiles in flight where Triton's
-pipeliner keeps one. A-shape 17.56 vs 18.17 ms at 128K, 69.1 vs 71.8 at 512K with two consumer
-warpgroups (one warpgroup on 64 x 64 tiles: 18.3-18.4 ms).
+Measured (H100s, one Llama-3-8B layer, benchmarks/results/gluon_ab{1,2,3,4}.md): block-sparse
+realistic top-100 lists, kernel alone, 134.2-141.7 ms vs 154.2-156.8 for the Triton kernel at 512K
+(the producer warp keeps two K / V tiles in flight where Triton's pipeliner keeps one), 26.6-27.6
+vs 27.2-28.2 ms at 128K; the whole call 141.8-142.6 vs 158.1 ms at 512K. A-shape with two consumer
+warpgroups 17.4-17.7 vs 18.2-18.3 ms at 128K (one warpgroup on 64 x 64 tiles: 18.3-18.4 ms; the
+two issuing their wgmma in turns: 17.6 ms, not kept). q / k / v are read through 4-D descriptors with
+their own strides, so the transposed views of a model's projections need no copy.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ from .. import index as _index
 # tile's q k^T issued before this tile's softmax (overlap), two consumer warpgroups on 128-row blocks
 # sharing each K / V tile (two), and those two issuing their wgmma in turns (pingpong).
 # "tiles": block-sparse 64 x 64 tile lists (gluon_ab1.md, H100 512K: 2 stages 134.2 ms, 3 stages
-# 151.3, 4 stages 166.2, 3 stages without overlap 168.5; Triton 154.2). "ranges": 128 x 128 tiles of
-# ranges only (A-shape, vertical-slash's band launch; gluon_ab2.md, H100 128K: 17.56 ms vs Triton 18.17).
+# 151.3, 4 stages 166.2, 3 stages without overlap 168.5; Triton 154.2; gluon_ab2.md: 2 stages without
+# overlap 163.4 vs 141.2). "ranges": 128 x 128 tiles of ranges only (A-shape, vertical-slash's band
+# launch; gluon_ab2.md, H100 128K: 17.56 ms vs Triton 18.17; without overlap 17.50, 3 stages of
+# 64-key tiles 17.89; gluon_ab3.md: pingpong 17.60 vs 17.42).
 CONFIGS = {"tiles": {"stages": 2, "num_warps": 4, "maxnreg": 128, "overlap": True},
            "ranges": {"stages": 2, "num_warps": 4, "maxnreg": 168, "overlap": True, "two": True, "pingpong": False}}
 

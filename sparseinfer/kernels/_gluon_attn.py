@@ -19,7 +19,7 @@ head side by side, longest rows first). Q / K / V are read through 4-D descripto
 [B, H, N, D] / [B, Hkv, N, D] with the tensors' own strides (a transposed projection needs no
 copy); rows past N read zeros, keys past a range are masked, rows past N not stored.
 
-Compiled only (Gluon has no interpreter): ``attention.run_index`` sends CUDA bf16 / fp16 calls on
+Compiled only (Gluon has no interpreter): ``attention.run_index`` sends CUDA bf16 calls on
 Hopper here (FLAGS["GLUON"]); everything else, and the CPU tests, run the Triton kernel.
 """
 from triton.experimental import gluon

@@ -74,7 +74,7 @@ BREAK_EVEN = {
 # attention_pfrel_ab.md): two tiles ahead (128K 37.7 vs 27.6-29.2 ms), vertical-slash's relative
 # tiles one step ahead (128K 39.3-39.4 vs 32.5-32.7 ms).
 # GLUON: block-sparse 64 x 64 tile lists and 128 x 128 range-only launches (A-shape, vertical-slash's
-# band) on sm_90 (bf16 / fp16, head_dim 128) run the warp-specialised Gluon kernel (kernels/gluon.py;
+# band) on sm_90 (bf16, head_dim 128) run the warp-specialised Gluon kernel (kernels/gluon.py;
 # H100 block-sparse 512K 134.2-141.2 vs 154.2-154.8 ms, A-shape 128K 17.56 vs 18.17 ms,
 # results/gluon_ab{1,2}.md) when the call asks for nothing it lacks (q_rows, modality, heads,
 # prior); False: always the Triton kernel.

@@ -1,8 +1,8 @@
 """Launcher of the warp-specialised Hopper kernel (``_gluon_attn.py``, Gluon).
 
 It serves SparseIndex objects made of a 64 x 64 tile list and exact ranges (block-sparse lists), or
-of exact ranges alone on 128 x 128 tiles (A-shape, vertical-slash's band launch), on bf16 / fp16
-CUDA tensors of an sm_90 GPU, head_dim 128; ``attention.run_index`` sends such calls here when
+of exact ranges alone on 128 x 128 tiles (A-shape, vertical-slash's band launch), on bf16 CUDA
+tensors of an sm_90 GPU, head_dim 128, N of at least one query block; ``attention.run_index`` sends such calls here when
 ``FLAGS["GLUON"]`` is on and ``reason`` returns None. Everything else runs the Triton kernel.
 
 Measured (H100s, one Llama-3-8B layer, benchmarks/results/gluon_ab{1,2,3,4}.md): block-sparse
@@ -60,8 +60,10 @@ def reason(q, k, v, idx: _index.SparseIndex, block_n: int) -> str | None:
         return "not a CUDA tensor"
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return "not an sm_90 GPU"
-    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtypes {q.dtype} / {k.dtype} / {v.dtype} (bf16 or fp16)"
+    if q.dtype != torch.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype} / {k.dtype} / {v.dtype} (bf16: fp16 is unchecked on the GPU)"
+    if q.shape[2] < idx.block_m:
+        return f"N = {q.shape[2]} shorter than one {idx.block_m}-row block (a TMA box larger than the tensor, unchecked)"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
             return f"{name} strides {t.stride()} (TMA needs a contiguous last dim and 16-byte aligned strides)"

@@ -11,7 +11,10 @@ on the SM, which Triton's own pipeliner cannot express:
 * the consumer warpgroups (default partition) run wgmma q k^T, the online softmax (exp2, fp32)
   and wgmma p v with p from registers; with OVERLAP the next tile's q k^T is issued before this
   tile's softmax (FA3's intra-warpgroup overlap), so the tensor cores and the softmax units run
-  side by side.
+  side by side; with TWO, two consumer warpgroups (partitions of their own) take the two 64-row
+  halves of a 128-row block and share every K / V tile;
+* LSE_OUT stores each row's log2-sum-exp2 as the Triton kernel's (vertical-slash's band launch,
+  merged by the second launch).
 
 One program = one (batch, query head) x one query block of BLOCK_M rows (64 per consumer
 warpgroup), programs ordered as ORDER 1 of the Triton kernel (the GROUP query heads of a KV
@@ -29,7 +32,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 
 @gluon.jit
 def _program(N, H, GROUP, NQB, BLOCK_M: gl.constexpr):
-    """(b, h, hk, m0) of this program: ORDER 1 of the Triton kernel."""
+    """(b, h, hk, query block) of this program: ORDER 1 of the Triton kernel."""
     pid = gl.program_id(0)
     g = pid % GROUP
     rest = pid // GROUP

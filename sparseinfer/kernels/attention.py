@@ -189,11 +189,11 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
                          f"got {tuple(out.shape)}, {out.dtype}")
     keep_others = out is not None and heads is not None
     out = torch.empty_like(q) if out is None else out
-    if (FLAGS["GLUON"] and not interpret and q_rows is None and modality is None and heads is None
-            and prior is None and _gluon.reason(q, k, v, idx, block_n) is None):
-        kind, _ = _gluon.index_kind(idx, d, block_n)
-        return _gluon.run(q, k, v, idx, scale, out=out, lse_out=lse_out, block_n=block_n, check=False,
-                          **_gluon.CONFIGS[kind])
+    if FLAGS["GLUON"] and not interpret and q_rows is None and modality is None and heads is None and prior is None:
+        kind, _ = _gluon.route(q, k, v, idx, block_n)
+        if kind is not None:
+            return _gluon.run(q, k, v, idx, scale, out=out, lse_out=lse_out, block_n=block_n, check=False,
+                              **_gluon.CONFIGS[kind])
     mod = kernel_module(FLAGS["KERNEL"], interpret)
     nqb = math.ceil(n / idx.block_m)
     if q_rows is not None:

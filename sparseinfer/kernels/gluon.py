@@ -36,7 +36,8 @@ CONFIGS = {"tiles": {"stages": 2, "num_warps": 4, "maxnreg": 128, "overlap": Tru
 
 def index_kind(idx: _index.SparseIndex, head_dim: int, block_n: int) -> tuple[str | None, str | None]:
     """(kind, None) when the kernel serves this index with CONFIGS[kind], else (None, why not):
-    a 64 x 64 tile list + exact ranges, or exact ranges alone on 128 x 128 tiles; head_dim 128."""
+    a 64 x 64 tile list + exact ranges, or exact ranges alone on 128 x 128 tiles; head_dim 128.
+    (Ranges with holes come only with a slash map, which is refused.)"""
     if idx.tiles_relative or idx.edges is not None:
         return None, "relative tiles / edges (vertical-slash)"
     if idx.columns is not None and idx.columns.shape[-1] > 0:
@@ -54,8 +55,19 @@ def index_kind(idx: _index.SparseIndex, head_dim: int, block_n: int) -> tuple[st
     return "ranges", None
 
 
+def route(q, k, v, idx: _index.SparseIndex, block_n: int) -> tuple[str | None, str | None]:
+    """(kind, None) when ``run`` serves this call on this device with CONFIGS[kind] (block_n-wide key
+    tiles), else (None, why not)."""
+    why = _device_reason(q, k, v, idx)
+    return (None, why) if why is not None else index_kind(idx, q.shape[-1], block_n)
+
+
 def reason(q, k, v, idx: _index.SparseIndex, block_n: int) -> str | None:
     """None when ``run`` serves this call on this device (with block_n-wide key tiles), else why not."""
+    return route(q, k, v, idx, block_n)[1]
+
+
+def _device_reason(q, k, v, idx: _index.SparseIndex) -> str | None:
     if q.device.type != "cuda":
         return "not a CUDA tensor"
     if torch.cuda.get_device_capability(q.device)[0] != 9:
@@ -67,7 +79,7 @@ def reason(q, k, v, idx: _index.SparseIndex, block_n: int) -> str | None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
             return f"{name} strides {t.stride()} (TMA needs a contiguous last dim and 16-byte aligned strides)"
-    return index_kind(idx, q.shape[-1], block_n)[1]
+    return None
 
 
 def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_warps: int = 4,

@@ -10,9 +10,8 @@ cuDNN dense before the first round and after the last.
     python benchmarks/gluon_ab.py --sizes 131072,524288 --rounds 3 --out $OUT --tag gluon_ab \
         --variants 'bs/g3=bs:3,4,128,1;bs/g3n=bs:3,4,128,0;as/g2=as:2,8,168,1,128'
 
-Variant: name=pattern:stages,warps,maxnreg,overlap[,block_n[,two[,pingpong]]] with pattern bs or as
-(warps per consumer warpgroup; two: two consumer warpgroups on 128-row blocks; pingpong: they issue
-their wgmma in turns); the Triton kernel (the library's config, FLAGS["GLUON"] off) is always timed
+Variant: name=pattern:stages,warps,maxnreg,overlap[,block_n[,two]] with pattern bs or as (warps per
+consumer warpgroup; two: two consumer warpgroups on 128-row blocks); the Triton kernel (the library's config, FLAGS["GLUON"] off) is always timed
 as "<pattern>/triton". The first Gluon variant of each pattern is also checked on a transposed
 (non-contiguous) q. --library adds the whole ops calls (index construction included) with
 FLAGS["GLUON"] on and off: "<p>/lib+gluon", "<p>/lib" for bs, as and vs (realistic indices).
@@ -44,12 +43,11 @@ def parse(spec: str) -> list[dict]:
         name, _, rest = item.partition("=")
         pat, _, params = rest.partition(":")
         p = [int(x) for x in params.split(",")] if params else []
-        if pat not in ("bs", "as") or len(p) not in (4, 5, 6, 7):
-            raise SystemExit("--variants: expected name=bs|as:stages,warps,maxnreg,overlap[,block_n[,two[,pingpong]]], "
+        if pat not in ("bs", "as") or len(p) not in (4, 5, 6):
+            raise SystemExit("--variants: expected name=bs|as:stages,warps,maxnreg,overlap[,block_n[,two]], "
                              f"got {item!r}")
         out.append({"name": name, "pattern": pat, "stages": p[0], "warps": p[1], "maxnreg": p[2],
-                    "overlap": bool(p[3]), "block_n": p[4] if len(p) > 4 else 64, "two": bool(p[5]) if len(p) > 5 else False,
-                    "pingpong": bool(p[6]) if len(p) > 6 else False})
+                    "overlap": bool(p[3]), "block_n": p[4] if len(p) > 4 else 64, "two": bool(p[5]) if len(p) > 5 else False})
     return out
 
 
@@ -69,8 +67,7 @@ def triton_fn(pat, q, k, v, n, bi, scale, dev):
 def gluon_fn(var, q, k, v, n, bi, scale, dev):
     idx = indices(var["pattern"], n, bi, 16 * var["warps"] * (2 if var["two"] else 1), dev)
     return lambda: kg.run(q, k, v, idx, scale, stages=var["stages"], num_warps=var["warps"], maxnreg=var["maxnreg"],
-                          overlap=var["overlap"], block_n=var["block_n"], two=var["two"], pingpong=var["pingpong"],
-                          check=False)
+                          overlap=var["overlap"], block_n=var["block_n"], two=var["two"], check=False)
 
 
 def library_fn(pat, gluon, q, k, v, n, bi, vs, scale):
@@ -188,8 +185,7 @@ def main() -> int:
           f"bf16); block-sparse realistic top-100 of 64-blocks, A-shape {SINK} + {WINDOW}, vertical-slash realistic "
           f"(1000 / 6096); kernel alone (index prebuilt; '/lib' rows: the whole ops call), median of {args.rounds} alternating rounds; ratio vs the faster cuDNN timing.", "",
           "Variants: " + "; ".join(f"{v['name']} = stages {v['stages']}, warps {v['warps']}, maxnreg {v['maxnreg']}, "
-                                   f"overlap {int(v['overlap'])}, block_n {v['block_n']}, two {int(v['two'])}, "
-                                   f"pingpong {int(v['pingpong'])}"
+                                   f"overlap {int(v['overlap'])}, block_n {v['block_n']}, two {int(v['two'])}"
                                    for v in variants), "",
           "| N | variant | 16K rel. err | rounds (ms) | median (ms) | ratio |", "|---|---|---|---|---|---|"]
     for r in rows:

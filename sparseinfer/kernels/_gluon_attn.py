@@ -45,13 +45,26 @@ def _program(N, H, GROUP, NQB, BLOCK_M: gl.constexpr):
 
 
 @gluon.jit
+def _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, hk, n0, STAGES: gl.constexpr):
+    """Ring position i: once its stage is free, TMA-load keys / values n0 .. n0 + BLOCK_N of KV head
+    (b, hk) into it, each signalling its ready barrier; returns i + 1."""
+    s = i % STAGES
+    mbarrier.wait(kv_empty.index(s), ((i // STAGES) & 1) ^ 1)
+    mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [b, hk, n0, 0], k_ready.index(s), k_bufs.index(s))
+    mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(v_desc, [b, hk, n0, 0], v_ready.index(s), v_bufs.index(s))
+    return i + 1
+
+
+@gluon.jit
 def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TILES: gl.constexpr):
     """Loads Q, then every K / V tile of the program's sequence (tile list, then each range's
     tiles) into the ring. The argument tuples are gluon_fwd_kernel's."""
     q_desc, k_desc, v_desc = descs
     q_smem, k_bufs, v_bufs = bufs
-    q_bar, k_ready, v_ready, kv_empty, turn = bars
+    q_bar, k_ready, v_ready, kv_empty = bars
     (TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
      stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq) = lists
     N, H, GROUP, NQB = dims
@@ -65,13 +78,7 @@ def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE,
         t_base = TILES + b * stride_tb + h * stride_th + pid_m * stride_tq
         for t in range(nt):
             n0 = gl.load(t_base + t) * TILE_SCALE
-            s = i % STAGES
-            mbarrier.wait(kv_empty.index(s), ((i // STAGES) & 1) ^ 1)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, hk, n0, 0], k_ready.index(s), k_bufs.index(s))
-            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b, hk, n0, 0], v_ready.index(s), v_bufs.index(s))
-            i += 1
+            i = _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, hk, n0, STAGES)
     nr = gl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq)
     r_base = RANGES + b * stride_rb + h * stride_rh + pid_m * stride_rq
     row_end = gl.minimum(m0 + BLOCK_M, N)
@@ -80,13 +87,7 @@ def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE,
         ks = gl.maximum(gl.maximum(gl.load(rp), m0 - gl.load(rp + 3)), 0)
         ke = gl.minimum(gl.minimum(gl.load(rp + 1), m0 + BLOCK_M - gl.load(rp + 2)), row_end)
         for n0 in range(ks, ke, BLOCK_N):
-            s = i % STAGES
-            mbarrier.wait(kv_empty.index(s), ((i // STAGES) & 1) ^ 1)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, hk, n0, 0], k_ready.index(s), k_bufs.index(s))
-            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b, hk, n0, 0], v_ready.index(s), v_bufs.index(s))
-            i += 1
+            i = _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, hk, n0, STAGES)
 
 
 @gluon.jit
@@ -125,55 +126,28 @@ def _masked(s_val, j, n_start, lo, width, ke, offs_m, cols, BLOCK_N: gl.constexp
 
 
 @gluon.jit
-def _turn_wait(turn, k, WG: gl.constexpr, PINGPONG: gl.constexpr):
-    """Ping-pong: wait until the other consumer warpgroup has issued its k-th section's wgmma
-    (warpgroup 0 goes first), so the two issue their wgmma in turns and one's softmax runs while
-    the other's wgmma does."""
-    if PINGPONG:
-        if WG == 0:
-            mbarrier.wait(turn.index(0), (k & 1) ^ 1)
-        else:
-            mbarrier.wait(turn.index(1), k & 1)
-
-
-@gluon.jit
-def _turn_pass(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
-    if PINGPONG:
-        mbarrier.arrive(turn.index(1 - WG), count=1)
-
-
-@gluon.jit
-def _segment(acc, m_i, l_i, i, k, turn, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, count,
+def _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, count,
              n_start, lo, width, ke, offs_m, cols, qk_scale, s_zero,
              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr, OVERLAP: gl.constexpr,
-             p_layout: gl.constexpr, row_o: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr):
+             p_layout: gl.constexpr, row_o: gl.constexpr):
     """`count` consecutive tiles of the ring (ring position i on): masked band tiles of a range
     starting at key n_start (MASKED), or whole tiles of the list. OVERLAP: tile j + 1's q k^T and
-    tile j's p v are in flight while tile j + 1's softmax runs. PINGPONG (with OVERLAP): each issue of
-    wgmma (q k^T of tile 0; q k^T of tile j with p v of tile j - 1; p v of the last tile) is a section
-    taken in turns with the other consumer warpgroup (k counts sections). Returns (acc, m_i, l_i,
-    ring position, k)."""
+    tile j's p v are in flight while tile j + 1's softmax runs. Returns (acc, m_i, l_i, ring position)."""
     dt: gl.constexpr = q_smem.dtype
     if OVERLAP:
         if count > 0:
-            _turn_wait(turn, k, WG, PINGPONG)
             s_tok, kt = _logits(q_smem, k_bufs, k_ready, s_zero, i, STAGES)
-            _turn_pass(turn, WG, PINGPONG)
-            k += 1
             s_val, _q, _k = warpgroup_mma_wait(0, deps=(s_tok, q_smem, kt))
             s_val = _masked(s_val, 0, n_start, lo, width, ke, offs_m, cols, BLOCK_N, MASKED)
             p, alpha, m_i, l_i = _softmax(s_val, m_i, l_i, qk_scale, MASKED)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dt), p_layout)
             for j in range(1, count):
-                _turn_wait(turn, k, WG, PINGPONG)
                 s_tok, kt = _logits(q_smem, k_bufs, k_ready, s_zero, i + j, STAGES)
                 sp = (i + j - 1) % STAGES
                 mbarrier.wait(v_ready.index(sp), ((i + j - 1) // STAGES) & 1)
                 vb = v_bufs.index(sp).reshape([v_bufs.shape[3], v_bufs.shape[4]])
                 o_tok = warpgroup_mma(p_op, vb, acc, is_async=True)
-                _turn_pass(turn, WG, PINGPONG)
-                k += 1
                 s_val, _q, _k = warpgroup_mma_wait(1, deps=(s_tok, q_smem, kt))
                 s_val = _masked(s_val, j, n_start, lo, width, ke, offs_m, cols, BLOCK_N, MASKED)
                 p, alpha, m_i, l_i = _softmax(s_val, m_i, l_i, qk_scale, MASKED)
@@ -181,13 +155,10 @@ def _segment(acc, m_i, l_i, i, k, turn, q_smem, k_bufs, v_bufs, k_ready, v_ready
                 mbarrier.arrive(kv_empty.index(sp), count=1)
                 acc = acc * gl.convert_layout(alpha, row_o)[:, None]
                 p_op = gl.convert_layout(p.to(dt), p_layout)
-            _turn_wait(turn, k, WG, PINGPONG)
             sp = (i + count - 1) % STAGES
             mbarrier.wait(v_ready.index(sp), ((i + count - 1) // STAGES) & 1)
             vb = v_bufs.index(sp).reshape([v_bufs.shape[3], v_bufs.shape[4]])
             o_tok = warpgroup_mma(p_op, vb, acc, is_async=True)
-            _turn_pass(turn, WG, PINGPONG)
-            k += 1
             acc, _v = warpgroup_mma_wait(0, deps=(o_tok, vb))
             mbarrier.arrive(kv_empty.index(sp), count=1)
     else:
@@ -204,20 +175,20 @@ def _segment(acc, m_i, l_i, i, k, turn, q_smem, k_bufs, v_bufs, k_ready, v_ready
             o_tok = warpgroup_mma(p_op, vb, acc, is_async=True)
             acc, _v = warpgroup_mma_wait(0, deps=(o_tok, vb))
             mbarrier.arrive(kv_empty.index(s), count=1)
-    return acc, m_i, l_i, i + count, k
+    return acc, m_i, l_i, i + count
 
 
 @gluon.jit
 def _consumer(outs, bufs, bars, lists, dims, qk_scale,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
               HAS_TILES: gl.constexpr, OVERLAP: gl.constexpr, NUM_WARPS: gl.constexpr,
-              ROW0: gl.constexpr, WG_M: gl.constexpr, PINGPONG: gl.constexpr, LSE_OUT: gl.constexpr):
+              ROW0: gl.constexpr, WG_M: gl.constexpr, LSE_OUT: gl.constexpr):
     """Rows ROW0 .. ROW0 + WG_M of the program's query block (BLOCK_M rows; the ranges' geometry,
     hence the tile sequence, is the block's, the masks are this consumer's rows'). The argument
     tuples are gluon_fwd_kernel's."""
     O, LSE, stride_ob, stride_oh, stride_on, stride_lb, stride_lh = outs
     q_smem, k_bufs, v_bufs = bufs
-    q_bar, k_ready, v_ready, kv_empty, turn = bars
+    q_bar, k_ready, v_ready, kv_empty = bars
     (TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
      stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq) = lists
     N, H, GROUP, NQB = dims
@@ -241,15 +212,13 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale,
     offs_m = m0 + ROW0 + gl.arange(0, WG_M, layout=row_s)
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     mbarrier.wait(q_bar, 0)
-    WG: gl.constexpr = 1 if ROW0 > 0 else 0
     i = 0
-    k = 0
     nt = 0
     if HAS_TILES:
         nt = gl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m)
-        acc, m_i, l_i, i, k = _segment(acc, m_i, l_i, i, k, turn, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, nt,
+        acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, nt,
                                     0, 0, 0, 0, offs_m, cols, qk_scale, s_zero,
-                                    BLOCK_N, STAGES, False, OVERLAP, p_layout, row_o, WG, PINGPONG)
+                                    BLOCK_N, STAGES, False, OVERLAP, p_layout, row_o)
     nr = gl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq)
     r_base = RANGES + b * stride_rb + h * stride_rh + pid_m * stride_rq
     row_end = gl.minimum(m0 + BLOCK_M, N)
@@ -269,15 +238,15 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale,
         t1 = gl.minimum(ks + n_head * BLOCK_N, ke)
         n_mid = gl.maximum(fb - t1, 0) // BLOCK_N
         t2 = t1 + n_mid * BLOCK_N
-        acc, m_i, l_i, i, k = _segment(acc, m_i, l_i, i, k, turn, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+        acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
                                     (t1 - ks + BLOCK_N - 1) // BLOCK_N, ks, lo, width, ke, offs_m, cols, qk_scale,
-                                    s_zero, BLOCK_N, STAGES, True, OVERLAP, p_layout, row_o, WG, PINGPONG)
-        acc, m_i, l_i, i, k = _segment(acc, m_i, l_i, i, k, turn, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                                    s_zero, BLOCK_N, STAGES, True, OVERLAP, p_layout, row_o)
+        acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
                                     n_mid, t1, lo, width, ke, offs_m, cols, qk_scale,
-                                    s_zero, BLOCK_N, STAGES, False, OVERLAP, p_layout, row_o, WG, PINGPONG)
-        acc, m_i, l_i, i, k = _segment(acc, m_i, l_i, i, k, turn, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                                    s_zero, BLOCK_N, STAGES, False, OVERLAP, p_layout, row_o)
+        acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
                                     (ke - t2 + BLOCK_N - 1) // BLOCK_N, t2, lo, width, ke, offs_m, cols, qk_scale,
-                                    s_zero, BLOCK_N, STAGES, True, OVERLAP, p_layout, row_o, WG, PINGPONG)
+                                    s_zero, BLOCK_N, STAGES, True, OVERLAP, p_layout, row_o)
 
     l_o = gl.convert_layout(l_i, row_o)
     out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
@@ -304,7 +273,7 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
                      N, H, GROUP, NQB, qk_scale, TILE_SCALE,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                      STAGES: gl.constexpr, HAS_TILES: gl.constexpr, PRODUCER_REGS: gl.constexpr, OVERLAP: gl.constexpr,
-                     TWO: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr, LSE_OUT: gl.constexpr,
+                     TWO: gl.constexpr, CONSUMER_REGS: gl.constexpr, LSE_OUT: gl.constexpr,
                      num_warps: gl.constexpr):
     """TWO: two consumer warpgroups of num_warps (= 4) warps, rows 0..63 and 64..127 of a 128-row
     block, in partitions of their own (they drift apart: one's softmax runs while the other's wgmma
@@ -318,10 +287,7 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    mbarrier.init(turn.index(0), count=1)
-    mbarrier.init(turn.index(1), count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
@@ -330,23 +296,23 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
     WG_M: gl.constexpr = BLOCK_M // 2 if TWO else BLOCK_M
     outs = (O, LSE, stride_ob, stride_oh, stride_on, stride_lb, stride_lh)
     bufs = (q_smem, k_bufs, v_bufs)
-    bars = (q_bar, k_ready, v_ready, kv_empty, turn)
+    bars = (q_bar, k_ready, v_ready, kv_empty)
     lists = (TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
              stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq)
     dims = (N, H, GROUP, NQB)
     if TWO:
         gl.warp_specialize([
             (_consumer, (outs, bufs, bars, lists, dims, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES, OVERLAP,
-                         num_warps, 0, WG_M, PINGPONG, LSE_OUT)),
+                         num_warps, 0, WG_M, LSE_OUT)),
             (_consumer, (outs, bufs, bars, lists, dims, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES, OVERLAP,
-                         num_warps, WG_M, WG_M, PINGPONG, LSE_OUT)),
+                         num_warps, WG_M, WG_M, LSE_OUT)),
             (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, BLOCK_M, BLOCK_N,
                          STAGES, HAS_TILES)),
         ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
             (_consumer, (outs, bufs, bars, lists, dims, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES, OVERLAP,
-                         num_warps, 0, WG_M, PINGPONG, LSE_OUT)),
+                         num_warps, 0, WG_M, LSE_OUT)),
             (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, BLOCK_M, BLOCK_N,
                          STAGES, HAS_TILES)),
         ], [1], [PRODUCER_REGS])

@@ -24,14 +24,15 @@ from .. import index as _index
 # Per index kind: stages (K / V tiles in flight), consumer warps (16 rows each) per warpgroup,
 # registers per thread at launch (the producer warpgroup gives its share to the consumers), the next
 # tile's q k^T issued before this tile's softmax (overlap), two consumer warpgroups on 128-row blocks
-# sharing each K / V tile (two), and those two issuing their wgmma in turns (pingpong).
+# sharing each K / V tile (two).
 # "tiles": block-sparse 64 x 64 tile lists (gluon_ab1.md, H100 512K: 2 stages 134.2 ms, 3 stages
 # 151.3, 4 stages 166.2, 3 stages without overlap 168.5; Triton 154.2; gluon_ab2.md: 2 stages without
 # overlap 163.4 vs 141.2). "ranges": 128 x 128 tiles of ranges only (A-shape, vertical-slash's band
 # launch; gluon_ab2.md, H100 128K: 17.56 ms vs Triton 18.17; without overlap 17.50, 3 stages of
-# 64-key tiles 17.89; gluon_ab3.md: pingpong 17.60 vs 17.42).
+# 64-key tiles 17.89; gluon_ab3.md: the two issuing their wgmma in turns 17.60 vs 17.42, not kept:
+# results/gluon_pingpong_rejected.patch).
 CONFIGS = {"tiles": {"stages": 2, "num_warps": 4, "maxnreg": 128, "overlap": True},
-           "ranges": {"stages": 2, "num_warps": 4, "maxnreg": 168, "overlap": True, "two": True, "pingpong": False}}
+           "ranges": {"stages": 2, "num_warps": 4, "maxnreg": 168, "overlap": True, "two": True}}
 
 
 def index_kind(idx: _index.SparseIndex, head_dim: int, block_n: int) -> tuple[str | None, str | None]:
@@ -84,7 +85,7 @@ def _device_reason(q, k, v, idx: _index.SparseIndex) -> str | None:
 
 def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_warps: int = 4,
         maxnreg: int = 128, overlap: bool = True, producer_regs: int = 24, block_n: int = 64,
-        two: bool = False, consumer_regs: int = 240, pingpong: bool = False,
+        two: bool = False, consumer_regs: int = 240,
         lse_out: torch.Tensor | None = None, out: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
     """Attention of q [B, Hq, N, D] over k / v [B, Hkv, N, D] restricted to idx's cells (a tile list
     + ranges, or ranges alone). Returns a tensor like q (``out`` when given).
@@ -141,6 +142,6 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
         out.stride(0), out.stride(1), out.stride(2), hq * n, n,
         n, hq, hq // hkv, nqb, float(scale) * 1.4426950408889634, idx.tile_scale if has_tiles else 1,
         BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, STAGES=stages, HAS_TILES=has_tiles, PRODUCER_REGS=producer_regs,
-        OVERLAP=overlap, TWO=two, CONSUMER_REGS=consumer_regs, PINGPONG=pingpong and two and overlap,
+        OVERLAP=overlap, TWO=two, CONSUMER_REGS=consumer_regs,
         LSE_OUT=lse_out is not None, num_warps=num_warps, maxnreg=maxnreg)
     return out

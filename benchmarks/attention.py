@@ -495,11 +495,12 @@ def variants(dev, gen, log, sizes=(131072, 524288), combos=None, only=None):
     return rows
 
 
-def vs_parts(dev, gen, log, sizes):
+def vs_parts(dev, gen, log, sizes, rounds: int = 1):
     """Time the parts of one vertical-slash call (realistic indices, default config): the index
     construction (graphed), the band launch, the second launch (merge included) and that launch
     without its columns / without its runs / without the merge (timing only: those outputs are
-    not the attention), and the whole call."""
+    not the attention), and the whole call; with rounds > 1 every part once per round, alternating
+    (`alternate`), the median kept."""
     import dataclasses
 
     from sparseinfer import index as sidx
@@ -547,15 +548,69 @@ def vs_parts(dev, gen, log, sizes):
             "columns, 128 rows, 2 st": lambda: katt.run_index(q, k, v, cols128, scale, bn, 8, 3, 2, 4, 2, out=out),
             "columns, 64 rows": lambda: katt.run_index(q, k, v, no_runs, scale, bn, *rest, out=out),
         }
+        # the band launch with the columns of its heads (FLAGS["VS_BAND_COLS"], Gluon kernel)
+        from sparseinfer.kernels import gluon as kg
+
+        if katt.FLAGS["GLUON"] and kg.band_reason(q, k, v, band_cfg[0], band_cfg[1]) is None:
+            def build_bc(vi, si):
+                return sidx.from_vertical_slash(vi, si, n, bm, block_n=bn, band_block_m=band_cfg[0],
+                                                band_min=katt.VS_BAND_MIN, band_columns=True)
+
+            idx2, band2 = build_bc(vert, sl)
+            pre = katt.column_inputs(q, k, v, band2)
+            katt.run_index(q, k, v, band2, scale, band_cfg[1], *band_cfg[2:], out=out, lse_out=lse)
+            prior2 = (out.clone(), lse.clone(), band2.range_count[..., 0])
+            gcfg = kg.CONFIGS["ranges"]
+            no_cc = dataclasses.replace(band2, column_count=torch.zeros_like(band2.column_count))
+            diag = band2.ranges.clone()
+            diag[..., 3] = 0
+            diag_only = dataclasses.replace(band2, ranges=diag)
+
+            def whole(flag):
+                def f():
+                    prev, katt.FLAGS["VS_BAND_COLS"] = katt.FLAGS["VS_BAND_COLS"], flag
+                    try:
+                        return kernels.vertical_slash_attention(q, k, v, vert, sl, scale)
+                    finally:
+                        katt.FLAGS["VS_BAND_COLS"] = prev
+                return f
+
+            parts.update({
+                "bc: band index (graphed)": lambda: graphed.build_graphed(
+                    ("parts_b", n), lambda si: sidx.band_index(si, n, band_cfg[0], katt.VS_BAND_MIN), (sl,)),
+                "bc: band index + columns (graphed)": lambda: graphed.build_graphed(
+                    ("parts_bc", n), lambda vi, si: sidx.band_index(si, n, band_cfg[0], katt.VS_BAND_MIN, vertical_idx=vi),
+                    (vert, sl)),
+                "bc: column inputs (gathers, words)": lambda: katt.column_inputs(q, k, v, band2),
+                "bc: band + columns launch, kernel": lambda: kg.run(q, k, v, band2, scale, out=out, lse_out=lse,
+                                                                    block_n=band_cfg[1], col_inputs=pre, **gcfg),
+                "bc: band + columns launch": lambda: katt.run_index(q, k, v, band2, scale, band_cfg[1], *band_cfg[2:],
+                                                                    out=out, lse_out=lse),
+                "bc: second launch": lambda: katt.run_index(q, k, v, idx2, scale, bn, *rest, out=out, prior=prior2),
+                # where the column pass's time goes (timing only): the band part of the kernel with columns
+                # (counts 0), the columns with the diagonal only, and without the skip bits (col_mode 4)
+                "bc: kernel, column counts 0": lambda: kg.run(q, k, v, no_cc, scale, out=out, lse_out=lse,
+                                                              block_n=band_cfg[1], col_inputs=pre, **gcfg),
+                "bc: kernel, columns + diagonal": lambda: kg.run(q, k, v, diag_only, scale, out=out, lse_out=lse,
+                                                                 block_n=band_cfg[1], col_inputs=pre, **gcfg),
+                "bc: kernel, columns + diagonal, no skip bits": lambda: kg.run(
+                    q, k, v, diag_only, scale, out=out, lse_out=lse, block_n=band_cfg[1], col_inputs=pre,
+                    col_mode=4, **gcfg),
+                "bc: whole call": whole(True),
+                "bc: whole call, columns in the second launch": whole(False),
+            })
         tiles = {"tiles": int(idx.tile_count.sum()), "edges": int(idx.edge_count.sum()),
                  "column tiles": int(((idx.column_count + bn - 1) // bn).sum()), "query blocks": idx.tile_count.numel()}
         log(f"parts N={n}: dense cudnn {dense:.2f} ms; per query block: " +
             ", ".join(f"{k} {v / tiles['query blocks']:.1f}" for k, v in tiles.items() if k != "query blocks"))
+        times = alternate(parts, rounds, 0.4, log, f"parts N={n}") if rounds > 1 else None
         for name, fn in parts.items():
-            t = bench(fn, budget_s=0.4)
-            rows.append({"N": n, "pattern": "vs-parts", "variant": name, "ms": t, "dense_ms": dense, **tiles})
-            log(f"parts N={n} {name:20s} {t:8.2f} ms")
-        del q, k, v, vert, sl, idx, band, out, lse, prior, no_cols, no_runs, idx128, cols128
+            t = statistics.median(times[name]) if times else bench(fn, budget_s=0.4)
+            rows.append({"N": n, "pattern": "vs-parts", "variant": name, "ms": t, "dense_ms": dense, **tiles,
+                         **({"rounds_ms": times[name]} if times else {})})
+            log(f"parts N={n} {name:20s} {t:8.2f} ms" + (f"  ({' / '.join(f'{x:.2f}' for x in times[name])})"
+                                                        if times else ""))
+        del q, k, v, vert, sl, idx, band, out, lse, prior, no_cols, no_runs, idx128, cols128, parts
     return rows
 
 
@@ -838,6 +893,7 @@ def main():
     ap.add_argument("--vs-parts", action="store_true",
                     help="only: the parts of a vertical-slash call on realistic indices (index, band launch, second "
                          "launch with / without columns, runs, merge), timed apart")
+    ap.add_argument("--rounds", type=int, default=1, help="with --vs-parts: alternating rounds (median kept)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--tag", default="attention")
@@ -896,7 +952,7 @@ def main():
             tune_rows = holey(dev, gen, log)
             return
         if args.vs_parts:
-            tune_rows = vs_parts(dev, gen, log, [int(s) for s in args.sizes.split(",") if s])
+            tune_rows = vs_parts(dev, gen, log, [int(s) for s in args.sizes.split(",") if s], args.rounds)
             return
         if args.variants:
             combos = [(f, 1, "auto") for f in args.ab.split(",")] if args.ab else None

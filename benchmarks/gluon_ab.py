@@ -9,12 +9,14 @@ cuDNN dense before the first round and after the last.
 
     python benchmarks/gluon_ab.py --sizes 131072,524288 --rounds 3 --out $OUT --tag gluon_ab \
         --variants 'bs/g3=bs:3,4,128,1;bs/g3n=bs:3,4,128,0;as/g2=as:2,8,168,1,128'
+    python benchmarks/gluon_ab.py --sizes 131072 --out $OUT --tag vs_ab --vs 'cols=VS_BAND_COLS=1;old=VS_BAND_COLS=0'
 
 Variant: name=pattern:stages,warps,maxnreg,overlap[,block_n[,two]] with pattern bs or as (warps per
 consumer warpgroup; two: two consumer warpgroups on 128-row blocks); the Triton kernel (the library's config, FLAGS["GLUON"] off) is always timed
 as "<pattern>/triton". The first Gluon variant of each pattern is also checked on a transposed
 (non-contiguous) q. --library adds the whole ops calls (index construction included) with
-FLAGS["GLUON"] on and off: "<p>/lib+gluon", "<p>/lib" for bs, as and vs (realistic indices).
+FLAGS["GLUON"] on and off: "<p>/lib+gluon", "<p>/lib" for bs, as and vs (realistic indices). --vs
+times vertical-slash ops calls under other katt.FLAGS settings ("vs/<name>"), checked like the rest.
 """
 from __future__ import annotations
 
@@ -70,6 +72,34 @@ def gluon_fn(var, q, k, v, n, bi, scale, dev):
                           overlap=var["overlap"], block_n=var["block_n"], two=var["two"], check=False)
 
 
+def parse_vs(spec: str) -> list[dict]:
+    """--vs 'name=FLAG=int,FLAG=int;name2=...' -> [{"name": "vs/name", "pattern": "vs", "flags": {...}}]."""
+    out = []
+    for item in (x for x in spec.split(";") if x):
+        name, _, rest = item.partition("=")
+        flags = {}
+        for kv in (x for x in rest.split(",") if x):
+            key, _, val = kv.partition("=")
+            if key not in katt.FLAGS or not val.lstrip("-").isdigit():
+                raise SystemExit(f"--vs: expected name=FLAG=int[,FLAG=int], FLAG one of {sorted(katt.FLAGS)}, got {item!r}")
+            flags[key] = int(val)
+        out.append({"name": f"vs/{name}", "pattern": "vs", "flags": flags})
+    return out
+
+
+def flags_fn(flags, q, k, v, vs, scale):
+    """The whole vertical-slash ops call with these katt.FLAGS entries set (GLUON on unless given)."""
+    def fn():
+        saved = dict(katt.FLAGS)
+        katt.FLAGS.update({"GLUON": True, **flags})
+        try:
+            return ops.vertical_slash_attention(q, k, v, vs[0], vs[1], scale=scale, backend="triton")
+        finally:
+            katt.FLAGS.clear()
+            katt.FLAGS.update(saved)
+    return fn
+
+
 def library_fn(pat, gluon, q, k, v, n, bi, vs, scale):
     """The whole ops call (index construction included) with FLAGS["GLUON"] on or off."""
     def fn():
@@ -87,7 +117,9 @@ def library_fn(pat, gluon, q, k, v, n, bi, vs, scale):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", required=True)
+    ap.add_argument("--variants", default="")
+    ap.add_argument("--vs", default="", help="vertical-slash ops calls (realistic indices) under katt.FLAGS "
+                    "settings: 'name=FLAG=int[,FLAG=int];...' (GLUON on unless given), timed as vs/name")
     ap.add_argument("--sizes", default="131072,524288")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of timing per variant per round")
@@ -96,6 +128,9 @@ def main() -> int:
     ap.add_argument("--library", action="store_true", help="also time the ops calls with FLAGS['GLUON'] on / off")
     args = ap.parse_args()
     variants = parse(args.variants)
+    vs_vars = parse_vs(args.vs)
+    if not variants and not vs_vars and not args.library:
+        raise SystemExit("nothing to time: give --variants, --vs or --library")
     katt.FLAGS["GLUON"] = False  # the baseline is the Triton kernel; Gluon variants call kg.run
     pats = sorted({v["pattern"] for v in variants})
     dev, gen = torch.device("cuda"), torch.Generator(device="cuda").manual_seed(0)
@@ -112,17 +147,20 @@ def main() -> int:
     bi = A.realistic_blocks(1, A.HQ, n16, dev, gen)
     vs = A.realistic_vs(1, A.HQ, n16, dev, gen)
     lib = [(p, g) for p in ("bs", "as", "vs") for g in (True, False)] if args.library else []
-    need = set(pats) | {p for p, _ in lib}
+    need = set(pats) | {p for p, _ in lib} | ({"vs"} if vs_vars else set())
     refs = {"bs": ops.block_sparse_attention(q, k, v, bi, A.BS, backend="reference").float() if "bs" in need else None,
             "as": ops.ashape_attention(q, k, v, SINK, WINDOW, backend="reference").float() if "as" in need else None,
             "vs": ops.vertical_slash_attention(q, k, v, *vs, backend="reference").float() if "vs" in need else None}
     checks = {}
     entries = (list(variants) + [{"name": f"{p}/triton", "pattern": p} for p in pats]
-               + [{"name": f"{p}/lib" + ("+gluon" if g else ""), "pattern": p, "lib": g} for p, g in lib])
+               + [{"name": f"{p}/lib" + ("+gluon" if g else ""), "pattern": p, "lib": g} for p, g in lib]
+               + list(vs_vars))
     for var in entries:
         try:
             if "lib" in var:
                 fn = library_fn(var["pattern"], var["lib"], q, k, v, n16, bi, vs, scale)
+            elif "flags" in var:
+                fn = flags_fn(var["flags"], q, k, v, vs, scale)
             elif var["name"].endswith("/triton"):
                 fn = triton_fn(var["pattern"], q, k, v, n16, bi, scale, dev)
             else:
@@ -135,6 +173,8 @@ def main() -> int:
                 variants.remove(var)
             if "lib" in var:
                 lib.remove((var["pattern"], var["lib"]))
+            if var in vs_vars:
+                vs_vars.remove(var)
             continue
         ref = refs[var["pattern"]]
         err = ((o - ref).norm() / ref.norm()).item()
@@ -158,12 +198,16 @@ def main() -> int:
             fns[var["name"]] = (var["pattern"], gluon_fn(var, q, k, v, n, bi, scale, dev))
         for p, g in lib:
             fns[f"{p}/lib" + ("+gluon" if g else "")] = (p, library_fn(p, g, q, k, v, n, bi, vs, scale))
-        firsts = {p: fns[f"{p}/triton" if p in pats else f"{p}/lib"][1]().float() for p in need}
+        for var in vs_vars:
+            fns[var["name"]] = ("vs", flags_fn(var["flags"], q, k, v, vs, scale))
+        base = {p: (f"{p}/triton" if p in pats else f"{p}/lib" if (p, False) in lib else
+                    next(x["name"] for x in vs_vars)) for p in need}
+        firsts = {p: fns[base[p]][1]().float() for p in need}
         for name, (p, fn) in fns.items():
             o = fn().float()
             diff = ((o - firsts[p]).norm() / firsts[p].norm()).item()
             checks.setdefault(name, {})[f"vs_triton_{n}"] = diff
-            log(f"N={n} {name}: rel. diff to {p}/{'triton' if p in pats else 'lib'} {diff:.2e} "
+            log(f"N={n} {name}: rel. diff to {base[p]} {diff:.2e} "
                 f"nan {bool(torch.isnan(o).any())}")
             del o
         del firsts

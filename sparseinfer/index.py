@@ -73,6 +73,9 @@ class SparseIndex:
     edge_count: int32 [B, H, nqb] edges to visit per query block; or None.
     slash_bits: int32 [B, H, W]: bit ``BITS_PAD + o`` (word ``>> 5``, bit ``& 31``) is 1 where
         offset o is a slash (zero for o < 0); or None.
+    ranges_exact: every range is exact (known when built: ``from_band``), so a kernel that
+        cannot test the slash map may still serve columns that skip slash cells through
+        ``slash_bits``.
     """
 
     n: int
@@ -90,6 +93,7 @@ class SparseIndex:
     edges: Optional[torch.Tensor] = None
     edge_count: Optional[torch.Tensor] = None
     slash_bits: Optional[torch.Tensor] = None
+    ranges_exact: bool = False
 
     @property
     def nqb(self) -> int:
@@ -527,6 +531,7 @@ def vertical_slash_work(n: int, vertical_idx: torch.Tensor, slash_idx: torch.Ten
 def from_vertical_slash(
     vertical_idx: torch.Tensor, slash_idx: torch.Tensor, n: int, block_m: int, merge_gap: Optional[int] = None,
     block_n: Optional[int] = None, band_block_m: Optional[int] = None, band_min: int = 1,
+    band_columns: bool = False, max_tiled: Optional[int] = None,
 ):
     """vertical_idx [B, H, Nv] key positions, slash_idx [B, H, Ns] offsets i - j (-1 = padding,
     duplicates allowed, any order) -> SparseIndex with
@@ -543,7 +548,11 @@ def from_vertical_slash(
     edges (the other runs are grouped without it; slash_bits keep it: columns still skip its
     cells) and is the band index's one range (query blocks of band_block_m rows), for a launch
     of its own (wider tiles) whose result is merged with the index's; heads with a shorter first
-    run keep it (band range_count 0).
+    run keep it (band range_count 0). With ``band_columns`` the columns of the heads that have a
+    band go to the band index too (``band_index(..., vertical_idx=)``): the index's column_count
+    is 0 for those heads. ``max_tiled``: at most that many exact bands (the nearest) become tiles
+    + edges, whose lists are then sized by it rather than by Ns (the rest are visited as ranges
+    with the slash-bit test).
     """
     if block_n is not None and (block_n <= 0 or block_m % block_n or block_n > 64):
         raise ValueError(f"block_n must divide block_m and be <= 64, got block_m={block_m}, block_n={block_n}")
@@ -557,7 +566,7 @@ def from_vertical_slash(
     s, lo, hi = _slash_runs(slash_idx, n)
     band = None
     if band_block_m is not None:  # the band is the first run (it starts at offset 0, always a slash)
-        band = band_index(slash_idx, n, band_block_m, band_min)
+        band = band_index(slash_idx, n, band_block_m, band_min, vertical_idx if band_columns else None)
         own = band.range_count[..., :1] > 0
 
         def drop_first(x):
@@ -565,10 +574,18 @@ def from_vertical_slash(
 
         lo, hi = drop_first(lo), drop_first(hi)
     glo, ghi, exact = _group_runs(lo, hi, merge_gap, big)
+    r = lo.shape[-1]
+    tiled = None
+    if block_n is not None and max_tiled is not None and max_tiled < r:
+        # the nearest max_tiled exact bands become tiles + edges (lists sized by max_tiled, not by Ns);
+        # the farther ones stay ranges, visited with the slash-bit test (their exact flag cleared)
+        ex = (glo < big) & (exact != 0)
+        keep = ex & (torch.cumsum(ex.to(torch.int32), -1) <= max_tiled)
+        tiled = (_compact(glo, keep, big, max_tiled), _compact(ghi, keep, big, max_tiled))
+        exact = torch.where(ex & ~keep, torch.zeros_like(exact), exact)
     smap = torch.zeros(b, h, n + 1, dtype=torch.uint8, device=dev)
     smap.scatter_(-1, s, 1)
     smap = smap[..., :n].contiguous()
-    r = lo.shape[-1]
     ranges = torch.stack(
         [torch.zeros_like(glo), torch.full_like(glo, n), glo, torch.clamp(ghi, max=n), exact], dim=-1
     ).to(torch.int32)
@@ -584,6 +601,8 @@ def from_vertical_slash(
     cc = torch.searchsorted(
         cols.reshape(b * h, -1).contiguous(), bound.view(1, nqb).expand(b * h, nqb).contiguous(), right=False
     ).view(b, h, nqb)
+    if band is not None and band_columns:  # the band launch takes these heads' columns
+        cc = torch.where(own, torch.zeros_like(cc), cc)
     idx = SparseIndex(
         n=n,
         block_m=block_m,
@@ -595,10 +614,25 @@ def from_vertical_slash(
         slash_bits=_slash_bits(s, n),
     )
     if block_n is not None:
+        t_lo, t_hi = (glo, ghi) if tiled is None else tiled
         idx.tiles, idx.tile_count, idx.edges, idx.edge_count = _relative_tiles(
-            glo, torch.clamp(ghi, max=n), exact, s.shape[-1], n, block_m, block_n)
+            t_lo, torch.clamp(t_hi, max=n), exact if tiled is None else (t_lo < big).to(exact.dtype),
+            s.shape[-1], n, block_m, block_n)
         idx.tiles_relative, idx.block_n = True, block_n
     return idx if band is None else (idx, band)
+
+
+def _presence(slash_idx: torch.Tensor, n: int) -> torch.Tensor:
+    """slash_idx [B, H, Ns] (-1 / >= n = padding) -> uint8 [B, H, n + 2]: 1 at every slash offset
+    (offset 0 always); entries n and n + 1 are 0."""
+    b, h, _ = slash_idx.shape
+    s = slash_idx.to(torch.int64)
+    s = torch.where((s >= 0) & (s < n), s, torch.full_like(s, n + 1))
+    pres = torch.zeros(b, h, n + 2, dtype=torch.uint8, device=slash_idx.device)
+    pres.scatter_(-1, s, 1)
+    pres[..., 0] = 1
+    pres[..., n + 1] = 0
+    return pres
 
 
 def local_band_width(slash_idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -606,20 +640,46 @@ def local_band_width(slash_idx: torch.Tensor, n: int) -> torch.Tensor:
     every offset 0..w is a slash (offset 0 always counts), i.e. the end of the first run of
     ``from_vertical_slash`` (hi[..., 0] of its runs). A presence map and one argmin, no sort: a
     few launches, so the local band's launch can start before the rest of the index is built."""
-    b, h, _ = slash_idx.shape
-    s = slash_idx.to(torch.int64)
-    s = torch.where((s >= 0) & (s < n), s, torch.full_like(s, n + 1))
-    pres = torch.zeros(b, h, n + 2, dtype=torch.uint8, device=slash_idx.device)
-    pres.scatter_(-1, s, 1)
-    pres[..., 0] = 1
-    return torch.argmin(pres[..., : n + 1], dim=-1) - 1  # pres[n] is 0: the first absent offset
+    return torch.argmin(_presence(slash_idx, n)[..., : n + 1], dim=-1) - 1  # entry n is 0: the first absent offset
 
 
-def band_index(slash_idx: torch.Tensor, n: int, block_m: int, band_min: int = 1) -> SparseIndex:
+def _bits_of(pres: torch.Tensor, n: int) -> torch.Tensor:
+    """Presence map uint8 [B, H, >= n] -> slash_bits int32 [B, H, W] (as ``_slash_bits``): bit
+    BITS_PAD + o set where pres[..., o] is 1, o < n."""
+    b, h, _ = pres.shape
+    nwords = (BITS_PAD + n + _BITS_TAIL + 31) // 32
+    bits = torch.zeros(b, h, nwords * 32, dtype=torch.int32, device=pres.device)
+    bits[..., BITS_PAD:BITS_PAD + n] = pres[..., :n]
+    shift = torch.arange(32, dtype=torch.int32, device=pres.device)
+    return (bits.view(b, h, nwords, 32) << shift).sum(-1, dtype=torch.int32).contiguous()  # disjoint bits: sum = or
+
+
+def band_index(slash_idx: torch.Tensor, n: int, block_m: int, band_min: int = 1,
+               vertical_idx: Optional[torch.Tensor] = None) -> SparseIndex:
     """The local-band index of ``from_vertical_slash(..., band_block_m=block_m, band_min=)``: per
-    head the band 0..w of ``local_band_width`` when w + 1 >= band_min, else none (``from_band``)."""
-    w = local_band_width(slash_idx, n)
-    return from_band(torch.where(w + 1 >= band_min, w, -1), n, block_m)
+    head the band 0..w of ``local_band_width`` when w + 1 >= band_min, else none (``from_band``).
+
+    With vertical_idx [B, H, Nv] (``band_columns``), the heads that have a band also take their
+    gathered columns: columns [B, H, Nv] sorted unique (padded with n), column_count [B, H, nqb]
+    (0 for heads without a band), and slash_map / slash_bits of all the head's slashes, so the
+    column pass skips every slash cell (the band's here, the other runs' in the second launch)."""
+    pres = _presence(slash_idx, n)
+    w = torch.argmin(pres[..., : n + 1], dim=-1) - 1
+    idx = from_band(torch.where(w + 1 >= band_min, w, -1), n, block_m)
+    if vertical_idx is None:
+        return idx
+    b, h, _ = slash_idx.shape
+    v = vertical_idx.to(torch.int64)
+    cols = _sorted_unique(torch.where((v >= 0) & (v < n), v, torch.full_like(v, n)), n)
+    nqb = math.ceil(n / block_m)
+    bound = (torch.arange(nqb, device=cols.device) * block_m + block_m).clamp(max=n)
+    cc = torch.searchsorted(cols.reshape(b * h, -1).contiguous(), bound.view(1, nqb).expand(b * h, nqb).contiguous(),
+                            right=False).view(b, h, nqb)
+    idx.columns = cols.to(torch.int32).contiguous()
+    idx.column_count = (cc * (idx.range_count[..., :1] > 0)).to(torch.int32)
+    idx.slash_map = pres[..., :n].contiguous()
+    idx.slash_bits = _bits_of(pres, n)
+    return idx
 
 
 def from_band(width: torch.Tensor, n: int, block_m: int) -> SparseIndex:
@@ -634,4 +694,4 @@ def from_band(width: torch.Tensor, n: int, block_m: int) -> SparseIndex:
     ranges = torch.stack([zero, torch.full_like(w, n), zero, torch.where(has, w, zero), torch.ones_like(w)], -1)
     rc = has.to(torch.int32)[..., None].expand(b, h, nqb).contiguous()
     return SparseIndex(n=n, block_m=block_m, ranges=ranges.view(b, h, 1, 1, 5).to(torch.int32).contiguous(),
-                       range_count=rc)
+                       range_count=rc, ranges_exact=True)

@@ -32,9 +32,15 @@ def test_index_kind_serves_block_lists_and_range_launches():
     n = 1000
     assert kg.index_kind(sidx.from_block_sparse(_blocks(2, n, 64, 5), 64, n, 64, 64), 128, 64) == ("tiles", None)
     assert kg.index_kind(sidx.from_ashape(n, 16, 200, 1, 2, 128, "cpu"), 128, 128) == ("ranges", None)
+    # vertical-slash's band launch with its heads' columns (exact ranges, skip words from slash_bits)
+    vert = torch.tensor([[[0, 5, 300]]]).expand(1, 2, 3)
+    sl = torch.cat([torch.arange(40), torch.tensor([90, 91])]).view(1, 1, 42).expand(1, 2, 42)
+    band = sidx.band_index(sl, n, 128, 16, vertical_idx=vert)
+    assert band.ranges_exact and band.columns is not None
+    assert kg.index_kind(band, 128, 128) == ("ranges", None)
 
 
-@pytest.mark.parametrize("case", ["head_dim", "tiles128", "ranges64", "block_m64", "vertical_slash"])
+@pytest.mark.parametrize("case", ["head_dim", "tiles128", "ranges64", "block_m64", "vertical_slash", "holes"])
 def test_index_kind_refuses_what_was_not_measured(case):
     n = 1000
     if case == "head_dim":
@@ -45,10 +51,16 @@ def test_index_kind_refuses_what_was_not_measured(case):
         idx, d, bn, words = sidx.from_ashape(n, 16, 200, 1, 2, 128, "cpu"), 128, 64, "128 x 64"
     elif case == "block_m64":
         idx, d, bn, words = sidx.from_ashape(n, 16, 200, 1, 2, 64, "cpu"), 128, 128, "64 x 128"
-    else:
+    elif case == "vertical_slash":
         vert = torch.tensor([[[0, 5, 300]]]).expand(1, 2, 3)
         sl = torch.tensor([[[0, 1, 2, 40, 41, 90]]]).expand(1, 2, 6)
         idx, d, bn, words = sidx.from_vertical_slash(vert, sl, n, 64), 128, 64, "gathered columns"
+    else:  # 128-row ranges with holes: the kernel cannot test the slash map
+        vert = torch.tensor([[[0, 5, 300]]]).expand(1, 2, 3)
+        sl = torch.tensor([[[0, 1, 2, 40, 41, 90]]]).expand(1, 2, 6)
+        idx = sidx.from_vertical_slash(vert, sl, n, 128)
+        idx.columns = idx.column_count = None
+        d, bn, words = 128, 128, "slash map"
     kind, why = kg.index_kind(idx, d, bn)
     assert kind is None and words in why
 
@@ -65,18 +77,23 @@ def test_reason_and_run_on_cpu_tensors():
     assert katt.FLAGS["GLUON"] is True
     out = katt.block_sparse_attention(q, k, v, _blocks(2, n, 64, 3), 64, 0.1)
     assert out.shape == q.shape and torch.isfinite(out).all()
+    # vertical-slash's band launch takes its columns only where the Gluon kernel serves it
+    assert kg.band_reason(q, k, v, 128, 128) == "not a CUDA tensor"
+    assert "head_dim 64" in kg.band_reason(q[..., :64], k[..., :64], v[..., :64], 128, 128)
+    assert "64 x 64" in kg.band_reason(q, k, v, 64, 64)
 
 
 def test_compiles_for_sm90_with_the_measured_resources():
-    """Both configs compile for sm_90 (stand-in driver, triton's ptxas): no spills, the block-list
-    config leaves room for two programs per SM (as measured), the range config for one; the PTX
+    """Both configs compile for sm_90 (stand-in driver, triton's ptxas), the range config also with
+    the column pass: no spills, the block-list config leaves room for two programs per SM (as
+    measured), the range config for one; the PTX
     has the register hand-over, wgmma, TMA and mbarrier waits the design relies on."""
     res = subprocess.run([sys.executable, os.path.join(HERE, "sm90_compile.py")], capture_output=True, text=True,
                          timeout=600, env=dict(os.environ, TRITON_INTERPRET="0"))
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads(res.stdout.strip().splitlines()[-1])
     per_sm = 228 * 1024
-    for kind, programs, warps in (("tiles", 2, 8), ("ranges", 1, 12)):
+    for kind, programs, warps in (("tiles", 2, 8), ("ranges", 1, 12), ("ranges+columns", 1, 12)):
         r = info[kind]
         assert r["local"] == 0, (kind, r)
         assert programs * (r["shared"] + 1024) <= per_sm, (kind, r)

@@ -151,6 +151,33 @@ def test_vertical_slash_band_and_runs(monkeypatch):
         kernels.vertical_slash_attention(q, k, v, vert, sl, 64 ** -0.5, config=(256, 64, 4, 1, 1, 3))
 
 
+def test_vertical_slash_tiled_runs_cap(monkeypatch):
+    """Only the nearest max_tiled exact bands become relative tiles + edges (lists sized by the cap,
+    not by the number of slashes); the farther exact bands stay ranges with their exact flag cleared:
+    every cell of the float64 mask still covered once, and the kernel's output unchanged."""
+    from sparseinfer.kernels import attention as katt
+
+    n, h = 400, 3
+    g = torch.Generator().manual_seed(5)
+    vert = torch.randint(-1, n, (2, h, 10), generator=g)
+    runs = torch.cat([torch.arange(30), torch.arange(100, 120), torch.arange(200, 205), torch.arange(300, 340)])
+    sl = runs.view(1, 1, -1).expand(2, h, -1).clone()
+    sl[:, 2, :20] = torch.randint(0, n, (2, 20), generator=g)  # scattered: holes and short runs
+    mask = vertical_slash_mask(n, vert, sl)
+    full = sidx.from_vertical_slash(vert, sl, n, 64, block_n=32)
+    for cap in (1, 2):
+        idx = sidx.from_vertical_slash(vert, sl, n, 64, block_n=32, max_tiled=cap)
+        assert idx.edges.shape[2] == cap * full.edges.shape[2] // full.ranges.shape[3]
+        assert idx.ranges[0, 0, 0, :4, 4].tolist() == [1] * cap + [0] * (4 - cap)
+        for b in range(2):
+            for hh in range(h):
+                assert torch.equal(idx.cells(b, hh), mask[b, hh]), (cap, b, hh)
+    q, k, v = qkv(2, h, 1, n, 64, torch.float32, seed=6)
+    ref = masked_attention_f64(q, k, v, mask)
+    monkeypatch.setitem(katt.FLAGS, "VS_TILED_RUNS", 1)
+    check(kernels.vertical_slash_attention(q, k, v, vert, sl, 0.125), ref, torch.float32)
+
+
 def test_vertical_slash_local_band_launch(monkeypatch):
     """The local band of offsets 0..w as a launch of its own (wider tiles), merged into the
     launch over the rest: the index pair covers every cell once; a band that the one-launch
@@ -186,9 +213,21 @@ def test_vertical_slash_local_band_launch(monkeypatch):
         for hh in range(h):
             a, c = idx.cells(b, hh), band.cells(b, hh)
             assert not (a & c).any() and torch.equal(a | c, mask[b, hh]), (b, hh)
+    # the band launch with its heads' columns (FLAGS["VS_BAND_COLS"]): the second launch keeps the
+    # columns of the heads without a band only; the bits from the presence map are _slash_bits'
+    idx2, band2 = sidx.from_vertical_slash(vert, sl, n, 64, block_n=32, band_block_m=32, band_min=16,
+                                           band_columns=True)
+    assert torch.equal(band2.slash_bits, sidx._slash_bits(sidx._slash_runs(sl, n)[0], n))
+    assert band2.column_count[0, 2].sum() == 0 and idx2.column_count[0, :2].sum() == 0
+    assert idx2.column_count[0, 2].sum() > 0 and band2.column_count[0, :2].sum() > 0
+    for b in range(2):
+        for hh in range(h):
+            a, c = idx2.cells(b, hh), band2.cells(b, hh)
+            assert not (a & c).any() and torch.equal(a | c, mask[b, hh]), (b, hh)
     ref = masked_attention_f64(q, k, v, mask)
-    for flag in (True, False):
+    for flag, cols in ((True, True), (True, False), (False, True)):
         monkeypatch.setitem(katt.FLAGS, "VS_BAND", flag)
+        monkeypatch.setitem(katt.FLAGS, "VS_BAND_COLS", cols)
         out = ops.vertical_slash_attention(q, k, v, vert, sl, backend="triton")
         check(out, ref, torch.float16)
         # query blocks of 32 rows against the band launch's 64

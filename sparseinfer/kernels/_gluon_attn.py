@@ -1,8 +1,12 @@
 """Warp-specialised Hopper kernel (Gluon) over key-tile lists and ranges (see sparseinfer/index.py).
 
 The same cells as ``_attn_kernel.sparse_fwd_kernel`` for indices made of a tile list (whole
-key tiles, no mask) and plain ranges (band-masked tiles), i.e. block-sparse lists and A-shape;
-no columns, no slash map, no query-side indirection. It differs in how the work is laid out
+key tiles, no mask) and plain ranges (band-masked tiles), i.e. block-sparse lists and A-shape,
+and, with HAS_COLS, gathered columns after exact ranges (vertical-slash's band launch with its
+columns, FLAGS["VS_BAND_COLS"]: K / V copied per query head in column order, read through TMA like
+any tile; each column's 64-bit skip word, loaded one thread per column and spread to the logits'
+layout, masks non-causal cells and cells whose offset is a slash); no ranges with holes, no
+query-side indirection, no merge with an earlier launch. It differs in how the work is laid out
 on the SM, which Triton's own pipeliner cannot express:
 
 * a producer warp (worker partition, few registers) issues the TMA loads of Q and of each K / V
@@ -58,10 +62,11 @@ def _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, h
 
 
 @gluon.jit
-def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TILES: gl.constexpr):
+def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TILES: gl.constexpr,
+              HAS_COLS: gl.constexpr):
     """Loads Q, then every K / V tile of the program's sequence (tile list, then each range's
-    tiles) into the ring. The argument tuples are gluon_fwd_kernel's."""
+    tiles, then the gathered column tiles) into the ring. The argument tuples are gluon_fwd_kernel's."""
     q_desc, k_desc, v_desc = descs
     q_smem, k_bufs, v_bufs = bufs
     q_bar, k_ready, v_ready, kv_empty = bars
@@ -88,6 +93,11 @@ def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE,
         ke = gl.minimum(gl.minimum(gl.load(rp + 1), m0 + BLOCK_M - gl.load(rp + 2)), row_end)
         for n0 in range(ks, ke, BLOCK_N):
             i = _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, hk, n0, STAGES)
+    if HAS_COLS:  # the query head's gathered column keys / values, BLOCK_N at a time
+        kc_desc, vc_desc, COLS, CCOUNT, CW, stride_colb, stride_colh, stride_ccb, stride_cch, stride_cwb, stride_cwh = cols_args
+        nc = gl.load(CCOUNT + b * stride_ccb + h * stride_cch + pid_m)
+        for c0 in range(0, nc, BLOCK_N):
+            i = _load_kv(kc_desc, vc_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, h, c0, STAGES)
 
 
 @gluon.jit
@@ -115,41 +125,76 @@ def _logits(q_smem, k_bufs, k_ready, s_zero, i, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _masked(s_val, j, n_start, lo, width, ke, offs_m, cols, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
-    """Band mask of a range's j-th tile: cells with lo <= i - key <= lo + width, key < ke."""
-    if MASKED:
+def _mask_in(j, geo, cols, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
+    """What tile j's mask needs from memory, loaded before its logits are waited for: for the column
+    pass (MASKED 2) each column's skip word (bit r: row r of this consumer's rows skips the column,
+    see _attn_kernel.col_words_kernel; all bits for columns past the count); else nothing."""
+    if MASKED == 4:  # ablation (timing only, wrong results): column validity alone, no skip bits
+        lin4: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        return (j * BLOCK_N + gl.arange(0, BLOCK_N, layout=lin4) < geo[2]).to(gl.int32)
+    elif MASKED >= 2:
+        # one thread per column (the accumulator layout would have every warp load every column's
+        # word: 8x the L2 sectors); _masked spreads them to the logits' layout
+        col_base, cw_base, nc, m0r, rowbit = geo
+        lin: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        g = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=lin)
+        ok = g < nc
+        c = gl.load(col_base + g, mask=ok, other=0)
+        return gl.load(cw_base + (m0r - c), mask=ok, other=-1)
+    else:
+        return 0
+
+
+@gluon.jit
+def _masked(s_val, j, geo, cols, words, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
+    """MASKED 1: band mask of a range's j-th tile, geo = (n_start, lo, width, ke, offs_m): cells with
+    lo <= i - key <= lo + width, key < ke. MASKED 2: the column pass, cells whose skip bit is clear."""
+    if MASKED == 1:
+        n_start, lo, width, ke, offs_m = geo
         offs_n = n_start + j * BLOCK_N + cols
         rel = (offs_m - lo)[:, None] - offs_n[None, :]
         keep = (rel.to(gl.uint32) <= width) & (offs_n < ke)[None, :]
         s_val = gl.where(keep, s_val, float("-inf"))
+    elif MASKED == 4:
+        s_val = gl.where(gl.convert_layout(words, cols.type.layout)[None, :] != 0, s_val, float("-inf"))
+    elif MASKED == 2:
+        rowbit = geo[4]
+        w = gl.convert_layout(words, cols.type.layout)
+        s_val = gl.where((w[None, :] & rowbit[:, None]) == 0, s_val, float("-inf"))
     return s_val
 
 
 @gluon.jit
 def _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, count,
-             n_start, lo, width, ke, offs_m, cols, qk_scale, s_zero,
+             geo, cols, qk_scale, s_zero,
              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr, OVERLAP: gl.constexpr,
              p_layout: gl.constexpr, row_o: gl.constexpr):
-    """`count` consecutive tiles of the ring (ring position i on): masked band tiles of a range
-    starting at key n_start (MASKED), or whole tiles of the list. OVERLAP: tile j + 1's q k^T and
-    tile j's p v are in flight while tile j + 1's softmax runs. Returns (acc, m_i, l_i, ring position)."""
+    """`count` consecutive tiles of the ring (ring position i on): whole tiles of the list
+    (MASKED 0), masked band tiles of a range (1) or column tiles (2); geo: see _masked. OVERLAP:
+    tile j + 1's q k^T and tile j's p v are in flight while tile j + 1's softmax runs. Returns
+    (acc, m_i, l_i, ring position)."""
     dt: gl.constexpr = q_smem.dtype
     if OVERLAP:
         if count > 0:
             s_tok, kt = _logits(q_smem, k_bufs, k_ready, s_zero, i, STAGES)
+            words = _mask_in(0, geo, cols, BLOCK_N, MASKED)
             s_val, _q, _k = warpgroup_mma_wait(0, deps=(s_tok, q_smem, kt))
-            s_val = _masked(s_val, 0, n_start, lo, width, ke, offs_m, cols, BLOCK_N, MASKED)
+            s_val = _masked(s_val, 0, geo, cols, words, BLOCK_N, MASKED)
             p, alpha, m_i, l_i = _softmax(s_val, m_i, l_i, qk_scale, MASKED)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dt), p_layout)
             for j in range(1, count):
                 s_tok, kt = _logits(q_smem, k_bufs, k_ready, s_zero, i + j, STAGES)
+                if MASKED == 2:  # the column pass's loads before p v is issued
+                    words = _mask_in(j, geo, cols, BLOCK_N, MASKED)
                 sp = (i + j - 1) % STAGES
                 mbarrier.wait(v_ready.index(sp), ((i + j - 1) // STAGES) & 1)
                 vb = v_bufs.index(sp).reshape([v_bufs.shape[3], v_bufs.shape[4]])
                 o_tok = warpgroup_mma(p_op, vb, acc, is_async=True)
+                if MASKED != 2:
+                    words = _mask_in(j, geo, cols, BLOCK_N, MASKED)
                 s_val, _q, _k = warpgroup_mma_wait(1, deps=(s_tok, q_smem, kt))
-                s_val = _masked(s_val, j, n_start, lo, width, ke, offs_m, cols, BLOCK_N, MASKED)
+                s_val = _masked(s_val, j, geo, cols, words, BLOCK_N, MASKED)
                 p, alpha, m_i, l_i = _softmax(s_val, m_i, l_i, qk_scale, MASKED)
                 acc, _v = warpgroup_mma_wait(0, deps=(o_tok, vb))
                 mbarrier.arrive(kv_empty.index(sp), count=1)
@@ -164,8 +209,9 @@ def _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empt
     else:
         for j in range(count):
             s_tok, kt = _logits(q_smem, k_bufs, k_ready, s_zero, i + j, STAGES)
+            words = _mask_in(j, geo, cols, BLOCK_N, MASKED)
             s_val, _q, _k = warpgroup_mma_wait(0, deps=(s_tok, q_smem, kt))
-            s_val = _masked(s_val, j, n_start, lo, width, ke, offs_m, cols, BLOCK_N, MASKED)
+            s_val = _masked(s_val, j, geo, cols, words, BLOCK_N, MASKED)
             p, alpha, m_i, l_i = _softmax(s_val, m_i, l_i, qk_scale, MASKED)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dt), p_layout)
@@ -179,10 +225,11 @@ def _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empt
 
 
 @gluon.jit
-def _consumer(outs, bufs, bars, lists, dims, qk_scale,
+def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
               HAS_TILES: gl.constexpr, OVERLAP: gl.constexpr, NUM_WARPS: gl.constexpr,
-              ROW0: gl.constexpr, WG_M: gl.constexpr, LSE_OUT: gl.constexpr):
+              ROW0: gl.constexpr, WG_M: gl.constexpr, LSE_OUT: gl.constexpr, HAS_COLS: gl.constexpr,
+              COL_MODE: gl.constexpr):
     """Rows ROW0 .. ROW0 + WG_M of the program's query block (BLOCK_M rows; the ranges' geometry,
     hence the tile sequence, is the block's, the masks are this consumer's rows'). The argument
     tuples are gluon_fwd_kernel's."""
@@ -217,8 +264,7 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale,
     if HAS_TILES:
         nt = gl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m)
         acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, nt,
-                                    0, 0, 0, 0, offs_m, cols, qk_scale, s_zero,
-                                    BLOCK_N, STAGES, False, OVERLAP, p_layout, row_o)
+                                    0, cols, qk_scale, s_zero, BLOCK_N, STAGES, 0, OVERLAP, p_layout, row_o)
     nr = gl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq)
     r_base = RANGES + b * stride_rb + h * stride_rh + pid_m * stride_rq
     row_end = gl.minimum(m0 + BLOCK_M, N)
@@ -239,14 +285,22 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale,
         n_mid = gl.maximum(fb - t1, 0) // BLOCK_N
         t2 = t1 + n_mid * BLOCK_N
         acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                                    (t1 - ks + BLOCK_N - 1) // BLOCK_N, ks, lo, width, ke, offs_m, cols, qk_scale,
-                                    s_zero, BLOCK_N, STAGES, True, OVERLAP, p_layout, row_o)
+                                    (t1 - ks + BLOCK_N - 1) // BLOCK_N, (ks, lo, width, ke, offs_m), cols, qk_scale,
+                                    s_zero, BLOCK_N, STAGES, 1, OVERLAP, p_layout, row_o)
         acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                                    n_mid, t1, lo, width, ke, offs_m, cols, qk_scale,
-                                    s_zero, BLOCK_N, STAGES, False, OVERLAP, p_layout, row_o)
+                                    n_mid, 0, cols, qk_scale, s_zero, BLOCK_N, STAGES, 0, OVERLAP, p_layout, row_o)
         acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                                    (ke - t2 + BLOCK_N - 1) // BLOCK_N, t2, lo, width, ke, offs_m, cols, qk_scale,
-                                    s_zero, BLOCK_N, STAGES, True, OVERLAP, p_layout, row_o)
+                                    (ke - t2 + BLOCK_N - 1) // BLOCK_N, (t2, lo, width, ke, offs_m), cols, qk_scale,
+                                    s_zero, BLOCK_N, STAGES, 1, OVERLAP, p_layout, row_o)
+    if HAS_COLS:  # gathered columns: cells (i, c) with c <= i whose offset i - c is no slash
+        kc_desc, vc_desc, COLS, CCOUNT, CW, stride_colb, stride_colh, stride_ccb, stride_cch, stride_cwb, stride_cwh = cols_args
+        nc = gl.load(CCOUNT + b * stride_ccb + h * stride_cch + pid_m)
+        m0r = m0 + ROW0
+        rowbit = gl.full([WG_M], 1, gl.int64, row_s) << (offs_m - m0r).to(gl.int64)
+        geo = (COLS + b * stride_colb + h * stride_colh, CW + b * stride_cwb + h * stride_cwh + 127, nc, m0r, rowbit)
+        acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                                    (nc + BLOCK_N - 1) // BLOCK_N, geo, cols, qk_scale,
+                                    s_zero, BLOCK_N, STAGES, COL_MODE, OVERLAP, p_layout, row_o)
 
     l_o = gl.convert_layout(l_i, row_o)
     out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
@@ -267,6 +321,8 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale,
 @gluon.jit
 def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
                      TILES, TCOUNT, RANGES, RCOUNT,
+                     kc_desc, vc_desc, COLS, CCOUNT, CW, stride_colb, stride_colh, stride_ccb, stride_cch,
+                     stride_cwb, stride_cwh,
                      stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
                      stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
                      stride_ob, stride_oh, stride_on, stride_lb, stride_lh,
@@ -274,7 +330,7 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                      STAGES: gl.constexpr, HAS_TILES: gl.constexpr, PRODUCER_REGS: gl.constexpr, OVERLAP: gl.constexpr,
                      TWO: gl.constexpr, CONSUMER_REGS: gl.constexpr, LSE_OUT: gl.constexpr,
-                     num_warps: gl.constexpr):
+                     HAS_COLS: gl.constexpr, COL_MODE: gl.constexpr, num_warps: gl.constexpr):
     """TWO: two consumer warpgroups of num_warps (= 4) warps, rows 0..63 and 64..127 of a 128-row
     block, in partitions of their own (they drift apart: one's softmax runs while the other's wgmma
     does), both reading every K / V tile (a stage is free once both released it)."""
@@ -300,19 +356,21 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
     lists = (TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
              stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq)
     dims = (N, H, GROUP, NQB)
+    cols_args = (kc_desc, vc_desc, COLS, CCOUNT, CW, stride_colb, stride_colh, stride_ccb, stride_cch,
+                 stride_cwb, stride_cwh)
     if TWO:
         gl.warp_specialize([
-            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES, OVERLAP,
-                         num_warps, 0, WG_M, LSE_OUT)),
-            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES, OVERLAP,
-                         num_warps, WG_M, WG_M, LSE_OUT)),
-            (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, BLOCK_M, BLOCK_N,
-                         STAGES, HAS_TILES)),
+            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
+                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, COL_MODE)),
+            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
+                         OVERLAP, num_warps, WG_M, WG_M, LSE_OUT, HAS_COLS, COL_MODE)),
+            (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, BLOCK_M,
+                         BLOCK_N, STAGES, HAS_TILES, HAS_COLS)),
         ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES, OVERLAP,
-                         num_warps, 0, WG_M, LSE_OUT)),
-            (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, BLOCK_M, BLOCK_N,
-                         STAGES, HAS_TILES)),
+            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
+                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, COL_MODE)),
+            (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, BLOCK_M,
+                         BLOCK_N, STAGES, HAS_TILES, HAS_COLS)),
         ], [1], [PRODUCER_REGS])

@@ -64,7 +64,14 @@ BREAK_EVEN = {
 # VS_BAND: vertical-slash's local band (offsets 0..w of a head, w + 1 >= VS_BAND_MIN) runs as a
 # launch of its own with the A-shape config (128 x 128 tiles on the GPU); the second launch (the
 # rest: 64 x 64 tiles) merges it in. VS_OVERLAP: with VS_BAND on a GPU, the band's index is built
-# first (no sort) and the rest of the index on a side stream while the band launch runs.
+# first (no sort) and the rest of the index on a side stream while the band launch runs. Off since the
+# band launch is the Gluon kernel (one program per SM holding the whole register file: the side
+# stream's graph nodes only interleave with its programs, and cost more than they hide): H200, 128K
+# realistic, 5 alternating rounds, off 33.16-33.45 vs on 33.44-33.74 ms, faster in every round
+# (results/vs_overlap_ab.md). VS_TILED_RUNS: at most this many exact slash runs per head (the nearest)
+# become relative tiles + edges (index.from_vertical_slash(max_tiled=)); the lists were sized by the
+# number of slashes (6096 realistic: ~37K edge slots per head, sorted and stacked in every call); 0: no
+# cap. With VS_OVERLAP off (results/vs_cap_ab.md, H200 128K, 3 rounds): 33.36 ms vs 33.61 uncapped.
 # VS_COL_TMA: gathered columns' K / V rows copied per query head in column order before the
 # launch (on TMA-capable devices), the column pass then loads them through TMA. PF: block-sparse tile lists (not
 # vertical-slash's relative tiles) load the next tile's start one step ahead, for n <= PF_MAX_N
@@ -73,6 +80,12 @@ BREAK_EVEN = {
 # attention_pf512_ab.md: 159.7-165.1 vs 152.4-153.1). Measured and not kept (attention_pf512_ab.md,
 # attention_pfrel_ab.md): two tiles ahead (128K 37.7 vs 27.6-29.2 ms), vertical-slash's relative
 # tiles one step ahead (128K 39.3-39.4 vs 32.5-32.7 ms).
+# VS_BAND_COLS: the band launch also runs the gathered columns of the heads that have a band (128-row
+# query blocks, skip words per column; index.band_index(..., vertical_idx=)) and the second launch only
+# the other slash runs; on a GPU only where the Gluon kernel serves the band launch. Off: a wash on an
+# H200 (realistic indices, whole call, 3 alternating rounds, results/vs_parts_cols3.md: 128K 32.79 vs
+# 32.96 ms, 256K 65.69 vs 67.67, 512K 136.34 vs 132.96; the Gluon column pass costs 3.9 ms at 128K where
+# it saves the second launch 4.0, its skip bits ~1 ms of it).
 # GLUON: block-sparse 64 x 64 tile lists and 128 x 128 range-only launches (A-shape, vertical-slash's
 # band) on sm_90 (bf16, head_dim 128) run the warp-specialised Gluon kernel (kernels/gluon.py;
 # H100 block-sparse 512K 134.2-141.2 vs 154.2-154.8 ms, A-shape 128K 17.56 vs 18.17 ms,
@@ -80,7 +93,7 @@ BREAK_EVEN = {
 # prior); False: always the Triton kernel.
 FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py",  # KERNEL: a kernel file (A/B runs)
          "GLUON": True,
-         "GRAPH_INDEX": True, "VS_BAND": True, "VS_OVERLAP": True,
+         "GRAPH_INDEX": True, "VS_BAND": True, "VS_OVERLAP": False, "VS_BAND_COLS": False, "VS_TILED_RUNS": 64,
          "VS_COL_TMA": True, "PF": True, "PF_MAX_N": 256 * 1024,
          # BS_LISTS: unordered block lists sorted by kernels.rows.block_lists (see index._lists_kernel);
          # BS_PAIRS: 64-block lists' pair blocks as 128 x 128 tiles in a launch of their own (_block_pairs)
@@ -146,11 +159,33 @@ def _config(kind: str, d: int, device: torch.device, config=None):
     return tuple(c if c is not None else b for c, b in zip(config, base))
 
 
+def column_inputs(q, k, v, idx: _index.SparseIndex) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a column pass reads besides idx, for q [B, Hq, N, D], k / v [B, Hkv, N, D] and an index
+    with columns [B, Hq, C] and slash_bits: (kc, vc, cw) = each query head's column keys / values in
+    column order [B, Hq, C, D] (padding columns read key N - 1, masked), and the skip words int64
+    [B, Hq, N + 192] per distance m0 - c (``_attn_kernel.col_words_kernel``; 64 rows a word). Built
+    by the launch unless given (``run_index(col_inputs=)``: vertical-slash builds them on its side
+    stream)."""
+    b, hq, n, _ = q.shape
+    hkv = k.shape[1]
+    cidx = idx.columns.long().clamp(max=n - 1)
+    kvh = (torch.arange(hq, device=q.device) // (hq // hkv)).view(1, hq, 1)
+    bi = torch.arange(b, device=q.device).view(b, 1, 1)
+    ne = n + 192  # distances m0 - c from -127 (128-row blocks) to n + 64
+    cw = torch.empty(b, hq, ne, dtype=torch.int64, device=q.device)
+    sb = idx.slash_bits
+    kernel_module(FLAGS["KERNEL"], q.device.type != "cuda").col_words_kernel[(b * hq, math.ceil(ne / 1024))](
+        sb, cw, sb.stride(0) if sb.shape[0] > 1 else 0, sb.stride(1) if sb.shape[1] > 1 else 0,
+        cw.stride(0), cw.stride(1), ne, hq, PAD=_index.BITS_PAD, BLOCK=1024)
+    return k[bi, kvh, cidx], v[bi, kvh, cidx], cw
+
+
 def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_warps: int = 8,
               num_stages: int = 2, edge_stages: int = 1, split: int = 0, holey_stages: int = 1, *,
               q_rows: torch.Tensor | None = None, modality: torch.Tensor | None = None, slot: int = 0,
               out: torch.Tensor | None = None, heads: torch.Tensor | None = None,
-              lse_out: torch.Tensor | None = None, prior: tuple | None = None) -> torch.Tensor:
+              lse_out: torch.Tensor | None = None, prior: tuple | None = None,
+              col_inputs: tuple | None = None) -> torch.Tensor:
     """Attention of q [B, Hq, N, D] over k/v [B, Hkv, N, D] restricted to the cells of ``idx``
     (built with block_m = idx.block_m). Returns a tensor like q.
 
@@ -168,7 +203,8 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
     rows (disjoint cells), with the heads it wrote (!= 0: every row); merged in for those
     heads: the output is attention over the union. A fourth entry s (prior = (o, lse, written,
     s)) and written int32 [B, Hq, ceil(nqb / 2^s)]: per group of 2^s query blocks instead (a
-    launch of query blocks 2^s times as tall wrote those; the others are not read)."""
+    launch of query blocks 2^s times as tall wrote those; the others are not read).
+    col_inputs: ``column_inputs(q, k, v, idx)`` built beforehand (else here, when idx has columns)."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     if d not in (16, 32, 64, 128, 256):
@@ -193,7 +229,7 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         kind, _ = _gluon.route(q, k, v, idx, block_n)
         if kind is not None:
             return _gluon.run(q, k, v, idx, scale, out=out, lse_out=lse_out, block_n=block_n, check=False,
-                              **_gluon.CONFIGS[kind])
+                              col_inputs=col_inputs, **_gluon.CONFIGS[kind])
     mod = kernel_module(FLAGS["KERNEL"], interpret)
     nqb = math.ceil(n / idx.block_m)
     if q_rows is not None:
@@ -258,27 +294,22 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
                          f"(query blocks >> {qshift}), got {prior_c.dtype} {tuple(prior_c.shape)}")
     # the column pass through TMA: each head's column keys / values copied in column order first
     col_tma = bool(FLAGS["VS_COL_TMA"]) and bool(tma) and has_cols and q_rows is None
+    col_words = has_cols and has_smap
+    if (col_tma or col_words) and col_inputs is None:
+        col_inputs = column_inputs(q, k, v, idx)
+    elif col_inputs is not None and col_inputs[0].dtype != k.dtype:  # computed in float32 here (see above)
+        col_inputs = (col_inputs[0].to(k.dtype), col_inputs[1].to(v.dtype), col_inputs[2])
     kcd = vcd = None
     ncol = 0
     if col_tma:
         ncol = cols.shape[-1]
-        cidx = cols.long().clamp(max=n - 1)
-        kvh = (torch.arange(hq, device=q.device) // (hq // hkv)).view(1, hq, 1)
-        bi = torch.arange(b, device=q.device).view(b, 1, 1)
-        kcd, vcd = _descriptors(k[bi, kvh, cidx], v[bi, kvh, cidx], block_n, 1)
+        kcd, vcd = _descriptors(col_inputs[0], col_inputs[1], block_n, 1)
     # block-sparse tile lists: the next tile's start loaded one step ahead (FLAGS["PF"])
     pf = bool(FLAGS["PF"]) and has_tiles and not idx.tiles_relative and n <= FLAGS["PF_MAX_N"]
     # the column pass's skip words per distance m0 - c, built once per call (one small launch; was
     # three bitmap words and shifts per column per tile: H100 128K 34.7 vs 34.7-36.1 ms, 256K 69.3-70.8
     # vs 71.1-73.6, results/attention_colwords_ab.md)
-    col_words = has_cols and has_smap
-    cw = dummy
-    if col_words:
-        ne = n + 192  # distances m0 - c from -127 (128-row blocks) to n + 64
-        cw = torch.empty(b, hq, ne, dtype=torch.int64, device=q.device)
-        mod.col_words_kernel[(b * hq, math.ceil(ne / 1024))](
-            sbits, cw, st(sbits, 0), st(sbits, 1), cw.stride(0), cw.stride(1), ne, hq,
-            PAD=_index.BITS_PAD, BLOCK=1024)
+    cw = col_inputs[2] if col_words else dummy
     mod.sparse_fwd_kernel[grid](
         q, k, v, out,
         tiles, tc, ranges, rc, cols, cc, edges, ec, sbits,
@@ -333,15 +364,21 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
     band_bm = band_cfg[0] if band_cfg is not None else None
     band_min = VS_BAND_MIN if q.is_cuda else 16  # interpreter: small shapes take the two-launch path too (tests)
 
+    # the band launch also takes the gathered columns of its heads where the Gluon kernel serves it
+    # (FLAGS["VS_BAND_COLS"]; on a CPU the interpreted Triton kernel, for the tests)
+    band_cols = (band_cfg is not None and bool(FLAGS["VS_BAND_COLS"]) and heads is None
+                 and (not q.is_cuda or (FLAGS["GLUON"] and _gluon.band_reason(q, k, v, band_bm, band_cfg[1]) is None)))
+
     def build(vi, si):
-        return _index.from_vertical_slash(vi, si, n, bm, block_n=tiles_n, band_block_m=band_bm, band_min=band_min)
+        return _index.from_vertical_slash(vi, si, n, bm, block_n=tiles_n, band_block_m=band_bm, band_min=band_min,
+                                          band_columns=band_cols, max_tiled=FLAGS["VS_TILED_RUNS"] or None)
 
     def built(key, fn, inputs):  # replayed from a CUDA graph (FLAGS["GRAPH_INDEX"]) or eager
         return graphed.build_graphed(key, fn, inputs) if FLAGS["GRAPH_INDEX"] and q.is_cuda else fn(*inputs)
 
     side = side_stream(q.device, -1) if (band_cfg is not None and FLAGS["VS_OVERLAP"] and q.is_cuda
                                       and not torch.cuda.is_current_stream_capturing()) else None
-    full_key = ("vertical_slash", n, bm, tiles_n, band_bm)
+    full_key = ("vertical_slash", n, bm, tiles_n, band_bm, band_cols, FLAGS["VS_TILED_RUNS"])
     if side is None:
         idx = built(full_key, build, (vertical_idx, slash_idx))
         if band_cfg is None:
@@ -351,8 +388,13 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
         # the band's index first (a presence map and an argmin, no sort) and the band launch, then
         # the full index on a side stream: it is built while the band launch runs, and the host
         # work of launching it comes after the band launch, not before it
-        band = built(("vs_band", n, band_bm, band_min),
-                     lambda si: _index.band_index(si, n, band_bm, band_min), (slash_idx,))
+        if band_cols:
+            band = built(("vs_band_cols", n, band_bm, band_min),
+                         lambda vi, si: _index.band_index(si, n, band_bm, band_min, vertical_idx=vi),
+                         (vertical_idx, slash_idx))
+        else:
+            band = built(("vs_band", n, band_bm, band_min),
+                         lambda si: _index.band_index(si, n, band_bm, band_min), (slash_idx,))
         ready = torch.cuda.Event()
         ready.record()  # the inputs, and earlier calls' reads of the graphed index buffers
     # both launches write the one output: the band launch its heads' rows, the second launch reads
@@ -361,20 +403,32 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
     if out is None:
         out = torch.zeros_like(q) if heads is not None else torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    out = run_index(q, k, v, band, scale, band_cfg[1], *band_cfg[2:], heads=heads, out=out, lse_out=lse)
+    # the column keys / values in column order and the skip words (column_inputs): the same for
+    # both launches (the same sorted columns and slash bits); with band_cols built here for the band
+    # launch, else for the second launch on the side stream while the band launch runs
+    pre = column_inputs(q, k, v, band) if band_cols else None
+    out = run_index(q, k, v, band, scale, band_cfg[1], *band_cfg[2:], heads=heads, out=out, lse_out=lse,
+                    col_inputs=pre)
     if side is not None:
         side.wait_event(ready)
-        for t in (vertical_idx, slash_idx):
+        for t in (vertical_idx, slash_idx, k, v):
             t.record_stream(side)
         with torch.cuda.stream(side):
             idx, _ = built(full_key, build, (vertical_idx, slash_idx))
-        torch.cuda.current_stream(q.device).wait_stream(side)
-        if not (FLAGS["GRAPH_INDEX"] and q.is_cuda):  # eager index tensors were allocated on the side stream
-            for t in (idx.ranges, idx.range_count, idx.columns, idx.column_count, idx.tiles, idx.tile_count,
-                      idx.edges, idx.edge_count, idx.slash_bits):
-                if t is not None:
-                    t.record_stream(torch.cuda.current_stream(q.device))
-    return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out, prior=(out, lse, band.range_count[..., 0]))
+            side_pre = pre is None
+            if side_pre:
+                pre = column_inputs(q, k, v, idx)
+        main = torch.cuda.current_stream(q.device)
+        main.wait_stream(side)
+        made_on_side = list(pre) if side_pre else []  # eager index tensors too:
+        if not (FLAGS["GRAPH_INDEX"] and q.is_cuda):
+            made_on_side += [idx.ranges, idx.range_count, idx.columns, idx.column_count, idx.tiles, idx.tile_count,
+                             idx.edges, idx.edge_count, idx.slash_bits]
+        for t in made_on_side:
+            if t is not None:
+                t.record_stream(main)
+    return run_index(q, k, v, idx, scale, bn, *rest, heads=heads, out=out, prior=(out, lse, band.range_count[..., 0]),
+                     col_inputs=pre)
 
 
 def ashape_attention(q, k, v, sink, window, scale, *, config=None, heads=None, out=None):

@@ -1,7 +1,8 @@
 """Launcher of the warp-specialised Hopper kernel (``_gluon_attn.py``, Gluon).
 
 It serves SparseIndex objects made of a 64 x 64 tile list and exact ranges (block-sparse lists), or
-of exact ranges alone on 128 x 128 tiles (A-shape, vertical-slash's band launch), on bf16 CUDA
+of exact ranges alone on 128 x 128 tiles (A-shape, vertical-slash's band launch, with its heads' gathered
+columns when FLAGS["VS_BAND_COLS"] is on: results/vs_parts_cols3.md, a wash, off by default), on bf16 CUDA
 tensors of an sm_90 GPU, head_dim 128, N of at least one query block; ``attention.run_index`` sends such calls here when
 ``FLAGS["GLUON"]`` is on and ``reason`` returns None. Everything else runs the Triton kernel.
 
@@ -37,14 +38,19 @@ CONFIGS = {"tiles": {"stages": 2, "num_warps": 4, "maxnreg": 128, "overlap": Tru
 
 def index_kind(idx: _index.SparseIndex, head_dim: int, block_n: int) -> tuple[str | None, str | None]:
     """(kind, None) when the kernel serves this index with CONFIGS[kind], else (None, why not):
-    a 64 x 64 tile list + exact ranges, or exact ranges alone on 128 x 128 tiles; head_dim 128.
-    (Ranges with holes come only with a slash map, which is refused.)"""
+    a 64 x 64 tile list + exact ranges, or exact ranges alone on 128 x 128 tiles, with gathered
+    columns when the ranges are known exact (``idx.ranges_exact``: vertical-slash's band index with
+    its columns, ``index.band_index(..., vertical_idx=)``); head_dim 128. (Ranges with holes come
+    only with a slash map and no ranges_exact, which is refused.)"""
     if idx.tiles_relative or idx.edges is not None:
         return None, "relative tiles / edges (vertical-slash)"
-    if idx.columns is not None and idx.columns.shape[-1] > 0:
-        return None, "gathered columns"
-    if idx.slash_map is not None:
-        return None, "slash map"
+    has_cols = idx.columns is not None and idx.columns.shape[-1] > 0
+    if has_cols and not (idx.ranges_exact and idx.slash_bits is not None):
+        return None, "gathered columns with ranges not known exact or without slash_bits"
+    if idx.slash_map is not None and not idx.ranges_exact:
+        return None, "slash map (ranges with holes)"
+    if has_cols and idx.tiles is not None and idx.tiles.shape[-1] > 0:
+        return None, "gathered columns with a tile list"
     if head_dim != 128:
         return None, f"head_dim {head_dim} (128 measured)"
     if idx.tiles is not None and idx.tiles.shape[-1] > 0:
@@ -59,7 +65,7 @@ def index_kind(idx: _index.SparseIndex, head_dim: int, block_n: int) -> tuple[st
 def route(q, k, v, idx: _index.SparseIndex, block_n: int) -> tuple[str | None, str | None]:
     """(kind, None) when ``run`` serves this call on this device with CONFIGS[kind] (block_n-wide key
     tiles), else (None, why not)."""
-    why = _device_reason(q, k, v, idx)
+    why = _device_reason(q, k, v, idx.block_m)
     return (None, why) if why is not None else index_kind(idx, q.shape[-1], block_n)
 
 
@@ -68,15 +74,25 @@ def reason(q, k, v, idx: _index.SparseIndex, block_n: int) -> str | None:
     return route(q, k, v, idx, block_n)[1]
 
 
-def _device_reason(q, k, v, idx: _index.SparseIndex) -> str | None:
+def band_reason(q, k, v, block_m: int, block_n: int) -> str | None:
+    """None when ``run`` serves vertical-slash's band launch with its columns
+    (``index.band_index(..., vertical_idx=)``) on block_m x block_n tiles for these tensors, else why not."""
+    if (block_m, block_n) != (128, 128):
+        return f"band launch on {block_m} x {block_n} tiles (128 x 128 measured)"
+    if q.shape[-1] != 128:
+        return f"head_dim {q.shape[-1]} (128 measured)"
+    return _device_reason(q, k, v, block_m)
+
+
+def _device_reason(q, k, v, block_m: int) -> str | None:
     if q.device.type != "cuda":
         return "not a CUDA tensor"
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return "not an sm_90 GPU"
     if q.dtype != torch.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtypes {q.dtype} / {k.dtype} / {v.dtype} (bf16: fp16 is unchecked on the GPU)"
-    if q.shape[2] < idx.block_m:
-        return f"N = {q.shape[2]} shorter than one {idx.block_m}-row block (a TMA box larger than the tensor, unchecked)"
+    if q.shape[2] < block_m:
+        return f"N = {q.shape[2]} shorter than one {block_m}-row block (a TMA box larger than the tensor, unchecked)"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
             return f"{name} strides {t.stride()} (TMA needs a contiguous last dim and 16-byte aligned strides)"
@@ -86,7 +102,8 @@ def _device_reason(q, k, v, idx: _index.SparseIndex) -> str | None:
 def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_warps: int = 4,
         maxnreg: int = 128, overlap: bool = True, producer_regs: int = 24, block_n: int = 64,
         two: bool = False, consumer_regs: int = 240,
-        lse_out: torch.Tensor | None = None, out: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+        lse_out: torch.Tensor | None = None, out: torch.Tensor | None = None, check: bool = True,
+        col_inputs: tuple | None = None, col_mode: int = 2) -> torch.Tensor:
     """Attention of q [B, Hq, N, D] over k / v [B, Hkv, N, D] restricted to idx's cells (a tile list
     + ranges, or ranges alone). Returns a tensor like q (``out`` when given).
 
@@ -94,7 +111,9 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
     each K / V tile (each in a partition of its own, with consumer_regs registers); block_n =
     idx.block_n, or ``block_n`` for an index of ranges only. lse_out: float32 [B, Hq, N] receives
     each row's log2-sum-exp2 (as ``attention.run_index``'s). check=False skips ``reason``
-    (benchmarks trying other shapes)."""
+    (benchmarks trying other shapes). An index with gathered columns (vertical-slash's band launch)
+    needs ``attention.column_inputs``' tensors: built here unless given as col_inputs. col_mode:
+    2, or 4 to drop the column pass's skip bits (an ablation, timing only: wrong results)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from ._loader import kernel_module
@@ -132,9 +151,24 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
         return t.stride(i) if t.dim() > i and t.shape[i] > 1 else 0
 
     ranges, rc = idx.ranges, idx.range_count
+    has_cols = idx.columns is not None and idx.columns.shape[-1] > 0
     mod = kernel_module("_gluon_attn.py", False)
+    if has_cols:  # K / V rows of each query head's columns in column order, and the skip words
+        cols, cc = idx.columns, idx.column_count
+        if bm != 128 or not two:
+            raise ValueError(f"gathered columns need 128-row blocks of two 64-row consumers, got block_m {bm}, "
+                             f"two={two}")
+        from .attention import column_inputs
+
+        kc, vc, cw = column_inputs(q, k, v, idx) if col_inputs is None else col_inputs
+        col_args = (desc(kc, bn), desc(vc, bn), cols, cc, cw, st(cols, 0), st(cols, 1), st(cc, 0), st(cc, 1),
+                    cw.stride(0), cw.stride(1))
+    else:
+        kd = desc(k, bn)
+        col_args = (kd, kd, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
     mod.gluon_fwd_kernel[(b * hq * nqb,)](
         desc(q, bm), desc(k, bn), desc(v, bn), out, lse_out if lse_out is not None else dummy, tiles, tc, ranges, rc,
+        *col_args,
         st(tiles, 0) if has_tiles else 0, st(tiles, 1) if has_tiles else 0, st(tiles, 2) if has_tiles else 0,
         st(tc, 0) if has_tiles else 0, st(tc, 1) if has_tiles else 0,
         st(ranges, 0), st(ranges, 1), st(ranges, 2), ranges.stride(3),
@@ -143,5 +177,5 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
         n, hq, hq // hkv, nqb, float(scale) * 1.4426950408889634, idx.tile_scale if has_tiles else 1,
         BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, STAGES=stages, HAS_TILES=has_tiles, PRODUCER_REGS=producer_regs,
         OVERLAP=overlap, TWO=two, CONSUMER_REGS=consumer_regs,
-        LSE_OUT=lse_out is not None, num_warps=num_warps, maxnreg=maxnreg)
+        LSE_OUT=lse_out is not None, HAS_COLS=has_cols, COL_MODE=col_mode, num_warps=num_warps, maxnreg=maxnreg)
     return out

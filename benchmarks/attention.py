@@ -588,14 +588,12 @@ def vs_parts(dev, gen, log, sizes, rounds: int = 1):
                                                                     out=out, lse_out=lse),
                 "bc: second launch": lambda: katt.run_index(q, k, v, idx2, scale, bn, *rest, out=out, prior=prior2),
                 # where the column pass's time goes (timing only): the band part of the kernel with columns
-                # (counts 0), the columns with the diagonal only, and without the skip bits (col_mode 4)
+                # (counts 0), the columns with the diagonal only (session 25 also timed them without the
+                # skip bits: results/vs_parts_cols3.md)
                 "bc: kernel, column counts 0": lambda: kg.run(q, k, v, no_cc, scale, out=out, lse_out=lse,
                                                               block_n=band_cfg[1], col_inputs=pre, **gcfg),
                 "bc: kernel, columns + diagonal": lambda: kg.run(q, k, v, diag_only, scale, out=out, lse_out=lse,
                                                                  block_n=band_cfg[1], col_inputs=pre, **gcfg),
-                "bc: kernel, columns + diagonal, no skip bits": lambda: kg.run(
-                    q, k, v, diag_only, scale, out=out, lse_out=lse, block_n=band_cfg[1], col_inputs=pre,
-                    col_mode=4, **gcfg),
                 "bc: whole call": whole(True),
                 "bc: whole call, columns in the second launch": whole(False),
             })

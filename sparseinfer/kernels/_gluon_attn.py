@@ -129,10 +129,7 @@ def _mask_in(j, geo, cols, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
     """What tile j's mask needs from memory, loaded before its logits are waited for: for the column
     pass (MASKED 2) each column's skip word (bit r: row r of this consumer's rows skips the column,
     see _attn_kernel.col_words_kernel; all bits for columns past the count); else nothing."""
-    if MASKED == 4:  # ablation (timing only, wrong results): column validity alone, no skip bits
-        lin4: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-        return (j * BLOCK_N + gl.arange(0, BLOCK_N, layout=lin4) < geo[2]).to(gl.int32)
-    elif MASKED >= 2:
+    if MASKED == 2:
         # one thread per column (the accumulator layout would have every warp load every column's
         # word: 8x the L2 sectors); _masked spreads them to the logits' layout
         col_base, cw_base, nc, m0r, rowbit = geo
@@ -155,8 +152,6 @@ def _masked(s_val, j, geo, cols, words, BLOCK_N: gl.constexpr, MASKED: gl.conste
         rel = (offs_m - lo)[:, None] - offs_n[None, :]
         keep = (rel.to(gl.uint32) <= width) & (offs_n < ke)[None, :]
         s_val = gl.where(keep, s_val, float("-inf"))
-    elif MASKED == 4:
-        s_val = gl.where(gl.convert_layout(words, cols.type.layout)[None, :] != 0, s_val, float("-inf"))
     elif MASKED == 2:
         rowbit = geo[4]
         w = gl.convert_layout(words, cols.type.layout)
@@ -185,14 +180,11 @@ def _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empt
             p_op = gl.convert_layout(p.to(dt), p_layout)
             for j in range(1, count):
                 s_tok, kt = _logits(q_smem, k_bufs, k_ready, s_zero, i + j, STAGES)
-                if MASKED == 2:  # the column pass's loads before p v is issued
-                    words = _mask_in(j, geo, cols, BLOCK_N, MASKED)
+                words = _mask_in(j, geo, cols, BLOCK_N, MASKED)  # the column pass's loads before p v
                 sp = (i + j - 1) % STAGES
                 mbarrier.wait(v_ready.index(sp), ((i + j - 1) // STAGES) & 1)
                 vb = v_bufs.index(sp).reshape([v_bufs.shape[3], v_bufs.shape[4]])
                 o_tok = warpgroup_mma(p_op, vb, acc, is_async=True)
-                if MASKED != 2:
-                    words = _mask_in(j, geo, cols, BLOCK_N, MASKED)
                 s_val, _q, _k = warpgroup_mma_wait(1, deps=(s_tok, q_smem, kt))
                 s_val = _masked(s_val, j, geo, cols, words, BLOCK_N, MASKED)
                 p, alpha, m_i, l_i = _softmax(s_val, m_i, l_i, qk_scale, MASKED)
@@ -228,8 +220,7 @@ def _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empt
 def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
               HAS_TILES: gl.constexpr, OVERLAP: gl.constexpr, NUM_WARPS: gl.constexpr,
-              ROW0: gl.constexpr, WG_M: gl.constexpr, LSE_OUT: gl.constexpr, HAS_COLS: gl.constexpr,
-              COL_MODE: gl.constexpr):
+              ROW0: gl.constexpr, WG_M: gl.constexpr, LSE_OUT: gl.constexpr, HAS_COLS: gl.constexpr):
     """Rows ROW0 .. ROW0 + WG_M of the program's query block (BLOCK_M rows; the ranges' geometry,
     hence the tile sequence, is the block's, the masks are this consumer's rows'). The argument
     tuples are gluon_fwd_kernel's."""
@@ -300,7 +291,7 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args,
         geo = (COLS + b * stride_colb + h * stride_colh, CW + b * stride_cwb + h * stride_cwh + 127, nc, m0r, rowbit)
         acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
                                     (nc + BLOCK_N - 1) // BLOCK_N, geo, cols, qk_scale,
-                                    s_zero, BLOCK_N, STAGES, COL_MODE, OVERLAP, p_layout, row_o)
+                                    s_zero, BLOCK_N, STAGES, 2, OVERLAP, p_layout, row_o)
 
     l_o = gl.convert_layout(l_i, row_o)
     out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
@@ -330,7 +321,7 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                      STAGES: gl.constexpr, HAS_TILES: gl.constexpr, PRODUCER_REGS: gl.constexpr, OVERLAP: gl.constexpr,
                      TWO: gl.constexpr, CONSUMER_REGS: gl.constexpr, LSE_OUT: gl.constexpr,
-                     HAS_COLS: gl.constexpr, COL_MODE: gl.constexpr, num_warps: gl.constexpr):
+                     HAS_COLS: gl.constexpr, num_warps: gl.constexpr):
     """TWO: two consumer warpgroups of num_warps (= 4) warps, rows 0..63 and 64..127 of a 128-row
     block, in partitions of their own (they drift apart: one's softmax runs while the other's wgmma
     does), both reading every K / V tile (a stage is free once both released it)."""
@@ -361,16 +352,16 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
     if TWO:
         gl.warp_specialize([
             (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, COL_MODE)),
+                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS)),
             (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, WG_M, WG_M, LSE_OUT, HAS_COLS, COL_MODE)),
+                         OVERLAP, num_warps, WG_M, WG_M, LSE_OUT, HAS_COLS)),
             (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, BLOCK_M,
                          BLOCK_N, STAGES, HAS_TILES, HAS_COLS)),
         ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
             (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, COL_MODE)),
+                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS)),
             (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, BLOCK_M,
                          BLOCK_N, STAGES, HAS_TILES, HAS_COLS)),
         ], [1], [PRODUCER_REGS])

@@ -103,7 +103,7 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
         maxnreg: int = 128, overlap: bool = True, producer_regs: int = 24, block_n: int = 64,
         two: bool = False, consumer_regs: int = 240,
         lse_out: torch.Tensor | None = None, out: torch.Tensor | None = None, check: bool = True,
-        col_inputs: tuple | None = None, col_mode: int = 2) -> torch.Tensor:
+        col_inputs: tuple | None = None) -> torch.Tensor:
     """Attention of q [B, Hq, N, D] over k / v [B, Hkv, N, D] restricted to idx's cells (a tile list
     + ranges, or ranges alone). Returns a tensor like q (``out`` when given).
 
@@ -112,8 +112,7 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
     idx.block_n, or ``block_n`` for an index of ranges only. lse_out: float32 [B, Hq, N] receives
     each row's log2-sum-exp2 (as ``attention.run_index``'s). check=False skips ``reason``
     (benchmarks trying other shapes). An index with gathered columns (vertical-slash's band launch)
-    needs ``attention.column_inputs``' tensors: built here unless given as col_inputs. col_mode:
-    2, or 4 to drop the column pass's skip bits (an ablation, timing only: wrong results)."""
+    needs ``attention.column_inputs``' tensors: built here unless given as col_inputs."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from ._loader import kernel_module
@@ -177,5 +176,5 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
         n, hq, hq // hkv, nqb, float(scale) * 1.4426950408889634, idx.tile_scale if has_tiles else 1,
         BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, STAGES=stages, HAS_TILES=has_tiles, PRODUCER_REGS=producer_regs,
         OVERLAP=overlap, TWO=two, CONSUMER_REGS=consumer_regs,
-        LSE_OUT=lse_out is not None, HAS_COLS=has_cols, COL_MODE=col_mode, num_warps=num_warps, maxnreg=maxnreg)
+        LSE_OUT=lse_out is not None, HAS_COLS=has_cols, num_warps=num_warps, maxnreg=maxnreg)
     return out

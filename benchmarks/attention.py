@@ -191,6 +191,31 @@ def bench(fn, budget_s=1.5, max_reps=20, min_reps=3, ahead=False):
     return statistics.median(times)
 
 
+def logger(first: str | None = None):
+    """(lines, log): log(s) prints s at once and keeps it in lines (for write_results); first, when
+    given, is logged first (the run's metadata as JSON)."""
+    lines = []
+
+    def log(s):
+        print(s, flush=True)
+        lines.append(s)
+
+    if first is not None:
+        log(first)
+    return lines, log
+
+
+def write_results(out: str, tag: str, data: dict, md: str, lines: list) -> None:
+    """A benchmark's results under out/: tag.json (data), tag.md (md) and tag.log (the logged lines)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{tag}.json"), "w") as fh:
+        json.dump(data, fh, indent=1)
+    with open(os.path.join(out, f"{tag}.md"), "w") as fh:
+        fh.write(md)
+    with open(os.path.join(out, f"{tag}.log"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
 def length_inputs(n, dev, gen, log):
     """A variant benchmark's start at length n: q / k / v (bf16, this layer's heads), the realistic
     block lists, cuDNN's dense fn and its first timing (logged) -> (q, k, v, blocks, dense_fn, [ms])."""
@@ -921,27 +946,17 @@ def main():
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)
     os.makedirs(args.out, exist_ok=True)
-    lines = []
-
-    def log(s):
-        print(s, flush=True)
-        lines.append(s)
-
     meta = {**run_meta(),
             "flags": {k: v for k, v in katt.FLAGS.items()},
             "configs": {k: {str(d): c for d, c in v.items()} for k, v in katt.CONFIGS.items()}}
-    log(json.dumps(meta))
+    lines, log = logger(json.dumps(meta))
     checks, rows, tune_rows = [], [], []
 
     def save(rows_now=None):
         r = rows_now if rows_now is not None else rows
         meta["configs"] = {k: {str(d): c for d, c in v.items()} for k, v in katt.CONFIGS.items()}
-        with open(os.path.join(args.out, f"{args.tag}.json"), "w") as f:
-            json.dump({"meta": meta, "checks": checks, "rows": r, "tune": tune_rows}, f, indent=1)
-        with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:
-            f.write(markdown(meta, checks, r, tune_rows))
-        with open(os.path.join(args.out, f"{args.tag}.log"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_results(args.out, args.tag, {"meta": meta, "checks": checks, "rows": r, "tune": tune_rows},
+                      markdown(meta, checks, r, tune_rows), lines)
         if r and "case" in r[0]:  # the table
             plot(meta, r, os.path.join(args.out, f"{args.tag}.png"))
 

@@ -77,11 +77,7 @@ def main() -> int:
     base = dict(katt.FLAGS)
     scale = A.D ** -0.5
     meta = A.run_meta()
-    lines = [json.dumps(meta)]
-
-    def log(s):
-        print(s, flush=True)
-        lines.append(s)
+    lines, log = A.logger(json.dumps(meta))
 
     q16, k16, v16 = A.random_qkv(1, A.HQ, A.HKV, 16384, A.D, dev, gen, torch.bfloat16)
     bi16 = A.realistic_blocks(1, A.HQ, 16384, dev, gen)
@@ -145,9 +141,6 @@ def main() -> int:
     for r in res:
         log(f"resources {r['file']} {r['constants']}: regs {r['regs']} spills {r['spills']} shared {r['shared_KB']} KB -> "
             f"{r['programs_per_SM']} per SM ({', '.join(r['limited_by'])})")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.tag}.json"), "w") as fh:
-        json.dump({"meta": meta, "checks": checks, "rows": rows, "resources": res}, fh, indent=1)
     md = [f"# Block-sparse kernel variants, {meta['device']}", "",
           f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}; realistic top-100 lists of 64-blocks, "
           f"one Llama-3-8B layer (32 / 8 heads, D 128, bf16); kernel alone (index prebuilt), median of "
@@ -163,10 +156,8 @@ def main() -> int:
            "|---|---|---|---|---|---|---|"]
     md += [f"| {r['file']} | {r['constants']} | {r['regs']} | {r['spills']} | {r['shared_KB']} | {r['programs_per_SM']} | "
            f"{', '.join(r['limited_by'])} |" for r in res]
-    with open(os.path.join(args.out, f"{args.tag}.md"), "w") as fh:
-        fh.write("\n".join(md) + "\n")
-    with open(os.path.join(args.out, f"{args.tag}.log"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    A.write_results(args.out, args.tag, {"meta": meta, "checks": checks, "rows": rows, "resources": res},
+                    "\n".join(md) + "\n", lines)
     return 0
 
 

@@ -136,11 +136,7 @@ def main() -> int:
     dev, gen = torch.device("cuda"), torch.Generator(device="cuda").manual_seed(0)
     scale = A.D ** -0.5
     meta = A.run_meta()
-    lines = [json.dumps(meta)]
-
-    def log(s):
-        print(s, flush=True)
-        lines.append(s)
+    lines, log = A.logger(json.dumps(meta))
 
     n16 = 16384
     q, k, v = A.random_qkv(1, A.HQ, A.HKV, n16, A.D, dev, gen, torch.bfloat16)
@@ -221,9 +217,6 @@ def main() -> int:
             rows.append({"N": n, "variant": name, "ms": ts, "median_ms": statistics.median(ts), "dense_ms": dense})
             log(f"N={n} {name:14s} median {statistics.median(ts):8.2f} ms  {d / statistics.median(ts):6.2f}x")
         del q, k, v, fns
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.tag}.json"), "w") as fh:
-        json.dump({"meta": meta, "variants": variants, "checks": checks, "rows": rows}, fh, indent=1)
     md = [f"# Gluon (warp-specialised) vs Triton kernel, {meta['device']}", "",
           f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}; one Llama-3-8B layer (32 / 8 heads, D 128, "
           f"bf16); block-sparse realistic top-100 of 64-blocks, A-shape {SINK} + {WINDOW}, vertical-slash realistic "
@@ -236,10 +229,8 @@ def main() -> int:
         err = checks.get(r["variant"], {}).get("rel_err")
         md.append(f"| {r['N'] // 1024}K | {r['variant']} | {err:.2e} | {' / '.join(f'{t:.2f}' for t in r['ms'])} | "
                   f"{r['median_ms']:.2f} | {min(r['dense_ms']) / r['median_ms']:.2f}x |")
-    with open(os.path.join(args.out, f"{args.tag}.md"), "w") as fh:
-        fh.write("\n".join(md) + "\n")
-    with open(os.path.join(args.out, f"{args.tag}.log"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    A.write_results(args.out, args.tag, {"meta": meta, "variants": variants, "checks": checks, "rows": rows},
+                    "\n".join(md) + "\n", lines)
     return 0
 
 

@@ -85,7 +85,10 @@ BREAK_EVEN = {
 # the other slash runs; on a GPU only where the Gluon kernel serves the band launch. Off: a wash on an
 # H200 (realistic indices, whole call, 3 alternating rounds, results/vs_parts_cols3.md: 128K 32.79 vs
 # 32.96 ms, 256K 65.69 vs 67.67, 512K 136.34 vs 132.96; the Gluon column pass costs 3.9 ms at 128K where
-# it saves the second launch 4.0, its skip bits ~1 ms of it).
+# it saves the second launch 4.0, its skip bits ~1 ms of it). Measured and not kept: the band launch also
+# taking each head's exact slash runs as ranges (masked 128 x 128 tiles; the second launch's 64 x 64 relative
+# tiles + edges waste fewer cells): H200 realistic, 3 alternating rounds, 128K 36.07 vs 33.09 ms, 512K 144.37
+# vs 133.59, with the columns too 38.24 / 153.55 (results/vs_runs_ab.md, vs_band_runs_rejected.patch).
 # GLUON: block-sparse 64 x 64 tile lists and 128 x 128 range-only launches (A-shape, vertical-slash's
 # band) on sm_90 (bf16, head_dim 128) run the warp-specialised Gluon kernel (kernels/gluon.py;
 # H100 block-sparse 512K 134.2-141.2 vs 154.2-154.8 ms, A-shape 128K 17.56 vs 18.17 ms,

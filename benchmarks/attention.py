@@ -541,9 +541,10 @@ def vs_parts(dev, gen, log, sizes, rounds: int = 1):
         dense = bench(dense_fns(q, k, v)["cudnn"], budget_s=0.5, min_reps=2)
         vert, sl = realistic_vs(1, HQ, n, dev, gen)
 
-        def build(vi, si):
+        def build(vi, si, fused=bool(katt.FLAGS["VS_RUNS_KERNEL"])):  # as the library builds it
             return sidx.from_vertical_slash(vi, si, n, bm, block_n=bn, band_block_m=band_cfg[0],
-                                            band_min=katt.VS_BAND_MIN)
+                                            band_min=katt.VS_BAND_MIN, max_tiled=katt.FLAGS["VS_TILED_RUNS"] or None,
+                                            fused_runs=fused)
 
         idx, band = build(vert, sl)
         out = torch.empty_like(q)
@@ -563,6 +564,11 @@ def vs_parts(dev, gen, log, sizes, rounds: int = 1):
         parts = {
             "index (graphed)": lambda: graphed.build_graphed(("parts", n), build, (vert, sl)),
             "index (eager)": lambda: build(vert, sl),
+            # the runs steps in torch ops / in one launch (FLAGS["VS_RUNS_KERNEL"], kernels.runs)
+            "index, torch runs (graphed)": lambda: graphed.build_graphed(
+                ("parts_t", n), lambda a, c: build(a, c, False), (vert, sl)),
+            "index, fused runs (graphed)": lambda: graphed.build_graphed(
+                ("parts_f", n), lambda a, c: build(a, c, True), (vert, sl)),
             "band launch": lambda: katt.run_index(q, k, v, band, scale, band_cfg[1], *band_cfg[2:], out=out, lse_out=lse),
             "second launch": lambda: katt.run_index(q, k, v, idx, scale, bn, *rest, out=out, prior=prior),
             "second, no merge": lambda: katt.run_index(q, k, v, idx, scale, bn, *rest, out=out),

@@ -531,7 +531,7 @@ def vertical_slash_work(n: int, vertical_idx: torch.Tensor, slash_idx: torch.Ten
 def from_vertical_slash(
     vertical_idx: torch.Tensor, slash_idx: torch.Tensor, n: int, block_m: int, merge_gap: Optional[int] = None,
     block_n: Optional[int] = None, band_block_m: Optional[int] = None, band_min: int = 1,
-    band_columns: bool = False, max_tiled: Optional[int] = None,
+    band_columns: bool = False, max_tiled: Optional[int] = None, fused_runs: bool = False,
 ):
     """vertical_idx [B, H, Nv] key positions, slash_idx [B, H, Ns] offsets i - j (-1 = padding,
     duplicates allowed, any order) -> SparseIndex with
@@ -552,7 +552,8 @@ def from_vertical_slash(
     band go to the band index too (``band_index(..., vertical_idx=)``): the index's column_count
     is 0 for those heads. ``max_tiled``: at most that many exact bands (the nearest) become tiles
     + edges, whose lists are then sized by it rather than by Ns (the rest are visited as ranges
-    with the slash-bit test).
+    with the slash-bit test). ``fused_runs``: the sort, runs, grouping and cap in one torch.sort and
+    one launch (``kernels.runs.slash_runs``; the same index).
     """
     if block_n is not None and (block_n <= 0 or block_m % block_n or block_n > 64):
         raise ValueError(f"block_n must divide block_m and be <= 64, got block_m={block_m}, block_n={block_n}")
@@ -563,26 +564,21 @@ def from_vertical_slash(
     merge_gap = block_m if merge_gap is None else merge_gap
     nqb = math.ceil(n / block_m)
     big = n
-    s, lo, hi = _slash_runs(slash_idx, n)
+    r = slash_idx.shape[-1] + 1
+    cap = max_tiled if block_n is not None and max_tiled is not None and max_tiled < r else None
     band = None
-    if band_block_m is not None:  # the band is the first run (it starts at offset 0, always a slash)
-        band = band_index(slash_idx, n, band_block_m, band_min, vertical_idx if band_columns else None)
-        own = band.range_count[..., :1] > 0
+    if fused_runs:  # one torch.sort and one launch (kernels.runs) for the steps below
+        from .kernels.runs import slash_runs
 
-        def drop_first(x):
-            return torch.where(own, torch.cat([x[..., 1:], torch.full_like(x[..., :1], big)], -1), x)
-
-        lo, hi = drop_first(lo), drop_first(hi)
-    glo, ghi, exact = _group_runs(lo, hi, merge_gap, big)
-    r = lo.shape[-1]
-    tiled = None
-    if block_n is not None and max_tiled is not None and max_tiled < r:
-        # the nearest max_tiled exact bands become tiles + edges (lists sized by max_tiled, not by Ns);
-        # the farther ones stay ranges, visited with the slash-bit test (their exact flag cleared)
-        ex = (glo < big) & (exact != 0)
-        keep = ex & (torch.cumsum(ex.to(torch.int32), -1) <= max_tiled)
-        tiled = (_compact(glo, keep, big, max_tiled), _compact(ghi, keep, big, max_tiled))
-        exact = torch.where(ex & ~keep, torch.zeros_like(exact), exact)
+        s, glo, ghi, exact, t_lo, t_hi, w = slash_runs(slash_idx, n, max(band_min, 1) if band_block_m else 0,
+                                                      merge_gap, cap)
+        tiled = (t_lo, t_hi) if cap is not None else None
+        if band_block_m is not None:
+            band = (band_index(slash_idx, n, band_block_m, band_min, vertical_idx) if band_columns
+                    else from_band(torch.where(w + 1 >= band_min, w, -1), n, band_block_m))
+    else:
+        s, glo, ghi, exact, tiled, band = _runs_grouped(slash_idx, vertical_idx, n, merge_gap, band_block_m, band_min,
+                                                        band_columns, cap)
     smap = torch.zeros(b, h, n + 1, dtype=torch.uint8, device=dev)
     smap.scatter_(-1, s, 1)
     smap = smap[..., :n].contiguous()
@@ -602,7 +598,7 @@ def from_vertical_slash(
         cols.reshape(b * h, -1).contiguous(), bound.view(1, nqb).expand(b * h, nqb).contiguous(), right=False
     ).view(b, h, nqb)
     if band is not None and band_columns:  # the band launch takes these heads' columns
-        cc = torch.where(own, torch.zeros_like(cc), cc)
+        cc = torch.where(band.range_count[..., :1] > 0, torch.zeros_like(cc), cc)
     idx = SparseIndex(
         n=n,
         block_m=block_m,
@@ -620,6 +616,36 @@ def from_vertical_slash(
             s.shape[-1], n, block_m, block_n)
         idx.tiles_relative, idx.block_n = True, block_n
     return idx if band is None else (idx, band)
+
+
+def _runs_grouped(slash_idx, vertical_idx, n: int, merge_gap: int, band_block_m, band_min: int, band_columns: bool,
+                  cap):
+    """The runs steps of ``from_vertical_slash`` in torch ops (what ``kernels.runs.slash_runs`` does in
+    one launch, and the band index) -> (s, glo, ghi, exact, tiled, band): s [B, H, Ns + 1] sorted
+    unique offsets with 0; glo / ghi / exact [B, H, Ns + 1] the grouped runs (the band's run left out
+    for heads whose band launches apart); tiled: (lo, hi) [B, H, cap] of the nearest cap exact groups,
+    whose exact flag stays, the farther ones' cleared (None without a cap); band: the band index or None."""
+    big = n
+    s, lo, hi = _slash_runs(slash_idx, n)
+    band = None
+    if band_block_m is not None:  # the band is the first run (it starts at offset 0, always a slash)
+        band = band_index(slash_idx, n, band_block_m, band_min, vertical_idx if band_columns else None)
+        own = band.range_count[..., :1] > 0
+
+        def drop_first(x):
+            return torch.where(own, torch.cat([x[..., 1:], torch.full_like(x[..., :1], big)], -1), x)
+
+        lo, hi = drop_first(lo), drop_first(hi)
+    glo, ghi, exact = _group_runs(lo, hi, merge_gap, big)
+    tiled = None
+    if cap is not None:
+        # the nearest cap exact bands become tiles + edges (lists sized by cap, not by Ns); the farther
+        # ones stay ranges, visited with the slash-bit test (their exact flag cleared)
+        ex = (glo < big) & (exact != 0)
+        keep = ex & (torch.cumsum(ex.to(torch.int32), -1) <= cap)
+        tiled = (_compact(glo, keep, big, cap), _compact(ghi, keep, big, cap))
+        exact = torch.where(ex & ~keep, torch.zeros_like(exact), exact)
+    return s, glo, ghi, exact, tiled, band
 
 
 def _presence(slash_idx: torch.Tensor, n: int) -> torch.Tensor:

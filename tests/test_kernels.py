@@ -178,6 +178,33 @@ def test_vertical_slash_tiled_runs_cap(monkeypatch):
     check(kernels.vertical_slash_attention(q, k, v, vert, sl, 0.125), ref, torch.float32)
 
 
+def test_vertical_slash_fused_runs():
+    """kernels.runs.slash_runs (one torch.sort + one launch, here interpreted) builds the same
+    vertical-slash index as the torch ops, field by field and dtype by dtype: unsorted offsets with
+    duplicates, padding (-1, >= n), no offset 0, runs merged into ranges with holes, a run reaching
+    n - 1; with and without the local band's launch, the tile cap, the band's columns."""
+    from sparseinfer.kernels.runs import slash_runs
+
+    n, h = 700, 3
+    g = torch.Generator().manual_seed(1)
+    vert = torch.randint(-1, n, (2, h, 20), generator=g)
+    runs = torch.cat([torch.arange(100), torch.arange(150, 180), torch.arange(300, 310), torch.arange(400, 460),
+                      torch.tensor([520, 520, 700, 9999]), torch.arange(660, 700)])
+    pad = lambda t: torch.cat([t, torch.full((260 - t.numel(),), -1)])  # noqa: E731
+    sl = torch.stack([pad(runs[torch.randperm(runs.numel(), generator=g)]), pad(torch.arange(1, 8)),
+                      torch.randint(-1, n, (260,), generator=g)]).view(1, h, 260).expand(2, h, 260).clone()
+    for kw in (dict(block_n=32, max_tiled=1), dict(block_n=32, band_block_m=64, band_min=16, max_tiled=2),
+               dict(block_n=32, band_block_m=64, band_min=16, band_columns=True)):
+        a = sidx.from_vertical_slash(vert, sl, n, 64, **kw)
+        b = sidx.from_vertical_slash(vert, sl, n, 64, fused_runs=True, **kw)
+        for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            for name, u in vars(x).items():
+                w = getattr(y, name)
+                assert (u.dtype == w.dtype and torch.equal(u, w)) if isinstance(u, torch.Tensor) else u == w, (kw, name)
+    with pytest.raises(ValueError, match="int32 / int64 slash_idx"):
+        slash_runs(sl.float(), n, 0, 64, None)
+
+
 def test_vertical_slash_local_band_launch(monkeypatch):
     """The local band of offsets 0..w as a launch of its own (wider tiles), merged into the
     launch over the rest: the index pair covers every cell once; a band that the one-launch

@@ -10,7 +10,8 @@ Triton interpreter. Callers (sparseinfer.ops) validate the arguments first.
 Other kernels live in their own modules: ``decode`` (sparse decoding), ``gemv`` (contextual
 sparsity), ``pool`` (the learned gate's RoPE-undo + block pooling), ``gate`` (the learned gate's
 threshold selection: scores, softmax and kept blocks in one launch), ``lastq`` (MInference / MMInference
-estimation: column and diagonal sums of the last queries' softmax).
+estimation: column and diagonal sums of the last queries' softmax), ``runs`` (vertical-slash indices: the slash
+offsets' runs, grouped ranges and tile cap in one launch).
 """
 try:
     import triton  # noqa: F401

@@ -72,6 +72,10 @@ BREAK_EVEN = {
 # become relative tiles + edges (index.from_vertical_slash(max_tiled=)); the lists were sized by the
 # number of slashes (6096 realistic: ~37K edge slots per head, sorted and stacked in every call); 0: no
 # cap. With VS_OVERLAP off (results/vs_cap_ab.md, H200 128K, 3 rounds): 33.36 ms vs 33.61 uncapped.
+# VS_RUNS_KERNEL: on a GPU the sort, runs, grouping and tile cap of the index in one torch.sort + one
+# launch (kernels.runs, index.from_vertical_slash(fused_runs=)) instead of ~120 torch launches: H200 128K
+# realistic, graphed index 0.66 vs 1.11 ms, whole call 32.40 vs 32.95 ms (3 alternating rounds; 512K
+# 132.60 vs 132.63; results/vs_runs_kernel_ab.md, vs_parts_runs.md).
 # VS_COL_TMA: gathered columns' K / V rows copied per query head in column order before the
 # launch (on TMA-capable devices), the column pass then loads them through TMA. PF: block-sparse tile lists (not
 # vertical-slash's relative tiles) load the next tile's start one step ahead, for n <= PF_MAX_N
@@ -97,6 +101,7 @@ BREAK_EVEN = {
 FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py",  # KERNEL: a kernel file (A/B runs)
          "GLUON": True,
          "GRAPH_INDEX": True, "VS_BAND": True, "VS_OVERLAP": False, "VS_BAND_COLS": False, "VS_TILED_RUNS": 64,
+         "VS_RUNS_KERNEL": True,
          "VS_COL_TMA": True, "PF": True, "PF_MAX_N": 256 * 1024,
          # BS_LISTS: unordered block lists sorted by kernels.rows.block_lists (see index._lists_kernel);
          # BS_PAIRS: 64-block lists' pair blocks as 128 x 128 tiles in a launch of their own (_block_pairs)
@@ -374,14 +379,15 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
 
     def build(vi, si):
         return _index.from_vertical_slash(vi, si, n, bm, block_n=tiles_n, band_block_m=band_bm, band_min=band_min,
-                                          band_columns=band_cols, max_tiled=FLAGS["VS_TILED_RUNS"] or None)
+                                          band_columns=band_cols, max_tiled=FLAGS["VS_TILED_RUNS"] or None,
+                                          fused_runs=bool(FLAGS["VS_RUNS_KERNEL"]) and q.is_cuda)
 
     def built(key, fn, inputs):  # replayed from a CUDA graph (FLAGS["GRAPH_INDEX"]) or eager
         return graphed.build_graphed(key, fn, inputs) if FLAGS["GRAPH_INDEX"] and q.is_cuda else fn(*inputs)
 
     side = side_stream(q.device, -1) if (band_cfg is not None and FLAGS["VS_OVERLAP"] and q.is_cuda
                                       and not torch.cuda.is_current_stream_capturing()) else None
-    full_key = ("vertical_slash", n, bm, tiles_n, band_bm, band_cols, FLAGS["VS_TILED_RUNS"])
+    full_key = ("vertical_slash", n, bm, tiles_n, band_bm, band_cols, FLAGS["VS_TILED_RUNS"], FLAGS["VS_RUNS_KERNEL"])
     if side is None:
         idx = built(full_key, build, (vertical_idx, slash_idx))
         if band_cfg is None:

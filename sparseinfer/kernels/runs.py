@@ -1,0 +1,54 @@
+"""The slash runs of vertical-slash indices in one launch (``_runs_kernel.slash_runs_kernel``).
+
+    slash_runs(slash_idx [B, H, Ns], n, band_min, merge_gap, max_tiled)
+        -> (s, glo, ghi, exact) int64 [B, H, Ns + 1], (tlo, thi) int64 [B, H, T], w int64 [B, H]
+
+what ``index.from_vertical_slash`` otherwise builds from ~120 small torch launches (two sorts and a
+dozen prefix-sum compactions in ``index._slash_runs`` / ``_group_runs`` and the max_tiled cap), here
+one torch.sort and one launch: s the sorted unique offsets with 0 added (padding n); w the end of
+each head's first run (its local band 0..w, at most n - 1); glo / ghi / exact the runs after it (all
+runs when band_min is 0 or w + 1 < band_min) grouped where gaps are <= merge_gap, exact = 1 for a
+group of one run (and for padding), padding n; tlo / thi the first T = min(max_tiled, Ns + 1) exact
+groups (padding n), whose exact flag stays 1, the later exact groups' cleared. One program per
+head, static shapes, no host sync.
+CUDA tensors run the compiled kernel, CPU tensors the interpreter (tests: equal to the torch path).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..index import _narrow_int
+from ._loader import kernel_module
+from .decode import _next_pow2
+
+# heads of up to this many slash offsets (+ 1): one program holds them in registers
+MAX_SLASHES = 1 << 15
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+def slash_runs(slash_idx: torch.Tensor, n: int, band_min: int, merge_gap: int, max_tiled: int | None,
+               num_warps: int | None = None):
+    """See the module docstring. band_min 0: no band is split off."""
+    if slash_idx.dim() != 3 or slash_idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"slash_runs: expected int32 / int64 slash_idx [B, H, Ns], got {slash_idx.dtype} "
+                         f"{tuple(slash_idx.shape)}")
+    b, h, ns = slash_idx.shape
+    r = ns + 1
+    if r > MAX_SLASHES:
+        raise ValueError(f"slash_runs: at most {MAX_SLASHES - 1} slash offsets per head, got {ns}")
+    block = _next_pow2(r)
+    cap = r if max_tiled is None else max(1, min(int(max_tiled), r))
+    dev = slash_idx.device
+    s, glo, ghi, ex = (torch.empty(b, h, r, dtype=torch.int64, device=dev) for _ in range(4))
+    lo, hi = (torch.empty(b * h, block, dtype=torch.int32, device=dev) for _ in range(2))
+    tlo, thi = (torch.empty(b, h, cap, dtype=torch.int64, device=dev) for _ in range(2))
+    w = torch.empty(b, h, dtype=torch.int64, device=dev)
+    srt, _ = torch.sort(_narrow_int(slash_idx, n), dim=-1)
+    kernel_module("_runs_kernel.py", dev.type != "cuda").slash_runs_kernel[(b * h,)](
+        srt, s, lo, hi, glo, ghi, ex, tlo, thi, w,
+        srt.stride(0), srt.stride(1), srt.stride(2), ns, n, h, int(band_min), int(merge_gap), cap,
+        BLOCK=block, num_warps=num_warps or _warps(block))
+    return s, glo, ghi, ex, tlo, thi, w

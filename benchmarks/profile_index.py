@@ -42,6 +42,9 @@ def host_ms(fn, reps=5):
     return sorted(ts)[len(ts) // 2]
 
 
+TOP = 6  # kernels listed per construction (--top)
+
+
 def gpu_ms(fn):
     from torch.profiler import ProfilerActivity, profile
 
@@ -52,7 +55,7 @@ def gpu_ms(fn):
         torch.cuda.synchronize()
     evs = prof.key_averages()
     tot = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in evs) / 1e3
-    top = sorted(evs, key=lambda e: -getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)))[:6]
+    top = sorted(evs, key=lambda e: -getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)))[:TOP]
     return tot, [(e.key[:50], round(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 1e3, 3),
                   e.count) for e in top]
 
@@ -62,7 +65,11 @@ def main():
     ap.add_argument("--sizes", default="131072,524288")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--top", type=int, default=6, help="kernels listed per construction (by GPU time)")
+    ap.add_argument("--only", default="", help="time only the constructions whose name contains this")
     args = ap.parse_args()
+    global TOP
+    TOP = args.top
     dev = torch.device("cpu" if args.smoke else "cuda")
     sizes = [2048] if args.smoke else [int(s) for s in args.sizes.split(",")]
     lines = []
@@ -79,24 +86,36 @@ def main():
         vs_cfg = katt._config("vs", base.D, dev, None)
         bm, bn, *rest = vs_cfg
         tiles_n = bn if rest[3] == 4 else None
-        builds = {
-            "vertical-slash index": lambda: sidx.from_vertical_slash(vi, si, n, bm, block_n=tiles_n),
-            "block-sparse index": lambda: sidx.from_block_sparse(bi, base.BS, n, 64, 64),
-        }
-        for name, fn in builds.items():
+        band_bm = katt._config("ashape", base.D, dev)[0]
+
+        def vs_plain(a, b):
+            return sidx.from_vertical_slash(a, b, n, bm, block_n=tiles_n)
+
+        def vs_library(a, b):  # as vertical_slash_attention builds it on a GPU (band apart, tile cap, fused runs)
+            return sidx.from_vertical_slash(a, b, n, bm, block_n=tiles_n, band_block_m=band_bm,
+                                            band_min=katt.VS_BAND_MIN, max_tiled=katt.FLAGS["VS_TILED_RUNS"] or None,
+                                            fused_runs=bool(katt.FLAGS["VS_RUNS_KERNEL"]) and a.is_cuda)
+
+        def bs_build(a):
+            return sidx.from_block_sparse(a, base.BS, n, 64, 64)
+
+        builds = {"vertical-slash index": (vs_plain, (vi, si)), "vertical-slash index (library)": (vs_library, (vi, si)),
+                  "block-sparse index": (bs_build, (bi,))}
+        for name, (build, inputs) in builds.items():
+            if args.only not in name:
+                continue
+            fn = lambda: build(*inputs)  # noqa: E731
             h = host_ms(fn)
             if dev.type == "cuda":
                 ev = base.bench(fn, budget_s=0.5, max_reps=10)
                 g, top = gpu_ms(fn)
                 log(f"N={n} {name}: events {ev:.3f} ms, host {h:.3f} ms, GPU kernels {g:.3f} ms; top {top}")
                 # the same construction through kernels.graphed (inputs copied in, one graph replay)
-                gfn = {"vertical-slash index": lambda: graphed.build_graphed(
-                    ("profile vs", n), lambda a, b: sidx.from_vertical_slash(a, b, n, bm, block_n=tiles_n), (vi, si)),
-                       "block-sparse index": lambda: graphed.build_graphed(
-                    ("profile bs", n), lambda a: sidx.from_block_sparse(a, base.BS, n, 64, 64), (bi,))}[name]
+                gfn = lambda: graphed.build_graphed(("profile", name, n), build, inputs)  # noqa: E731
                 got, ref = gfn(), fn()
-                same = all(torch.equal(getattr(got, f), getattr(ref, f)) for f in vars(ref)
-                           if isinstance(getattr(ref, f), torch.Tensor))
+                got, ref = (got, ref) if isinstance(ref, tuple) else ((got,), (ref,))
+                same = all(torch.equal(getattr(x, f), getattr(y, f)) for x, y in zip(got, ref) for f in vars(y)
+                           if isinstance(getattr(y, f), torch.Tensor))
                 gr = base.bench(gfn, budget_s=0.5, max_reps=10)
                 log(f"N={n} {name}: CUDA graph replay {gr:.3f} ms (outputs equal: {same})")
             else:

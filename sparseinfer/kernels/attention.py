@@ -75,7 +75,9 @@ BREAK_EVEN = {
 # VS_RUNS_KERNEL: on a GPU the sort, runs, grouping and tile cap of the index in one torch.sort + one
 # launch (kernels.runs, index.from_vertical_slash(fused_runs=)) instead of ~120 torch launches: H200 128K
 # realistic, graphed index 0.66 vs 1.11 ms, whole call 32.40 vs 32.95 ms (3 alternating rounds; 512K
-# 132.60 vs 132.63; results/vs_runs_kernel_ab.md, vs_parts_runs.md).
+# 132.60 vs 132.63; results/vs_runs_kernel_ab.md, vs_parts_runs.md). Measured and not kept: the column pass
+# testing each cell's skip bit with an AND against a per-row bit instead of a 64-bit shift (128K 33.28 vs
+# 33.21 ms, 512K 135.15 vs 133.88; results/vs_rowbit_ab.md).
 # VS_COL_TMA: gathered columns' K / V rows copied per query head in column order before the
 # launch (on TMA-capable devices), the column pass then loads them through TMA. PF: block-sparse tile lists (not
 # vertical-slash's relative tiles) load the next tile's start one step ahead, for n <= PF_MAX_N

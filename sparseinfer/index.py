@@ -553,7 +553,7 @@ def from_vertical_slash(
     is 0 for those heads. ``max_tiled``: at most that many exact bands (the nearest) become tiles
     + edges, whose lists are then sized by it rather than by Ns (the rest are visited as ranges
     with the slash-bit test). ``fused_runs``: the sort, runs, grouping and cap in one torch.sort and
-    one launch (``kernels.runs.slash_runs``; the same index).
+    one launch (``kernels.runs.slash_runs``; the same index) when Ns < ``kernels.runs.MAX_SLASHES``.
     """
     if block_n is not None and (block_n <= 0 or block_m % block_n or block_n > 64):
         raise ValueError(f"block_n must divide block_m and be <= 64, got block_m={block_m}, block_n={block_n}")
@@ -567,10 +567,12 @@ def from_vertical_slash(
     r = slash_idx.shape[-1] + 1
     cap = max_tiled if block_n is not None and max_tiled is not None and max_tiled < r else None
     band = None
-    if fused_runs:  # one torch.sort and one launch (kernels.runs) for the steps below
-        from .kernels.runs import slash_runs
+    if fused_runs:  # one torch.sort and one launch (kernels.runs) for the steps below, up to its size
+        from .kernels import runs as _runs
 
-        s, glo, ghi, exact, t_lo, t_hi, w = slash_runs(slash_idx, n, max(band_min, 1) if band_block_m else 0,
+        fused_runs = r <= _runs.MAX_SLASHES
+    if fused_runs:
+        s, glo, ghi, exact, t_lo, t_hi, w = _runs.slash_runs(slash_idx, n, max(band_min, 1) if band_block_m else 0,
                                                       merge_gap, cap)
         tiled = (t_lo, t_hi) if cap is not None else None
         if band_block_m is not None:

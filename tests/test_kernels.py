@@ -182,8 +182,9 @@ def test_vertical_slash_fused_runs():
     """kernels.runs.slash_runs (one torch.sort + one launch, here interpreted) builds the same
     vertical-slash index as the torch ops, field by field and dtype by dtype: unsorted offsets with
     duplicates, padding (-1, >= n), no offset 0, runs merged into ranges with holes, a run reaching
-    n - 1; with and without the local band's launch, the tile cap, the band's columns."""
-    from sparseinfer.kernels.runs import slash_runs
+    n - 1; int16 offsets; with and without the local band's launch, the tile cap, the band's columns.
+    More offsets than the kernel holds take the torch ops."""
+    from sparseinfer.kernels.runs import MAX_SLASHES, slash_runs
 
     n, h = 700, 3
     g = torch.Generator().manual_seed(1)
@@ -196,12 +197,18 @@ def test_vertical_slash_fused_runs():
     for kw in (dict(block_n=32, max_tiled=1), dict(block_n=32, band_block_m=64, band_min=16, max_tiled=2),
                dict(block_n=32, band_block_m=64, band_min=16, band_columns=True)):
         a = sidx.from_vertical_slash(vert, sl, n, 64, **kw)
-        b = sidx.from_vertical_slash(vert, sl, n, 64, fused_runs=True, **kw)
+        b = sidx.from_vertical_slash(vert, sl if "band_columns" in kw else sl.to(torch.int16), n, 64, fused_runs=True,
+                                     **kw)
         for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
             for name, u in vars(x).items():
                 w = getattr(y, name)
                 assert (u.dtype == w.dtype and torch.equal(u, w)) if isinstance(u, torch.Tensor) else u == w, (kw, name)
-    with pytest.raises(ValueError, match="int32 / int64 slash_idx"):
+    big = torch.randint(-1, n, (1, 1, MAX_SLASHES), generator=g)
+    assert torch.equal(sidx.from_vertical_slash(vert[:1, :1], big, n, 64, fused_runs=True).ranges,
+                       sidx.from_vertical_slash(vert[:1, :1], big, n, 64).ranges)
+    with pytest.raises(ValueError, match="at most"):
+        slash_runs(big, n, 0, 64, None)
+    with pytest.raises(ValueError, match="int16 / int32 / int64 slash_idx"):
         slash_runs(sl.float(), n, 0, 64, None)
 
 

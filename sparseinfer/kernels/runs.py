@@ -32,8 +32,8 @@ def _warps(block: int) -> int:
 def slash_runs(slash_idx: torch.Tensor, n: int, band_min: int, merge_gap: int, max_tiled: int | None,
                num_warps: int | None = None):
     """See the module docstring. band_min 0: no band is split off."""
-    if slash_idx.dim() != 3 or slash_idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"slash_runs: expected int32 / int64 slash_idx [B, H, Ns], got {slash_idx.dtype} "
+    if slash_idx.dim() != 3 or slash_idx.dtype not in (torch.int64, torch.int32, torch.int16):
+        raise ValueError(f"slash_runs: expected int16 / int32 / int64 slash_idx [B, H, Ns], got {slash_idx.dtype} "
                          f"{tuple(slash_idx.shape)}")
     b, h, ns = slash_idx.shape
     r = ns + 1

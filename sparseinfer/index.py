@@ -67,7 +67,8 @@ class SparseIndex:
         kernel multiplies, so a sorted block list serves as tiles without a copy).
     edges: int32 [B, H, E, 4] masked tiles (rel_start, rel_end, lo, hi): keys
         ``[m0 + rel_start, m0 + min(rel_end, rel_start + block_n))`` with ``lo <= i - j <= hi``,
-        m0 = the query block's first row; sorted by rel_start descending; or None. When set,
+        m0 = the query block's first row; sorted by rel_start descending, padded with
+        (-2^30, 0, 0, 0); or None. When set,
         the exact ranges are represented by ``tiles`` + ``edges`` and the kernel visits only
         the ranges with holes.
     edge_count: int32 [B, H, nqb] edges to visit per query block; or None.
@@ -454,8 +455,8 @@ def _relative_tiles(lo, hi, exact, n_slash: int, n: int, block_m: int, block_n: 
     end = torch.where(head, g(a), bm - lo_e)
     start = torch.where(ok, start, torch.full_like(start, -_FAR))
     start, order = torch.sort(start, dim=-1, descending=True)
-    edges = torch.stack([start, torch.gather(end, -1, order), torch.gather(lo_e, -1, order),
-                         torch.gather(hi_e, -1, order)], -1)
+    rest = torch.stack([torch.gather(end, -1, order), torch.gather(lo_e, -1, order), torch.gather(hi_e, -1, order)], -1)
+    edges = torch.cat([start[..., None], torch.where((start == -_FAR)[..., None], 0, rest)], -1)  # padding (-FAR, 0, 0, 0)
     ecount = torch.searchsorted((-start).reshape(b * h, te).contiguous(), m0 + bn, right=False).view(b, h, nqb)
     return (rel.view(b, h, 1, tu).to(torch.int32).contiguous(), tcount.to(torch.int32),
             edges.to(torch.int32).contiguous(), ecount.to(torch.int32))
@@ -553,7 +554,8 @@ def from_vertical_slash(
     is 0 for those heads. ``max_tiled``: at most that many exact bands (the nearest) become tiles
     + edges, whose lists are then sized by it rather than by Ns (the rest are visited as ranges
     with the slash-bit test). ``fused_runs``: the sort, runs, grouping and cap in one torch.sort and
-    one launch (``kernels.runs.slash_runs``; the same index) when Ns < ``kernels.runs.MAX_SLASHES``.
+    one launch (``kernels.runs.slash_runs``; the same index) when Ns < ``kernels.runs.MAX_SLASHES``,
+    and with max_tiled and merge_gap >= block_m the tiles + edges in one more (``relative_tiles``).
     """
     if block_n is not None and (block_n <= 0 or block_m % block_n or block_n > 64):
         raise ValueError(f"block_n must divide block_m and be <= 64, got block_m={block_m}, block_n={block_n}")
@@ -611,7 +613,11 @@ def from_vertical_slash(
         slash_map=smap,
         slash_bits=_slash_bits(s, n),
     )
-    if block_n is not None:
+    if block_n is not None and fused_runs and tiled is not None and merge_gap >= block_m:
+        idx.tiles, idx.tile_count, idx.edges, idx.edge_count = _runs.relative_tiles(
+            tiled[0], tiled[1], s.shape[-1], n, block_m, block_n)
+        idx.tiles_relative, idx.block_n = True, block_n
+    elif block_n is not None:
         t_lo, t_hi = (glo, ghi) if tiled is None else tiled
         idx.tiles, idx.tile_count, idx.edges, idx.edge_count = _relative_tiles(
             t_lo, torch.clamp(t_hi, max=n), exact if tiled is None else (t_lo < big).to(exact.dtype),

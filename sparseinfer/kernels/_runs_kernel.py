@@ -91,3 +91,80 @@ def slash_runs_kernel(SL, S, LO, HI, GLO, GHI, EX, TLO, THI, W,
     _compact_store(TLO + pid * MAX_TILED, glo, keep, N, offs, MAX_TILED)
     _compact_store(THI + pid * MAX_TILED, ghi, keep, N, offs, MAX_TILED)
     tl.store(EX + row + offs, glo * 0, mask=ex & ~keep)
+
+
+@triton.jit
+def _floor_div(a, b):  # b > 0; Triton's // truncates toward zero
+    return tl.where(a < 0, (a - b + 1) // b, a // b)
+
+
+@triton.jit
+def _run_tiles(TLO, THI, j, N, BM: tl.constexpr, BN: tl.constexpr):
+    """Exact run j of a head (TLO / THI: its offsets lo..hi, lo = N: none) on query blocks of BM rows
+    -> (lo, hi, u_lo, nu, a, bq, n_head, n_tail): nu unmasked BN-key tiles from key m0 + u_lo, masked
+    head edges from m0 - hi up to m0 + a, tail edges from m0 + bq up to m0 + BM - lo (as
+    index._relative_tiles)."""
+    lo = tl.load(TLO + j).to(tl.int32)
+    hi = tl.minimum(tl.load(THI + j).to(tl.int32), N)
+    ok = lo < N
+    lo = tl.where(ok, lo, 0)
+    hi = tl.where(ok, hi, 0)
+    u_lo = -_floor_div(-(BM - 1 - hi), BN) * BN
+    u_hi = _floor_div(-lo - BN + 1, BN) * BN
+    nu = tl.where(ok, tl.maximum(_floor_div(u_hi - u_lo, BN) + 1, 0), 0)
+    a = tl.where(nu > 0, u_lo, BM - lo)
+    bq = tl.where(nu > 0, u_lo + nu * BN, BM - lo)
+    n_head = tl.where(ok, -_floor_div(-(a + hi), BN), 0)
+    n_tail = tl.where(ok, -_floor_div(-(BM - lo - bq), BN), 0)
+    return lo, hi, u_lo, nu, a, bq, n_head, n_tail
+
+
+@triton.jit
+def relative_tiles_kernel(TLO, THI, TILES, TCOUNT, EDG, ECOUNT, N, NQB, CAP, TU, TE, FAR,
+                          BM: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, QB: tl.constexpr):
+    """Per program (one head): its CAP exact runs TLO / THI (sorted, padding N; consecutive runs more
+    than BM offsets apart) -> TILES [TU] relative unmasked tile starts, descending (padding -FAR),
+    TCOUNT [NQB] tiles with start >= -m0; EDG [TE, 4] (start, end, lo, hi) by start descending
+    (padding (-FAR, 0, 0, 0)), ECOUNT [NQB] edges with start > -m0 - BN. The runs' tiles and edges
+    come out already in descending order (run j + 1's lie left of run j's), so no sort."""
+    pid = tl.program_id(0)
+    TLO += pid * CAP
+    THI += pid * CAP
+    TILES += pid * TU
+    EDG += pid * TE * 4
+    k = tl.arange(0, KB)
+    tpos = 0
+    epos = 0
+    for j in range(CAP):
+        lo, hi, u_lo, nu, a, bq, nh, nt = _run_tiles(TLO, THI, j, N, BM, BN)
+        tl.store(TILES + tpos + nu - 1 - k, (u_lo + k * BN).to(tl.int32), mask=k < nu)
+        ne = nh + nt
+        head = k < nh
+        start = tl.where(head, -hi + k * BN, bq + (k - nh) * BN)
+        end = tl.where(head, a, BM - lo)
+        e = EDG + (epos + ne - 1 - k) * 4
+        tl.store(e, start.to(tl.int32), mask=k < ne)
+        tl.store(e + 1, end.to(tl.int32), mask=k < ne)
+        tl.store(e + 2, (lo + k * 0).to(tl.int32), mask=k < ne)
+        tl.store(e + 3, (hi + k * 0).to(tl.int32), mask=k < ne)
+        tpos += nu
+        epos += ne
+    for t0 in range(tpos, TU, KB):
+        tl.store(TILES + t0 + k, -FAR + k * 0, mask=t0 + k < TU)
+    for t0 in range(epos, TE, KB):
+        e = EDG + (t0 + k) * 4
+        tl.store(e, -FAR + k * 0, mask=t0 + k < TE)
+        for c in tl.static_range(1, 4):
+            tl.store(e + c, k * 0, mask=t0 + k < TE)
+    q = tl.arange(0, QB)
+    for q0 in range(0, NQB, QB):
+        m0 = (q0 + q) * BM
+        tc = q * 0
+        ec = q * 0
+        for j in range(CAP):
+            lo, hi, u_lo, nu, a, bq, nh, nt = _run_tiles(TLO, THI, j, N, BM, BN)
+            tc += tl.minimum(tl.maximum(nu - tl.maximum(-_floor_div(m0 + u_lo, BN), 0), 0), nu)
+            ec += tl.minimum(tl.maximum(nh - tl.maximum(_floor_div(hi - m0 - BN, BN) + 1, 0), 0), nh)
+            ec += tl.minimum(tl.maximum(nt - tl.maximum(_floor_div(-m0 - BN - bq, BN) + 1, 0), 0), nt)
+        tl.store(TCOUNT + pid * NQB + q0 + q, tc.to(tl.int32), mask=q0 + q < NQB)
+        tl.store(ECOUNT + pid * NQB + q0 + q, ec.to(tl.int32), mask=q0 + q < NQB)

@@ -73,9 +73,11 @@ BREAK_EVEN = {
 # number of slashes (6096 realistic: ~37K edge slots per head, sorted and stacked in every call); 0: no
 # cap. With VS_OVERLAP off (results/vs_cap_ab.md, H200 128K, 3 rounds): 33.36 ms vs 33.61 uncapped.
 # VS_RUNS_KERNEL: on a GPU the sort, runs, grouping and tile cap of the index in one torch.sort + one
-# launch (kernels.runs, index.from_vertical_slash(fused_runs=)) instead of ~120 torch launches: H200 128K
-# realistic, graphed index 0.66 vs 1.11 ms, whole call 32.40 vs 32.95 ms (3 alternating rounds; 512K
-# 132.60 vs 132.63; results/vs_runs_kernel_ab.md, vs_parts_runs.md). Measured and not kept: the column pass
+# launch, and the capped runs' relative tiles + edges in one more (kernels.runs,
+# index.from_vertical_slash(fused_runs=)) instead of ~180 torch launches: H200 128K realistic, graphed
+# index 0.47 vs 1.10 ms (eager 1.18 vs 2.74), whole call 32.71 vs 33.29 ms, 3 alternating rounds
+# (results/vs_runs_kernel_ab2.md, vs_parts_runs2.md; the runs launch alone: 0.66 ms, 32.40 vs 32.95,
+# 512K 132.60 vs 132.63, vs_runs_kernel_ab.md). Measured and not kept: the column pass
 # testing each cell's skip bit with an AND against a per-row bit instead of a 64-bit shift (128K 33.28 vs
 # 33.21 ms, 512K 135.15 vs 133.88; results/vs_rowbit_ab.md).
 # VS_COL_TMA: gathered columns' K / V rows copied per query head in column order before the

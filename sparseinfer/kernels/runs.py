@@ -52,3 +52,25 @@ def slash_runs(slash_idx: torch.Tensor, n: int, band_min: int, merge_gap: int, m
         srt.stride(0), srt.stride(1), srt.stride(2), ns, n, h, int(band_min), int(merge_gap), cap,
         BLOCK=block, num_warps=num_warps or _warps(block))
     return s, glo, ghi, ex, tlo, thi, w
+
+
+def relative_tiles(t_lo: torch.Tensor, t_hi: torch.Tensor, n_slash: int, n: int, block_m: int, block_n: int):
+    """``index._relative_tiles`` of exact runs t_lo / t_hi int64 [B, H, T] (sorted, padding n;
+    consecutive runs more than block_m offsets apart, as groups merged with merge_gap >= block_m are)
+    in one launch, no sort -> tiles int32 [B, H, 1, TU], tile_count [B, H, nqb], edges [B, H, TE, 4]
+    (padding (-FAR, 0, 0, 0)), edge_count [B, H, nqb]."""
+    from ..index import _FAR
+
+    b, h, cap = t_lo.shape
+    nqb = -(-n // block_m)
+    tu = max(n_slash // block_n + 1, 1)
+    te = max(cap * ((2 * block_m + 3 * block_n) // block_n + 1), 1)
+    dev = t_lo.device
+    tiles = torch.empty(b, h, 1, tu, dtype=torch.int32, device=dev)
+    edges = torch.empty(b, h, te, 4, dtype=torch.int32, device=dev)
+    tc, ec = (torch.empty(b, h, nqb, dtype=torch.int32, device=dev) for _ in range(2))
+    kb = _next_pow2(max(tu, 8))
+    kernel_module("_runs_kernel.py", dev.type != "cuda").relative_tiles_kernel[(b * h,)](
+        t_lo.contiguous(), t_hi.contiguous(), tiles, tc, edges, ec, n, nqb, cap, tu, te, _FAR,
+        BM=block_m, BN=block_n, KB=kb, QB=1024 if dev.type == "cuda" else 256, num_warps=4)
+    return tiles, tc, edges, ec

@@ -6,7 +6,7 @@ columns when FLAGS["VS_BAND_COLS"] is on: results/vs_parts_cols3.md, a wash, off
 tensors of an sm_90 GPU, head_dim 128, N of at least one query block; ``attention.run_index`` sends such calls here when
 ``FLAGS["GLUON"]`` is on and ``reason`` returns None. Everything else runs the Triton kernel.
 
-Measured (H100s, one Llama-3-8B layer, benchmarks/results/gluon_ab{1,2,3,4}.md): block-sparse
+Measured (H100s, one Llama-3-8B layer, benchmarks/results/gluon_ab{1,2,3,4}.md; the range config's stages on an H200 below): block-sparse
 realistic top-100 lists, kernel alone, 134.2-141.7 ms vs 154.2-156.8 for the Triton kernel at 512K
 (the producer warp keeps two K / V tiles in flight where Triton's pipeliner keeps one), 26.6-27.6
 vs 27.2-28.2 ms at 128K; the whole call 141.8-142.6 vs 158.1 ms at 512K. A-shape with two consumer
@@ -31,9 +31,11 @@ from .. import index as _index
 # overlap 163.4 vs 141.2). "ranges": 128 x 128 tiles of ranges only (A-shape, vertical-slash's band
 # launch; gluon_ab2.md, H100 128K: 17.56 ms vs Triton 18.17; without overlap 17.50, 3 stages of
 # 64-key tiles 17.89; gluon_ab3.md: the two issuing their wgmma in turns 17.60 vs 17.42, not kept:
-# results/gluon_pingpong_rejected.patch).
+# results/gluon_pingpong_rejected.patch). H200 (results/as_stages_h200.md, A-shape 128K kernel alone, 3
+# alternating rounds): 3 stages of 128-key tiles 16.43-16.68 ms vs 2 stages 17.49-17.62 (Triton 18.53-18.81;
+# maxnreg 160 17.74-17.90): 3 stages, 224 KB of shared memory (226 KB with the column pass; 227 KB per block).
 CONFIGS = {"tiles": {"stages": 2, "num_warps": 4, "maxnreg": 128, "overlap": True},
-           "ranges": {"stages": 2, "num_warps": 4, "maxnreg": 168, "overlap": True, "two": True}}
+           "ranges": {"stages": 3, "num_warps": 4, "maxnreg": 168, "overlap": True, "two": True}}
 
 
 def index_kind(idx: _index.SparseIndex, head_dim: int, block_n: int) -> tuple[str | None, str | None]:

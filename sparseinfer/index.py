@@ -611,7 +611,8 @@ def from_vertical_slash(
         columns=cols.to(torch.int32),
         column_count=cc.to(torch.int32),
         slash_map=smap,
-        slash_bits=_slash_bits(s, n),
+        # the band index with columns already has the same bits (from its presence map)
+        slash_bits=band.slash_bits if band is not None and band_columns else _slash_bits(s, n),
     )
     if block_n is not None and fused_runs and tiled is not None and merge_gap >= block_m:
         idx.tiles, idx.tile_count, idx.edges, idx.edge_count = _runs.relative_tiles(

@@ -8,13 +8,13 @@
            (``index._relative_tiles`` of the capped runs, no sort)
 
 ``slash_runs`` computes what ``index.from_vertical_slash`` otherwise builds from ~120 small torch
-launches (two sorts and a dozen prefix-sum compactions in ``index._slash_runs`` / ``_group_runs``
-and the max_tiled cap), here one torch.sort and one launch: s the sorted unique offsets with 0 added (padding n); w the end of
-each head's first run (its local band 0..w, at most n - 1); glo / ghi / exact the runs after it (all
-runs when band_min is 0 or w + 1 < band_min) grouped where gaps are <= merge_gap, exact = 1 for a
-group of one run (and for padding), padding n; tlo / thi the first T = min(max_tiled, Ns + 1) exact
-groups (padding n), whose exact flag stays 1, the later exact groups' cleared. One program per
-head, static shapes, no host sync.
+launches (two sorts and a dozen prefix-sum compactions in ``index._slash_runs`` / ``_group_runs`` and
+the max_tiled cap), here one torch.sort and one launch: s the sorted unique offsets with 0 added
+(padding n); w the end of each head's first run (its local band 0..w, at most n - 1); glo / ghi / exact
+the runs after it (all runs when band_min is 0 or w + 1 < band_min) grouped where gaps are <= merge_gap,
+exact = 1 for a group of one run (and for padding), padding n; tlo / thi the first T =
+min(max_tiled, Ns + 1) exact groups (padding n), whose exact flag stays 1, the later exact groups'
+cleared. One program per head, static shapes, no host sync.
 ``relative_tiles`` needs consecutive runs more than block_m offsets apart (merge_gap >= block_m). The
 torch ops stay the CPU path and the reference (tests: the same index field by field). CUDA tensors
 run the compiled kernels, CPU tensors the interpreter.

@@ -80,8 +80,10 @@ def parse_vs(spec: str) -> list[dict]:
         flags = {}
         for kv in (x for x in rest.split(",") if x):
             key, _, val = kv.partition("=")
-            if key not in katt.FLAGS or not val.lstrip("-").isdigit():
-                raise SystemExit(f"--vs: expected name=FLAG=int[,FLAG=int], FLAG one of {sorted(katt.FLAGS)}, got {item!r}")
+            cfg_key = key.startswith("vs.") and key[3:] in kg.CONFIGS["vs"]
+            if not (key in katt.FLAGS or cfg_key) or not val.lstrip("-").isdigit():
+                raise SystemExit(f"--vs: expected name=FLAG=int[,FLAG=int], FLAG one of {sorted(katt.FLAGS)} or "
+                                 f"vs.<key of gluon.CONFIGS['vs']>, got {item!r}")
             flags[key] = int(val)
         out.append({"name": f"vs/{name}", "pattern": "vs", "flags": flags})
     return out
@@ -90,14 +92,24 @@ def parse_vs(spec: str) -> list[dict]:
 def flags_fn(flags, q, k, v, vs, scale):
     """The whole vertical-slash ops call with these katt.FLAGS entries set (GLUON on unless given)."""
     def fn():
-        saved = dict(katt.FLAGS)
-        katt.FLAGS.update({"GLUON": True, **flags})
+        saved, saved_cfg = dict(katt.FLAGS), dict(kg.CONFIGS["vs"])
+        katt.FLAGS.update({"GLUON": True, **{k_: v_ for k_, v_ in flags.items() if not k_.startswith("vs.")}})
+        kg.CONFIGS["vs"].update({k_[3:]: v_ for k_, v_ in flags.items() if k_.startswith("vs.")})
         try:
             return ops.vertical_slash_attention(q, k, v, vs[0], vs[1], scale=scale, backend="triton")
         finally:
             katt.FLAGS.clear()
             katt.FLAGS.update(saved)
+            kg.CONFIGS["vs"].clear()
+            kg.CONFIGS["vs"].update(saved_cfg)
     return fn
+
+
+def holey_vs(vs, n):
+    """The realistic slashes plus two groups with holes (merged runs: every third offset over 300, and two runs
+    29 apart), so the second launch's ranges with holes are checked too."""
+    extra = torch.cat([5000 + torch.arange(0, 300, 3), 9000 + torch.arange(21), 9050 + torch.arange(21)]).to(vs[1].device)
+    return vs[0], torch.cat([vs[1], extra.clamp(max=n - 1).expand(*vs[1].shape[:2], -1)], -1)
 
 
 def library_fn(pat, gluon, q, k, v, n, bi, vs, scale):
@@ -176,6 +188,14 @@ def main() -> int:
         err = ((o - ref).norm() / ref.norm()).item()
         checks[var["name"]] = {"rel_err": err, "nan": bool(torch.isnan(o).any())}
         log(f"check {var['name']}: rel err {err:.2e} nan {checks[var['name']]['nan']}")
+        if "flags" in var:  # ranges with holes too
+            hv = holey_vs(vs, n16)
+            ho = flags_fn(var["flags"], q, k, v, hv, scale)().float()
+            hr = ops.vertical_slash_attention(q, k, v, *hv, backend="reference").float()
+            herr = ((ho - hr).norm() / hr.norm()).item()
+            checks[var["name"]].update(holey_rel_err=herr, holey_nan=bool(torch.isnan(ho).any()))
+            log(f"check {var['name']}: slashes with holes, rel err {herr:.2e} nan {checks[var['name']]['holey_nan']}")
+            del ho, hr
         if var in variants and var is next(x for x in variants if x["pattern"] == var["pattern"]):
             qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # projections' views
             ot = gluon_fn(var, qt, kt, vt, n16, bi, scale, dev)().float()

@@ -56,17 +56,24 @@ def main() -> int:
     lse = torch.empty(b, h, n, dtype=torch.float32)
     vert = torch.randint(0, n, (b, h, 40))
     slash = torch.cat([torch.arange(300), torch.randint(0, n, (20,))]).expand(b, h, 320)
-    cases = {"tiles": (_index.from_block_sparse(blocks, 64, n, 64, 64), 64, None),
-             "ranges": (_index.from_ashape(n, 128, 512, b, h, 128, q.device), 128, lse),
+    # vertical-slash's second launch: relative tiles, edges, ranges with holes (runs 10 apart), columns,
+    # merged with the band launch's rows
+    holey = torch.cat([slash, torch.arange(600, 700, 10).expand(b, h, 10)], -1)
+    vs_idx, vs_band = _index.from_vertical_slash(vert, holey, n, 64, block_n=64, band_block_m=128, band_min=16,
+                                                 max_tiled=64)
+    prior = (torch.empty_like(q), lse, vs_band.range_count[..., 0])
+    cases = {"tiles": (_index.from_block_sparse(blocks, 64, n, 64, 64), 64, {}),
+             "ranges": (_index.from_ashape(n, 128, 512, b, h, 128, q.device), 128, {"lse_out": lse}),
              # vertical-slash's band launch with the columns of its heads
-             "ranges+columns": (_index.band_index(slash, n, 128, 16, vertical_idx=vert), 128, lse)}
+             "ranges+columns": (_index.band_index(slash, n, 128, 16, vertical_idx=vert), 128, {"lse_out": lse}),
+             "vs": (vs_idx, 64, {"prior": prior})}
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     out = {}
-    for kind, (idx, bn, lse) in cases.items():
+    for kind, (idx, bn, kw) in cases.items():
         kind_, why = kg.index_kind(idx, d, bn)
         assert kind_ == kind.split("+")[0], (kind, why)
         compiled.clear()
-        kg.run(q, k, v, idx, d ** -0.5, block_n=bn, lse_out=lse, check=False, **kg.CONFIGS[kind_])
+        kg.run(q, k, v, idx, d ** -0.5, block_n=bn, check=False, **kw, **kg.CONFIGS[kind_])
         ck = compiled[-1]
         path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sparseinfer_sm90_{kind}_{os.getpid()}.cubin")
         with open(path, "wb") as fh:

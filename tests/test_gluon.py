@@ -38,9 +38,16 @@ def test_index_kind_serves_block_lists_and_range_launches():
     band = sidx.band_index(sl, n, 128, 16, vertical_idx=vert)
     assert band.ranges_exact and band.columns is not None
     assert kg.index_kind(band, 128, 128) == ("ranges", None)
+    # vertical-slash's second launch: relative 64 x 64 tiles, edges, ranges with holes, columns
+    sl = torch.cat([torch.arange(40), torch.tensor([90, 91, 300, 302])]).view(1, 1, 44).expand(1, 2, 44)
+    idx, band = sidx.from_vertical_slash(vert, sl, n, 64, block_n=64, band_block_m=128, band_min=16, max_tiled=64)
+    assert idx.tiles_relative and idx.edges is not None and idx.slash_map is not None
+    assert (idx.ranges[..., 4] == 0).any()  # a range with holes (300, 302) is served too
+    assert kg.index_kind(idx, 128, 64) == ("vs", None)
 
 
-@pytest.mark.parametrize("case", ["head_dim", "tiles128", "ranges64", "block_m64", "vertical_slash", "holes"])
+@pytest.mark.parametrize("case", ["head_dim", "tiles128", "ranges64", "block_m64", "vertical_slash", "holes",
+                                  "vs_head_dim", "vs_block_m128"])
 def test_index_kind_refuses_what_was_not_measured(case):
     n = 1000
     if case == "head_dim":
@@ -55,6 +62,12 @@ def test_index_kind_refuses_what_was_not_measured(case):
         vert = torch.tensor([[[0, 5, 300]]]).expand(1, 2, 3)
         sl = torch.tensor([[[0, 1, 2, 40, 41, 90]]]).expand(1, 2, 6)
         idx, d, bn, words = sidx.from_vertical_slash(vert, sl, n, 64), 128, 64, "gathered columns"
+    elif case in ("vs_head_dim", "vs_block_m128"):  # the second launch, on what was not measured
+        vert = torch.tensor([[[0, 5, 300]]]).expand(1, 2, 3)
+        sl = torch.arange(100).view(1, 1, 100).expand(1, 2, 100)
+        bm = 128 if case == "vs_block_m128" else 64
+        idx = sidx.from_vertical_slash(vert, sl, n, bm, block_n=64, max_tiled=64)
+        d, bn, words = (64, 64, "head_dim 64") if case == "vs_head_dim" else (128, 64, "128 x 64")
     else:  # 128-row ranges with holes: the kernel cannot test the slash map
         vert = torch.tensor([[[0, 5, 300]]]).expand(1, 2, 3)
         sl = torch.tensor([[[0, 1, 2, 40, 41, 90]]]).expand(1, 2, 6)
@@ -84,16 +97,16 @@ def test_reason_and_run_on_cpu_tensors():
 
 
 def test_compiles_for_sm90_with_the_measured_resources():
-    """Both configs compile for sm_90 (stand-in driver, triton's ptxas), the range config also with
-    the column pass: no spills, the block-list config leaves room for two programs per SM (as
-    measured), the range config for one; the PTX
+    """The configs compile for sm_90 (stand-in driver, triton's ptxas), the range config also with
+    the column pass: no spills, the block-list config and vertical-slash's second launch leave room
+    for two programs per SM (as measured), the range config for one; the PTX
     has the register hand-over, wgmma, TMA and mbarrier waits the design relies on."""
     res = subprocess.run([sys.executable, os.path.join(HERE, "sm90_compile.py")], capture_output=True, text=True,
                          timeout=600, env=dict(os.environ, TRITON_INTERPRET="0"))
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads(res.stdout.strip().splitlines()[-1])
     per_sm = 228 * 1024
-    for kind, programs, warps in (("tiles", 2, 8), ("ranges", 1, 12), ("ranges+columns", 1, 12)):
+    for kind, programs, warps in (("tiles", 2, 8), ("ranges", 1, 12), ("ranges+columns", 1, 12), ("vs", 2, 8)):
         r = info[kind]
         assert r["local"] == 0, (kind, r)
         assert programs * (r["shared"] + 1024) <= per_sm, (kind, r)

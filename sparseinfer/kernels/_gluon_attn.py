@@ -1,13 +1,20 @@
 """Warp-specialised Hopper kernel (Gluon) over key-tile lists and ranges (see sparseinfer/index.py).
 
-The same cells as ``_attn_kernel.sparse_fwd_kernel`` for indices made of a tile list (whole
-key tiles, no mask) and plain ranges (band-masked tiles), i.e. block-sparse lists and A-shape,
-and, with HAS_COLS, gathered columns after exact ranges (vertical-slash's band launch with its
-columns, FLAGS["VS_BAND_COLS"]: K / V copied per query head in column order, read through TMA like
-any tile; each column's 64-bit skip word, loaded one thread per column and spread to the logits'
-layout, masks non-causal cells and cells whose offset is a slash); no ranges with holes, no
-query-side indirection, no merge with an earlier launch. It differs in how the work is laid out
-on the SM, which Triton's own pipeliner cannot express:
+The same cells as ``_attn_kernel.sparse_fwd_kernel`` for indices made of
+* a tile list (whole key tiles, no mask) and plain ranges (band-masked tiles): block-sparse lists
+  and A-shape;
+* exact ranges and, with HAS_COLS, gathered columns: vertical-slash's band launch (with its columns
+  under FLAGS["VS_BAND_COLS"]);
+* vertical-slash's second launch: relative tiles (TILES_REL: key starts from the query block's
+  first row), an edge list (HAS_EDGES: masked tiles of the exact slash runs, per tile (rel_start,
+  rel_end, lo, hi)), the ranges with holes (every tile tests a 64-bit window of the slash bitmap
+  per row, as the Triton kernel's _bits_mask), gathered columns, and the band launch's rows merged
+  in the epilogue (PRIOR, as the Triton kernel's);
+Gathered columns: K / V copied per query head in column order, read through TMA like any tile;
+each column's 64-bit skip word, loaded one thread per column and spread to the logits' layout,
+masks non-causal cells and cells whose offset is a slash. No query-side indirection, no head
+subsets. It differs from the Triton kernel in how the work is laid out on the SM, which Triton's
+own pipeliner cannot express:
 
 * a producer warp (worker partition, few registers) issues the TMA loads of Q and of each K / V
   tile into a ring of STAGES shared-memory buffers, up to STAGES tiles ahead of the compute
@@ -62,11 +69,12 @@ def _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, h
 
 
 @gluon.jit
-def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args,
+def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_args,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TILES: gl.constexpr,
-              HAS_COLS: gl.constexpr):
-    """Loads Q, then every K / V tile of the program's sequence (tile list, then each range's
-    tiles, then the gathered column tiles) into the ring. The argument tuples are gluon_fwd_kernel's."""
+              HAS_COLS: gl.constexpr, TILES_REL: gl.constexpr, HAS_EDGES: gl.constexpr):
+    """Loads Q, then every K / V tile of the program's sequence (tile list, edge list, then each range's
+    tiles (with HAS_EDGES only the ranges with holes), then the gathered column tiles) into the ring.
+    The argument tuples are gluon_fwd_kernel's."""
     q_desc, k_desc, v_desc = descs
     q_smem, k_bufs, v_bufs = bufs
     q_bar, k_ready, v_ready, kv_empty = bars
@@ -81,9 +89,17 @@ def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args,
     if HAS_TILES:
         nt = gl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m)
         t_base = TILES + b * stride_tb + h * stride_th + pid_m * stride_tq
+        t0 = m0 if TILES_REL else 0  # relative tiles (vertical-slash): key starts from the block's first row
         for t in range(nt):
-            n0 = gl.load(t_base + t) * TILE_SCALE
+            n0 = t0 + gl.load(t_base + t) * TILE_SCALE
             i = _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, hk, n0, STAGES)
+    if HAS_EDGES:  # masked tiles (rel_start, rel_end, lo, hi); starts may be negative: TMA reads zeros there
+        EDG, ECOUNT, stride_eb, stride_eh, stride_ecb, stride_ech = vs_args[:6]
+        ne = gl.load(ECOUNT + b * stride_ecb + h * stride_ech + pid_m)
+        e_base = EDG + b * stride_eb + h * stride_eh
+        for t in range(ne):
+            i = _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, hk,
+                         m0 + gl.load(e_base + t * 4), STAGES)
     nr = gl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq)
     r_base = RANGES + b * stride_rb + h * stride_rh + pid_m * stride_rq
     row_end = gl.minimum(m0 + BLOCK_M, N)
@@ -91,6 +107,8 @@ def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args,
         rp = r_base + r * stride_rr
         ks = gl.maximum(gl.maximum(gl.load(rp), m0 - gl.load(rp + 3)), 0)
         ke = gl.minimum(gl.minimum(gl.load(rp + 1), m0 + BLOCK_M - gl.load(rp + 2)), row_end)
+        if HAS_EDGES:  # exact ranges ran as tiles + edges
+            ke = gl.where(gl.load(rp + 4) == 0, ke, ks)
         for n0 in range(ks, ke, BLOCK_N):
             i = _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, hk, n0, STAGES)
     if HAS_COLS:  # the query head's gathered column keys / values, BLOCK_N at a time
@@ -125,10 +143,25 @@ def _logits(q_smem, k_bufs, k_ready, s_zero, i, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _window64(sb_base, p):
+    """uint64 [len(p)]: bits p .. p + 63 of the bitmap at sb_base (int32 words), bit 0 = bit p (as the
+    Triton kernel's _window64)."""
+    w = p >> 5
+    sh = (p & 31).to(gl.uint64)
+    x0 = gl.load(sb_base + w).to(gl.uint32, bitcast=True).to(gl.uint64)
+    x1 = gl.load(sb_base + w + 1).to(gl.uint32, bitcast=True).to(gl.uint64)
+    x2 = gl.load(sb_base + w + 2).to(gl.uint32, bitcast=True).to(gl.uint64)
+    return ((x0 | (x1 << 32)) >> sh) | ((x2 << 32) << (32 - sh))
+
+
+@gluon.jit
 def _mask_in(j, geo, cols, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
     """What tile j's mask needs from memory, loaded before its logits are waited for: for the column
     pass (MASKED 2) each column's skip word (bit r: row r of this consumer's rows skips the column,
-    see _attn_kernel.col_words_kernel; all bits for columns past the count); else nothing."""
+    see _attn_kernel.col_words_kernel; all bits for columns past the count); for an edge (3) its
+    (rel_start, rel_end, lo, hi); for a range with holes (4) each row's 64-bit window of the slash
+    bitmap with the band and key bounds folded in (bit k <-> key n0 + BLOCK_N - 1 - k, as the Triton
+    kernel's _bits_mask); else nothing."""
     if MASKED == 2:
         # one thread per column (the accumulator layout would have every warp load every column's
         # word: 8x the L2 sectors); _masked spreads them to the logits' layout
@@ -138,6 +171,19 @@ def _mask_in(j, geo, cols, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
         ok = g < nc
         c = gl.load(col_base + g, mask=ok, other=0)
         return gl.load(cw_base + (m0r - c), mask=ok, other=-1)
+    elif MASKED == 3:
+        ep = geo[0] + j * 4
+        return gl.load(ep), gl.load(ep + 1), gl.load(ep + 2), gl.load(ep + 3)
+    elif MASKED == 4:
+        ks, lo, hi, ke, offs_m, sb_base, PAD = geo
+        n0 = ks + j * BLOCK_N
+        base = offs_m - n0 - (BLOCK_N - 1)  # offset of bit 0 of the row's window
+        win = _window64(sb_base, base + PAD)
+        klo = gl.maximum(gl.maximum(lo - base, BLOCK_N - ke + n0), 0)
+        khi = gl.minimum(gl.minimum(hi - base, BLOCK_N - 1 - ks + n0), BLOCK_N - 1)
+        span = gl.maximum(khi - klo, 0).to(gl.uint64)
+        ones = ((base * 0 + 2).to(gl.uint64) << span) - 1
+        return win & gl.where(khi >= klo, ones << klo.to(gl.uint64), 0)
     else:
         return 0
 
@@ -145,7 +191,9 @@ def _mask_in(j, geo, cols, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
 @gluon.jit
 def _masked(s_val, j, geo, cols, words, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
     """MASKED 1: band mask of a range's j-th tile, geo = (n_start, lo, width, ke, offs_m): cells with
-    lo <= i - key <= lo + width, key < ke. MASKED 2: the column pass, cells whose skip bit is clear."""
+    lo <= i - key <= lo + width, key < ke. MASKED 2: the column pass, cells whose skip bit is clear.
+    MASKED 3: an edge (words = its entry), geo = (edge base, m0, offs_m, N): cells with lo <= i - key
+    <= hi, 0 <= key < min(m0 + rel_end, n0 + BLOCK_N, N). MASKED 4: cells whose window bit is set."""
     if MASKED == 1:
         n_start, lo, width, ke, offs_m = geo
         offs_n = n_start + j * BLOCK_N + cols
@@ -156,6 +204,18 @@ def _masked(s_val, j, geo, cols, words, BLOCK_N: gl.constexpr, MASKED: gl.conste
         rowbit = geo[4]
         w = gl.convert_layout(words, cols.type.layout)
         s_val = gl.where((w[None, :] & rowbit[:, None]) == 0, s_val, float("-inf"))
+    elif MASKED == 3:
+        _e, m0, offs_m, n_max = geo
+        e0, e1, lo, hi = words
+        n0 = m0 + e0
+        ke = gl.minimum(gl.minimum(m0 + e1, n0 + BLOCK_N), n_max)
+        offs_n = n0 + cols
+        rel = (offs_m - lo)[:, None] - offs_n[None, :]
+        keep = (rel.to(gl.uint32) <= (hi - lo).to(gl.uint32)) & ((offs_n >= 0) & (offs_n < ke))[None, :]
+        s_val = gl.where(keep, s_val, float("-inf"))
+    elif MASKED == 4:
+        kidx = (BLOCK_N - 1 - cols).to(gl.uint64)
+        s_val = gl.where(((words[:, None] >> kidx[None, :]) & 1) != 0, s_val, float("-inf"))
     return s_val
 
 
@@ -217,10 +277,11 @@ def _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empt
 
 
 @gluon.jit
-def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args,
+def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
               HAS_TILES: gl.constexpr, OVERLAP: gl.constexpr, NUM_WARPS: gl.constexpr,
-              ROW0: gl.constexpr, WG_M: gl.constexpr, LSE_OUT: gl.constexpr, HAS_COLS: gl.constexpr):
+              ROW0: gl.constexpr, WG_M: gl.constexpr, LSE_OUT: gl.constexpr, HAS_COLS: gl.constexpr,
+              HAS_EDGES: gl.constexpr, PRIOR: gl.constexpr, PAD: gl.constexpr):
     """Rows ROW0 .. ROW0 + WG_M of the program's query block (BLOCK_M rows; the ranges' geometry,
     hence the tile sequence, is the block's, the masks are this consumer's rows'). The argument
     tuples are gluon_fwd_kernel's."""
@@ -256,6 +317,12 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args,
         nt = gl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m)
         acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, nt,
                                     0, cols, qk_scale, s_zero, BLOCK_N, STAGES, 0, OVERLAP, p_layout, row_o)
+    if HAS_EDGES:  # vertical-slash's exact slash runs: masked edge tiles (the unmasked ones were tiles)
+        EDG, ECOUNT, stride_eb, stride_eh, stride_ecb, stride_ech, SBITS, stride_sbb, stride_sbh = vs_args[:9]
+        ne = gl.load(ECOUNT + b * stride_ecb + h * stride_ech + pid_m)
+        acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, ne,
+                                    (EDG + b * stride_eb + h * stride_eh, m0, offs_m, N), cols, qk_scale, s_zero,
+                                    BLOCK_N, STAGES, 3, OVERLAP, p_layout, row_o)
     nr = gl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq)
     r_base = RANGES + b * stride_rb + h * stride_rh + pid_m * stride_rq
     row_end = gl.minimum(m0 + BLOCK_M, N)
@@ -265,24 +332,33 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args,
         hi = gl.load(rp + 3)
         ks = gl.maximum(gl.maximum(gl.load(rp), m0 - hi), 0)
         ke = gl.minimum(gl.minimum(gl.load(rp + 1), m0 + BLOCK_M - lo), row_end)
-        ke = gl.maximum(ke, ks)
-        width = (hi - lo).to(gl.uint32)
-        # tiles [t1, t2) are seen whole by every row (keys m0 + BLOCK_M - 1 - hi .. m0 - lo): no mask;
-        # [ks, t1) and [t2, ke) are masked (the producer loads the same tiles ks, ks + BLOCK_N, ...)
-        fa = gl.maximum(ks, m0 + BLOCK_M - 1 - hi)
-        fb = gl.minimum(ke, m0 - lo + 1)
-        n_head = gl.maximum(fa - ks + BLOCK_N - 1, 0) // BLOCK_N
-        t1 = gl.minimum(ks + n_head * BLOCK_N, ke)
-        n_mid = gl.maximum(fb - t1, 0) // BLOCK_N
-        t2 = t1 + n_mid * BLOCK_N
-        acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                                    (t1 - ks + BLOCK_N - 1) // BLOCK_N, (ks, lo, width, ke, offs_m), cols, qk_scale,
-                                    s_zero, BLOCK_N, STAGES, 1, OVERLAP, p_layout, row_o)
-        acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                                    n_mid, 0, cols, qk_scale, s_zero, BLOCK_N, STAGES, 0, OVERLAP, p_layout, row_o)
-        acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                                    (ke - t2 + BLOCK_N - 1) // BLOCK_N, (t2, lo, width, ke, offs_m), cols, qk_scale,
-                                    s_zero, BLOCK_N, STAGES, 1, OVERLAP, p_layout, row_o)
+        if HAS_EDGES:
+            # only ranges with holes are left (exact ones ran as tiles + edges): every tile tests the
+            # slash bits
+            ke = gl.maximum(gl.where(gl.load(rp + 4) == 0, ke, ks), ks)
+            acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                                        (ke - ks + BLOCK_N - 1) // BLOCK_N,
+                                        (ks, lo, hi, ke, offs_m, SBITS + b * stride_sbb + h * stride_sbh, PAD),
+                                        cols, qk_scale, s_zero, BLOCK_N, STAGES, 4, OVERLAP, p_layout, row_o)
+        else:
+            ke = gl.maximum(ke, ks)
+            width = (hi - lo).to(gl.uint32)
+            # tiles [t1, t2) are seen whole by every row (keys m0 + BLOCK_M - 1 - hi .. m0 - lo): no mask;
+            # [ks, t1) and [t2, ke) are masked (the producer loads the same tiles ks, ks + BLOCK_N, ...)
+            fa = gl.maximum(ks, m0 + BLOCK_M - 1 - hi)
+            fb = gl.minimum(ke, m0 - lo + 1)
+            n_head = gl.maximum(fa - ks + BLOCK_N - 1, 0) // BLOCK_N
+            t1 = gl.minimum(ks + n_head * BLOCK_N, ke)
+            n_mid = gl.maximum(fb - t1, 0) // BLOCK_N
+            t2 = t1 + n_mid * BLOCK_N
+            acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                                        (t1 - ks + BLOCK_N - 1) // BLOCK_N, (ks, lo, width, ke, offs_m), cols, qk_scale,
+                                        s_zero, BLOCK_N, STAGES, 1, OVERLAP, p_layout, row_o)
+            acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                                        n_mid, 0, cols, qk_scale, s_zero, BLOCK_N, STAGES, 0, OVERLAP, p_layout, row_o)
+            acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
+                                        (ke - t2 + BLOCK_N - 1) // BLOCK_N, (t2, lo, width, ke, offs_m), cols, qk_scale,
+                                        s_zero, BLOCK_N, STAGES, 1, OVERLAP, p_layout, row_o)
     if HAS_COLS:  # gathered columns: cells (i, c) with c <= i whose offset i - c is no slash
         kc_desc, vc_desc, COLS, CCOUNT, CW, stride_colb, stride_colh, stride_ccb, stride_cch, stride_cwb, stride_cwh = cols_args
         nc = gl.load(CCOUNT + b * stride_ccb + h * stride_cch + pid_m)
@@ -298,6 +374,25 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args,
     rows = m0 + ROW0 + gl.arange(0, WG_M, layout=row_o)
     offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
     o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :]
+    if PRIOR:
+        # merge an earlier launch's normalised rows over other keys (vertical-slash's band launch; heads /
+        # query-block groups where its count is not 0): weights 2^(lse - m) and 2^(m_i - m), as the
+        # Triton kernel's epilogue; PRIOR_O may be O (each program reads its own rows first)
+        (PRIOR_O, PRIOR_LSE, PRIOR_CNT, stride_pb, stride_ph, stride_pn, stride_pcb, stride_pch, stride_pcq,
+         qshift) = vs_args[9:]
+        if gl.load(PRIOR_CNT + b * stride_pcb + h * stride_pch + (pid_m >> qshift) * stride_pcq) != 0:
+            rmask = rows < N
+            o1 = gl.load(PRIOR_O + b * stride_pb + h * stride_ph + rows[:, None] * stride_pn + offs_d[None, :],
+                         mask=rmask[:, None], other=0.0).to(gl.float32)
+            s1 = gl.load(PRIOR_LSE + b * stride_lb + h * stride_lh + rows, mask=rmask, other=float("-inf"))
+            m_o = gl.convert_layout(m_i, row_o)
+            m_new = gl.maximum(m_o, s1)
+            m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
+            w1 = gl.exp2(s1 - m_new)
+            w2 = gl.exp2(m_o - m_new)
+            den = l_o * w2 + w1
+            den = gl.where(den == 0.0, 1.0, den)
+            out = (acc * w2[:, None] + o1 * w1[:, None]) / den[:, None]
     if LSE_OUT:
         # each row's log2-sum-exp2 of its scaled logits (-inf: no key) for a later launch's merge; a
         # program with no range and no tile writes neither it nor its rows (as the Triton kernel)
@@ -314,6 +409,9 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
                      TILES, TCOUNT, RANGES, RCOUNT,
                      kc_desc, vc_desc, COLS, CCOUNT, CW, stride_colb, stride_colh, stride_ccb, stride_cch,
                      stride_cwb, stride_cwh,
+                     EDG, ECOUNT, stride_eb, stride_eh, stride_ecb, stride_ech, SBITS, stride_sbb, stride_sbh,
+                     PRIOR_O, PRIOR_LSE, PRIOR_CNT, stride_pb, stride_ph, stride_pn, stride_pcb, stride_pch, stride_pcq,
+                     prior_qshift,
                      stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
                      stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
                      stride_ob, stride_oh, stride_on, stride_lb, stride_lh,
@@ -321,7 +419,8 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                      STAGES: gl.constexpr, HAS_TILES: gl.constexpr, PRODUCER_REGS: gl.constexpr, OVERLAP: gl.constexpr,
                      TWO: gl.constexpr, CONSUMER_REGS: gl.constexpr, LSE_OUT: gl.constexpr,
-                     HAS_COLS: gl.constexpr, num_warps: gl.constexpr):
+                     HAS_COLS: gl.constexpr, TILES_REL: gl.constexpr, HAS_EDGES: gl.constexpr, PRIOR: gl.constexpr,
+                     PAD: gl.constexpr, num_warps: gl.constexpr):
     """TWO: two consumer warpgroups of num_warps (= 4) warps, rows 0..63 and 64..127 of a 128-row
     block, in partitions of their own (they drift apart: one's softmax runs while the other's wgmma
     does), both reading every K / V tile (a stage is free once both released it)."""
@@ -349,19 +448,22 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
     dims = (N, H, GROUP, NQB)
     cols_args = (kc_desc, vc_desc, COLS, CCOUNT, CW, stride_colb, stride_colh, stride_ccb, stride_cch,
                  stride_cwb, stride_cwh)
+    vs_args = (EDG, ECOUNT, stride_eb, stride_eh, stride_ecb, stride_ech, SBITS, stride_sbb, stride_sbh,
+               PRIOR_O, PRIOR_LSE, PRIOR_CNT, stride_pb, stride_ph, stride_pn, stride_pcb, stride_pch, stride_pcq,
+               prior_qshift)
     if TWO:
         gl.warp_specialize([
-            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS)),
-            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, WG_M, WG_M, LSE_OUT, HAS_COLS)),
-            (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, BLOCK_M,
-                         BLOCK_N, STAGES, HAS_TILES, HAS_COLS)),
+            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
+                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD)),
+            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
+                         OVERLAP, num_warps, WG_M, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD)),
+            (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_args,
+                         BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES)),
         ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS)),
-            (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, BLOCK_M,
-                         BLOCK_N, STAGES, HAS_TILES, HAS_COLS)),
+            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
+                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD)),
+            (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_args,
+                         BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES)),
         ], [1], [PRODUCER_REGS])

@@ -100,10 +100,14 @@ BREAK_EVEN = {
 # GLUON: block-sparse 64 x 64 tile lists and 128 x 128 range-only launches (A-shape, vertical-slash's
 # band) on sm_90 (bf16, head_dim 128) run the warp-specialised Gluon kernel (kernels/gluon.py;
 # H100 block-sparse 512K 134.2-141.2 vs 154.2-154.8 ms, A-shape 128K 17.56 vs 18.17 ms,
-# results/gluon_ab{1,2}.md) when the call asks for nothing it lacks (q_rows, modality, heads,
-# prior); False: always the Triton kernel.
+# results/gluon_ab{1,2}.md) when the call asks for nothing it lacks (q_rows, modality, heads, and
+# prior but in the second launch below); False: always the Triton kernel. GLUON_VS (with GLUON):
+# vertical-slash's second launch (relative tiles, edges, ranges with holes, columns, the band launch's
+# rows merged in) on the Gluon kernel too
+# (gluon.CONFIGS["vs"]; H200 realistic, whole call, 3 alternating rounds: 128K 29.20-29.60 vs 31.17-31.48
+# ms, 512K 117.87-119.59 vs 126.48-127.78; outputs bit-identical; results/vs_gluon_ab{,2}.md).
 FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py",  # KERNEL: a kernel file (A/B runs)
-         "GLUON": True,
+         "GLUON": True, "GLUON_VS": True,
          "GRAPH_INDEX": True, "VS_BAND": True, "VS_OVERLAP": False, "VS_BAND_COLS": False, "VS_TILED_RUNS": 64,
          "VS_RUNS_KERNEL": True,
          "VS_COL_TMA": True, "PF": True, "PF_MAX_N": 256 * 1024,
@@ -237,11 +241,13 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
                          f"got {tuple(out.shape)}, {out.dtype}")
     keep_others = out is not None and heads is not None
     out = torch.empty_like(q) if out is None else out
-    if FLAGS["GLUON"] and not interpret and q_rows is None and modality is None and heads is None and prior is None:
+    if FLAGS["GLUON"] and not interpret and q_rows is None and modality is None and heads is None:
         kind, _ = _gluon.route(q, k, v, idx, block_n)
+        if kind == "vs" and not FLAGS["GLUON_VS"] or kind != "vs" and prior is not None:
+            kind = None
         if kind is not None:
             return _gluon.run(q, k, v, idx, scale, out=out, lse_out=lse_out, block_n=block_n, check=False,
-                              col_inputs=col_inputs, **_gluon.CONFIGS[kind])
+                              col_inputs=col_inputs, prior=prior, **_gluon.CONFIGS[kind])
     mod = kernel_module(FLAGS["KERNEL"], interpret)
     nqb = math.ceil(n / idx.block_m)
     if q_rows is not None:

@@ -1,10 +1,13 @@
 """Launcher of the warp-specialised Hopper kernel (``_gluon_attn.py``, Gluon).
 
-It serves SparseIndex objects made of a 64 x 64 tile list and exact ranges (block-sparse lists), or
-of exact ranges alone on 128 x 128 tiles (A-shape, vertical-slash's band launch, with its heads' gathered
-columns when FLAGS["VS_BAND_COLS"] is on: results/vs_parts_cols3.md, a wash, off by default), on bf16 CUDA
-tensors of an sm_90 GPU, head_dim 128, N of at least one query block; ``attention.run_index`` sends such calls here when
-``FLAGS["GLUON"]`` is on and ``reason`` returns None. Everything else runs the Triton kernel.
+It serves SparseIndex objects made of a 64 x 64 tile list and exact ranges (block-sparse lists), of
+exact ranges alone on 128 x 128 tiles (A-shape, vertical-slash's band launch, with its heads' gathered
+columns when FLAGS["VS_BAND_COLS"] is on: results/vs_parts_cols3.md, a wash, off by default), or of
+vertical-slash's 64 x 64 relative tiles + edges + ranges with holes + columns (its second launch, merged
+with the band launch's rows: ``prior``), on bf16 CUDA tensors of an sm_90 GPU, head_dim 128, N of at
+least one query block; ``attention.run_index`` sends such calls here when ``FLAGS["GLUON"]`` (and for the
+second launch ``FLAGS["GLUON_VS"]``) is on and ``reason`` returns None. Everything else runs the Triton
+kernel.
 
 Measured (H100s, one Llama-3-8B layer, benchmarks/results/gluon_ab{1,2,3,4}.md; the range config's stages on an H200 below): block-sparse
 realistic top-100 lists, kernel alone, 134.2-141.7 ms vs 154.2-156.8 for the Triton kernel at 512K
@@ -34,8 +37,16 @@ from .. import index as _index
 # results/gluon_pingpong_rejected.patch). H200 (results/as_stages_h200.md, A-shape 128K kernel alone, 3
 # alternating rounds): 3 stages of 128-key tiles 16.43-16.68 ms vs 2 stages 17.49-17.62 (Triton 18.53-18.81;
 # maxnreg 160 17.74-17.90): 3 stages, 224 KB of shared memory (226 KB with the column pass; 227 KB per block).
+# "vs": vertical-slash's second launch (64 x 64 relative tiles, edges, ranges with holes, gathered columns,
+# merged with the band launch's rows), one consumer warpgroup per 64-row block as "tiles", two programs per
+# SM (115 KB of shared memory each). H200, realistic indices, whole ops call, 3 alternating rounds
+# (results/vs_gluon_ab.md, vs_gluon_ab2.md): 128K 3 stages 29.20 / 29.60 ms, 2 stages 29.48, without
+# overlap 30.06, the Triton launch 31.17 / 31.48; 512K 117.87 / 119.59, 2 stages 119.44, Triton 126.48 /
+# 127.78. Not kept: the edge mask from a per-cell (row - column) kept in registers (one subtraction and one
+# compare per cell, the key bounds only where a tile crosses them): 30.60 ms at 128K, 123.79 at 512K.
 CONFIGS = {"tiles": {"stages": 2, "num_warps": 4, "maxnreg": 128, "overlap": True},
-           "ranges": {"stages": 3, "num_warps": 4, "maxnreg": 168, "overlap": True, "two": True}}
+           "ranges": {"stages": 3, "num_warps": 4, "maxnreg": 168, "overlap": True, "two": True},
+           "vs": {"stages": 3, "num_warps": 4, "maxnreg": 128, "overlap": True}}
 
 
 def index_kind(idx: _index.SparseIndex, head_dim: int, block_n: int) -> tuple[str | None, str | None]:
@@ -44,9 +55,17 @@ def index_kind(idx: _index.SparseIndex, head_dim: int, block_n: int) -> tuple[st
     columns when the ranges are known exact (``idx.ranges_exact``: vertical-slash's band index with
     its columns, ``index.band_index(..., vertical_idx=)``); head_dim 128. (Ranges with holes come
     only with a slash map and no ranges_exact, which is refused.)"""
-    if idx.tiles_relative or idx.edges is not None:
-        return None, "relative tiles / edges (vertical-slash)"
     has_cols = idx.columns is not None and idx.columns.shape[-1] > 0
+    if idx.tiles_relative or idx.edges is not None:  # vertical-slash's second launch
+        if idx.edges is None or not idx.tiles_relative:
+            return None, "relative tiles without edges, or edges without relative tiles"
+        if (has_cols or idx.slash_map is not None) and idx.slash_bits is None:
+            return None, "gathered columns or ranges with holes without slash_bits"
+        if head_dim != 128:
+            return None, f"head_dim {head_dim} (128 measured)"
+        if idx.block_m != 64 or idx.block_n != 64 or block_n != 64:
+            return None, f"relative tiles {idx.block_m} x {idx.block_n} (64 x 64 measured)"
+        return "vs", None
     if has_cols and not (idx.ranges_exact and idx.slash_bits is not None):
         return None, "gathered columns with ranges not known exact or without slash_bits"
     if idx.slash_map is not None and not idx.ranges_exact:
@@ -105,7 +124,7 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
         maxnreg: int = 128, overlap: bool = True, producer_regs: int = 24, block_n: int = 64,
         two: bool = False, consumer_regs: int = 240,
         lse_out: torch.Tensor | None = None, out: torch.Tensor | None = None, check: bool = True,
-        col_inputs: tuple | None = None) -> torch.Tensor:
+        col_inputs: tuple | None = None, prior: tuple | None = None) -> torch.Tensor:
     """Attention of q [B, Hq, N, D] over k / v [B, Hkv, N, D] restricted to idx's cells (a tile list
     + ranges, or ranges alone). Returns a tensor like q (``out`` when given).
 
@@ -114,7 +133,8 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
     idx.block_n, or ``block_n`` for an index of ranges only. lse_out: float32 [B, Hq, N] receives
     each row's log2-sum-exp2 (as ``attention.run_index``'s). check=False skips ``reason``
     (benchmarks trying other shapes). An index with gathered columns (vertical-slash's band launch)
-    needs ``attention.column_inputs``' tensors: built here unless given as col_inputs."""
+    needs ``attention.column_inputs``' tensors: built here unless given as col_inputs. prior: another
+    launch's rows over other keys, merged in (``attention.run_index``'s prior: (o, lse, written[, s]))."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from ._loader import kernel_module
@@ -153,12 +173,13 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
 
     ranges, rc = idx.ranges, idx.range_count
     has_cols = idx.columns is not None and idx.columns.shape[-1] > 0
+    has_edges = idx.edges is not None
     mod = kernel_module("_gluon_attn.py", False)
     if has_cols:  # K / V rows of each query head's columns in column order, and the skip words
         cols, cc = idx.columns, idx.column_count
-        if bm != 128 or not two:
-            raise ValueError(f"gathered columns need 128-row blocks of two 64-row consumers, got block_m {bm}, "
-                             f"two={two}")
+        if bm != (128 if two else 64):
+            raise ValueError(f"gathered columns need 64-row consumers (block_m 128 with two, else 64), got "
+                             f"block_m {bm}, two={two}")
         from .attention import column_inputs
 
         kc, vc, cw = column_inputs(q, k, v, idx) if col_inputs is None else col_inputs
@@ -167,9 +188,30 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
     else:
         kd = desc(k, bn)
         col_args = (kd, kd, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
+    if has_edges:  # vertical-slash's second launch: edges, and the slash bits of ranges with holes
+        edges, ec, sb = idx.edges, idx.edge_count, idx.slash_bits if idx.slash_bits is not None else dummy
+        edge_args = (edges, ec, st(edges, 0), st(edges, 1), st(ec, 0), st(ec, 1), sb,
+                     st(sb, 0) if idx.slash_bits is not None else 0, st(sb, 1) if idx.slash_bits is not None else 0)
+    else:
+        edge_args = (dummy, dummy, 0, 0, 0, 0, dummy, 0, 0)
+    if prior is not None:
+        po, plse, pc = prior[:3]
+        qshift = prior[3] if len(prior) > 3 else 0
+        if lse_out is not None:
+            raise ValueError("lse_out and prior cannot be combined in one launch")
+        if (po.shape != q.shape or po.stride(-1) != 1 or plse.shape != (b, hq, n) or plse.dtype != torch.float32
+                or not plse.is_contiguous() or pc.dtype != torch.int32 or pc.dim() not in (2, 3)
+                or tuple(pc.shape[:2]) != (b, hq)):
+            raise ValueError(f"prior: expected (o like q, contiguous float32 lse [B, Hq, N], int32 written [B, Hq(, g)]), "
+                             f"got o {tuple(po.shape)}, lse {plse.dtype} {tuple(plse.shape)}, written {pc.dtype} "
+                             f"{tuple(pc.shape)}")
+        prior_args = (po, plse, pc, po.stride(0), po.stride(1), po.stride(2), st(pc, 0), st(pc, 1),
+                      pc.stride(2) if pc.dim() == 3 else 0, qshift)
+    else:
+        prior_args = (dummy, dummy, dummy, 0, 0, 0, 0, 0, 0, 0)
     mod.gluon_fwd_kernel[(b * hq * nqb,)](
         desc(q, bm), desc(k, bn), desc(v, bn), out, lse_out if lse_out is not None else dummy, tiles, tc, ranges, rc,
-        *col_args,
+        *col_args, *edge_args, *prior_args,
         st(tiles, 0) if has_tiles else 0, st(tiles, 1) if has_tiles else 0, st(tiles, 2) if has_tiles else 0,
         st(tc, 0) if has_tiles else 0, st(tc, 1) if has_tiles else 0,
         st(ranges, 0), st(ranges, 1), st(ranges, 2), ranges.stride(3),
@@ -178,5 +220,6 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
         n, hq, hq // hkv, nqb, float(scale) * 1.4426950408889634, idx.tile_scale if has_tiles else 1,
         BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, STAGES=stages, HAS_TILES=has_tiles, PRODUCER_REGS=producer_regs,
         OVERLAP=overlap, TWO=two, CONSUMER_REGS=consumer_regs,
-        LSE_OUT=lse_out is not None, HAS_COLS=has_cols, num_warps=num_warps, maxnreg=maxnreg)
+        LSE_OUT=lse_out is not None, HAS_COLS=has_cols, TILES_REL=bool(idx.tiles_relative), HAS_EDGES=has_edges,
+        PRIOR=prior is not None, PAD=_index.BITS_PAD, num_warps=num_warps, maxnreg=maxnreg)
     return out

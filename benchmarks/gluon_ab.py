@@ -80,10 +80,11 @@ def parse_vs(spec: str) -> list[dict]:
         flags = {}
         for kv in (x for x in rest.split(",") if x):
             key, _, val = kv.partition("=")
-            cfg_key = key.startswith("vs.") and key[3:] in kg.CONFIGS["vs"]
+            kind, _, param = key.partition(".")
+            cfg_key = kind in kg.CONFIGS and param in kg.CONFIGS[kind]
             if not (key in katt.FLAGS or cfg_key) or not val.lstrip("-").isdigit():
                 raise SystemExit(f"--vs: expected name=FLAG=int[,FLAG=int], FLAG one of {sorted(katt.FLAGS)} or "
-                                 f"vs.<key of gluon.CONFIGS['vs']>, got {item!r}")
+                                 f"<kind>.<key of gluon.CONFIGS[kind]>, got {item!r}")
             flags[key] = int(val)
         out.append({"name": f"vs/{name}", "pattern": "vs", "flags": flags})
     return out
@@ -92,16 +93,20 @@ def parse_vs(spec: str) -> list[dict]:
 def flags_fn(flags, q, k, v, vs, scale):
     """The whole vertical-slash ops call with these katt.FLAGS entries set (GLUON on unless given)."""
     def fn():
-        saved, saved_cfg = dict(katt.FLAGS), dict(kg.CONFIGS["vs"])
-        katt.FLAGS.update({"GLUON": True, **{k_: v_ for k_, v_ in flags.items() if not k_.startswith("vs.")}})
-        kg.CONFIGS["vs"].update({k_[3:]: v_ for k_, v_ in flags.items() if k_.startswith("vs.")})
+        saved, saved_cfg = dict(katt.FLAGS), {kind: dict(c) for kind, c in kg.CONFIGS.items()}
+        katt.FLAGS.update({"GLUON": True, **{k_: v_ for k_, v_ in flags.items() if "." not in k_}})
+        for k_, v_ in flags.items():  # <kind>.<param>: a Gluon config entry
+            if "." in k_:
+                kind, _, param = k_.partition(".")
+                kg.CONFIGS[kind][param] = v_
         try:
             return ops.vertical_slash_attention(q, k, v, vs[0], vs[1], scale=scale, backend="triton")
         finally:
             katt.FLAGS.clear()
             katt.FLAGS.update(saved)
-            kg.CONFIGS["vs"].clear()
-            kg.CONFIGS["vs"].update(saved_cfg)
+            for kind, c in saved_cfg.items():
+                kg.CONFIGS[kind].clear()
+                kg.CONFIGS[kind].update(c)
     return fn
 
 

@@ -69,9 +69,40 @@ def _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, h
 
 
 @gluon.jit
+def _counts(b, h, pid_m, lists, cols_args, vs_args, HAS_TILES: gl.constexpr, HAS_EDGES: gl.constexpr,
+            HAS_COLS: gl.constexpr, SKIP: gl.constexpr):
+    """The program's (tile count, edge count, ranges to walk, column count), loaded up front (each
+    load where it is used was a latency both partitions waited through). With edges only ranges with
+    holes are visited; SKIP: the walk over the ranges is skipped when none of them has holes (their
+    exact flags in one vector load; at most 32 ranges, else walked)."""
+    (TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
+     stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq) = lists
+    nt = 0
+    ne = 0
+    nc = 0
+    if HAS_TILES:
+        nt = gl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m)
+    if HAS_EDGES:
+        ECOUNT, stride_ecb, stride_ech = vs_args[1], vs_args[4], vs_args[5]
+        ne = gl.load(ECOUNT + b * stride_ecb + h * stride_ech + pid_m)
+    nr = gl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq)
+    if HAS_COLS:
+        CCOUNT, stride_ccb, stride_cch = cols_args[3], cols_args[7], cols_args[8]
+        nc = gl.load(CCOUNT + b * stride_ccb + h * stride_cch + pid_m)
+    if HAS_EDGES and SKIP:
+        lin: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        r = gl.arange(0, 32, layout=lin)
+        ex = gl.load(RANGES + b * stride_rb + h * stride_rh + pid_m * stride_rq + r * stride_rr + 4, mask=r < nr,
+                     other=1)
+        holes = gl.sum((ex == 0).to(gl.int32), axis=0)
+        nr = gl.where((holes > 0) | (nr > 32), nr, 0)
+    return nt, ne, nr, nc
+
+
+@gluon.jit
 def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_args,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TILES: gl.constexpr,
-              HAS_COLS: gl.constexpr, TILES_REL: gl.constexpr, HAS_EDGES: gl.constexpr):
+              HAS_COLS: gl.constexpr, TILES_REL: gl.constexpr, HAS_EDGES: gl.constexpr, SKIP: gl.constexpr):
     """Loads Q, then every K / V tile of the program's sequence (tile list, edge list, then each range's
     tiles (with HAS_EDGES only the ranges with holes), then the gathered column tiles) into the ring.
     The argument tuples are gluon_fwd_kernel's."""
@@ -85,9 +116,9 @@ def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_
     m0 = pid_m * BLOCK_M
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [b, h, m0, 0], q_bar, q_tile)
+    nt, ne, nr, nc = _counts(b, h, pid_m, lists, cols_args, vs_args, HAS_TILES, HAS_EDGES, HAS_COLS, SKIP)
     i = 0
     if HAS_TILES:
-        nt = gl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m)
         t_base = TILES + b * stride_tb + h * stride_th + pid_m * stride_tq
         t0 = m0 if TILES_REL else 0  # relative tiles (vertical-slash): key starts from the block's first row
         for t in range(nt):
@@ -95,12 +126,10 @@ def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_
             i = _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, hk, n0, STAGES)
     if HAS_EDGES:  # masked tiles (rel_start, rel_end, lo, hi); starts may be negative: TMA reads zeros there
         EDG, ECOUNT, stride_eb, stride_eh, stride_ecb, stride_ech = vs_args[:6]
-        ne = gl.load(ECOUNT + b * stride_ecb + h * stride_ech + pid_m)
         e_base = EDG + b * stride_eb + h * stride_eh
         for t in range(ne):
             i = _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, hk,
                          m0 + gl.load(e_base + t * 4), STAGES)
-    nr = gl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq)
     r_base = RANGES + b * stride_rb + h * stride_rh + pid_m * stride_rq
     row_end = gl.minimum(m0 + BLOCK_M, N)
     for r in range(nr):
@@ -112,8 +141,7 @@ def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_
         for n0 in range(ks, ke, BLOCK_N):
             i = _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, hk, n0, STAGES)
     if HAS_COLS:  # the query head's gathered column keys / values, BLOCK_N at a time
-        kc_desc, vc_desc, COLS, CCOUNT, CW, stride_colb, stride_colh, stride_ccb, stride_cch, stride_cwb, stride_cwh = cols_args
-        nc = gl.load(CCOUNT + b * stride_ccb + h * stride_cch + pid_m)
+        kc_desc, vc_desc = cols_args[:2]
         for c0 in range(0, nc, BLOCK_N):
             i = _load_kv(kc_desc, vc_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, h, c0, STAGES)
 
@@ -281,7 +309,7 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
               HAS_TILES: gl.constexpr, OVERLAP: gl.constexpr, NUM_WARPS: gl.constexpr,
               ROW0: gl.constexpr, WG_M: gl.constexpr, LSE_OUT: gl.constexpr, HAS_COLS: gl.constexpr,
-              HAS_EDGES: gl.constexpr, PRIOR: gl.constexpr, PAD: gl.constexpr):
+              HAS_EDGES: gl.constexpr, PRIOR: gl.constexpr, PAD: gl.constexpr, SKIP: gl.constexpr):
     """Rows ROW0 .. ROW0 + WG_M of the program's query block (BLOCK_M rows; the ranges' geometry,
     hence the tile sequence, is the block's, the masks are this consumer's rows'). The argument
     tuples are gluon_fwd_kernel's."""
@@ -310,20 +338,17 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
     s_zero = gl.zeros([WG_M, BLOCK_N], gl.float32, s_layout)
     offs_m = m0 + ROW0 + gl.arange(0, WG_M, layout=row_s)
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    nt, ne, nr, nc = _counts(b, h, pid_m, lists, cols_args, vs_args, HAS_TILES, HAS_EDGES, HAS_COLS, SKIP)
     mbarrier.wait(q_bar, 0)
     i = 0
-    nt = 0
     if HAS_TILES:
-        nt = gl.load(TCOUNT + b * stride_tcb + h * stride_tch + pid_m)
         acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, nt,
                                     0, cols, qk_scale, s_zero, BLOCK_N, STAGES, 0, OVERLAP, p_layout, row_o)
     if HAS_EDGES:  # vertical-slash's exact slash runs: masked edge tiles (the unmasked ones were tiles)
         EDG, ECOUNT, stride_eb, stride_eh, stride_ecb, stride_ech, SBITS, stride_sbb, stride_sbh = vs_args[:9]
-        ne = gl.load(ECOUNT + b * stride_ecb + h * stride_ech + pid_m)
         acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, ne,
                                     (EDG + b * stride_eb + h * stride_eh, m0, offs_m, N), cols, qk_scale, s_zero,
                                     BLOCK_N, STAGES, 3, OVERLAP, p_layout, row_o)
-    nr = gl.load(RCOUNT + b * stride_cb + h * stride_ch + pid_m * stride_cq)
     r_base = RANGES + b * stride_rb + h * stride_rh + pid_m * stride_rq
     row_end = gl.minimum(m0 + BLOCK_M, N)
     for r in range(nr):
@@ -361,7 +386,6 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
                                         s_zero, BLOCK_N, STAGES, 1, OVERLAP, p_layout, row_o)
     if HAS_COLS:  # gathered columns: cells (i, c) with c <= i whose offset i - c is no slash
         kc_desc, vc_desc, COLS, CCOUNT, CW, stride_colb, stride_colh, stride_ccb, stride_cch, stride_cwb, stride_cwh = cols_args
-        nc = gl.load(CCOUNT + b * stride_ccb + h * stride_cch + pid_m)
         m0r = m0 + ROW0
         rowbit = gl.full([WG_M], 1, gl.int64, row_s) << (offs_m - m0r).to(gl.int64)
         geo = (COLS + b * stride_colb + h * stride_colh, CW + b * stride_cwb + h * stride_cwh + 127, nc, m0r, rowbit)
@@ -420,7 +444,7 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
                      STAGES: gl.constexpr, HAS_TILES: gl.constexpr, PRODUCER_REGS: gl.constexpr, OVERLAP: gl.constexpr,
                      TWO: gl.constexpr, CONSUMER_REGS: gl.constexpr, LSE_OUT: gl.constexpr,
                      HAS_COLS: gl.constexpr, TILES_REL: gl.constexpr, HAS_EDGES: gl.constexpr, PRIOR: gl.constexpr,
-                     PAD: gl.constexpr, num_warps: gl.constexpr):
+                     PAD: gl.constexpr, SKIP: gl.constexpr, num_warps: gl.constexpr):
     """TWO: two consumer warpgroups of num_warps (= 4) warps, rows 0..63 and 64..127 of a 128-row
     block, in partitions of their own (they drift apart: one's softmax runs while the other's wgmma
     does), both reading every K / V tile (a stage is free once both released it)."""
@@ -454,16 +478,16 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
     if TWO:
         gl.warp_specialize([
             (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD)),
+                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD, SKIP)),
             (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, WG_M, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD)),
+                         OVERLAP, num_warps, WG_M, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD, SKIP)),
             (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_args,
-                         BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES)),
+                         BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES, SKIP)),
         ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
             (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD)),
+                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD, SKIP)),
             (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_args,
-                         BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES)),
+                         BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES, SKIP)),
         ], [1], [PRODUCER_REGS])

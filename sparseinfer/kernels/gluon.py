@@ -42,11 +42,15 @@ from .. import index as _index
 # SM (115 KB of shared memory each). H200, realistic indices, whole ops call, 3 alternating rounds
 # (results/vs_gluon_ab.md, vs_gluon_ab2.md): 128K 3 stages 29.20 / 29.60 ms, 2 stages 29.48, without
 # overlap 30.06, the Triton launch 31.17 / 31.48; 512K 117.87 / 119.59, 2 stages 119.44, Triton 126.48 /
-# 127.78. Not kept: the edge mask from a per-cell (row - column) kept in registers (one subtraction and one
-# compare per cell, the key bounds only where a tile crosses them): 30.60 ms at 128K, 123.79 at 512K.
+# 127.78. The counts loaded up front and the walk over the ranges skipped when none has holes ("skip";
+# results/vs_skip_ab.md): 128K 29.26 vs 29.64 ms, 512K 119.33 vs 120.02 (Triton 31.50 / 127.73). Not kept:
+# each tile's mask inputs loaded one tile ahead (128K 29.50 vs 29.48, 512K 118.94 vs 120.07;
+# results/vs_ahead_ab.md, vs_mask_ahead_rejected.patch); the edge mask from a per-cell (row - column) kept
+# in registers (one subtraction and one compare per cell, the key bounds only where a tile crosses them):
+# 30.60 ms at 128K, 123.79 at 512K.
 CONFIGS = {"tiles": {"stages": 2, "num_warps": 4, "maxnreg": 128, "overlap": True},
            "ranges": {"stages": 3, "num_warps": 4, "maxnreg": 168, "overlap": True, "two": True},
-           "vs": {"stages": 3, "num_warps": 4, "maxnreg": 128, "overlap": True}}
+           "vs": {"stages": 3, "num_warps": 4, "maxnreg": 128, "overlap": True, "skip": True}}
 
 
 def index_kind(idx: _index.SparseIndex, head_dim: int, block_n: int) -> tuple[str | None, str | None]:
@@ -124,7 +128,7 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
         maxnreg: int = 128, overlap: bool = True, producer_regs: int = 24, block_n: int = 64,
         two: bool = False, consumer_regs: int = 240,
         lse_out: torch.Tensor | None = None, out: torch.Tensor | None = None, check: bool = True,
-        col_inputs: tuple | None = None, prior: tuple | None = None) -> torch.Tensor:
+        col_inputs: tuple | None = None, prior: tuple | None = None, skip: bool = True) -> torch.Tensor:
     """Attention of q [B, Hq, N, D] over k / v [B, Hkv, N, D] restricted to idx's cells (a tile list
     + ranges, or ranges alone). Returns a tensor like q (``out`` when given).
 
@@ -221,5 +225,5 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
         BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, STAGES=stages, HAS_TILES=has_tiles, PRODUCER_REGS=producer_regs,
         OVERLAP=overlap, TWO=two, CONSUMER_REGS=consumer_regs,
         LSE_OUT=lse_out is not None, HAS_COLS=has_cols, TILES_REL=bool(idx.tiles_relative), HAS_EDGES=has_edges,
-        PRIOR=prior is not None, PAD=_index.BITS_PAD, num_warps=num_warps, maxnreg=maxnreg)
+        PRIOR=prior is not None, PAD=_index.BITS_PAD, SKIP=bool(skip), num_warps=num_warps, maxnreg=maxnreg)
     return out

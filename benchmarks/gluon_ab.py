@@ -16,7 +16,7 @@ consumer warpgroup; two: two consumer warpgroups on 128-row blocks); the Triton 
 as "<pattern>/triton". The first Gluon variant of each pattern is also checked on a transposed
 (non-contiguous) q. --library adds the whole ops calls (index construction included) with
 FLAGS["GLUON"] on and off: "<p>/lib+gluon", "<p>/lib" for bs, as and vs (realistic indices). --vs
-times vertical-slash ops calls under other katt.FLAGS settings ("vs/<name>"), checked like the rest.
+times vertical-slash ops calls under other katt.FLAGS settings ("vs/<name>"), checked like the rest; 'bs:<name>=...' entries time block-sparse calls (realistic lists) the same way.
 """
 from __future__ import annotations
 
@@ -86,12 +86,14 @@ def parse_vs(spec: str) -> list[dict]:
                 raise SystemExit(f"--vs: expected name=FLAG=int[,FLAG=int], FLAG one of {sorted(katt.FLAGS)} or "
                                  f"<kind>.<key of gluon.CONFIGS[kind]>, got {item!r}")
             flags[key] = int(val)
-        out.append({"name": f"vs/{name}", "pattern": "vs", "flags": flags})
+        pat, name = ("bs", name[3:]) if name.startswith("bs:") else ("vs", name)  # bs:<name>: block-sparse calls
+        out.append({"name": f"{pat}/{name}", "pattern": pat, "flags": flags})
     return out
 
 
-def flags_fn(flags, q, k, v, vs, scale):
-    """The whole vertical-slash ops call with these katt.FLAGS entries set (GLUON on unless given)."""
+def flags_fn(flags, q, k, v, vs, scale, pattern="vs", bi=None):
+    """The whole vertical-slash (or block-sparse, realistic lists bi) ops call with these katt.FLAGS /
+    Gluon config entries set (GLUON on unless given)."""
     def fn():
         saved, saved_cfg = dict(katt.FLAGS), {kind: dict(c) for kind, c in kg.CONFIGS.items()}
         katt.FLAGS.update({"GLUON": True, **{k_: v_ for k_, v_ in flags.items() if "." not in k_}})
@@ -100,6 +102,8 @@ def flags_fn(flags, q, k, v, vs, scale):
                 kind, _, param = k_.partition(".")
                 kg.CONFIGS[kind][param] = v_
         try:
+            if pattern == "bs":
+                return ops.block_sparse_attention(q, k, v, bi, A.BS, scale=scale, backend="triton")
             return ops.vertical_slash_attention(q, k, v, vs[0], vs[1], scale=scale, backend="triton")
         finally:
             katt.FLAGS.clear()
@@ -160,7 +164,7 @@ def main() -> int:
     bi = A.realistic_blocks(1, A.HQ, n16, dev, gen)
     vs = A.realistic_vs(1, A.HQ, n16, dev, gen)
     lib = [(p, g) for p in ("bs", "as", "vs") for g in (True, False)] if args.library else []
-    need = set(pats) | {p for p, _ in lib} | ({"vs"} if vs_vars else set())
+    need = set(pats) | {p for p, _ in lib} | {var["pattern"] for var in vs_vars}
     refs = {"bs": ops.block_sparse_attention(q, k, v, bi, A.BS, backend="reference").float() if "bs" in need else None,
             "as": ops.ashape_attention(q, k, v, SINK, WINDOW, backend="reference").float() if "as" in need else None,
             "vs": ops.vertical_slash_attention(q, k, v, *vs, backend="reference").float() if "vs" in need else None}
@@ -173,7 +177,7 @@ def main() -> int:
             if "lib" in var:
                 fn = library_fn(var["pattern"], var["lib"], q, k, v, n16, bi, vs, scale)
             elif "flags" in var:
-                fn = flags_fn(var["flags"], q, k, v, vs, scale)
+                fn = flags_fn(var["flags"], q, k, v, vs, scale, var["pattern"], bi)
             elif var["name"].endswith("/triton"):
                 fn = triton_fn(var["pattern"], q, k, v, n16, bi, scale, dev)
             else:
@@ -193,7 +197,7 @@ def main() -> int:
         err = ((o - ref).norm() / ref.norm()).item()
         checks[var["name"]] = {"rel_err": err, "nan": bool(torch.isnan(o).any())}
         log(f"check {var['name']}: rel err {err:.2e} nan {checks[var['name']]['nan']}")
-        if "flags" in var:  # ranges with holes too
+        if "flags" in var and var["pattern"] == "vs":  # ranges with holes too
             hv = holey_vs(vs, n16)
             ho = flags_fn(var["flags"], q, k, v, hv, scale)().float()
             hr = ops.vertical_slash_attention(q, k, v, *hv, backend="reference").float()
@@ -220,9 +224,9 @@ def main() -> int:
         for p, g in lib:
             fns[f"{p}/lib" + ("+gluon" if g else "")] = (p, library_fn(p, g, q, k, v, n, bi, vs, scale))
         for var in vs_vars:
-            fns[var["name"]] = ("vs", flags_fn(var["flags"], q, k, v, vs, scale))
+            fns[var["name"]] = (var["pattern"], flags_fn(var["flags"], q, k, v, vs, scale, var["pattern"], bi))
         base = {p: (f"{p}/triton" if p in pats else f"{p}/lib" if (p, False) in lib else
-                    next(x["name"] for x in vs_vars)) for p in need}
+                    next(x["name"] for x in vs_vars if x["pattern"] == p)) for p in need}
         firsts = {p: fns[base[p]][1]().float() for p in need}
         for name, (p, fn) in fns.items():
             o = fn().float()

@@ -105,7 +105,8 @@ BREAK_EVEN = {
 # vertical-slash's second launch (relative tiles, edges, ranges with holes, columns, the band launch's
 # rows merged in) on the Gluon kernel too
 # (gluon.CONFIGS["vs"]; H200 realistic, whole call, 3 alternating rounds: 128K 29.20-29.60 vs 31.17-31.48
-# ms, 512K 117.87-119.59 vs 126.48-127.78; outputs bit-identical; results/vs_gluon_ab{,2}.md).
+# ms, 512K 117.87-119.59 vs 126.48-127.78; outputs bit-identical; results/vs_gluon_ab{,2}.md; with its masks
+# in inline PTX 27.91 / 113.46 ms, results/vs_mask_ab.md).
 FLAGS = {"ORDER": 1, "TMA": "auto", "KERNEL": "_attn_kernel.py",  # KERNEL: a kernel file (A/B runs)
          "GLUON": True, "GLUON_VS": True,
          "GRAPH_INDEX": True, "VS_BAND": True, "VS_OVERLAP": False, "VS_BAND_COLS": False, "VS_TILED_RUNS": 64,

@@ -47,7 +47,9 @@ from .. import index as _index
 # each tile's mask inputs loaded one tile ahead (128K 29.50 vs 29.48, 512K 118.94 vs 120.07;
 # results/vs_ahead_ab.md, vs_mask_ahead_rejected.patch); the edge mask from a per-cell (row - column) kept
 # in registers (one subtraction and one compare per cell, the key bounds only where a tile crosses them):
-# 30.60 ms at 128K, 123.79 at 512K.
+# 30.60 ms at 128K, 123.79 at 512K. Masks in inline PTX (_gluon_attn._masked; results/vs_mask_ab.md,
+# bs_mask_ab.md): vertical-slash 128K 27.91 vs 29.50 ms, 512K 113.46 vs 118.89; block-sparse 26.42 vs 27.04,
+# 126.54 vs 125.41 (a wash: one masked tile per ~100).
 CONFIGS = {"tiles": {"stages": 2, "num_warps": 4, "maxnreg": 128, "overlap": True},
            "ranges": {"stages": 3, "num_warps": 4, "maxnreg": 168, "overlap": True, "two": True},
            "vs": {"stages": 3, "num_warps": 4, "maxnreg": 128, "overlap": True, "skip": True}}

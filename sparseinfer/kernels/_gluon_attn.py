@@ -70,11 +70,12 @@ def _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, h
 
 @gluon.jit
 def _counts(b, h, pid_m, lists, cols_args, vs_args, HAS_TILES: gl.constexpr, HAS_EDGES: gl.constexpr,
-            HAS_COLS: gl.constexpr, SKIP: gl.constexpr):
+            HAS_COLS: gl.constexpr):
     """The program's (tile count, edge count, ranges to walk, column count), loaded up front (each
     load where it is used was a latency both partitions waited through). With edges only ranges with
-    holes are visited; SKIP: the walk over the ranges is skipped when none of them has holes (their
-    exact flags in one vector load; at most 32 ranges, else walked)."""
+    holes are visited, and the walk over the ranges is skipped when none of them has holes (their
+    exact flags in one vector load; at most 32 ranges, else walked: H200 128K 29.26 vs 29.64 ms,
+    results/vs_skip_ab.md)."""
     (TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
      stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq) = lists
     nt = 0
@@ -89,7 +90,7 @@ def _counts(b, h, pid_m, lists, cols_args, vs_args, HAS_TILES: gl.constexpr, HAS
     if HAS_COLS:
         CCOUNT, stride_ccb, stride_cch = cols_args[3], cols_args[7], cols_args[8]
         nc = gl.load(CCOUNT + b * stride_ccb + h * stride_cch + pid_m)
-    if HAS_EDGES and SKIP:
+    if HAS_EDGES:
         lin: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
         r = gl.arange(0, 32, layout=lin)
         ex = gl.load(RANGES + b * stride_rb + h * stride_rh + pid_m * stride_rq + r * stride_rr + 4, mask=r < nr,
@@ -102,7 +103,7 @@ def _counts(b, h, pid_m, lists, cols_args, vs_args, HAS_TILES: gl.constexpr, HAS
 @gluon.jit
 def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_args,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TILES: gl.constexpr,
-              HAS_COLS: gl.constexpr, TILES_REL: gl.constexpr, HAS_EDGES: gl.constexpr, SKIP: gl.constexpr):
+              HAS_COLS: gl.constexpr, TILES_REL: gl.constexpr, HAS_EDGES: gl.constexpr):
     """Loads Q, then every K / V tile of the program's sequence (tile list, edge list, then each range's
     tiles (with HAS_EDGES only the ranges with holes), then the gathered column tiles) into the ring.
     The argument tuples are gluon_fwd_kernel's."""
@@ -116,7 +117,7 @@ def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_
     m0 = pid_m * BLOCK_M
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [b, h, m0, 0], q_bar, q_tile)
-    nt, ne, nr, nc = _counts(b, h, pid_m, lists, cols_args, vs_args, HAS_TILES, HAS_EDGES, HAS_COLS, SKIP)
+    nt, ne, nr, nc = _counts(b, h, pid_m, lists, cols_args, vs_args, HAS_TILES, HAS_EDGES, HAS_COLS)
     i = 0
     if HAS_TILES:
         t_base = TILES + b * stride_tb + h * stride_th + pid_m * stride_tq
@@ -327,7 +328,7 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
               HAS_TILES: gl.constexpr, OVERLAP: gl.constexpr, NUM_WARPS: gl.constexpr,
               ROW0: gl.constexpr, WG_M: gl.constexpr, LSE_OUT: gl.constexpr, HAS_COLS: gl.constexpr,
-              HAS_EDGES: gl.constexpr, PRIOR: gl.constexpr, PAD: gl.constexpr, SKIP: gl.constexpr):
+              HAS_EDGES: gl.constexpr, PRIOR: gl.constexpr, PAD: gl.constexpr):
     """Rows ROW0 .. ROW0 + WG_M of the program's query block (BLOCK_M rows; the ranges' geometry,
     hence the tile sequence, is the block's, the masks are this consumer's rows'). The argument
     tuples are gluon_fwd_kernel's."""
@@ -356,7 +357,7 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
     s_zero = gl.zeros([WG_M, BLOCK_N], gl.float32, s_layout)
     offs_m = m0 + ROW0 + gl.arange(0, WG_M, layout=row_s)
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    nt, ne, nr, nc = _counts(b, h, pid_m, lists, cols_args, vs_args, HAS_TILES, HAS_EDGES, HAS_COLS, SKIP)
+    nt, ne, nr, nc = _counts(b, h, pid_m, lists, cols_args, vs_args, HAS_TILES, HAS_EDGES, HAS_COLS)
     mbarrier.wait(q_bar, 0)
     i = 0
     if HAS_TILES:
@@ -464,7 +465,7 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
                      STAGES: gl.constexpr, HAS_TILES: gl.constexpr, PRODUCER_REGS: gl.constexpr, OVERLAP: gl.constexpr,
                      TWO: gl.constexpr, CONSUMER_REGS: gl.constexpr, LSE_OUT: gl.constexpr,
                      HAS_COLS: gl.constexpr, TILES_REL: gl.constexpr, HAS_EDGES: gl.constexpr, PRIOR: gl.constexpr,
-                     PAD: gl.constexpr, SKIP: gl.constexpr, num_warps: gl.constexpr):
+                     PAD: gl.constexpr, num_warps: gl.constexpr):
     """TWO: two consumer warpgroups of num_warps (= 4) warps, rows 0..63 and 64..127 of a 128-row
     block, in partitions of their own (they drift apart: one's softmax runs while the other's wgmma
     does), both reading every K / V tile (a stage is free once both released it)."""
@@ -498,16 +499,16 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
     if TWO:
         gl.warp_specialize([
             (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD, SKIP)),
+                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD)),
             (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, WG_M, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD, SKIP)),
+                         OVERLAP, num_warps, WG_M, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD)),
             (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_args,
-                         BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES, SKIP)),
+                         BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES)),
         ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
             (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD, SKIP)),
+                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD)),
             (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_args,
-                         BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES, SKIP)),
+                         BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES)),
         ], [1], [PRODUCER_REGS])

@@ -197,6 +197,30 @@ def column_inputs(q, k, v, idx: _index.SparseIndex) -> tuple[torch.Tensor, torch
     return k[bi, kvh, cidx], v[bi, kvh, cidx], cw
 
 
+def check_merge(q, lse_out, prior, nqb: int) -> None:
+    """Raises ValueError unless lse_out / prior are what ``run_index`` documents for q [B, Hq, N, D]
+    with nqb query blocks (both launch kernels read them as such)."""
+    b, hq, n, _ = q.shape
+    if lse_out is not None and prior is not None:
+        raise ValueError("run_index: lse_out and prior cannot be combined in one launch")
+    for name, t in (("lse_out", lse_out), ("prior lse", prior[1] if prior is not None else None)):
+        if t is not None and (t.shape != (b, hq, n) or t.dtype != torch.float32 or not t.is_contiguous()):
+            raise ValueError(f"{name}: expected a contiguous float32 tensor of shape {(b, hq, n)}, got "
+                             f"{t.dtype} {tuple(t.shape)}")
+    if prior is None:
+        return
+    if prior[0].shape != q.shape or prior[0].stride(-1) != 1:
+        raise ValueError(f"prior output: expected shape {tuple(q.shape)} with a contiguous last dim, got "
+                         f"{tuple(prior[0].shape)} strides {prior[0].stride()}")
+    prior_c = prior[2]
+    qshift = prior[3] if len(prior) > 3 else 0
+    groups = -(-nqb // (1 << qshift))
+    if (prior_c.dtype != torch.int32 or prior_c.shape[:2] != (b, hq) or prior_c.dim() not in (2, 3)
+            or (prior_c.dim() == 3 and prior_c.shape[2] != groups)):
+        raise ValueError(f"prior written: expected int32 [{b}, {hq}] (heads) or [{b}, {hq}, {groups}] "
+                         f"(query blocks >> {qshift}), got {prior_c.dtype} {tuple(prior_c.shape)}")
+
+
 def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_warps: int = 8,
               num_stages: int = 2, edge_stages: int = 1, split: int = 0, holey_stages: int = 1, *,
               q_rows: torch.Tensor | None = None, modality: torch.Tensor | None = None, slot: int = 0,
@@ -293,24 +317,12 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
     qr = q_rows if q_rows is not None else dummy
     hon = heads.to(torch.int8).contiguous() if heads is not None else dummy
     mods = modality.contiguous() if modality is not None else dummy  # [B, N]: rows read with stride 1
-    if lse_out is not None and prior is not None:
-        raise ValueError("run_index: lse_out and prior cannot be combined in one launch")
-    for name, t in (("lse_out", lse_out), ("prior lse", prior[1] if prior is not None else None)):
-        if t is not None and (t.shape != (b, hq, n) or t.dtype != torch.float32 or not t.is_contiguous()):
-            raise ValueError(f"{name}: expected a contiguous float32 tensor of shape {(b, hq, n)}, got "
-                             f"{t.dtype} {tuple(t.shape)}")
-    if prior is not None and (prior[0].shape != q.shape or prior[0].stride(-1) != 1):
-        raise ValueError(f"prior output: expected shape {tuple(q.shape)} with a contiguous last dim, got "
-                         f"{tuple(prior[0].shape)} strides {prior[0].stride()}")
+    check_merge(q, lse_out, prior, nqb)
     lse_t = lse_out if lse_out is not None else (prior[1] if prior is not None else dummy)
     prior_o = prior[0] if prior is not None else dummy
     prior_c = prior[2] if prior is not None else dummy
     qshift = prior[3] if prior is not None and len(prior) > 3 else 0
     per_block = prior is not None and prior_c.dim() == 3
-    if prior is not None and (prior_c.dtype != torch.int32 or prior_c.shape[:2] != (b, hq) or prior_c.dim() not in (2, 3)
-                              or (per_block and prior_c.shape[2] != -(-nqb // (1 << qshift)))):
-        raise ValueError(f"prior written: expected int32 [{b}, {hq}] (heads) or [{b}, {hq}, {-(-nqb // (1 << qshift))}] "
-                         f"(query blocks >> {qshift}), got {prior_c.dtype} {tuple(prior_c.shape)}")
     # the column pass through TMA: each head's column keys / values copied in column order first
     col_tma = bool(FLAGS["VS_COL_TMA"]) and bool(tma) and has_cols and q_rows is None
     col_words = has_cols and has_smap

@@ -42,8 +42,8 @@ from .. import index as _index
 # SM (115 KB of shared memory each). H200, realistic indices, whole ops call, 3 alternating rounds
 # (results/vs_gluon_ab.md, vs_gluon_ab2.md): 128K 3 stages 29.20 / 29.60 ms, 2 stages 29.48, without
 # overlap 30.06, the Triton launch 31.17 / 31.48; 512K 117.87 / 119.59, 2 stages 119.44, Triton 126.48 /
-# 127.78. The counts loaded up front and the walk over the ranges skipped when none has holes ("skip";
-# results/vs_skip_ab.md): 128K 29.26 vs 29.64 ms, 512K 119.33 vs 120.02 (Triton 31.50 / 127.73). Not kept:
+# 127.78. The counts loaded up front and the walk over the ranges skipped when none has holes
+# (results/vs_skip_ab.md): 128K 29.26 vs 29.64 ms, 512K 119.33 vs 120.02 (Triton 31.50 / 127.73). Not kept:
 # each tile's mask inputs loaded one tile ahead (128K 29.50 vs 29.48, 512K 118.94 vs 120.07;
 # results/vs_ahead_ab.md, vs_mask_ahead_rejected.patch); the edge mask from a per-cell (row - column) kept
 # in registers (one subtraction and one compare per cell, the key bounds only where a tile crosses them):
@@ -52,7 +52,7 @@ from .. import index as _index
 # 126.54 vs 125.41 (a wash: one masked tile per ~100).
 CONFIGS = {"tiles": {"stages": 2, "num_warps": 4, "maxnreg": 128, "overlap": True},
            "ranges": {"stages": 3, "num_warps": 4, "maxnreg": 168, "overlap": True, "two": True},
-           "vs": {"stages": 3, "num_warps": 4, "maxnreg": 128, "overlap": True, "skip": True}}
+           "vs": {"stages": 3, "num_warps": 4, "maxnreg": 128, "overlap": True}}
 
 
 def index_kind(idx: _index.SparseIndex, head_dim: int, block_n: int) -> tuple[str | None, str | None]:
@@ -130,7 +130,7 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
         maxnreg: int = 128, overlap: bool = True, producer_regs: int = 24, block_n: int = 64,
         two: bool = False, consumer_regs: int = 240,
         lse_out: torch.Tensor | None = None, out: torch.Tensor | None = None, check: bool = True,
-        col_inputs: tuple | None = None, prior: tuple | None = None, skip: bool = True) -> torch.Tensor:
+        col_inputs: tuple | None = None, prior: tuple | None = None) -> torch.Tensor:
     """Attention of q [B, Hq, N, D] over k / v [B, Hkv, N, D] restricted to idx's cells (a tile list
     + ranges, or ranges alone). Returns a tensor like q (``out`` when given).
 
@@ -158,10 +158,9 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1):
         raise ValueError(f"out: expected a tensor like q ({tuple(q.shape)}, {q.dtype}, last dim contiguous), "
                          f"got {tuple(out.shape)}, {out.dtype}")
-    if lse_out is not None and (lse_out.shape != (b, hq, n) or lse_out.dtype != torch.float32
-                                or not lse_out.is_contiguous()):
-        raise ValueError(f"lse_out: expected a contiguous float32 tensor of shape {(b, hq, n)}, got "
-                         f"{lse_out.dtype} {tuple(lse_out.shape)}")
+    from .attention import check_merge
+
+    check_merge(q, lse_out, prior, math.ceil(n / bm))
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
 
     def desc(t, rows):  # 4-D [B, H, N, D] with the tensor's own strides; rows past N read zeros
@@ -202,17 +201,8 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
         edge_args = (dummy, dummy, 0, 0, 0, 0, dummy, 0, 0)
     if prior is not None:
         po, plse, pc = prior[:3]
-        qshift = prior[3] if len(prior) > 3 else 0
-        if lse_out is not None:
-            raise ValueError("lse_out and prior cannot be combined in one launch")
-        if (po.shape != q.shape or po.stride(-1) != 1 or plse.shape != (b, hq, n) or plse.dtype != torch.float32
-                or not plse.is_contiguous() or pc.dtype != torch.int32 or pc.dim() not in (2, 3)
-                or tuple(pc.shape[:2]) != (b, hq)):
-            raise ValueError(f"prior: expected (o like q, contiguous float32 lse [B, Hq, N], int32 written [B, Hq(, g)]), "
-                             f"got o {tuple(po.shape)}, lse {plse.dtype} {tuple(plse.shape)}, written {pc.dtype} "
-                             f"{tuple(pc.shape)}")
         prior_args = (po, plse, pc, po.stride(0), po.stride(1), po.stride(2), st(pc, 0), st(pc, 1),
-                      pc.stride(2) if pc.dim() == 3 else 0, qshift)
+                      pc.stride(2) if pc.dim() == 3 else 0, prior[3] if len(prior) > 3 else 0)
     else:
         prior_args = (dummy, dummy, dummy, 0, 0, 0, 0, 0, 0, 0)
     mod.gluon_fwd_kernel[(b * hq * nqb,)](
@@ -227,5 +217,5 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
         BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, STAGES=stages, HAS_TILES=has_tiles, PRODUCER_REGS=producer_regs,
         OVERLAP=overlap, TWO=two, CONSUMER_REGS=consumer_regs,
         LSE_OUT=lse_out is not None, HAS_COLS=has_cols, TILES_REL=bool(idx.tiles_relative), HAS_EDGES=has_edges,
-        PRIOR=prior is not None, PAD=_index.BITS_PAD, SKIP=bool(skip), num_warps=num_warps, maxnreg=maxnreg)
+        PRIOR=prior is not None, PAD=_index.BITS_PAD, num_warps=num_warps, maxnreg=maxnreg)
     return out

@@ -234,16 +234,16 @@ def _band_select(s_val, cols, offs_m, n0, lo, hi, kmin, kend):
 
 @gluon.jit
 def _masked(s_val, j, geo, cols, words, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
-    """MASKED 1: band mask of a range's j-th tile, geo = (n_start, lo, width, ke, offs_m): cells with
-    lo <= i - key <= lo + width, key < ke. MASKED 2: the column pass, cells whose skip bit is clear.
+    """MASKED 1: band mask of a range's j-th tile, geo = (n_start, lo, hi, ke, offs_m): cells with
+    lo <= i - key <= hi, key < ke. MASKED 2: the column pass, cells whose skip bit is clear.
     MASKED 3: an edge (words = its entry), geo = (edge base, m0, offs_m, N): cells with lo <= i - key
     <= hi, 0 <= key < min(m0 + rel_end, n0 + BLOCK_N, N). MASKED 4: cells whose window bit is set.
     Masks 1-3 test and select in inline PTX: written as a bool tensor and a where, the compiler packed a
     thread's 32 compare results into bit fields and unpacked them again (edges 582 -> 430 SASS
     instructions per tile, columns 493 -> 428; H200 128K 27.91 vs 29.50 ms, results/vs_mask_ab.md)."""
     if MASKED == 1:
-        n_start, lo, width, ke, offs_m = geo
-        s_val = _band_select(s_val, cols, offs_m, n_start + j * BLOCK_N, lo, lo + width.to(gl.int32), 0, ke)
+        n_start, lo, hi, ke, offs_m = geo
+        s_val = _band_select(s_val, cols, offs_m, n_start + j * BLOCK_N, lo, hi, 0, ke)
     elif MASKED == 2:
         # the row's bit of the column's word as two 32-bit halves (bit_lo / bit_hi: the row's bit in its
         # half, 0 in the other): (w_lo & bit_lo) | (w_hi & bit_hi) == 0 keeps the cell
@@ -386,7 +386,6 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
                                         cols, qk_scale, s_zero, BLOCK_N, STAGES, 4, OVERLAP, p_layout, row_o)
         else:
             ke = gl.maximum(ke, ks)
-            width = (hi - lo).to(gl.uint32)
             # tiles [t1, t2) are seen whole by every row (keys m0 + BLOCK_M - 1 - hi .. m0 - lo): no mask;
             # [ks, t1) and [t2, ke) are masked (the producer loads the same tiles ks, ks + BLOCK_N, ...)
             fa = gl.maximum(ks, m0 + BLOCK_M - 1 - hi)
@@ -396,12 +395,12 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
             n_mid = gl.maximum(fb - t1, 0) // BLOCK_N
             t2 = t1 + n_mid * BLOCK_N
             acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                                        (t1 - ks + BLOCK_N - 1) // BLOCK_N, (ks, lo, width, ke, offs_m), cols, qk_scale,
+                                        (t1 - ks + BLOCK_N - 1) // BLOCK_N, (ks, lo, hi, ke, offs_m), cols, qk_scale,
                                         s_zero, BLOCK_N, STAGES, 1, OVERLAP, p_layout, row_o)
             acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
                                         n_mid, 0, cols, qk_scale, s_zero, BLOCK_N, STAGES, 0, OVERLAP, p_layout, row_o)
             acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                                        (ke - t2 + BLOCK_N - 1) // BLOCK_N, (t2, lo, width, ke, offs_m), cols, qk_scale,
+                                        (ke - t2 + BLOCK_N - 1) // BLOCK_N, (t2, lo, hi, ke, offs_m), cols, qk_scale,
                                         s_zero, BLOCK_N, STAGES, 1, OVERLAP, p_layout, row_o)
     if HAS_COLS:  # gathered columns: cells (i, c) with c <= i whose offset i - c is no slash
         kc_desc, vc_desc, COLS, CCOUNT, CW, stride_colb, stride_colh, stride_ccb, stride_cch, stride_cwb, stride_cwh = cols_args

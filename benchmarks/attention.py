@@ -520,12 +520,14 @@ def variants(dev, gen, log, sizes=(131072, 524288), combos=None, only=None):
     return rows
 
 
-def vs_parts(dev, gen, log, sizes, rounds: int = 1):
+def vs_parts(dev, gen, log, sizes, rounds: int = 1, old: bool = False):
     """Time the parts of one vertical-slash call (realistic indices, default config): the index
     construction (graphed), the band launch, the second launch (merge included) and that launch
-    without its columns / without its runs / without the merge (timing only: those outputs are
-    not the attention), and the whole call; with rounds > 1 every part once per round, alternating
-    (`alternate`), the median kept."""
+    without its columns / without its runs / without both (its per-program work alone) / without
+    the merge / with its edges visited as unmasked tiles (timing only: those outputs are not the
+    attention), and the whole call; with rounds > 1 every part once per round, alternating
+    (`alternate`), the median kept. old: also the parts of sessions 25-26's experiments (the
+    column pass over 128-row blocks, the band launch with its columns)."""
     import dataclasses
 
     from sparseinfer import index as sidx
@@ -554,6 +556,39 @@ def vs_parts(dev, gen, log, sizes, rounds: int = 1):
         zero = torch.zeros_like(idx.tile_count)
         no_cols = dataclasses.replace(idx, columns=None, column_count=None)
         no_runs = dataclasses.replace(idx, tile_count=zero, edge_count=zero, range_count=torch.zeros_like(idx.range_count))
+        fixed = dataclasses.replace(no_runs, columns=None, column_count=None)
+        # the edges' key starts as unmasked relative tiles (the same K / V tiles, no mask): what the
+        # edge masks cost
+        both = torch.sort(torch.cat([idx.tiles[:, :, 0], idx.edges[..., 0]], -1), -1, descending=True)[0]
+        as_tiles = dataclasses.replace(idx, tiles=both[:, :, None].contiguous(), tile_count=idx.tile_count + idx.edge_count,
+                                       edge_count=zero)
+        # the second launch over 128-row query blocks: two consumer warpgroups sharing every K / V tile
+        # (each visits the union of the two halves' tiles, masked for its rows): fewer loads, more cells
+        from sparseinfer.kernels import gluon as kg
+
+        two_ok = katt.FLAGS["GLUON"] and kg.band_reason(q, k, v, band_cfg[0], band_cfg[1]) is None
+        if two_ok:
+            idx2x, _ = sidx.from_vertical_slash(vert, sl, n, 128, block_n=bn, band_block_m=band_cfg[0],
+                                                band_min=katt.VS_BAND_MIN, max_tiled=katt.FLAGS["VS_TILED_RUNS"] or None,
+                                                fused_runs=bool(katt.FLAGS["VS_RUNS_KERNEL"]))
+            pre2x = katt.column_inputs(q, k, v, idx2x)
+            ref = katt.run_index(q, k, v, idx, scale, bn, *rest, out=prior[0].clone(), prior=(prior[0].clone(), *prior[1:]))
+
+            def two_fn(stages, regs=240):
+                def f(o=None):
+                    o = prior[0].clone() if o is None else o
+                    return kg.run(q, k, v, idx2x, scale, stages=stages, num_warps=4, maxnreg=168, two=True, overlap=2,
+                                  consumer_regs=regs, block_n=bn, out=o, prior=(o, *prior[1:]), col_inputs=pre2x,
+                                  check=False)
+                return f
+            for st in (3, 4):
+                got = two_fn(st)()
+                log(f"parts N={n}: 128-row second launch, {st} stages: rel. diff to the 64-row one "
+                    f"{((got.float() - ref.float()).norm() / ref.float().norm()).item():.2e}, nan {bool(got.isnan().any())}")
+            per = {"tiles": idx2x.tile_count.float().mean().item(), "edges": idx2x.edge_count.float().mean().item(),
+                   "column tiles": ((idx2x.column_count + bn - 1) // bn).float().mean().item()}
+            log(f"parts N={n}: per 128-row block " + ", ".join(f"{k_} {v_:.1f}" for k_, v_ in per.items()))
+            out2 = prior[0].clone()
         # the column pass alone over 128-row query blocks (8 warps; a launch of its own would need it):
         # what moving the columns out of the 64-row second launch could save
         idx128, _ = sidx.from_vertical_slash(vert, sl, n, 128, block_n=bn, band_block_m=band_cfg[0],
@@ -574,15 +609,20 @@ def vs_parts(dev, gen, log, sizes, rounds: int = 1):
             "second, no merge": lambda: katt.run_index(q, k, v, idx, scale, bn, *rest, out=out),
             "second, no columns": lambda: katt.run_index(q, k, v, no_cols, scale, bn, *rest, out=out, prior=prior),
             "second, no runs": lambda: katt.run_index(q, k, v, no_runs, scale, bn, *rest, out=out, prior=prior),
+            "second, neither": lambda: katt.run_index(q, k, v, fixed, scale, bn, *rest, out=out, prior=prior),
+            "second, edges unmasked": lambda: katt.run_index(q, k, v, as_tiles, scale, bn, *rest, out=out, prior=prior),
+            **({"second, 128 rows, 3 st": lambda: two_fn(3)(out2), "second, 128 rows, 4 st": lambda: two_fn(4)(out2)}
+               if two_ok else {}),
             "whole call": lambda: kernels.vertical_slash_attention(q, k, v, vert, sl, scale),
-            "columns, 128 rows": lambda: katt.run_index(q, k, v, cols128, scale, bn, 8, 3, 3, 4, 2, out=out),
-            "columns, 128 rows, 2 st": lambda: katt.run_index(q, k, v, cols128, scale, bn, 8, 3, 2, 4, 2, out=out),
-            "columns, 64 rows": lambda: katt.run_index(q, k, v, no_runs, scale, bn, *rest, out=out),
         }
+        if old:
+            parts.update({
+                "columns, 128 rows": lambda: katt.run_index(q, k, v, cols128, scale, bn, 8, 3, 3, 4, 2, out=out),
+                "columns, 128 rows, 2 st": lambda: katt.run_index(q, k, v, cols128, scale, bn, 8, 3, 2, 4, 2, out=out),
+                "columns, 64 rows": lambda: katt.run_index(q, k, v, no_runs, scale, bn, *rest, out=out),
+            })
         # the band launch with the columns of its heads (FLAGS["VS_BAND_COLS"], Gluon kernel)
-        from sparseinfer.kernels import gluon as kg
-
-        if katt.FLAGS["GLUON"] and kg.band_reason(q, k, v, band_cfg[0], band_cfg[1]) is None:
+        if old and katt.FLAGS["GLUON"] and kg.band_reason(q, k, v, band_cfg[0], band_cfg[1]) is None:
             def build_bc(vi, si):
                 return sidx.from_vertical_slash(vi, si, n, bm, block_n=bn, band_block_m=band_cfg[0],
                                                 band_min=katt.VS_BAND_MIN, band_columns=True)
@@ -639,7 +679,7 @@ def vs_parts(dev, gen, log, sizes, rounds: int = 1):
                          **({"rounds_ms": times[name]} if times else {})})
             log(f"parts N={n} {name:20s} {t:8.2f} ms" + (f"  ({' / '.join(f'{x:.2f}' for x in times[name])})"
                                                         if times else ""))
-        del q, k, v, vert, sl, idx, band, out, lse, prior, no_cols, no_runs, idx128, cols128, parts
+        del q, k, v, vert, sl, idx, band, out, lse, prior, no_cols, no_runs, fixed, as_tiles, idx128, cols128, parts
     return rows
 
 
@@ -923,6 +963,8 @@ def main():
                     help="only: the parts of a vertical-slash call on realistic indices (index, band launch, second "
                          "launch with / without columns, runs, merge), timed apart")
     ap.add_argument("--rounds", type=int, default=1, help="with --vs-parts: alternating rounds (median kept)")
+    ap.add_argument("--parts-old", action="store_true",
+                    help="with --vs-parts: also sessions 25-26's parts (columns over 128-row blocks, band + columns)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--tag", default="attention")
@@ -971,7 +1013,8 @@ def main():
             tune_rows = holey(dev, gen, log)
             return
         if args.vs_parts:
-            tune_rows = vs_parts(dev, gen, log, [int(s) for s in args.sizes.split(",") if s], args.rounds)
+            tune_rows = vs_parts(dev, gen, log, [int(s) for s in args.sizes.split(",") if s], args.rounds,
+                                 args.parts_old)
             return
         if args.variants:
             combos = [(f, 1, "auto") for f in args.ab.split(",")] if args.ab else None

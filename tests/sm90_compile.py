@@ -66,14 +66,16 @@ def main() -> int:
              "ranges": (_index.from_ashape(n, 128, 512, b, h, 128, q.device), 128, {"lse_out": lse}),
              # vertical-slash's band launch with the columns of its heads
              "ranges+columns": (_index.band_index(slash, n, 128, 16, vertical_idx=vert), 128, {"lse_out": lse}),
-             "vs": (vs_idx, 64, {"prior": prior})}
+             "vs": (vs_idx, 64, {"prior": prior}),
+             # the band launch's rows loaded in the epilogue (a prior TMA cannot read) and no look-ahead
+             "vs+prior-loads": (vs_idx, 64, {"prior": prior, "prior_tma": False, "overlap": True})}
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     out = {}
     for kind, (idx, bn, kw) in cases.items():
         kind_, why = kg.index_kind(idx, d, bn)
         assert kind_ == kind.split("+")[0], (kind, why)
         compiled.clear()
-        kg.run(q, k, v, idx, d ** -0.5, block_n=bn, check=False, **kw, **kg.CONFIGS[kind_])
+        kg.run(q, k, v, idx, d ** -0.5, block_n=bn, check=False, **{**kg.CONFIGS[kind_], **kw})
         ck = compiled[-1]
         path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sparseinfer_sm90_{kind}_{os.getpid()}.cubin")
         with open(path, "wb") as fh:
@@ -86,7 +88,8 @@ def main() -> int:
                      "regs": int(re.search(r"REG:(\d+)", res).group(1)),
                      "local": int(re.search(r"LOCAL:(\d+)", res).group(1)),
                      "setmaxnreg": "setmaxnreg" in ptx, "wgmma": "wgmma.mma_async" in ptx,
-                     "tma": "cp.async.bulk.tensor" in ptx, "mbarrier": "mbarrier.try_wait" in ptx}
+                     "tma": "cp.async.bulk.tensor" in ptx, "mbarrier": "mbarrier.try_wait" in ptx,
+                     "tma_copies": ptx.count("cp.async.bulk.tensor")}
     print(json.dumps(out))
     return 0
 

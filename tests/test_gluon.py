@@ -96,6 +96,15 @@ def test_reason_and_run_on_cpu_tensors():
     assert "64 x 64" in kg.band_reason(q, k, v, 64, 64)
 
 
+def test_tma_ok_needs_a_contiguous_last_dim_and_aligned_strides():
+    t = torch.zeros(2, 4, 64, 128, dtype=torch.bfloat16)
+    assert kg._tma_ok(t) and kg._tma_ok(t.transpose(1, 2))  # 16-byte multiples in any order
+    assert not kg._tma_ok(t.transpose(2, 3))  # last dim strided
+    assert kg._tma_ok(t[..., :60])  # rows 256 bytes apart: a narrower box is fine
+    assert not kg._tma_ok(torch.zeros(2, 4, 64, 132, dtype=torch.bfloat16)[..., :128])  # rows 264 bytes apart
+    assert not kg._tma_ok(torch.zeros(t.numel() + 1, dtype=torch.bfloat16)[1:].view(t.shape))  # base 2 bytes off
+
+
 def test_compiles_for_sm90_with_the_measured_resources():
     """The configs compile for sm_90 (stand-in driver, triton's ptxas), the range config also with
     the column pass: no spills, the block-list config and vertical-slash's second launch leave room
@@ -106,10 +115,13 @@ def test_compiles_for_sm90_with_the_measured_resources():
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads(res.stdout.strip().splitlines()[-1])
     per_sm = 228 * 1024
-    for kind, programs, warps in (("tiles", 2, 8), ("ranges", 1, 12), ("ranges+columns", 1, 12), ("vs", 2, 8)):
+    for kind, programs, warps in (("tiles", 2, 8), ("ranges", 1, 12), ("ranges+columns", 1, 12), ("vs", 2, 8),
+                                  ("vs+prior-loads", 2, 8)):
         r = info[kind]
         assert r["local"] == 0, (kind, r)
         assert programs * (r["shared"] + 1024) <= per_sm, (kind, r)
         assert r["warps"] == warps, (kind, r)
         assert r["regs"] * 32 * warps * programs <= 65536, (kind, r)
         assert r["setmaxnreg"] and r["wgmma"] and r["tma"] and r["mbarrier"], (kind, r)
+    # the second launch's default brings the band launch's rows through a TMA copy of their own (prior_tma)
+    assert info["vs"]["tma_copies"] > info["vs+prior-loads"]["tma_copies"], info

@@ -25,7 +25,10 @@ own pipeliner cannot express:
   side by side; with TWO, two consumer warpgroups (partitions of their own) take the two 64-row
   halves of a 128-row block and share every K / V tile;
 * LSE_OUT stores each row's log2-sum-exp2 as the Triton kernel's (vertical-slash's band launch,
-  merged by the second launch).
+  merged by the second launch); with PRIOR 2 the producer TMA-loads those rows into the ring slot
+  after the program's last tile (PRIOR 1: the consumer loads them in its epilogue);
+* with OVERLAP 2 each tile's mask inputs (edge entries, column skip words, bitmap windows) are loaded
+  one tile before they are used, the column pass's indices two (_ahead_next).
 
 One program = one (batch, query head) x one query block of BLOCK_M rows (64 per consumer
 warpgroup), programs ordered as ORDER 1 of the Triton kernel (the GROUP query heads of a KV
@@ -103,11 +106,12 @@ def _counts(b, h, pid_m, lists, cols_args, vs_args, HAS_TILES: gl.constexpr, HAS
 @gluon.jit
 def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_args,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TILES: gl.constexpr,
-              HAS_COLS: gl.constexpr, TILES_REL: gl.constexpr, HAS_EDGES: gl.constexpr):
+              HAS_COLS: gl.constexpr, TILES_REL: gl.constexpr, HAS_EDGES: gl.constexpr, PRIOR: gl.constexpr):
     """Loads Q, then every K / V tile of the program's sequence (tile list, edge list, then each range's
-    tiles (with HAS_EDGES only the ranges with holes), then the gathered column tiles) into the ring.
+    tiles (with HAS_EDGES only the ranges with holes), then the gathered column tiles) into the ring;
+    with PRIOR 2 then the earlier launch's rows of this block into the next ring slot's K buffer.
     The argument tuples are gluon_fwd_kernel's."""
-    q_desc, k_desc, v_desc = descs
+    q_desc, k_desc, v_desc, po_desc = descs
     q_smem, k_bufs, v_bufs = bufs
     q_bar, k_ready, v_ready, kv_empty = bars
     (TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
@@ -145,6 +149,19 @@ def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_
         kc_desc, vc_desc = cols_args[:2]
         for c0 in range(0, nc, BLOCK_N):
             i = _load_kv(kc_desc, vc_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, h, c0, STAGES)
+    if PRIOR == 2:
+        if _prior_written(b, h, pid_m, vs_args):
+            s = i % STAGES
+            mbarrier.wait(kv_empty.index(s), ((i // STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(s), po_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(po_desc, [b, h, m0, 0], k_ready.index(s), k_bufs.index(s))
+
+
+@gluon.jit
+def _prior_written(b, h, pid_m, vs_args):
+    """Whether the earlier launch wrote this block's rows (its count for the block is not 0)."""
+    PRIOR_CNT, stride_pcb, stride_pch, stride_pcq, qshift = vs_args[11], vs_args[15], vs_args[16], vs_args[17], vs_args[18]
+    return gl.load(PRIOR_CNT + b * stride_pcb + h * stride_pch + (pid_m >> qshift) * stride_pcq) != 0
 
 
 @gluon.jit
@@ -192,14 +209,7 @@ def _mask_in(j, geo, cols, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
     bitmap with the band and key bounds folded in (bit k <-> key n0 + BLOCK_N - 1 - k, as the Triton
     kernel's _bits_mask); else nothing."""
     if MASKED == 2:
-        # one thread per column (the accumulator layout would have every warp load every column's
-        # word: 8x the L2 sectors); _masked spreads them to the logits' layout
-        col_base, cw_base, nc, m0r = geo[:4]
-        lin: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-        g = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=lin)
-        ok = g < nc
-        c = gl.load(col_base + g, mask=ok, other=0)
-        return gl.load(cw_base + (m0r - c), mask=ok, other=-1)
+        return _col_words(_col_idx(j, geo, BLOCK_N), geo)
     elif MASKED == 3:
         ep = geo[0] + j * 4
         return gl.load(ep), gl.load(ep + 1), gl.load(ep + 2), gl.load(ep + 3)
@@ -215,6 +225,44 @@ def _mask_in(j, geo, cols, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
         return win & gl.where(khi >= klo, ones << klo.to(gl.uint64), 0)
     else:
         return 0
+
+
+@gluon.jit
+def _col_idx(j, geo, BLOCK_N: gl.constexpr):
+    """The column pass's tile j: its BLOCK_N column indices (-1 past the count), one thread per column
+    (the accumulator layout would have every warp load every column's word: 8x the L2 sectors;
+    _masked spreads the words to the logits' layout)."""
+    col_base, nc = geo[0], geo[2]
+    lin: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    g = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=lin)
+    return gl.load(col_base + g, mask=g < nc, other=-1)
+
+
+@gluon.jit
+def _col_words(c, geo):
+    """Skip words of columns c (see _mask_in; all bits set for c = -1)."""
+    cw_base, m0r = geo[1], geo[3]
+    return gl.load(cw_base + (m0r - c), mask=c >= 0, other=-1)
+
+
+@gluon.jit
+def _ahead_init(count, geo, cols, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
+    """AHEAD's state before tile 0 (see _ahead_next)."""
+    if MASKED == 2:
+        return _col_words(_col_idx(0, geo, BLOCK_N), geo), _col_idx(1, geo, BLOCK_N)
+    else:
+        return _mask_in(0, geo, cols, BLOCK_N, MASKED)
+
+
+@gluon.jit
+def _ahead_next(state, j, count, geo, cols, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
+    """(tile j's mask inputs, the state for tile j + 1): the inputs are loaded one tile before they are
+    used, and the column pass's indices two (its skip words' addresses depend on them)."""
+    if MASKED == 2:
+        words, c = state
+        return words, (_col_words(c, geo), _col_idx(j + 2, geo, BLOCK_N))
+    else:
+        return state, _mask_in(gl.minimum(j + 1, count - 1), geo, cols, BLOCK_N, MASKED)
 
 
 @gluon.jit
@@ -270,16 +318,26 @@ def _masked(s_val, j, geo, cols, words, BLOCK_N: gl.constexpr, MASKED: gl.conste
 def _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, count,
              geo, cols, qk_scale, s_zero,
              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr, OVERLAP: gl.constexpr,
-             p_layout: gl.constexpr, row_o: gl.constexpr):
+             p_layout: gl.constexpr, row_o: gl.constexpr, pre=0, PRE: gl.constexpr = False):
     """`count` consecutive tiles of the ring (ring position i on): whole tiles of the list
-    (MASKED 0), masked band tiles of a range (1) or column tiles (2); geo: see _masked. OVERLAP:
-    tile j + 1's q k^T and tile j's p v are in flight while tile j + 1's softmax runs. Returns
+    (MASKED 0), masked band tiles of a range (1), column tiles (2), edges (3) or tiles of a range
+    with holes (4); geo: see _masked. OVERLAP: tile j + 1's q k^T and tile j's p v are in flight
+    while tile j + 1's softmax runs; OVERLAP 2: also the mask inputs of masks 2-4 loaded ahead
+    (_ahead_next), starting from `pre` (_ahead_init's state, loaded earlier) with PRE. Returns
     (acc, m_i, l_i, ring position)."""
     dt: gl.constexpr = q_smem.dtype
+    AHEAD: gl.constexpr = OVERLAP == 2 and MASKED >= 2
     if OVERLAP:
         if count > 0:
             s_tok, kt = _logits(q_smem, k_bufs, k_ready, s_zero, i, STAGES)
-            words = _mask_in(0, geo, cols, BLOCK_N, MASKED)
+            if AHEAD:
+                if PRE:
+                    st = pre
+                else:
+                    st = _ahead_init(count, geo, cols, BLOCK_N, MASKED)
+                words, st = _ahead_next(st, 0, count, geo, cols, BLOCK_N, MASKED)
+            else:
+                words = _mask_in(0, geo, cols, BLOCK_N, MASKED)
             s_val, _q, _k = warpgroup_mma_wait(0, deps=(s_tok, q_smem, kt))
             s_val = _masked(s_val, 0, geo, cols, words, BLOCK_N, MASKED)
             p, alpha, m_i, l_i = _softmax(s_val, m_i, l_i, qk_scale, MASKED)
@@ -287,7 +345,10 @@ def _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empt
             p_op = gl.convert_layout(p.to(dt), p_layout)
             for j in range(1, count):
                 s_tok, kt = _logits(q_smem, k_bufs, k_ready, s_zero, i + j, STAGES)
-                words = _mask_in(j, geo, cols, BLOCK_N, MASKED)  # the column pass's loads before p v
+                if AHEAD:
+                    words, st = _ahead_next(st, j, count, geo, cols, BLOCK_N, MASKED)
+                else:
+                    words = _mask_in(j, geo, cols, BLOCK_N, MASKED)  # the column pass's loads before p v
                 sp = (i + j - 1) % STAGES
                 mbarrier.wait(v_ready.index(sp), ((i + j - 1) // STAGES) & 1)
                 vb = v_bufs.index(sp).reshape([v_bufs.shape[3], v_bufs.shape[4]])
@@ -358,6 +419,21 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
     offs_m = m0 + ROW0 + gl.arange(0, WG_M, layout=row_s)
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     nt, ne, nr, nc = _counts(b, h, pid_m, lists, cols_args, vs_args, HAS_TILES, HAS_EDGES, HAS_COLS)
+    if HAS_COLS:  # gathered columns: cells (i, c) with c <= i whose offset i - c is no slash
+        kc_desc, vc_desc, COLS, CCOUNT, CW, stride_colb, stride_colh, stride_ccb, stride_cch, stride_cwb, stride_cwh = cols_args
+        m0r = m0 + ROW0
+        hi_row = (offs_m - m0r) >= 32
+        bit32 = gl.full([WG_M], 1, gl.int32, row_s) << ((offs_m - m0r) & 31)
+        col_geo = (COLS + b * stride_colb + h * stride_colh, CW + b * stride_cwb + h * stride_cwh + 127, nc, m0r,
+                   gl.where(hi_row, 0, bit32), gl.where(hi_row, bit32, 0))
+        if OVERLAP == 2:  # the column pass's first mask inputs, loaded while the runs' tiles are visited
+            col_pre = _ahead_init(nc, col_geo, cols, BLOCK_N, 2)
+        else:
+            col_pre = 0
+    if PRIOR == 2:  # the earlier launch's log-sum-exp, loaded before the tiles (its rows come through the ring)
+        (PRIOR_O, PRIOR_LSE) = vs_args[9:11]
+        rows_o = m0 + ROW0 + gl.arange(0, WG_M, layout=row_o)
+        s1_pre = gl.load(PRIOR_LSE + b * stride_lb + h * stride_lh + rows_o, mask=rows_o < N, other=float("-inf"))
     mbarrier.wait(q_bar, 0)
     i = 0
     if HAS_TILES:
@@ -402,16 +478,10 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
             acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
                                         (ke - t2 + BLOCK_N - 1) // BLOCK_N, (t2, lo, hi, ke, offs_m), cols, qk_scale,
                                         s_zero, BLOCK_N, STAGES, 1, OVERLAP, p_layout, row_o)
-    if HAS_COLS:  # gathered columns: cells (i, c) with c <= i whose offset i - c is no slash
-        kc_desc, vc_desc, COLS, CCOUNT, CW, stride_colb, stride_colh, stride_ccb, stride_cch, stride_cwb, stride_cwh = cols_args
-        m0r = m0 + ROW0
-        hi_row = (offs_m - m0r) >= 32
-        bit32 = gl.full([WG_M], 1, gl.int32, row_s) << ((offs_m - m0r) & 31)
-        geo = (COLS + b * stride_colb + h * stride_colh, CW + b * stride_cwb + h * stride_cwh + 127, nc, m0r,
-               gl.where(hi_row, 0, bit32), gl.where(hi_row, bit32, 0))
+    if HAS_COLS:
         acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
-                                    (nc + BLOCK_N - 1) // BLOCK_N, geo, cols, qk_scale,
-                                    s_zero, BLOCK_N, STAGES, 2, OVERLAP, p_layout, row_o)
+                                    (nc + BLOCK_N - 1) // BLOCK_N, col_geo, cols, qk_scale,
+                                    s_zero, BLOCK_N, STAGES, 2, OVERLAP, p_layout, row_o, col_pre, OVERLAP == 2)
 
     l_o = gl.convert_layout(l_i, row_o)
     out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
@@ -422,13 +492,21 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
         # merge an earlier launch's normalised rows over other keys (vertical-slash's band launch; heads /
         # query-block groups where its count is not 0): weights 2^(lse - m) and 2^(m_i - m), as the
         # Triton kernel's epilogue; PRIOR_O may be O (each program reads its own rows first)
+        # (PRIOR 2: the rows TMA-loaded by the producer into the ring slot after the last tile, rows past N
+        # zero; the lse loaded up front)
         (PRIOR_O, PRIOR_LSE, PRIOR_CNT, stride_pb, stride_ph, stride_pn, stride_pcb, stride_pch, stride_pcq,
          qshift) = vs_args[9:]
-        if gl.load(PRIOR_CNT + b * stride_pcb + h * stride_pch + (pid_m >> qshift) * stride_pcq) != 0:
-            rmask = rows < N
-            o1 = gl.load(PRIOR_O + b * stride_pb + h * stride_ph + rows[:, None] * stride_pn + offs_d[None, :],
-                         mask=rmask[:, None], other=0.0).to(gl.float32)
-            s1 = gl.load(PRIOR_LSE + b * stride_lb + h * stride_lh + rows, mask=rmask, other=float("-inf"))
+        if _prior_written(b, h, pid_m, vs_args):
+            if PRIOR == 2:
+                sl = i % STAGES
+                mbarrier.wait(k_ready.index(sl), (i // STAGES) & 1)
+                o1 = k_bufs.index(sl).reshape([k_bufs.shape[3], k_bufs.shape[4]]).load(o_layout).to(gl.float32)
+                s1 = s1_pre
+            else:
+                rmask = rows < N
+                o1 = gl.load(PRIOR_O + b * stride_pb + h * stride_ph + rows[:, None] * stride_pn + offs_d[None, :],
+                             mask=rmask[:, None], other=0.0).to(gl.float32)
+                s1 = gl.load(PRIOR_LSE + b * stride_lb + h * stride_lh + rows, mask=rmask, other=float("-inf"))
             m_o = gl.convert_layout(m_i, row_o)
             m_new = gl.maximum(m_o, s1)
             m_new = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -449,7 +527,7 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
 
 
 @gluon.jit
-def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
+def gluon_fwd_kernel(q_desc, k_desc, v_desc, po_desc, O, LSE,
                      TILES, TCOUNT, RANGES, RCOUNT,
                      kc_desc, vc_desc, COLS, CCOUNT, CW, stride_colb, stride_colh, stride_ccb, stride_cch,
                      stride_cwb, stride_cwh,
@@ -501,13 +579,13 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, O, LSE,
                          OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD)),
             (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
                          OVERLAP, num_warps, WG_M, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD)),
-            (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_args,
-                         BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES)),
+            (_producer, ((q_desc, k_desc, v_desc, po_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args,
+                         vs_args, BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES, PRIOR)),
         ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
             (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
                          OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD)),
-            (_producer, ((q_desc, k_desc, v_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_args,
-                         BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES)),
+            (_producer, ((q_desc, k_desc, v_desc, po_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args,
+                         vs_args, BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES, PRIOR)),
         ], [1], [PRODUCER_REGS])

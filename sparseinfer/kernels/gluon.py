@@ -27,8 +27,9 @@ from .. import index as _index
 
 # Per index kind: stages (K / V tiles in flight), consumer warps (16 rows each) per warpgroup,
 # registers per thread at launch (the producer warpgroup gives its share to the consumers), the next
-# tile's q k^T issued before this tile's softmax (overlap), two consumer warpgroups on 128-row blocks
-# sharing each K / V tile (two).
+# tile's q k^T issued before this tile's softmax (overlap; 2: also the mask inputs loaded ahead), two
+# consumer warpgroups on 128-row blocks sharing each K / V tile (two), an earlier launch's rows merged
+# through TMA (prior_tma).
 # "tiles": block-sparse 64 x 64 tile lists (gluon_ab1.md, H100 512K: 2 stages 134.2 ms, 3 stages
 # 151.3, 4 stages 166.2, 3 stages without overlap 168.5; Triton 154.2; gluon_ab2.md: 2 stages without
 # overlap 163.4 vs 141.2). "ranges": 128 x 128 tiles of ranges only (A-shape, vertical-slash's band
@@ -49,10 +50,15 @@ from .. import index as _index
 # in registers (one subtraction and one compare per cell, the key bounds only where a tile crosses them):
 # 30.60 ms at 128K, 123.79 at 512K. Masks in inline PTX (_gluon_attn._masked; results/vs_mask_ab.md,
 # bs_mask_ab.md): vertical-slash 128K 27.91 vs 29.50 ms, 512K 113.46 vs 118.89; block-sparse 26.42 vs 27.04,
-# 126.54 vs 125.41 (a wash: one masked tile per ~100).
+# 126.54 vs 125.41 (a wash: one masked tile per ~100). Since the masks are cheap the loads they wait for
+# show (Nsight Compute, results/ncu/ncu_source_vs2_h200_s28.md): overlap 2 loads each tile's mask inputs one
+# tile ahead and the column pass's indices two (its skip words' addresses depend on them); prior_tma brings
+# the band launch's rows to the epilogue through TMA into the ring slot after the last tile (results/
+# vs_ahead_s28.md, 3 rounds): 128K 27.73 ms with both, 27.90 look-ahead only, 27.98 TMA only, 28.22 neither;
+# 256K 56.23 / 56.42 / 56.82 / 57.24.
 CONFIGS = {"tiles": {"stages": 2, "num_warps": 4, "maxnreg": 128, "overlap": True},
            "ranges": {"stages": 3, "num_warps": 4, "maxnreg": 168, "overlap": True, "two": True},
-           "vs": {"stages": 3, "num_warps": 4, "maxnreg": 128, "overlap": True}}
+           "vs": {"stages": 3, "num_warps": 4, "maxnreg": 128, "overlap": 2, "prior_tma": True}}
 
 
 def index_kind(idx: _index.SparseIndex, head_dim: int, block_n: int) -> tuple[str | None, str | None]:
@@ -121,14 +127,19 @@ def _device_reason(q, k, v, block_m: int) -> str | None:
     if q.shape[2] < block_m:
         return f"N = {q.shape[2]} shorter than one {block_m}-row block (a TMA box larger than the tensor, unchecked)"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
+        if not _tma_ok(t):
             return f"{name} strides {t.stride()} (TMA needs a contiguous last dim and 16-byte aligned strides)"
     return None
 
 
+def _tma_ok(t: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can read t: contiguous last dim, 16-byte aligned base and strides."""
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+
+
 def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_warps: int = 4,
-        maxnreg: int = 128, overlap: bool = True, producer_regs: int = 24, block_n: int = 64,
-        two: bool = False, consumer_regs: int = 240,
+        maxnreg: int = 128, overlap: bool | int = True, producer_regs: int = 24, block_n: int = 64,
+        two: bool = False, consumer_regs: int = 240, prior_tma: bool = False,
         lse_out: torch.Tensor | None = None, out: torch.Tensor | None = None, check: bool = True,
         col_inputs: tuple | None = None, prior: tuple | None = None) -> torch.Tensor:
     """Attention of q [B, Hq, N, D] over k / v [B, Hkv, N, D] restricted to idx's cells (a tile list
@@ -140,7 +151,11 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
     each row's log2-sum-exp2 (as ``attention.run_index``'s). check=False skips ``reason``
     (benchmarks trying other shapes). An index with gathered columns (vertical-slash's band launch)
     needs ``attention.column_inputs``' tensors: built here unless given as col_inputs. prior: another
-    launch's rows over other keys, merged in (``attention.run_index``'s prior: (o, lse, written[, s]))."""
+    launch's rows over other keys, merged in (``attention.run_index``'s prior: (o, lse, written[, s])).
+    overlap: the next tile's q k^T issued before this tile's softmax; 2: also each tile's mask inputs
+    loaded a tile ahead (the column pass's indices two). prior_tma: the prior rows come to the epilogue
+    through TMA into the ring slot after the last tile (64-row blocks of one warpgroup, a prior o like q
+    that TMA can read; else they are loaded in the epilogue)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from ._loader import kernel_module
@@ -199,14 +214,20 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
                      st(sb, 0) if idx.slash_bits is not None else 0, st(sb, 1) if idx.slash_bits is not None else 0)
     else:
         edge_args = (dummy, dummy, 0, 0, 0, 0, dummy, 0, 0)
+    pmode = 0
     if prior is not None:
         po, plse, pc = prior[:3]
+        # prior_tma: the producer TMA-loads the earlier launch's rows into the ring slot after the last
+        # tile (a K buffer: 64-row blocks of one warpgroup only, rows TMA can read)
+        pmode = 2 if (prior_tma and bm == bn and not two and po.dtype == q.dtype and po.shape == q.shape
+                      and _tma_ok(po)) else 1
         prior_args = (po, plse, pc, po.stride(0), po.stride(1), po.stride(2), st(pc, 0), st(pc, 1),
                       pc.stride(2) if pc.dim() == 3 else 0, prior[3] if len(prior) > 3 else 0)
     else:
         prior_args = (dummy, dummy, dummy, 0, 0, 0, 0, 0, 0, 0)
+    kd = desc(k, bn)
     mod.gluon_fwd_kernel[(b * hq * nqb,)](
-        desc(q, bm), desc(k, bn), desc(v, bn), out, lse_out if lse_out is not None else dummy, tiles, tc, ranges, rc,
+        desc(q, bm), kd, desc(v, bn), desc(prior[0], bn) if pmode == 2 else kd, out, lse_out if lse_out is not None else dummy, tiles, tc, ranges, rc,
         *col_args, *edge_args, *prior_args,
         st(tiles, 0) if has_tiles else 0, st(tiles, 1) if has_tiles else 0, st(tiles, 2) if has_tiles else 0,
         st(tc, 0) if has_tiles else 0, st(tc, 1) if has_tiles else 0,
@@ -217,5 +238,5 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
         BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, STAGES=stages, HAS_TILES=has_tiles, PRODUCER_REGS=producer_regs,
         OVERLAP=overlap, TWO=two, CONSUMER_REGS=consumer_regs,
         LSE_OUT=lse_out is not None, HAS_COLS=has_cols, TILES_REL=bool(idx.tiles_relative), HAS_EDGES=has_edges,
-        PRIOR=prior is not None, PAD=_index.BITS_PAD, num_warps=num_warps, maxnreg=maxnreg)
+        PRIOR=pmode, PAD=_index.BITS_PAD, num_warps=num_warps, maxnreg=maxnreg)
     return out

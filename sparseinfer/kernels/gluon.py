@@ -226,8 +226,9 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
     else:
         prior_args = (dummy, dummy, dummy, 0, 0, 0, 0, 0, 0, 0)
     kd = desc(k, bn)
+    pod = desc(po, bn) if pmode == 2 else kd  # the prior rows' descriptor (a K buffer's box)
     mod.gluon_fwd_kernel[(b * hq * nqb,)](
-        desc(q, bm), kd, desc(v, bn), desc(prior[0], bn) if pmode == 2 else kd, out, lse_out if lse_out is not None else dummy, tiles, tc, ranges, rc,
+        desc(q, bm), kd, desc(v, bn), pod, out, lse_out if lse_out is not None else dummy, tiles, tc, ranges, rc,
         *col_args, *edge_args, *prior_args,
         st(tiles, 0) if has_tiles else 0, st(tiles, 1) if has_tiles else 0, st(tiles, 2) if has_tiles else 0,
         st(tc, 0) if has_tiles else 0, st(tc, 1) if has_tiles else 0,

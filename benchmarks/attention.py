@@ -527,7 +527,8 @@ def vs_parts(dev, gen, log, sizes, rounds: int = 1, old: bool = False):
     the merge / with its edges visited as unmasked tiles (timing only: those outputs are not the
     attention), and the whole call; with rounds > 1 every part once per round, alternating
     (`alternate`), the median kept. old: also the parts of sessions 25-26's experiments (the
-    column pass over 128-row blocks, the band launch with its columns)."""
+    column pass over 128-row blocks, the band launch with its columns) and of session 28's (the second
+    launch on 128-row blocks with two consumer warpgroups)."""
     import dataclasses
 
     from sparseinfer import index as sidx
@@ -562,11 +563,12 @@ def vs_parts(dev, gen, log, sizes, rounds: int = 1, old: bool = False):
         both = torch.sort(torch.cat([idx.tiles[:, :, 0], idx.edges[..., 0]], -1), -1, descending=True)[0]
         as_tiles = dataclasses.replace(idx, tiles=both[:, :, None].contiguous(), tile_count=idx.tile_count + idx.edge_count,
                                        edge_count=zero)
-        # the second launch over 128-row query blocks: two consumer warpgroups sharing every K / V tile
-        # (each visits the union of the two halves' tiles, masked for its rows): fewer loads, more cells
+        # (old) the second launch over 128-row query blocks: two consumer warpgroups sharing every K / V tile
+        # (each visits the union of the two halves' tiles, masked for its rows): fewer loads, more cells;
+        # slower (session 28, results/vs_parts_s28b.md)
         from sparseinfer.kernels import gluon as kg
 
-        two_ok = katt.FLAGS["GLUON"] and kg.band_reason(q, k, v, band_cfg[0], band_cfg[1]) is None
+        two_ok = old and katt.FLAGS["GLUON"] and kg.band_reason(q, k, v, band_cfg[0], band_cfg[1]) is None
         if two_ok:
             idx2x, _ = sidx.from_vertical_slash(vert, sl, n, 128, block_n=bn, band_block_m=band_cfg[0],
                                                 band_min=katt.VS_BAND_MIN, max_tiled=katt.FLAGS["VS_TILED_RUNS"] or None,
@@ -964,7 +966,8 @@ def main():
                          "launch with / without columns, runs, merge), timed apart")
     ap.add_argument("--rounds", type=int, default=1, help="with --vs-parts: alternating rounds (median kept)")
     ap.add_argument("--parts-old", action="store_true",
-                    help="with --vs-parts: also sessions 25-26's parts (columns over 128-row blocks, band + columns)")
+                    help="with --vs-parts: also the parts of rejected experiments (sessions 25-26: columns over "
+                         "128-row blocks, band + columns; session 28: the second launch on 128-row blocks)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--tag", default="attention")

@@ -431,7 +431,7 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
         else:
             col_pre = 0
     if PRIOR == 2:  # the earlier launch's log-sum-exp, loaded before the tiles (its rows come through the ring)
-        (PRIOR_O, PRIOR_LSE) = vs_args[9:11]
+        PRIOR_LSE = vs_args[10]
         rows_o = m0 + ROW0 + gl.arange(0, WG_M, layout=row_o)
         s1_pre = gl.load(PRIOR_LSE + b * stride_lb + h * stride_lh + rows_o, mask=rows_o < N, other=float("-inf"))
     mbarrier.wait(q_bar, 0)

@@ -82,14 +82,22 @@ def main() -> int:
             fh.write(ck.asm["cubin"])
         res = subprocess.run([os.path.join(bindir, "cuobjdump"), "--dump-resource-usage", path],
                              capture_output=True, text=True, check=True).stdout
-        os.remove(path)
         ptx = ck.asm["ptx"]
+        # ptxas's own verdict on the wgmma pipeline (C7511: wgmma serialized, e.g. for want of registers)
+        ptx_path = path[:-6] + ".ptx"
+        with open(ptx_path, "w") as fh:
+            fh.write(ptx)
+        info = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", ptx_path, "-o", path],
+                              capture_output=True, text=True, check=True).stderr
+        os.remove(ptx_path)
+        os.remove(path)
         out[kind] = {"shared": ck.metadata.shared, "warps": ck.metadata.num_warps,
                      "regs": int(re.search(r"REG:(\d+)", res).group(1)),
                      "local": int(re.search(r"LOCAL:(\d+)", res).group(1)),
                      "setmaxnreg": "setmaxnreg" in ptx, "wgmma": "wgmma.mma_async" in ptx,
                      "tma": "cp.async.bulk.tensor" in ptx, "mbarrier": "mbarrier.try_wait" in ptx,
-                     "tma_copies": ptx.count("cp.async.bulk.tensor")}
+                     "tma_copies": ptx.count("cp.async.bulk.tensor"),
+                     "wgmma_serialized": "C7511" in info}
     print(json.dumps(out))
     return 0
 

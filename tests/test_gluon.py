@@ -109,7 +109,8 @@ def test_compiles_for_sm90_with_the_measured_resources():
     """The configs compile for sm_90 (stand-in driver, triton's ptxas), the range config also with
     the column pass: no spills, the block-list config and vertical-slash's second launch leave room
     for two programs per SM (as measured), the range config for one; the PTX
-    has the register hand-over, wgmma, TMA and mbarrier waits the design relies on."""
+    has the register hand-over, wgmma, TMA and mbarrier waits the design relies on, and ptxas does
+    not serialize the wgmma (its C7511 note, e.g. for want of registers)."""
     res = subprocess.run([sys.executable, os.path.join(HERE, "sm90_compile.py")], capture_output=True, text=True,
                          timeout=600, env=dict(os.environ, TRITON_INTERPRET="0"))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -123,5 +124,6 @@ def test_compiles_for_sm90_with_the_measured_resources():
         assert r["warps"] == warps, (kind, r)
         assert r["regs"] * 32 * warps * programs <= 65536, (kind, r)
         assert r["setmaxnreg"] and r["wgmma"] and r["tma"] and r["mbarrier"], (kind, r)
+        assert not r["wgmma_serialized"], (kind, r)  # ptxas kept the wgmma pipeline (no C7511)
     # the second launch's default brings the band launch's rows through a TMA copy of their own (prior_tma)
     assert info["vs"]["tma_copies"] > info["vs+prior-loads"]["tma_copies"], info

@@ -56,6 +56,10 @@ from .. import index as _index
 # the band launch's rows to the epilogue through TMA into the ring slot after the last tile (results/
 # vs_ahead_s28.md, 3 rounds): 128K 27.73 ms with both, 27.90 look-ahead only, 27.98 TMA only, 28.22 neither;
 # 256K 56.23 / 56.42 / 56.82 / 57.24.
+# Not kept: FlashAttention-4's conditional rescaling (the accumulator rescaled only on tiles where some row's max
+# grew by more than 8): its warpgroup-wide vote is a shared-memory reduction with three bar.sync per tile, slower
+# than the multiplies it skips (128K 28.27 vs 27.71 ms, block-sparse 29.31 vs 26.23; results/vs_lazy_s29.md,
+# vs_lazy_rejected.patch); a warp's own vote and branch in inline PTX made ptxas serialize the wgmma (C7511).
 CONFIGS = {"tiles": {"stages": 2, "num_warps": 4, "maxnreg": 128, "overlap": True},
            "ranges": {"stages": 3, "num_warps": 4, "maxnreg": 168, "overlap": True, "two": True},
            "vs": {"stages": 3, "num_warps": 4, "maxnreg": 128, "overlap": 2, "prior_tma": True}}

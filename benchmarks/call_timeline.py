@@ -10,7 +10,8 @@ first, `attention.busy_ahead`, as a model's earlier layers keep the GPU busy whi
 launches; a sleep kernel there would let the clocks rise: results/clocks_sleep_s19.md), and one call under
 torch.profiler: every GPU kernel with its start relative to the first kernel, its duration and
 stream, and the idle time of the GPU between the call's first and last kernel; then the host's
-time per call and per launcher part (`host_parts`), the GPU kept busy.
+time per call and per launcher part (`host_parts`), the GPU kept busy, and a cProfile of the host
+path (`host_profile`: the functions with the most own time).
 Writes JSON + markdown to --out (default benchmarks/results/).
 """
 from __future__ import annotations
@@ -121,6 +122,30 @@ def host_parts(fn, calls: int = 20) -> dict:
     return out
 
 
+def host_profile(fn, calls: int = 20, top: int = 30) -> list[dict]:
+    """cProfile of `calls` calls of fn, the GPU kept busy (a sleep kernel queued first, so no launch
+    waits): the `top` functions by own time, ms per call (own and inclusive) and calls per call."""
+    import cProfile
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(4e9))
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    st = pstats.Stats(prof)
+    rows = []
+    for (file, line, func), (_cc, nc, tt, ct, _callers) in st.stats.items():
+        rows.append({"function": f"{os.path.basename(file)}:{line}({func})", "calls": nc / calls,
+                     "own_ms": 1e3 * tt / calls, "incl_ms": 1e3 * ct / calls})
+    rows.sort(key=lambda r: -r["own_ms"])
+    return rows[:top]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="131072,524288")
@@ -151,7 +176,9 @@ def main():
             ah = [bench(fn, budget_s=0.8, ahead=True) for _ in range(2)]
             tl = timeline(fn)
             parts = host_parts(fn)
-            r = {"N": n, "case": name, "events_ms": ev, "ahead_ms": ah, "host_parts_ms": parts, **tl}
+            hp = host_profile(fn)
+            r = {"N": n, "case": name, "events_ms": ev, "ahead_ms": ah, "host_parts_ms": parts, "host_profile": hp,
+                 **tl}
             print(f"N={n} {name}: host parts (ms per call, inclusive) "
                   + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()), flush=True)
             res.append(r)
@@ -171,6 +198,9 @@ def main():
             if len(tl["kernels"]) > 40:
                 lines.append(f"| | {sum(kk['dur'] for kk in small):.1f} | | {len(small)} kernels under 20 us "
                              f"(median {statistics.median([kk['dur'] for kk in small]) if small else 0:.1f} us) |")
+            lines += ["", "host profile (cProfile, 20 calls, the GPU kept busy; top functions by own time, ms per call):",
+                      "", "| function | calls | own ms | inclusive ms |", "|---|---|---|---|"]
+            lines += [f"| {h['function']} | {h['calls']:.0f} | {h['own_ms']:.3f} | {h['incl_ms']:.3f} |" for h in hp]
             lines.append("")
         del q, k, v, vert, sl, bi, cases
     with open(os.path.join(args.out, f"{args.tag}.json"), "w") as fh:

@@ -68,10 +68,12 @@ BREAK_EVEN = {
 # band launch is the Gluon kernel (one program per SM holding the whole register file: the side
 # stream's graph nodes only interleave with its programs, and cost more than they hide): H200, 128K
 # realistic, 5 alternating rounds, off 33.16-33.45 vs on 33.44-33.74 ms, faster in every round
-# (results/vs_overlap_ab.md). VS_TILED_RUNS: at most this many exact slash runs per head (the nearest)
-# become relative tiles + edges (index.from_vertical_slash(max_tiled=)); the lists were sized by the
-# number of slashes (6096 realistic: ~37K edge slots per head, sorted and stacked in every call); 0: no
-# cap. With VS_OVERLAP off (results/vs_cap_ab.md, H200 128K, 3 rounds): 33.36 ms vs 33.61 uncapped.
+# (results/vs_overlap_ab.md); again with the graphed two-launch index and both launches on Gluon: 27.41 vs
+# 28.18 ms (27.71 with a default-priority side stream; results/vs_overlap_s29.md).
+# VS_TILED_RUNS: at most this many exact slash runs per head (the nearest) become relative tiles + edges
+# (index.from_vertical_slash(max_tiled=)); the lists were sized by the number of slashes (6096 realistic: ~37K
+# edge slots per head, sorted and stacked in every call); 0: no cap. With VS_OVERLAP off (results/vs_cap_ab.md,
+# H200 128K, 3 rounds): 33.36 ms vs 33.61 uncapped.
 # VS_RUNS_KERNEL: on a GPU the sort, runs, grouping and tile cap of the index in one torch.sort + one
 # launch, and the capped runs' relative tiles + edges in one more (kernels.runs,
 # index.from_vertical_slash(fused_runs=)) instead of ~180 torch launches: H200 128K realistic, graphed

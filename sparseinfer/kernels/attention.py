@@ -69,7 +69,8 @@ BREAK_EVEN = {
 # stream's graph nodes only interleave with its programs, and cost more than they hide): H200, 128K
 # realistic, 5 alternating rounds, off 33.16-33.45 vs on 33.44-33.74 ms, faster in every round
 # (results/vs_overlap_ab.md); again with the graphed two-launch index and both launches on Gluon: 27.41 vs
-# 28.18 ms (27.71 with a default-priority side stream; results/vs_overlap_s29.md).
+# 28.18 ms (27.71 with a default-priority side stream; results/vs_overlap_s29.md); the band launch first and the
+# index after it on the same stream 27.95 vs 27.57 (results/vs_bandfirst_s29.md).
 # VS_TILED_RUNS: at most this many exact slash runs per head (the nearest) become relative tiles + edges
 # (index.from_vertical_slash(max_tiled=)); the lists were sized by the number of slashes (6096 realistic: ~37K
 # edge slots per head, sorted and stacked in every call); 0: no cap. With VS_OVERLAP off (results/vs_cap_ab.md,

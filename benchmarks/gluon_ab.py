@@ -3,8 +3,8 @@
 One Llama-3-8B layer (32 q / 8 KV heads, D 128, bf16, causal, B 1): block-sparse on the realistic
 top-100 lists of 64-blocks (`attention.realistic_blocks`) and A-shape (128 sink + 4096 window).
 Every variant is checked at 16K against the float32 reference on the same mask (rel. err, NaN),
---vs variants also on slashes with holes and on keys whose logits move rows' maxima late (heavy
-columns); and at every length against the Triton kernel's output; then the kernel alone (index
+--vs variants also on slashes with holes, on keys whose logits move rows' maxima late (heavy
+columns) and at batch 2 with a tail (N = 16284) on transposed q / k / v; and at every length against the Triton kernel's output; then the kernel alone (index
 prebuilt) is timed, all variants once per round, `--rounds` rounds, order reversed every other round;
 cuDNN dense before the first round and after the last.
 
@@ -218,6 +218,19 @@ def main() -> int:
             log(f"check {var['name']}: heavy columns (late maxima), rel err {lerr:.2e} "
                 f"nan {checks[var['name']]['late_max_nan']}")
             del kl, lo_, lr
+            # batch 2, N with a tail (N % 128 = 28: a 128-row block whose upper 64 rows are past N), q / k / v as
+            # transposed views of [B, N, H, D] projections
+            nt_ = n16 - 100
+            qt, kt, vt = (torch.randn(2, nt_, h_, A.D, device=dev, generator=gen, dtype=torch.bfloat16).transpose(1, 2)
+                          for h_ in (A.HQ, A.HKV, A.HKV))
+            vst = A.realistic_vs(2, A.HQ, nt_, dev, gen)
+            to_ = flags_fn(var["flags"], qt, kt, vt, vst, scale)().float()
+            tr = ops.vertical_slash_attention(qt, kt, vt, *vst, backend="reference").float()
+            terr = ((to_ - tr).norm() / tr.norm()).item()
+            checks[var["name"]].update(tail_rel_err=terr, tail_nan=bool(torch.isnan(to_).any()))
+            log(f"check {var['name']}: B 2, N {nt_}, transposed q / k / v, rel err {terr:.2e} "
+                f"nan {checks[var['name']]['tail_nan']}")
+            del qt, kt, vt, to_, tr
         if var in variants and var is next(x for x in variants if x["pattern"] == var["pattern"]):
             qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # projections' views
             ot = gluon_fn(var, qt, kt, vt, n16, bi, scale, dev)().float()

@@ -4,9 +4,10 @@ One Llama-3-8B layer (32 q / 8 KV heads, D 128, bf16, causal, B 1): block-sparse
 top-100 lists of 64-blocks (`attention.realistic_blocks`) and A-shape (128 sink + 4096 window).
 Every variant is checked at 16K against the float32 reference on the same mask (rel. err, NaN),
 --vs variants also on slashes with holes, on keys whose logits move rows' maxima late (heavy
-columns) and at batch 2 with a tail (N = 16284) on transposed q / k / v; and at every length against the Triton kernel's output; then the kernel alone (index
-prebuilt) is timed, all variants once per round, `--rounds` rounds, order reversed every other round;
-cuDNN dense before the first round and after the last.
+columns) and at batch 2 with a tail (N = 16284) on transposed q / k / v; and at every length against
+the Triton kernel's output; then the kernel alone (index prebuilt) is timed, all variants once per
+round, `--rounds` rounds, order reversed every other round; cuDNN dense before the first round and
+after the last.
 
     python benchmarks/gluon_ab.py --sizes 131072,524288 --rounds 3 --out $OUT --tag gluon_ab \
         --variants 'bs/g3=bs:3,4,128,1;bs/g3n=bs:3,4,128,0;as/g2=as:2,8,168,1,128'

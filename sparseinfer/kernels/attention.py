@@ -100,7 +100,8 @@ BREAK_EVEN = {
 # taking each head's exact slash runs as ranges (masked 128 x 128 tiles; the second launch's 64 x 64 relative
 # tiles + edges waste fewer cells): H200 realistic, 3 alternating rounds, 128K 36.07 vs 33.09 ms, 512K 144.37
 # vs 133.59, with the columns too 38.24 / 153.55 (results/vs_runs_ab.md, vs_band_runs_rejected.patch).
-# VS_BAND_COLS again with session 30's kernels (results/vs_bandcols_s30.md): 128K 28.96 vs 28.01 ms, 256K 57.92 vs 57.35.
+# VS_BAND_COLS again with session 30's kernels (results/vs_bandcols_s30.md): 128K 28.96 vs 28.01 ms, 256K 57.92
+# vs 57.35.
 # Not kept either: both launches in one (each 128-row block's band, then per consumer warpgroup its 64-row block of
 # the second launch, no merge): 128K 28.34 vs 27.02 ms at best, 256K 56.95 vs 53.72 (results/vs_fused2_s30.md,
 # vs_fused3_s30.md, vs_fused_rejected.patch; at one program per SM the serial latencies the second launch's two

@@ -75,6 +75,26 @@ HOST_PARTS = [("sparseinfer.kernels.attention", "vertical_slash_attention"),
               ("sparseinfer.index", "band_index"), ("sparseinfer.kernels.rows", "block_lists")]
 
 
+def _busy_calls(fn, calls: int, start=None, stop=None) -> float:
+    """One warm call of fn, then `calls` calls with the GPU kept busy (a sleep kernel queued first, so no
+    launch waits); start / stop run right before / after them. Returns their host time (s)."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    if start is not None:
+        start()
+    torch.cuda._sleep(int(4e9))
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    total = time.perf_counter() - t
+    if stop is not None:
+        stop()
+    torch.cuda.synchronize()
+    return total
+
+
 def host_parts(fn, calls: int = 20) -> dict:
     """Inclusive host time (ms per call) of the functions in HOST_PARTS and of triton's kernel
     launches (JITFunction.run), the GPU kept busy; the functions are wrapped for the measurement
@@ -105,15 +125,7 @@ def host_parts(fn, calls: int = 20) -> dict:
             wrap(m, name, f"{mod.split('.')[-1]}.{name}")
     wrap(JITFunction, "run", "triton launch")
     try:
-        fn()
-        torch.cuda.synchronize()
-        acc.clear()
-        torch.cuda._sleep(int(4e9))
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        total = time.perf_counter() - t
-        torch.cuda.synchronize()
+        total = _busy_calls(fn, calls, start=acc.clear)
     finally:
         for owner, attr, orig in reversed(saved):
             setattr(owner, attr, orig)
@@ -128,15 +140,8 @@ def host_profile(fn, calls: int = 20, top: int = 30) -> list[dict]:
     import cProfile
     import pstats
 
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(4e9))
     prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls):
-        fn()
-    prof.disable()
-    torch.cuda.synchronize()
+    _busy_calls(fn, calls, start=prof.enable, stop=prof.disable)
     st = pstats.Stats(prof)
     rows = []
     for (file, line, func), (_cc, nc, tt, ct, _callers) in st.stats.items():
@@ -202,7 +207,7 @@ def main():
                       "", "| function | calls | own ms | inclusive ms |", "|---|---|---|---|"]
             lines += [f"| {h['function']} | {h['calls']:.0f} | {h['own_ms']:.3f} | {h['incl_ms']:.3f} |" for h in hp]
             lines.append("")
-        del q, k, v, vert, sl, bi, cases
+        q = k = v = vert = sl = bi = cases = None  # freed before the next size (not del: the lambdas name them)
     with open(os.path.join(args.out, f"{args.tag}.json"), "w") as fh:
         json.dump({"meta": meta, "results": res}, fh, indent=1)
     with open(os.path.join(args.out, f"{args.tag}.md"), "w") as fh:

@@ -54,8 +54,9 @@ class SparseIndex:
         broadcast (the kernel reads it with stride 0). Only the first ``range_count`` are read.
     range_count: int32 [B|1, H|1, nqb] ranges to visit per query block.
     columns: int32 [B, H, C] sorted ascending, padded with n; or None.
-    column_count: int32 [B, H, nqb] columns < min(n, (q + 1) * block_m), i.e. possibly causal
-        for some row of query block q; or None.
+    column_count: int32 [B, H, nqb] columns to visit for query block q: a prefix of ``columns``,
+        at most those < min(n, (q + 1) * block_m) (possibly causal for some row of the block); or None.
+        (``from_vertical_slash`` leaves out the columns the head's first slash run covers for every row.)
     slash_map: uint8 [B, H, n], 1 where the offset i - j is a slash; or None (no column pass
         and all ranges exact).
     tiles: int32 [B, H, nqb|1, T] key starts of unmasked tiles of ``block_n`` keys (relative
@@ -597,10 +598,14 @@ def from_vertical_slash(
     v = vertical_idx.to(torch.int64)
     v = torch.where((v >= 0) & (v < n), v, torch.full_like(v, big))
     cols = _sorted_unique(v, big)
-    bound = (torch.arange(nqb, device=dev) * block_m + block_m).clamp(max=n)
-    cc = torch.searchsorted(
-        cols.reshape(b * h, -1).contiguous(), bound.view(1, nqb).expand(b * h, nqb).contiguous(), right=False
-    ).view(b, h, nqb)
+    # a block visits the columns left of its last row's first run (offsets 0..w: offset 0 is always a
+    # slash): the run covers every row's cells in columns c >= last row - w (or they are not causal)
+    w = (smap == 0).to(torch.uint8).argmax(-1) - 1  # the first offset that is no slash, minus 1
+    w = torch.where(smap.bool().all(-1), n - 1, w)  # every offset a slash
+    last = (torch.arange(nqb, device=dev) * block_m + block_m).clamp(max=n) - 1
+    bound = last.view(1, 1, nqb) - w.unsqueeze(-1)
+    cc = torch.searchsorted(cols.reshape(b * h, -1).contiguous(), bound.reshape(b * h, nqb).contiguous(),
+                            right=False).view(b, h, nqb)
     if band is not None and band_columns:  # the band launch takes these heads' columns
         cc = torch.where(band.range_count[..., :1] > 0, torch.zeros_like(cc), cc)
     idx = SparseIndex(

@@ -428,6 +428,21 @@ def test_index_vertical_slash_relative_tiles(n, block_m, block_n, merge_gap):
         sidx.from_vertical_slash(vert, sl, n, 64, block_n=48)
 
 
+def test_index_vertical_slash_columns_under_the_first_run():
+    """A query block does not visit the columns that the head's first slash run (offsets 0..w)
+    covers for all its rows (c >= last row - w); the cells stay those of the dense mask."""
+    n, bm = 300, 32
+    vert, sl = vs_indices(2, 2, n, 40, 25, seed=5)
+    sl[0, 0, :60] = torch.arange(60)  # head (0, 0): first run 0..59 at least
+    idx = sidx.from_vertical_slash(vert, sl, n, bm)
+    _cells_equal(idx, vertical_slash_mask(n, vert, sl))
+    bound = (torch.arange(idx.column_count.shape[-1]) * bm + bm).clamp(max=n)
+    causal = torch.stack([torch.searchsorted(idx.columns[b, h].contiguous(), bound.int()) for b in range(2)
+                          for h in range(2)]).view(2, 2, -1)
+    assert (idx.column_count <= causal).all()
+    assert (idx.column_count[0, 0] <= causal[0, 0] - 2).sum() >= 3  # the wide first run drops columns
+
+
 def test_index_vertical_slash_runs():
     """Consecutive offsets become one exact band; far-apart runs stay separate."""
     n = 1000

@@ -389,7 +389,7 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
               HAS_TILES: gl.constexpr, OVERLAP: gl.constexpr, NUM_WARPS: gl.constexpr,
               ROW0: gl.constexpr, WG_M: gl.constexpr, LSE_OUT: gl.constexpr, HAS_COLS: gl.constexpr,
-              HAS_EDGES: gl.constexpr, PRIOR: gl.constexpr, PAD: gl.constexpr):
+              HAS_EDGES: gl.constexpr, PRIOR: gl.constexpr, PAD: gl.constexpr, QREG: gl.constexpr):
     """Rows ROW0 .. ROW0 + WG_M of the program's query block (BLOCK_M rows; the ranges' geometry,
     hence the tile sequence, is the block's, the masks are this consumer's rows'). The argument
     tuples are gluon_fwd_kernel's."""
@@ -435,6 +435,8 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
         rows_o = m0 + ROW0 + gl.arange(0, WG_M, layout=row_o)
         s1_pre = gl.load(PRIOR_LSE + b * stride_lb + h * stride_lh + rows_o, mask=rows_o < N, other=float("-inf"))
     mbarrier.wait(q_bar, 0)
+    if QREG:  # q as the register operand of q k^T: a tile's wgmma reads only its K from shared memory
+        q_smem = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
     i = 0
     if HAS_TILES:
         acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, nt,
@@ -542,7 +544,7 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, po_desc, O, LSE,
                      STAGES: gl.constexpr, HAS_TILES: gl.constexpr, PRODUCER_REGS: gl.constexpr, OVERLAP: gl.constexpr,
                      TWO: gl.constexpr, CONSUMER_REGS: gl.constexpr, LSE_OUT: gl.constexpr,
                      HAS_COLS: gl.constexpr, TILES_REL: gl.constexpr, HAS_EDGES: gl.constexpr, PRIOR: gl.constexpr,
-                     PAD: gl.constexpr, num_warps: gl.constexpr):
+                     PAD: gl.constexpr, QREG: gl.constexpr, num_warps: gl.constexpr):
     """TWO: two consumer warpgroups of num_warps (= 4) warps, rows 0..63 and 64..127 of a 128-row
     block, in partitions of their own (they drift apart: one's softmax runs while the other's wgmma
     does), both reading every K / V tile (a stage is free once both released it)."""
@@ -576,16 +578,16 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, po_desc, O, LSE,
     if TWO:
         gl.warp_specialize([
             (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD)),
+                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD, QREG)),
             (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, WG_M, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD)),
+                         OVERLAP, num_warps, WG_M, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD, QREG)),
             (_producer, ((q_desc, k_desc, v_desc, po_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args,
                          vs_args, BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES, PRIOR)),
         ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
             (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD)),
+                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD, QREG)),
             (_producer, ((q_desc, k_desc, v_desc, po_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args,
                          vs_args, BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES, PRIOR)),
         ], [1], [PRODUCER_REGS])

@@ -60,9 +60,17 @@ from .. import index as _index
 # grew by more than 8): its warpgroup-wide vote is a shared-memory reduction with three bar.sync per tile, slower
 # than the multiplies it skips (128K 28.27 vs 27.71 ms, block-sparse 29.31 vs 26.23; results/vs_lazy_s29.md,
 # vs_lazy_rejected.patch); a warp's own vote and branch in inline PTX made ptxas serialize the wgmma (C7511).
+# qreg (kept for "vs"): q as the register operand of q k^T (32 registers; a 64 x 64 tile's wgmma then reads
+# only K from shared memory: 64 instead of 80 KB of shared-memory traffic per tile with the TMA writes).
+# H200, 3 alternating rounds each (results/vs_qreg_s31.md, vs_qk2_s31.md, vs_coldrop_s31.md): 256K 56.10 vs
+# 56.65, 55.13 vs 55.75, 54.40 vs 54.80 ms; 128K 27.40 vs 27.76, 27.71 vs 27.72, 27.80 vs 27.70 (within
+# that size's ~1 ms spread between rounds). Not kept: the logits two tiles ahead (tile j + 1's q k^T in
+# flight during tile j's softmax, K and V buffers released apart, the loop unrolled by two so that no
+# pending accumulator is copied, which made ptxas serialise every wgmma: C7514): 128K 29.16 vs 27.72 ms,
+# 256K 58.24 vs 55.75 (results/vs_qk2_rejected.patch).
 CONFIGS = {"tiles": {"stages": 2, "num_warps": 4, "maxnreg": 128, "overlap": True},
            "ranges": {"stages": 3, "num_warps": 4, "maxnreg": 168, "overlap": True, "two": True},
-           "vs": {"stages": 3, "num_warps": 4, "maxnreg": 128, "overlap": 2, "prior_tma": True}}
+           "vs": {"stages": 3, "num_warps": 4, "maxnreg": 128, "overlap": 2, "prior_tma": True, "qreg": True}}
 
 
 def index_kind(idx: _index.SparseIndex, head_dim: int, block_n: int) -> tuple[str | None, str | None]:
@@ -143,7 +151,7 @@ def _tma_ok(t: torch.Tensor) -> bool:
 
 def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_warps: int = 4,
         maxnreg: int = 128, overlap: bool | int = True, producer_regs: int = 24, block_n: int = 64,
-        two: bool = False, consumer_regs: int = 240, prior_tma: bool = False,
+        two: bool = False, consumer_regs: int = 240, prior_tma: bool = False, qreg: bool = False,
         lse_out: torch.Tensor | None = None, out: torch.Tensor | None = None, check: bool = True,
         col_inputs: tuple | None = None, prior: tuple | None = None) -> torch.Tensor:
     """Attention of q [B, Hq, N, D] over k / v [B, Hkv, N, D] restricted to idx's cells (a tile list
@@ -243,5 +251,5 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
         BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, STAGES=stages, HAS_TILES=has_tiles, PRODUCER_REGS=producer_regs,
         OVERLAP=overlap, TWO=two, CONSUMER_REGS=consumer_regs,
         LSE_OUT=lse_out is not None, HAS_COLS=has_cols, TILES_REL=bool(idx.tiles_relative), HAS_EDGES=has_edges,
-        PRIOR=pmode, PAD=_index.BITS_PAD, num_warps=num_warps, maxnreg=maxnreg)
+        PRIOR=pmode, PAD=_index.BITS_PAD, QREG=bool(qreg), num_warps=num_warps, maxnreg=maxnreg)
     return out

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 __all__ = ["SparseIndex", "from_vertical_slash", "from_block_sparse", "from_ashape", "from_band", "band_index",
-           "local_band_width"]
+           "local_band_width", "split_narrow_edges", "merge_narrow_edges"]
 
 # zero bits in front of offset 0 in ``slash_bits`` (the kernel reads up to block_m + 63 bits
 # before a row's offset window; block_m <= 448) and words after the last offset
@@ -73,6 +73,10 @@ class SparseIndex:
         the exact ranges are represented by ``tiles`` + ``edges`` and the kernel visits only
         the ranges with holes.
     edge_count: int32 [B, H, nqb] edges to visit per query block; or None.
+    edges_narrow, edge_count_narrow: like edges / edge_count for the edges no wider than
+        ``narrow_n`` keys (``rel_end - rel_start <= narrow_n``), taken out of ``edges``: a kernel
+        visits them as narrow_n-key tiles (keys ``[m0 + rel_start, m0 + min(rel_end, rel_start +
+        narrow_n))``); or None (``split_narrow_edges`` / ``merge_narrow_edges``).
     slash_bits: int32 [B, H, W]: bit ``BITS_PAD + o`` (word ``>> 5``, bit ``& 31``) is 1 where
         offset o is a slash (zero for o < 0); or None.
     ranges_exact: every range is exact (known when built: ``from_band``), so a kernel that
@@ -94,6 +98,9 @@ class SparseIndex:
     tile_scale: int = 1
     edges: Optional[torch.Tensor] = None
     edge_count: Optional[torch.Tensor] = None
+    edges_narrow: Optional[torch.Tensor] = None
+    edge_count_narrow: Optional[torch.Tensor] = None
+    narrow_n: int = 0
     slash_bits: Optional[torch.Tensor] = None
     ranges_exact: bool = False
 
@@ -130,6 +137,8 @@ class SparseIndex:
             tiles = tiles + self.tile_count.long()[:, :, qs]
         if self.edges is not None:
             tiles = tiles + self.edge_count.long()[:, :, qs]
+        if self.edges_narrow is not None:  # narrow_n-key tiles, counted in block_n-key tiles
+            tiles = tiles + self.edge_count_narrow.long()[:, :, qs] * self.narrow_n / block_n
         if self.columns is not None:
             tiles = tiles + (self.column_count.long()[:, :, qs] + block_n - 1) // block_n
         rows = (torch.clamp((qs + 1) * bm, max=n) - qs * bm).view(1, 1, -1)
@@ -160,10 +169,13 @@ class SparseIndex:
                     if t0 < 0 or t0 + self.block_n > n:
                         raise AssertionError("unmasked tile outside the keys")
                     out[rows, t0:t0 + self.block_n] += 1
-            if self.edges is not None:
-                for t in range(int(self.edge_count[b, h, q])):
-                    rs, re, lo, hi = (int(x) for x in self.edges[b, h, t])
-                    ks, ke = max(m0 + rs, 0), min(m0 + re, m0 + rs + self.block_n, n)
+            for edges, count, width in ((self.edges, self.edge_count, self.block_n),
+                                        (self.edges_narrow, self.edge_count_narrow, self.narrow_n)):
+                if edges is None:
+                    continue
+                for t in range(int(count[b, h, q])):
+                    rs, re, lo, hi = (int(x) for x in edges[b, h, t])
+                    ks, ke = max(m0 + rs, 0), min(m0 + re, m0 + rs + width, n)
                     m = (j >= ks) & (j < ke) & (i - j >= lo) & (i - j <= hi)
                     out[rows] += m[rows].int()
             cnt = int(self.range_count[min(b, self.range_count.shape[0] - 1), min(h, self.range_count.shape[1] - 1), q])
@@ -533,7 +545,7 @@ def vertical_slash_work(n: int, vertical_idx: torch.Tensor, slash_idx: torch.Ten
 def from_vertical_slash(
     vertical_idx: torch.Tensor, slash_idx: torch.Tensor, n: int, block_m: int, merge_gap: Optional[int] = None,
     block_n: Optional[int] = None, band_block_m: Optional[int] = None, band_min: int = 1,
-    band_columns: bool = False, max_tiled: Optional[int] = None, fused_runs: bool = False,
+    band_columns: bool = False, max_tiled: Optional[int] = None, fused_runs: bool = False, narrow_n: int = 0,
 ):
     """vertical_idx [B, H, Nv] key positions, slash_idx [B, H, Ns] offsets i - j (-1 = padding,
     duplicates allowed, any order) -> SparseIndex with
@@ -557,6 +569,8 @@ def from_vertical_slash(
     with the slash-bit test). ``fused_runs``: the sort, runs, grouping and cap in one torch.sort and
     one launch (``kernels.runs.slash_runs``; the same index) when Ns < ``kernels.runs.MAX_SLASHES``,
     and with max_tiled and merge_gap >= block_m the tiles + edges in one more (``relative_tiles``).
+    ``narrow_n`` (with block_n): the edges at most that many keys wide go to a list of their own
+    (``split_narrow_edges``).
     """
     if block_n is not None and (block_n <= 0 or block_m % block_n or block_n > 64):
         raise ValueError(f"block_n must divide block_m and be <= 64, got block_m={block_m}, block_n={block_n}")
@@ -629,7 +643,55 @@ def from_vertical_slash(
             t_lo, torch.clamp(t_hi, max=n), exact if tiled is None else (t_lo < big).to(exact.dtype),
             s.shape[-1], n, block_m, block_n)
         idx.tiles_relative, idx.block_n = True, block_n
+    if narrow_n and idx.edges is not None:
+        idx = split_narrow_edges(idx, narrow_n)
     return idx if band is None else (idx, band)
+
+
+def _edge_list(edges: torch.Tensor, keep: torch.Tensor, nqb: int, block_m: int, width: int):
+    """The entries of edges [B, H, E, 4] where keep [B, H, E], sorted by rel_start descending
+    (the others padding), and per query block the count of those whose width-key tile reaches
+    key 0 or beyond (as ``_relative_tiles``' counts)."""
+    b, h, e = keep.shape
+    start = torch.where(keep, edges[..., 0], -_FAR)
+    start, order = torch.sort(start, dim=-1, descending=True)
+    rest = torch.gather(edges[..., 1:], 2, order[..., None].expand(b, h, e, 3))
+    out = torch.cat([start[..., None], torch.where((start == -_FAR)[..., None], 0, rest)], -1)
+    m0 = (torch.arange(nqb, device=edges.device) * block_m + width).view(1, nqb).expand(b * h, nqb).contiguous()
+    count = torch.searchsorted((-start).reshape(b * h, e).contiguous(), m0, right=False).view(b, h, nqb)
+    return out.to(torch.int32).contiguous(), count.to(torch.int32)
+
+
+def split_narrow_edges(idx: SparseIndex, narrow_n: int) -> SparseIndex:
+    """idx with its edges at most narrow_n keys wide (rel_end - rel_start <= narrow_n) moved to
+    ``edges_narrow`` / ``edge_count_narrow`` (a kernel visits them as narrow_n-key tiles: the
+    Gluon kernel; vertical-slash's 200-offset runs at 128K: a quarter of the edges). The same
+    cells."""
+    if idx.edges is None or idx.edges_narrow is not None:
+        raise ValueError("split_narrow_edges: expected an index with edges and no narrow list")
+    if not 0 < narrow_n < idx.block_n:
+        raise ValueError(f"narrow_n must be in (0, block_n = {idx.block_n}), got {narrow_n}")
+    e = idx.edges
+    width = torch.minimum(e[..., 1], e[..., 0] + idx.block_n) - e[..., 0]
+    real = e[..., 0] > -_FAR
+    narrow = real & (width <= narrow_n)
+    idx.edges, idx.edge_count = _edge_list(e, real & ~narrow, idx.nqb, idx.block_m, idx.block_n)
+    idx.edges_narrow, idx.edge_count_narrow = _edge_list(e, narrow, idx.nqb, idx.block_m, narrow_n)
+    idx.narrow_n = narrow_n
+    return idx
+
+
+def merge_narrow_edges(idx: SparseIndex) -> SparseIndex:
+    """A copy of idx whose narrow edges are back in ``edges`` (block_n-key tiles clip them at
+    rel_end: the same cells), for a kernel without narrow tiles."""
+    import dataclasses
+
+    if idx.edges_narrow is None:
+        return idx
+    both = torch.cat([idx.edges, idx.edges_narrow], 2)
+    edges, count = _edge_list(both, both[..., 0] > -_FAR, idx.nqb, idx.block_m, idx.block_n)
+    return dataclasses.replace(idx, edges=edges, edge_count=count, edges_narrow=None, edge_count_narrow=None,
+                               narrow_n=0)
 
 
 def _runs_grouped(slash_idx, vertical_idx, n: int, merge_gap: int, band_block_m, band_min: int, band_columns: bool,

@@ -62,11 +62,15 @@ def main() -> int:
     vs_idx, vs_band = _index.from_vertical_slash(vert, holey, n, 64, block_n=64, band_block_m=128, band_min=16,
                                                  max_tiled=64)
     prior = (torch.empty_like(q), lse, vs_band.range_count[..., 0])
+    vs_narrow = _index.from_vertical_slash(vert, holey, n, 64, block_n=64, band_block_m=128, band_min=16,
+                                           max_tiled=64, narrow_n=32)[0]
     cases = {"tiles": (_index.from_block_sparse(blocks, 64, n, 64, 64), 64, {}),
              "ranges": (_index.from_ashape(n, 128, 512, b, h, 128, q.device), 128, {"lse_out": lse}),
              # vertical-slash's band launch with the columns of its heads
              "ranges+columns": (_index.band_index(slash, n, 128, 16, vertical_idx=vert), 128, {"lse_out": lse}),
              "vs": (vs_idx, 64, {"prior": prior}),
+             # edges at most 32 keys wide as 32-key tiles
+             "vs+narrow": (vs_narrow, 64, {"prior": prior}),
              # the band launch's rows loaded in the epilogue (a prior TMA cannot read) and no look-ahead
              "vs+prior-loads": (vs_idx, 64, {"prior": prior, "prior_tma": False, "overlap": True})}
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")

@@ -132,6 +132,10 @@ def test_vertical_slash_band_and_runs(monkeypatch):
         assert int(idx.tile_count.max()) > 0 and int(idx.edge_count.max()) > 0
         out = kernels.vertical_slash_attention(q, k, v, vert, sl, 64 ** -0.5, config=(bm, bn, 4, 1, 1, 4))
         check(out, ref, torch.float16)
+    # an index with narrow edges (the Gluon kernel's 16-key tiles) runs on the Triton kernel merged back
+    idx = sidx.from_vertical_slash(vert, sl, n, 64, block_n=32, narrow_n=16)
+    assert int(idx.edge_count_narrow.max()) > 0
+    check(katt.run_index(q, k, v, idx, 64 ** -0.5, 32, 4, 1, 1, 4), ref, torch.float16)
     # the column pass's keys through TMA over per-head copies (heads with fewer distinct columns,
     # duplicates or padding, than others read the next head's rows, masked) or gathered; the skip
     # words from the table per distance (128-row blocks read two words per column)
@@ -423,7 +427,21 @@ def test_index_vertical_slash_relative_tiles(n, block_m, block_n, merge_gap):
     sl[1, :, :50] = torch.arange(50) + 3
     idx = sidx.from_vertical_slash(vert, sl, n, block_m, merge_gap=merge_gap, block_n=block_n)
     assert idx.tiles_relative and idx.tiles.shape[:3] == (2, 3, 1) and idx.edges.shape[-1] == 4
-    _cells_equal(idx, vertical_slash_mask(n, vert, sl))
+    mask = vertical_slash_mask(n, vert, sl)
+    _cells_equal(idx, mask)
+    # the edges at most block_n / 2 keys wide in a list of their own (narrow tiles), and back
+    narrow = sidx.from_vertical_slash(vert, sl, n, block_m, merge_gap=merge_gap, block_n=block_n,
+                                      narrow_n=block_n // 2)
+    real = narrow.edges_narrow[..., 0] > -2 ** 30
+    assert bool(((narrow.edges_narrow[..., 1] - narrow.edges_narrow[..., 0]) <= block_n // 2)[real].all())
+    if merge_gap == 1:  # exact runs: some edges are narrow, and blocks visit them
+        assert narrow.edge_count_narrow.sum() > 0 and narrow.edge_count.sum() < idx.edge_count.sum()
+    _cells_equal(narrow, mask)
+    merged = sidx.merge_narrow_edges(narrow)
+    assert merged.edges_narrow is None
+    _cells_equal(merged, mask)
+    with pytest.raises(ValueError, match="narrow_n must be in"):
+        sidx.split_narrow_edges(sidx.from_vertical_slash(vert, sl, n, block_m, block_n=block_n), block_n)
     with pytest.raises(ValueError, match="block_n must divide block_m"):
         sidx.from_vertical_slash(vert, sl, n, 64, block_n=48)
 

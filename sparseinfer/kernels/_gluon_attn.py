@@ -8,8 +8,9 @@ The same cells as ``_attn_kernel.sparse_fwd_kernel`` for indices made of
 * vertical-slash's second launch: relative tiles (TILES_REL: key starts from the query block's
   first row), an edge list (HAS_EDGES: masked tiles of the exact slash runs, per tile (rel_start,
   rel_end, lo, hi)), the ranges with holes (every tile tests a 64-bit window of the slash bitmap
-  per row, as the Triton kernel's _bits_mask), gathered columns, and the band launch's rows merged
-  in the epilogue (PRIOR, as the Triton kernel's);
+  per row, as the Triton kernel's _bits_mask), gathered columns, the edges at most NARROW keys wide
+  as NARROW-key tiles (``index.split_narrow_edges``; in the first rows of a ring stage), and the
+  band launch's rows merged in the epilogue (PRIOR, as the Triton kernel's);
 Gathered columns: K / V copied per query head in column order, read through TMA like any tile;
 each column's 64-bit skip word, loaded one thread per column and spread to the logits' layout,
 masks non-causal cells and cells whose offset is a slash. No query-side indirection, no head
@@ -59,15 +60,17 @@ def _program(N, H, GROUP, NQB, BLOCK_M: gl.constexpr):
 
 
 @gluon.jit
-def _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, hk, n0, STAGES: gl.constexpr):
+def _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, hk, n0, STAGES: gl.constexpr,
+             SUB: gl.constexpr = 1):
     """Ring position i: once its stage is free, TMA-load keys / values n0 .. n0 + BLOCK_N of KV head
-    (b, hk) into it, each signalling its ready barrier; returns i + 1."""
+    (b, hk) into it, each signalling its ready barrier; returns i + 1. SUB > 1: k_bufs / v_bufs are the
+    ring's buffers seen as SUB times as many, SUB times lower ones (narrow tiles): a stage's first is used."""
     s = i % STAGES
     mbarrier.wait(kv_empty.index(s), ((i // STAGES) & 1) ^ 1)
     mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [b, hk, n0, 0], k_ready.index(s), k_bufs.index(s))
+    tma.async_copy_global_to_shared(k_desc, [b, hk, n0, 0], k_ready.index(s), k_bufs.index(s * SUB))
     mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(v_desc, [b, hk, n0, 0], v_ready.index(s), v_bufs.index(s))
+    tma.async_copy_global_to_shared(v_desc, [b, hk, n0, 0], v_ready.index(s), v_bufs.index(s * SUB))
     return i + 1
 
 
@@ -104,15 +107,17 @@ def _counts(b, h, pid_m, lists, cols_args, vs_args, HAS_TILES: gl.constexpr, HAS
 
 
 @gluon.jit
-def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_args,
+def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_args, nar_args,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_TILES: gl.constexpr,
-              HAS_COLS: gl.constexpr, TILES_REL: gl.constexpr, HAS_EDGES: gl.constexpr, PRIOR: gl.constexpr):
+              HAS_COLS: gl.constexpr, TILES_REL: gl.constexpr, HAS_EDGES: gl.constexpr, PRIOR: gl.constexpr,
+              NARROW: gl.constexpr):
     """Loads Q, then every K / V tile of the program's sequence (tile list, edge list, then each range's
-    tiles (with HAS_EDGES only the ranges with holes), then the gathered column tiles) into the ring;
+    tiles (with HAS_EDGES only the ranges with holes), then the gathered column tiles, then the narrow
+    edges (NARROW keys each, in the first half of a stage's buffers)) into the ring;
     with PRIOR 2 then the earlier launch's rows of this block into the next ring slot's K buffer.
     The argument tuples are gluon_fwd_kernel's."""
-    q_desc, k_desc, v_desc, po_desc = descs
-    q_smem, k_bufs, v_bufs = bufs
+    q_desc, k_desc, v_desc, po_desc, kn_desc, vn_desc = descs
+    q_smem, k_bufs, v_bufs, kn_bufs, vn_bufs = bufs
     q_bar, k_ready, v_ready, kv_empty = bars
     (TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
      stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq) = lists
@@ -149,6 +154,12 @@ def _producer(descs, q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args, vs_
         kc_desc, vc_desc = cols_args[:2]
         for c0 in range(0, nc, BLOCK_N):
             i = _load_kv(kc_desc, vc_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, i, b, h, c0, STAGES)
+    if NARROW:  # edges at most NARROW keys wide: NARROW-row boxes
+        EDGN, ECOUNTN, stride_enb, stride_enh, stride_ecnb, stride_ecnh = nar_args
+        en_base = EDGN + b * stride_enb + h * stride_enh
+        for t in range(gl.load(ECOUNTN + b * stride_ecnb + h * stride_ecnh + pid_m)):
+            i = _load_kv(kn_desc, vn_desc, kn_bufs, vn_bufs, k_ready, v_ready, kv_empty, i, b, hk,
+                         m0 + gl.load(en_base + t * 4), STAGES, BLOCK_N // NARROW)
     if PRIOR == 2:
         if _prior_written(b, h, pid_m, vs_args):
             s = i % STAGES
@@ -180,11 +191,11 @@ def _softmax(s_val, m_i, l_i, qk_scale, MASKED: gl.constexpr):
 
 
 @gluon.jit
-def _logits(q_smem, k_bufs, k_ready, s_zero, i, STAGES: gl.constexpr):
-    """Issue q k^T (async) for the i-th tile of the ring once its K has landed."""
+def _logits(q_smem, k_bufs, k_ready, s_zero, i, STAGES: gl.constexpr, SUB: gl.constexpr = 1):
+    """Issue q k^T (async) for the i-th tile of the ring once its K has landed (SUB: see _load_kv)."""
     s = i % STAGES
     mbarrier.wait(k_ready.index(s), (i // STAGES) & 1)
-    kt = k_bufs.index(s).reshape([k_bufs.shape[3], k_bufs.shape[4]]).permute((1, 0))
+    kt = k_bufs.index(s * SUB).reshape([k_bufs.shape[3], k_bufs.shape[4]]).permute((1, 0))
     return warpgroup_mma(q_smem, kt, s_zero, use_acc=False, is_async=True), kt
 
 
@@ -318,18 +329,19 @@ def _masked(s_val, j, geo, cols, words, BLOCK_N: gl.constexpr, MASKED: gl.conste
 def _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, count,
              geo, cols, qk_scale, s_zero,
              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr, OVERLAP: gl.constexpr,
-             p_layout: gl.constexpr, row_o: gl.constexpr, pre=0, PRE: gl.constexpr = False):
+             p_layout: gl.constexpr, row_o: gl.constexpr, pre=0, PRE: gl.constexpr = False,
+             SUB: gl.constexpr = 1):
     """`count` consecutive tiles of the ring (ring position i on): whole tiles of the list
     (MASKED 0), masked band tiles of a range (1), column tiles (2), edges (3) or tiles of a range
     with holes (4); geo: see _masked. OVERLAP: tile j + 1's q k^T and tile j's p v are in flight
     while tile j + 1's softmax runs; OVERLAP 2: also the mask inputs of masks 2-4 loaded ahead
-    (_ahead_next), starting from `pre` (_ahead_init's state, loaded earlier) with PRE. Returns
-    (acc, m_i, l_i, ring position)."""
+    (_ahead_next), starting from `pre` (_ahead_init's state, loaded earlier) with PRE. SUB: the ring
+    seen as narrow tiles (see _load_kv). Returns (acc, m_i, l_i, ring position)."""
     dt: gl.constexpr = q_smem.dtype
     AHEAD: gl.constexpr = OVERLAP == 2 and MASKED >= 2
     if OVERLAP:
         if count > 0:
-            s_tok, kt = _logits(q_smem, k_bufs, k_ready, s_zero, i, STAGES)
+            s_tok, kt = _logits(q_smem, k_bufs, k_ready, s_zero, i, STAGES, SUB)
             if AHEAD:
                 if PRE:
                     st = pre
@@ -344,14 +356,14 @@ def _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empt
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dt), p_layout)
             for j in range(1, count):
-                s_tok, kt = _logits(q_smem, k_bufs, k_ready, s_zero, i + j, STAGES)
+                s_tok, kt = _logits(q_smem, k_bufs, k_ready, s_zero, i + j, STAGES, SUB)
                 if AHEAD:
                     words, st = _ahead_next(st, j, count, geo, cols, BLOCK_N, MASKED)
                 else:
                     words = _mask_in(j, geo, cols, BLOCK_N, MASKED)  # the column pass's loads before p v
                 sp = (i + j - 1) % STAGES
                 mbarrier.wait(v_ready.index(sp), ((i + j - 1) // STAGES) & 1)
-                vb = v_bufs.index(sp).reshape([v_bufs.shape[3], v_bufs.shape[4]])
+                vb = v_bufs.index(sp * SUB).reshape([v_bufs.shape[3], v_bufs.shape[4]])
                 o_tok = warpgroup_mma(p_op, vb, acc, is_async=True)
                 s_val, _q, _k = warpgroup_mma_wait(1, deps=(s_tok, q_smem, kt))
                 s_val = _masked(s_val, j, geo, cols, words, BLOCK_N, MASKED)
@@ -362,13 +374,13 @@ def _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empt
                 p_op = gl.convert_layout(p.to(dt), p_layout)
             sp = (i + count - 1) % STAGES
             mbarrier.wait(v_ready.index(sp), ((i + count - 1) // STAGES) & 1)
-            vb = v_bufs.index(sp).reshape([v_bufs.shape[3], v_bufs.shape[4]])
+            vb = v_bufs.index(sp * SUB).reshape([v_bufs.shape[3], v_bufs.shape[4]])
             o_tok = warpgroup_mma(p_op, vb, acc, is_async=True)
             acc, _v = warpgroup_mma_wait(0, deps=(o_tok, vb))
             mbarrier.arrive(kv_empty.index(sp), count=1)
     else:
         for j in range(count):
-            s_tok, kt = _logits(q_smem, k_bufs, k_ready, s_zero, i + j, STAGES)
+            s_tok, kt = _logits(q_smem, k_bufs, k_ready, s_zero, i + j, STAGES, SUB)
             words = _mask_in(j, geo, cols, BLOCK_N, MASKED)
             s_val, _q, _k = warpgroup_mma_wait(0, deps=(s_tok, q_smem, kt))
             s_val = _masked(s_val, j, geo, cols, words, BLOCK_N, MASKED)
@@ -377,7 +389,7 @@ def _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empt
             p_op = gl.convert_layout(p.to(dt), p_layout)
             s = (i + j) % STAGES
             mbarrier.wait(v_ready.index(s), ((i + j) // STAGES) & 1)
-            vb = v_bufs.index(s).reshape([v_bufs.shape[3], v_bufs.shape[4]])
+            vb = v_bufs.index(s * SUB).reshape([v_bufs.shape[3], v_bufs.shape[4]])
             o_tok = warpgroup_mma(p_op, vb, acc, is_async=True)
             acc, _v = warpgroup_mma_wait(0, deps=(o_tok, vb))
             mbarrier.arrive(kv_empty.index(s), count=1)
@@ -385,16 +397,17 @@ def _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empt
 
 
 @gluon.jit
-def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
+def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, nar_args,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
               HAS_TILES: gl.constexpr, OVERLAP: gl.constexpr, NUM_WARPS: gl.constexpr,
               ROW0: gl.constexpr, WG_M: gl.constexpr, LSE_OUT: gl.constexpr, HAS_COLS: gl.constexpr,
-              HAS_EDGES: gl.constexpr, PRIOR: gl.constexpr, PAD: gl.constexpr, QREG: gl.constexpr):
+              HAS_EDGES: gl.constexpr, PRIOR: gl.constexpr, PAD: gl.constexpr, QREG: gl.constexpr,
+              NARROW: gl.constexpr):
     """Rows ROW0 .. ROW0 + WG_M of the program's query block (BLOCK_M rows; the ranges' geometry,
     hence the tile sequence, is the block's, the masks are this consumer's rows'). The argument
     tuples are gluon_fwd_kernel's."""
     O, LSE, stride_ob, stride_oh, stride_on, stride_lb, stride_lh = outs
-    q_smem, k_bufs, v_bufs = bufs
+    q_smem, k_bufs, v_bufs, kn_bufs, vn_bufs = bufs
     q_bar, k_ready, v_ready, kv_empty = bars
     (TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
      stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq) = lists
@@ -435,6 +448,7 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
         rows_o = m0 + ROW0 + gl.arange(0, WG_M, layout=row_o)
         s1_pre = gl.load(PRIOR_LSE + b * stride_lb + h * stride_lh + rows_o, mask=rows_o < N, other=float("-inf"))
     mbarrier.wait(q_bar, 0)
+    q_mem = q_smem
     if QREG:  # q as the register operand of q k^T: a tile's wgmma reads only its K from shared memory
         q_smem = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
     i = 0
@@ -484,6 +498,20 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
         acc, m_i, l_i, i = _segment(acc, m_i, l_i, i, q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty,
                                     (nc + BLOCK_N - 1) // BLOCK_N, col_geo, cols, qk_scale,
                                     s_zero, BLOCK_N, STAGES, 2, OVERLAP, p_layout, row_o, col_pre, OVERLAP == 2)
+    if NARROW:  # edges at most NARROW keys wide, as NARROW-key tiles (q k^T with q from shared memory)
+        sn_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                            instr_shape=[16, NARROW, 16])
+        row_sn: gl.constexpr = gl.SliceLayout(1, sn_layout)
+        EDGN, ECOUNTN, stride_enb, stride_enh, stride_ecnb, stride_ecnh = nar_args
+        nn = gl.load(ECOUNTN + b * stride_ecnb + h * stride_ecnh + pid_m)
+        acc, m_n, l_n, i = _segment(acc, gl.convert_layout(m_i, row_sn), gl.convert_layout(l_i, row_sn), i, q_mem,
+                                    kn_bufs, vn_bufs, k_ready, v_ready, kv_empty, nn,
+                                    (EDGN + b * stride_enb + h * stride_enh, m0, gl.convert_layout(offs_m, row_sn), N),
+                                    gl.arange(0, NARROW, layout=gl.SliceLayout(0, sn_layout)), qk_scale,
+                                    gl.zeros([WG_M, NARROW], gl.float32, sn_layout), NARROW, STAGES, 3, OVERLAP,
+                                    p_layout, row_o, SUB=BLOCK_N // NARROW)
+        m_i = gl.convert_layout(m_n, row_s)
+        l_i = gl.convert_layout(l_n, row_s)
 
     l_o = gl.convert_layout(l_i, row_o)
     out = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
@@ -529,13 +557,13 @@ def _consumer(outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args,
 
 
 @gluon.jit
-def gluon_fwd_kernel(q_desc, k_desc, v_desc, po_desc, O, LSE,
+def gluon_fwd_kernel(q_desc, k_desc, v_desc, po_desc, kn_desc, vn_desc, O, LSE,
                      TILES, TCOUNT, RANGES, RCOUNT,
                      kc_desc, vc_desc, COLS, CCOUNT, CW, stride_colb, stride_colh, stride_ccb, stride_cch,
                      stride_cwb, stride_cwh,
                      EDG, ECOUNT, stride_eb, stride_eh, stride_ecb, stride_ech, SBITS, stride_sbb, stride_sbh,
                      PRIOR_O, PRIOR_LSE, PRIOR_CNT, stride_pb, stride_ph, stride_pn, stride_pcb, stride_pch, stride_pcq,
-                     prior_qshift,
+                     prior_qshift, EDGN, ECOUNTN, stride_enb, stride_enh, stride_ecnb, stride_ecnh,
                      stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
                      stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq,
                      stride_ob, stride_oh, stride_on, stride_lb, stride_lh,
@@ -544,7 +572,7 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, po_desc, O, LSE,
                      STAGES: gl.constexpr, HAS_TILES: gl.constexpr, PRODUCER_REGS: gl.constexpr, OVERLAP: gl.constexpr,
                      TWO: gl.constexpr, CONSUMER_REGS: gl.constexpr, LSE_OUT: gl.constexpr,
                      HAS_COLS: gl.constexpr, TILES_REL: gl.constexpr, HAS_EDGES: gl.constexpr, PRIOR: gl.constexpr,
-                     PAD: gl.constexpr, QREG: gl.constexpr, num_warps: gl.constexpr):
+                     PAD: gl.constexpr, QREG: gl.constexpr, NARROW: gl.constexpr, num_warps: gl.constexpr):
     """TWO: two consumer warpgroups of num_warps (= 4) warps, rows 0..63 and 64..127 of a 128-row
     block, in partitions of their own (they drift apart: one's softmax runs while the other's wgmma
     does), both reading every K / V tile (a stage is free once both released it)."""
@@ -565,7 +593,15 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, po_desc, O, LSE,
 
     WG_M: gl.constexpr = BLOCK_M // 2 if TWO else BLOCK_M
     outs = (O, LSE, stride_ob, stride_oh, stride_on, stride_lb, stride_lh)
-    bufs = (q_smem, k_bufs, v_bufs)
+    if NARROW:  # the ring's buffers seen as BLOCK_N // NARROW times as many NARROW-row ones (a narrow tile
+        # uses a stage's first)
+        kn_bufs = k_bufs._reinterpret(dt, [STAGES * (BLOCK_N // NARROW), 1, 1, NARROW, HEAD_D], kn_desc.layout)
+        vn_bufs = v_bufs._reinterpret(dt, [STAGES * (BLOCK_N // NARROW), 1, 1, NARROW, HEAD_D], vn_desc.layout)
+    else:
+        kn_bufs = k_bufs
+        vn_bufs = v_bufs
+    bufs = (q_smem, k_bufs, v_bufs, kn_bufs, vn_bufs)
+    nar_args = (EDGN, ECOUNTN, stride_enb, stride_enh, stride_ecnb, stride_ecnh)
     bars = (q_bar, k_ready, v_ready, kv_empty)
     lists = (TILES, TCOUNT, RANGES, RCOUNT, stride_tb, stride_th, stride_tq, stride_tcb, stride_tch,
              stride_rb, stride_rh, stride_rq, stride_rr, stride_cb, stride_ch, stride_cq)
@@ -577,17 +613,19 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, po_desc, O, LSE,
                prior_qshift)
     if TWO:
         gl.warp_specialize([
-            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD, QREG)),
-            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, WG_M, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD, QREG)),
-            (_producer, ((q_desc, k_desc, v_desc, po_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args,
-                         vs_args, BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES, PRIOR)),
+            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, nar_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
+                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD, QREG, NARROW)),
+            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, nar_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
+                         OVERLAP, num_warps, WG_M, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD, QREG, NARROW)),
+            (_producer, ((q_desc, k_desc, v_desc, po_desc, kn_desc, vn_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE,
+                         cols_args, vs_args, nar_args, BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL,
+                         HAS_EDGES, PRIOR, NARROW)),
         ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
-                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD, QREG)),
-            (_producer, ((q_desc, k_desc, v_desc, po_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE, cols_args,
-                         vs_args, BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL, HAS_EDGES, PRIOR)),
+            (_consumer, (outs, bufs, bars, lists, dims, qk_scale, cols_args, vs_args, nar_args, BLOCK_M, BLOCK_N, HEAD_D, STAGES, HAS_TILES,
+                         OVERLAP, num_warps, 0, WG_M, LSE_OUT, HAS_COLS, HAS_EDGES, PRIOR, PAD, QREG, NARROW)),
+            (_producer, ((q_desc, k_desc, v_desc, po_desc, kn_desc, vn_desc), q_tile, bufs, bars, lists, dims, TILE_SCALE,
+                         cols_args, vs_args, nar_args, BLOCK_M, BLOCK_N, STAGES, HAS_TILES, HAS_COLS, TILES_REL,
+                         HAS_EDGES, PRIOR, NARROW)),
         ], [1], [PRODUCER_REGS])

@@ -282,6 +282,8 @@ def run_index(q, k, v, idx: _index.SparseIndex, scale: float, block_n: int, num_
         if kind is not None:
             return _gluon.run(q, k, v, idx, scale, out=out, lse_out=lse_out, block_n=block_n, check=False,
                               col_inputs=col_inputs, prior=prior, **_gluon.CONFIGS[kind])
+    if idx.edges_narrow is not None:  # narrow tiles are the Gluon kernel's: back to block_n-key edges
+        idx = _index.merge_narrow_edges(idx)
     mod = kernel_module(FLAGS["KERNEL"], interpret)
     nqb = math.ceil(n / idx.block_m)
     if q_rows is not None:
@@ -409,17 +411,23 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
     band_cols = (band_cfg is not None and bool(FLAGS["VS_BAND_COLS"]) and heads is None
                  and (not q.is_cuda or (FLAGS["GLUON"] and _gluon.band_reason(q, k, v, band_bm, band_cfg[1]) is None)))
 
+    # edges at most `narrow` keys wide in a list of their own where the Gluon kernel runs the second
+    # launch (gluon.CONFIGS["vs"]["narrow"])
+    narrow = (_gluon.CONFIGS["vs"].get("narrow", 0) if tiles_n is not None and heads is None and FLAGS["GLUON"]
+              and FLAGS["GLUON_VS"] and q.is_cuda and _gluon.band_reason(q, k, v, 128, 128) is None
+              and (bm, bn) == (64, 64) else 0)
+
     def build(vi, si):
         return _index.from_vertical_slash(vi, si, n, bm, block_n=tiles_n, band_block_m=band_bm, band_min=band_min,
                                           band_columns=band_cols, max_tiled=FLAGS["VS_TILED_RUNS"] or None,
-                                          fused_runs=bool(FLAGS["VS_RUNS_KERNEL"]) and q.is_cuda)
+                                          fused_runs=bool(FLAGS["VS_RUNS_KERNEL"]) and q.is_cuda, narrow_n=narrow)
 
     def built(key, fn, inputs):  # replayed from a CUDA graph (FLAGS["GRAPH_INDEX"]) or eager
         return graphed.build_graphed(key, fn, inputs) if FLAGS["GRAPH_INDEX"] and q.is_cuda else fn(*inputs)
 
     side = side_stream(q.device, -1) if (band_cfg is not None and FLAGS["VS_OVERLAP"] and q.is_cuda
                                       and not torch.cuda.is_current_stream_capturing()) else None
-    full_key = ("vertical_slash", n, bm, tiles_n, band_bm, band_cols, FLAGS["VS_TILED_RUNS"], FLAGS["VS_RUNS_KERNEL"])
+    full_key = ("vertical_slash", n, bm, tiles_n, band_bm, band_cols, FLAGS["VS_TILED_RUNS"], FLAGS["VS_RUNS_KERNEL"], narrow)
     if side is None:
         idx = built(full_key, build, (vertical_idx, slash_idx))
         if band_cfg is None:
@@ -464,7 +472,7 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
         made_on_side = list(pre) if side_pre else []  # eager index tensors too:
         if not (FLAGS["GRAPH_INDEX"] and q.is_cuda):
             made_on_side += [idx.ranges, idx.range_count, idx.columns, idx.column_count, idx.tiles, idx.tile_count,
-                             idx.edges, idx.edge_count, idx.slash_bits]
+                             idx.edges, idx.edge_count, idx.edges_narrow, idx.edge_count_narrow, idx.slash_bits]
         for t in made_on_side:
             if t is not None:
                 t.record_stream(main)

@@ -68,9 +68,14 @@ from .. import index as _index
 # flight during tile j's softmax, K and V buffers released apart, the loop unrolled by two so that no
 # pending accumulator is copied, which made ptxas serialise every wgmma: C7514): 128K 29.16 vs 27.72 ms,
 # 256K 58.24 vs 55.75 (results/vs_qk2_rejected.patch).
+# narrow 32: vertical-slash indices are built with their edges at most 32 keys wide in a list of their own
+# (index.split_narrow_edges; a quarter of the edges at 128K), visited as 64 x 32 tiles (results/
+# vs_narrow_s31.md, 3 alternating rounds): 256K 55.50 vs 55.70 ms (faster in every round), 128K 26.81 vs
+# 26.97 (two rounds of three). Halving a tile's cells saves only ~15% of its time: the 64 x 64 tiles' cost
+# is mostly per tile, not per cell.
 CONFIGS = {"tiles": {"stages": 2, "num_warps": 4, "maxnreg": 128, "overlap": True},
            "ranges": {"stages": 3, "num_warps": 4, "maxnreg": 168, "overlap": True, "two": True},
-           "vs": {"stages": 3, "num_warps": 4, "maxnreg": 128, "overlap": 2, "prior_tma": True, "qreg": True}}
+           "vs": {"stages": 3, "num_warps": 4, "maxnreg": 128, "overlap": 2, "prior_tma": True, "qreg": True, "narrow": 32}}
 
 
 def index_kind(idx: _index.SparseIndex, head_dim: int, block_n: int) -> tuple[str | None, str | None]:
@@ -89,6 +94,8 @@ def index_kind(idx: _index.SparseIndex, head_dim: int, block_n: int) -> tuple[st
             return None, f"head_dim {head_dim} (128 measured)"
         if idx.block_m != 64 or idx.block_n != 64 or block_n != 64:
             return None, f"relative tiles {idx.block_m} x {idx.block_n} (64 x 64 measured)"
+        if idx.edges_narrow is not None and idx.narrow_n != 32:
+            return None, f"narrow edges of {idx.narrow_n} keys (32 measured)"
         return "vs", None
     if has_cols and not (idx.ranges_exact and idx.slash_bits is not None):
         return None, "gathered columns with ranges not known exact or without slash_bits"
@@ -151,7 +158,7 @@ def _tma_ok(t: torch.Tensor) -> bool:
 
 def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_warps: int = 4,
         maxnreg: int = 128, overlap: bool | int = True, producer_regs: int = 24, block_n: int = 64,
-        two: bool = False, consumer_regs: int = 240, prior_tma: bool = False, qreg: bool = False,
+        two: bool = False, consumer_regs: int = 240, prior_tma: bool = False, qreg: bool = False, narrow: int = 0,
         lse_out: torch.Tensor | None = None, out: torch.Tensor | None = None, check: bool = True,
         col_inputs: tuple | None = None, prior: tuple | None = None) -> torch.Tensor:
     """Attention of q [B, Hq, N, D] over k / v [B, Hkv, N, D] restricted to idx's cells (a tile list
@@ -167,7 +174,9 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
     overlap: the next tile's q k^T issued before this tile's softmax; 2: also each tile's mask inputs
     loaded a tile ahead (the column pass's indices two). prior_tma: the prior rows come to the epilogue
     through TMA into the ring slot after the last tile (64-row blocks of one warpgroup, a prior o like q
-    that TMA can read; else they are loaded in the epilogue)."""
+    that TMA can read; else they are loaded in the epilogue). qreg: q as the register operand of q k^T.
+    narrow: the narrow_n vertical-slash indices are built with (``attention.vertical_slash_attention``;
+    the kernel follows the index: its ``edges_narrow`` run as narrow_n-key tiles)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from ._loader import kernel_module
@@ -226,6 +235,12 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
                      st(sb, 0) if idx.slash_bits is not None else 0, st(sb, 1) if idx.slash_bits is not None else 0)
     else:
         edge_args = (dummy, dummy, 0, 0, 0, 0, dummy, 0, 0)
+    nar = idx.narrow_n if has_edges and idx.edges_narrow is not None else 0
+    if nar:  # edges at most nar keys wide, as nar-key tiles
+        en, ecn = idx.edges_narrow, idx.edge_count_narrow
+        nar_args = (en, ecn, st(en, 0), st(en, 1), st(ecn, 0), st(ecn, 1))
+    else:
+        nar_args = (dummy, dummy, 0, 0, 0, 0)
     pmode = 0
     if prior is not None:
         po, plse, pc = prior[:3]
@@ -239,9 +254,11 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
         prior_args = (dummy, dummy, dummy, 0, 0, 0, 0, 0, 0, 0)
     kd = desc(k, bn)
     pod = desc(po, bn) if pmode == 2 else kd  # the prior rows' descriptor (a K buffer's box)
+    vd = desc(v, bn)
+    knd, vnd = (desc(k, nar), desc(v, nar)) if nar else (kd, vd)
     mod.gluon_fwd_kernel[(b * hq * nqb,)](
-        desc(q, bm), kd, desc(v, bn), pod, out, lse_out if lse_out is not None else dummy, tiles, tc, ranges, rc,
-        *col_args, *edge_args, *prior_args,
+        desc(q, bm), kd, vd, pod, knd, vnd, out, lse_out if lse_out is not None else dummy, tiles, tc, ranges, rc,
+        *col_args, *edge_args, *prior_args, *nar_args,
         st(tiles, 0) if has_tiles else 0, st(tiles, 1) if has_tiles else 0, st(tiles, 2) if has_tiles else 0,
         st(tc, 0) if has_tiles else 0, st(tc, 1) if has_tiles else 0,
         st(ranges, 0), st(ranges, 1), st(ranges, 2), ranges.stride(3),
@@ -251,5 +268,5 @@ def run(q, k, v, idx: _index.SparseIndex, scale: float, *, stages: int = 2, num_
         BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, STAGES=stages, HAS_TILES=has_tiles, PRODUCER_REGS=producer_regs,
         OVERLAP=overlap, TWO=two, CONSUMER_REGS=consumer_regs,
         LSE_OUT=lse_out is not None, HAS_COLS=has_cols, TILES_REL=bool(idx.tiles_relative), HAS_EDGES=has_edges,
-        PRIOR=pmode, PAD=_index.BITS_PAD, QREG=bool(qreg), num_warps=num_warps, maxnreg=maxnreg)
+        PRIOR=pmode, PAD=_index.BITS_PAD, QREG=bool(qreg), NARROW=nar, num_warps=num_warps, maxnreg=maxnreg)
     return out

@@ -663,8 +663,8 @@ def _edge_list(edges: torch.Tensor, keep: torch.Tensor, nqb: int, block_m: int, 
 
 
 def split_narrow_edges(idx: SparseIndex, narrow_n: int) -> SparseIndex:
-    """idx with its edges at most narrow_n keys wide (rel_end - rel_start <= narrow_n) moved to
-    ``edges_narrow`` / ``edge_count_narrow`` (a kernel visits them as narrow_n-key tiles: the
+    """idx (changed in place) with its edges at most narrow_n keys wide (rel_end - rel_start <=
+    narrow_n) moved to ``edges_narrow`` / ``edge_count_narrow`` (a kernel visits them as narrow_n-key tiles: the
     Gluon kernel; vertical-slash's 200-offset runs at 128K: a quarter of the edges). The same
     cells."""
     if idx.edges is None or idx.edges_narrow is not None:

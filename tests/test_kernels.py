@@ -132,7 +132,7 @@ def test_vertical_slash_band_and_runs(monkeypatch):
         assert int(idx.tile_count.max()) > 0 and int(idx.edge_count.max()) > 0
         out = kernels.vertical_slash_attention(q, k, v, vert, sl, 64 ** -0.5, config=(bm, bn, 4, 1, 1, 4))
         check(out, ref, torch.float16)
-    # an index with narrow edges (the Gluon kernel's 16-key tiles) runs on the Triton kernel merged back
+    # an index with narrow edges (16-key tiles here; the Gluon kernel's are 32) runs on the Triton kernel merged back
     idx = sidx.from_vertical_slash(vert, sl, n, 64, block_n=32, narrow_n=16)
     assert int(idx.edge_count_narrow.max()) > 0
     check(katt.run_index(q, k, v, idx, 64 ** -0.5, 32, 4, 1, 1, 4), ref, torch.float16)

@@ -412,7 +412,7 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
                  and (not q.is_cuda or (FLAGS["GLUON"] and _gluon.band_reason(q, k, v, band_bm, band_cfg[1]) is None)))
 
     # edges at most `narrow` keys wide in a list of their own where the Gluon kernel runs the second
-    # launch (gluon.CONFIGS["vs"]["narrow"])
+    # launch (gluon.CONFIGS["vs"]["narrow"]; band_reason: an sm_90 GPU, bf16, head_dim 128, strides TMA reads)
     narrow = (_gluon.CONFIGS["vs"].get("narrow", 0) if tiles_n is not None and heads is None and FLAGS["GLUON"]
               and FLAGS["GLUON_VS"] and q.is_cuda and _gluon.band_reason(q, k, v, 128, 128) is None
               and (bm, bn) == (64, 64) else 0)
@@ -427,7 +427,8 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
 
     side = side_stream(q.device, -1) if (band_cfg is not None and FLAGS["VS_OVERLAP"] and q.is_cuda
                                       and not torch.cuda.is_current_stream_capturing()) else None
-    full_key = ("vertical_slash", n, bm, tiles_n, band_bm, band_cols, FLAGS["VS_TILED_RUNS"], FLAGS["VS_RUNS_KERNEL"], narrow)
+    full_key = ("vertical_slash", n, bm, tiles_n, band_bm, band_cols, FLAGS["VS_TILED_RUNS"], FLAGS["VS_RUNS_KERNEL"],
+                narrow)
     if side is None:
         idx = built(full_key, build, (vertical_idx, slash_idx))
         if band_cfg is None:

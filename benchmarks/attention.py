@@ -544,10 +544,16 @@ def vs_parts(dev, gen, log, sizes, rounds: int = 1, old: bool = False):
         dense = bench(dense_fns(q, k, v)["cudnn"], budget_s=0.5, min_reps=2)
         vert, sl = realistic_vs(1, HQ, n, dev, gen)
 
-        def build(vi, si, fused=bool(katt.FLAGS["VS_RUNS_KERNEL"])):  # as the library builds it
+        from sparseinfer.kernels import gluon as kg
+
+        # as the library builds it (narrow edges in a list of their own where the Gluon kernel runs it)
+        narrow = (kg.CONFIGS["vs"].get("narrow", 0) if katt.FLAGS["GLUON"] and katt.FLAGS["GLUON_VS"]
+                  and kg.band_reason(q, k, v, 128, 128) is None else 0)
+
+        def build(vi, si, fused=bool(katt.FLAGS["VS_RUNS_KERNEL"])):
             return sidx.from_vertical_slash(vi, si, n, bm, block_n=bn, band_block_m=band_cfg[0],
                                             band_min=katt.VS_BAND_MIN, max_tiled=katt.FLAGS["VS_TILED_RUNS"] or None,
-                                            fused_runs=fused)
+                                            fused_runs=fused, narrow_n=narrow)
 
         idx, band = build(vert, sl)
         out = torch.empty_like(q)
@@ -556,18 +562,17 @@ def vs_parts(dev, gen, log, sizes, rounds: int = 1, old: bool = False):
         prior = (out.clone(), lse, band.range_count[..., 0])
         zero = torch.zeros_like(idx.tile_count)
         no_cols = dataclasses.replace(idx, columns=None, column_count=None)
-        no_runs = dataclasses.replace(idx, tile_count=zero, edge_count=zero, range_count=torch.zeros_like(idx.range_count))
+        no_runs = dataclasses.replace(idx, tile_count=zero, edge_count=zero, range_count=torch.zeros_like(idx.range_count),
+                                      edge_count_narrow=None if idx.edge_count_narrow is None else zero)
         fixed = dataclasses.replace(no_runs, columns=None, column_count=None)
         # the edges' key starts as unmasked relative tiles (the same K / V tiles, no mask): what the
-        # edge masks cost
+        # edge masks cost (the narrow edges stay masked narrow tiles)
         both = torch.sort(torch.cat([idx.tiles[:, :, 0], idx.edges[..., 0]], -1), -1, descending=True)[0]
         as_tiles = dataclasses.replace(idx, tiles=both[:, :, None].contiguous(), tile_count=idx.tile_count + idx.edge_count,
                                        edge_count=zero)
         # (old) the second launch over 128-row query blocks: two consumer warpgroups sharing every K / V tile
         # (each visits the union of the two halves' tiles, masked for its rows): fewer loads, more cells;
         # slower (session 28, results/vs_parts_s28b.md)
-        from sparseinfer.kernels import gluon as kg
-
         two_ok = old and katt.FLAGS["GLUON"] and kg.band_reason(q, k, v, band_cfg[0], band_cfg[1]) is None
         if two_ok:
             idx2x, _ = sidx.from_vertical_slash(vert, sl, n, 128, block_n=bn, band_block_m=band_cfg[0],
@@ -671,6 +676,7 @@ def vs_parts(dev, gen, log, sizes, rounds: int = 1, old: bool = False):
                 "bc: whole call, columns in the second launch": whole(False),
             })
         tiles = {"tiles": int(idx.tile_count.sum()), "edges": int(idx.edge_count.sum()),
+                 "narrow edges": 0 if idx.edge_count_narrow is None else int(idx.edge_count_narrow.sum()),
                  "column tiles": int(((idx.column_count + bn - 1) // bn).sum()), "query blocks": idx.tile_count.numel()}
         log(f"parts N={n}: dense cudnn {dense:.2f} ms; per query block: " +
             ", ".join(f"{k} {v / tiles['query blocks']:.1f}" for k, v in tiles.items() if k != "query blocks"))
@@ -941,7 +947,9 @@ def markdown(meta, checks, rows, tune_rows):
             whole = next(x["ms"] for x in tune_rows if x["N"] == r["N"] and x["variant"] == "whole call")
             qb = r["query blocks"]
             out.append(f"| {r['N'] // 1024}K | {r['variant']} | {r['ms']:.2f} | {100 * r['ms'] / whole:.0f}% | "
-                       f"{r['tiles'] / qb:.1f} / {r['edges'] / qb:.1f} / {r['column tiles'] / qb:.1f} |")
+                       f"{r['tiles'] / qb:.1f} / {r['edges'] / qb:.1f}"
+                       + (f" + {r['narrow edges'] / qb:.1f} narrow" if r.get("narrow edges") else "")
+                       + f" / {r['column tiles'] / qb:.1f} |")
     elif tune_rows:
         out += ["## Config sweep (128K)", "", "| pattern | (block_m, block_n, warps, stages) | ms |", "|---|---|---|"]
         out += [f"| {r['pattern']} | {r['config']} | {r['ms']:.2f} |" for r in tune_rows]

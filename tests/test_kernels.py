@@ -187,8 +187,8 @@ def test_vertical_slash_fused_runs():
     kernels.runs.relative_tiles (one launch, no sort) build the same vertical-slash index as the
     torch ops, field by field and dtype by dtype: unsorted offsets with
     duplicates, padding (-1, >= n), no offset 0, runs merged into ranges with holes, a run reaching
-    n - 1; int16 offsets; with and without the local band's launch, the tile cap, the band's columns.
-    More offsets than the kernel holds take the torch ops."""
+    n - 1; int16 offsets; with and without the local band's launch, the tile cap, the band's columns,
+    narrow edges. More offsets than the kernel holds take the torch ops."""
     from sparseinfer.kernels.runs import MAX_SLASHES, slash_runs
 
     n, h = 700, 3
@@ -199,7 +199,7 @@ def test_vertical_slash_fused_runs():
     pad = lambda t: torch.cat([t, torch.full((260 - t.numel(),), -1)])  # noqa: E731
     sl = torch.stack([pad(runs[torch.randperm(runs.numel(), generator=g)]), pad(torch.arange(1, 8)),
                       torch.randint(-1, n, (260,), generator=g)]).view(1, h, 260).expand(2, h, 260).clone()
-    for kw in (dict(block_n=32, max_tiled=1), dict(block_n=64, max_tiled=3),
+    for kw in (dict(block_n=32, max_tiled=1), dict(block_n=64, max_tiled=3), dict(block_n=64, max_tiled=3, narrow_n=32),
                dict(block_n=32, band_block_m=64, band_min=16, max_tiled=2),
                dict(block_n=32, band_block_m=64, band_min=16, band_columns=True)):
         a = sidx.from_vertical_slash(vert, sl, n, 64, **kw)

@@ -547,8 +547,7 @@ def vs_parts(dev, gen, log, sizes, rounds: int = 1, old: bool = False):
         from sparseinfer.kernels import gluon as kg
 
         # as the library builds it (narrow edges in a list of their own where the Gluon kernel runs it)
-        narrow = (kg.CONFIGS["vs"].get("narrow", 0) if katt.FLAGS["GLUON"] and katt.FLAGS["GLUON_VS"]
-                  and kg.band_reason(q, k, v, 128, 128) is None else 0)
+        narrow = kg.vs_narrow(q, k, v, bm, bn) if katt.FLAGS["GLUON"] and katt.FLAGS["GLUON_VS"] else 0
 
         def build(vi, si, fused=bool(katt.FLAGS["VS_RUNS_KERNEL"])):
             return sidx.from_vertical_slash(vi, si, n, bm, block_n=bn, band_block_m=band_cfg[0],

@@ -613,9 +613,9 @@ def from_vertical_slash(
     v = torch.where((v >= 0) & (v < n), v, torch.full_like(v, big))
     cols = _sorted_unique(v, big)
     # a block visits the columns left of its last row's first run (offsets 0..w: offset 0 is always a
-    # slash): the run covers every row's cells in columns c >= last row - w (or they are not causal)
-    w = (smap == 0).to(torch.uint8).argmax(-1) - 1  # the first offset that is no slash, minus 1
-    w = torch.where(smap.bool().all(-1), n - 1, w)  # every offset a slash
+    # slash): the run covers every row's cells in columns c >= last row - w (or they are not causal).
+    # s is sorted and unique from 0 on, so s[k] == k exactly for k <= w
+    w = (s == torch.arange(s.shape[-1], device=dev)).sum(-1) - 1
     last = (torch.arange(nqb, device=dev) * block_m + block_m).clamp(max=n) - 1
     bound = last.view(1, 1, nqb) - w.unsqueeze(-1)
     cc = torch.searchsorted(cols.reshape(b * h, -1).contiguous(), bound.reshape(b * h, nqb).contiguous(),

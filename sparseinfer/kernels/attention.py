@@ -411,11 +411,9 @@ def vertical_slash_attention(q, k, v, vertical_idx, slash_idx, scale, *, config=
     band_cols = (band_cfg is not None and bool(FLAGS["VS_BAND_COLS"]) and heads is None
                  and (not q.is_cuda or (FLAGS["GLUON"] and _gluon.band_reason(q, k, v, band_bm, band_cfg[1]) is None)))
 
-    # edges at most `narrow` keys wide in a list of their own where the Gluon kernel runs the second
-    # launch (gluon.CONFIGS["vs"]["narrow"]; band_reason: an sm_90 GPU, bf16, head_dim 128, strides TMA reads)
-    narrow = (_gluon.CONFIGS["vs"].get("narrow", 0) if tiles_n is not None and heads is None and FLAGS["GLUON"]
-              and FLAGS["GLUON_VS"] and q.is_cuda and _gluon.band_reason(q, k, v, 128, 128) is None
-              and (bm, bn) == (64, 64) else 0)
+    # edges at most `narrow` keys wide in a list of their own where the Gluon kernel runs the second launch
+    narrow = (_gluon.vs_narrow(q, k, v, bm, bn) if tiles_n is not None and heads is None and FLAGS["GLUON"]
+              and FLAGS["GLUON_VS"] else 0)
 
     def build(vi, si):
         return _index.from_vertical_slash(vi, si, n, bm, block_n=tiles_n, band_block_m=band_bm, band_min=band_min,

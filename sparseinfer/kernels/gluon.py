@@ -129,6 +129,15 @@ def reason(q, k, v, idx: _index.SparseIndex, block_n: int) -> str | None:
     return route(q, k, v, idx, block_n)[1]
 
 
+def vs_narrow(q, k, v, block_m: int, block_n: int) -> int:
+    """The narrow_n to build a vertical-slash index with (``index.from_vertical_slash(narrow_n=)``) for
+    a second launch of block_m x block_n tiles that this kernel serves on these tensors
+    (CONFIGS["vs"]["narrow"]), else 0 (the Triton kernel would merge the narrow edges back)."""
+    if (block_m, block_n) != (64, 64) or q.shape[-1] != 128 or _device_reason(q, k, v, block_m) is not None:
+        return 0
+    return int(CONFIGS["vs"].get("narrow", 0))
+
+
 def band_reason(q, k, v, block_m: int, block_n: int) -> str | None:
     """None when ``run`` serves vertical-slash's band launch with its columns
     (``index.band_index(..., vertical_idx=)``) on block_m x block_n tiles for these tensors, else why not."""

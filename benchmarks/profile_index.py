@@ -26,6 +26,8 @@ import attention as base  # noqa: E402
 from sparseinfer import index as sidx  # noqa: E402
 from sparseinfer.kernels import attention as katt  # noqa: E402
 from sparseinfer.kernels import graphed  # noqa: E402
+from sparseinfer.kernels import gluon as kg  # noqa: E402
+from sparseinfer.kernels import runs as kruns  # noqa: E402
 
 
 def host_ms(fn, reps=5):
@@ -65,6 +67,7 @@ def main():
     ap.add_argument("--sizes", default="131072,524288")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tag", default="profile_index")
     ap.add_argument("--top", type=int, default=6, help="kernels listed per construction (by GPU time)")
     ap.add_argument("--only", default="", help="time only the constructions whose name contains this")
     args = ap.parse_args()
@@ -91,16 +94,38 @@ def main():
         def vs_plain(a, b):
             return sidx.from_vertical_slash(a, b, n, bm, block_n=tiles_n)
 
-        def vs_library(a, b):  # as vertical_slash_attention builds it on a GPU (band apart, tile cap, fused runs)
+        narrow = int(kg.CONFIGS["vs"].get("narrow", 0)) if dev.type == "cuda" else 0
+
+        def vs_library(a, b, narrow_n=narrow):
+            """As vertical_slash_attention builds it for the Gluon kernel (band apart, tile cap, fused
+            runs, narrow edges from the relative-tiles launch)."""
             return sidx.from_vertical_slash(a, b, n, bm, block_n=tiles_n, band_block_m=band_bm,
                                             band_min=katt.VS_BAND_MIN, max_tiled=katt.FLAGS["VS_TILED_RUNS"] or None,
-                                            fused_runs=bool(katt.FLAGS["VS_RUNS_KERNEL"]) and a.is_cuda)
+                                            fused_runs=bool(katt.FLAGS["VS_RUNS_KERNEL"]) and a.is_cuda,
+                                            narrow_n=narrow_n)
+
+        def vs_library_split(a, b):  # the narrow edges split off by torch ops (sorts) instead (session 31)
+            idx, band = vs_library(a, b, 0)
+            return (sidx.split_narrow_edges(idx, narrow) if narrow else idx), band
+
+        def warps(w):  # the library build with slash_runs on w warps (runs._warps picks 16 for 6097 slashes)
+            def build(a, b):
+                keep = kruns._warps
+                kruns._warps = lambda block: w
+                try:
+                    return vs_library(a, b)
+                finally:
+                    kruns._warps = keep
+            return build
 
         def bs_build(a):
             return sidx.from_block_sparse(a, base.BS, n, 64, 64)
 
         builds = {"vertical-slash index": (vs_plain, (vi, si)), "vertical-slash index (library)": (vs_library, (vi, si)),
+                  "vertical-slash index (library, narrow split by torch)": (vs_library_split, (vi, si)),
                   "block-sparse index": (bs_build, (bi,))}
+        if dev.type == "cuda":
+            builds.update({f"vertical-slash index (library, slash_runs {w} warps)": (warps(w), (vi, si)) for w in (4, 8, 32)})
         for name, (build, inputs) in builds.items():
             if args.only not in name:
                 continue
@@ -133,7 +158,7 @@ def main():
         log(f"N={n} graphed vertical-slash index vs eager on 3 fresh index sets: {worst} entries differ")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "profile_index.md"), "w") as f:
+        with open(os.path.join(args.out, f"{args.tag}.md"), "w") as f:
             f.write("# Index construction time\n\n" + (torch.cuda.get_device_name() if dev.type == "cuda" else "cpu")
                     + f", torch {torch.__version__}\n\n" + "\n".join(f"- {s}" for s in lines) + "\n")
 

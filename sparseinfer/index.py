@@ -634,8 +634,12 @@ def from_vertical_slash(
         slash_bits=band.slash_bits if band is not None and band_columns else _slash_bits(s, n),
     )
     if block_n is not None and fused_runs and tiled is not None and merge_gap >= block_m:
-        idx.tiles, idx.tile_count, idx.edges, idx.edge_count = _runs.relative_tiles(
-            tiled[0], tiled[1], s.shape[-1], n, block_m, block_n)
+        if narrow_n and not 0 < narrow_n < block_n:
+            raise ValueError(f"narrow_n must be in (0, block_n = {block_n}), got {narrow_n}")
+        built = _runs.relative_tiles(tiled[0], tiled[1], s.shape[-1], n, block_m, block_n, narrow_n)
+        idx.tiles, idx.tile_count, idx.edges, idx.edge_count = built[:4]
+        if narrow_n:  # the narrow edges in a list of their own, from the same launch
+            idx.edges_narrow, idx.edge_count_narrow, idx.narrow_n = built[4], built[5], narrow_n
         idx.tiles_relative, idx.block_n = True, block_n
     elif block_n is not None:
         t_lo, t_hi = (glo, ghi) if tiled is None else tiled
@@ -643,7 +647,7 @@ def from_vertical_slash(
             t_lo, torch.clamp(t_hi, max=n), exact if tiled is None else (t_lo < big).to(exact.dtype),
             s.shape[-1], n, block_m, block_n)
         idx.tiles_relative, idx.block_n = True, block_n
-    if narrow_n and idx.edges is not None:
+    if narrow_n and idx.edges is not None and idx.edges_narrow is None:
         idx = split_narrow_edges(idx, narrow_n)
     return idx if band is None else (idx, band)
 

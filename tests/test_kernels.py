@@ -446,6 +446,40 @@ def test_index_vertical_slash_relative_tiles(n, block_m, block_n, merge_gap):
         sidx.from_vertical_slash(vert, sl, n, 64, block_n=48)
 
 
+@pytest.mark.parametrize("block_n,narrow_n", [(64, 32), (32, 16), (64, 0)])
+def test_relative_tiles_kernel_lists(block_n, narrow_n):
+    """kernels.runs.relative_tiles (interpreted): runs taken 64 at a time and query blocks 64 per
+    program give index._relative_tiles' lists and counts, and with narrow_n split_narrow_edges'
+    (its sorts left out), entry by entry: ~70 runs of 1-100 offsets (and padding) over 141 query blocks."""
+    from sparseinfer.kernels import runs as kruns
+
+    n, bm = 9000, 64
+    g = torch.Generator().manual_seed(7)
+    gaps = torch.randint(bm + 1, bm + 20, (2, 80), generator=g)
+    width = torch.randint(0, 100, (2, 80), generator=g)
+    lo = 100 + torch.cumsum(gaps + width, -1) - width  # runs > bm offsets apart, some past n
+    hi = lo + width
+    lo, hi = (torch.where(lo < n, x, torch.full_like(x, n)).view(1, 2, 80) for x in (lo, hi))
+    assert bool((lo == n).any()) and bool(((lo < n).sum(-1) > 64).all())
+    ns = 6000  # sizes the unmasked list like a head of ns - 1 slashes
+    got = kruns.relative_tiles(lo, hi, ns, n, bm, block_n, narrow_n)
+    ref = sidx.SparseIndex(n=n, block_m=bm, ranges=torch.zeros(1, 2, 1, 1, 5, dtype=torch.int32),
+                           range_count=torch.zeros(1, 2, 141, dtype=torch.int32))
+    ref.tiles, ref.tile_count, ref.edges, ref.edge_count = sidx._relative_tiles(
+        lo, torch.clamp(hi, max=n), (lo < n).long(), ns, n, bm, block_n)
+    ref.block_n = block_n
+    want = [ref.tiles, ref.tile_count, ref.edges, ref.edge_count]
+    if narrow_n:
+        sidx.split_narrow_edges(ref, narrow_n)
+        want = [ref.tiles, ref.tile_count, ref.edges, ref.edge_count, ref.edges_narrow, ref.edge_count_narrow]
+        assert int(ref.edge_count_narrow.sum()) > 0
+    assert len(got) == len(want)
+    for name, x, y in zip(("tiles", "tile_count", "edges", "edge_count", "edges_narrow", "edge_count_narrow"), got, want):
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+    with pytest.raises(ValueError, match="narrow_n must be in"):
+        kruns.relative_tiles(lo, hi, ns, n, bm, block_n, block_n)
+
+
 def test_index_vertical_slash_columns_under_the_first_run():
     """A query block does not visit the columns that the head's first slash run (offsets 0..w)
     covers for all its rows (c >= last row - w); the cells stay those of the dense mask."""

@@ -8,19 +8,21 @@ import triton
 import triton.language as tl
 
 
+# the interpreter serves tl.associative_scan / tl.reduce, not tl.cumsum / tl.sum / tl.max; with
+# triton's own combine functions it runs them as numpy calls (any other combine: element by element)
 @triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _cumsum(x):  # the interpreter serves tl.associative_scan / tl.reduce, not tl.cumsum / tl.sum
-    return tl.associative_scan(x.to(tl.int32), 0, _add)
+def _cumsum(x):
+    return tl.associative_scan(x.to(tl.int32), 0, tl.standard._sum_combine)
 
 
 @triton.jit
 def _count(x):
-    return tl.reduce(x.to(tl.int32), 0, _add)
+    return tl.reduce(x.to(tl.int32), 0, tl.standard._sum_combine)
+
+
+@triton.jit
+def _most(x):
+    return tl.reduce(x, 0, tl.standard._elementwise_max)
 
 
 @triton.jit
@@ -99,13 +101,12 @@ def _floor_div(a, b):  # b > 0; Triton's // truncates toward zero
 
 
 @triton.jit
-def _run_tiles(TLO, THI, j, N, BM: tl.constexpr, BN: tl.constexpr):
-    """Exact run j of a head (TLO / THI: its offsets lo..hi, lo = N: none) on query blocks of BM rows
+def _run_tiles(lo, hi, N, BM: tl.constexpr, BN: tl.constexpr):
+    """Exact runs (offsets lo..hi, int32 scalars or vectors; lo >= N: none) on query blocks of BM rows
     -> (lo, hi, u_lo, nu, a, bq, n_head, n_tail): nu unmasked BN-key tiles from key m0 + u_lo, masked
     head edges from m0 - hi up to m0 + a, tail edges from m0 + bq up to m0 + BM - lo (as
     index._relative_tiles)."""
-    lo = tl.load(TLO + j).to(tl.int32)
-    hi = tl.minimum(tl.load(THI + j).to(tl.int32), N)
+    hi = tl.minimum(hi, N)
     ok = lo < N
     lo = tl.where(ok, lo, 0)
     hi = tl.where(ok, hi, 0)
@@ -120,51 +121,114 @@ def _run_tiles(TLO, THI, j, N, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def relative_tiles_kernel(TLO, THI, TILES, TCOUNT, EDG, ECOUNT, N, NQB, CAP, TU, TE, FAR,
-                          BM: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, QB: tl.constexpr):
-    """Per program (one head): its CAP exact runs TLO / THI (sorted, padding N; consecutive runs more
-    than BM offsets apart) -> TILES [TU] relative unmasked tile starts, descending (padding -FAR),
-    TCOUNT [NQB] tiles with start >= -m0; EDG [TE, 4] (start, end, lo, hi) by start descending
-    (padding (-FAR, 0, 0, 0)), ECOUNT [NQB] edges with start > -m0 - BN. The runs' tiles and edges
-    come out already in descending order (run j + 1's lie left of run j's), so no sort."""
+def _runs_at(TLO, THI, j0, CAP, N, RB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NW: tl.constexpr):
+    """Runs j0 .. j0 + RB - 1 of a head as vectors [RB]: _run_tiles' values, plus hn / tn (int32 0 / 1):
+    the last head edge / the last tail edge is at most NW keys wide (a narrow edge; never with NW 0;
+    the other edges are BN wide)."""
+    j = j0 + tl.arange(0, RB)
+    lo = tl.load(TLO + j, mask=j < CAP, other=N).to(tl.int32)
+    hi = tl.load(THI + j, mask=j < CAP, other=N).to(tl.int32)
+    lo, hi, u_lo, nu, a, bq, nh, nt = _run_tiles(lo, hi, N, BM, BN)
+    hn = ((nh > 0) & (a + hi - (nh - 1) * BN <= NW)).to(tl.int32)
+    tn = ((nt > 0) & (BM - lo - bq - (nt - 1) * BN <= NW)).to(tl.int32)
+    return lo, hi, u_lo, nu, a, bq, nh, nt, hn, tn
+
+
+@triton.jit
+def _store_edges(E, pos, start, end, lo, hi, mask):
+    e = E + pos * 4
+    tl.store(e, start.to(tl.int32), mask=mask)
+    tl.store(e + 1, end.to(tl.int32), mask=mask)
+    tl.store(e + 2, lo.to(tl.int32), mask=mask)
+    tl.store(e + 3, hi.to(tl.int32), mask=mask)
+
+
+@triton.jit
+def _pad_edges(E, first, TE, FAR, KB: tl.constexpr):
+    k = tl.arange(0, KB)
+    for t0 in range(first, TE, KB):
+        _store_edges(E, t0 + k, -FAR + k * 0, k * 0, k * 0, k * 0, t0 + k < TE)
+
+
+@triton.jit
+def relative_tiles_kernel(TLO, THI, TILES, TCOUNT, EDG, ECOUNT, ENAR, NCOUNT, N, NQB, CAP, TU, TE, FAR,
+                          BM: tl.constexpr, BN: tl.constexpr, NW: tl.constexpr, RB: tl.constexpr,
+                          KT: tl.constexpr, KE: tl.constexpr, KB: tl.constexpr, QB: tl.constexpr):
+    """Program (head, chunk): the head's CAP exact runs TLO / THI (sorted, padding N; consecutive runs
+    more than BM offsets apart). Chunk 0 writes TILES [TU] relative unmasked tile starts, descending
+    (padding -FAR), and EDG [TE, 4] (start, end, lo, hi) by start descending (padding (-FAR, 0, 0, 0));
+    with NW > 0 the edges at most NW keys wide go to ENAR [TE, 4] instead. Every program writes, for
+    its QB query blocks, TCOUNT (tiles with start >= -m0), ECOUNT (edges with start > -m0 - BN) and
+    NCOUNT (narrow edges with start > -m0 - NW). Run j + 1's tiles and edges lie left of run j's, so
+    each list is in order without a sort; the runs are taken RB at a time as vectors (positions from
+    prefix sums), no per-run loop."""
     pid = tl.program_id(0)
+    chunk = tl.program_id(1)
     TLO += pid * CAP
     THI += pid * CAP
-    TILES += pid * TU
-    EDG += pid * TE * 4
-    k = tl.arange(0, KB)
-    tpos = 0
-    epos = 0
-    for j in range(CAP):
-        lo, hi, u_lo, nu, a, bq, nh, nt = _run_tiles(TLO, THI, j, N, BM, BN)
-        tl.store(TILES + tpos + nu - 1 - k, (u_lo + k * BN).to(tl.int32), mask=k < nu)
-        ne = nh + nt
-        head = k < nh
-        start = tl.where(head, -hi + k * BN, bq + (k - nh) * BN)
-        end = tl.where(head, a, BM - lo)
-        e = EDG + (epos + ne - 1 - k) * 4
-        tl.store(e, start.to(tl.int32), mask=k < ne)
-        tl.store(e + 1, end.to(tl.int32), mask=k < ne)
-        tl.store(e + 2, (lo + k * 0).to(tl.int32), mask=k < ne)
-        tl.store(e + 3, (hi + k * 0).to(tl.int32), mask=k < ne)
-        tpos += nu
-        epos += ne
-    for t0 in range(tpos, TU, KB):
-        tl.store(TILES + t0 + k, -FAR + k * 0, mask=t0 + k < TU)
-    for t0 in range(epos, TE, KB):
-        e = EDG + (t0 + k) * 4
-        tl.store(e, -FAR + k * 0, mask=t0 + k < TE)
-        for c in tl.static_range(1, 4):
-            tl.store(e + c, k * 0, mask=t0 + k < TE)
-    q = tl.arange(0, QB)
-    for q0 in range(0, NQB, QB):
-        m0 = (q0 + q) * BM
-        tc = q * 0
-        ec = q * 0
-        for j in range(CAP):
-            lo, hi, u_lo, nu, a, bq, nh, nt = _run_tiles(TLO, THI, j, N, BM, BN)
-            tc += tl.minimum(tl.maximum(nu - tl.maximum(-_floor_div(m0 + u_lo, BN), 0), 0), nu)
-            ec += tl.minimum(tl.maximum(nh - tl.maximum(_floor_div(hi - m0 - BN, BN) + 1, 0), 0), nh)
-            ec += tl.minimum(tl.maximum(nt - tl.maximum(_floor_div(-m0 - BN - bq, BN) + 1, 0), 0), nt)
-        tl.store(TCOUNT + pid * NQB + q0 + q, tc.to(tl.int32), mask=q0 + q < NQB)
-        tl.store(ECOUNT + pid * NQB + q0 + q, ec.to(tl.int32), mask=q0 + q < NQB)
+    if chunk == 0:
+        TILES += pid * TU
+        EDG += pid * TE * 4
+        ENAR += pid * TE * 4
+        kt = tl.arange(0, KT)[None, :]
+        k = tl.arange(0, KE)[None, :]
+        tpos = 0
+        epos = 0
+        npos = 0
+        for j0 in range(0, CAP, RB):
+            lo, hi, u_lo, nu, a, bq, nh, nt, hn, tn = _runs_at(TLO, THI, j0, CAP, N, RB, BM, BN, NW)
+            nn = hn + tn
+            ne = nh + nt - nn  # the wide ones
+            t_at = tpos + _cumsum(nu) - nu  # each run's first slot in each list
+            e_at = epos + _cumsum(ne) - ne
+            n_at = npos + _cumsum(nn) - nn
+            for k0 in range(0, _most(nu), KT):
+                kk = k0 + kt
+                tl.store(TILES + (t_at + nu - 1)[:, None] - kk, (u_lo[:, None] + kk * BN).to(tl.int32),
+                         mask=kk < nu[:, None])
+            # edge k of a run (ascending start): heads k < nh, then tails; a narrow head edge (the
+            # last head) precedes the tails, so a wide edge's rank among the wide ones is k - that
+            nh2 = nh[:, None]
+            head = k < nh2
+            start = tl.where(head, -hi[:, None] + k * BN, bq[:, None] + (k - nh2) * BN)
+            end = tl.where(head, a[:, None], BM - lo[:, None])
+            real = k < (nh + nt)[:, None]
+            narrow = ((k == nh2 - 1) & (hn[:, None] != 0)) | ((k == (nh + nt)[:, None] - 1) & (tn[:, None] != 0))
+            before = ((k >= nh2) & (hn[:, None] != 0)).to(tl.int32)  # narrow edges before edge k
+            lo2 = lo[:, None] + k * 0
+            hi2 = hi[:, None] + k * 0
+            _store_edges(EDG, (e_at + ne - 1)[:, None] - (k - before), start, end, lo2, hi2, real & ~narrow)
+            if NW > 0:
+                _store_edges(ENAR, (n_at + nn - 1)[:, None] - before, start, end, lo2, hi2, real & narrow)
+            tpos += _count(nu)
+            epos += _count(ne)
+            npos += _count(nn)
+        kb = tl.arange(0, KB)
+        for t0 in range(tpos, TU, KB):
+            tl.store(TILES + t0 + kb, -FAR + kb * 0, mask=t0 + kb < TU)
+        _pad_edges(EDG, epos, TE, FAR, KB)
+        if NW > 0:
+            _pad_edges(ENAR, npos, TE, FAR, KB)
+    # counts: query blocks x runs, RB runs at a time
+    qb = chunk * QB + tl.arange(0, QB)
+    m0 = (qb * BM)[None, :]
+    tc = qb * 0  # (tl.zeros: not in the interpreter)
+    ec = qb * 0
+    nc = qb * 0
+    for j0 in range(0, CAP, RB):
+        lo, hi, u_lo, nu, a, bq, nh, nt, hn, tn = _runs_at(TLO, THI, j0, CAP, N, RB, BM, BN, NW)
+        lo, hi, u_lo, nu, a, bq = lo[:, None], hi[:, None], u_lo[:, None], nu[:, None], a[:, None], bq[:, None]
+        nh, nt, hn, tn = nh[:, None], nt[:, None], hn[:, None], tn[:, None]
+        tc += _count(tl.minimum(tl.maximum(nu - tl.maximum(-_floor_div(m0 + u_lo, BN), 0), 0), nu))
+        e = tl.minimum(tl.maximum(nh - tl.maximum(_floor_div(hi - m0 - BN, BN) + 1, 0), 0), nh)
+        e += tl.minimum(tl.maximum(nt - tl.maximum(_floor_div(-m0 - BN - bq, BN) + 1, 0), 0), nt)
+        if NW > 0:  # the narrow last head / tail edges: out of the wide count, into the narrow one
+            sh = -hi + (nh - 1) * BN
+            st = bq + (nt - 1) * BN
+            e -= hn * (sh > -m0 - BN).to(tl.int32) + tn * (st > -m0 - BN).to(tl.int32)
+            nc += _count(hn * (sh > -m0 - NW).to(tl.int32) + tn * (st > -m0 - NW).to(tl.int32))
+        ec += _count(e)
+    tl.store(TCOUNT + pid * NQB + qb, tc, mask=qb < NQB)
+    tl.store(ECOUNT + pid * NQB + qb, ec, mask=qb < NQB)
+    if NW > 0:
+        tl.store(NCOUNT + pid * NQB + qb, nc, mask=qb < NQB)

@@ -3,8 +3,9 @@
 
     slash_runs(slash_idx [B, H, Ns], n, band_min, merge_gap, max_tiled)
         -> (s, glo, ghi, exact) int64 [B, H, Ns + 1], (tlo, thi) int64 [B, H, T], w int64 [B, H]
-    relative_tiles(tlo, thi, Ns + 1, n, block_m, block_n)
+    relative_tiles(tlo, thi, Ns + 1, n, block_m, block_n, narrow_n=0)
         -> tiles [B, H, 1, TU], tile_count [B, H, nqb], edges [B, H, TE, 4], edge_count [B, H, nqb]
+           (+ edges_narrow [B, H, TE, 4], edge_count_narrow [B, H, nqb] with narrow_n)
            (``index._relative_tiles`` of the capped runs, no sort)
 
 ``slash_runs`` computes what ``index.from_vertical_slash`` otherwise builds from ~120 small torch
@@ -60,23 +61,32 @@ def slash_runs(slash_idx: torch.Tensor, n: int, band_min: int, merge_gap: int, m
     return s, glo, ghi, ex, tlo, thi, w
 
 
-def relative_tiles(t_lo: torch.Tensor, t_hi: torch.Tensor, n_slash: int, n: int, block_m: int, block_n: int):
+def relative_tiles(t_lo: torch.Tensor, t_hi: torch.Tensor, n_slash: int, n: int, block_m: int, block_n: int,
+                   narrow_n: int = 0):
     """``index._relative_tiles`` of exact runs t_lo / t_hi int64 [B, H, T] (sorted, padding n;
     consecutive runs more than block_m offsets apart, as groups merged with merge_gap >= block_m are)
     in one launch, no sort -> tiles int32 [B, H, 1, TU], tile_count [B, H, nqb], edges [B, H, TE, 4]
-    (padding (-FAR, 0, 0, 0)), edge_count [B, H, nqb]."""
+    (padding (-FAR, 0, 0, 0)), edge_count [B, H, nqb]; with narrow_n (0 < narrow_n < block_n) also
+    edges_narrow [B, H, TE, 4], edge_count_narrow [B, H, nqb], the edges at most narrow_n keys wide
+    taken out of edges (``index.split_narrow_edges``' lists, without its sorts)."""
     from ..index import _FAR
 
+    if narrow_n and not 0 < narrow_n < block_n:
+        raise ValueError(f"narrow_n must be in (0, block_n = {block_n}), got {narrow_n}")
     b, h, cap = t_lo.shape
     nqb = -(-n // block_m)
     tu = max(n_slash // block_n + 1, 1)
-    te = max(cap * ((2 * block_m + 3 * block_n) // block_n + 1), 1)
+    per_run = (2 * block_m + 3 * block_n) // block_n + 1  # edges of one run, at most
+    te = max(cap * per_run, 1)
     dev = t_lo.device
     tiles = torch.empty(b, h, 1, tu, dtype=torch.int32, device=dev)
     edges = torch.empty(b, h, te, 4, dtype=torch.int32, device=dev)
     tc, ec = (torch.empty(b, h, nqb, dtype=torch.int32, device=dev) for _ in range(2))
-    kb = _next_pow2(max(tu, 8))
-    kernel_module("_runs_kernel.py", dev.type != "cuda").relative_tiles_kernel[(b * h,)](
-        t_lo.contiguous(), t_hi.contiguous(), tiles, tc, edges, ec, n, nqb, cap, tu, te, _FAR,
-        BM=block_m, BN=block_n, KB=kb, QB=1024 if dev.type == "cuda" else 256, num_warps=4)
-    return tiles, tc, edges, ec
+    en, nc = ((torch.empty(b, h, te, 4, dtype=torch.int32, device=dev), torch.empty_like(tc)) if narrow_n
+              else (edges, ec))
+    qb = 64
+    kernel_module("_runs_kernel.py", dev.type != "cuda").relative_tiles_kernel[(b * h, -(-nqb // qb))](
+        t_lo.contiguous(), t_hi.contiguous(), tiles, tc, edges, ec, en, nc, n, nqb, cap, tu, te, _FAR,
+        BM=block_m, BN=block_n, NW=int(narrow_n), RB=min(64, _next_pow2(cap)), KT=8, KE=_next_pow2(per_run),
+        KB=256, QB=qb, num_warps=4)
+    return (tiles, tc, edges, ec) + ((en, nc) if narrow_n else ())

@@ -153,7 +153,8 @@ def _pad_edges(E, first, TE, FAR, KB: tl.constexpr):
 @triton.jit
 def relative_tiles_kernel(TLO, THI, TILES, TCOUNT, EDG, ECOUNT, ENAR, NCOUNT, N, NQB, CAP, TU, TE, FAR,
                           BM: tl.constexpr, BN: tl.constexpr, NW: tl.constexpr, RB: tl.constexpr,
-                          KT: tl.constexpr, KE: tl.constexpr, KB: tl.constexpr, QB: tl.constexpr):
+                          RC: tl.constexpr, KT: tl.constexpr, KE: tl.constexpr, KB: tl.constexpr,
+                          QB: tl.constexpr):
     """Program (head, chunk): the head's CAP exact runs TLO / THI (sorted, padding N; consecutive runs
     more than BM offsets apart). Chunk 0 writes TILES [TU] relative unmasked tile starts, descending
     (padding -FAR), and EDG [TE, 4] (start, end, lo, hi) by start descending (padding (-FAR, 0, 0, 0));
@@ -161,7 +162,8 @@ def relative_tiles_kernel(TLO, THI, TILES, TCOUNT, EDG, ECOUNT, ENAR, NCOUNT, N,
     its QB query blocks, TCOUNT (tiles with start >= -m0), ECOUNT (edges with start > -m0 - BN) and
     NCOUNT (narrow edges with start > -m0 - NW). Run j + 1's tiles and edges lie left of run j's, so
     each list is in order without a sort; the runs are taken RB at a time as vectors (positions from
-    prefix sums), no per-run loop."""
+    prefix sums), no per-run loop; the counts RC runs x QB query blocks at a time (RC 16, QB 64: ptxas
+    kept 64 x 64 in 255 registers with spills, two programs per SM)."""
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
     TLO += pid * CAP
@@ -209,14 +211,14 @@ def relative_tiles_kernel(TLO, THI, TILES, TCOUNT, EDG, ECOUNT, ENAR, NCOUNT, N,
         _pad_edges(EDG, epos, TE, FAR, KB)
         if NW > 0:
             _pad_edges(ENAR, npos, TE, FAR, KB)
-    # counts: query blocks x runs, RB runs at a time
+    # counts: query blocks x runs, RC runs at a time
     qb = chunk * QB + tl.arange(0, QB)
     m0 = (qb * BM)[None, :]
     tc = qb * 0  # (tl.zeros: not in the interpreter)
     ec = qb * 0
     nc = qb * 0
-    for j0 in range(0, CAP, RB):
-        lo, hi, u_lo, nu, a, bq, nh, nt, hn, tn = _runs_at(TLO, THI, j0, CAP, N, RB, BM, BN, NW)
+    for j0 in range(0, CAP, RC):
+        lo, hi, u_lo, nu, a, bq, nh, nt, hn, tn = _runs_at(TLO, THI, j0, CAP, N, RC, BM, BN, NW)
         lo, hi, u_lo, nu, a, bq = lo[:, None], hi[:, None], u_lo[:, None], nu[:, None], a[:, None], bq[:, None]
         nh, nt, hn, tn = nh[:, None], nt[:, None], hn[:, None], tn[:, None]
         tc += _count(tl.minimum(tl.maximum(nu - tl.maximum(-_floor_div(m0 + u_lo, BN), 0), 0), nu))

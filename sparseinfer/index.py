@@ -634,8 +634,6 @@ def from_vertical_slash(
         slash_bits=band.slash_bits if band is not None and band_columns else _slash_bits(s, n),
     )
     if block_n is not None and fused_runs and tiled is not None and merge_gap >= block_m:
-        if narrow_n and not 0 < narrow_n < block_n:
-            raise ValueError(f"narrow_n must be in (0, block_n = {block_n}), got {narrow_n}")
         built = _runs.relative_tiles(tiled[0], tiled[1], s.shape[-1], n, block_m, block_n, narrow_n)
         idx.tiles, idx.tile_count, idx.edges, idx.edge_count = built[:4]
         if narrow_n:  # the narrow edges in a list of their own, from the same launch

@@ -87,6 +87,6 @@ def relative_tiles(t_lo: torch.Tensor, t_hi: torch.Tensor, n_slash: int, n: int,
     qb = 64
     kernel_module("_runs_kernel.py", dev.type != "cuda").relative_tiles_kernel[(b * h, -(-nqb // qb))](
         t_lo.contiguous(), t_hi.contiguous(), tiles, tc, edges, ec, en, nc, n, nqb, cap, tu, te, _FAR,
-        BM=block_m, BN=block_n, NW=int(narrow_n), RB=min(64, _next_pow2(cap)), RC=min(16, _next_pow2(cap)), KT=8, KE=_next_pow2(per_run),
-        KB=256, QB=qb, num_warps=4)
+        BM=block_m, BN=block_n, NW=int(narrow_n), RB=min(64, _next_pow2(cap)), RC=min(16, _next_pow2(cap)), KT=8,
+        KE=_next_pow2(per_run), KB=256, QB=qb, num_warps=4)
     return (tiles, tc, edges, ec) + ((en, nc) if narrow_n else ())

@@ -570,7 +570,7 @@ def from_vertical_slash(
     one launch (``kernels.runs.slash_runs``; the same index) when Ns < ``kernels.runs.MAX_SLASHES``,
     and with max_tiled and merge_gap >= block_m the tiles + edges in one more (``relative_tiles``).
     ``narrow_n`` (with block_n): the edges at most that many keys wide go to a list of their own
-    (``split_narrow_edges``).
+    (``split_narrow_edges``; with fused_runs the ``relative_tiles`` launch writes both lists).
     """
     if block_n is not None and (block_n <= 0 or block_m % block_n or block_n > 64):
         raise ValueError(f"block_n must divide block_m and be <= 64, got block_m={block_m}, block_n={block_n}")

@@ -12,7 +12,8 @@ carried to the GPU machine as an ignored path). Its ops files are imported from 
 and its CUDA index conversion (csrc/) is compiled on the machine with torch.utils.cpp_extension.
 Timed, alternating rounds, each against cuDNN SDPA of the same run:
 * MInference vertical-slash: `vertical_slash_sparse_attention` (its sort of the indices, its CUDA
-  conversion, its Triton kernel), slashes given as it takes them (N - 1 - offset);
+  conversion, its Triton kernel) on the same column and offset lists (its conversion reads past a
+  list whose offsets all exceed a block's last row: offset 0 is always among ours);
 * MInference block-sparse: `_triton_block_sparse_attention` on the block lists (kernel alone, as
   the issue's table; its own estimation is not ours to compare);
 * MInference A-shape: `streaming_forward(q, k, v, 128, 4096)`;
@@ -103,7 +104,7 @@ def main():
     rep = A.HQ // A.HKV
 
     def fns(q, k, v, kr, vr, vert, sl, blocks_mi, blocks_mine, n):
-        s_mi = (n - 1 - sl).to(torch.int32)
+        s_mi = sl.to(torch.int32)  # offsets i - j: its conversion sorts them descending, the band's 0 stops its scan
         seqlens = torch.tensor([n], dtype=torch.int32, device=dev)
         return {
             "vertical-slash": (lambda: pit.vertical_slash_sparse_attention(q, kr, vr, vert, s_mi),

@@ -14,7 +14,8 @@ One Llama-3-8B layer: B=1, 32 query heads, 8 KV heads, D=128, bf16, causal.
    A-shape 128 + 4096, vertical-slash 1000 / 6096 and block-sparse top-100 of 64-blocks, on
    (a) realistic index sets, (b) structured q/k through the estimators, (c) i.i.d. random q/k
    through the estimators. "+est" rows include estimation; every sparseinfer row includes
-   index construction. Ratio = dense / time; % limit = ratio * density.
+   index construction. Ratio = dense / time; % limit = ratio * density, with the density of the
+   cells kept and with issue 3's nominal one (keys per row / (N / 2), as shared/anchors.md's limits).
 Writes JSON + markdown + a PNG of the table to --out (default benchmarks/results/);
 `--plot RESULTS.json` redraws the PNG from a committed JSON on any machine.
 """

@@ -8,7 +8,9 @@ min(block + 1, 100) entries as given), A-shape 128 + 4096.
     python benchmarks/minference_side.py --peer .peer/MInference --sizes 32768,131072,262144,524288 --out $OUT
 
 --peer: a checkout of microsoft/MInference (MIT licence; a fetched snapshot, not part of this repo,
-carried to the GPU machine as an ignored path). Its ops files are imported from there as they are,
+carried to the GPU machine as an ignored path, e.g. `.peer/MInference` from a bare mirror:
+`mkdir -p .peer/MInference && git --git-dir MIRROR archive HEAD LICENSE csrc minference/ops | tar -x -C
+.peer/MInference`; the GPU machine needs nvcc and ninja, which the lent image has). Its ops files are imported from there as they are,
 and its CUDA index conversion (csrc/) is compiled on the machine with torch.utils.cpp_extension.
 Timed, alternating rounds, each against cuDNN SDPA of the same run:
 * MInference vertical-slash: `vertical_slash_sparse_attention` (its sort of the indices, its CUDA

@@ -71,8 +71,8 @@ from .. import index as _index
 # narrow 32: vertical-slash indices are built with their edges at most 32 keys wide in a list of their own
 # (written by kernels.runs.relative_tiles, or index.split_narrow_edges; a quarter of the edges at 128K),
 # visited as 64 x 32 tiles (results/vs_narrow_s31.md, 3 alternating rounds): 256K 55.50 vs 55.70 ms
-# (faster in every round), 128K 26.81 vs 26.97 (two rounds of three). Halving a tile's cells saves only ~15% of its time: the 64 x 64 tiles' cost
-# is mostly per tile, not per cell.
+# (faster in every round), 128K 26.81 vs 26.97 (two rounds of three). Halving a tile's cells saves only ~15%
+# of its time: the 64 x 64 tiles' cost is mostly per tile, not per cell.
 # qreg for block-sparse ("tiles"): a wash (results/bs_qreg_s31.md, whole calls, 3 rounds: 128K 26.54 vs
 # 26.61 ms, 512K 125.27 vs 127.14 with the rounds overlapping), left off.
 CONFIGS = {"tiles": {"stages": 2, "num_warps": 4, "maxnreg": 128, "overlap": True, "qreg": False},
